@@ -1,0 +1,49 @@
+"""Ahead-of-time compilation of every Triton kernel, so that a kernel that would not build on a
+GPU fails CI on a machine without one. Must never import anything above nemokern.kernels.
+
+Each kernel module in nemokern/kernels/ declares AOT_SPECS: a list of
+(jit_fn, signature: dict[str, str], constexprs: dict[str, object]) with the signatures its
+launcher actually uses. Run as `python -m nemokern.kernels._aot` (TRITON_INTERPRET must be unset:
+interpreted kernels cannot be compiled).
+"""
+import importlib
+import pkgutil
+import sys
+
+
+def iter_specs():
+    import nemokern.kernels as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name.startswith("_"):
+            continue
+        mod = importlib.import_module(f"nemokern.kernels.{info.name}")
+        for spec in getattr(mod, "AOT_SPECS", ()):
+            yield info.name, spec
+
+
+def compile_all(capabilities=(80, 90), verbose=False):
+    """Compile every declared kernel for each CUDA compute capability; return the count."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    n = 0
+    for modname, (fn, signature, constexprs) in iter_specs():
+        for cc in capabilities:
+            src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+            try:
+                triton.compile(src, target=GPUTarget("cuda", cc, 32))
+            except Exception as exc:  # name the kernel: Triton's own message does not
+                raise RuntimeError(
+                    f"kernel {modname}.{fn.__name__} {constexprs} failed to compile for sm_{cc}: {exc}"
+                ) from exc
+            n += 1
+            if verbose:
+                print(f"ok sm_{cc} {modname}.{fn.__name__} {constexprs}")
+    return n
+
+
+if __name__ == "__main__":
+    count = compile_all(verbose="-v" in sys.argv)
+    print(f"compiled {count} kernel variants")

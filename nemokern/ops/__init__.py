@@ -1,0 +1,5 @@
+"""Public fused ops: dispatch between Triton kernels and torch references, plus autograd.
+
+Must never import nemokern.parallel, model, data, train or cli (tp_group arguments are plain
+torch.distributed process groups).
+"""

@@ -1,0 +1,4 @@
+"""Trainers (reward, REINFORCE/RLOO), losses, ExPO and checkpointing.
+
+Must never import nemokern.cli.
+"""
