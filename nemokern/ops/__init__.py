@@ -3,3 +3,5 @@
 Must never import nemokern.parallel, model, data, train or cli (tp_group arguments are plain
 torch.distributed process groups).
 """
+from .sequence_kl import sequence_kl  # noqa: F401
+from .logprobs import linear_logprobs, logprobs  # noqa: F401
