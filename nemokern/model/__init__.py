@@ -2,3 +2,13 @@
 
 Must never import nemokern.data, train or cli.
 """
+from .attention import KVCache, packed_attention, packed_backend
+from .config import ConfigError, LlamaConfig
+from .generate import Generation, generate, sample_next
+from .hf import CheckpointError
+from .llama import Llama
+
+__all__ = [
+    "CheckpointError", "ConfigError", "Generation", "KVCache", "Llama", "LlamaConfig",
+    "generate", "packed_attention", "packed_backend", "sample_next",
+]

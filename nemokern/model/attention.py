@@ -1,0 +1,157 @@
+"""Causal grouped-query attention backends for the Llama trunk, and the per-layer KV cache.
+
+Three input forms, all with q [B, T, Hq, D] and k, v [B, T, Hkv, D] (Hq a multiple of Hkv):
+  dense   B rows of T real tokens, plain causal attention;
+  packed  B == 1, several sequences concatenated, segment boundaries in cu_seqlens [S + 1];
+          no token attends across a boundary, no padding is computed;
+  cached  generation: new keys/values are written into a preallocated KVCache and the queries
+          attend to every valid cache slot up to their own.
+Packed backend, chosen automatically: flash_attn's varlen kernel (installed + CUDA + half
+precision), else torch.nn.attention.varlen (CUDA + half precision), else exact per-segment SDPA.
+Must never import nemokern.data, train or cli.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+PACKED_BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa")
+_HALF = (torch.float16, torch.bfloat16)
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys/values for generation: k[i], v[i] are [B, Hkv, max_len, D] for layer i.
+
+    Slot s of row b holds the token written at step s; key_valid [B, max_len] marks slots that
+    hold real tokens (left padding stays False), so padded rows never attend to padding.
+    """
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    key_valid: torch.Tensor
+    length: int = 0  # slots filled so far (same for every row)
+
+    @classmethod
+    def allocate(cls, num_layers, batch, num_kv_heads, max_len, head_dim, *, dtype, device):
+        shape = (batch, num_kv_heads, max_len, head_dim)
+        return cls(
+            k=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
+            v=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
+            key_valid=torch.zeros(batch, max_len, dtype=torch.bool, device=device),
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.key_valid.shape[1]
+
+
+@dataclass
+class AttentionContext:
+    """How the tokens of one forward pass relate to each other (shared by all layers)."""
+
+    cu_seqlens: torch.Tensor | None = None  # [S + 1] int32, packed form only
+    max_seqlen: int = 0
+    cache: KVCache | None = None
+    # cached form: [B, 1, T, cache.length + T] bool, True where query t may attend to slot j
+    cache_mask: torch.Tensor | None = None
+
+
+def attention(q, k, v, ctx: AttentionContext, layer: int) -> torch.Tensor:
+    """Causal attention; q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq, D] in q's dtype."""
+    if ctx.cache is not None:
+        return _cached(q, k, v, ctx, layer)
+    if ctx.cu_seqlens is not None:
+        return packed_attention(q[0], k[0], v[0], ctx.cu_seqlens, ctx.max_seqlen).unsqueeze(0)
+    return _sdpa(q, k, v)
+
+
+def _sdpa(q, k, v, mask=None):
+    # SDPA wants [B, H, T, D]; enable_gqa broadcasts the kv heads without copying them.
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        attn_mask=mask, is_causal=mask is None, enable_gqa=q.shape[2] != k.shape[2],
+    )
+    return out.transpose(1, 2)
+
+
+def packed_backend(q: torch.Tensor) -> str:
+    """The packed backend used for `q`; NEMOKERN_ATTENTION=flash_attn|torch_varlen|sdpa forces one."""
+    forced = os.environ.get("NEMOKERN_ATTENTION", "auto").strip().lower() or "auto"
+    if forced not in PACKED_BACKENDS:
+        raise ValueError(f"NEMOKERN_ATTENTION={forced!r} is not a backend; use one of {PACKED_BACKENDS}")
+    if forced != "auto":
+        return forced
+    if q.is_cuda and q.dtype in _HALF:
+        if importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attn"
+        if _torch_varlen() is not None:
+            return "torch_varlen"
+    return "sdpa"
+
+
+def packed_attention(q, k, v, cu_seqlens, max_seqlen: int) -> torch.Tensor:
+    """Causal attention within each packed segment.
+
+    q [N, Hq, D], k/v [N, Hkv, D], cu_seqlens [S + 1] int32 (0, ..., N) -> [N, Hq, D].
+    """
+    backend = packed_backend(q)
+    if backend == "flash_attn":
+        from flash_attn import flash_attn_varlen_func
+
+        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
+    if backend == "torch_varlen":
+        varlen = _torch_varlen()
+        if varlen is None:
+            raise RuntimeError("NEMOKERN_ATTENTION=torch_varlen but torch.nn.attention.varlen is missing")
+        return varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                      window_size=(-1, 0), enable_gqa=q.shape[1] != k.shape[1])
+    # Exact fallback: one SDPA call per segment (no cross-segment scores are ever computed).
+    bounds = cu_seqlens.tolist()
+    out = torch.empty_like(q)
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        if e > s:
+            out[s:e] = _sdpa(q[None, s:e], k[None, s:e], v[None, s:e])[0]
+    return out
+
+
+def _torch_varlen():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def _cached(q, k, v, ctx, layer):
+    cache, t = ctx.cache, q.shape[1]
+    start, end = cache.length, cache.length + t
+    cache.k[layer][:, :, start:end] = k.transpose(1, 2)
+    cache.v[layer][:, :, start:end] = v.transpose(1, 2)
+    keys, values = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), keys, values, attn_mask=ctx.cache_mask, enable_gqa=q.shape[2] != k.shape[2]
+    )
+    return out.transpose(1, 2)
+
+
+def cache_mask(cache: KVCache, new_valid: torch.Tensor) -> torch.Tensor:
+    """Mark the next T slots valid per new_valid [B, T] and return the mask for attending to them.
+
+    Query t sees slots j <= length + t that are valid; it always sees its own slot, so a padding
+    query has one finite score (all-masked rows would give NaN that later layers would read).
+    """
+    b, t = new_valid.shape
+    start, end = cache.length, cache.length + t
+    if end > cache.max_len:
+        raise ValueError(f"KV cache overflow: {end} slots needed, cache holds {cache.max_len}")
+    cache.key_valid[:, start:end] = new_valid
+    slots = torch.arange(end, device=new_valid.device)
+    query_slot = torch.arange(start, end, device=new_valid.device)[:, None]
+    mask = (slots[None, :] <= query_slot) & cache.key_valid[:, None, :end]
+    mask |= slots[None, :] == query_slot
+    return mask[:, None]

@@ -1,0 +1,118 @@
+"""Batched sampling from a Llama with a preallocated KV cache.
+
+Prompts of different lengths are left-padded; each row gets its own position ids (0 at its first
+real token) and never attends to padding, so a padded prompt generates what it would alone.
+Sampling: greedy, or temperature -> top-k -> top-p (nucleus) on the fp32 logits, drawn with an
+optional seeded torch.Generator. Each row stops at its first EOS.
+Must never import nemokern.data, train or cli.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Generation:
+    """tokens [B, L] generated ids (EOS included), `pad_id` after each row's end; lengths [B]
+    generated tokens per row (EOS counted); ended_with_eos [B] bool (False: hit max_new_tokens)."""
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    ended_with_eos: torch.Tensor
+
+
+def sample_next(logits, *, greedy=False, temperature=1.0, top_k=None, top_p=1.0, generator=None):
+    """Next token ids [B] from logits [B, V]."""
+    logits = logits.float()
+    if greedy or temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass; the
+        # most likely token always survives.
+        drop = probs.cumsum(-1) - probs >= top_p
+        drop[:, 0] = False
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def generate(model, prompts: Sequence[Sequence[int] | torch.Tensor], *, max_new_tokens: int,
+             eos_token_id: int | Iterable[int] | None = None, greedy: bool = False,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
+             generator: torch.Generator | None = None, pad_id: int = 0) -> Generation:
+    """Sample up to max_new_tokens after each prompt (lists of token ids or 1-D tensors).
+
+    eos_token_id: an id or a set of ids ending a row (default: the config's eos ids, or none).
+    temperature 0 or greedy=True picks the argmax.
+    """
+    _check_options(prompts, max_new_tokens, temperature, top_k, top_p)
+    device = model.embed_tokens.weight.device
+    if eos_token_id is None:
+        eos_token_id = model.config.eos_token_ids
+    eos = torch.tensor(sorted({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)),
+                       dtype=torch.long, device=device)
+    rows = [torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in prompts]
+    for i, r in enumerate(rows):
+        if r.numel() == 0:
+            raise ValueError(f"prompts[{i}] is empty; every prompt needs at least one token (e.g. BOS)")
+        if int(r.min()) < 0 or int(r.max()) >= model.config.vocab_size:
+            raise ValueError(f"prompts[{i}] has token ids outside [0, vocab_size={model.config.vocab_size})")
+    b, plen = len(rows), max(r.numel() for r in rows)
+    ids = torch.full((b, plen), pad_id, dtype=torch.long)
+    valid = torch.zeros(b, plen, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, plen - r.numel():] = r
+        valid[i, plen - r.numel():] = True
+    ids, valid = ids.to(device), valid.to(device)
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+
+    was_training = model.training
+    model.eval()
+    try:
+        cache = model.new_cache(b, plen + max_new_tokens)
+        logits = model(ids, position_ids=positions, cache=cache, valid=valid)[:, -1]
+        next_pos = positions[:, -1:] + 1
+        out = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)
+        done = torch.zeros(b, dtype=torch.bool, device=device)
+        ended = torch.zeros(b, dtype=torch.bool, device=device)
+        lengths = torch.zeros(b, dtype=torch.long, device=device)
+        for step in range(max_new_tokens):
+            tok = sample_next(logits, greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
+                              generator=generator)
+            tok = torch.where(done, pad_id, tok)
+            out[:, step] = tok
+            lengths += (~done).long()
+            hit = ~done & torch.isin(tok, eos)
+            ended |= hit
+            done |= hit
+            # One host sync per step: stop early once every row has ended.
+            if step + 1 == max_new_tokens or bool(done.all()):
+                break
+            logits = model(tok[:, None], position_ids=next_pos, cache=cache)[:, -1]
+            next_pos = next_pos + 1
+    finally:
+        model.train(was_training)
+    return Generation(tokens=out[:, : int(lengths.max())], lengths=lengths, ended_with_eos=ended)
+
+
+def _check_options(prompts, max_new_tokens, temperature, top_k, top_p):
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty; pass at least one prompt")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 means greedy)")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r} must be a positive integer or None (off)")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} must be in (0, 1]")

@@ -1,0 +1,184 @@
+"""HF checkpoint I/O for Llama: config.json + safetensors (one file, or shards with an index).
+
+Names: HF's "model.<name>" is nemokern's "<name>", "lm_head.weight" is the same in both. With
+tie_word_embeddings the LM head is the embedding and the checkpoint stores it once.
+Loading reads safetensors only and never unpickles (no *.bin). Every problem raises
+CheckpointError naming the file and tensor.
+Must never import nemokern.data, train or cli.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import LlamaConfig
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory nemokern cannot load; the message names the file and tensor."""
+
+
+def hf_name(name: str) -> str:
+    return name if name == "lm_head.weight" else "model." + name
+
+
+def resolve_dtype(dtype, config: LlamaConfig) -> torch.dtype:
+    """Explicit dtype (torch.dtype or name) > config.json's dtype > float32."""
+    dtype = config.dtype if dtype is None else dtype
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str):
+        if dtype.removeprefix("torch.") not in _DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not supported; use one of {sorted(_DTYPES)}")
+        return _DTYPES[dtype.removeprefix("torch.")]
+    if dtype not in _DTYPES.values():
+        raise ValueError(f"dtype={dtype} is not supported; use torch.float32, torch.bfloat16 or torch.float16")
+    return dtype
+
+
+def weight_files(path: Path) -> dict[str, Path | None]:
+    """{tensor name -> the shard the index assigns it}, or {None: the single file}."""
+    if (path / SINGLE).is_file():
+        return {None: path / SINGLE}
+    if (path / INDEX).is_file():
+        try:
+            weight_map = json.loads((path / INDEX).read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path / INDEX}: not a safetensors index with a weight_map ({e!r})") from None
+        files = sorted(set(weight_map.values()))
+        for f in files:
+            if not (path / f).is_file():
+                raise CheckpointError(f"{path / INDEX} lists shard {f}, which is missing from {path}")
+        return {name: path / f for name, f in weight_map.items()}
+    pickled = sorted(p.name for p in path.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickled:
+        raise CheckpointError(
+            f"{path} holds only pickled weights ({', '.join(pickled)}); nemokern loads safetensors only "
+            "because unpickling can execute code. Convert them (e.g. transformers' "
+            "save_pretrained(..., safe_serialization=True)) on a machine you trust."
+        )
+    raise CheckpointError(f"{path} has neither {SINGLE} nor {INDEX}")
+
+
+def load_pretrained(cls, path, *, dtype=None, device=None, activation_checkpointing=False):
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory; from_pretrained wants a local HF model directory")
+    config = LlamaConfig.from_json_file(path / "config.json")
+    dtype = resolve_dtype(dtype, config)
+    device = torch.device("cpu" if device is None else device)
+    assigned = weight_files(path)
+    # Build on the meta device: no time spent on a random init that the checkpoint overwrites.
+    with torch.device("meta"):
+        model = cls(config, activation_checkpointing=activation_checkpointing)
+    model = model.to(dtype).to_empty(device=device)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight  # to_empty makes new Parameters
+    expected = {hf_name(n): p for n, p in model.named_parameters()}  # tied head listed once
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    tied_head = None
+    loaded: set[str] = set()
+    with torch.no_grad():
+        for file in dict.fromkeys(assigned.values()):
+            for name, tensor in _read(file, assigned):
+                if name in loaded:
+                    raise CheckpointError(f"{file}: tensor {name!r} appears in more than one shard")
+                if name == "lm_head.weight" and config.tie_word_embeddings:
+                    tied_head = (file, tensor)
+                    continue
+                if name not in expected:
+                    raise CheckpointError(
+                        f"{file}: unexpected tensor {name!r} for this config.json "
+                        f"(num_hidden_layers={config.num_hidden_layers}, tie_word_embeddings="
+                        f"{config.tie_word_embeddings}); is the config from another model?"
+                    )
+                target = expected[name]
+                if tuple(tensor.shape) != tuple(target.shape):
+                    raise CheckpointError(
+                        f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, config.json implies "
+                        f"{tuple(target.shape)}"
+                    )
+                target.copy_(tensor)
+                loaded.add(name)
+    missing = sorted(set(expected) - loaded)
+    if missing:
+        where = {str(assigned.get(n, assigned.get(None))) for n in missing}
+        raise CheckpointError(f"{path}: tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''} "
+                              f"missing (looked in {sorted(where)})")
+    if tied_head is not None and not torch.equal(tied_head[1].to(dtype).to(device), model.lm_head.weight):
+        raise CheckpointError(f"{tied_head[0]}: lm_head.weight differs from model.embed_tokens.weight although "
+                              "config.json has tie_word_embeddings=true; set it to false to load both")
+    return model
+
+
+def _read(file: Path, assigned):
+    """Yield (name, cpu tensor) from one safetensors file, with errors that name the file."""
+    try:
+        handle = safe_open(str(file), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error type for truncated/garbled headers
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e}); re-download or re-save it") from None
+    with handle as f:
+        for name in f.keys():
+            if None not in assigned and assigned.get(name) != file:
+                raise CheckpointError(f"{file}: tensor {name!r} is not assigned to this shard in {INDEX}")
+            try:
+                tensor = f.get_tensor(name)
+            except Exception as e:
+                raise CheckpointError(f"{file}: tensor {name!r} cannot be read ({e})") from None
+            yield name, tensor
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string like "5GB", "200MB", "50KB" (decimal units, as transformers)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", str(size), flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(f"max_shard_size={size!r} is not a size; use bytes or a string like '5GB'")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+def save_pretrained(model, path, *, max_shard_size: int | str = "5GB") -> None:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    limit = parse_size(max_shard_size)
+    tensors = {}
+    for name, p in model.named_parameters():  # named_parameters lists a tied weight once
+        tensors[hf_name(name)] = p.detach().to("cpu").contiguous()
+    dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+    dataclasses.replace(model.config, dtype=dtype).to_json_file(path / "config.json")
+
+    shards, size = [[]], 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    for stale in [*path.glob("model*.safetensors"), path / INDEX]:
+        stale.unlink(missing_ok=True)  # an old shard set would otherwise shadow or mix with this one
+    if len(shards) == 1:
+        save_file(tensors, str(path / SINGLE), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, names in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: tensors[n] for n in names}, str(path / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, fname))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (path / INDEX).write_text(json.dumps(index, indent=2) + "\n")

@@ -1,0 +1,237 @@
+"""Llama-3.x decoder (the trunk under every nemokern head), readable top to bottom.
+
+embedding -> N x [RMSNorm -> GQA attention with llama3-scaled RoPE -> residual,
+                  RMSNorm -> SwiGLU MLP -> residual] -> final RMSNorm -> LM head.
+Parameter names match HF's LlamaForCausalLM without its "model." prefix, so hf.py maps checkpoints
+one to one. The numerics follow transformers (RMSNorm in fp32, cos/sin cast to the activation
+dtype) so logits match LlamaForCausalLM to rounding.
+Must never import nemokern.data, train or cli.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import AttentionContext, KVCache, attention, cache_mask
+from .config import LlamaConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32 (fp64 for fp64 input) and round back before the weight multiply, as
+        # transformers does, so bf16 results match it bit for bit.
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
+    """Inverse RoPE frequencies [D/2] in fp32 on the CPU, with Llama-3.1's frequency rescaling."""
+    d = config.head_dim
+    exponents = torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d
+    inv_freq = 1.0 / (config.rope_theta ** exponents)
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths (beyond the original context) are slowed by `factor`, short ones kept,
+    # and the band in between interpolated smoothly.
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(position_ids, inv_freq, dtype):
+    """position_ids [B, T] -> cos, sin [B, T, D] (angles in fp32 or fp64, then cast to `dtype`)."""
+    exact = torch.promote_types(dtype, torch.float32)
+    freqs = position_ids[..., None].to(exact) * inv_freq.to(exact)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, T, H, D]; rotates the two halves of the head dimension (HF's rotate_half layout)."""
+    cos, sin = cos[:, :, None], sin[:, :, None]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig, layer: int):
+        super().__init__()
+        self.layer, self.head_dim = layer, config.head_dim
+        h, nq, nkv = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+        self.q_proj = nn.Linear(h, nq * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(h, nkv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(h, nkv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(nq * self.head_dim, h, bias=False)
+
+    def forward(self, x, cos, sin, ctx: AttentionContext):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, -1, self.head_dim)
+        k = self.k_proj(x).view(b, t, -1, self.head_dim)
+        v = self.v_proj(x).view(b, t, -1, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attention(q, k, v, ctx, self.layer)
+        return self.o_proj(out.reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        h, i = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=False)
+        self.up_proj = nn.Linear(h, i, bias=False)
+        self.down_proj = nn.Linear(i, h, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, ctx: AttentionContext):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    """Llama-3.x causal LM.
+
+    `activation_checkpointing = True` recomputes each layer in the backward pass (training only).
+    """
+
+    def __init__(self, config: LlamaConfig, *, activation_checkpointing: bool = False):
+        super().__init__()
+        self.config = config
+        self.activation_checkpointing = activation_checkpointing
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # Kept out of the buffers so that model.to(bfloat16) never rounds the frequencies.
+        self._inv_freq = rope_inv_freq(config)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02):
+        """Random init as transformers does it (normal(0, std) matrices, unit norm weights)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                m.weight.normal_(0.0, std)
+            elif isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
+
+    def forward(self, input_ids, *, cu_seqlens=None, position_ids=None, cache=None, valid=None):
+        """Logits [..., V] for input_ids [B, T] (dense), [1, N] or [N] (packed, with cu_seqlens)."""
+        return self.lm_head(self.hidden_states(input_ids, cu_seqlens=cu_seqlens, position_ids=position_ids,
+                                               cache=cache, valid=valid))
+
+    def hidden_states(self, input_ids, *, cu_seqlens=None, position_ids=None, cache: KVCache | None = None,
+                      final_norm: bool = True, valid=None):
+        """Hidden states [..., H] of the last layer, final RMSNorm applied unless final_norm=False.
+
+        input_ids [B, T] with no padding, or packed [1, N] / [N] with cu_seqlens [S + 1] (int,
+        0 ... N) whose position ids restart per segment unless given. position_ids has the shape
+        of input_ids. With a KVCache (generation), `valid` [B, T] bool marks real tokens.
+        The output keeps input_ids' leading shape.
+        """
+        ids, pos, ctx = self._prepare(input_ids, cu_seqlens, position_ids, cache, valid)
+        x = self.embed_tokens(ids)
+        if self._inv_freq.device != x.device:
+            self._inv_freq = self._inv_freq.to(x.device)
+        cos, sin = rope_cos_sin(pos, self._inv_freq, x.dtype)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled() and cache is None
+        for layer in self.layers:
+            if recompute:
+                x = checkpoint(layer, x, cos, sin, ctx, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, ctx)
+        if cache is not None:
+            cache.length += ids.shape[1]
+        if final_norm:
+            x = self.norm(x)
+        return x.view(*input_ids.shape, -1)
+
+    def _prepare(self, input_ids, cu_seqlens, position_ids, cache, valid):
+        """Validate inputs; return ids [B, T], position ids [B, T] and the AttentionContext."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError("input_ids must be an int64/int32 tensor of token ids")
+        if input_ids.dim() == 1 and cu_seqlens is not None:
+            ids = input_ids[None]
+        elif input_ids.dim() == 2:
+            ids = input_ids
+        else:
+            raise ValueError(f"input_ids must be [B, T] (or [N] with cu_seqlens); got shape {tuple(input_ids.shape)}")
+        b, t = ids.shape
+        ctx = AttentionContext(cache=cache)
+        if cu_seqlens is not None:
+            if cache is not None or b != 1:
+                raise ValueError(f"packed input (cu_seqlens) needs input_ids [1, N] or [N] and no cache; got {tuple(input_ids.shape)}")
+            cu = _check_cu_seqlens(cu_seqlens, t)
+            lengths = cu[1:] - cu[:-1]
+            ctx.cu_seqlens, ctx.max_seqlen = cu, int(lengths.max())
+            if position_ids is None:
+                starts = torch.repeat_interleave(cu[:-1].long(), lengths.long(), output_size=t)
+                position_ids = torch.arange(t, device=ids.device) - starts
+        if position_ids is None:
+            start = 0 if cache is None else cache.length
+            position_ids = torch.arange(start, start + t, device=ids.device).expand(b, t)
+        if position_ids.numel() != b * t or tuple(position_ids.shape) not in ((b, t), (t,) * (b == 1)):
+            raise ValueError(f"position_ids shape {tuple(position_ids.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
+        if cache is not None:
+            valid = torch.ones(b, t, dtype=torch.bool, device=ids.device) if valid is None else valid
+            ctx.cache_mask = cache_mask(cache, valid)
+        return ids, position_ids.reshape(b, t), ctx
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty KV cache for `batch` rows of up to `max_len` tokens, in the model's dtype/device."""
+        c, p = self.config, self.embed_tokens.weight
+        return KVCache.allocate(c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim,
+                                dtype=p.dtype, device=p.device)
+
+    # ---- HF checkpoints (implemented in hf.py) ------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path, *, dtype=None, device=None, activation_checkpointing=False) -> "Llama":
+        """Load a local HF Llama directory (config.json + *.safetensors, sharded or not)."""
+        from .hf import load_pretrained
+
+        return load_pretrained(cls, path, dtype=dtype, device=device,
+                               activation_checkpointing=activation_checkpointing)
+
+    def save_pretrained(self, path, *, max_shard_size: int | str = "5GB") -> None:
+        """Write config.json + safetensors (sharded above max_shard_size) that transformers loads."""
+        from .hf import save_pretrained
+
+        save_pretrained(self, path, max_shard_size=max_shard_size)
+
+
+def _check_cu_seqlens(cu_seqlens, n):
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 \
+            or cu_seqlens.dtype.is_floating_point:
+        raise ValueError("cu_seqlens must be a 1-D integer tensor [S + 1] of segment offsets (0, ..., N)")
+    cu = cu_seqlens.to(torch.int32)
+    if int(cu[0]) != 0 or int(cu[-1]) != n or bool((cu[1:] < cu[:-1]).any()):
+        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at N={n}; got {cu_seqlens.tolist()}")
+    return cu
