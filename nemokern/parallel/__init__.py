@@ -2,3 +2,5 @@
 
 Must never import nemokern.model, data, train or cli.
 """
+
+from .all_reduce import all_reduce  # noqa: E402,F401

@@ -1,0 +1,268 @@
+"""The all-reduce front end: nemokern's single-host fast paths, torch.distributed otherwise.
+
+Tensor parallelism all-reduces small activations twice per layer, where gloo's (TCP) and NCCL's
+fixed latency dominate. `all_reduce` sends such messages through the nemokern._C extension: a
+/dev/shm workspace for CPU tensors, CUDA IPC buffers for CUDA tensors. Everything else (other
+dtypes, several hosts, big messages, the extension missing) goes to torch.distributed.all_reduce.
+
+Every rank must take the same path for the same call, so the choice depends only on what all ranks
+share: the group, dtype, device type, byte size and the environment (torchrun gives every rank the
+same one). Non-contiguous tensors are reduced through a contiguous copy, never a different path.
+
+Environment (read when a group's workspace is set up, i.e. at its first custom all-reduce):
+    NEMOKERN_CUSTOM_ALLREDUCE=0           always use torch.distributed (read at every call)
+    NEMOKERN_ALLREDUCE_MAX_BYTES=N        custom path only up to N bytes (default 16 MiB)
+    NEMOKERN_ALLREDUCE_TIMEOUT=S          seconds to wait for a peer before TimeoutError (300)
+    NEMOKERN_ALLREDUCE_ONE_SHOT_BYTES=N   one-shot below N bytes, reduce-scatter + all-gather above
+    NEMOKERN_SHM_CHUNK_BYTES=N            CPU workspace bytes per rank and parity (4 MiB)
+
+Must never import nemokern.model, data, train or cli.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+
+import torch
+import torch.distributed as dist
+
+MiB = 1 << 20
+SHM_PREFIX = "nemokern_ar_"
+_DEFAULTS = {
+    "NEMOKERN_ALLREDUCE_MAX_BYTES": 16 * MiB,
+    "NEMOKERN_ALLREDUCE_ONE_SHOT_BYTES": 256 * 1024,
+    "NEMOKERN_SHM_CHUNK_BYTES": 4 * MiB,
+}
+
+
+def _env_number(name: str, default: float, cast=int):
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = cast(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number; unset it or give e.g. {default}") from None
+    if value <= 0:
+        raise ValueError(f"{name}={raw!r} must be positive")
+    return value
+
+
+def custom_enabled() -> bool:
+    """False when NEMOKERN_CUSTOM_ALLREDUCE=0 (or false/off/no) turns the fast path off."""
+    return os.environ.get("NEMOKERN_CUSTOM_ALLREDUCE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def max_custom_bytes() -> int:
+    return _env_number("NEMOKERN_ALLREDUCE_MAX_BYTES", _DEFAULTS["NEMOKERN_ALLREDUCE_MAX_BYTES"])
+
+
+def _dtype_code(dtype: torch.dtype):
+    from nemokern import _C
+
+    return {torch.float32: _C.DTYPE_FLOAT32, torch.bfloat16: _C.DTYPE_BFLOAT16}.get(dtype)
+
+
+def cleanup_stale_segments(shm_dir: str = "/dev/shm") -> list[str]:
+    """Unlink workspaces whose creating process is gone (it crashed before all ranks mapped).
+
+    Workspace names carry the creator's pid; a healthy workspace has no name at all once every
+    rank has mapped it, so only a crash between create and unlink leaves one. Returns the names
+    removed.
+    """
+    removed = []
+    try:
+        names = os.listdir(shm_dir)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(SHM_PREFIX):
+            continue
+        try:
+            pid = int(name[len(SHM_PREFIX):].split("_")[0])
+            os.kill(pid, 0)
+            continue  # creator alive: its setup is in progress
+        except ValueError:
+            continue  # not a name we wrote
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # another user's live process
+        try:
+            os.unlink(os.path.join(shm_dir, name))
+            removed.append(name)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+class _GroupState:
+    """What one process group needs, created collectively at its first custom all-reduce."""
+
+    def __init__(self, group):
+        self.group = group  # keeps the group alive so its id() is not reused
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        self._single_host = None
+        self.shm = None
+        self.cuda = None
+
+    def single_host(self) -> bool:
+        if self._single_host is None:  # collective, once per group
+            hosts = [None] * self.world
+            dist.all_gather_object(hosts, socket.gethostname(), group=self.group)
+            self._single_host = len(set(hosts)) == 1
+        return self._single_host
+
+    def _agree(self, error):
+        """All ranks learn whether any rank failed its part of a setup step; all raise if so."""
+        errors = [None] * self.world
+        dist.all_gather_object(errors, error, group=self.group)
+        bad = [(r, e) for r, e in enumerate(errors) if e]
+        if bad:
+            r, e = bad[0]
+            raise RuntimeError(f"nemokern all_reduce: workspace setup failed on rank {r}: {e}")
+
+    def shm_comm(self):
+        if self.shm is None:
+            self.shm = self._make_shm()
+        return self.shm
+
+    def _make_shm(self):
+        from nemokern import _C
+
+        args = dict(
+            rank=self.rank,
+            world_size=self.world,
+            chunk_bytes=_env_number("NEMOKERN_SHM_CHUNK_BYTES", _DEFAULTS["NEMOKERN_SHM_CHUNK_BYTES"]),
+            timeout_s=_env_number("NEMOKERN_ALLREDUCE_TIMEOUT", 300.0, float),
+            one_shot_max_bytes=_env_number(
+                "NEMOKERN_ALLREDUCE_ONE_SHOT_BYTES", _DEFAULTS["NEMOKERN_ALLREDUCE_ONE_SHOT_BYTES"]
+            ),
+        )
+        comm, error, box = None, None, [None]
+        if self.rank == 0:
+            cleanup_stale_segments()
+            box[0] = f"/{SHM_PREFIX}{os.getpid()}_{secrets.token_hex(6)}"
+            try:
+                comm = _C.ShmAllReduce(box[0], create=True, **args)
+            except Exception as exc:  # noqa: BLE001 - forwarded to every rank below
+                box[0] = f"error: {exc}"
+        dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0), group=self.group)
+        if box[0].startswith("error: "):
+            raise RuntimeError(f"nemokern all_reduce: rank 0 could not create the workspace: {box[0][7:]}")
+        if self.rank != 0:
+            try:
+                comm = _C.ShmAllReduce(box[0], create=False, **args)
+            except Exception as exc:  # noqa: BLE001
+                error = str(exc)
+        try:
+            self._agree(error)
+        finally:
+            if comm is not None:
+                comm.unlink()  # every rank mapped it (or setup failed): drop the name now
+        return comm
+
+    def cuda_comm(self, device: torch.device):
+        if self.cuda is None:
+            self.cuda = self._make_cuda(device)
+        return self.cuda
+
+    def _make_cuda(self, device):
+        from nemokern import _C
+
+        comm, error, handle = None, None, b""
+        try:
+            comm = _C.CudaAllReduce(
+                rank=self.rank,
+                world_size=self.world,
+                device=device.index if device.index is not None else torch.cuda.current_device(),
+                buffer_bytes=max_custom_bytes(),
+                timeout_s=_env_number("NEMOKERN_ALLREDUCE_TIMEOUT", 300.0, float),
+                one_shot_max_bytes=_env_number(
+                    "NEMOKERN_ALLREDUCE_ONE_SHOT_BYTES", _DEFAULTS["NEMOKERN_ALLREDUCE_ONE_SHOT_BYTES"]
+                ),
+            )
+            handle = comm.ipc_handle()
+        except Exception as exc:  # noqa: BLE001
+            error = str(exc)
+        self._agree(error)
+        handles = [None] * self.world
+        dist.all_gather_object(handles, handle, group=self.group)
+        try:
+            comm.open_peers(handles)
+        except Exception as exc:  # noqa: BLE001
+            error = str(exc)
+        self._agree(error)
+        return comm
+
+
+_STATES: dict[int, _GroupState] = {}
+
+
+def _state(group) -> _GroupState:
+    group = group if group is not None else dist.group.WORLD
+    st = _STATES.get(id(group))
+    if st is None:
+        st = _STATES[id(group)] = _GroupState(group)
+    return st
+
+
+def reset() -> None:
+    """Drop every cached workspace (call before destroying process groups, or in tests)."""
+    _STATES.clear()
+
+
+def _custom_comm(tensor: torch.Tensor, group):
+    """The extension object that will reduce `tensor`, or None for torch.distributed."""
+    if not custom_enabled() or not dist.is_initialized():
+        return None
+    code = _dtype_code(tensor.dtype) if _extension() else None
+    if code is None or tensor.numel() * tensor.element_size() > max_custom_bytes():
+        return None
+    if tensor.device.type == "cpu":
+        kind = "shm"
+    elif tensor.device.type == "cuda" and _extension().with_cuda:
+        kind = "cuda"
+    else:
+        return None
+    st = _state(group)
+    if st.world == 1 or not st.single_host():
+        return None
+    return st.shm_comm() if kind == "shm" else st.cuda_comm(tensor.device)
+
+
+def _extension():
+    try:
+        from nemokern import _C
+    except ImportError:
+        return None
+    return _C
+
+
+def all_reduce(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum `tensor` (any shape [...]) over the ranks of `group`, in place; returns `tensor`.
+
+    fp32/bf16 tensors of at most NEMOKERN_ALLREDUCE_MAX_BYTES on a single-host group take the
+    custom path: every rank gets bitwise the same result, the rank-ordered sum
+    ((x_0 + x_1) + x_2) + ... accumulated in fp32. Anything else calls
+    torch.distributed.all_reduce(tensor, SUM, group). Collective: every rank of the group must
+    call it with the same shape and dtype, in the same order relative to other collectives.
+    """
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"all_reduce: tensor must be a torch.Tensor, got {type(tensor).__name__}")
+    comm = _custom_comm(tensor, group)
+    if comm is None:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        return tensor
+    work = tensor if tensor.is_contiguous() else tensor.contiguous()
+    code = _dtype_code(work.dtype)
+    if work.is_cuda:
+        stream = torch.cuda.current_stream(work.device).cuda_stream
+        comm.all_reduce(work.data_ptr(), work.numel(), code, stream)
+    else:
+        comm.all_reduce(work.data_ptr(), work.numel(), code)
+    if work is not tensor:
+        tensor.copy_(work)
+    return tensor
