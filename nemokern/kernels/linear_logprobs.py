@@ -1,0 +1,253 @@
+"""Log-probs (and entropy) of targets from hidden states and the LM-head weight, never holding the
+[N, V] logits: Triton kernels + a chunked torch reference.
+
+Must never import nemokern.ops or anything above it.
+
+Both implementations produce the partial statistics of nemokern.kernels.logprobs (merged by its
+`combine_stats`), for a weight that holds vocabulary ids [vocab_start, vocab_start + V): the whole
+head, or one tensor-parallel shard of it.
+
+Triton design (GPU):
+- forward: one kernel tiles tokens x vocabulary; each program owns BLOCK_N tokens and a contiguous
+  range of vocabulary tiles, computes every logits tile with tl.dot over H (bf16 in, fp32
+  accumulation) and folds it into online max / sum-exp / entropy statistics. Vocabulary ranges are
+  split across programs so small N still fills the GPU; the splits are merged like shards.
+  Nothing of size N x V is ever written.
+- backward: the vocabulary is walked in chunks of `_bwd_chunk` columns; one kernel recomputes the
+  logits tiles of a chunk with tl.dot and writes d(logits) (in the input dtype) for that chunk only;
+  two cuBLAS GEMMs then give dweight for those rows (complete, no accumulation) and add the chunk's
+  share of dhidden. Why not one fused kernel: dhidden [N, H] and dweight [V, H] each need a sum over
+  the other axis of the tile grid; fusing means fp32 atomics into [N, H] and [V, H] buffers (the
+  latter 2 GB at V = 128k, H = 4096, and ~0.5 TB of atomic traffic with 128-wide tiles), or a
+  two-kernel split that recomputes logits twice (10 instead of 8 N*H*V FLOPs) and still needs an
+  [BLOCK, H] fp32 accumulator per program, far beyond registers at H = 4096. A bf16 d(logits)
+  chunk of a few hundred MB is cheaper and runs the two big products at cuBLAS speed.
+CPU reference: chunks of tokens; each chunk's logits [C, V] are computed, reduced to statistics and
+dropped; backward recomputes them (the autograd.Function saves only per-row statistics).
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .logprobs import block_dlogits_torch, block_stats_torch
+
+_TORCH_CHUNK_ELEMENTS = 1 << 22   # logits elements per token chunk on the CPU path
+_BWD_CHUNK_BYTES = 256 << 20      # d(logits) chunk of the GPU backward
+
+
+def _token_chunk(n, v):
+    return max(1, min(n, _TORCH_CHUNK_ELEMENTS // max(1, v)))
+
+
+# ----------------------------------------------------------------------------- torch reference
+
+def linear_stats_torch(hidden, weight, targets, inv_t, vocab_start=0):
+    """hidden [N, H], weight [Vs, H], targets [N] global ids -> parts [1, N, 4] float32."""
+    n, v = hidden.shape[0], weight.shape[0]
+    out = torch.empty(n, 4, dtype=torch.float32, device=hidden.device)
+    step = _token_chunk(n, v)
+    for i in range(0, n, step):
+        z = (hidden[i:i + step] @ weight.t()).float() * inv_t
+        out[i:i + step] = block_stats_torch(z, targets[i:i + step], vocab_start)
+    return out.unsqueeze(0)
+
+
+def linear_backward_torch(hidden, weight, targets, norm, entropy, g_lp, g_ent, inv_t,
+                          vocab_start=0):
+    """Returns (dhidden [N, H], dweight [Vs, H]) in the inputs' dtype; g_lp/g_ent must already be
+    zero on ignored rows. dweight accumulates over token chunks in fp32."""
+    n, v = hidden.shape[0], weight.shape[0]
+    dh = torch.empty_like(hidden)
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    step = _token_chunk(n, v)
+    for i in range(0, n, step):
+        sl = slice(i, i + step)
+        z = (hidden[sl] @ weight.t()).float() * inv_t
+        dz = block_dlogits_torch(z, targets[sl], norm[sl], entropy[sl], g_lp[sl], g_ent[sl],
+                                 inv_t, vocab_start).to(hidden.dtype)
+        dh[sl] = dz @ weight
+        if dw.dtype == hidden.dtype:
+            dw.addmm_(dz.t(), hidden[sl])
+        else:
+            dw += (dz.t() @ hidden[sl]).float()
+    return dh, dw.to(weight.dtype)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+@triton.jit
+def _logits_tile(h_ptr, w_ptr, rows, cols, N, V, H, stride_h, stride_w, inv_t,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """Scaled logits z [BLOCK_N, BLOCK_V] fp32 of rows x cols; -inf outside the vocabulary."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    ks = tl.arange(0, BLOCK_H)
+    for k in range(0, H, BLOCK_H):
+        a = tl.load(h_ptr + rows[:, None] * stride_h + (k + ks)[None, :],
+                    mask=(rows[:, None] < N) & ((k + ks)[None, :] < H), other=0.0)
+        b = tl.load(w_ptr + cols[:, None] * stride_w + (k + ks)[None, :],
+                    mask=(cols[:, None] < V) & ((k + ks)[None, :] < H), other=0.0)
+        if DOT_UPCAST:  # the Triton 3.9 interpreter's tl.dot returns garbage for bf16 inputs
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
+    return tl.where(cols[None, :] < V, acc * inv_t, -float("inf"))
+
+
+@triton.jit
+def _linear_stats_kernel(h_ptr, w_ptr, tgt_ptr, parts_ptr, N, V, H, stride_h, stride_w,
+                         inv_t, vocab_start, tiles_per_split,
+                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """Program (i, j): tokens [i*BLOCK_N, ...) x vocabulary tiles of split j -> parts[j, rows]."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    tgt = tl.load(tgt_ptr + rows, mask=rows < N, other=-1) - vocab_start
+    m = tl.full((BLOCK_N,), -float("inf"), tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    t = tl.zeros((BLOCK_N,), tl.float32)
+    zt = tl.zeros((BLOCK_N,), tl.float32)
+    v_first = split * tiles_per_split * BLOCK_V
+    v_last = tl.minimum(v_first + tiles_per_split * BLOCK_V, V)
+    for v0 in range(v_first, v_last, BLOCK_V):
+        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        z = _logits_tile(h_ptr, w_ptr, rows, cols, N, V, H, stride_h, stride_w, inv_t,
+                         BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, DOT_UPCAST)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        m_sub = tl.where(m_new > -float("inf"), m_new, 0.0)
+        e = tl.exp(z - m_sub[:, None])
+        alpha = tl.exp(m - m_sub)
+        t = alpha * (t + tl.where(s > 0, m - m_sub, 0.0) * s) + tl.sum(
+            tl.where(e > 0, e * (z - m_sub[:, None]), 0.0), axis=1)
+        s = s * alpha + tl.sum(e, axis=1)
+        m = m_new
+        zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
+    out = parts_ptr + (split * N + rows) * 4
+    tl.store(out + 0, m, mask=rows < N)
+    tl.store(out + 1, s, mask=rows < N)
+    tl.store(out + 2, t, mask=rows < N)
+    tl.store(out + 3, zt, mask=rows < N)
+
+
+@triton.jit
+def _linear_dlogits_kernel(h_ptr, w_ptr, tgt_ptr, norm_ptr, ent_ptr, glp_ptr, gent_ptr, dz_ptr,
+                           N, V, H, stride_h, stride_w, stride_dz, inv_t, vocab_start,
+                           BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                           DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """Recompute one logits tile of a vocabulary chunk and write its d(logits) tile.
+
+    w_ptr points at the chunk's first row, V is the chunk width, vocab_start its first global id;
+    g_lp/g_ent are already zero on ignored rows, which therefore get a zero gradient."""
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    cols = (tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    in_n = rows < N
+    tgt = tl.load(tgt_ptr + rows, mask=in_n, other=-1) - vocab_start
+    m = tl.load(norm_ptr + rows * 2, mask=in_n, other=float("inf"))
+    log_s = tl.load(norm_ptr + rows * 2 + 1, mask=in_n, other=0.0)
+    ent = tl.load(ent_ptr + rows, mask=in_n, other=0.0)
+    g_lp = tl.load(glp_ptr + rows, mask=in_n, other=0.0)
+    g_ent = tl.load(gent_ptr + rows, mask=in_n, other=0.0)
+    z = _logits_tile(h_ptr, w_ptr, rows, cols, N, V, H, stride_h, stride_w, inv_t,
+                     BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, DOT_UPCAST)
+    logp_all = (z - m[:, None]) - log_s[:, None]
+    p = tl.exp(logp_all)
+    dz = tl.where(p > 0, -p * (g_lp[:, None] + g_ent[:, None] * (logp_all + ent[:, None])), 0.0)
+    dz = tl.where(cols[None, :] == tgt[:, None], dz + g_lp[:, None], dz)
+    tl.store(dz_ptr + rows[:, None] * stride_dz + cols[None, :],
+             (dz * inv_t).to(dz_ptr.dtype.element_ty),
+             mask=in_n[:, None] & (cols[None, :] < V))
+
+
+# Tile configurations per input dtype: (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages).
+# fp32 uses exact (ieee) products like torch's default fp32 matmul, with smaller tiles so that
+# three pipeline stages fit in shared memory on sm_80.
+_CONFIGS = {
+    torch.bfloat16: (128, 128, 64, 8, 3),
+    torch.float16: (128, 128, 64, 8, 3),
+    torch.float32: (64, 64, 32, 4, 3),
+}
+_PRECISION = {torch.bfloat16: "tf32", torch.float16: "tf32", torch.float32: "ieee"}
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _num_sms(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def linear_stats_triton(hidden, weight, targets, inv_t, vocab_start=0):
+    """hidden [N, H], weight [Vs, H] (both row-contiguous, same dtype), targets [N] int64
+    -> parts [S, N, 4] float32, one part per vocabulary split."""
+    n, h = hidden.shape
+    v = weight.shape[0]
+    bn, bv, bh, warps, stages = _CONFIGS[hidden.dtype]
+    n_tiles, v_tiles = triton.cdiv(n, bn), triton.cdiv(v, bv)
+    # Enough programs for two waves over the SMs; each split still walks many vocabulary tiles.
+    splits = max(1, min(v_tiles, triton.cdiv(2 * _num_sms(hidden.device), n_tiles)))
+    tiles_per_split = triton.cdiv(v_tiles, splits)
+    splits = triton.cdiv(v_tiles, tiles_per_split)
+    parts = torch.empty(splits, n, 4, dtype=torch.float32, device=hidden.device)
+    if n:
+        _linear_stats_kernel[(n_tiles, splits)](
+            hidden, weight, targets, parts, n, v, h, hidden.stride(0), weight.stride(0), inv_t,
+            vocab_start, tiles_per_split, BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh,
+            DOT_PRECISION=_PRECISION[hidden.dtype], DOT_UPCAST=_interpreting(),
+            num_warps=warps, num_stages=stages)
+    return parts
+
+
+def linear_backward_triton(hidden, weight, targets, norm, entropy, g_lp, g_ent, inv_t,
+                           vocab_start=0):
+    """(dhidden [N, H], dweight [Vs, H]); g_lp/g_ent [N] float32, zero on ignored rows."""
+    n, h = hidden.shape
+    v = weight.shape[0]
+    bn, bv, bh, warps, stages = _CONFIGS[hidden.dtype]
+    per_row = max(1, n) * hidden.element_size()
+    chunk_cols = max(bv, (_BWD_CHUNK_BYTES // per_row) // bv * bv)
+    dw = torch.empty_like(weight)
+    dh = torch.zeros(n, h, dtype=torch.float32, device=hidden.device)
+    dz = torch.empty(n, min(chunk_cols, v), dtype=hidden.dtype, device=hidden.device)
+    for c0 in range(0, v, chunk_cols):
+        w_c = weight[c0:c0 + chunk_cols]
+        vc = w_c.shape[0]
+        dz_c = dz[:, :vc]
+        if n:
+            _linear_dlogits_kernel[(triton.cdiv(n, bn), triton.cdiv(vc, bv))](
+                hidden, w_c, targets, norm, entropy, g_lp, g_ent, dz_c, n, vc, h,
+                hidden.stride(0), w_c.stride(0), dz_c.stride(0), inv_t, vocab_start + c0,
+                BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, DOT_PRECISION=_PRECISION[hidden.dtype],
+                DOT_UPCAST=_interpreting(), num_warps=warps, num_stages=stages)
+        torch.mm(dz_c.t(), hidden, out=dw[c0:c0 + vc])
+        dh += dz_c @ w_c
+    return dh.to(hidden.dtype), dw
+
+
+def _specs():
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    specs = []
+    for dtype, dt in names.items():
+        bn, bv, bh, _, _ = _CONFIGS[dtype]
+        const = {"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh, "DOT_PRECISION": _PRECISION[dtype],
+                 "DOT_UPCAST": False}
+        specs.append((_linear_stats_kernel,
+                      {"h_ptr": f"*{dt}", "w_ptr": f"*{dt}", "tgt_ptr": "*i64",
+                       "parts_ptr": "*fp32", "N": "i32", "V": "i32", "H": "i32",
+                       "stride_h": "i32", "stride_w": "i32", "inv_t": "fp32",
+                       "vocab_start": "i32", "tiles_per_split": "i32"}, const))
+        specs.append((_linear_dlogits_kernel,
+                      {"h_ptr": f"*{dt}", "w_ptr": f"*{dt}", "tgt_ptr": "*i64",
+                       "norm_ptr": "*fp32", "ent_ptr": "*fp32", "glp_ptr": "*fp32",
+                       "gent_ptr": "*fp32", "dz_ptr": f"*{dt}", "N": "i32", "V": "i32",
+                       "H": "i32", "stride_h": "i32", "stride_w": "i32", "stride_dz": "i32",
+                       "inv_t": "fp32", "vocab_start": "i32"}, const))
+    return specs
+
+
+AOT_SPECS = _specs()

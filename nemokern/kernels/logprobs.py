@@ -1,0 +1,231 @@
+"""Log-probs of target tokens (and softmax entropy) from logits: Triton kernels + torch reference.
+
+Must never import nemokern.ops or anything above it (kernels know nothing of models).
+
+Every implementation here reduces a block of logit rows to per-row *partial statistics*
+`parts[..., 4]` of the temperature-scaled logits z = logits / T over the columns it saw:
+    m  = max_v z_v                       (-inf when it saw no column)
+    s  = sum_v exp(z_v - m)
+    t  = sum_v exp(z_v - m) * (z_v - m)  (entropy numerator)
+    zt = z_target if the target column was among them, else 0
+Parts over disjoint column sets (vocabulary blocks, kernel splits, tensor-parallel shards) are
+merged by `combine_stats`, the one place that turns them into
+    logp = (zt - m) - log s,  entropy = log s - t / s.
+Backward needs only norm = (m, log s) and entropy per row (m and log s are kept apart rather than
+summed into logsumexp: at |logits| ~ 1e4 the rounding of m + log s would cost p_v its precision):
+    dz_v = g_lp * ([v == target] - p_v) - g_ent * p_v * (log p_v + entropy),  dlogits = dz / T.
+Rows whose target is ignore_index give logp = entropy = 0 and zero gradient.
+
+Out-of-range targets: the public op checks them; the kernels never read out of bounds (the target
+load is masked) and such a row comes out as NaN.
+"""
+import torch
+import triton
+import triton.language as tl
+
+# Rows per chunk of the torch reference: keeps its fp32 temporaries near 2**22 elements (16 MB)
+# whatever N is, so the CPU path never holds an [N, V] fp32 tensor.
+_TORCH_CHUNK_ELEMENTS = 1 << 22
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def merge_parts(parts):
+    """Merge partial statistics over disjoint vocabulary parts: parts [K, N, 4] -> [N, 4]."""
+    m, s, t, zt = parts.float().unbind(-1)
+    big_m = m.max(dim=0).values
+    # A part that saw no column has m = -inf, s = 0: its weight must be 0, not exp(nan).
+    shift = torch.where(s > 0, m - big_m, torch.zeros_like(m))
+    w = torch.where(s > 0, torch.exp(shift), torch.zeros_like(m))
+    return torch.stack([big_m, (w * s).sum(0), (w * (t + shift * s)).sum(0), zt.sum(0)], -1)
+
+
+def combine_stats(parts, valid):
+    """Finish partial statistics over disjoint vocabulary parts.
+
+    parts [K, N, 4] float32 (m, s, t, zt per part), valid [N] bool (target != ignore_index).
+    Returns (logp [N], norm [N, 2] = (m, log s), entropy [N]) float32; logp and entropy are 0
+    where not valid.
+    """
+    m, s, t, zt = merge_parts(parts).unbind(-1)
+    log_s = torch.log(s)
+    zero = torch.zeros_like(log_s)
+    # Ignored rows get m = +inf, log s = 0: every p_v = exp(z_v - m - log s) of theirs is then
+    # exactly 0 in backward, whatever their logits (the kernels may not even have read them).
+    norm = torch.stack([torch.where(valid, m, torch.full_like(m, float("inf"))),
+                        torch.where(valid, log_s, zero)], dim=-1)
+    logp = torch.where(valid, (zt - m) - log_s, zero)
+    entropy = torch.where(valid, log_s - t / s, zero)
+    return logp, norm, entropy
+
+
+def _row_chunk(n_rows, n_cols):
+    return max(1, min(n_rows, _TORCH_CHUNK_ELEMENTS // max(1, n_cols)))
+
+
+# ----------------------------------------------------------------------------- torch reference
+
+def block_stats_torch(z, targets, vocab_start=0):
+    """Partial statistics of one block of scaled logits.
+
+    z [C, Vb] float32 (already divided by T), targets [C] int64 global ids; the block holds
+    vocabulary ids [vocab_start, vocab_start + Vb). Returns [C, 4] float32.
+    """
+    m = z.max(dim=-1, keepdim=True).values
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(z - m_safe)
+    s = e.sum(-1)
+    # e * (z - m) is 0 * -inf = nan at masked (-inf) logits; their contribution is 0.
+    t = torch.where(e > 0, e * (z - m_safe), torch.zeros_like(e)).sum(-1)
+    local = targets - vocab_start
+    inside = (local >= 0) & (local < z.shape[-1])
+    zt = z.gather(-1, torch.where(inside, local, 0).unsqueeze(-1)).squeeze(-1)
+    zt = torch.where(inside, zt, torch.zeros_like(zt))
+    return torch.stack([m.squeeze(-1), s, t, zt], dim=-1)
+
+
+def block_dlogits_torch(z, targets, norm, entropy, g_lp, g_ent, inv_t, vocab_start=0):
+    """d(loss)/d(logits) of one block: z [C, Vb] float32 scaled logits, targets [C] global ids,
+    norm [C, 2] / entropy [C] global row statistics, g_lp/g_ent [C] float32 upstream grads (already zero on
+    ignored rows). Returns [C, Vb] float32."""
+    logp_all = (z - norm[:, :1]) - norm[:, 1:]
+    p = torch.exp(logp_all)
+    coef = g_lp.unsqueeze(-1) + g_ent.unsqueeze(-1) * (logp_all + entropy.unsqueeze(-1))
+    dz = torch.where(p > 0, -p * coef, torch.zeros_like(p))
+    local = targets - vocab_start
+    inside = (local >= 0) & (local < z.shape[-1])
+    dz.scatter_add_(-1, torch.where(inside, local, 0).unsqueeze(-1),
+                    torch.where(inside, g_lp, torch.zeros_like(g_lp)).unsqueeze(-1))
+    return dz * inv_t
+
+
+def logprobs_stats_torch(logits, targets, inv_t):
+    """logits [N, V] any float dtype, targets [N] -> parts [1, N, 4], row chunk by row chunk."""
+    n, v = logits.shape
+    out = torch.empty(n, 4, dtype=torch.float32, device=logits.device)
+    step = _row_chunk(n, v)
+    for i in range(0, n, step):
+        z = logits[i:i + step].float() * inv_t
+        out[i:i + step] = block_stats_torch(z, targets[i:i + step])
+    return out.unsqueeze(0)
+
+
+def logprobs_backward_torch(logits, targets, norm, entropy, g_lp, g_ent, inv_t):
+    """dlogits [N, V] in logits' dtype, computed row chunk by row chunk."""
+    n, v = logits.shape
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    step = _row_chunk(n, v)
+    for i in range(0, n, step):
+        sl = slice(i, i + step)
+        z = logits[sl].float() * inv_t
+        grad[sl] = block_dlogits_torch(z, targets[sl], norm[sl], entropy[sl], g_lp[sl],
+                                       g_ent[sl], inv_t).to(logits.dtype)
+    return grad
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+@triton.jit
+def _logprobs_stats_kernel(x_ptr, tgt_ptr, stats_ptr, V, stride_x, inv_t, ignore_index,
+                           BLOCK_V: tl.constexpr):
+    """One program per row: a single pass over V with an online max / sum-exp / entropy sum."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    tgt = tl.load(tgt_ptr + row)
+    valid = tgt != ignore_index
+    # Ignored rows load nothing (masked loads do not touch memory): prompt tokens are free.
+    v_lim = tl.where(valid, V, 0)
+    cols = tl.arange(0, BLOCK_V)
+    m = -float("inf")
+    s = 0.0
+    t = 0.0
+    for start in range(0, V, BLOCK_V):
+        z = tl.load(x_row + start + cols, mask=(start + cols) < v_lim, other=-float("inf")).to(tl.float32) * inv_t
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        m_sub = tl.where(m_new > -float("inf"), m_new, 0.0)
+        e = tl.exp(z - m_sub)
+        alpha = tl.exp(m - m_sub)
+        t = alpha * (t + tl.where(s > 0, m - m_sub, 0.0) * s) + tl.sum(
+            tl.where(e > 0, e * (z - m_sub), 0.0), axis=0)
+        s = s * alpha + tl.sum(e, axis=0)
+        m = m_new
+    inside = valid & (tgt >= 0) & (tgt < V)
+    zt = tl.load(x_row + tl.where(inside, tgt, 0)).to(tl.float32) * inv_t
+    zt = tl.where(inside, zt, tl.where(valid, float("nan"), 0.0))
+    tl.store(stats_ptr + row * 4 + 0, m)
+    tl.store(stats_ptr + row * 4 + 1, s)
+    tl.store(stats_ptr + row * 4 + 2, t)
+    tl.store(stats_ptr + row * 4 + 3, zt)
+
+
+@triton.jit
+def _logprobs_backward_kernel(x_ptr, tgt_ptr, norm_ptr, ent_ptr, glp_ptr, gent_ptr, dx_ptr,
+                              V, stride_x, stride_dx, inv_t, ignore_index,
+                              BLOCK_V: tl.constexpr):
+    """One program per row: one more pass over V writing dlogits in the logits' dtype."""
+    row = tl.program_id(0).to(tl.int64)
+    tgt = tl.load(tgt_ptr + row)
+    valid = tgt != ignore_index
+    m = tl.load(norm_ptr + row * 2)
+    log_s = tl.load(norm_ptr + row * 2 + 1)
+    ent = tl.load(ent_ptr + row)
+    g_lp = tl.where(valid, tl.load(glp_ptr + row), 0.0)
+    g_ent = tl.where(valid, tl.load(gent_ptr + row), 0.0)
+    v_lim = tl.where(valid, V, 0)
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        in_v = (start + cols) < V
+        z = tl.load(x_ptr + row * stride_x + start + cols, mask=(start + cols) < v_lim,
+                    other=-float("inf")).to(tl.float32) * inv_t
+        logp_all = (z - m) - log_s
+        p = tl.exp(logp_all)
+        dz = tl.where(p > 0, -p * (g_lp + g_ent * (logp_all + ent)), 0.0)
+        dz = tl.where((start + cols) == tgt, dz + g_lp, dz)
+        tl.store(dx_ptr + row * stride_dx + start + cols,
+                 (dz * inv_t).to(dx_ptr.dtype.element_ty), mask=in_v)
+
+
+# One row per program; 4096 columns per step keeps 16-byte vector loads and enough bytes in
+# flight per SM for a bandwidth-bound pass at V = 128k.
+BLOCK_V = 4096
+_NUM_WARPS = 8
+
+
+def logprobs_stats_triton(logits, targets, inv_t, ignore_index):
+    """logits [N, V] (last dim contiguous), targets [N] int64 -> parts [1, N, 4] float32."""
+    n, v = logits.shape
+    stats = torch.empty(n, 4, dtype=torch.float32, device=logits.device)
+    if n:
+        _logprobs_stats_kernel[(n,)](logits, targets, stats, v, logits.stride(0), inv_t,
+                                     ignore_index, BLOCK_V=BLOCK_V, num_warps=_NUM_WARPS)
+    return stats.unsqueeze(0)
+
+
+def logprobs_backward_triton(logits, targets, norm, entropy, g_lp, g_ent, inv_t, ignore_index):
+    """dlogits [N, V] in logits' dtype; g_lp/g_ent [N] float32 contiguous."""
+    n, v = logits.shape
+    grad = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
+    if n:
+        _logprobs_backward_kernel[(n,)](logits, targets, norm, entropy, g_lp, g_ent, grad, v,
+                                        logits.stride(0), grad.stride(0), inv_t, ignore_index,
+                                        BLOCK_V=BLOCK_V, num_warps=_NUM_WARPS)
+    return grad
+
+
+def _specs():
+    specs = []
+    for dt in ("fp32", "bf16", "fp16"):
+        specs.append((_logprobs_stats_kernel,
+                      {"x_ptr": f"*{dt}", "tgt_ptr": "*i64", "stats_ptr": "*fp32", "V": "i32",
+                       "stride_x": "i32", "inv_t": "fp32", "ignore_index": "i32"},
+                      {"BLOCK_V": BLOCK_V}))
+        specs.append((_logprobs_backward_kernel,
+                      {"x_ptr": f"*{dt}", "tgt_ptr": "*i64", "norm_ptr": "*fp32",
+                       "ent_ptr": "*fp32", "glp_ptr": "*fp32", "gent_ptr": "*fp32",
+                       "dx_ptr": f"*{dt}", "V": "i32", "stride_x": "i32", "stride_dx": "i32",
+                       "inv_t": "fp32", "ignore_index": "i32"},
+                      {"BLOCK_V": BLOCK_V}))
+    return specs
+
+
+AOT_SPECS = _specs()

@@ -1,0 +1,219 @@
+"""Public log-prob ops: `logprobs` (from logits) and `linear_logprobs` (fused with the LM head,
+optionally over vocab-parallel shards). Validation, temperature, ignore_index, entropy, dispatch
+and autograd live here; the math lives in nemokern.kernels.logprobs / linear_logprobs.
+
+Must never import nemokern.parallel, model, data, train or cli: tp_group is a plain
+torch.distributed process group.
+
+Conventions shared by both ops:
+- z = logits / temperature; logp = z[target] - logsumexp(z) (float32);
+  entropy = -sum_v p_v log p_v of softmax(z) (float32).
+- Positions whose target == ignore_index give logp = 0 AND entropy = 0, and no gradient.
+- Gradients flow from both outputs in one backward pass.
+- Targets outside [0, V) (other than ignore_index) raise ValueError. The check costs one small
+  reduction and, on a GPU, one host sync per call; NEMOKERN_CHECK_TARGETS=0 skips it. Unchecked,
+  the Triton kernels never read out of bounds: `logprobs` returns NaN for such a row and
+  `linear_logprobs` returns -logsumexp (the target logit counts as 0).
+"""
+import math
+import os
+
+import torch
+import torch.distributed as dist
+
+from ..kernels import linear_logprobs as _linear
+from ..kernels import logprobs as _logits
+from ._dispatch import backend_for
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _inv_temperature(temperature):
+    if isinstance(temperature, torch.Tensor) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a Python float, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    return 1.0 / float(temperature)
+
+
+def _flat_targets(targets, lead_shape, what):
+    if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.int64, torch.int32):
+        got = targets.dtype if isinstance(targets, torch.Tensor) else type(targets).__name__
+        raise TypeError(f"targets must be an int64 tensor of token ids, got {got}")
+    if tuple(targets.shape) != tuple(lead_shape):
+        raise ValueError(f"targets has shape {tuple(targets.shape)} but {what} needs "
+                         f"{tuple(lead_shape)} (one target id per position)")
+    return targets.reshape(-1).to(torch.int64).contiguous()
+
+
+def _check_targets(targets, vocab, ignore_index):
+    if os.environ.get("NEMOKERN_CHECK_TARGETS", "1") == "0":
+        return
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"targets[{i}] (flattened) = {int(targets[i])} is outside the vocabulary "
+                         f"[0, {vocab}) and is not ignore_index={ignore_index}; fix the ids or "
+                         f"mark the position with ignore_index")
+
+
+def _check_float(name, t):
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+        got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+        raise TypeError(f"{name} must be a floating-point tensor, got {got}")
+
+
+def _upstream(grad, valid):
+    """Upstream grad as contiguous float32, zero on ignored rows (None -> zeros)."""
+    if grad is None:
+        return torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
+    return torch.where(valid, grad.float(), torch.zeros((), device=grad.device)).contiguous()
+
+
+# ----------------------------------------------------------------------------- logits op
+
+class _LogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, inv_t, ignore_index):
+        backend = backend_for(logits)
+        if backend == "triton":
+            parts = _logits.logprobs_stats_triton(logits, targets, inv_t, ignore_index)
+        else:
+            parts = _logits.logprobs_stats_torch(logits, targets, inv_t)
+        valid = targets != ignore_index
+        logp, norm, entropy = _logits.combine_stats(parts, valid)
+        ctx.save_for_backward(logits, targets, norm, entropy)
+        ctx.inv_t, ctx.ignore_index, ctx.backend = inv_t, ignore_index, backend
+        ctx.set_materialize_grads(False)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent):
+        logits, targets, norm, entropy = ctx.saved_tensors
+        valid = targets != ctx.ignore_index
+        g_lp, g_ent = _upstream(g_lp, valid), _upstream(g_ent, valid)
+        if ctx.backend == "triton":
+            grad = _logits.logprobs_backward_triton(logits, targets, norm, entropy, g_lp, g_ent,
+                                                    ctx.inv_t, ctx.ignore_index)
+        else:
+            grad = _logits.logprobs_backward_torch(logits, targets, norm, entropy, g_lp, g_ent,
+                                                   ctx.inv_t)
+        return grad, None, None, None
+
+
+def logprobs(logits, targets, *, temperature=1.0, ignore_index=-100, return_entropy=False):
+    """Log-probability of each target token under softmax(logits / temperature).
+
+    logits [..., V] any float dtype, targets [...] int64 -> logp [...] float32 (0 where
+    target == ignore_index); with return_entropy, (logp, entropy [...] float32, 0 where ignored).
+    Differentiable w.r.t. logits through both outputs. Never allocates an [..., V] float32
+    temporary (CUDA: one Triton pass over V forward, one backward; CPU: row chunks).
+    """
+    _check_float("logits", logits)
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits must have shape [..., V] with V >= 1, got {tuple(logits.shape)}")
+    inv_t = _inv_temperature(temperature)
+    ignore_index = int(ignore_index)
+    flat_t = _flat_targets(targets, logits.shape[:-1], "logits[..., V]")
+    if flat_t.device != logits.device:
+        raise ValueError(f"targets is on {flat_t.device} but logits on {logits.device}")
+    vocab = logits.shape[-1]
+    _check_targets(flat_t, vocab, ignore_index)
+    x = logits.reshape(-1, vocab)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    logp, entropy = _LogProbs.apply(x, flat_t, inv_t, ignore_index)
+    logp = logp.reshape(targets.shape)
+    return (logp, entropy.reshape(targets.shape)) if return_entropy else logp
+
+
+# ----------------------------------------------------------------------------- linear op
+
+def _gather_parts(parts, group):
+    """The vocab-parallel exchange, ONE collective per forward: every rank's merged statistics
+    [N, 4] (max, sum-exp, entropy sum, target logit) -> [tp, N, 4] on every rank."""
+    local = _logits.merge_parts(parts).contiguous()
+    bufs = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(bufs, local, group=group)
+    return torch.stack(bufs)
+
+
+class _LinearLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, inv_t, ignore_index, vocab_start, tp_group):
+        backend = backend_for(hidden, weight)
+        if backend == "triton":
+            parts = _linear.linear_stats_triton(hidden, weight, targets, inv_t, vocab_start)
+        else:
+            parts = _linear.linear_stats_torch(hidden, weight, targets, inv_t, vocab_start)
+        if tp_group is not None:
+            parts = _gather_parts(parts, tp_group)
+        valid = targets != ignore_index
+        logp, norm, entropy = _logits.combine_stats(parts, valid)
+        ctx.save_for_backward(hidden, weight, targets, norm, entropy)
+        ctx.inv_t, ctx.ignore_index, ctx.backend = inv_t, ignore_index, backend
+        ctx.vocab_start, ctx.tp_group = vocab_start, tp_group
+        ctx.set_materialize_grads(False)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent):
+        hidden, weight, targets, norm, entropy = ctx.saved_tensors
+        valid = targets != ctx.ignore_index
+        g_lp, g_ent = _upstream(g_lp, valid), _upstream(g_ent, valid)
+        fn = (_linear.linear_backward_triton if ctx.backend == "triton"
+              else _linear.linear_backward_torch)
+        dh, dw = fn(hidden, weight, targets, norm, entropy, g_lp, g_ent, ctx.inv_t,
+                    ctx.vocab_start)
+        if ctx.tp_group is not None:
+            # hidden is replicated across the group and each shard saw only its vocabulary:
+            # the full dhidden is the sum over shards (Megatron's column-parallel input grad).
+            dist.all_reduce(dh, group=ctx.tp_group)
+        return dh, dw, None, None, None, None, None
+
+
+def linear_logprobs(hidden, weight, targets, *, temperature=1.0, ignore_index=-100,
+                    return_entropy=False, tp_group=None):
+    """`logprobs(hidden @ weight.T, targets, ...)` without materialising the [..., V] logits.
+
+    hidden [..., H], weight [V, H] (same dtype), targets [...] int64 -> logp [...] float32
+    (and entropy [...] with return_entropy). With tp_group, weight is this rank's shard
+    [V / tp, H] holding vocabulary ids [rank * V/tp, (rank + 1) * V/tp) (equal shards, as
+    Megatron's padded vocabulary), targets are global ids, hidden is replicated; every rank gets
+    the full result. Forward exchanges 4 floats per token (one all_gather), backward all-reduces
+    dhidden [N, H] once. Differentiable w.r.t. hidden and weight.
+    """
+    _check_float("hidden", hidden)
+    _check_float("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be the LM head [V, H], got shape {tuple(weight.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden {tuple(hidden.shape)} must end in H = weight.shape[1] = "
+                         f"{weight.shape[1]}")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden is {hidden.dtype} but weight is {weight.dtype}; cast one "
+                        f"(usually hidden.to(weight.dtype))")
+    if hidden.device != weight.device:
+        raise ValueError(f"hidden is on {hidden.device} but weight on {weight.device}")
+    if weight.shape[0] < 1:
+        raise ValueError("weight has no vocabulary rows")
+    inv_t = _inv_temperature(temperature)
+    ignore_index = int(ignore_index)
+    flat_t = _flat_targets(targets, hidden.shape[:-1], "hidden[..., H]")
+    if flat_t.device != hidden.device:
+        raise ValueError(f"targets is on {flat_t.device} but hidden on {hidden.device}")
+    shard = weight.shape[0]
+    vocab_start, vocab = 0, shard
+    if tp_group is not None:
+        if not dist.is_initialized():
+            raise RuntimeError("tp_group given but torch.distributed is not initialised")
+        vocab_start = dist.get_rank(tp_group) * shard
+        vocab = shard * dist.get_world_size(tp_group)
+    _check_targets(flat_t, vocab, ignore_index)
+    h = hidden.reshape(-1, hidden.shape[-1])
+    h = h if h.is_contiguous() else h.contiguous()
+    w = weight if weight.is_contiguous() else weight.contiguous()
+    logp, entropy = _LinearLogProbs.apply(h, w, flat_t, inv_t, ignore_index, vocab_start,
+                                          tp_group)
+    logp = logp.reshape(targets.shape)
+    return (logp, entropy.reshape(targets.shape)) if return_entropy else logp

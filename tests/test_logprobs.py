@@ -1,0 +1,214 @@
+"""nemokern.ops.logprobs against a float64 reference: torch path on awkward big shapes, Triton
+kernels interpreted on small ones; forward and backward for log-probs and entropy.
+
+Accuracy rule (flash-attention's): our error against float64 is at most 2x the error of the same
+computation done in plain PyTorch in the input dtype, plus a floor of a few fp32 ulps of the
+output (our outputs are fp32 even for bf16 inputs).
+"""
+import pytest
+import torch
+
+import nemokern.kernels.logprobs as K
+from nemokern.ops import logprobs
+
+IGNORE = -100
+
+
+# ----------------------------------------------------------------------------- references
+
+def reference(logits, targets, temperature=1.0, ignore_index=IGNORE):
+    """(logp, entropy) computed in logits' own dtype with plain PyTorch autograd-able ops.
+
+    With float64 logits this is the reference; with the input dtype it is the "plain" baseline."""
+    lsm = torch.log_softmax(logits / temperature, dim=-1)
+    valid = targets != ignore_index
+    idx = torch.where(valid, targets, 0).unsqueeze(-1)
+    zero = torch.zeros((), dtype=lsm.dtype)
+    logp = torch.where(valid, lsm.gather(-1, idx).squeeze(-1), zero)
+    p = lsm.exp()
+    # p * log p is 0 * -inf at masked logits; keep both the value and its gradient at 0.
+    ent = -(p * torch.where(p > 0, lsm, zero)).sum(-1)
+    return logp, torch.where(valid, ent, zero)
+
+
+def error_vs(ours, plain, ref, what, ulp_floor=2.0 ** -21):
+    """Assert the 2x rule; return (our error, plain error)."""
+    err = (ours.double() - ref).abs().max().item() if ref.numel() else 0.0
+    err_plain = (plain.double() - ref).abs().max().item() if ref.numel() else 0.0
+    floor = ulp_floor * max(1.0, ref.abs().max().item() if ref.numel() else 0.0)
+    assert err <= 2 * err_plain + floor, (
+        f"{what}: error {err:.3g} vs float64 exceeds 2 x plain-PyTorch error {err_plain:.3g} "
+        f"(+ floor {floor:.2g})")
+    return err, err_plain
+
+
+def make_inputs(shape, vocab, dtype, scale, ignore_frac=0.25, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(*shape, vocab, generator=g) * scale).to(dtype)
+    targets = torch.randint(0, vocab, shape, generator=g)
+    targets[torch.rand(shape, generator=g) < ignore_frac] = IGNORE
+    g_lp = torch.randn(shape, generator=g)
+    g_ent = torch.randn(shape, generator=g)
+    return logits, targets, g_lp, g_ent
+
+
+def run_all(logits, targets, g_lp, g_ent, temperature, fn):
+    """fn(x) -> (logp, ent); returns logp, ent, dlogits of sum(g_lp*logp + g_ent*ent)."""
+    x = logits.detach().clone().requires_grad_(True)
+    logp, ent = fn(x)
+    (g_lp * logp + g_ent * ent).sum().backward()
+    return logp.detach(), ent.detach(), x.grad
+
+
+def check_against_float64(logits, targets, g_lp, g_ent, temperature, grad_floor=2.0 ** -21,
+                          label=""):
+    ours = run_all(logits, targets, g_lp, g_ent, temperature, lambda x: logprobs(
+        x, targets, temperature=temperature, return_entropy=True))
+    plain = run_all(logits, targets, g_lp, g_ent, temperature,
+                    lambda x: reference(x, targets, temperature))
+    ref = run_all(logits.double(), targets, g_lp.double(), g_ent.double(), temperature,
+                  lambda x: reference(x, targets, temperature))
+    assert ours[0].dtype == torch.float32 and ours[1].dtype == torch.float32
+    assert ours[2].dtype == logits.dtype
+    errs = [error_vs(o, p, r, f"{label} {what}", floor)
+            for o, p, r, what, floor in zip(ours, plain, ref, ("logp", "entropy", "dlogits"),
+                                            (2.0 ** -21, 2.0 ** -21, grad_floor))]
+    print(f"\n{label}: " + ", ".join(f"{w} err {e:.2e} (plain {p:.2e})" for w, (e, p) in
+                                     zip(("logp", "entropy", "dlogits"), errs)))
+    return ours
+
+
+# ----------------------------------------------------------------------------- torch path
+
+TORCH_CASES = [
+    # (leading shape, V, dtype, temperature, logit scale)
+    ((1,), 1, torch.float32, 1.0, 1.0),
+    ((7,), 31, torch.float32, 0.7, 1.0),
+    ((7,), 31, torch.bfloat16, 1.3, 1.0),
+    ((513,), 31, torch.float32, 1.3, 3.0),
+    ((513,), 31, torch.bfloat16, 0.7, 3.0),
+    ((1,), 50257, torch.bfloat16, 1.0, 1.0),
+    ((7,), 50257, torch.float32, 0.7, 1e4),
+    ((3, 171), 50257, torch.bfloat16, 1.3, 1e4),
+    ((513,), 50257, torch.float32, 1.0, 2.0),
+]
+
+
+@pytest.mark.parametrize("shape,vocab,dtype,temperature,scale", TORCH_CASES)
+def test_torch_path_matches_float64(torch_backend, shape, vocab, dtype, temperature, scale):
+    logits, targets, g_lp, g_ent = make_inputs(shape, vocab, dtype, scale)
+    check_against_float64(logits, targets, g_lp, g_ent, temperature,
+                          label=f"torch {shape} V={vocab} {dtype} T={temperature} x{scale:g}")
+
+
+def test_torch_path_chunks_rows(torch_backend, monkeypatch):
+    # Several row chunks, the last one partial: the chunk loop must cover every row exactly once.
+    monkeypatch.setattr(K, "_TORCH_CHUNK_ELEMENTS", 3 * 31)
+    logits, targets, g_lp, g_ent = make_inputs((50,), 31, torch.float32, 2.0)
+    check_against_float64(logits, targets, g_lp, g_ent, 0.7, label="torch chunked")
+
+
+# ----------------------------------------------------------------------------- Triton path
+
+TRITON_CASES = [
+    ((1,), 1, torch.float32, 1.0, 1.0),
+    ((7,), 31, torch.bfloat16, 0.7, 1.0),
+    ((2, 3), 300, torch.float32, 1.3, 1e4),
+    ((5,), 300, torch.bfloat16, 1.3, 3.0),
+]
+
+
+@pytest.mark.parametrize("shape,vocab,dtype,temperature,scale", TRITON_CASES)
+def test_triton_kernels_match_float64(triton_backend, monkeypatch, shape, vocab, dtype,
+                                      temperature, scale):
+    # 64-column blocks so V = 300 walks five blocks, the last partial: exercises the online merge.
+    monkeypatch.setattr(K, "BLOCK_V", 64)
+    logits, targets, g_lp, g_ent = make_inputs(shape, vocab, dtype, scale)
+    # The Triton interpreter truncates fp32 -> bf16 (the GPU rounds to nearest): one bf16 ulp of
+    # slack for the bf16 gradient instead of half of one.
+    floor = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -21
+    check_against_float64(logits, targets, g_lp, g_ent, temperature, grad_floor=floor,
+                          label=f"triton {shape} V={vocab} {dtype} T={temperature} x{scale:g}")
+
+
+@pytest.mark.parametrize("backend", ["torch_backend", "triton_backend"])
+def test_all_ignored_rows_give_zero_and_no_grad(request, backend):
+    request.getfixturevalue(backend)
+    x = torch.randn(4, 37, requires_grad=True)
+    targets = torch.full((4,), IGNORE)
+    logp, ent = logprobs(x, targets, return_entropy=True)
+    assert torch.equal(logp, torch.zeros(4)) and torch.equal(ent, torch.zeros(4))
+    (logp.sum() + ent.sum()).backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("backend", ["torch_backend", "triton_backend"])
+def test_masked_vocabulary_entries_stay_finite(request, backend, monkeypatch):
+    # -inf logits (a banned token range, here the whole first kernel block) must not make NaNs.
+    request.getfixturevalue(backend)
+    monkeypatch.setattr(K, "BLOCK_V", 16)
+    logits, targets, g_lp, g_ent = make_inputs((6,), 40, torch.float32, 1.0, ignore_frac=0.0)
+    logits[:, :20] = -float("inf")
+    targets = 20 + targets % 20
+    ours = check_against_float64(logits, targets, g_lp, g_ent, 1.0, label=f"{backend} -inf")
+    assert all(torch.isfinite(t).all() for t in ours)
+
+
+def test_custom_ignore_index_and_entropy_only_grad(torch_backend):
+    x = torch.randn(5, 9, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([0, -1, 8, -1, 3])
+    _, ent = logprobs(x, targets, ignore_index=-1, return_entropy=True)
+    ent.sum().backward()
+    ref_x = x.detach().clone().requires_grad_(True)
+    reference(ref_x, targets, 1.0, -1)[1].sum().backward()
+    torch.testing.assert_close(x.grad, ref_x.grad)
+    assert torch.equal(x.grad[1], torch.zeros(9))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_bad_inputs_raise_clear_errors():
+    x = torch.randn(3, 10)
+    with pytest.raises(ValueError, match=r"targets\[1\].*outside the vocabulary \[0, 10\)"):
+        logprobs(x, torch.tensor([0, 10, 2]))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        logprobs(x, torch.tensor([0, -5, 2]))
+    with pytest.raises(ValueError, match="targets has shape"):
+        logprobs(x, torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match="int64"):
+        logprobs(x, torch.tensor([0.0, 1.0, 2.0]))
+    with pytest.raises(TypeError, match="logits must be a floating-point"):
+        logprobs(torch.ones(3, 10, dtype=torch.int64), torch.tensor([0, 1, 2]))
+    for bad_t in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            logprobs(x, torch.tensor([0, 1, 2]), temperature=bad_t)
+    with pytest.raises(ValueError, match="V >= 1"):
+        logprobs(torch.randn(3, 0), torch.tensor([0, 1, 2]))
+
+
+def test_target_check_can_be_disabled_and_kernel_gives_nan(triton_backend, monkeypatch):
+    monkeypatch.setenv("NEMOKERN_CHECK_TARGETS", "0")
+    logp = logprobs(torch.randn(2, 10), torch.tensor([3, 12]))
+    assert torch.isfinite(logp[0]) and torch.isnan(logp[1])
+
+
+# ----------------------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,vocab,dtype", [(2048, 128256, torch.bfloat16),
+                                           (513, 50257, torch.float32),
+                                           (4096, 32000, torch.bfloat16)])
+def test_triton_on_cuda_real_shapes(n, vocab, dtype):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits = (torch.randn(n, vocab, device="cuda", generator=g) * 4).to(dtype)
+    targets = torch.randint(0, vocab, (n,), device="cuda", generator=g)
+    targets[::5] = IGNORE
+    g_lp = torch.randn(n, device="cuda", generator=g)
+    g_ent = torch.randn(n, device="cuda", generator=g)
+    ours = run_all(logits, targets, g_lp, g_ent, 0.7, lambda x: logprobs(
+        x, targets, temperature=0.7, return_entropy=True))
+    plain = run_all(logits, targets, g_lp, g_ent, 0.7, lambda x: reference(x, targets, 0.7))
+    ref = run_all(logits.double(), targets, g_lp.double(), g_ent.double(), 0.7,
+                  lambda x: reference(x, targets, 0.7))
+    for o, p, r, what in zip(ours, plain, ref, ("logp", "entropy", "dlogits")):
+        print(what, error_vs(o, p, r, f"cuda {n}x{vocab} {dtype} {what}"))
