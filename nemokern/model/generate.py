@@ -68,7 +68,7 @@ def generate(model, prompts: Sequence[Sequence[int] | torch.Tensor], *, max_new_
         if int(r.min()) < 0 or int(r.max()) >= model.config.vocab_size:
             raise ValueError(f"prompts[{i}] has token ids outside [0, vocab_size={model.config.vocab_size})")
     b, plen = len(rows), max(r.numel() for r in rows)
-    ids = torch.full((b, plen), pad_id, dtype=torch.long)
+    ids = torch.zeros(b, plen, dtype=torch.long)  # left padding: token 0, never attended to
     valid = torch.zeros(b, plen, dtype=torch.bool)
     for i, r in enumerate(rows):
         ids[i, plen - r.numel():] = r
@@ -98,7 +98,9 @@ def generate(model, prompts: Sequence[Sequence[int] | torch.Tensor], *, max_new_
             # One host sync per step: stop early once every row has ended.
             if step + 1 == max_new_tokens or bool(done.all()):
                 break
-            logits = model(tok[:, None], position_ids=next_pos, cache=cache)[:, -1]
+            # Finished rows keep stepping (the batch stays rectangular) on a harmless token 0.
+            feed = torch.where(done, 0, tok)
+            logits = model(feed[:, None], position_ids=next_pos, cache=cache)[:, -1]
             next_pos = next_pos + 1
     finally:
         model.train(was_training)

@@ -1,0 +1,126 @@
+"""KV-cache generation: cache == full forward, ragged batch == alone, sampling options, EOS."""
+import pytest
+import torch
+
+from nemokern.model import Llama, LlamaConfig, generate, sample_next
+from test_model_utils import CASES, nemokern_from_hf, random_hf_model
+
+PROMPTS = [[5, 9, 2, 77, 31], [8], [100, 3, 3, 250, 17, 6, 90, 12, 44]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Llama(LlamaConfig.tiny(vocab_size=257)).eval()
+
+
+def _greedy_without_cache(model, prompt, n):
+    ids, out = torch.tensor([prompt]), []
+    for _ in range(n):
+        nxt = model(ids)[0, -1].argmax()
+        out.append(int(nxt))
+        ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+    return out
+
+
+@torch.no_grad()
+def test_greedy_with_cache_equals_full_forward_argmax(model):
+    res = generate(model, PROMPTS, max_new_tokens=12, greedy=True, eos_token_id=[])
+    assert res.tokens.shape == (3, 12) and res.lengths.tolist() == [12, 12, 12]
+    assert not res.ended_with_eos.any()
+    for i, p in enumerate(PROMPTS):
+        assert res.tokens[i].tolist() == _greedy_without_cache(model, p, 12), i
+
+
+@torch.no_grad()
+def test_ragged_batch_equals_each_prompt_alone(model):
+    batch = generate(model, PROMPTS, max_new_tokens=10, temperature=0, eos_token_id=[])
+    for i, p in enumerate(PROMPTS):
+        alone = generate(model, [p], max_new_tokens=10, temperature=0, eos_token_id=[])
+        assert torch.equal(batch.tokens[i], alone.tokens[0]), i
+
+
+def test_greedy_matches_transformers_generate():
+    hf = random_hf_model(**CASES["gqa_llama3_untied"])
+    ours = generate(nemokern_from_hf(hf), [PROMPTS[0]], max_new_tokens=8, greedy=True, eos_token_id=[])
+    theirs = hf.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                         pad_token_id=0)
+    assert ours.tokens[0].tolist() == theirs[0, len(PROMPTS[0]):].tolist()
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(model):
+    def run(seed):
+        g = torch.Generator().manual_seed(seed)
+        return generate(model, PROMPTS, max_new_tokens=15, temperature=1.3, top_p=0.95, top_k=50,
+                        generator=g, eos_token_id=[]).tokens
+
+    assert torch.equal(run(1), run(1))
+    assert not torch.equal(run(1), run(2))
+
+
+def test_top_k_1_equals_greedy(model):
+    greedy = generate(model, PROMPTS, max_new_tokens=8, greedy=True, eos_token_id=[])
+    topk1 = generate(model, PROMPTS, max_new_tokens=8, temperature=5.0, top_k=1, eos_token_id=[],
+                     generator=torch.Generator().manual_seed(0))
+    assert torch.equal(greedy.tokens, topk1.tokens)
+
+
+def test_eos_stops_each_row_and_pads_after(model):
+    free = generate(model, PROMPTS, max_new_tokens=10, greedy=True, eos_token_id=[])
+    eos = int(free.tokens[0, 3])  # row 0 emits this at step 3 (or earlier)
+    res = generate(model, PROMPTS, max_new_tokens=10, greedy=True, eos_token_id=eos, pad_id=-1)
+    for i in range(3):
+        row = free.tokens[i].tolist()
+        n = row.index(eos) + 1 if eos in row else 10
+        assert res.lengths[i] == n and bool(res.ended_with_eos[i]) == (eos in row)
+        assert res.tokens[i, :n].tolist() == row[:n]
+        assert (res.tokens[i, n:] == -1).all()
+    assert res.lengths[0] <= 4 and res.ended_with_eos[0]
+    assert res.tokens.shape[1] == int(res.lengths.max())
+
+
+def test_eos_defaults_to_config_and_accepts_a_set():
+    torch.manual_seed(0)
+    m = Llama(LlamaConfig.tiny(vocab_size=257)).eval()
+    first = generate(m, [PROMPTS[1]], max_new_tokens=5, greedy=True, eos_token_id=[]).tokens[0, 0].item()
+    m.config.eos_token_id = [1000, first]
+    res = generate(m, [PROMPTS[1]], max_new_tokens=5, greedy=True)
+    assert res.lengths.tolist() == [1] and res.ended_with_eos.tolist() == [True]
+    res = generate(m, [PROMPTS[1]], max_new_tokens=5, greedy=True, eos_token_id={first, 3})
+    assert res.lengths.tolist() == [1]
+
+
+def test_sample_next_top_k_and_top_p_support():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(4000, 1)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample_next(logits, top_k=2, generator=g).tolist()) == {0, 1}
+    # top_p=0.7: 0.5 alone is short of 0.7, 0.5 + 0.3 reaches it -> tokens {0, 1}
+    assert set(sample_next(logits, top_p=0.7, generator=g).tolist()) == {0, 1}
+    assert set(sample_next(logits, top_p=0.81, generator=g).tolist()) == {0, 1, 2}
+    assert set(sample_next(logits, top_p=0.01, generator=g).tolist()) == {0}
+    # temperature 1, no truncation: frequencies follow the distribution
+    freq = torch.bincount(sample_next(logits, generator=g), minlength=4).float() / 4000
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03)
+
+
+def test_generate_restores_training_mode(model):
+    model.train()
+    generate(model, PROMPTS[:1], max_new_tokens=2, greedy=True)
+    assert model.training
+    model.eval()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prompts=[]), "prompts is empty"),
+    (dict(prompts=[[]]), r"prompts\[0\] is empty"),
+    (dict(prompts=[[1, 500]]), "outside"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_k=0), "top_k"),
+    (dict(top_p=0.0), "top_p"),
+])
+def test_bad_options_raise(model, kwargs, match):
+    args = dict(prompts=PROMPTS, max_new_tokens=3)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        generate(model, args.pop("prompts"), **args)
