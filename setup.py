@@ -32,6 +32,8 @@ NVCC = find_nvcc()
 CUDA_HOME = NVCC.parent.parent if NVCC else None
 CU_SOURCES = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cu"))
 CPP_SOURCES = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.cpp"))
+# every csrc file: a changed header or .cu must relink the extension, not only a changed .cpp
+DEPENDS = sorted(str(p.relative_to(ROOT)) for p in CSRC.iterdir() if p.is_file())
 
 
 class BuildExt(build_ext):
@@ -43,7 +45,10 @@ class BuildExt(build_ext):
             tmp = Path(self.build_temp) / "cuda"
             tmp.mkdir(parents=True, exist_ok=True)
             archs = os.environ.get("NEMOKERN_CUDA_ARCHS", "80;90").split(";")
-            gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
+            archs = [a for a in archs if a]
+            gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+            # PTX of the newest arch too, so newer GPUs can JIT it instead of failing to load
+            gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
             for src in CU_SOURCES:
                 obj = tmp / (Path(src).stem + ".o")
                 cmd = [str(NVCC), "-c", src, "-o", str(obj), "-O3", "-std=c++17",
@@ -70,6 +75,7 @@ setup(
         Pybind11Extension(
             "nemokern._C",
             CPP_SOURCES,
+            depends=DEPENDS,
             define_macros=macros,
             include_dirs=include_dirs,
             library_dirs=library_dirs,

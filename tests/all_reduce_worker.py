@@ -10,6 +10,7 @@ import importlib
 import os
 import sys
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -86,7 +87,7 @@ def check_once(numel, dtype, seed, world, rank):
 
 
 def scenario_correctness(rank, world):
-    comm = ar._state(None).shm_comm()  # WORLD: default chunk (4 MiB), one-shot up to 256 KiB
+    comm = ar._state(None).comm("shm", None)  # WORLD: default chunk (4 MiB), one-shot up to 256 KiB
     sizes = [1, 2, 3, 15, 16, 17, 63, 1000, 4097, 65537, 65536 + world, 262143, 1_000_003,
              1_572_869]  # the last: 6 MiB of fp32 = two chunks of reduce-scatter + all-gather
     for dtype in DTYPES:
@@ -99,7 +100,7 @@ def scenario_correctness(rank, world):
     os.environ["NEMOKERN_SHM_CHUNK_BYTES"] = "4096"
     os.environ["NEMOKERN_ALLREDUCE_ONE_SHOT_BYTES"] = "1024"
     small = dist.new_group(list(range(world)))
-    small_comm = ar._state(small).shm_comm()
+    small_comm = ar._state(small).comm("shm", None)
     assert small_comm.chunk_bytes == 4096
     for dtype in DTYPES:
         for i, n in enumerate([5, 255, 256, 257, 1023, 1025, 4097, 30001]):
@@ -141,6 +142,40 @@ def scenario_correctness(rank, world):
     os.environ.pop("NEMOKERN_CUSTOM_ALLREDUCE")
     assert comm.steps == steps, "a fallback case went through the custom path"
     print("OK fallbacks", flush=True)
+
+    # a workspace that cannot be set up: every rank warns and falls back together
+    os.environ["NEMOKERN_SHM_CHUNK_BYTES"] = "100"
+    broken = dist.new_group(list(range(world)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        x = all_reduce(torch.ones(7), group=broken)
+    assert torch.equal(x, torch.full((7,), float(world)))
+    assert any("chunk_bytes" in str(w.message) for w in caught), [str(w.message) for w in caught]
+    os.environ.pop("NEMOKERN_SHM_CHUNK_BYTES")
+    print("OK setup failure falls back", flush=True)
+
+
+def scenario_cuda(rank, world):
+    """All ranks share GPU 0 through CUDA IPC (the gpu-marked test)."""
+    torch.cuda.set_device(0)
+    for dtype in DTYPES:
+        for i, n in enumerate([1, 3, 17, 1000, 4097, 65537, 1_000_003]):  # last: two-shot
+            xs = inputs(n, dtype, world, seed=200 + i)
+            got = all_reduce(xs[rank].cuda()).cpu()
+            assert torch.equal(got, fixed_order_sum(xs)), f"cuda numel={n} {dtype}"
+            same_on_all_ranks(got)
+    buf = torch.zeros(1001, device="cuda")  # a view 4 bytes past an aligned address
+    xs = inputs(1000, torch.float32, world, seed=300)
+    buf[1:] = xs[rank].cuda()
+    all_reduce(buf[1:])
+    assert torch.equal(buf[1:].cpu(), fixed_order_sum(xs)), "misaligned output"
+    for it in range(200):
+        xs = inputs(333, torch.bfloat16, world, seed=400 + it)
+        assert torch.equal(all_reduce(xs[rank].cuda()).cpu(), fixed_order_sum(xs)), f"loop {it}"
+    comm = ar._state(None).comm("cuda", torch.device("cuda", 0))
+    assert comm is not None and comm.error_code() == 0
+    dist.barrier()
+    print("OK cuda", flush=True)
 
 
 def scenario_timeout(rank, world):

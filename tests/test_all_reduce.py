@@ -149,6 +149,15 @@ def test_bad_environment_is_named(monkeypatch):
         max_custom_bytes()
 
 
+@pytest.mark.skipif(not getattr(_C, "with_cuda", False), reason="extension built without CUDA")
+def test_cuda_backend_without_a_device_raises_a_clear_error():
+    if _C.cuda_device_count() > 0:
+        pytest.skip("a GPU is present")
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        _C.CudaAllReduce(rank=0, world_size=2, device=0, buffer_bytes=1 << 20, timeout_s=1.0,
+                         one_shot_max_bytes=1 << 18)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not getattr(_C, "with_cuda", False), reason="extension built without CUDA")
 def test_cuda_ipc_two_processes_share_one_gpu():

@@ -23,11 +23,13 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import warnings
 
 import torch
 import torch.distributed as dist
 
 MiB = 1 << 20
+CUDA_MAX_RANKS = 8  # csrc/cuda_allreduce.cu: one node
 SHM_PREFIX = "nemokern_ar_"
 _DEFAULTS = {
     "NEMOKERN_ALLREDUCE_MAX_BYTES": 16 * MiB,
@@ -97,6 +99,10 @@ def cleanup_stale_segments(shm_dir: str = "/dev/shm") -> list[str]:
     return removed
 
 
+class _SetupFailed(RuntimeError):
+    pass
+
+
 class _GroupState:
     """What one process group needs, created collectively at its first custom all-reduce."""
 
@@ -105,8 +111,7 @@ class _GroupState:
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         self._single_host = None
-        self.shm = None
-        self.cuda = None
+        self._comms = {}
 
     def single_host(self) -> bool:
         if self._single_host is None:  # collective, once per group
@@ -122,12 +127,26 @@ class _GroupState:
         bad = [(r, e) for r, e in enumerate(errors) if e]
         if bad:
             r, e = bad[0]
-            raise RuntimeError(f"nemokern all_reduce: workspace setup failed on rank {r}: {e}")
+            raise _SetupFailed(f"rank {r}: {e}")
 
-    def shm_comm(self):
-        if self.shm is None:
-            self.shm = self._make_shm()
-        return self.shm
+    def comm(self, kind: str, device: torch.device):
+        """The workspace of `kind` ("shm" or "cuda"), set up at first use; None if that failed.
+
+        A failed setup is agreed on by all ranks (they all see every rank's error), so they
+        all fall back to torch.distributed together, with a warning, from then on.
+        """
+        if kind not in self._comms:
+            try:
+                self._comms[kind] = self._make_shm() if kind == "shm" else self._make_cuda(device)
+            except _SetupFailed as exc:
+                warnings.warn(
+                    f"nemokern all_reduce: {kind} workspace setup failed on {exc}; "
+                    "this group uses torch.distributed.all_reduce instead",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                self._comms[kind] = None
+        return self._comms[kind]
 
     def _make_shm(self):
         from nemokern import _C
@@ -151,7 +170,7 @@ class _GroupState:
                 box[0] = f"error: {exc}"
         dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0), group=self.group)
         if box[0].startswith("error: "):
-            raise RuntimeError(f"nemokern all_reduce: rank 0 could not create the workspace: {box[0][7:]}")
+            raise _SetupFailed(f"rank 0: {box[0][7:]}")
         if self.rank != 0:
             try:
                 comm = _C.ShmAllReduce(box[0], create=False, **args)
@@ -163,11 +182,6 @@ class _GroupState:
             if comm is not None:
                 comm.unlink()  # every rank mapped it (or setup failed): drop the name now
         return comm
-
-    def cuda_comm(self, device: torch.device):
-        if self.cuda is None:
-            self.cuda = self._make_cuda(device)
-        return self.cuda
 
     def _make_cuda(self, device):
         from nemokern import _C
@@ -228,9 +242,9 @@ def _custom_comm(tensor: torch.Tensor, group):
     else:
         return None
     st = _state(group)
-    if st.world == 1 or not st.single_host():
+    if st.world == 1 or (kind == "cuda" and st.world > CUDA_MAX_RANKS) or not st.single_host():
         return None
-    return st.shm_comm() if kind == "shm" else st.cuda_comm(tensor.device)
+    return st.comm(kind, tensor.device)
 
 
 def _extension():
