@@ -32,12 +32,13 @@ def hf_config(**overrides) -> HFConfig:
 def random_hf_model(seed=0, dtype=torch.float32, **overrides) -> LlamaForCausalLM:
     """A random HF Llama; norm weights randomised too so that a missed norm cannot hide."""
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(hf_config(**overrides)).to(dtype).eval()
+    model = LlamaForCausalLM(hf_config(**overrides)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
-    return model
+    # Randomise in fp32, then convert: the same seed gives the same (rounded) weights in every dtype.
+    return model.to(dtype)
 
 
 def nemokern_from_hf(hf: LlamaForCausalLM, dtype=None) -> Llama:
