@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nemokern.kernels.reward_head import cast_to  # rounds bf16 like the GPU, interpreted too
+
 ESTIMATORS = ("k1", "abs", "k2", "k3")
 _BLOCK = 1024
 
@@ -126,7 +128,7 @@ def _sequence_kl_bwd(grad_kl_ptr, scale_ptr, logp_ptr, ref_ptr, mask_ptr, cu_ptr
         lp = tl.load(logp_ptr + idx, mask=inside, other=0.0).to(tl.float32)
         ref = tl.load(ref_ptr + idx, mask=inside, other=0.0).to(tl.float32)
         d = tl.where(m != 0, (g * m) * _estimate_grad(lp, ref, ESTIMATOR), 0.0)
-        tl.store(grad_ptr + idx, d.to(grad_ptr.dtype.element_ty), mask=inside)
+        tl.store(grad_ptr + idx, cast_to(d, grad_ptr.dtype.element_ty), mask=inside)
 
 
 def _kernel_mask(mask):
@@ -162,9 +164,9 @@ def sequence_kl_backward_triton(grad_kl, scale, logp, ref, mask, cu_seqlens, est
     grad = torch.zeros_like(logp) if packed else torch.empty_like(logp)
     cu = cu_seqlens if packed else _no_offsets(logp.device)
     if n_seq > 0:
-        _sequence_kl_bwd[(n_seq,)](grad_kl.float().contiguous(), scale, logp, ref, _kernel_mask(mask),
-                                   cu, grad, seq_len, ESTIMATOR=estimator, PACKED=packed,
-                                   BLOCK=_BLOCK)
+        _sequence_kl_bwd[(n_seq,)](grad_kl.float().contiguous(), scale, logp, ref,
+                                   _kernel_mask(mask), cu, grad, seq_len, ESTIMATOR=estimator,
+                                   PACKED=packed, BLOCK=_BLOCK)
     return grad
 
 
