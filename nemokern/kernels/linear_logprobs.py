@@ -49,7 +49,7 @@ def linear_stats_torch(hidden, weight, targets, inv_t, vocab_start=0):
     out = torch.empty(n, 4, dtype=torch.float32, device=hidden.device)
     step = _token_chunk(n, v)
     for i in range(0, n, step):
-        z = (hidden[i:i + step] @ weight.t()).float() * inv_t
+        z = (hidden[i:i + step] @ weight.t()).float().mul_(inv_t)
         out[i:i + step] = block_stats_torch(z, targets[i:i + step], vocab_start)
     return out.unsqueeze(0)
 
@@ -64,7 +64,7 @@ def linear_backward_torch(hidden, weight, targets, norm, entropy, g_lp, g_ent, i
     step = _token_chunk(n, v)
     for i in range(0, n, step):
         sl = slice(i, i + step)
-        z = (hidden[sl] @ weight.t()).float() * inv_t
+        z = (hidden[sl] @ weight.t()).float().mul_(inv_t)
         dz = block_dlogits_torch(z, targets[sl], norm[sl], entropy[sl], g_lp[sl], g_ent[sl],
                                  inv_t, vocab_start).to(hidden.dtype)
         dh[sl] = dz @ weight

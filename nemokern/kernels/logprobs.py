@@ -65,38 +65,47 @@ def _row_chunk(n_rows, n_cols):
 
 # ----------------------------------------------------------------------------- torch reference
 
+def _target_columns(targets, vocab_start, width):
+    """Local column of each row's target in a block, and whether the block holds it."""
+    local = targets - vocab_start
+    inside = (local >= 0) & (local < width)
+    return torch.where(inside, local, 0).unsqueeze(-1), inside
+
+
 def block_stats_torch(z, targets, vocab_start=0):
-    """Partial statistics of one block of scaled logits.
+    """Partial statistics of one block of scaled logits; z is overwritten (it is a scratch
+    buffer: the CPU path's memory is two blocks, not a handful).
 
     z [C, Vb] float32 (already divided by T), targets [C] int64 global ids; the block holds
     vocabulary ids [vocab_start, vocab_start + Vb). Returns [C, 4] float32.
     """
+    col, inside = _target_columns(targets, vocab_start, z.shape[-1])
+    zt = torch.where(inside, z.gather(-1, col).squeeze(-1), 0.0)
     m = z.max(dim=-1, keepdim=True).values
-    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = torch.exp(z - m_safe)
+    z.sub_(torch.where(torch.isfinite(m), m, 0.0))
+    e = torch.exp(z)
     s = e.sum(-1)
     # e * (z - m) is 0 * -inf = nan at masked (-inf) logits; their contribution is 0.
-    t = torch.where(e > 0, e * (z - m_safe), torch.zeros_like(e)).sum(-1)
-    local = targets - vocab_start
-    inside = (local >= 0) & (local < z.shape[-1])
-    zt = z.gather(-1, torch.where(inside, local, 0).unsqueeze(-1)).squeeze(-1)
-    zt = torch.where(inside, zt, torch.zeros_like(zt))
+    t = e.mul_(z).nan_to_num_(nan=0.0).sum(-1)
     return torch.stack([m.squeeze(-1), s, t, zt], dim=-1)
 
 
 def block_dlogits_torch(z, targets, norm, entropy, g_lp, g_ent, inv_t, vocab_start=0):
-    """d(loss)/d(logits) of one block: z [C, Vb] float32 scaled logits, targets [C] global ids,
-    norm [C, 2] / entropy [C] global row statistics, g_lp/g_ent [C] float32 upstream grads (already zero on
-    ignored rows). Returns [C, Vb] float32."""
-    logp_all = (z - norm[:, :1]) - norm[:, 1:]
+    """d(loss)/d(logits) of one block; z is overwritten.
+
+    z [C, Vb] float32 scaled logits, targets [C] global ids, norm [C, 2] / entropy [C] global row
+    statistics, g_lp / g_ent [C] float32 upstream grads (already zero on ignored rows).
+    Returns [C, Vb] float32 (z's storage or p's).
+    """
+    logp_all = z.sub_(norm[:, :1]).sub_(norm[:, 1:])
     p = torch.exp(logp_all)
-    coef = g_lp.unsqueeze(-1) + g_ent.unsqueeze(-1) * (logp_all + entropy.unsqueeze(-1))
-    dz = torch.where(p > 0, -p * coef, torch.zeros_like(p))
-    local = targets - vocab_start
-    inside = (local >= 0) & (local < z.shape[-1])
-    dz.scatter_add_(-1, torch.where(inside, local, 0).unsqueeze(-1),
-                    torch.where(inside, g_lp, torch.zeros_like(g_lp)).unsqueeze(-1))
-    return dz * inv_t
+    coef = logp_all.add_(entropy.unsqueeze(-1)).mul_(g_ent.unsqueeze(-1)).add_(
+        g_lp.unsqueeze(-1))
+    # p = 0 where coef is +-inf or nan (masked logits, ignored rows): their gradient is 0.
+    dz = p.mul_(coef).neg_().nan_to_num_(nan=0.0)
+    col, inside = _target_columns(targets, vocab_start, z.shape[-1])
+    dz.scatter_add_(-1, col, torch.where(inside, g_lp, 0.0).unsqueeze(-1))
+    return dz.mul_(inv_t)
 
 
 def logprobs_stats_torch(logits, targets, inv_t):

@@ -1,0 +1,172 @@
+"""nemokern.ops.linear_logprobs against a float64 reference (logits = hidden @ weight.T, then
+log-softmax): torch path on awkward big shapes, Triton kernels interpreted on small ones; forward
+and backward (hidden and weight) for log-probs and entropy; peak memory of the CPU path.
+
+Accuracy rule as in test_logprobs.py: at most 2x the error of plain PyTorch in the input dtype
+(matmul + log_softmax + gather), plus a floor of a few fp32 ulps.
+"""
+import importlib.util
+import os
+
+import pytest
+import torch
+
+import nemokern.kernels.linear_logprobs as L
+from nemokern.ops import linear_logprobs
+from test_logprobs import IGNORE, error_vs, reference
+
+
+def make_inputs(shape, hidden_size, vocab, dtype, scale, ignore_frac=0.25, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(*shape, hidden_size, generator=g) * scale).to(dtype)
+    weight = (torch.randn(vocab, hidden_size, generator=g) / hidden_size ** 0.5).to(dtype)
+    targets = torch.randint(0, vocab, shape, generator=g)
+    targets[torch.rand(shape, generator=g) < ignore_frac] = IGNORE
+    return hidden, weight, targets, torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+
+
+def run_all(hidden, weight, g_lp, g_ent, fn):
+    h = hidden.detach().clone().requires_grad_(True)
+    w = weight.detach().clone().requires_grad_(True)
+    logp, ent = fn(h, w)
+    (g_lp * logp + g_ent * ent).sum().backward()
+    return logp.detach(), ent.detach(), h.grad, w.grad
+
+
+def check_against_float64(hidden, weight, targets, g_lp, g_ent, temperature,
+                          grad_floor=2.0 ** -21, label=""):
+    ours = run_all(hidden, weight, g_lp, g_ent, lambda h, w: linear_logprobs(
+        h, w, targets, temperature=temperature, return_entropy=True))
+    plain = run_all(hidden, weight, g_lp, g_ent,
+                    lambda h, w: reference(h @ w.t(), targets, temperature))
+    ref = run_all(hidden.double(), weight.double(), g_lp.double(), g_ent.double(),
+                  lambda h, w: reference(h @ w.t(), targets, temperature))
+    assert ours[2].dtype == hidden.dtype and ours[3].dtype == weight.dtype
+    names = ("logp", "entropy", "dhidden", "dweight")
+    floors = (2.0 ** -21, 2.0 ** -21, grad_floor, grad_floor)
+    errs = [error_vs(o, p, r, f"{label} {n}", f)
+            for o, p, r, n, f in zip(ours, plain, ref, names, floors)]
+    print(f"\n{label}: " + ", ".join(f"{n} err {e:.2e} (plain {p:.2e})"
+                                     for n, (e, p) in zip(names, errs)))
+    return ours
+
+
+TORCH_CASES = [
+    # (leading shape, H, V, dtype, temperature, hidden scale)
+    ((1,), 16, 1, torch.float32, 1.0, 1.0),
+    ((7,), 33, 31, torch.bfloat16, 0.7, 1.0),
+    ((513,), 64, 31, torch.float32, 1.3, 3.0),
+    ((7,), 40, 50257, torch.bfloat16, 1.3, 3.0),
+    ((3, 171), 64, 50257, torch.float32, 0.7, 1.0),
+    ((7,), 64, 50257, torch.float32, 1.0, 1e4),  # logits of magnitude ~1e4
+]
+
+
+@pytest.mark.parametrize("shape,hidden_size,vocab,dtype,temperature,scale", TORCH_CASES)
+def test_torch_path_matches_float64(torch_backend, shape, hidden_size, vocab, dtype,
+                                    temperature, scale):
+    inputs = make_inputs(shape, hidden_size, vocab, dtype, scale)
+    check_against_float64(*inputs, temperature, label=f"torch {shape} H={hidden_size} "
+                          f"V={vocab} {dtype} T={temperature} x{scale:g}")
+
+
+def test_torch_path_token_chunks(torch_backend, monkeypatch):
+    monkeypatch.setattr(L, "_TORCH_CHUNK_ELEMENTS", 4 * 37)  # 4 tokens per chunk, last partial
+    inputs = make_inputs((30,), 20, 37, torch.float32, 2.0)
+    check_against_float64(*inputs, 1.3, label="torch chunked")
+
+
+TRITON_CASES = [
+    ((1,), 16, 1, torch.float32, 1.0, 1.0),
+    ((7,), 40, 300, torch.float32, 0.7, 2.0),
+    ((2, 3), 64, 300, torch.bfloat16, 1.3, 2.0),
+    ((5,), 33, 131, torch.float32, 1.0, 1e4),
+]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("shape,hidden_size,vocab,dtype,temperature,scale", TRITON_CASES)
+def test_triton_kernels_match_float64(triton_backend, monkeypatch, shape, hidden_size, vocab,
+                                      dtype, temperature, scale):
+    # Small tiles, so the interpreter walks several token/vocabulary/H tiles and vocabulary
+    # splits, and a 1-byte chunk budget, so the backward walks many 32-column chunks.
+    for dt in (torch.float32, torch.bfloat16):
+        monkeypatch.setitem(L._CONFIGS, dt, (16, 32, 16, 4, 1))
+    monkeypatch.setattr(L, "_BWD_CHUNK_BYTES", 1)
+    inputs = make_inputs(shape, hidden_size, vocab, dtype, scale)
+    # The interpreter truncates fp32 -> bf16 when storing d(logits) (a GPU rounds to nearest).
+    floor = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -21
+    check_against_float64(*inputs, temperature, grad_floor=floor,
+                          label=f"triton {shape} H={hidden_size} V={vocab} {dtype} "
+                                f"T={temperature} x{scale:g}")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend", ["torch_backend", "triton_backend"])
+def test_all_ignored_and_logprob_only_grad(request, backend):
+    request.getfixturevalue(backend)
+    h = torch.randn(3, 8, requires_grad=True)
+    w = torch.randn(11, 8, requires_grad=True)
+    logp = linear_logprobs(h, w, torch.full((3,), IGNORE))
+    assert torch.equal(logp, torch.zeros(3))
+    logp.sum().backward()
+    assert torch.equal(h.grad, torch.zeros_like(h)) and torch.equal(w.grad, torch.zeros_like(w))
+
+
+def test_bad_inputs_raise_clear_errors():
+    h, w = torch.randn(3, 8), torch.randn(11, 8)
+    with pytest.raises(ValueError, match="must end in H"):
+        linear_logprobs(torch.randn(3, 9), w, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match=r"LM head \[V, H\]"):
+        linear_logprobs(h, torch.randn(2, 11, 8), torch.tensor([0, 1, 2]))
+    with pytest.raises(TypeError, match="hidden.to"):
+        linear_logprobs(h.double(), w, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match=r"targets\[2\].*\[0, 11\)"):
+        linear_logprobs(h, w, torch.tensor([0, 1, 11]))
+    with pytest.raises(ValueError, match="targets has shape"):
+        linear_logprobs(h, w, torch.tensor([[0, 1, 2]]))
+    with pytest.raises(ValueError, match="temperature"):
+        linear_logprobs(h, w, torch.tensor([0, 1, 2]), temperature=-0.5)
+    with pytest.raises(RuntimeError, match="not initialised"):
+        linear_logprobs(h, w, torch.tensor([0, 1, 2]), tp_group=object())
+
+
+def _peak_extra_bytes():
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "_memory.py")
+    spec = importlib.util.spec_from_file_location("_nemokern_bench_memory", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.peak_extra_bytes
+
+
+def test_cpu_peak_memory_does_not_grow_with_n_times_v(torch_backend):
+    """Forward + backward at N = 4096, V = 32000 must stay far below the 524 MB of fp32 logits."""
+    peak_extra_bytes = _peak_extra_bytes()
+    n, hs, v = 4096, 64, 32000
+    h = torch.randn(n, hs, requires_grad=True)
+    w = (torch.randn(v, hs) / 8).requires_grad_(True)
+    targets = torch.randint(0, v, (n,))
+
+    def step():
+        linear_logprobs(h, w, targets).sum().backward()
+
+    _, peak = peak_extra_bytes(step)
+    logits_bytes = n * v * 4
+    print(f"\npeak extra {peak / 2**20:.1f} MiB vs one fp32 logits tensor {logits_bytes / 2**20:.0f} MiB")
+    assert peak < logits_bytes / 4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,hidden_size,vocab,dtype", [(1024, 4096, 128256, torch.bfloat16),
+                                                      (513, 1024, 50257, torch.float32)])
+def test_triton_on_cuda_real_shapes(n, hidden_size, vocab, dtype):
+    hidden, weight, targets, g_lp, g_ent = (
+        t.cuda() for t in make_inputs((n,), hidden_size, vocab, dtype, 1.0))
+    ours = run_all(hidden, weight, g_lp, g_ent, lambda h, w: linear_logprobs(
+        h, w, targets, temperature=0.7, return_entropy=True))
+    plain = run_all(hidden, weight, g_lp, g_ent,
+                    lambda h, w: reference(h @ w.t(), targets, 0.7))
+    ref = run_all(hidden.double(), weight.double(), g_lp.double(), g_ent.double(),
+                  lambda h, w: reference(h @ w.t(), targets, 0.7))
+    for o, p, r, what in zip(ours, plain, ref, ("logp", "entropy", "dhidden", "dweight")):
+        print(what, error_vs(o, p, r, f"cuda {n}x{hidden_size}x{vocab} {dtype} {what}"))
