@@ -154,6 +154,7 @@ def test_hidden_states_entry_points():
     (dict(input_ids=torch.zeros(6, dtype=torch.long), cu_seqlens=torch.tensor([0, 4, 2, 6])), "non-decreasing"),
     (dict(input_ids=torch.zeros(6, dtype=torch.long), cu_seqlens=torch.tensor([0.0, 6.0])), "integer"),
     (dict(input_ids=torch.zeros(1, 6, dtype=torch.long), position_ids=torch.arange(5)), "position_ids"),
+    (dict(input_ids=torch.zeros(1, 6, dtype=torch.long), valid=torch.ones(1, 6, dtype=torch.bool)), "KV cache"),
 ])
 def test_bad_inputs_raise_clear_errors(kwargs, match):
     model = Llama(LlamaConfig.tiny())

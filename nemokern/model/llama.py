@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import AttentionContext, KVCache, attention, cache_mask
 from .config import LlamaConfig
+from .hf import load_pretrained, save_pretrained
 
 
 class RMSNorm(nn.Module):
@@ -162,7 +163,8 @@ class Llama(nn.Module):
         if self._inv_freq.device != x.device:
             self._inv_freq = self._inv_freq.to(x.device)
         cos, sin = rope_cos_sin(pos, self._inv_freq, x.dtype)
-        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled() and cache is None
+        recompute = (self.activation_checkpointing and self.training and torch.is_grad_enabled()
+                     and cache is None)
         for layer in self.layers:
             if recompute:
                 x = checkpoint(layer, x, cos, sin, ctx, use_reentrant=False)
@@ -183,15 +185,16 @@ class Llama(nn.Module):
         elif input_ids.dim() == 2:
             ids = input_ids
         else:
-            raise ValueError(f"input_ids must be [B, T] (or [N] with cu_seqlens); got shape {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"input_ids must be [B, T] (or [N] with cu_seqlens); got shape {tuple(input_ids.shape)}")
         b, t = ids.shape
         ctx = AttentionContext(cache=cache)
         if cu_seqlens is not None:
             if cache is not None or b != 1:
-                raise ValueError(f"packed input (cu_seqlens) needs input_ids [1, N] or [N] and no cache; got {tuple(input_ids.shape)}")
-            cu = _check_cu_seqlens(cu_seqlens, t)
-            lengths = cu[1:] - cu[:-1]
-            ctx.cu_seqlens, ctx.max_seqlen = cu, int(lengths.max())
+                raise ValueError("packed input (cu_seqlens) needs input_ids [1, N] or [N] and no cache; "
+                                 f"got shape {tuple(input_ids.shape)}")
+            cu, ctx.max_seqlen = _check_cu_seqlens(cu_seqlens, t)
+            ctx.cu_seqlens, lengths = cu, cu[1:] - cu[:-1]
             if position_ids is None:
                 starts = torch.repeat_interleave(cu[:-1].long(), lengths.long(), output_size=t)
                 position_ids = torch.arange(t, device=ids.device) - starts
@@ -199,10 +202,16 @@ class Llama(nn.Module):
             start = 0 if cache is None else cache.length
             position_ids = torch.arange(start, start + t, device=ids.device).expand(b, t)
         if position_ids.numel() != b * t or tuple(position_ids.shape) not in ((b, t), (t,) * (b == 1)):
-            raise ValueError(f"position_ids shape {tuple(position_ids.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
+            raise ValueError(f"position_ids shape {tuple(position_ids.shape)} must equal input_ids shape "
+                             f"{tuple(input_ids.shape)}")
         if cache is not None:
             valid = torch.ones(b, t, dtype=torch.bool, device=ids.device) if valid is None else valid
+            if valid.shape != (b, t) or valid.dtype != torch.bool:
+                raise ValueError(f"valid must be a bool tensor of shape {(b, t)}; "
+                                 f"got {valid.dtype} {tuple(valid.shape)}")
             ctx.cache_mask = cache_mask(cache, valid)
+        elif valid is not None:
+            raise ValueError("valid marks padding inside a KV cache; without a cache pass unpadded input_ids")
         return ids, position_ids.reshape(b, t), ctx
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
@@ -214,24 +223,25 @@ class Llama(nn.Module):
     # ---- HF checkpoints (implemented in hf.py) ------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, *, dtype=None, device=None, activation_checkpointing=False) -> "Llama":
-        """Load a local HF Llama directory (config.json + *.safetensors, sharded or not)."""
-        from .hf import load_pretrained
+        """Load a local HF Llama directory (config.json + *.safetensors, sharded or not).
 
+        dtype: torch dtype or name; default the config.json dtype, else float32.
+        """
         return load_pretrained(cls, path, dtype=dtype, device=device,
                                activation_checkpointing=activation_checkpointing)
 
     def save_pretrained(self, path, *, max_shard_size: int | str = "5GB") -> None:
         """Write config.json + safetensors (sharded above max_shard_size) that transformers loads."""
-        from .hf import save_pretrained
-
         save_pretrained(self, path, max_shard_size=max_shard_size)
 
 
 def _check_cu_seqlens(cu_seqlens, n):
+    """cu_seqlens as int32 (what the varlen kernels take) and the longest segment; one host sync."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 \
             or cu_seqlens.dtype.is_floating_point:
         raise ValueError("cu_seqlens must be a 1-D integer tensor [S + 1] of segment offsets (0, ..., N)")
-    cu = cu_seqlens.to(torch.int32)
-    if int(cu[0]) != 0 or int(cu[-1]) != n or bool((cu[1:] < cu[:-1]).any()):
-        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at N={n}; got {cu_seqlens.tolist()}")
-    return cu
+    bounds = cu_seqlens.tolist()
+    lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+    if bounds[0] != 0 or bounds[-1] != n or min(lengths) < 0:
+        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at N={n}; got {bounds}")
+    return cu_seqlens.to(torch.int32), max(lengths)
