@@ -1,0 +1,23 @@
+"""Losses and advantage estimators of the recipe (recipe.md sections 1-2). One implementation each;
+the trainers and the demo call these. Must never import nemokern.cli.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def rloo_advantages(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """REINFORCE leave-one-out advantages.
+
+    scores [P, k]: the KL-regularised reward R of each of k samples of P prompts.
+    valid [P, k] bool: the sample ended properly with EOS.
+    Returns [P, k]: R minus the mean R of the OTHER valid samples of the same prompt; 0 for
+    invalid samples and for every sample of a prompt with at most one valid sample.
+    """
+    if scores.dim() != 2 or valid.shape != scores.shape:
+        raise ValueError(f"scores and valid must both be [P, k]; got {tuple(scores.shape)} and {tuple(valid.shape)}")
+    valid = valid.bool()
+    v = valid.to(scores.dtype)
+    n = v.sum(-1, keepdim=True)
+    others = ((scores * v).sum(-1, keepdim=True) - scores * v) / (n - v).clamp(min=1)
+    return torch.where(valid & (n > 1), scores - others, torch.zeros_like(scores))
