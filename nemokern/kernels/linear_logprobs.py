@@ -106,6 +106,8 @@ def _linear_stats_kernel(h_ptr, w_ptr, tgt_ptr, parts_ptr, N, V, H, stride_h, st
     split = tl.program_id(1)
     rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     tgt = tl.load(tgt_ptr + rows, mask=rows < N, other=-1) - vocab_start
+    # A target beyond this weight (another shard's) must not match a padding column of a tile.
+    tgt = tl.where(tgt < V, tgt, -1)
     m = tl.full((BLOCK_N,), -float("inf"), tl.float32)
     s = tl.zeros((BLOCK_N,), tl.float32)
     t = tl.zeros((BLOCK_N,), tl.float32)
@@ -145,6 +147,7 @@ def _linear_dlogits_kernel(h_ptr, w_ptr, tgt_ptr, norm_ptr, ent_ptr, glp_ptr, ge
     cols = (tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
     in_n = rows < N
     tgt = tl.load(tgt_ptr + rows, mask=in_n, other=-1) - vocab_start
+    tgt = tl.where(tgt < V, tgt, -1)
     m = tl.load(norm_ptr + rows * 2, mask=in_n, other=float("inf"))
     log_s = tl.load(norm_ptr + rows * 2 + 1, mask=in_n, other=0.0)
     ent = tl.load(ent_ptr + rows, mask=in_n, other=0.0)

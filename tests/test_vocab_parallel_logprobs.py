@@ -1,0 +1,80 @@
+"""linear_logprobs over vocab-parallel shards (tp_group) equals the unsharded op, forward and
+backward, with 2 and 4 gloo processes on the CPU; and it uses exactly one collective in forward
+(all_gather of per-token statistics) and one in backward (all_reduce of dhidden).
+"""
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+IGNORE = -100
+
+
+def _count_collectives(counts):
+    """Wrap torch.distributed collectives so the worker can count the calls the op makes."""
+    for name in ("all_gather", "all_gather_into_tensor", "all_reduce", "broadcast",
+                 "reduce_scatter", "reduce_scatter_tensor", "all_to_all"):
+        fn = getattr(dist, name)
+
+        def counted(*args, _fn=fn, _name=name, **kwargs):
+            counts[_name] = counts.get(_name, 0) + 1
+            return _fn(*args, **kwargs)
+
+        setattr(dist, name, counted)
+
+
+def _worker(rank, world, init_file, backend, dtype):
+    os.environ["NEMOKERN_BACKEND"] = backend
+    from nemokern.ops import linear_logprobs
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        group = dist.new_group(list(range(world)))
+        shard, hs = 13, 24                                  # vocabulary 13 * world, odd sizes
+        vocab = shard * world
+        g = torch.Generator().manual_seed(1234)             # identical inputs on every rank
+        hidden = torch.randn(3, 5, hs, generator=g).to(dtype)
+        weight = (torch.randn(vocab, hs, generator=g) / hs ** 0.5 * 3).to(dtype)
+        targets = torch.randint(0, vocab, (3, 5), generator=g)
+        targets[0, 1] = targets[2, 2] = IGNORE
+        targets[1, 0], targets[1, 1] = 0, vocab - 1         # first and last shard hit
+        g_lp, g_ent = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+
+        def run(w, tp_group):
+            h = hidden.clone().requires_grad_(True)
+            w = w.clone().requires_grad_(True)
+            logp, ent = linear_logprobs(h, w, targets, temperature=0.7, return_entropy=True,
+                                        tp_group=tp_group)
+            counts_fwd = dict(counts)
+            (g_lp * logp + g_ent * ent).sum().backward()
+            return logp.detach(), ent.detach(), h.grad, w.grad, counts_fwd
+
+        counts = {}
+        full = run(weight, None)
+        _count_collectives(counts)
+        sharded = run(weight[rank * shard:(rank + 1) * shard], group)
+        assert sharded[4] == {"all_gather": 1}, f"forward collectives: {sharded[4]}"
+        assert counts == {"all_gather": 1, "all_reduce": 1}, f"fwd+bwd collectives: {counts}"
+        tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        names = ("logp", "entropy", "dhidden")
+        for name, a, b in zip(names, sharded[:3], full[:3]):
+            torch.testing.assert_close(a, b, **tol, msg=lambda m: f"rank {rank} {name}: {m}")
+        torch.testing.assert_close(sharded[3], full[3][rank * shard:(rank + 1) * shard], **tol,
+                                   msg=lambda m: f"rank {rank} dweight shard: {m}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("world,backend,dtype", [(2, "torch", torch.float32),
+                                                 (4, "torch", torch.bfloat16),
+                                                 (2, "triton", torch.float32)])
+def test_vocab_parallel_equals_unsharded(world, backend, dtype):
+    # The Triton case runs interpreted: spawned workers inherit TRITON_INTERPRET from conftest.
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_worker, args=(world, os.path.join(d, "store"), backend, dtype), nprocs=world,
+                 join=True)
