@@ -99,6 +99,19 @@ def test_packed_equals_each_sequence_alone_forward_and_backward():
         assert (g_packed[n] - p.grad).abs().max() <= 1e-5 * p.grad.abs().max() + 1e-7, n
 
 
+def test_packed_equals_transformers_on_the_right_padded_batch():
+    hf = random_hf_model(**CASES["gqa_llama3_untied"])
+    model = nemokern_from_hf(hf)
+    lengths = [9, 3, 14]
+    padded = torch.randint(0, hf.config.vocab_size, (3, max(lengths)))
+    mask = torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]
+    with torch.no_grad():
+        ref = hf(padded, attention_mask=mask.long()).logits[mask]
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+        out = model(padded[mask], cu_seqlens=cu)
+    assert (out - ref).abs().max() < 1e-5
+
+
 def test_packed_input_shapes_and_explicit_position_ids():
     model, lengths, ids, cu = _packed_case()
     flat = model(ids, cu_seqlens=cu)

@@ -155,15 +155,13 @@ def save_pretrained(model, path, *, max_shard_size: int | str = "5GB") -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     limit = parse_size(max_shard_size)
-    tensors = {}
-    for name, p in model.named_parameters():  # named_parameters lists a tied weight once
-        tensors[hf_name(name)] = p.detach().to("cpu").contiguous()
+    params = {hf_name(n): p for n, p in model.named_parameters()}  # lists a tied weight once
     dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
     dataclasses.replace(model.config, dtype=dtype).to_json_file(path / "config.json")
 
     shards, size = [[]], 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
+    for name, p in params.items():
+        nbytes = p.numel() * p.element_size()
         if shards[-1] and size + nbytes > limit:
             shards.append([])
             size = 0
@@ -171,14 +169,14 @@ def save_pretrained(model, path, *, max_shard_size: int | str = "5GB") -> None:
         size += nbytes
     for stale in [*path.glob("model*.safetensors"), path / INDEX]:
         stale.unlink(missing_ok=True)  # an old shard set would otherwise shadow or mix with this one
-    if len(shards) == 1:
-        save_file(tensors, str(path / SINGLE), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, names in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file({n: tensors[n] for n in names}, str(path / fname), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(names, fname))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (path / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    names = [SINGLE] if len(shards) == 1 else [
+        f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    for fname, shard in zip(names, shards):
+        # One shard at a time on the host: a GPU model never needs all its weights in CPU memory.
+        tensors = {n: params[n].detach().to("cpu").contiguous() for n in shard}
+        save_file(tensors, str(path / fname), metadata={"format": "pt"})
+    if len(shards) > 1:
+        weight_map = {n: fname for fname, shard in zip(names, shards) for n in shard}
+        total = sum(p.numel() * p.element_size() for p in params.values())
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (path / INDEX).write_text(json.dumps(index, indent=2) + "\n")
