@@ -85,6 +85,7 @@ def test_round_trip_through_transformers(tmp_path, scaling):
     ("num_key_value_heads", 3, "num_key_value_heads"),
     ("hidden_size", 0, "hidden_size"),
     ("torch_dtype", "int8", "dtype"),
+    ("quantization_config", {"quant_method": "gptq"}, "quantization_config"),
 ])
 def test_unsupported_values_name_the_field(field, value, match):
     with pytest.raises(ConfigError, match=match):

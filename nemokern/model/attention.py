@@ -12,6 +12,7 @@ Must never import nemokern.data, train or cli.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -87,7 +88,7 @@ def packed_backend(q: torch.Tensor) -> str:
     if forced != "auto":
         return forced
     if q.is_cuda and q.dtype in _HALF:
-        if importlib.util.find_spec("flash_attn") is not None:
+        if _flash_attn_installed():
             return "flash_attn"
         if _torch_varlen() is not None:
             return "torch_varlen"
@@ -117,6 +118,11 @@ def packed_attention(q, k, v, cu_seqlens, max_seqlen: int) -> torch.Tensor:
         if e > s:
             out[s:e] = _sdpa(q[None, s:e], k[None, s:e], v[None, s:e])[0]
     return out
+
+
+@functools.cache
+def _flash_attn_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
 
 
 def _torch_varlen():

@@ -2,7 +2,7 @@
 
 Only what the model actually supports is accepted: anything else (another rope type, attention or
 MLP biases, another activation, ...) raises ConfigError naming the config.json field.
-Must never import torch modules of nemokern (ops, parallel), data, train or cli.
+Plain Python, no torch. Must never import nemokern.data, train or cli.
 """
 from __future__ import annotations
 
@@ -90,6 +90,7 @@ class LlamaConfig:
         refuse("mlp_bias", lambda v: v is False, "set mlp_bias to false")
         refuse("pretraining_tp", lambda v: v == 1, "set pretraining_tp to 1")
         refuse("attention_dropout", lambda v: v == 0, "set attention_dropout to 0.0")
+        refuse("quantization_config", lambda v: False, "load an unquantized (bf16/fp32) checkpoint")
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                "num_attention_heads") if k not in d]
         if missing:
