@@ -1,4 +1,5 @@
 """LlamaConfig: both rope spellings, round trips through transformers' config, clear errors."""
+import copy
 import dataclasses
 import json
 
@@ -37,6 +38,21 @@ def test_rope_parameters_spelling_as_transformers5_writes_it():
     cfg = LlamaConfig.from_dict(d)
     assert cfg.rope_theta == 123.0
     assert cfg.rope_scaling == LLAMA3_ROPE
+
+
+@pytest.mark.parametrize("edit", [
+    dict(rope_parameters={**LLAMA3_ROPE, "rope_theta": 42.0}),  # both spellings present
+    dict(rope_scaling=None, rope_parameters={**LLAMA3_ROPE, "rope_theta": 42.0}),
+    dict(rope_scaling={**LLAMA3_ROPE, "rope_theta": 42.0}),
+    dict(rope_scaling=None, rope_parameters={"rope_type": "default"}, rope_theta=7.0),
+])
+def test_rope_precedence_as_in_transformers(edit):
+    d = dict(LLAMA31_8B, **edit)
+    theirs = HFConfig(**copy.deepcopy(d)).rope_parameters
+    ours = LlamaConfig.from_dict(d)
+    assert ours.rope_theta == theirs["rope_theta"]
+    assert (ours.rope_scaling or {}).get("original_max_position_embeddings") == \
+        theirs.get("original_max_position_embeddings")
 
 
 def test_old_type_key_and_default_rope():

@@ -162,17 +162,17 @@ def _positive_int(cfg, name):
 
 def _read_rope(d, source):
     """(rope_theta, llama3 scaling dict or None) from `rope_parameters` or `rope_scaling`+`rope_theta`."""
-    params = d.get("rope_parameters") or d.get("rope_scaling")
-    key = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
+    # transformers 5 precedence: a non-empty rope_scaling (old spelling) over rope_parameters.
+    params = d.get("rope_scaling") or d.get("rope_parameters")
+    key = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
     theta = d.get("rope_theta")
     if params is None:
         return (500000.0 if theta is None else float(theta)), None
     if not isinstance(params, dict):
         raise ConfigError(f"{source}: {key} must be an object, got {params!r}")
     params = dict(params)
-    if theta is None:
-        theta = params.get("rope_theta", 10000.0)  # transformers' default when nothing names it
-    params.pop("rope_theta", None)
+    # As in transformers: the rope dict's own rope_theta wins, then the top-level one, then 1e4.
+    theta = params.pop("rope_theta", None) or theta or 10000.0
     rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
     params.pop("type", None)
     if rope_type not in _ROPE_TYPES:
