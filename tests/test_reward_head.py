@@ -149,6 +149,34 @@ def test_packed_equals_padded(request, backend):
         torch.testing.assert_close(a, p)
 
 
+@pytest.mark.parametrize("backend", ["torch_backend", "triton_backend"])
+def test_hidden_is_not_kept_for_backward(request, backend):
+    """Only the B gathered rows are saved: the [B, T, H] activations can be freed after forward."""
+    import weakref
+
+    request.getfixturevalue(backend)
+    base, last, nw, w, b = make_inputs(2, 9, 33, 1, torch.float32, seed=9)
+    base.requires_grad_()
+    hidden = base * 2.0  # a non-leaf, as the trunk's output is
+    alive = weakref.ref(hidden)
+    out = reward_head(hidden, last, nw, w, b)
+    del hidden
+    assert alive() is None
+    out.sum().backward()
+    assert base.grad[torch.arange(2), last].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["torch_backend", "triton_backend"])
+def test_frozen_trunk_gives_same_head_gradients(request, backend):
+    request.getfixturevalue(backend)
+    hidden, last, nw, w, b = make_inputs(3, 5, 40, 9, torch.bfloat16, seed=10)
+    _, full = grads(reward_head, (hidden, last, nw, w, b), torch.ones(3, 9))
+    params = [t.clone().requires_grad_() for t in (nw, w, b)]
+    out = reward_head(hidden, last, *params)  # hidden.requires_grad is False
+    for got, want in zip(torch.autograd.grad(out.sum(), params), full[1:]):
+        assert torch.equal(got, want)
+
+
 def test_non_contiguous_hidden(triton_backend):
     hidden, last, nw, w, b = make_inputs(4, 9, 33, 1, torch.float32, seed=6)
     strided = hidden.transpose(0, 1).contiguous().transpose(0, 1)  # [B, T, H], T-major memory

@@ -174,15 +174,17 @@ def sequence_kl_backward_triton(grad_kl, scale, logp, ref, mask, cu_seqlens, est
 # Same function as the kernels. The inputs are per-token scalars, so the fp32 temporaries are a few
 # bytes per token: nothing here needs chunking.
 
-def _k3_terms_torch(lp, ref):
+def _k3_torch(lp, ref, grad):
+    """k3 (grad=False) or its gradient (grad=True); only the polynomial needed is evaluated."""
     r = ref - lp
-    p1 = 1.0 + r * (1 / 2 + r * (1 / 6 + r * (1 / 24 + r * (1 / 120 + r * (
-        1 / 720 + r * (1 / 5040 + r * (1 / 40320 + r * (1 / 362880))))))))
+    small = r.abs() < _SERIES_BELOW.value
+    if grad:
+        p1 = 1.0 + r * (1 / 2 + r * (1 / 6 + r * (1 / 24 + r * (1 / 120 + r * (
+            1 / 720 + r * (1 / 5040 + r * (1 / 40320 + r * (1 / 362880))))))))
+        return torch.where(small, -r * p1, -torch.expm1(r))
     p2 = 1 / 2 + r * (1 / 6 + r * (1 / 24 + r * (1 / 120 + r * (1 / 720 + r * (
         1 / 5040 + r * (1 / 40320 + r * (1 / 362880 + r * (1 / 3628800))))))))
-    small = r.abs() < _SERIES_BELOW.value
-    e = torch.exp(r)
-    return torch.where(small, r * r * p2, e - 1.0 - r), torch.where(small, -r * p1, 1.0 - e)
+    return torch.where(small, r * r * p2, torch.expm1(r) - r)
 
 
 def _estimate_torch(lp, ref, estimator, grad):
@@ -193,7 +195,7 @@ def _estimate_torch(lp, ref, estimator, grad):
         return torch.sign(k1) if grad else k1.abs()
     if estimator == 2:
         return k1 if grad else 0.5 * k1 * k1
-    return _k3_terms_torch(lp, ref)[1 if grad else 0]
+    return _k3_torch(lp, ref, grad)
 
 
 def _sequence_ids(cu_seqlens):

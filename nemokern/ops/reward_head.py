@@ -4,6 +4,7 @@ Validation, backend dispatch and autograd; the math lives in nemokern/kernels/re
 Must never import nemokern.parallel, model, data, train or cli.
 """
 import torch
+from torch.autograd.function import once_differentiable
 
 from nemokern.kernels import reward_head as _k
 from nemokern.ops._dispatch import backend_for
@@ -52,17 +53,20 @@ class _RewardHead(torch.autograd.Function):
         fwd = (_k.reward_head_forward_triton if backend == "triton"
                else _k.reward_head_forward_torch)
         out, saved = fwd(hidden, last_index, norm_weight, head_weight, head_bias, eps)
-        ctx.save_for_backward(hidden, last_index, norm_weight, head_weight, head_bias, *saved)
-        ctx.eps, ctx.backend = eps, backend
+        # not hidden itself: the saved rows [B, H] let the caller free it after the forward
+        ctx.save_for_backward(last_index, norm_weight, head_weight, head_bias, *saved)
+        ctx.hidden_shape, ctx.eps, ctx.backend = hidden.shape, eps, backend
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
-        hidden, last_index, norm_weight, head_weight, head_bias, *saved = ctx.saved_tensors
+        last_index, norm_weight, head_weight, head_bias, *saved = ctx.saved_tensors
         bwd = (_k.reward_head_backward_triton if ctx.backend == "triton"
                else _k.reward_head_backward_torch)
-        d_hidden, d_nw, d_w, d_bias = bwd(grad_out, saved, hidden, last_index, norm_weight,
-                                          head_weight, head_bias, ctx.eps)
+        hidden_shape = ctx.hidden_shape if ctx.needs_input_grad[0] else None
+        d_hidden, d_nw, d_w, d_bias = bwd(grad_out, saved, hidden_shape, last_index,
+                                          norm_weight, head_weight, head_bias, ctx.eps)
         return d_hidden, None, d_nw, d_w, d_bias, None, None
 
 

@@ -4,6 +4,7 @@ Validation, backend dispatch and autograd; the math lives in nemokern/kernels/se
 Must never import nemokern.parallel, model, data, train or cli.
 """
 import torch
+from torch.autograd.function import once_differentiable
 
 from nemokern.kernels import sequence_kl as _k
 from nemokern.ops._dispatch import backend_for
@@ -63,6 +64,7 @@ class _SequenceKL(torch.autograd.Function):
         return kl
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_kl):
         logp, ref, mask, cu_seqlens, scale = ctx.saved_tensors
         bwd = (_k.sequence_kl_backward_triton if ctx.backend == "triton"
