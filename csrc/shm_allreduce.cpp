@@ -277,20 +277,24 @@ void ShmAllReduce::one_shot(char* data, size_t n, int dtype) {
 
 // Reduce-scatter then all-gather of one chunk: rank j sums segment j of every rank's copy into
 // its region of the other parity (the next step's), then everyone copies all segments out.
+// Nobody but rank r reads segment r of rank r's input, so that part is read in place and never
+// copied into the workspace.
 void ShmAllReduce::two_shot_chunk(char* data, size_t n, int dtype, int64_t total, size_t esize) {
-  const uint64_t s = ++step_;
-  const int par = s & 1;
-  std::memcpy(region(rank_, par), data, n * esize);
-  arrive(s, total, dtype);
-  wait_all(s, total, dtype);
-
   // 64-byte aligned segments keep the vector loops and the copies on whole cache lines.
   const size_t align = 64 / esize;
   const size_t seg = round_up((n + world_ - 1) / world_, align);
   const size_t lo = std::min(n, seg * rank_), hi = std::min(n, seg * (rank_ + 1));
+
+  const uint64_t s = ++step_;
+  const int par = s & 1;
+  char* mine = region(rank_, par);
+  std::memcpy(mine, data, lo * esize);
+  std::memcpy(mine + hi * esize, data + hi * esize, (n - hi) * esize);
+  arrive(s, total, dtype);
+  wait_all(s, total, dtype);
   if (hi > lo) {
     const char* srcs[kMaxRanks];
-    for (int r = 0; r < world_; ++r) srcs[r] = region(r, par) + lo * esize;
+    for (int r = 0; r < world_; ++r) srcs[r] = (r == rank_ ? data : region(r, par)) + lo * esize;
     sum_ranks(region(rank_, par ^ 1) + lo * esize, srcs, world_, hi - lo, dtype);
   }
 

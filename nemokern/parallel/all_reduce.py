@@ -24,6 +24,7 @@ import os
 import secrets
 import socket
 import warnings
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -107,11 +108,17 @@ class _GroupState:
     """What one process group needs, created collectively at its first custom all-reduce."""
 
     def __init__(self, group):
-        self.group = group  # keeps the group alive so its id() is not reused
+        # A weak reference: a cache that kept a gloo group alive past destroy_process_group()
+        # made its threads die at interpreter exit (std::terminate).
+        self._group_ref = weakref.ref(group)
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         self._single_host = None
         self._comms = {}
+
+    @property
+    def group(self):
+        return self._group_ref()
 
     def single_host(self) -> bool:
         if self._single_host is None:  # collective, once per group
@@ -218,7 +225,7 @@ _STATES: dict[int, _GroupState] = {}
 def _state(group) -> _GroupState:
     group = group if group is not None else dist.group.WORLD
     st = _STATES.get(id(group))
-    if st is None:
+    if st is None or st.group is not group:  # new group, or a dead one's id reused
         st = _STATES[id(group)] = _GroupState(group)
     return st
 
