@@ -16,6 +16,8 @@ Layouts: padded [B, T] (sequence b is row b) or packed [N] (sequence b is tokens
 cu_seqlens[b]:cu_seqlens[b+1]; tokens outside every sequence are ignored and get gradient 0).
 One program per sequence, forward and backward: one launch each.
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -175,16 +177,12 @@ def sequence_kl_backward_triton(grad_kl, scale, logp, ref, mask, cu_seqlens, est
 # bytes per token: nothing here needs chunking.
 
 def _k3_torch(lp, ref, grad):
-    """k3 (grad=False) or its gradient (grad=True); only the polynomial needed is evaluated."""
-    r = ref - lp
-    small = r.abs() < _SERIES_BELOW.value
-    if grad:
-        p1 = 1.0 + r * (1 / 2 + r * (1 / 6 + r * (1 / 24 + r * (1 / 120 + r * (
-            1 / 720 + r * (1 / 5040 + r * (1 / 40320 + r * (1 / 362880))))))))
-        return torch.where(small, -r * p1, -torch.expm1(r))
-    p2 = 1 / 2 + r * (1 / 6 + r * (1 / 24 + r * (1 / 120 + r * (1 / 720 + r * (
-        1 / 5040 + r * (1 / 40320 + r * (1 / 362880 + r * (1 / 3628800))))))))
-    return torch.where(small, r * r * p2, torch.expm1(r) - r)
+    """k3 (grad=False) or its gradient (grad=True). float64 expm1 is exact to fp32 rounding for
+    every |r| that matters (the kernel's Taylor branch is a GPU-cheap way to the same numbers)
+    and, on the CPU, cheaper than the polynomial."""
+    r = ref.double() - lp.double()
+    e = torch.expm1(r)
+    return (-e if grad else e - r).float()
 
 
 def _estimate_torch(lp, ref, estimator, grad):
@@ -210,7 +208,7 @@ def sequence_kl_forward_torch(logp, ref, mask, cu_seqlens, estimator: int, mean:
     """Torch reference of sequence_kl_forward_triton (same arguments and results)."""
     m = mask.float()
     est = _estimate_torch(logp.float(), ref.float(), estimator, grad=False)
-    contrib = torch.where(m != 0, m * est, 0.0)
+    contrib = _masked_product(est, m)
     if cu_seqlens is None:
         total, weight = contrib.sum(-1), m.sum(-1)
     else:
@@ -239,7 +237,17 @@ def sequence_kl_backward_torch(grad_kl, scale, logp, ref, mask, cu_seqlens, esti
 def _token_grad(g_tok, logp, ref, mask, estimator):
     m = mask.float()
     d = _estimate_torch(logp.float(), ref.float(), estimator, grad=True)
-    return torch.where(m != 0, (g_tok * m) * d, 0.0).to(logp.dtype)
+    return _masked_product(d, g_tok * m).to(logp.dtype)
+
+
+def _masked_product(values, m):
+    """values * m, exactly 0 where m == 0 even if values is inf/NaN there (padding). The
+    torch.where that guarantees it is ~10x slower than the product on the CPU, so it only runs
+    when the product is not finite."""
+    out = values * m
+    if not math.isfinite(out.sum().item()):  # one reduction: isfinite(out).all() costs 4 passes
+        out = torch.where(m != 0, out, 0.0)
+    return out
 
 
 # ---------------------------------------------------------------- ahead-of-time compile specs
