@@ -104,7 +104,7 @@ struct Pack<float> {
   static constexpr int N = 4;
   __device__ static float get(const uint4& v, int i) { return reinterpret_cast<const float*>(&v)[i]; }
   __device__ static void put(uint4& v, int i, float x) { reinterpret_cast<float*>(&v)[i] = x; }
-  __device__ static float load(const void* p, size_t i) { return static_cast<const float*>(p)[i]; }
+  __device__ static float load(const void* p, size_t i) { return __ldcg(static_cast<const float*>(p) + i); }
   __device__ static void store(void* p, size_t i, float x) { static_cast<float*>(p)[i] = x; }
 };
 template <>
@@ -117,7 +117,8 @@ struct Pack<__nv_bfloat16> {
     reinterpret_cast<__nv_bfloat16*>(&v)[i] = __float2bfloat16_rn(x);
   }
   __device__ static float load(const void* p, size_t i) {
-    return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    const unsigned short bits = __ldcg(static_cast<const unsigned short*>(p) + i);
+    return __bfloat162float(__ushort_as_bfloat16(bits));
   }
   __device__ static void store(void* p, size_t i, float x) {
     static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(x);
@@ -130,12 +131,15 @@ __device__ __forceinline__ char* data(const Params& p, int r, int parity) {
   return p.peers.block[r] + kFlagBytes + p.region_bytes * parity;
 }
 
+// Peer data is read with ld.global.cg (L2, not L1): L1 is not coherent, and an SM that read the
+// same address two steps ago must not see its stale copy.
+
 // Sum of pack i over ranks 0..world-1 (that order on every rank: bitwise equal results).
 template <typename T>
 __device__ __forceinline__ uint4 sum_pack(const Params& p, int parity, size_t i) {
   float acc[Pack<T>::N];
   for (int r = 0; r < p.world; ++r) {
-    const uint4 v = reinterpret_cast<const uint4*>(data(p, r, parity))[i];
+    const uint4 v = __ldcg(reinterpret_cast<const uint4*>(data(p, r, parity)) + i);
 #pragma unroll
     for (int k = 0; k < Pack<T>::N; ++k) acc[k] = r == 0 ? Pack<T>::get(v, k) : acc[k] + Pack<T>::get(v, k);
   }
@@ -200,7 +204,7 @@ __global__ void __launch_bounds__(kThreads) two_shot_kernel(Params p) {
   for (int r = 0; r < p.world; ++r) {
     const size_t lo = seg * r, hi = min_sz(packs, seg * (r + 1));
     const uint4* src = reinterpret_cast<const uint4*>(data(p, r, parity ^ 1));
-    for (size_t i = lo + first; i < hi; i += stride) store_pack<T>(p.out, i, src[i]);
+    for (size_t i = lo + first; i < hi; i += stride) store_pack<T>(p.out, i, __ldcg(src + i));
   }
 }
 
@@ -240,6 +244,8 @@ CudaAllReduce::CudaAllReduce(int rank, int world_size, int device, size_t buffer
   check(cudaMemset(block_, 0, kFlagBytes), "cudaMemset of the flags");
   check(cudaHostAlloc(&error_host_, sizeof(int), cudaHostAllocMapped), "cudaHostAlloc");
   *error_host_ = 0;
+  check(cudaHostGetDevicePointer(reinterpret_cast<void**>(&error_device_), error_host_, 0),
+        "cudaHostGetDevicePointer");
   check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
   peers_.assign(world_, nullptr);
   peers_[rank_] = block_;
@@ -314,8 +320,7 @@ void CudaAllReduce::all_reduce(uintptr_t ptr, int64_t numel, int dtype, uintptr_
   p.region_bytes = region_bytes_;
   p.numel = static_cast<size_t>(numel);
   p.out = reinterpret_cast<void*>(ptr);
-  check(cudaHostGetDevicePointer(reinterpret_cast<void**>(&p.error), error_host_, 0),
-        "cudaHostGetDevicePointer");
+  p.error = error_device_;
   p.timeout_ns = static_cast<uint64_t>(timeout_s_ * 1e9);
   char* mine = block_ + kFlagBytes + region_bytes_ * (p.step & 1);
   check(cudaMemcpyAsync(mine, p.out, bytes, cudaMemcpyDeviceToDevice, st), "cudaMemcpyAsync");

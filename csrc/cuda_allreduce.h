@@ -49,6 +49,7 @@ class CudaAllReduce {
   char* block_ = nullptr;          // own device block
   std::vector<char*> peers_;       // every rank's block as mapped here (own = block_)
   int* error_host_ = nullptr;      // pinned, mapped: kernels flag timeouts without a sync
+  int* error_device_ = nullptr;    // the same int as the kernels address it
   uint64_t step_ = 0;
   bool opened_ = false;
 };

@@ -184,7 +184,21 @@ def scenario_timeout(rank, world):
     if rank == world - 1:
         dist.barrier()  # returns once the others have seen their timeout
         print("OK skipped", flush=True)
-        return
+    else:
+        _expect_timeout(rank, world)
+        dist.barrier()
+    # ranks that disagree on the size: every rank names the problem instead of reading garbage
+    other = dist.new_group(list(range(world)))
+    try:
+        all_reduce(torch.ones(5 + rank), group=other)
+    except ValueError as exc:
+        assert "same shape and dtype" in str(exc), str(exc)
+        print("OK mismatch detected", flush=True)
+    else:
+        raise AssertionError("mismatched sizes went unnoticed")
+
+
+def _expect_timeout(rank, world):
     t0 = time.monotonic()
     try:
         all_reduce(torch.ones(10))
@@ -201,7 +215,6 @@ def scenario_timeout(rank, world):
         assert "cannot be used again" in str(exc), str(exc)
     else:
         raise AssertionError("a workspace left out of step was reused")
-    dist.barrier()
 
 
 def scenario_killed(rank, world):

@@ -92,6 +92,7 @@ def test_timeout_names_the_collective_three_ranks():
     results = run_ranks(3, "timeout", NEMOKERN_ALLREDUCE_TIMEOUT=1)
     _assert_ok(results)
     assert all("OK timeout" in out for _, out in results[:2])
+    assert all("OK mismatch detected" in out for _, out in results)
 
 
 def test_killed_rank_makes_peer_time_out_and_leaves_no_segment():
