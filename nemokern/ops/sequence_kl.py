@@ -31,8 +31,9 @@ def sequence_kl(logprobs, ref_logprobs, mask, *, estimator="k1", reduction="mean
             "abs" |k1| (NeMo-Aligner's default)         grad sign(k1), 0 where k1 == 0 (torch.abs)
             "k2"  0.5 * k1^2                            grad k1
             "k3"  exp(-k1) - 1 + k1                     grad 1 - exp(-k1)
-            (k3 is computed with a Taylor polynomial for |k1| < 0.5, so it stays accurate where
-            the policy is close to the reference.)
+            k3 avoids fp32's cancellation in exp(-k1) - 1 + k1 (a Taylor polynomial for
+            |k1| < 0.5 in the kernel, float64 expm1 on the CPU), so it stays accurate where the
+            policy is close to the reference; plain fp32 is off by ~10% at |k1| ~ 1e-3.
         reduction: "mean" (masked mean over the sequence's tokens, NeMo-Aligner) or "sum"
             (masked sum, TRL's RLOO). A sequence with an empty mask gives 0.
         cu_seqlens: for packed inputs, [B+1] int32/int64 offsets: sequence b is tokens
