@@ -22,8 +22,9 @@ Triton design (GPU):
   two-kernel split that recomputes logits twice (10 instead of 8 N*H*V FLOPs) and still needs an
   [BLOCK, H] fp32 accumulator per program, far beyond registers at H = 4096. A bf16 d(logits)
   chunk of a few hundred MB is cheaper and runs the two big products at cuBLAS speed.
-CPU reference: chunks of tokens; each chunk's logits [C, V] are computed, reduced to statistics and
-dropped; backward recomputes them (the autograd.Function saves only per-row statistics).
+CPU reference: forward in chunks of tokens (each chunk's logits [C, V] are computed, reduced to
+statistics and dropped); backward recomputes the logits in vocabulary chunks [N, Vc] and shares
+the GPU path's GEMM skeleton (`backward_by_vocab_chunks`). Only per-row statistics are saved.
 """
 import os
 
@@ -33,11 +34,15 @@ import triton.language as tl
 
 from .logprobs import block_dlogits_torch, block_stats_torch
 
-_TORCH_CHUNK_ELEMENTS = 1 << 22   # logits elements per token chunk on the CPU path
+# Logits elements per chunk on the CPU path: 64 MB of fp32 (524 tokens at V = 32000 forward,
+# 4096 vocabulary rows at N = 4096 backward) keeps the chunk GEMMs about as fast as one big GEMM;
+# 4x smaller chunks cost up to 2x in GEMM time on a 2-core CPU.
+_TORCH_CHUNK_ELEMENTS = 1 << 24
 _BWD_CHUNK_BYTES = 256 << 20      # d(logits) chunk of the GPU backward
 
 
 def _token_chunk(n, v):
+    """Rows of an [n, v] matrix per chunk of about _TORCH_CHUNK_ELEMENTS elements."""
     return max(1, min(n, _TORCH_CHUNK_ELEMENTS // max(1, v)))
 
 
@@ -54,25 +59,37 @@ def linear_stats_torch(hidden, weight, targets, inv_t, vocab_start=0):
     return out.unsqueeze(0)
 
 
+def backward_by_vocab_chunks(hidden, weight, chunk_cols, dlogits_chunk):
+    """The backward skeleton both paths share: walk the vocabulary in chunks of chunk_cols rows
+    of weight; dlogits_chunk(c0, w_c) -> d(logits) [N, vc] (hidden's dtype) of that chunk.
+    A chunk's dweight rows are complete after one GEMM (written straight into the result, no
+    [V, H] accumulation); dhidden [N, H] accumulates in fp32."""
+    n, h = hidden.shape
+    dw = torch.empty_like(weight)
+    dh = torch.zeros(n, h, dtype=torch.float32, device=hidden.device)
+    for c0 in range(0, weight.shape[0], chunk_cols):
+        w_c = weight[c0:c0 + chunk_cols]
+        dz = dlogits_chunk(c0, w_c)
+        torch.mm(dz.t(), hidden, out=dw[c0:c0 + w_c.shape[0]])
+        if dh.dtype == dz.dtype:
+            dh.addmm_(dz, w_c)
+        else:
+            dh += dz @ w_c
+    return dh.to(hidden.dtype), dw
+
+
 def linear_backward_torch(hidden, weight, targets, norm, entropy, g_lp, g_ent, inv_t,
                           vocab_start=0):
     """Returns (dhidden [N, H], dweight [Vs, H]) in the inputs' dtype; g_lp/g_ent must already be
-    zero on ignored rows. dweight accumulates over token chunks in fp32."""
+    zero on ignored rows. Vocabulary chunks of about _TORCH_CHUNK_ELEMENTS / N columns."""
     n, v = hidden.shape[0], weight.shape[0]
-    dh = torch.empty_like(hidden)
-    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-    step = _token_chunk(n, v)
-    for i in range(0, n, step):
-        sl = slice(i, i + step)
-        z = (hidden[sl] @ weight.t()).float().mul_(inv_t)
-        dz = block_dlogits_torch(z, targets[sl], norm[sl], entropy[sl], g_lp[sl], g_ent[sl],
-                                 inv_t, vocab_start).to(hidden.dtype)
-        dh[sl] = dz @ weight
-        if dw.dtype == hidden.dtype:
-            dw.addmm_(dz.t(), hidden[sl])
-        else:
-            dw += (dz.t() @ hidden[sl]).float()
-    return dh, dw.to(weight.dtype)
+
+    def dlogits_chunk(c0, w_c):
+        z = (hidden @ w_c.t()).float().mul_(inv_t)
+        return block_dlogits_torch(z, targets, norm, entropy, g_lp, g_ent, inv_t,
+                                   vocab_start + c0).to(hidden.dtype)
+
+    return backward_by_vocab_chunks(hidden, weight, _token_chunk(v, n), dlogits_chunk)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -214,11 +231,9 @@ def linear_backward_triton(hidden, weight, targets, norm, entropy, g_lp, g_ent, 
     bn, bv, bh, warps, stages = _CONFIGS[hidden.dtype]
     per_row = max(1, n) * hidden.element_size()
     chunk_cols = max(bv, (_BWD_CHUNK_BYTES // per_row) // bv * bv)
-    dw = torch.empty_like(weight)
-    dh = torch.zeros(n, h, dtype=torch.float32, device=hidden.device)
     dz = torch.empty(n, min(chunk_cols, v), dtype=hidden.dtype, device=hidden.device)
-    for c0 in range(0, v, chunk_cols):
-        w_c = weight[c0:c0 + chunk_cols]
+
+    def dlogits_chunk(c0, w_c):
         vc = w_c.shape[0]
         dz_c = dz[:, :vc]
         if n:
@@ -227,9 +242,9 @@ def linear_backward_triton(hidden, weight, targets, norm, entropy, g_lp, g_ent, 
                 hidden.stride(0), w_c.stride(0), dz_c.stride(0), inv_t, vocab_start + c0,
                 BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, DOT_PRECISION=_PRECISION[hidden.dtype],
                 DOT_UPCAST=_interpreting(), num_warps=warps, num_stages=stages)
-        torch.mm(dz_c.t(), hidden, out=dw[c0:c0 + vc])
-        dh += dz_c @ w_c
-    return dh.to(hidden.dtype), dw
+        return dz_c
+
+    return backward_by_vocab_chunks(hidden, weight, chunk_cols, dlogits_chunk)
 
 
 def _specs():
