@@ -8,9 +8,9 @@ Per token, with r = logp_ref - logp and k1 = -r:
     abs = |k1|                      d/dlogp = sign(k1), sign(0) = 0 (as torch.abs)
     k2 = 0.5 * k1^2                 d/dlogp = k1
     k3 = exp(r) - 1 - r             d/dlogp = 1 - exp(r)
-Per sequence: sum of mask * estimate over its tokens, times `scale`, where scale = 1 / sum(mask)
-for the masked mean (0 for an empty mask, so an empty sequence gives 0, not NaN) and 1 for the
-sum. Tokens whose mask is 0 never contribute, even if their log-probs are inf/NaN padding.
+Per sequence: sum of mask * estimate over its tokens, divided by sum(mask) for the masked mean
+(an empty mask gives 0, not NaN) or not for the sum; the backward scales by `scale` = 1 / sum(mask)
+(0 when empty) or 1. Tokens whose mask is 0 never contribute, even if their log-probs are inf/NaN padding.
 
 Layouts: padded [B, T] (sequence b is row b) or packed [N] (sequence b is tokens
 cu_seqlens[b]:cu_seqlens[b+1]; tokens outside every sequence are ignored and get gradient 0).
@@ -110,10 +110,13 @@ def _sequence_kl_fwd(logp_ptr, ref_ptr, mask_ptr, cu_ptr, kl_ptr, scale_ptr, seq
     total_sum = tl.sum(total, axis=0)
     if MEAN:
         w = tl.sum(weight, axis=0)
-        scale = tl.where(w != 0, 1.0 / tl.where(w != 0, w, 1.0), 0.0)
+        w_safe = tl.where(w != 0, w, 1.0)
+        kl = tl.where(w != 0, total_sum / w_safe, 0.0)  # one rounding, not two via 1 / w
+        scale = tl.where(w != 0, 1.0 / w_safe, 0.0)
     else:
+        kl = total_sum
         scale = 1.0
-    tl.store(kl_ptr + b, total_sum * scale)
+    tl.store(kl_ptr + b, kl)
     tl.store(scale_ptr + b, scale)
 
 
@@ -217,10 +220,10 @@ def sequence_kl_forward_torch(logp, ref, mask, cu_seqlens, estimator: int, mean:
         total = torch.zeros(n_seq, device=logp.device).index_add_(0, ids, contrib[span])
         weight = torch.zeros(n_seq, device=logp.device).index_add_(0, ids, m[span])
     if mean:
-        scale = torch.where(weight != 0, 1.0 / torch.where(weight != 0, weight, 1.0), 0.0)
-    else:
-        scale = torch.ones_like(total)
-    return total * scale, scale
+        empty = weight == 0
+        w_safe = torch.where(empty, 1.0, weight)
+        return torch.where(empty, 0.0, total / w_safe), torch.where(empty, 0.0, 1 / w_safe)
+    return total, torch.ones_like(total)
 
 
 def sequence_kl_backward_torch(grad_kl, scale, logp, ref, mask, cu_seqlens, estimator: int):
