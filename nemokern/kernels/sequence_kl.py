@@ -10,7 +10,8 @@ Per token, with r = logp_ref - logp and k1 = -r:
     k3 = exp(r) - 1 - r             d/dlogp = 1 - exp(r)
 Per sequence: sum of mask * estimate over its tokens, divided by sum(mask) for the masked mean
 (an empty mask gives 0, not NaN) or not for the sum; the backward scales by `scale` = 1 / sum(mask)
-(0 when empty) or 1. Tokens whose mask is 0 never contribute, even if their log-probs are inf/NaN padding.
+(0 when empty) or 1. Tokens whose mask is 0 never contribute, even if their log-probs are
+inf/NaN padding.
 
 Layouts: padded [B, T] (sequence b is row b) or packed [N] (sequence b is tokens
 cu_seqlens[b]:cu_seqlens[b+1]; tokens outside every sequence are ignored and get gradient 0).
