@@ -9,9 +9,11 @@ Every rank must take the same path for the same call, so the choice depends only
 share: the group, dtype, device type, byte size and the environment (torchrun gives every rank the
 same one). Non-contiguous tensors are reduced through a contiguous copy, never a different path.
 
-Environment (read when a group's workspace is set up, i.e. at its first custom all-reduce):
-    NEMOKERN_CUSTOM_ALLREDUCE=0           always use torch.distributed (read at every call)
-    NEMOKERN_ALLREDUCE_MAX_BYTES=N        custom path only up to N bytes (default 16 MiB)
+Environment (the first two are read at every call, the others when a group's workspace is set
+up, i.e. at its first custom all-reduce; give every rank the same values):
+    NEMOKERN_CUSTOM_ALLREDUCE=0           always use torch.distributed
+    NEMOKERN_ALLREDUCE_MAX_BYTES=N        custom path only up to N bytes (default 16 MiB; CUDA:
+                                          also the IPC buffer size, fixed at setup)
     NEMOKERN_ALLREDUCE_TIMEOUT=S          seconds to wait for a peer before TimeoutError (300)
     NEMOKERN_ALLREDUCE_ONE_SHOT_BYTES=N   one-shot below N bytes, reduce-scatter + all-gather above
     NEMOKERN_SHM_CHUNK_BYTES=N            CPU workspace bytes per rank and parity (4 MiB)
@@ -61,10 +63,20 @@ def max_custom_bytes() -> int:
     return _env_number("NEMOKERN_ALLREDUCE_MAX_BYTES", _DEFAULTS["NEMOKERN_ALLREDUCE_MAX_BYTES"])
 
 
-def _dtype_code(dtype: torch.dtype):
-    from nemokern import _C
+def _extension():
+    try:
+        from nemokern import _C
+    except ImportError:
+        return None
+    return _C
 
-    return {torch.float32: _C.DTYPE_FLOAT32, torch.bfloat16: _C.DTYPE_BFLOAT16}.get(dtype)
+
+def _dtype_code(dtype: torch.dtype):
+    """The extension's code for `dtype`, or None (unsupported dtype, or no extension)."""
+    ext = _extension()
+    if ext is None:
+        return None
+    return {torch.float32: ext.DTYPE_FLOAT32, torch.bfloat16: ext.DTYPE_BFLOAT16}.get(dtype)
 
 
 def cleanup_stale_segments(shm_dir: str = "/dev/shm") -> list[str]:
@@ -239,8 +251,8 @@ def _custom_comm(tensor: torch.Tensor, group):
     """The extension object that will reduce `tensor`, or None for torch.distributed."""
     if not custom_enabled() or not dist.is_initialized():
         return None
-    code = _dtype_code(tensor.dtype) if _extension() else None
-    if code is None or tensor.numel() * tensor.element_size() > max_custom_bytes():
+    nbytes = tensor.numel() * tensor.element_size()
+    if _dtype_code(tensor.dtype) is None or nbytes > max_custom_bytes():
         return None
     if tensor.device.type == "cpu":
         kind = "shm"
@@ -251,15 +263,10 @@ def _custom_comm(tensor: torch.Tensor, group):
     st = _state(group)
     if st.world == 1 or (kind == "cuda" and st.world > CUDA_MAX_RANKS) or not st.single_host():
         return None
-    return st.comm(kind, tensor.device)
-
-
-def _extension():
-    try:
-        from nemokern import _C
-    except ImportError:
-        return None
-    return _C
+    comm = st.comm(kind, tensor.device)
+    if kind == "cuda" and comm is not None and nbytes > comm.buffer_bytes:
+        return None  # NEMOKERN_ALLREDUCE_MAX_BYTES was raised after the IPC buffer was sized
+    return comm
 
 
 def all_reduce(tensor: torch.Tensor, group=None) -> torch.Tensor:
