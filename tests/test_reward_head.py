@@ -140,7 +140,7 @@ def test_lm_head_row0_is_nemotron_reward_hf_layout(torch_backend):
 def test_packed_equals_padded(request, backend):
     request.getfixturevalue(backend)
     hidden, last, nw, w, b = make_inputs(3, 6, 70, 9, torch.float32, seed=5)
-    flat_last = last + 6 * torch.arange(3)
+    flat_last = (last + 6 * torch.arange(3)).int()  # int32 indices are accepted too
     padded = grads(reward_head, (hidden, last, nw, w, b), torch.ones(3, 9))
     packed = grads(reward_head, (hidden.reshape(18, 70), flat_last, nw, w, b), torch.ones(3, 9))
     torch.testing.assert_close(packed[0], padded[0])
