@@ -172,3 +172,14 @@ def test_triton_on_cuda_real_shapes(n, hidden_size, vocab, dtype):
                   lambda h, w: reference(h @ w.t(), targets, 0.7))
     for o, p, r, what in zip(ours, plain, ref, ("logp", "entropy", "dhidden", "dweight")):
         print(what, error_vs(o, p, r, f"cuda {n}x{hidden_size}x{vocab} {dtype} {what}"))
+
+
+@pytest.mark.parametrize("backend", ["torch_backend", "triton_backend"])
+def test_no_tokens(request, backend):
+    request.getfixturevalue(backend)
+    h = torch.randn(0, 8, requires_grad=True)
+    w = torch.randn(11, 8, requires_grad=True)
+    logp, ent = linear_logprobs(h, w, torch.zeros(0, dtype=torch.int64), return_entropy=True)
+    assert logp.shape == ent.shape == (0,)
+    (logp.sum() + ent.sum()).backward()
+    assert torch.equal(w.grad, torch.zeros_like(w)) and h.grad.shape == (0, 8)

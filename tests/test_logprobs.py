@@ -212,3 +212,23 @@ def test_triton_on_cuda_real_shapes(n, vocab, dtype):
                   lambda x: reference(x, targets, 0.7))
     for o, p, r, what in zip(ours, plain, ref, ("logp", "entropy", "dlogits")):
         print(what, error_vs(o, p, r, f"cuda {n}x{vocab} {dtype} {what}"))
+
+
+@pytest.mark.parametrize("backend", ["torch_backend", "triton_backend"])
+def test_strided_logits_rows(request, backend):
+    # A vocabulary slice of a wider tensor: rows are not adjacent (row stride 40, V = 31).
+    request.getfixturevalue(backend)
+    wide, targets, g_lp, g_ent = make_inputs((6,), 40, torch.float32, 2.0)
+    logits = wide[:, :31]
+    targets = targets % 31
+    check_against_float64(logits, targets, g_lp, g_ent, 1.3, label=f"{backend} strided")
+
+
+@pytest.mark.parametrize("backend", ["torch_backend", "triton_backend"])
+def test_no_tokens(request, backend):
+    request.getfixturevalue(backend)
+    x = torch.randn(2, 0, 5, requires_grad=True)
+    logp, ent = logprobs(x, torch.zeros(2, 0, dtype=torch.int64), return_entropy=True)
+    assert logp.shape == ent.shape == (2, 0)
+    (logp.sum() + ent.sum()).backward()
+    assert x.grad.shape == x.shape

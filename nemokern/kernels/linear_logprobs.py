@@ -208,7 +208,7 @@ def linear_stats_triton(hidden, weight, targets, inv_t, vocab_start=0):
     n, h = hidden.shape
     v = weight.shape[0]
     bn, bv, bh, warps, stages = _CONFIGS[hidden.dtype]
-    n_tiles, v_tiles = triton.cdiv(n, bn), triton.cdiv(v, bv)
+    n_tiles, v_tiles = max(1, triton.cdiv(n, bn)), triton.cdiv(v, bv)
     # Enough programs for two waves over the SMs; each split still walks many vocabulary tiles.
     splits = max(1, min(v_tiles, triton.cdiv(2 * _num_sms(hidden.device), n_tiles)))
     tiles_per_split = triton.cdiv(v_tiles, splits)
