@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import socket
 import statistics
 import subprocess
@@ -94,7 +95,9 @@ def run_world(world, args):
 def markdown(report):
     lines = [f"All-reduce latency (sum, {report['dtype']}), {report['machine']}, {report['date']}, "
              f"torch {report['torch']}. Median of {report['rounds']} rounds; a round = slowest "
-             "rank's mean over back-to-back calls.", "",
+             "rank's mean over back-to-back calls. The machine is shared: its 1-minute load "
+             f"average was {report['load_average_before']:.1f} when the run started, and 4 ranks "
+             f"oversubscribe {report['cpus']} cores.", "",
              "| ranks | message | nemokern shm (us) | gloo (us) | speed-up |",
              "|---:|---:|---:|---:|---:|"]
     for world, rows in report["results"].items():
@@ -130,7 +133,8 @@ def main():
         "cpus": os.cpu_count(),
         "dtype": args.dtype,
         "rounds": args.rounds,
-        "command": "python " + " ".join(sys.argv),
+        "command": "python " + shlex.join(sys.argv),
+        "load_average_before": os.getloadavg()[0],
         "results": {str(w): run_world(w, args) for w in args.worlds},
     }
     with open(args.out + ".json", "w") as f:
