@@ -17,6 +17,9 @@ def test_dispatch_rule(monkeypatch):
     assert backend_for(torch.zeros(1)) == "torch"
     monkeypatch.setenv("NEMOKERN_BACKEND", "triton")
     assert backend_for(torch.zeros(1)) == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        backend_for(torch.zeros(1))
     monkeypatch.setenv("NEMOKERN_BACKEND", "cuda")
     with pytest.raises(ValueError, match="NEMOKERN_BACKEND"):
         backend_for(torch.zeros(1))

@@ -18,6 +18,11 @@ def backend_for(*tensors: torch.Tensor) -> str:
             raise ValueError(
                 f"NEMOKERN_BACKEND={forced!r} is not a backend; use one of {BACKENDS} or unset it"
             )
+        if forced == "triton" and not triton_interpreting() and not all(t.is_cuda for t in tensors):
+            raise ValueError(
+                "NEMOKERN_BACKEND=triton with CPU tensors needs TRITON_INTERPRET=1 set before nemokern "
+                "is imported (Triton kernels only run on CUDA tensors otherwise)"
+            )
         return forced
     return "triton" if all(t.is_cuda for t in tensors) else "torch"
 
