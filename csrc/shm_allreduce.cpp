@@ -55,12 +55,13 @@ inline uint16_t f32_to_bf16(float f) {
 }
 
 // acc[0:m] (fp32) = sum over ranks of src[r][b:b+m], rank by rank in the fixed order 0..nsrc-1,
-// then out = store(acc). Vectorisation is across elements only, so the result does not depend
+// then out = store(acc), and out2 too when given (one store pass instead of a later copy).
+// out may alias a source: each tile is fully summed before it is stored. Vectorisation is across elements only, so the result does not depend
 // on the ISA the clone below picked. No -ffast-math anywhere: reassociating the rank order
 // would break bitwise agreement between ranks and with the fixed-order reference.
 template <typename T, typename Load, typename Store>
-__attribute__((always_inline)) inline void sum_tiles(T* out, const T* const* src, int nsrc,
-                                                     size_t n, Load load, Store store) {
+__attribute__((always_inline)) inline void sum_tiles(T* out, T* out2, const T* const* src,
+                                                     int nsrc, size_t n, Load load, Store store) {
   float acc[kBlock];
   for (size_t b = 0; b < n; b += kBlock) {
     const size_t m = std::min(kBlock, n - b);
@@ -72,26 +73,29 @@ __attribute__((always_inline)) inline void sum_tiles(T* out, const T* const* src
     }
     T* o = out + b;
     for (size_t i = 0; i < m; ++i) o[i] = store(acc[i]);
+    if (out2) std::memcpy(out2 + b, o, m * sizeof(T));  // still in L1
   }
 }
 
 __attribute__((target_clones("avx2", "default")))
-void sum_f32(float* out, const float* const* src, int nsrc, size_t n) {
+void sum_f32(float* out, float* out2, const float* const* src, int nsrc, size_t n) {
   auto same = [](float v) { return v; };
-  sum_tiles(out, src, nsrc, n, same, same);
+  sum_tiles(out, out2, src, nsrc, n, same, same);
 }
 
 __attribute__((target_clones("avx2", "default")))
-void sum_bf16(uint16_t* out, const uint16_t* const* src, int nsrc, size_t n) {
-  sum_tiles(out, src, nsrc, n, bf16_to_f32, f32_to_bf16);
+void sum_bf16(uint16_t* out, uint16_t* out2, const uint16_t* const* src, int nsrc, size_t n) {
+  sum_tiles(out, out2, src, nsrc, n, bf16_to_f32, f32_to_bf16);
 }
 
-// out[0:n] = sum over ranks of srcs[r][0:n], in rank order.
-void sum_ranks(void* out, const char* const* srcs, int nsrc, size_t n, int dtype) {
+// out[0:n] (and out2[0:n] unless null) = sum over ranks of srcs[r][0:n], in rank order.
+void sum_ranks(void* out, void* out2, const char* const* srcs, int nsrc, size_t n, int dtype) {
   if (dtype == kFloat32)
-    sum_f32(static_cast<float*>(out), reinterpret_cast<const float* const*>(srcs), nsrc, n);
+    sum_f32(static_cast<float*>(out), static_cast<float*>(out2),
+            reinterpret_cast<const float* const*>(srcs), nsrc, n);
   else
-    sum_bf16(static_cast<uint16_t*>(out), reinterpret_cast<const uint16_t* const*>(srcs), nsrc, n);
+    sum_bf16(static_cast<uint16_t*>(out), static_cast<uint16_t*>(out2),
+             reinterpret_cast<const uint16_t* const*>(srcs), nsrc, n);
 }
 
 inline void cpu_relax() {
@@ -272,7 +276,7 @@ void ShmAllReduce::one_shot(char* data, size_t n, int dtype) {
   wait_all(s, static_cast<int64_t>(n), dtype);
   const char* srcs[kMaxRanks];
   for (int r = 0; r < world_; ++r) srcs[r] = region(r, par);
-  sum_ranks(data, srcs, world_, n, dtype);
+  sum_ranks(data, nullptr, srcs, world_, n, dtype);
 }
 
 // Reduce-scatter then all-gather of one chunk: rank j sums segment j of every rank's copy into
@@ -295,7 +299,9 @@ void ShmAllReduce::two_shot_chunk(char* data, size_t n, int dtype, int64_t total
   if (hi > lo) {
     const char* srcs[kMaxRanks];
     for (int r = 0; r < world_; ++r) srcs[r] = (r == rank_ ? data : region(r, par)) + lo * esize;
-    sum_ranks(region(rank_, par ^ 1) + lo * esize, srcs, world_, hi - lo, dtype);
+    // the result lands in place (the input's own segment, read only here) and in the workspace
+    sum_ranks(data + lo * esize, region(rank_, par ^ 1) + lo * esize, srcs, world_, hi - lo,
+              dtype);
   }
 
   const uint64_t s2 = ++step_;
@@ -303,7 +309,7 @@ void ShmAllReduce::two_shot_chunk(char* data, size_t n, int dtype, int64_t total
   wait_all(s2, total, dtype);
   for (int r = 0; r < world_; ++r) {
     const size_t a = std::min(n, seg * r), b = std::min(n, seg * (r + 1));
-    if (b > a) std::memcpy(data + a * esize, region(r, par ^ 1) + a * esize, (b - a) * esize);
+    if (b > a && r != rank_) std::memcpy(data + a * esize, region(r, par ^ 1) + a * esize, (b - a) * esize);
   }
 }
 
