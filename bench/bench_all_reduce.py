@@ -4,7 +4,7 @@ pytest-benchmark times one process, and an all-reduce needs several, so this scr
 ranks itself (env:// like torchrun) and writes JSON + a markdown table:
 
     python bench/bench_all_reduce.py --worlds 2 4 --machine "2-core CPU, no GPU" \\
-        --out bench/results/all_reduce_cpu
+        --out bench/results/2026-11-24-cpu-2core-all-reduce
 
 Per size and backend, every rank runs warm-up calls, meets the others at a barrier, then times
 `iters` back-to-back all-reduces; the latency of a round is the slowest rank's mean, and the
