@@ -149,7 +149,8 @@ def _logprobs_stats_kernel(x_ptr, tgt_ptr, stats_ptr, V, stride_x, inv_t, ignore
     s = 0.0
     t = 0.0
     for start in range(0, V, BLOCK_V):
-        z = tl.load(x_row + start + cols, mask=(start + cols) < v_lim, other=-float("inf")).to(tl.float32) * inv_t
+        z = tl.load(x_row + start + cols, mask=(start + cols) < v_lim,
+                    other=-float("inf")).to(tl.float32) * inv_t
         m_new = tl.maximum(m, tl.max(z, axis=0))
         m_sub = tl.where(m_new > -float("inf"), m_new, 0.0)
         e = tl.exp(z - m_sub)
