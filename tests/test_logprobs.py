@@ -232,3 +232,20 @@ def test_no_tokens(request, backend):
     assert logp.shape == ent.shape == (2, 0)
     (logp.sum() + ent.sum()).backward()
     assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("backend", ["torch_backend", "triton_backend"])
+def test_without_entropy_same_logp_and_grad(request, backend):
+    # The torch path skips the entropy sums when entropy is not asked for.
+    request.getfixturevalue(backend)
+    logits, targets, g_lp, _ = make_inputs((9,), 50, torch.float32, 2.0)
+    x1 = logits.clone().requires_grad_(True)
+    x2 = logits.clone().requires_grad_(True)
+    lp1 = logprobs(x1, targets, temperature=0.7)
+    lp2, _ = logprobs(x2, targets, temperature=0.7, return_entropy=True)
+    (g_lp * lp1).sum().backward()
+    (g_lp * lp2).sum().backward()
+    torch.testing.assert_close(lp1, lp2, rtol=0, atol=0)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=0, atol=0)
+    ref = reference(logits.double(), targets, 0.7)[0]
+    torch.testing.assert_close(lp1.double(), ref, rtol=1e-6, atol=1e-6)

@@ -48,14 +48,14 @@ def _token_chunk(n, v):
 
 # ----------------------------------------------------------------------------- torch reference
 
-def linear_stats_torch(hidden, weight, targets, inv_t, vocab_start=0):
+def linear_stats_torch(hidden, weight, targets, inv_t, vocab_start=0, with_entropy=True):
     """hidden [N, H], weight [Vs, H], targets [N] global ids -> parts [1, N, 4] float32."""
     n, v = hidden.shape[0], weight.shape[0]
     out = torch.empty(n, 4, dtype=torch.float32, device=hidden.device)
     step = _token_chunk(n, v)
     for i in range(0, n, step):
         z = (hidden[i:i + step] @ weight.t()).float().mul_(inv_t)
-        out[i:i + step] = block_stats_torch(z, targets[i:i + step], vocab_start)
+        out[i:i + step] = block_stats_torch(z, targets[i:i + step], vocab_start, with_entropy)
     return out.unsqueeze(0)
 
 

@@ -72,12 +72,13 @@ def _target_columns(targets, vocab_start, width):
     return torch.where(inside, local, 0).unsqueeze(-1), inside
 
 
-def block_stats_torch(z, targets, vocab_start=0):
+def block_stats_torch(z, targets, vocab_start=0, with_entropy=True):
     """Partial statistics of one block of scaled logits; z is overwritten (it is a scratch
     buffer: the CPU path's memory is two blocks, not a handful).
 
     z [C, Vb] float32 (already divided by T), targets [C] int64 global ids; the block holds
-    vocabulary ids [vocab_start, vocab_start + Vb). Returns [C, 4] float32.
+    vocabulary ids [vocab_start, vocab_start + Vb). Returns [C, 4] float32; without with_entropy
+    t is left at 0 (a third fewer passes over z; the entropy that results must not be used).
     """
     col, inside = _target_columns(targets, vocab_start, z.shape[-1])
     zt = torch.where(inside, z.gather(-1, col).squeeze(-1), 0.0)
@@ -85,8 +86,11 @@ def block_stats_torch(z, targets, vocab_start=0):
     z.sub_(torch.where(torch.isfinite(m), m, 0.0))
     e = torch.exp(z)
     s = e.sum(-1)
-    # e * (z - m) is 0 * -inf = nan at masked (-inf) logits; their contribution is 0.
-    t = e.mul_(z).nan_to_num_(nan=0.0).sum(-1)
+    if with_entropy:
+        # e * (z - m) is 0 * -inf = nan at masked (-inf) logits; their contribution is 0.
+        t = e.mul_(z).nan_to_num_(nan=0.0).sum(-1)
+    else:
+        t = torch.zeros_like(s)
     return torch.stack([m.squeeze(-1), s, t, zt], dim=-1)
 
 
@@ -108,14 +112,14 @@ def block_dlogits_torch(z, targets, norm, entropy, g_lp, g_ent, inv_t, vocab_sta
     return dz.mul_(inv_t)
 
 
-def logprobs_stats_torch(logits, targets, inv_t):
+def logprobs_stats_torch(logits, targets, inv_t, with_entropy=True):
     """logits [N, V] any float dtype, targets [N] -> parts [1, N, 4], row chunk by row chunk."""
     n, v = logits.shape
     out = torch.empty(n, 4, dtype=torch.float32, device=logits.device)
     step = _row_chunk(n, v)
     for i in range(0, n, step):
         z = logits[i:i + step].float() * inv_t
-        out[i:i + step] = block_stats_torch(z, targets[i:i + step])
+        out[i:i + step] = block_stats_torch(z, targets[i:i + step], 0, with_entropy)
     return out.unsqueeze(0)
 
 

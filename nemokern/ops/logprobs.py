@@ -74,12 +74,12 @@ def _upstream(grad, valid):
 
 class _LogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, inv_t, ignore_index):
+    def forward(ctx, logits, targets, inv_t, ignore_index, with_entropy):
         backend = backend_for(logits)
         if backend == "triton":
             parts = _logits.logprobs_stats_triton(logits, targets, inv_t, ignore_index)
         else:
-            parts = _logits.logprobs_stats_torch(logits, targets, inv_t)
+            parts = _logits.logprobs_stats_torch(logits, targets, inv_t, with_entropy)
         valid = targets != ignore_index
         logp, norm, entropy = _logits.combine_stats(parts, valid)
         ctx.save_for_backward(logits, targets, norm, entropy)
@@ -98,7 +98,7 @@ class _LogProbs(torch.autograd.Function):
         else:
             grad = _logits.logprobs_backward_torch(logits, targets, norm, entropy, g_lp, g_ent,
                                                    ctx.inv_t)
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 def logprobs(logits, targets, *, temperature=1.0, ignore_index=-100, return_entropy=False):
@@ -122,7 +122,7 @@ def logprobs(logits, targets, *, temperature=1.0, ignore_index=-100, return_entr
     x = logits.reshape(-1, vocab)
     if x.stride(-1) != 1:
         x = x.contiguous()
-    logp, entropy = _LogProbs.apply(x, flat_t, inv_t, ignore_index)
+    logp, entropy = _LogProbs.apply(x, flat_t, inv_t, ignore_index, return_entropy)
     logp = logp.reshape(targets.shape)
     return (logp, entropy.reshape(targets.shape)) if return_entropy else logp
 
@@ -140,12 +140,14 @@ def _gather_parts(parts, group):
 
 class _LinearLogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, inv_t, ignore_index, vocab_start, tp_group):
+    def forward(ctx, hidden, weight, targets, inv_t, ignore_index, vocab_start, tp_group,
+                with_entropy):
         backend = backend_for(hidden, weight)
         if backend == "triton":
             parts = _linear.linear_stats_triton(hidden, weight, targets, inv_t, vocab_start)
         else:
-            parts = _linear.linear_stats_torch(hidden, weight, targets, inv_t, vocab_start)
+            parts = _linear.linear_stats_torch(hidden, weight, targets, inv_t, vocab_start,
+                                               with_entropy)
         if tp_group is not None:
             parts = _gather_parts(parts, tp_group)
         valid = targets != ignore_index
@@ -169,7 +171,7 @@ class _LinearLogProbs(torch.autograd.Function):
             # hidden is replicated across the group and each shard saw only its vocabulary:
             # the full dhidden is the sum over shards (Megatron's column-parallel input grad).
             dist.all_reduce(dh, group=ctx.tp_group)
-        return dh, dw, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None
 
 
 def linear_logprobs(hidden, weight, targets, *, temperature=1.0, ignore_index=-100,
@@ -214,6 +216,6 @@ def linear_logprobs(hidden, weight, targets, *, temperature=1.0, ignore_index=-1
     h = h if h.is_contiguous() else h.contiguous()
     w = weight if weight.is_contiguous() else weight.contiguous()
     logp, entropy = _LinearLogProbs.apply(h, w, flat_t, inv_t, ignore_index, vocab_start,
-                                          tp_group)
+                                          tp_group, return_entropy)
     logp = logp.reshape(targets.shape)
     return (logp, entropy.reshape(targets.shape)) if return_entropy else logp
