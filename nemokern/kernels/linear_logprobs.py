@@ -74,8 +74,19 @@ def backward_by_vocab_chunks(hidden, weight, chunk_cols, dlogits_chunk):
         if dh.dtype == dz.dtype:
             dh.addmm_(dz, w_c)
         else:
-            dh += dz @ w_c
+            dh += _mm_fp32(dz, w_c)
     return dh.to(hidden.dtype), dw
+
+
+def _mm_fp32(a, b):
+    """a @ b [M, N] float32 from bf16/fp16 operands. On CUDA, cuBLAS writes the fp32 accumulator
+    directly, so dhidden is rounded to bf16 once (as eager's single GEMM) and not once per chunk."""
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass  # torch without out_dtype: per-chunk rounding, error ~2x eager's at worst
+    return (a @ b).float()
 
 
 def linear_backward_torch(hidden, weight, targets, norm, entropy, g_lp, g_ent, inv_t,
