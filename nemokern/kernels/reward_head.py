@@ -18,29 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ._rounding import cast_to, round_to
+
 _BLOCK_H = 256
 _MAX_BLOCK_K = 16
-
-
-@triton.jit
-def round_to(x, DTYPE: tl.constexpr):
-    """Round fp32 x to DTYPE, nearest-even, returned as fp32. bf16 by integer arithmetic: Triton's
-    interpreter truncates fp32 -> bf16 casts, and the kernels must round identically everywhere."""
-    if DTYPE == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        out = bits.to(tl.float32, bitcast=True)
-    elif DTYPE == tl.float16:
-        out = x.to(tl.float16).to(tl.float32)
-    else:
-        out = x
-    return out
-
-
-@triton.jit
-def cast_to(x, DTYPE: tl.constexpr):
-    """fp32 x as DTYPE, rounded to nearest-even on the GPU and in the interpreter alike."""
-    return round_to(x, DTYPE).to(DTYPE)
 
 
 @triton.jit

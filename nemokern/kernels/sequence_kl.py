@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nemokern.kernels.reward_head import cast_to  # rounds bf16 like the GPU, interpreted too
+from ._rounding import cast_to  # rounds bf16 like the GPU, interpreted too
 
 ESTIMATORS = ("k1", "abs", "k2", "k3")
 _BLOCK = 1024
