@@ -1,0 +1,148 @@
+"""Benchmarks: nemokern.ops.logprobs / linear_logprobs against eager PyTorch, torch.compile of the
+same, and (GPU, where installed) Liger-Kernel's fused linear cross-entropy.
+
+    python -m pytest bench/test_bench_logprobs.py --benchmark-enable        # CPU, CI-sized
+    python -m pytest -m gpu bench/test_bench_logprobs.py --benchmark-enable  # GPU, real shapes
+
+Every benchmark is one training step's worth of work: forward and backward (the grad w.r.t.
+logits, or hidden and weight), except the "fwd" groups (reference / old-policy log-probs need no
+grad). extra_info: `bytes` for the logits op (nemokern's DRAM traffic: read logits in forward;
+read logits and write dlogits in backward; per-row scalars ignored), `flops` for the linear op
+(model FLOPs: 2*N*H*V forward, 6*N*H*V forward + backward; nemokern also recomputes the logits in
+backward, the recipe's 8*N*H*V, recorded as `flops_with_recompute`), and peak extra memory.
+"""
+import pytest
+import torch
+
+from nemokern.ops import linear_logprobs, logprobs
+# One timing helper for all benchmarks (sync on CUDA, peak extra memory, device name).
+from test_bench_kl_reward import _run
+
+IGNORE = -100
+
+
+# ---------------------------------------------------------------- the eager composites
+
+def logprobs_eager(logits, targets):
+    """What RLHF codebases write: fp32 log_softmax over the whole vocabulary, then gather."""
+    lsm = torch.log_softmax(logits.float(), dim=-1)
+    valid = targets != IGNORE
+    picked = lsm.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
+    return picked * valid
+
+
+def linear_logprobs_eager(hidden, weight, targets):
+    return logprobs_eager(hidden @ weight.t(), targets)
+
+
+_logprobs_compiled = torch.compile(logprobs_eager, dynamic=False)
+_linear_compiled = torch.compile(linear_logprobs_eager, dynamic=False)
+
+
+def _liger_linear():
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        pytest.skip("Liger-Kernel is not installed")
+    loss = LigerFusedLinearCrossEntropyLoss(reduction="sum", ignore_index=IGNORE)
+    # -sum of the log-probs of the targets: the same gradients as sum(logp) up to sign.
+    return lambda h, w, t: -loss(w, h, t)
+
+
+# ---------------------------------------------------------------- logits op
+
+def _bench_logits(benchmark, impl, n, vocab, dtype, device, rounds, backward):
+    g = torch.Generator(device=device).manual_seed(0)
+    logits = (torch.randn(n, vocab, device=device, generator=g) * 2).to(dtype)
+    targets = torch.randint(0, vocab, (n,), device=device, generator=g)
+    targets[::8] = IGNORE
+    logits.requires_grad_(backward)
+    fn = {"nemokern": logprobs, "eager": logprobs_eager, "compiled": _logprobs_compiled}[impl]
+
+    def step():
+        if not backward:
+            with torch.no_grad():
+                return fn(logits, targets)
+        (grad,) = torch.autograd.grad(fn(logits, targets).sum(), logits)
+        return grad
+
+    es = logits.element_size()
+    info = {"bytes": n * vocab * es * (3 if backward else 1)} if impl == "nemokern" else {}
+    _run(benchmark, step, device, rounds, shape=f"N={n} V={vocab} {dtype}", **info)
+
+
+IMPLS = ["nemokern", "eager", "compiled"]
+
+
+@pytest.mark.benchmark(group="logprobs fwd+bwd (CPU, N=2048 V=32000 fp32)")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_logprobs_cpu(benchmark, impl):
+    _bench_logits(benchmark, impl, 2048, 32000, torch.float32, "cpu", 5, backward=True)
+
+
+@pytest.mark.benchmark(group="logprobs fwd (CPU, N=2048 V=32000 fp32)")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_logprobs_fwd_cpu(benchmark, impl):
+    _bench_logits(benchmark, impl, 2048, 32000, torch.float32, "cpu", 5, backward=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.benchmark(group="logprobs fwd+bwd (GPU, N=16384 V=128256 bf16)")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_logprobs_gpu(benchmark, impl):
+    _bench_logits(benchmark, impl, 16384, 128256, torch.bfloat16, "cuda", 20, backward=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.benchmark(group="logprobs fwd (GPU, N=16384 V=128256 bf16)")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_logprobs_fwd_gpu(benchmark, impl):
+    _bench_logits(benchmark, impl, 16384, 128256, torch.bfloat16, "cuda", 20, backward=False)
+
+
+# ---------------------------------------------------------------- linear op
+
+def _bench_linear(benchmark, impl, n, hs, vocab, dtype, device, rounds, backward):
+    g = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(n, hs, device=device, generator=g).to(dtype)
+    weight = (torch.randn(vocab, hs, device=device, generator=g) / hs ** 0.5).to(dtype)
+    targets = torch.randint(0, vocab, (n,), device=device, generator=g)
+    targets[::8] = IGNORE
+    hidden.requires_grad_(backward)
+    weight.requires_grad_(backward)
+    fn = {"nemokern": linear_logprobs, "eager": linear_logprobs_eager,
+          "compiled": _linear_compiled}.get(impl) or _liger_linear()
+
+    def step():
+        if not backward:
+            with torch.no_grad():
+                return fn(hidden, weight, targets)
+        return torch.autograd.grad(fn(hidden, weight, targets).sum(), (hidden, weight))
+
+    nhv = n * hs * vocab
+    info = {"flops": (6 if backward else 2) * nhv}
+    if impl == "nemokern" and backward:
+        info["flops_with_recompute"] = 8 * nhv
+    _run(benchmark, step, device, rounds, shape=f"N={n} H={hs} V={vocab} {dtype}", **info)
+
+
+@pytest.mark.benchmark(group="linear_logprobs fwd+bwd (CPU, N=4096 H=1024 V=32000 fp32)")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_linear_logprobs_cpu(benchmark, impl):
+    _bench_linear(benchmark, impl, 4096, 1024, 32000, torch.float32, "cpu", 3, backward=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.benchmark(group="linear_logprobs fwd+bwd (GPU, N=16384 H=4096 V=128256 bf16)")
+@pytest.mark.parametrize("impl", IMPLS + ["liger"])
+def test_linear_logprobs_gpu(benchmark, impl):
+    _bench_linear(benchmark, impl, 16384, 4096, 128256, torch.bfloat16, "cuda", 10,
+                  backward=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.benchmark(group="linear_logprobs fwd (GPU, N=16384 H=4096 V=128256 bf16)")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_linear_logprobs_fwd_gpu(benchmark, impl):
+    _bench_linear(benchmark, impl, 16384, 4096, 128256, torch.bfloat16, "cuda", 10,
+                  backward=False)
