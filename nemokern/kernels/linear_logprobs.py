@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._rounding import cast_to
 from .logprobs import block_dlogits_torch, block_stats_torch
 
 # Logits elements per chunk on the CPU path: 64 MB of fp32 (524 tokens at V = 32000 forward,
@@ -191,7 +192,7 @@ def _linear_dlogits_kernel(h_ptr, w_ptr, tgt_ptr, norm_ptr, ent_ptr, glp_ptr, ge
     dz = tl.where(p > 0, -p * (g_lp[:, None] + g_ent[:, None] * (logp_all + ent[:, None])), 0.0)
     dz = tl.where(cols[None, :] == tgt[:, None], dz + g_lp[:, None], dz)
     tl.store(dz_ptr + rows[:, None] * stride_dz + cols[None, :],
-             (dz * inv_t).to(dz_ptr.dtype.element_ty),
+             cast_to(dz * inv_t, dz_ptr.dtype.element_ty),
              mask=in_n[:, None] & (cols[None, :] < V))
 
 

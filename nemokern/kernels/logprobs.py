@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._rounding import cast_to  # bf16 rounded to nearest-even, interpreted too
+
 # Rows per chunk of the torch reference: keeps its fp32 temporaries near 2**22 elements (16 MB)
 # whatever N is, so the CPU path never holds an [N, V] fp32 tensor.
 _TORCH_CHUNK_ELEMENTS = 1 << 22
@@ -196,7 +198,7 @@ def _logprobs_backward_kernel(x_ptr, tgt_ptr, norm_ptr, ent_ptr, glp_ptr, gent_p
         dz = tl.where(p > 0, -p * (g_lp + g_ent * (logp_all + ent)), 0.0)
         dz = tl.where((start + cols) == tgt, dz + g_lp, dz)
         tl.store(dx_ptr + row * stride_dx + start + cols,
-                 (dz * inv_t).to(dx_ptr.dtype.element_ty), mask=in_v)
+                 cast_to(dz * inv_t, dx_ptr.dtype.element_ty), mask=in_v)
 
 
 # One row per program; 4096 columns per step keeps 16-byte vector loads and enough bytes in
