@@ -13,7 +13,7 @@ import torch
 
 import nemokern.kernels.linear_logprobs as L
 from nemokern.ops import linear_logprobs
-from test_logprobs import IGNORE, error_vs, reference
+from test_logprobs import IGNORE, error_vs, pytestmark, reference  # noqa: F401 (pytestmark)
 
 
 def make_inputs(shape, hidden_size, vocab, dtype, scale, ignore_frac=0.25, seed=0):
@@ -81,7 +81,6 @@ TRITON_CASES = [
 ]
 
 
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("shape,hidden_size,vocab,dtype,temperature,scale", TRITON_CASES)
 def test_triton_kernels_match_float64(triton_backend, monkeypatch, shape, hidden_size, vocab,
                                       dtype, temperature, scale):
@@ -96,7 +95,6 @@ def test_triton_kernels_match_float64(triton_backend, monkeypatch, shape, hidden
                                 f"T={temperature} x{scale:g}")
 
 
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("backend", ["torch_backend", "triton_backend"])
 def test_all_ignored_and_logprob_only_grad(request, backend):
     request.getfixturevalue(backend)
