@@ -16,6 +16,7 @@ Conventions shared by both ops:
   `linear_logprobs` returns -logsumexp (the target logit counts as 0).
 """
 import math
+import numbers
 import os
 
 import torch
@@ -29,8 +30,9 @@ from ._dispatch import backend_for
 # ----------------------------------------------------------------------------- validation
 
 def _inv_temperature(temperature):
-    if isinstance(temperature, torch.Tensor) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a Python float, got {type(temperature).__name__}")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a real number (e.g. 0.7), got "
+                        f"{type(temperature).__name__}")
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     return 1.0 / float(temperature)
