@@ -10,11 +10,10 @@ K=9, bf16. extra_info["bytes"] is the analytic DRAM traffic of the implementatio
 import pytest
 import torch
 
-from _memory import peak_extra_bytes
+from _memory import run_benchmark as _run
 from nemokern.ops import reward_head, sequence_kl
 
 EPS = 1e-5
-CPU = "2-core CPU, no GPU"
 
 
 @pytest.fixture
@@ -25,24 +24,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def _device_name(device):
-    return torch.cuda.get_device_name() if device == "cuda" else CPU
-
-
-def _run(benchmark, fn, device, rounds, **info):
-    """Time fn (synchronised on CUDA), record its peak extra memory and `info`."""
-    def call():
-        out = fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return out
-
-    call()  # warm up (and compile, for torch.compile)
-    _, peak = peak_extra_bytes(call, device)
-    benchmark.pedantic(call, rounds=rounds, warmup_rounds=1)
-    benchmark.extra_info.update(peak_extra_bytes=peak, device=_device_name(device), **info)
 
 
 # ---------------------------------------------------------------- sequence_kl

@@ -16,7 +16,7 @@ import torch
 
 from nemokern.ops import linear_logprobs, logprobs
 # One timing helper for all benchmarks (sync on CUDA, peak extra memory, device name).
-from test_bench_kl_reward import _run
+from _memory import run_benchmark as _run
 
 IGNORE = -100
 
