@@ -42,3 +42,16 @@ def test_setup_py_never_imports_torch():
 
 def test_version():
     assert nemokern.__version__
+
+
+def test_check_tensors_names_the_argument():
+    from nemokern.ops._dispatch import check_tensors
+
+    a = torch.zeros(2)
+    with pytest.raises(TypeError, match="op: b must be a torch.Tensor"):
+        check_tensors("op", {"a": a, "b": [1.0]})
+    with pytest.raises(ValueError, match="op: b is on meta but a is on cpu"):
+        check_tensors("op", {"a": a, "b": torch.zeros(2, device="meta")})
+    with pytest.raises(TypeError, match="op: b has dtype torch.int64"):
+        check_tensors("op", {"a": a, "b": torch.zeros(2, dtype=torch.long)}, (torch.float32,), ("b",))
+    check_tensors("op", {"a": a, "b": torch.zeros(2, dtype=torch.long)}, (torch.float32,), ("a",))

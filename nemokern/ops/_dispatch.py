@@ -30,3 +30,17 @@ def backend_for(*tensors: torch.Tensor) -> str:
 def triton_interpreting() -> bool:
     """True when Triton kernels run on the CPU through the interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_tensors(op: str, named: dict, float_dtypes=(), float_names=()):
+    """Errors a user can cause with tensor arguments, named: each value must be a tensor on the
+    device of the first one; those in float_names must have one of float_dtypes."""
+    first_name, first = next(iter(named.items()))
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != first.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {first_name} is on "
+                             f"{first.device}; move them to one device")
+        if name in float_names and t.dtype not in float_dtypes:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype}; use one of {tuple(float_dtypes)}")

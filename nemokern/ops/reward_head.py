@@ -7,7 +7,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from nemokern.kernels import reward_head as _k
-from nemokern.ops._dispatch import backend_for
+from nemokern.ops._dispatch import backend_for, check_tensors
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -75,14 +75,7 @@ def _check(hidden, last_index, norm_weight, head_weight, head_bias, eps):
              "head_weight": head_weight}
     if head_bias is not None:
         named["head_bias"] = head_bias
-    for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"reward_head: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.device != hidden.device:
-            raise ValueError(f"reward_head: {name} is on {t.device} but hidden is on "
-                             f"{hidden.device}; move them to one device")
-        if name != "last_index" and t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"reward_head: {name} has dtype {t.dtype}; use one of {_FLOAT_DTYPES}")
+    check_tensors("reward_head", named, _FLOAT_DTYPES, set(named) - {"last_index"})
     if hidden.dim() not in (2, 3):
         raise ValueError(f"reward_head: hidden has shape {tuple(hidden.shape)}; pass [B, T, H] "
                          "or packed [N, H]")

@@ -7,7 +7,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from nemokern.kernels import sequence_kl as _k
-from nemokern.ops._dispatch import backend_for
+from nemokern.ops._dispatch import backend_for, check_tensors
 
 REDUCTIONS = ("mean", "sum")
 _MASK_PASSTHROUGH = (torch.bool, torch.uint8, torch.float32, torch.bfloat16, torch.float16)
@@ -84,19 +84,11 @@ def _check_options(estimator, reduction):
 
 def _check_tensors(logprobs, ref_logprobs, mask, cu_seqlens):
     named = {"logprobs": logprobs, "ref_logprobs": ref_logprobs, "mask": mask}
+    check_tensors("sequence_kl", named, _LOGP_DTYPES, ("logprobs", "ref_logprobs"))
     for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"sequence_kl: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.shape != logprobs.shape:
             raise ValueError(f"sequence_kl: {name} has shape {tuple(t.shape)} but logprobs has "
                              f"{tuple(logprobs.shape)}; all three must match")
-        if t.device != logprobs.device:
-            raise ValueError(f"sequence_kl: {name} is on {t.device} but logprobs is on "
-                             f"{logprobs.device}; move them to one device")
-    for name in ("logprobs", "ref_logprobs"):
-        if named[name].dtype not in _LOGP_DTYPES:
-            raise TypeError(f"sequence_kl: {name} has dtype {named[name].dtype}; use one of "
-                            f"{_LOGP_DTYPES}")
     if mask.is_complex():
         raise TypeError(f"sequence_kl: mask has dtype {mask.dtype}; use bool or a real 0/1 tensor")
     if cu_seqlens is None:
