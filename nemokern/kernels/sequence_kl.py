@@ -93,6 +93,17 @@ def _token_range(cu_ptr, b, seq_len, PACKED: tl.constexpr):
 
 
 @triton.jit
+def _load_block(logp_ptr, ref_ptr, mask_ptr, off, end, BLOCK: tl.constexpr):
+    """Token indices [BLOCK] from off, which of them are < end, and mask / logp / ref there (fp32)."""
+    idx = off + tl.arange(0, BLOCK)
+    inside = idx < end
+    m = tl.load(mask_ptr + idx, mask=inside, other=0).to(tl.float32)
+    lp = tl.load(logp_ptr + idx, mask=inside, other=0.0).to(tl.float32)
+    ref = tl.load(ref_ptr + idx, mask=inside, other=0.0).to(tl.float32)
+    return idx, inside, m, lp, ref
+
+
+@triton.jit
 def _sequence_kl_fwd(logp_ptr, ref_ptr, mask_ptr, cu_ptr, kl_ptr, scale_ptr, seq_len,
                      ESTIMATOR: tl.constexpr, MEAN: tl.constexpr, PACKED: tl.constexpr,
                      BLOCK: tl.constexpr):
@@ -101,11 +112,7 @@ def _sequence_kl_fwd(logp_ptr, ref_ptr, mask_ptr, cu_ptr, kl_ptr, scale_ptr, seq
     total = tl.zeros([BLOCK], tl.float32)
     weight = tl.zeros([BLOCK], tl.float32)
     for off in range(start, end, BLOCK):
-        idx = off + tl.arange(0, BLOCK)
-        inside = idx < end
-        m = tl.load(mask_ptr + idx, mask=inside, other=0).to(tl.float32)
-        lp = tl.load(logp_ptr + idx, mask=inside, other=0.0).to(tl.float32)
-        ref = tl.load(ref_ptr + idx, mask=inside, other=0.0).to(tl.float32)
+        idx, inside, m, lp, ref = _load_block(logp_ptr, ref_ptr, mask_ptr, off, end, BLOCK)
         total += tl.where(m != 0, m * _estimate(lp, ref, ESTIMATOR), 0.0)
         weight += m
     total_sum = tl.sum(total, axis=0)
@@ -128,11 +135,7 @@ def _sequence_kl_bwd(grad_kl_ptr, scale_ptr, logp_ptr, ref_ptr, mask_ptr, cu_ptr
     start, end = _token_range(cu_ptr, b, seq_len, PACKED)
     g = tl.load(grad_kl_ptr + b).to(tl.float32) * tl.load(scale_ptr + b)
     for off in range(start, end, BLOCK):
-        idx = off + tl.arange(0, BLOCK)
-        inside = idx < end
-        m = tl.load(mask_ptr + idx, mask=inside, other=0).to(tl.float32)
-        lp = tl.load(logp_ptr + idx, mask=inside, other=0.0).to(tl.float32)
-        ref = tl.load(ref_ptr + idx, mask=inside, other=0.0).to(tl.float32)
+        idx, inside, m, lp, ref = _load_block(logp_ptr, ref_ptr, mask_ptr, off, end, BLOCK)
         d = tl.where(m != 0, (g * m) * _estimate_grad(lp, ref, ESTIMATOR), 0.0)
         tl.store(grad_ptr + idx, cast_to(d, grad_ptr.dtype.element_ty), mask=inside)
 
