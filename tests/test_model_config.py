@@ -118,3 +118,14 @@ def test_missing_fields_and_bad_files(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         LlamaConfig.from_json_file(tmp_path / "config.json")
+
+
+@pytest.mark.parametrize("scaling", [None, LLAMA3_ROPE])
+def test_config_without_rope_theta_uses_transformers_default(scaling):
+    # A config.json may omit rope_theta; transformers then rotates with its default base, and a
+    # checkpoint must give the same logits in both libraries whatever the rope spelling.
+    d = {k: v for k, v in LLAMA31_8B.items() if k not in ("rope_theta", "rope_scaling")}
+    if scaling is not None:
+        d["rope_scaling"] = dict(scaling)
+    theirs = HFConfig(**copy.deepcopy(d)).rope_parameters["rope_theta"]
+    assert LlamaConfig.from_dict(d).rope_theta == theirs

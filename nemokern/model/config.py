@@ -15,6 +15,9 @@ from typing import Any
 _ROPE_TYPES = ("default", "llama3")
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 _DTYPES = ("float32", "bfloat16", "float16")
+# transformers' LlamaConfig base when config.json names no rope_theta (in either spelling); a file
+# must rotate the same in both libraries, so this is not the Llama-3 value of the dataclass.
+_HF_DEFAULT_ROPE_THETA = 10000.0
 
 
 class ConfigError(ValueError):
@@ -167,12 +170,12 @@ def _read_rope(d, source):
     key = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
     theta = d.get("rope_theta")
     if params is None:
-        return (500000.0 if theta is None else float(theta)), None
+        return (_HF_DEFAULT_ROPE_THETA if theta is None else float(theta)), None
     if not isinstance(params, dict):
         raise ConfigError(f"{source}: {key} must be an object, got {params!r}")
     params = dict(params)
     # As in transformers: the rope dict's own rope_theta wins, then the top-level one, then 1e4.
-    theta = params.pop("rope_theta", None) or theta or 10000.0
+    theta = params.pop("rope_theta", None) or theta or _HF_DEFAULT_ROPE_THETA
     rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
     params.pop("type", None)
     if rope_type not in _ROPE_TYPES:
