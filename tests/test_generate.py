@@ -124,3 +124,17 @@ def test_bad_options_raise(model, kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         generate(model, args.pop("prompts"), **args)
+
+
+def test_prefill_applies_the_lm_head_to_the_last_position_only(model):
+    # [B, T_prompt, V] logits of the prompt would be B * T * 128256 floats for a real Llama-3.1
+    # (GBs for a rollout batch); sampling needs only the last position's.
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda mod, inp, out: seen.append(tuple(out.shape)))
+    try:
+        res = generate(model, PROMPTS, max_new_tokens=3, greedy=True, eos_token_id=[])
+    finally:
+        hook.remove()
+    assert res.tokens.shape == (3, 3)
+    v = model.config.vocab_size
+    assert seen and all(s[:-1] in ((3,), (3, 1)) and s[-1] == v for s in seen), seen

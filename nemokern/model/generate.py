@@ -80,7 +80,9 @@ def generate(model, prompts: Sequence[Sequence[int] | torch.Tensor], *, max_new_
     model.eval()
     try:
         cache = model.new_cache(b, plen + max_new_tokens)
-        logits = model(ids, position_ids=positions, cache=cache, valid=valid)[:, -1]
+        # LM head on the last prompt position only: [B, T, V] prompt logits are never needed.
+        hidden = model.hidden_states(ids, position_ids=positions, cache=cache, valid=valid)
+        logits = model.lm_head(hidden[:, -1])
         next_pos = positions[:, -1:] + 1
         out = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)
         done = torch.zeros(b, dtype=torch.bool, device=device)
