@@ -32,6 +32,16 @@ def test_rloo_all_invalid_or_single_gives_zero():
     assert rloo_advantages(scores, valid).abs().sum() == 0
 
 
+def test_rloo_invalid_samples_never_leak_into_valid_ones():
+    # A truncated (invalid) sample may carry a non-finite score (e.g. a NaN KL of a degenerate
+    # response); it is excluded from the baseline, so it must not turn the others' advantages NaN.
+    scores = torch.tensor([[1.0, float("nan"), 3.0, 6.0], [float("inf"), 2.0, 4.0, float("-inf")]])
+    valid = torch.tensor([[True, False, True, True], [False, True, True, False]])
+    adv = rloo_advantages(scores, valid)
+    finite = torch.where(valid, scores, torch.zeros_like(scores))
+    torch.testing.assert_close(adv, _rloo_loop(finite, valid).float(), rtol=0, atol=1e-6)
+
+
 def test_rloo_rejects_bad_shapes():
     with pytest.raises(ValueError, match=r"\[P, k\]"):
         rloo_advantages(torch.zeros(4), torch.ones(4, dtype=torch.bool))

@@ -19,5 +19,7 @@ def rloo_advantages(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     valid = valid.bool()
     v = valid.to(scores.dtype)
     n = v.sum(-1, keepdim=True)
-    others = ((scores * v).sum(-1, keepdim=True) - scores * v) / (n - v).clamp(min=1)
+    # where, not scores * v: an invalid sample's NaN/inf score times 0 would still poison the sum
+    kept = torch.where(valid, scores, torch.zeros_like(scores))
+    others = (kept.sum(-1, keepdim=True) - kept) / (n - v).clamp(min=1)
     return torch.where(valid & (n > 1), scores - others, torch.zeros_like(scores))
