@@ -1,7 +1,10 @@
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import nemokern
+from nemokern.kernels._rounding import cast_to
 from nemokern.ops._dispatch import backend_for
 
 
@@ -55,3 +58,26 @@ def test_check_tensors_names_the_argument():
     with pytest.raises(TypeError, match="op: b has dtype torch.int64"):
         check_tensors("op", {"a": a, "b": torch.zeros(2, dtype=torch.long)}, (torch.float32,), ("b",))
     check_tensors("op", {"a": a, "b": torch.zeros(2, dtype=torch.long)}, (torch.float32,), ("a",))
+
+
+@triton.jit
+def _cast_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n)
+    tl.store(y_ptr + offs, cast_to(x, y_ptr.dtype.element_ty), mask=offs < n)
+
+
+def test_bf16_rounding_helper_matches_torch_including_nan():
+    """kernels/_rounding.cast_to must give torch's fp32 -> bf16 bits (nearest-even). NaN must stay
+    NaN: a GPU's arithmetic NaN is 0x7FFFFFFF, which the rounding carry would turn into -0.0."""
+    special = [0x7FFFFFFF, 0xFFFFFFFF, 0x7FC00000, 0x7F800001, 0xFFBFFFFF, 0x7F800000,
+               0xFF800000, 0x7F7FFFFF, 0x3F808000, 0x3F818000, 0x00000001, 0x80008000, 0]
+    bits = torch.tensor(special, dtype=torch.int64).to(torch.int32)  # wraps to the same bits
+    x = torch.cat([bits.view(torch.float32),
+                   torch.randn(100, generator=torch.Generator().manual_seed(0)) * 1e3])
+    y = torch.empty(x.shape, dtype=torch.bfloat16)
+    _cast_kernel[(1,)](x, y, x.numel(), BLOCK=128)
+    want = x.to(torch.bfloat16)
+    assert torch.equal(torch.isnan(y), torch.isnan(want)), (x[:13], y[:13], want[:13])
+    ok = torch.isnan(want)
+    assert torch.equal(y[~ok].view(torch.int16), want[~ok].view(torch.int16))

@@ -14,7 +14,9 @@ def round_to(x, DTYPE: tl.constexpr):
     if DTYPE == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        out = bits.to(tl.float32, bitcast=True)
+        # NaN stays NaN: the rounding carry turns the GPU's arithmetic NaN (0x7FFFFFFF) into -0.0
+        # and low-payload NaNs into inf, which would hide a diverged gradient.
+        out = tl.where(x != x, float("nan"), bits.to(tl.float32, bitcast=True))
     elif DTYPE == tl.float16:
         out = x.to(tl.float16).to(tl.float32)
     else:
