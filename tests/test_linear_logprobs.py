@@ -176,3 +176,10 @@ def test_no_tokens(request, backend):
     assert logp.shape == ent.shape == (0,)
     (logp.sum() + ent.sum()).backward()
     assert torch.equal(w.grad, torch.zeros_like(w)) and h.grad.shape == (0, 8)
+
+
+def test_triton_path_rejects_unsupported_dtype_clearly(triton_backend):
+    # float64 works on the torch path; the Triton kernels have no float64 tiles.
+    h, w = torch.randn(3, 8, dtype=torch.float64), torch.randn(11, 8, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64.*NEMOKERN_BACKEND=torch"):
+        linear_logprobs(h, w, torch.tensor([0, 1, 2]))

@@ -205,6 +205,7 @@ _CONFIGS = {
     torch.float32: (64, 64, 32, 4, 3),
 }
 _PRECISION = {torch.bfloat16: "tf32", torch.float16: "tf32", torch.float32: "ieee"}
+TRITON_DTYPES = tuple(_CONFIGS)  # what the Triton kernels take; the torch reference takes any
 
 
 def _interpreting():

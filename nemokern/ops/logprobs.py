@@ -145,6 +145,10 @@ class _LinearLogProbs(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, inv_t, ignore_index, vocab_start, tp_group,
                 with_entropy):
         backend = backend_for(hidden, weight)
+        if backend == "triton" and hidden.dtype not in _linear.TRITON_DTYPES:
+            raise TypeError(f"linear_logprobs: the Triton kernels take hidden/weight in "
+                            f"{_linear.TRITON_DTYPES}, got {hidden.dtype}; cast them, or set "
+                            f"NEMOKERN_BACKEND=torch for the (slower) torch reference")
         if backend == "triton":
             parts = _linear.linear_stats_triton(hidden, weight, targets, inv_t, vocab_start)
         else:
