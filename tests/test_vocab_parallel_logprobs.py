@@ -78,3 +78,27 @@ def test_vocab_parallel_equals_unsharded(world, backend, dtype):
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_worker, args=(world, os.path.join(d, "store"), backend, dtype), nprocs=world,
                  join=True)
+
+
+def _unequal_worker(rank, world, init_file):
+    os.environ["NEMOKERN_BACKEND"] = "torch"
+    from nemokern.ops import linear_logprobs
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        # torch.tensor_split of a 25-row head: shards of 13 and 12 rows. Rank 1's ids start at
+        # 13, not at rank * shard = 12: every one of its targets would hit the wrong column.
+        weight = torch.randn(25, 8, generator=torch.Generator().manual_seed(0))
+        shard = weight.tensor_split(world)[rank]
+        hidden = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+        with pytest.raises(ValueError, match=r"shards of sizes \[13, 12\]"):
+            linear_logprobs(hidden, shard, torch.tensor([0, 12, 13, 24]),
+                            tp_group=dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_unequal_vocab_shards_raise():
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_unequal_worker, args=(2, os.path.join(d, "store")), nprocs=2, join=True)

@@ -11,7 +11,8 @@ Conventions shared by both ops:
 - Positions whose target == ignore_index give logp = 0 AND entropy = 0, and no gradient.
 - Gradients flow from both outputs in one backward pass.
 - Targets outside [0, V) (other than ignore_index) raise ValueError. The check costs one small
-  reduction and, on a GPU, one host sync per call; NEMOKERN_CHECK_TARGETS=0 skips it. Unchecked,
+  reduction and, on a GPU, one host sync per call; NEMOKERN_CHECK_TARGETS=0 skips it (and the
+  equal-shard check of tp_group, which rides on the forward's one collective). Unchecked,
   the Triton kernels never read out of bounds: `logprobs` returns NaN for such a row and
   `linear_logprobs` returns -logsumexp (the target logit counts as 0).
 """
@@ -48,8 +49,12 @@ def _flat_targets(targets, lead_shape, what):
     return targets.reshape(-1).to(torch.int64).contiguous()
 
 
+def _checks_enabled():
+    return os.environ.get("NEMOKERN_CHECK_TARGETS", "1") != "0"
+
+
 def _check_targets(targets, vocab, ignore_index):
-    if os.environ.get("NEMOKERN_CHECK_TARGETS", "1") == "0":
+    if not _checks_enabled():
         return
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
     if bool(bad.any()):
@@ -131,13 +136,25 @@ def logprobs(logits, targets, *, temperature=1.0, ignore_index=-100, return_entr
 
 # ----------------------------------------------------------------------------- linear op
 
-def _gather_parts(parts, group):
+def _gather_parts(parts, group, shard):
     """The vocab-parallel exchange, ONE collective per forward: every rank's merged statistics
-    [N, 4] (max, sum-exp, entropy sum, target logit) -> [tp, N, 4] on every rank."""
-    local = _logits.merge_parts(parts).contiguous()
+    [N, 4] (max, sum-exp, entropy sum, target logit) -> [tp, N, 4] on every rank.
+
+    One extra row carries each rank's shard size: ranks with unequal shards (a tensor_split of an
+    unpadded vocabulary) would each look for their targets at the wrong columns, so every rank
+    raises the same error instead (a rank-local error before a collective would hang the others).
+    """
+    local = _logits.merge_parts(parts)
+    local = torch.cat([local, torch.full_like(local[:1], float(shard))]).contiguous()
     bufs = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(bufs, local, group=group)
-    return torch.stack(bufs)
+    gathered = torch.stack(bufs)
+    sizes = gathered[:, -1, 0]
+    if _checks_enabled() and bool((sizes != shard).any()):
+        raise ValueError(f"linear_logprobs: the ranks of tp_group hold vocabulary shards of sizes "
+                         f"{[int(x) for x in sizes.tolist()]}; every rank needs an equal shard "
+                         f"[V / tp, H] (pad the vocabulary to a multiple of tp, as Megatron does)")
+    return gathered[:, :-1]
 
 
 class _LinearLogProbs(torch.autograd.Function):
@@ -155,7 +172,10 @@ class _LinearLogProbs(torch.autograd.Function):
             parts = _linear.linear_stats_torch(hidden, weight, targets, inv_t, vocab_start,
                                                with_entropy)
         if tp_group is not None:
-            parts = _gather_parts(parts, tp_group)
+            shard = weight.shape[0]
+            parts = _gather_parts(parts, tp_group, shard)
+            # checked only now that the shards are known to be equal: all ranks agree on vocab
+            _check_targets(targets, shard * parts.shape[0], ignore_index)
         valid = targets != ignore_index
         logp, norm, entropy = _logits.combine_stats(parts, valid)
         ctx.save_for_backward(hidden, weight, targets, norm, entropy)
@@ -216,8 +236,8 @@ def linear_logprobs(hidden, weight, targets, *, temperature=1.0, ignore_index=-1
         if not dist.is_initialized():
             raise RuntimeError("tp_group given but torch.distributed is not initialised")
         vocab_start = dist.get_rank(tp_group) * shard
-        vocab = shard * dist.get_world_size(tp_group)
-    _check_targets(flat_t, vocab, ignore_index)
+    else:
+        _check_targets(flat_t, vocab, ignore_index)  # with tp_group: after the exchange
     h = hidden.reshape(-1, hidden.shape[-1])
     h = h if h.is_contiguous() else h.contiguous()
     w = weight if weight.is_contiguous() else weight.contiguous()
