@@ -201,3 +201,14 @@ def test_gpu_bf16_packed_within_2x_of_transformers_bf16():
         ours = model(ids.cuda(), cu_seqlens=cu.cuda()).cpu().double()
     err, err_ref = (ours - ref).abs().max(), (theirs - ref).abs().max()
     assert err <= 2 * err_ref, (err, err_ref)
+
+
+@pytest.mark.gpu
+def test_gpu_packed_accepts_cu_seqlens_built_on_the_cpu():
+    # Unmeasured on the development machine (no GPU).
+    model, lengths, ids, cu = _packed_case()
+    model = model.cuda().to(torch.bfloat16)
+    with torch.no_grad():
+        on_gpu = model(ids.cuda(), cu_seqlens=cu.cuda())
+        from_cpu = model(ids.cuda(), cu_seqlens=cu)
+    assert torch.equal(on_gpu, from_cpu)

@@ -193,7 +193,7 @@ class Llama(nn.Module):
             if cache is not None or b != 1:
                 raise ValueError("packed input (cu_seqlens) needs input_ids [1, N] or [N] and no cache; "
                                  f"got shape {tuple(input_ids.shape)}")
-            cu, ctx.max_seqlen = _check_cu_seqlens(cu_seqlens, t)
+            cu, ctx.max_seqlen = _check_cu_seqlens(cu_seqlens, t, ids.device)
             ctx.cu_seqlens, lengths = cu, cu[1:] - cu[:-1]
             if position_ids is None:
                 starts = torch.repeat_interleave(cu[:-1].long(), lengths.long(), output_size=t)
@@ -235,8 +235,12 @@ class Llama(nn.Module):
         save_pretrained(self, path, max_shard_size=max_shard_size)
 
 
-def _check_cu_seqlens(cu_seqlens, n):
-    """cu_seqlens as int32 (what the varlen kernels take) and the longest segment; one host sync."""
+def _check_cu_seqlens(cu_seqlens, n, device):
+    """cu_seqlens as int32 on `device` (what the varlen kernels take) and the longest segment.
+
+    One host sync. A CPU cu_seqlens with CUDA input_ids is moved, not refused: it is the natural
+    way to build it, and the kernels would otherwise fail with an error that does not name it.
+    """
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 \
             or cu_seqlens.dtype.is_floating_point:
         raise ValueError("cu_seqlens must be a 1-D integer tensor [S + 1] of segment offsets (0, ..., N)")
@@ -244,4 +248,4 @@ def _check_cu_seqlens(cu_seqlens, n):
     lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
     if bounds[0] != 0 or bounds[-1] != n or min(lengths) < 0:
         raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at N={n}; got {bounds}")
-    return cu_seqlens.to(torch.int32), max(lengths)
+    return cu_seqlens.to(device=device, dtype=torch.int32), max(lengths)
