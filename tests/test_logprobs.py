@@ -247,3 +247,20 @@ def test_without_entropy_same_logp_and_grad(request, backend):
     torch.testing.assert_close(x1.grad, x2.grad, rtol=0, atol=0)
     ref = reference(logits.double(), targets, 0.7)[0]
     torch.testing.assert_close(lp1.double(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_torch_path_never_holds_fp32_logits(torch_backend, monkeypatch):
+    """The docstring's promise: no [N, V] float32 temporary on the CPU path. Forward + backward of
+    bf16 logits may add the bf16 gradient (the result) and row-chunk scratch, nothing of N x V
+    fp32 (twice the margin allowed here)."""
+    from test_linear_logprobs import _peak_extra_bytes
+
+    n, v = 4096, 32000
+    x = torch.randn(n, v).to(torch.bfloat16).requires_grad_(True)
+    targets = torch.randint(0, v, (n,))
+    _, peak = _peak_extra_bytes()(
+        lambda: logprobs(x, targets, return_entropy=True)[1].sum().backward())
+    grad_bytes, fp32_bytes = n * v * 2, n * v * 4
+    print(f"\npeak extra {peak / 2**20:.0f} MiB; bf16 grad {grad_bytes / 2**20:.0f} MiB, "
+          f"fp32 logits {fp32_bytes / 2**20:.0f} MiB")
+    assert peak < grad_bytes + fp32_bytes / 2
