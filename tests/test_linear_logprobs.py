@@ -183,3 +183,18 @@ def test_triton_path_rejects_unsupported_dtype_clearly(triton_backend):
     h, w = torch.randn(3, 8, dtype=torch.float64), torch.randn(11, 8, dtype=torch.float64)
     with pytest.raises(TypeError, match="float64.*NEMOKERN_BACKEND=torch"):
         linear_logprobs(h, w, torch.tensor([0, 1, 2]))
+
+
+@pytest.mark.parametrize("backend", ["torch_backend", "triton_backend"])
+def test_unchecked_out_of_range_target_gives_minus_logsumexp(request, backend, monkeypatch):
+    # The ops docstring's promise when NEMOKERN_CHECK_TARGETS=0: the target logit counts as 0, and
+    # an id past V must not match a padding column of the last (partial) vocabulary tile.
+    request.getfixturevalue(backend)
+    monkeypatch.setenv("NEMOKERN_CHECK_TARGETS", "0")
+    monkeypatch.setitem(L._CONFIGS, torch.float32, (16, 32, 16, 4, 1))
+    h, w = torch.randn(3, 8), torch.randn(37, 8)
+    logp = linear_logprobs(h, w, torch.tensor([5, 37, 40]))
+    lse = torch.logsumexp((h @ w.t()).double(), -1)
+    torch.testing.assert_close(logp[1:].double(), -lse[1:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logp[0].double(), (h @ w.t()).double()[0, 5] - lse[0],
+                               rtol=1e-5, atol=1e-5)
