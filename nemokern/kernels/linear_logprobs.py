@@ -22,9 +22,12 @@ Triton design (GPU):
   two-kernel split that recomputes logits twice (10 instead of 8 N*H*V FLOPs) and still needs an
   [BLOCK, H] fp32 accumulator per program, far beyond registers at H = 4096. A bf16 d(logits)
   chunk of a few hundred MB is cheaper and runs the two big products at cuBLAS speed.
-Checked without a GPU (ptxas on the Triton 3.9 output, with the 16-byte divisibility a real launch
-gets for aligned pointers and H % 16 == 0): bf16 tiles pipeline 3 stages deep with cp.async and
-wgmma on sm_90 (96 KiB shared memory, ~190 registers, no spills). Speed is unmeasured.
+Checked without a GPU (Triton 3.9's ptxas -v on sm_90a, with the 16-byte divisibility a real
+launch at H = 4096 gets for pointers, H and row strides): bf16 tiles pipeline 3 stages deep with
+wgmma (96 KiB shared memory); the d(logits) kernel uses ~220-250 registers without spills, the
+forward kernel 255 registers with ~84 bytes of spills (its online-softmax epilogue); sm_80 spills
+more (~430 bytes forward). Without divisible strides (H % 16 != 0) both spill > 1 KB. Speed is
+unmeasured.
 CPU reference: forward in chunks of tokens (each chunk's logits [C, V] are computed, reduced to
 statistics and dropped); backward recomputes the logits in vocabulary chunks [N, Vc] and shares
 the GPU path's GEMM skeleton (`backward_by_vocab_chunks`). Only per-row statistics are saved.
