@@ -81,3 +81,75 @@ def test_bf16_rounding_helper_matches_torch_including_nan():
     assert torch.equal(torch.isnan(y), torch.isnan(want)), (x[:13], y[:13], want[:13])
     ok = torch.isnan(want)
     assert torch.equal(y[~ok].view(torch.int16), want[~ok].view(torch.int16))
+
+
+def test_device_guard_makes_the_tensors_gpu_current():
+    # Triton launches on the current device; the ops make the inputs' device current first.
+    import contextlib
+
+    from nemokern.ops._dispatch import device_guard
+
+    assert isinstance(device_guard(torch.device("cpu")), contextlib.nullcontext)
+    guard = device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # interpreter noise
+def test_every_op_launches_under_the_device_guard(triton_backend, monkeypatch):
+    import contextlib
+    import importlib
+
+    from nemokern.ops import linear_logprobs, logprobs, reward_head, sequence_kl
+
+    # (nemokern.ops.logprobs the attribute is the function; the module comes from importlib)
+    mods = [importlib.import_module(f"nemokern.ops.{m}")
+            for m in ("logprobs", "reward_head", "sequence_kl")]
+
+    entered = []
+
+    @contextlib.contextmanager
+    def spy(device):
+        entered.append(torch.device(device))
+        yield
+
+    for mod in mods:
+        monkeypatch.setattr(mod, "device_guard", spy)
+    x, h, w = (torch.randn(*s, requires_grad=True) for s in ((2, 5), (2, 4), (5, 4)))
+    t = torch.tensor([1, 3])
+    calls = [lambda: logprobs(x, t), lambda: linear_logprobs(h, w, t),
+             lambda: sequence_kl(x, x.detach(), torch.ones(2, 5)),
+             lambda: reward_head(h[:, None], torch.tensor([0, 0]), w[0], w)]
+    for call in calls:
+        entered.clear()
+        call().sum().backward()
+        assert entered == [torch.device("cpu")] * 2, entered  # forward and backward
+
+
+@pytest.mark.gpu
+def test_ops_on_a_gpu_that_is_not_current():
+    """Inputs on cuda:1 while cuda:0 is current (e.g. the reference model on a second GPU): the
+    kernels must run on cuda:1 and agree with the CPU path, forward and backward."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    from nemokern.ops import linear_logprobs, logprobs, reward_head, sequence_kl
+
+    torch.cuda.set_device(0)
+    g = torch.Generator().manual_seed(0)
+    logits, h = torch.randn(33, 1000, generator=g), torch.randn(33, 64, generator=g)
+    w, t = torch.randn(1000, 64, generator=g) / 8, torch.randint(0, 1000, (33,), generator=g)
+    lp, ref, mask = torch.randn(3, 11, generator=g), torch.randn(3, 11, generator=g), \
+        torch.rand(3, 11, generator=g) < 0.7
+    hid, last = torch.randn(3, 11, 64, generator=g), torch.tensor([10, 0, 5])
+    nw, hw = torch.ones(64), torch.randn(9, 64, generator=g)
+    ops = [lambda d, x: logprobs(x[0], t.to(d)), lambda d, x: linear_logprobs(x[0], x[1], t.to(d)),
+           lambda d, x: sequence_kl(x[0], ref.to(d), mask.to(d)),
+           lambda d, x: reward_head(x[0], last.to(d), x[1], hw.to(d))]
+    for op, leaves in zip(ops, [(logits,), (h, w), (lp,), (hid, nw)]):
+        results = []
+        for d in ("cpu", "cuda:1"):
+            xs = [x.to(d).requires_grad_(True) for x in leaves]
+            out = op(d, xs)
+            out.sum().backward()
+            results.append([out.cpu()] + [x.grad.cpu() for x in xs])
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -3,6 +3,7 @@
 Rule (architecture.md): CUDA tensors -> Triton kernel; CPU tensors -> torch reference.
 NEMOKERN_BACKEND=triton|torch forces one (tests force triton on the CPU under TRITON_INTERPRET=1).
 """
+import contextlib
 import os
 
 import torch
@@ -44,3 +45,14 @@ def check_tensors(op: str, named: dict, float_dtypes=(), float_names=()):
                              f"{first.device}; move them to one device")
         if name in float_names and t.dtype not in float_dtypes:
             raise TypeError(f"{op}: {name} has dtype {t.dtype}; use one of {tuple(float_dtypes)}")
+
+
+def device_guard(device):
+    """Context making `device` the current CUDA device while kernels launch (no-op off CUDA).
+
+    Triton launches on the *current* device and its current stream, not on the tensors' device:
+    with inputs on cuda:1 and cuda:0 current (a reference model on a second GPU) a kernel would
+    run on the wrong GPU, racing the stream that produced its inputs or faulting. Every op's
+    forward and backward run their kernels under this guard."""
+    device = torch.device(device)
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from ..kernels import linear_logprobs as _linear
 from ..kernels import logprobs as _logits
-from ._dispatch import backend_for
+from ._dispatch import backend_for, device_guard
 
 
 # ----------------------------------------------------------------------------- validation
@@ -83,10 +83,11 @@ class _LogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, inv_t, ignore_index, with_entropy):
         backend = backend_for(logits)
-        if backend == "triton":
-            parts = _logits.logprobs_stats_triton(logits, targets, inv_t, ignore_index)
-        else:
-            parts = _logits.logprobs_stats_torch(logits, targets, inv_t, with_entropy)
+        with device_guard(logits.device):
+            if backend == "triton":
+                parts = _logits.logprobs_stats_triton(logits, targets, inv_t, ignore_index)
+            else:
+                parts = _logits.logprobs_stats_torch(logits, targets, inv_t, with_entropy)
         valid = targets != ignore_index
         logp, norm, entropy = _logits.combine_stats(parts, valid)
         ctx.save_for_backward(logits, targets, norm, entropy)
@@ -99,12 +100,13 @@ class _LogProbs(torch.autograd.Function):
         logits, targets, norm, entropy = ctx.saved_tensors
         valid = targets != ctx.ignore_index
         g_lp, g_ent = _upstream(g_lp, valid), _upstream(g_ent, valid)
-        if ctx.backend == "triton":
-            grad = _logits.logprobs_backward_triton(logits, targets, norm, entropy, g_lp, g_ent,
-                                                    ctx.inv_t, ctx.ignore_index)
-        else:
-            grad = _logits.logprobs_backward_torch(logits, targets, norm, entropy, g_lp, g_ent,
-                                                   ctx.inv_t)
+        with device_guard(logits.device):
+            if ctx.backend == "triton":
+                grad = _logits.logprobs_backward_triton(logits, targets, norm, entropy, g_lp,
+                                                        g_ent, ctx.inv_t, ctx.ignore_index)
+            else:
+                grad = _logits.logprobs_backward_torch(logits, targets, norm, entropy, g_lp, g_ent,
+                                                       ctx.inv_t)
         return grad, None, None, None, None
 
 
@@ -166,11 +168,12 @@ class _LinearLogProbs(torch.autograd.Function):
             raise TypeError(f"linear_logprobs: the Triton kernels take hidden/weight in "
                             f"{_linear.TRITON_DTYPES}, got {hidden.dtype}; cast them, or set "
                             f"NEMOKERN_BACKEND=torch for the (slower) torch reference")
-        if backend == "triton":
-            parts = _linear.linear_stats_triton(hidden, weight, targets, inv_t, vocab_start)
-        else:
-            parts = _linear.linear_stats_torch(hidden, weight, targets, inv_t, vocab_start,
-                                               with_entropy)
+        with device_guard(hidden.device):
+            if backend == "triton":
+                parts = _linear.linear_stats_triton(hidden, weight, targets, inv_t, vocab_start)
+            else:
+                parts = _linear.linear_stats_torch(hidden, weight, targets, inv_t, vocab_start,
+                                                   with_entropy)
         if tp_group is not None:
             shard = weight.shape[0]
             parts = _gather_parts(parts, tp_group, shard)
@@ -191,8 +194,9 @@ class _LinearLogProbs(torch.autograd.Function):
         g_lp, g_ent = _upstream(g_lp, valid), _upstream(g_ent, valid)
         fn = (_linear.linear_backward_triton if ctx.backend == "triton"
               else _linear.linear_backward_torch)
-        dh, dw = fn(hidden, weight, targets, norm, entropy, g_lp, g_ent, ctx.inv_t,
-                    ctx.vocab_start)
+        with device_guard(hidden.device):
+            dh, dw = fn(hidden, weight, targets, norm, entropy, g_lp, g_ent, ctx.inv_t,
+                        ctx.vocab_start)
         if ctx.tp_group is not None:
             # hidden is replicated across the group and each shard saw only its vocabulary:
             # the full dhidden is the sum over shards (Megatron's column-parallel input grad).

@@ -7,7 +7,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from nemokern.kernels import reward_head as _k
-from nemokern.ops._dispatch import backend_for, check_tensors
+from nemokern.ops._dispatch import backend_for, check_tensors, device_guard
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -52,7 +52,8 @@ class _RewardHead(torch.autograd.Function):
     def forward(ctx, hidden, last_index, norm_weight, head_weight, head_bias, eps, backend):
         fwd = (_k.reward_head_forward_triton if backend == "triton"
                else _k.reward_head_forward_torch)
-        out, saved = fwd(hidden, last_index, norm_weight, head_weight, head_bias, eps)
+        with device_guard(hidden.device):
+            out, saved = fwd(hidden, last_index, norm_weight, head_weight, head_bias, eps)
         # not hidden itself: the saved rows [B, H] let the caller free it after the forward
         ctx.save_for_backward(last_index, norm_weight, head_weight, head_bias, *saved)
         ctx.hidden_shape, ctx.eps, ctx.backend = hidden.shape, eps, backend
@@ -65,8 +66,9 @@ class _RewardHead(torch.autograd.Function):
         bwd = (_k.reward_head_backward_triton if ctx.backend == "triton"
                else _k.reward_head_backward_torch)
         hidden_shape = ctx.hidden_shape if ctx.needs_input_grad[0] else None
-        d_hidden, d_nw, d_w, d_bias = bwd(grad_out, saved, hidden_shape, last_index,
-                                          norm_weight, head_weight, head_bias, ctx.eps)
+        with device_guard(norm_weight.device):
+            d_hidden, d_nw, d_w, d_bias = bwd(grad_out, saved, hidden_shape, last_index,
+                                              norm_weight, head_weight, head_bias, ctx.eps)
         return d_hidden, None, d_nw, d_w, d_bias, None, None
 
 

@@ -7,7 +7,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from nemokern.kernels import sequence_kl as _k
-from nemokern.ops._dispatch import backend_for, check_tensors
+from nemokern.ops._dispatch import backend_for, check_tensors, device_guard
 
 REDUCTIONS = ("mean", "sum")
 _MASK_PASSTHROUGH = (torch.bool, torch.uint8, torch.float32, torch.bfloat16, torch.float16)
@@ -58,7 +58,8 @@ class _SequenceKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logp, ref, mask, cu_seqlens, estimator, mean, backend):
         fwd = _k.sequence_kl_forward_triton if backend == "triton" else _k.sequence_kl_forward_torch
-        kl, scale = fwd(logp, ref, mask, cu_seqlens, estimator, mean)
+        with device_guard(logp.device):
+            kl, scale = fwd(logp, ref, mask, cu_seqlens, estimator, mean)
         ctx.save_for_backward(logp, ref, mask, cu_seqlens, scale)
         ctx.estimator, ctx.backend = estimator, backend
         ctx.mark_non_differentiable(scale)
@@ -70,7 +71,8 @@ class _SequenceKL(torch.autograd.Function):
         logp, ref, mask, cu_seqlens, scale = ctx.saved_tensors
         bwd = (_k.sequence_kl_backward_triton if ctx.backend == "triton"
                else _k.sequence_kl_backward_torch)
-        grad = bwd(grad_kl, scale, logp, ref, mask, cu_seqlens, ctx.estimator)
+        with device_guard(logp.device):
+            grad = bwd(grad_kl, scale, logp, ref, mask, cu_seqlens, ctx.estimator)
         return grad, None, None, None, None, None, None
 
 
