@@ -211,9 +211,10 @@ def linear_logprobs(hidden, weight, targets, *, temperature=1.0, ignore_index=-1
     hidden [..., H], weight [V, H] (same dtype), targets [...] int64 -> logp [...] float32
     (and entropy [...] with return_entropy). With tp_group, weight is this rank's shard
     [V / tp, H] holding vocabulary ids [rank * V/tp, (rank + 1) * V/tp) (equal shards, as
-    Megatron's padded vocabulary; unequal ones raise ValueError), targets are global ids, hidden is replicated; every rank gets
-    the full result. Forward exchanges 4 floats per token (one all_gather), backward all-reduces
-    dhidden [N, H] once. Differentiable w.r.t. hidden and weight.
+    Megatron's padded vocabulary; unequal ones raise ValueError), targets are global ids, hidden
+    is replicated; every rank gets the full result. Forward exchanges 4 floats per token (one
+    all_gather), backward all-reduces dhidden [N, H] once. Differentiable w.r.t. hidden and
+    weight.
     """
     _check_float("hidden", hidden)
     _check_float("weight", weight)
