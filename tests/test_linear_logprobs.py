@@ -198,3 +198,32 @@ def test_unchecked_out_of_range_target_gives_minus_logsumexp(request, backend, m
     torch.testing.assert_close(logp[1:].double(), -lse[1:], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(logp[0].double(), (h @ w.t()).double()[0, 5] - lse[0],
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch_backend", "triton_backend"])
+@pytest.mark.parametrize("frozen", ["weight", "hidden"])
+def test_frozen_input_skips_its_gradient(request, backend, frozen, monkeypatch):
+    """A frozen LM head (or detached hidden) gets no gradient computed: no [V, H] buffer, one GEMM
+    per vocabulary chunk less; the other gradient is unchanged."""
+    request.getfixturevalue(backend)
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(5, 16, generator=g)
+    weight = torch.randn(37, 16, generator=g)
+    targets = torch.randint(0, 37, (5,), generator=g)
+    seen = []
+    real = L.backward_by_vocab_chunks
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append(tuple(x is not None for x in out))
+        return out
+
+    monkeypatch.setattr(L, "backward_by_vocab_chunks", spy)
+    h_full, w_full = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    linear_logprobs(h_full, w_full, targets).sum().backward()
+    h, w = hidden.clone(), weight.clone()
+    (w if frozen == "hidden" else h).requires_grad_()
+    linear_logprobs(h, w, targets).sum().backward()
+    assert seen == [(True, True), (frozen == "weight", frozen == "hidden")]
+    live, ref = (h, h_full) if frozen == "weight" else (w, w_full)
+    torch.testing.assert_close(live.grad, ref.grad, rtol=0, atol=0)

@@ -66,23 +66,28 @@ def linear_stats_torch(hidden, weight, targets, inv_t, vocab_start=0, with_entro
     return out.unsqueeze(0)
 
 
-def backward_by_vocab_chunks(hidden, weight, chunk_cols, dlogits_chunk):
+def backward_by_vocab_chunks(hidden, weight, chunk_cols, dlogits_chunk, need_dh=True,
+                             need_dw=True):
     """The backward skeleton both paths share: walk the vocabulary in chunks of chunk_cols rows
     of weight; dlogits_chunk(c0, w_c) -> d(logits) [N, vc] (hidden's dtype) of that chunk.
     A chunk's dweight rows are complete after one GEMM (written straight into the result, no
-    [V, H] accumulation); dhidden [N, H] accumulates in fp32."""
+    [V, H] accumulation); dhidden [N, H] accumulates in fp32. A gradient not needed (frozen LM
+    head, detached hidden) is neither allocated nor computed: one GEMM per chunk less."""
     n, h = hidden.shape
-    dw = torch.empty_like(weight)
-    dh = torch.zeros(n, h, dtype=torch.float32, device=hidden.device)
+    dw = torch.empty_like(weight) if need_dw else None
+    dh = torch.zeros(n, h, dtype=torch.float32, device=hidden.device) if need_dh else None
     for c0 in range(0, weight.shape[0], chunk_cols):
         w_c = weight[c0:c0 + chunk_cols]
         dz = dlogits_chunk(c0, w_c)
-        torch.mm(dz.t(), hidden, out=dw[c0:c0 + w_c.shape[0]])
+        if need_dw:
+            torch.mm(dz.t(), hidden, out=dw[c0:c0 + w_c.shape[0]])
+        if not need_dh:
+            continue
         if dh.dtype == dz.dtype:
             dh.addmm_(dz, w_c)
         else:
             dh += _mm_fp32(dz, w_c)
-    return dh.to(hidden.dtype), dw
+    return (dh.to(hidden.dtype) if need_dh else None), dw
 
 
 def _mm_fp32(a, b):
@@ -97,9 +102,10 @@ def _mm_fp32(a, b):
 
 
 def linear_backward_torch(hidden, weight, targets, norm, entropy, g_lp, g_ent, inv_t,
-                          vocab_start=0):
-    """Returns (dhidden [N, H], dweight [Vs, H]) in the inputs' dtype; g_lp/g_ent must already be
-    zero on ignored rows. Vocabulary chunks of about _TORCH_CHUNK_ELEMENTS / N columns."""
+                          vocab_start=0, need_dh=True, need_dw=True):
+    """Returns (dhidden [N, H], dweight [Vs, H]) in the inputs' dtype (None where not needed);
+    g_lp/g_ent must already be zero on ignored rows. Vocabulary chunks of about
+    _TORCH_CHUNK_ELEMENTS / N columns."""
     n, v = hidden.shape[0], weight.shape[0]
 
     def dlogits_chunk(c0, w_c):
@@ -107,7 +113,8 @@ def linear_backward_torch(hidden, weight, targets, norm, entropy, g_lp, g_ent, i
         return block_dlogits_torch(z, targets, norm, entropy, g_lp, g_ent, inv_t,
                                    vocab_start + c0).to(hidden.dtype)
 
-    return backward_by_vocab_chunks(hidden, weight, _token_chunk(v, n), dlogits_chunk)
+    return backward_by_vocab_chunks(hidden, weight, _token_chunk(v, n), dlogits_chunk, need_dh,
+                                    need_dw)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -243,8 +250,9 @@ def linear_stats_triton(hidden, weight, targets, inv_t, vocab_start=0):
 
 
 def linear_backward_triton(hidden, weight, targets, norm, entropy, g_lp, g_ent, inv_t,
-                           vocab_start=0):
-    """(dhidden [N, H], dweight [Vs, H]); g_lp/g_ent [N] float32, zero on ignored rows."""
+                           vocab_start=0, need_dh=True, need_dw=True):
+    """(dhidden [N, H], dweight [Vs, H]), None where not needed; g_lp/g_ent [N] float32, zero on
+    ignored rows."""
     n, h = hidden.shape
     v = weight.shape[0]
     bn, bv, bh, warps, stages = _CONFIGS[hidden.dtype]
@@ -263,7 +271,7 @@ def linear_backward_triton(hidden, weight, targets, norm, entropy, g_lp, g_ent, 
                 DOT_UPCAST=_interpreting(), num_warps=warps, num_stages=stages)
         return dz_c
 
-    return backward_by_vocab_chunks(hidden, weight, chunk_cols, dlogits_chunk)
+    return backward_by_vocab_chunks(hidden, weight, chunk_cols, dlogits_chunk, need_dh, need_dw)
 
 
 def _specs():

@@ -196,8 +196,9 @@ class _LinearLogProbs(torch.autograd.Function):
               else _linear.linear_backward_torch)
         with device_guard(hidden.device):
             dh, dw = fn(hidden, weight, targets, norm, entropy, g_lp, g_ent, ctx.inv_t,
-                        ctx.vocab_start)
-        if ctx.tp_group is not None:
+                        ctx.vocab_start, need_dh=ctx.needs_input_grad[0],
+                        need_dw=ctx.needs_input_grad[1])
+        if ctx.tp_group is not None and dh is not None:
             # hidden is replicated across the group and each shard saw only its vocabulary:
             # the full dhidden is the sum over shards (Megatron's column-parallel input grad).
             dist.all_reduce(dh, group=ctx.tp_group)
