@@ -146,3 +146,22 @@ def test_bad_directory_and_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(dict(cfg, attention_bias=True)))
     with pytest.raises(ConfigError, match="config.json: attention_bias=True"):
         Llama.from_pretrained(tmp_path)
+
+
+def test_bf16_llama31_shaped_checkpoint_loads_in_transformers(tmp_path):
+    # What a Llama-3.1 instruct directory carries: an eos list, llama3 rope, bf16 weights.
+    from test_model_config import LLAMA31_8B
+
+    small = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=301,
+                 rope_scaling={**LLAMA31_8B["rope_scaling"], "original_max_position_embeddings": 16})
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_dict(dict(LLAMA31_8B, **small))).to(torch.bfloat16).eval()
+    model.save_pretrained(tmp_path)
+    hf = LlamaForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    assert hf.dtype == torch.bfloat16
+    assert hf.config.eos_token_id == [128001, 128008, 128009]
+    assert hf.config.rope_parameters["rope_type"] == "llama3"
+    assert hf.config.rope_parameters["rope_theta"] == 500000.0
+    with torch.no_grad():
+        assert torch.equal(model(IDS), hf(IDS).logits)
