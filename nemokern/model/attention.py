@@ -139,8 +139,15 @@ def _cached(q, k, v, ctx, layer):
     cache.k[layer][:, :, start:end] = k.transpose(1, 2)
     cache.v[layer][:, :, start:end] = v.transpose(1, 2)
     keys, values = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
+    groups = q.shape[2] // k.shape[2]
+    if t > 1 and groups > 1:
+        # Prefill: CUDA's memory-efficient SDPA takes a mask but not enable_gqa, and the math
+        # fallback would materialise [B, Hq, T, T] scores; repeating the KV heads (the size of q)
+        # keeps prefill on the fused kernel. Decoding (t == 1) scores only [B, Hq, 1, T].
+        keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+        groups = 1
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), keys, values, attn_mask=ctx.cache_mask, enable_gqa=q.shape[2] != k.shape[2]
+        q.transpose(1, 2), keys, values, attn_mask=ctx.cache_mask, enable_gqa=groups > 1
     )
     return out.transpose(1, 2)
 
