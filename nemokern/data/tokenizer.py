@@ -13,6 +13,7 @@ With add_generation_prompt the text ends with an open assistant header. The date
 Meta's own template adds to the system turn is not written by the built-in renderer; a real
 Llama-3.1 tokenizer directory uses its own chat template (HFTokenizer), preamble included.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,14 +32,20 @@ CHAT_ROLES = ("system", "user", "assistant", "ipython", "tool")
 
 def _check_messages(messages) -> None:
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
-        raise ValueError("a conversation must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        raise ValueError(
+            "a conversation must be a non-empty list of {'role': ..., 'content': ...} dicts"
+        )
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
-            raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {msg!r:.80}")
+            raise ValueError(
+                f"message {i} must be a dict with 'role' and 'content', got {msg!r:.80}"
+            )
         if msg["role"] not in CHAT_ROLES:
             raise ValueError(f"message {i} has role {msg['role']!r}; expected one of {CHAT_ROLES}")
         if not isinstance(msg["content"], str):
-            raise ValueError(f"message {i} content must be a string, got {type(msg['content']).__name__}")
+            raise ValueError(
+                f"message {i} content must be a string, got {type(msg['content']).__name__}"
+            )
 
 
 def render_llama3_chat(messages, add_generation_prompt: bool = False) -> str:
@@ -100,7 +107,9 @@ class ByteTokenizer:
                 buf.append(i)
                 continue
             if i not in self._special_by_id:
-                raise ValueError(f"token id {i} is outside the byte tokenizer's vocabulary (0..{self.vocab_size - 1})")
+                raise ValueError(
+                    f"token id {i} is outside the byte tokenizer's vocabulary (0..{self.vocab_size - 1})"
+                )
             out.append(buf.decode("utf-8", errors="replace"))
             buf = bytearray()
             if not skip_special:
@@ -118,7 +127,9 @@ class HFTokenizer:
     def __init__(self, path: str | os.PathLike):
         path = os.fspath(path)
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"tokenizer directory {path!r} does not exist (hub downloads are not supported)")
+            raise FileNotFoundError(
+                f"tokenizer directory {path!r} does not exist (hub downloads are not supported)"
+            )
         from transformers import AutoTokenizer
 
         try:
@@ -126,7 +137,11 @@ class HFTokenizer:
         except Exception as exc:
             raise ValueError(f"could not load a tokenizer from {path!r}: {exc}") from exc
         self.path = path
-        missing = [t for t in (BEGIN_OF_TEXT, EOT) if self.tok.convert_tokens_to_ids(t) in (None, self.tok.unk_token_id)]
+        missing = [
+            t
+            for t in (BEGIN_OF_TEXT, EOT)
+            if self.tok.convert_tokens_to_ids(t) in (None, self.tok.unk_token_id)
+        ]
         if missing:
             raise ValueError(f"tokenizer {path!r} lacks the Llama-3.1 special tokens {missing}")
         self.vocab_size = len(self.tok)
@@ -159,7 +174,9 @@ class HFTokenizer:
         if allow_special:
             return list(self.tok.encode(text, add_special_tokens=False))
         # split_special_tokens keeps "<|eot_id|>" in user text from becoming a control token
-        return list(self.tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+        return list(
+            self.tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        )
 
     def decode(self, ids, skip_special: bool = False) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
@@ -167,7 +184,9 @@ class HFTokenizer:
     def apply_chat_template(self, messages, add_generation_prompt: bool = False) -> list[int]:
         _check_messages(messages)
         if getattr(self.tok, "chat_template", None):
-            text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+            text = self.tok.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
         else:
             text = render_llama3_chat(messages, add_generation_prompt)
         return self.encode(text)

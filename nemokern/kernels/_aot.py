@@ -6,6 +6,7 @@ Each kernel module in nemokern/kernels/ declares AOT_SPECS: a list of
 launcher actually uses. Run as `python -m nemokern.kernels._aot` (TRITON_INTERPRET must be unset:
 interpreted kernels cannot be compiled).
 """
+
 import importlib
 import pkgutil
 import sys

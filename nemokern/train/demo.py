@@ -7,6 +7,7 @@ prompt, fused log-probs from hidden states vs log_softmax of the logits, sequenc
 reference policy, the reward head on the last token, and the leave-one-out advantage.
 Must never import nemokern.cli.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -36,38 +37,68 @@ class DemoResult:
     seconds: float = 0.0
 
 
-def run_demo(*, seed: int = 0, k: int = 4, max_new_tokens: int = 24, device: str = "cpu",
-             out_dir: str | None = None, log=print) -> DemoResult:
+def run_demo(
+    *,
+    seed: int = 0,
+    k: int = 4,
+    max_new_tokens: int = 24,
+    device: str = "cpu",
+    out_dir: str | None = None,
+    log=print,
+) -> DemoResult:
     t0 = time.perf_counter()
     res = DemoResult()
     torch.manual_seed(seed)
     tok = ByteTokenizer()
-    cfg = LlamaConfig.tiny(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=list(tok.eos_ids))
+    cfg = LlamaConfig.tiny(
+        vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=list(tok.eos_ids)
+    )
     policy = Llama(cfg).to(device).eval()
-    log(f"[1/6] tiny Llama-3.1: {sum(p.numel() for p in policy.parameters()):,} parameters, "
-        f"{cfg.num_hidden_layers} layers, GQA {cfg.num_attention_heads}/{cfg.num_key_value_heads}, vocab {cfg.vocab_size}")
+    log(
+        f"[1/6] tiny Llama-3.1: {sum(p.numel() for p in policy.parameters()):,} parameters, "
+        f"{cfg.num_hidden_layers} layers, GQA {cfg.num_attention_heads}/{cfg.num_key_value_heads}, vocab {cfg.vocab_size}"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         path = out_dir or tmp
         policy.save_pretrained(path)
         reloaded = Llama.from_pretrained(path, device=device).eval()
-    probe = torch.tensor([tok.apply_chat_template([{"role": "user", "content": PROMPTS[0]}])], device=device)
+    probe = torch.tensor(
+        [tok.apply_chat_template([{"role": "user", "content": PROMPTS[0]}])], device=device
+    )
     with torch.no_grad():
         res.checks["save/load logits"] = (policy(probe) - reloaded(probe)).abs().max().item()
-    log(f"[2/6] save_pretrained -> from_pretrained ({'kept in ' + out_dir if out_dir else 'temp dir'}): "
-        f"max |dlogits| = {res.checks['save/load logits']:.1e}")
+    log(
+        f"[2/6] save_pretrained -> from_pretrained ({'kept in ' + out_dir if out_dir else 'temp dir'}): "
+        f"max |dlogits| = {res.checks['save/load logits']:.1e}"
+    )
 
-    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True) for p in PROMPTS]
+    prompts = [
+        tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+        for p in PROMPTS
+    ]
     gen = torch.Generator(device=device).manual_seed(seed)
-    rollout = generate(policy, [p for p in prompts for _ in range(k)], max_new_tokens=max_new_tokens,
-                       temperature=1.0, generator=gen, pad_id=tok.pad_id)
+    rollout = generate(
+        policy,
+        [p for p in prompts for _ in range(k)],
+        max_new_tokens=max_new_tokens,
+        temperature=1.0,
+        generator=gen,
+        pad_id=tok.pad_id,
+    )
     valid = rollout.ended_with_eos.view(len(PROMPTS), k)
-    log(f"[3/6] sampled {k} responses x {len(PROMPTS)} prompts with the KV cache: lengths "
-        f"{rollout.lengths.tolist()}, ended with EOS {int(rollout.ended_with_eos.sum())}/{rollout.lengths.numel()}")
+    log(
+        f"[3/6] sampled {k} responses x {len(PROMPTS)} prompts with the KV cache: lengths "
+        f"{rollout.lengths.tolist()}, ended with EOS {int(rollout.ended_with_eos.sum())}/{rollout.lengths.numel()}"
+    )
 
     # Pack prompt + response of every rollout into one row: no padding is computed.
-    seqs = [torch.cat([torch.tensor(prompts[i // k], device=device), rollout.tokens[i, : rollout.lengths[i]]])
-            for i in range(len(prompts) * k)]
+    seqs = [
+        torch.cat(
+            [torch.tensor(prompts[i // k], device=device), rollout.tokens[i, : rollout.lengths[i]]]
+        )
+        for i in range(len(prompts) * k)
+    ]
     lengths = torch.tensor([s.numel() for s in seqs], device=device)
     cu = torch.zeros(len(seqs) + 1, dtype=torch.int32, device=device)
     cu[1:] = lengths.cumsum(0)
@@ -76,16 +107,18 @@ def run_demo(*, seed: int = 0, k: int = 4, max_new_tokens: int = 24, device: str
         hidden = policy.hidden_states(ids, cu_seqlens=cu, final_norm=False)  # [N, H]
         alone = torch.cat([policy.hidden_states(s[None], final_norm=False)[0] for s in seqs])
     res.checks["packed vs per-sequence hidden"] = (hidden - alone).abs().max().item()
-    log(f"[4/6] packed forward of {ids.numel()} tokens in {len(seqs)} segments: "
-        f"max |packed - per-sequence| = {res.checks['packed vs per-sequence hidden']:.1e}")
+    log(
+        f"[4/6] packed forward of {ids.numel()} tokens in {len(seqs)} segments: "
+        f"max |packed - per-sequence| = {res.checks['packed vs per-sequence hidden']:.1e}"
+    )
 
     # Targets: the next token inside each sequence's response; prompt tokens and segment ends ignored.
     targets = torch.full_like(ids, -100)
     mask = torch.zeros_like(ids, dtype=torch.bool)
     for i, s in enumerate(seqs):
         start, plen = int(cu[i]), len(prompts[i // k])
-        targets[start + plen - 1: start + s.numel() - 1] = s[plen:]
-        mask[start + plen - 1: start + s.numel() - 1] = True
+        targets[start + plen - 1 : start + s.numel() - 1] = s[plen:]
+        mask[start + plen - 1 : start + s.numel() - 1] = True
     reference = Llama(cfg).to(device).eval()
     reference.load_state_dict(policy.state_dict())
     with torch.no_grad():
@@ -94,26 +127,34 @@ def run_demo(*, seed: int = 0, k: int = 4, max_new_tokens: int = 24, device: str
         normed = policy.norm(hidden)
         lp = linear_logprobs(normed, policy.lm_head.weight, targets)
         lp_eager = logprobs(policy.lm_head(normed), targets)
-        ref_lp = linear_logprobs(reference.hidden_states(ids, cu_seqlens=cu), reference.lm_head.weight, targets)
+        ref_lp = linear_logprobs(
+            reference.hidden_states(ids, cu_seqlens=cu), reference.lm_head.weight, targets
+        )
     res.checks["linear_logprobs vs logprobs(logits)"] = (lp - lp_eager).abs().max().item()
     kl = sequence_kl(lp, ref_lp, mask, estimator="abs", reduction="mean", cu_seqlens=cu)
     res.kl = kl.tolist()
-    log(f"[5/6] fused log-probs from hidden states: max |linear_logprobs - logprobs(logits)| = "
+    log(
+        f"[5/6] fused log-probs from hidden states: max |linear_logprobs - logprobs(logits)| = "
         f"{res.checks['linear_logprobs vs logprobs(logits)']:.1e}; sequence KL (abs, mean) to the "
-        f"reference: {[round(x, 4) for x in res.kl]}")
+        f"reference: {[round(x, 4) for x in res.kl]}"
+    )
 
     # Reward: the Nemotron-Reward-HF layout, logit of token 0 at the last token of each sequence.
     last = cu[1:].long() - 1
     with torch.no_grad():
-        r = reward_head(hidden, last, policy.norm.weight, policy.lm_head.weight[:1], eps=cfg.rms_norm_eps)[:, 0]
+        r = reward_head(
+            hidden, last, policy.norm.weight, policy.lm_head.weight[:1], eps=cfg.rms_norm_eps
+        )[:, 0]
         r_eager = policy.lm_head(policy.norm(hidden[last]))[:, 0].float()
     res.checks["reward_head vs norm+gather+linear"] = (r - r_eager).abs().max().item()
     beta = 0.01
     scores = (r - beta * kl).view(len(PROMPTS), k)
     adv = rloo_advantages(scores, valid)
     res.rewards, res.advantages = r.tolist(), adv.flatten().tolist()
-    log(f"[6/6] rewards (lm_head row 0 at the last token) max |fused - eager| = "
+    log(
+        f"[6/6] rewards (lm_head row 0 at the last token) max |fused - eager| = "
         f"{res.checks['reward_head vs norm+gather+linear']:.1e}; RLOO advantages (beta={beta}, "
-        f"valid = ended with EOS): {[round(a, 4) for a in res.advantages]}")
+        f"valid = ended with EOS): {[round(a, 4) for a in res.advantages]}"
+    )
     res.seconds = time.perf_counter() - t0
     return res

@@ -1,6 +1,7 @@
 """Losses and advantage estimators of the recipe (recipe.md sections 1-2). One implementation each;
 the trainers and the demo call these. Must never import nemokern.cli.
 """
+
 from __future__ import annotations
 
 import torch
@@ -15,7 +16,9 @@ def rloo_advantages(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     invalid samples and for every sample of a prompt with at most one valid sample.
     """
     if scores.dim() != 2 or valid.shape != scores.shape:
-        raise ValueError(f"scores and valid must both be [P, k]; got {tuple(scores.shape)} and {tuple(valid.shape)}")
+        raise ValueError(
+            f"scores and valid must both be [P, k]; got {tuple(scores.shape)} and {tuple(valid.shape)}"
+        )
     valid = valid.bool()
     v = valid.to(scores.dtype)
     n = v.sum(-1, keepdim=True)
