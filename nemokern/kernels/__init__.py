@@ -2,3 +2,9 @@
 
 Must never import nemokern.ops or anything above it.
 """
+import os
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run on the CPU through the interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -32,14 +32,14 @@ CPU reference: forward in chunks of tokens (each chunk's logits [C, V] are compu
 statistics and dropped); backward recomputes the logits in vocabulary chunks [N, Vc] and shares
 the GPU path's GEMM skeleton (`backward_by_vocab_chunks`). Only per-row statistics are saved.
 """
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from ._rounding import cast_to
-from .logprobs import block_dlogits_torch, block_stats_torch
+from . import interpreting
+from .logprobs import (block_dlogits_torch, block_stats_torch, dlogits_tile,
+                       online_softmax_step, row_chunk)
 
 # Logits elements per chunk on the CPU path: 64 MB of fp32 (524 tokens at V = 32000 forward,
 # 4096 vocabulary rows at N = 4096 backward) keeps the chunk GEMMs about as fast as one big GEMM;
@@ -48,18 +48,13 @@ _TORCH_CHUNK_ELEMENTS = 1 << 24
 _BWD_CHUNK_BYTES = 256 << 20      # d(logits) chunk of the GPU backward
 
 
-def _token_chunk(n, v):
-    """Rows of an [n, v] matrix per chunk of about _TORCH_CHUNK_ELEMENTS elements."""
-    return max(1, min(n, _TORCH_CHUNK_ELEMENTS // max(1, v)))
-
-
 # ----------------------------------------------------------------------------- torch reference
 
 def linear_stats_torch(hidden, weight, targets, inv_t, vocab_start=0, with_entropy=True):
     """hidden [N, H], weight [Vs, H], targets [N] global ids -> parts [1, N, 4] float32."""
     n, v = hidden.shape[0], weight.shape[0]
     out = torch.empty(n, 4, dtype=torch.float32, device=hidden.device)
-    step = _token_chunk(n, v)
+    step = row_chunk(n, v, _TORCH_CHUNK_ELEMENTS)
     for i in range(0, n, step):
         z = (hidden[i:i + step] @ weight.t()).float().mul_(inv_t)
         out[i:i + step] = block_stats_torch(z, targets[i:i + step], vocab_start, with_entropy)
@@ -113,8 +108,8 @@ def linear_backward_torch(hidden, weight, targets, norm, entropy, g_lp, g_ent, i
         return block_dlogits_torch(z, targets, norm, entropy, g_lp, g_ent, inv_t,
                                    vocab_start + c0).to(hidden.dtype)
 
-    return backward_by_vocab_chunks(hidden, weight, _token_chunk(v, n), dlogits_chunk, need_dh,
-                                    need_dw)
+    chunk_cols = row_chunk(v, n, _TORCH_CHUNK_ELEMENTS)
+    return backward_by_vocab_chunks(hidden, weight, chunk_cols, dlogits_chunk, need_dh, need_dw)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -160,14 +155,7 @@ def _linear_stats_kernel(h_ptr, w_ptr, tgt_ptr, parts_ptr, N, V, H, stride_h, st
         cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         z = _logits_tile(h_ptr, w_ptr, rows, cols, N, V, H, stride_h, stride_w, inv_t,
                          BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, DOT_UPCAST)
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        m_sub = tl.where(m_new > -float("inf"), m_new, 0.0)
-        e = tl.exp(z - m_sub[:, None])
-        alpha = tl.exp(m - m_sub)
-        t = alpha * (t + tl.where(s > 0, m - m_sub, 0.0) * s) + tl.sum(
-            tl.where(e > 0, e * (z - m_sub[:, None]), 0.0), axis=1)
-        s = s * alpha + tl.sum(e, axis=1)
-        m = m_new
+        m, s, t = online_softmax_step(m, s, t, z, 1)
         zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
     out = parts_ptr + (split * N + rows) * 4
     tl.store(out + 0, m, mask=rows < N)
@@ -197,10 +185,8 @@ def _linear_dlogits_kernel(h_ptr, w_ptr, tgt_ptr, norm_ptr, ent_ptr, glp_ptr, ge
     g_ent = tl.load(gent_ptr + rows, mask=in_n, other=0.0)
     z = _logits_tile(h_ptr, w_ptr, rows, cols, N, V, H, stride_h, stride_w, inv_t,
                      BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, DOT_UPCAST)
-    logp_all = (z - m[:, None]) - log_s[:, None]
-    p = tl.exp(logp_all)
-    dz = tl.where(p > 0, -p * (g_lp[:, None] + g_ent[:, None] * (logp_all + ent[:, None])), 0.0)
-    dz = tl.where(cols[None, :] == tgt[:, None], dz + g_lp[:, None], dz)
+    dz = dlogits_tile(z, m[:, None], log_s[:, None], ent[:, None], g_lp[:, None], g_ent[:, None],
+                      cols[None, :] == tgt[:, None])
     tl.store(dz_ptr + rows[:, None] * stride_dz + cols[None, :],
              cast_to(dz * inv_t, dz_ptr.dtype.element_ty),
              mask=in_n[:, None] & (cols[None, :] < V))
@@ -216,10 +202,6 @@ _CONFIGS = {
 }
 _PRECISION = {torch.bfloat16: "tf32", torch.float16: "tf32", torch.float32: "ieee"}
 TRITON_DTYPES = tuple(_CONFIGS)  # what the Triton kernels take; the torch reference takes any
-
-
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _num_sms(device):
@@ -244,7 +226,7 @@ def linear_stats_triton(hidden, weight, targets, inv_t, vocab_start=0):
         _linear_stats_kernel[(n_tiles, splits)](
             hidden, weight, targets, parts, n, v, h, hidden.stride(0), weight.stride(0), inv_t,
             vocab_start, tiles_per_split, BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh,
-            DOT_PRECISION=_PRECISION[hidden.dtype], DOT_UPCAST=_interpreting(),
+            DOT_PRECISION=_PRECISION[hidden.dtype], DOT_UPCAST=interpreting(),
             num_warps=warps, num_stages=stages)
     return parts
 
@@ -268,7 +250,7 @@ def linear_backward_triton(hidden, weight, targets, norm, entropy, g_lp, g_ent, 
                 hidden, w_c, targets, norm, entropy, g_lp, g_ent, dz_c, n, vc, h,
                 hidden.stride(0), w_c.stride(0), dz_c.stride(0), inv_t, vocab_start + c0,
                 BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, DOT_PRECISION=_PRECISION[hidden.dtype],
-                DOT_UPCAST=_interpreting(), num_warps=warps, num_stages=stages)
+                DOT_UPCAST=interpreting(), num_warps=warps, num_stages=stages)
         return dz_c
 
     return backward_by_vocab_chunks(hidden, weight, chunk_cols, dlogits_chunk, need_dh, need_dw)

@@ -61,8 +61,9 @@ def combine_stats(parts, valid):
     return logp, norm, entropy
 
 
-def _row_chunk(n_rows, n_cols):
-    return max(1, min(n_rows, _TORCH_CHUNK_ELEMENTS // max(1, n_cols)))
+def row_chunk(n_rows, n_cols, elements):
+    """Rows of an [n_rows, n_cols] matrix per chunk of about `elements` elements (at least 1)."""
+    return max(1, min(n_rows, elements // max(1, n_cols)))
 
 
 # ----------------------------------------------------------------------------- torch reference
@@ -118,7 +119,7 @@ def logprobs_stats_torch(logits, targets, inv_t, with_entropy=True):
     """logits [N, V] any float dtype, targets [N] -> parts [1, N, 4], row chunk by row chunk."""
     n, v = logits.shape
     out = torch.empty(n, 4, dtype=torch.float32, device=logits.device)
-    step = _row_chunk(n, v)
+    step = row_chunk(n, v, _TORCH_CHUNK_ELEMENTS)
     for i in range(0, n, step):
         z = logits[i:i + step].float() * inv_t
         out[i:i + step] = block_stats_torch(z, targets[i:i + step], 0, with_entropy)
@@ -129,7 +130,7 @@ def logprobs_backward_torch(logits, targets, norm, entropy, g_lp, g_ent, inv_t):
     """dlogits [N, V] in logits' dtype, computed row chunk by row chunk."""
     n, v = logits.shape
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    step = _row_chunk(n, v)
+    step = row_chunk(n, v, _TORCH_CHUNK_ELEMENTS)
     for i in range(0, n, step):
         sl = slice(i, i + step)
         z = logits[sl].float() * inv_t
@@ -139,6 +140,33 @@ def logprobs_backward_torch(logits, targets, norm, entropy, g_lp, g_ent, inv_t):
 
 
 # ----------------------------------------------------------------------------- Triton kernels
+# The two Triton helpers below are the GPU side's one copy of the statistics and gradient
+# formulas; linear_logprobs' kernels call them too.
+
+@triton.jit
+def online_softmax_step(m, s, t, z, AXIS: tl.constexpr):
+    """Fold a block of scaled logits z into the running (max, sum-exp, entropy numerator) of
+    its rows, reducing over AXIS; -inf logits (masked columns) contribute nothing."""
+    m_new = tl.maximum(m, tl.max(z, axis=AXIS))
+    m_sub = tl.where(m_new > -float("inf"), m_new, 0.0)
+    zc = z - tl.expand_dims(m_sub, AXIS)
+    e = tl.exp(zc)
+    alpha = tl.exp(m - m_sub)
+    t = alpha * (t + tl.where(s > 0, m - m_sub, 0.0) * s) + tl.sum(
+        tl.where(e > 0, e * zc, 0.0), axis=AXIS)
+    s = s * alpha + tl.sum(e, axis=AXIS)
+    return m_new, s, t
+
+
+@triton.jit
+def dlogits_tile(z, m, log_s, ent, g_lp, g_ent, is_target):
+    """d(loss)/dz of scaled logits z from the row statistics (broadcast against z); p = 0
+    (masked logits, ignored rows with m = +inf) gives 0, never nan."""
+    logp_all = (z - m) - log_s
+    p = tl.exp(logp_all)
+    dz = tl.where(p > 0, -p * (g_lp + g_ent * (logp_all + ent)), 0.0)
+    return tl.where(is_target, dz + g_lp, dz)
+
 
 @triton.jit
 def _logprobs_stats_kernel(x_ptr, tgt_ptr, stats_ptr, V, stride_x, inv_t, ignore_index,
@@ -157,14 +185,7 @@ def _logprobs_stats_kernel(x_ptr, tgt_ptr, stats_ptr, V, stride_x, inv_t, ignore
     for start in range(0, V, BLOCK_V):
         z = tl.load(x_row + start + cols, mask=(start + cols) < v_lim,
                     other=-float("inf")).to(tl.float32) * inv_t
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        m_sub = tl.where(m_new > -float("inf"), m_new, 0.0)
-        e = tl.exp(z - m_sub)
-        alpha = tl.exp(m - m_sub)
-        t = alpha * (t + tl.where(s > 0, m - m_sub, 0.0) * s) + tl.sum(
-            tl.where(e > 0, e * (z - m_sub), 0.0), axis=0)
-        s = s * alpha + tl.sum(e, axis=0)
-        m = m_new
+        m, s, t = online_softmax_step(m, s, t, z, 0)
     inside = valid & (tgt >= 0) & (tgt < V)
     zt = tl.load(x_row + tl.where(inside, tgt, 0)).to(tl.float32) * inv_t
     zt = tl.where(inside, zt, tl.where(valid, float("nan"), 0.0))
@@ -193,10 +214,7 @@ def _logprobs_backward_kernel(x_ptr, tgt_ptr, norm_ptr, ent_ptr, glp_ptr, gent_p
         in_v = (start + cols) < V
         z = tl.load(x_ptr + row * stride_x + start + cols, mask=(start + cols) < v_lim,
                     other=-float("inf")).to(tl.float32) * inv_t
-        logp_all = (z - m) - log_s
-        p = tl.exp(logp_all)
-        dz = tl.where(p > 0, -p * (g_lp + g_ent * (logp_all + ent)), 0.0)
-        dz = tl.where((start + cols) == tgt, dz + g_lp, dz)
+        dz = dlogits_tile(z, m, log_s, ent, g_lp, g_ent, (start + cols) == tgt)
         tl.store(dx_ptr + row * stride_dx + start + cols,
                  cast_to(dz * inv_t, dx_ptr.dtype.element_ty), mask=in_v)
 

@@ -8,6 +8,8 @@ import os
 
 import torch
 
+from nemokern.kernels import interpreting as triton_interpreting
+
 BACKENDS = ("triton", "torch")
 
 
@@ -26,11 +28,6 @@ def backend_for(*tensors: torch.Tensor) -> str:
             )
         return forced
     return "triton" if all(t.is_cuda for t in tensors) else "torch"
-
-
-def triton_interpreting() -> bool:
-    """True when Triton kernels run on the CPU through the interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def check_tensors(op: str, named: dict, float_dtypes=(), float_names=()):
