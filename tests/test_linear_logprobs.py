@@ -227,3 +227,46 @@ def test_frozen_input_skips_its_gradient(request, backend, frozen, monkeypatch):
     assert seen == [(True, True), (frozen == "weight", frozen == "hidden")]
     live, ref = (h, h_full) if frozen == "weight" else (w, w_full)
     torch.testing.assert_close(live.grad, ref.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch_backend", "triton_backend"])
+def test_ignored_rows_cost_nothing_and_garbage_there_is_harmless(request, backend, monkeypatch):
+    """The GEMMs run on the counted rows only (prompt tokens are free), so nan/inf hidden states
+    in ignored rows (padding, prompts) leave every output and gradient exactly as without them;
+    the ignored rows get 0 and a zero dhidden."""
+    request.getfixturevalue(backend)
+    monkeypatch.setitem(L._CONFIGS, torch.float32, (16, 32, 16, 4, 1))
+    g = torch.Generator().manual_seed(11)
+    hidden = torch.randn(9, 16, generator=g)
+    weight = torch.randn(37, 16, generator=g)
+    targets = torch.randint(0, 37, (9,), generator=g)
+    targets[[0, 4, 5]] = IGNORE
+    kept = targets != IGNORE
+    fwd_rows = []
+    stats = L.linear_stats_torch if backend == "torch_backend" else L.linear_stats_triton
+    monkeypatch.setattr(L, stats.__name__,
+                        lambda h, *a, **k: fwd_rows.append(h.shape[0]) or stats(h, *a, **k))
+    dirty = hidden.clone()
+    dirty[0] = float("nan")
+    dirty[4] = float("inf")
+    res = []
+    for h, t in ((dirty, targets), (hidden[kept], targets[kept])):
+        h, w = h.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        logp, ent = linear_logprobs(h, w, t, return_entropy=True)
+        (logp.sum() + 0.5 * ent.sum()).backward()
+        res.append((logp.detach(), ent.detach(), h.grad, w.grad))
+    assert fwd_rows == [6, 6]
+    (lp, ent, dh, dw), (lp_k, ent_k, dh_k, dw_k) = res
+    assert torch.equal(lp[~kept], torch.zeros(3)) and torch.equal(ent[~kept], torch.zeros(3))
+    assert torch.equal(dh[~kept], torch.zeros(3, 16))
+    for a, b in ((lp[kept], lp_k), (ent[kept], ent_k), (dh[kept], dh_k), (dw, dw_k)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_double_backward_raises_instead_of_a_wrong_answer(torch_backend):
+    h = torch.randn(3, 8, requires_grad=True)
+    w = torch.randn(11, 8, requires_grad=True)
+    (g,) = torch.autograd.grad(linear_logprobs(h, w, torch.tensor([1, 2, 3])).sum(), h,
+                               create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        g.sum().backward()

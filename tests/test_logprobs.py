@@ -264,3 +264,36 @@ def test_torch_path_never_holds_fp32_logits(torch_backend, monkeypatch):
     print(f"\npeak extra {peak / 2**20:.0f} MiB; bf16 grad {grad_bytes / 2**20:.0f} MiB, "
           f"fp32 logits {fp32_bytes / 2**20:.0f} MiB")
     assert peak < grad_bytes + fp32_bytes / 2
+
+
+@pytest.mark.parametrize("backend", ["torch_backend", "triton_backend"])
+def test_nan_logits_surface_and_ignored_rows_stay_zero(request, backend):
+    """A nan logit in a counted row gives a nan log-prob and nan gradients in that row (a diverged
+    model must not train on silent zeros); the other rows are unchanged, and a nan in an
+    ignored row changes nothing (0 log-prob, 0 gradient)."""
+    request.getfixturevalue(backend)
+    g = torch.Generator().manual_seed(5)
+    clean = torch.randn(4, 37, generator=g)
+    targets = torch.tensor([3, 7, IGNORE, 0])
+    dirty = clean.clone()
+    dirty[1, 20] = float("nan")
+    dirty[2, 5] = float("nan")
+    out = {}
+    for name, x in (("clean", clean), ("dirty", dirty)):
+        x = x.clone().requires_grad_(True)
+        logp, ent = logprobs(x, targets, return_entropy=True)
+        (logp.sum() + ent.sum()).backward()
+        out[name] = (logp.detach(), ent.detach(), x.grad)
+    logp, ent, grad = out["dirty"]
+    assert logp[1].isnan() and ent[1].isnan() and grad[1].isnan().all()
+    assert logp[2] == 0 and ent[2] == 0 and torch.equal(grad[2], torch.zeros(37))
+    keep = [0, 3]
+    for a, b in zip(out["dirty"], out["clean"]):
+        torch.testing.assert_close(a[keep], b[keep], rtol=0, atol=0)
+
+
+def test_double_backward_raises_instead_of_a_wrong_answer(torch_backend):
+    x = torch.randn(3, 11, requires_grad=True)
+    (g,) = torch.autograd.grad(logprobs(x, torch.tensor([1, 2, 3])).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        g.sum().backward()

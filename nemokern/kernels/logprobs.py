@@ -106,10 +106,15 @@ def block_dlogits_torch(z, targets, norm, entropy, g_lp, g_ent, inv_t, vocab_sta
     """
     logp_all = z.sub_(norm[:, :1]).sub_(norm[:, 1:])
     p = torch.exp(logp_all)
+    # p = 0 where coef is +-inf or nan (masked logits, ignored rows): their gradient is 0. A nan
+    # logit (p = nan) keeps its nan gradient: a diverged model must not train on silent zeros.
+    p_zero = p == 0
     coef = logp_all.add_(entropy.unsqueeze(-1)).mul_(g_ent.unsqueeze(-1)).add_(
         g_lp.unsqueeze(-1))
-    # p = 0 where coef is +-inf or nan (masked logits, ignored rows): their gradient is 0.
-    dz = p.mul_(coef).neg_().nan_to_num_(nan=0.0)
+    dz = p.mul_(coef).neg_().masked_fill_(p_zero, 0.0)
+    # Ignored rows (m = +inf) get exactly 0 whatever their logits hold, as the kernels never
+    # read them.
+    dz.masked_fill_(norm[:, :1] == float("inf"), 0.0)
     col, inside = _target_columns(targets, vocab_start, z.shape[-1])
     dz.scatter_add_(-1, col, torch.where(inside, g_lp, 0.0).unsqueeze(-1))
     return dz.mul_(inv_t)
@@ -161,10 +166,10 @@ def online_softmax_step(m, s, t, z, AXIS: tl.constexpr):
 @triton.jit
 def dlogits_tile(z, m, log_s, ent, g_lp, g_ent, is_target):
     """d(loss)/dz of scaled logits z from the row statistics (broadcast against z); p = 0
-    (masked logits, ignored rows with m = +inf) gives 0, never nan."""
+    (masked logits, ignored rows with m = +inf) gives 0, never nan; a nan logit gives nan."""
     logp_all = (z - m) - log_s
     p = tl.exp(logp_all)
-    dz = tl.where(p > 0, -p * (g_lp + g_ent * (logp_all + ent)), 0.0)
+    dz = tl.where(p == 0.0, 0.0, -p * (g_lp + g_ent * (logp_all + ent)))
     return tl.where(is_target, dz + g_lp, dz)
 
 

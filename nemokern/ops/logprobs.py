@@ -9,7 +9,12 @@ Conventions shared by both ops:
 - z = logits / temperature; logp = z[target] - logsumexp(z) (float32);
   entropy = -sum_v p_v log p_v of softmax(z) (float32).
 - Positions whose target == ignore_index give logp = 0 AND entropy = 0, and no gradient.
-- Gradients flow from both outputs in one backward pass.
+- Gradients flow from both outputs in one backward pass; a second derivative raises (the
+  backward is not itself differentiable) rather than returning a wrong one.
+- A nan logit in a counted row gives a nan log-prob and nan gradients in that row, as eager
+  PyTorch does; ignored rows give 0 and a zero gradient whatever they hold. linear_logprobs
+  runs its GEMMs on the counted rows only (one host sync to find them), so ignored prompt
+  tokens cost no FLOPs and nan/inf hidden states there touch nothing.
 - Targets outside [0, V) (other than ignore_index) raise ValueError. The check costs one small
   reduction and, on a GPU, one host sync per call; NEMOKERN_CHECK_TARGETS=0 skips it (and the
   equal-shard check of tp_group, which rides on the forward's one collective). Unchecked,
@@ -22,6 +27,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
 from ..kernels import linear_logprobs as _linear
 from ..kernels import logprobs as _logits
@@ -96,6 +102,7 @@ class _LogProbs(torch.autograd.Function):
         return logp, entropy
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_lp, g_ent):
         logits, targets, norm, entropy = ctx.saved_tensors
         valid = targets != ctx.ignore_index
@@ -159,6 +166,23 @@ def _gather_parts(parts, group, shard):
     return gathered[:, :-1]
 
 
+def _kept_rows(valid):
+    """Indices of the rows that count (target != ignore_index), or None when every row does.
+
+    The linear op runs its GEMMs on these rows only: in RLHF the prompt tokens are ignored, often
+    half of a packed batch, and their logits would be computed (twice) for nothing. One host sync.
+    """
+    n_kept = int(valid.sum())
+    return None if n_kept == valid.numel() else valid.nonzero().squeeze(1)
+
+
+def _scatter_rows(x, rows, n):
+    """x [n_kept, ...] -> [n, ...] with zeros on the rows not kept."""
+    if rows is None:
+        return x
+    return x.new_zeros((n,) + tuple(x.shape[1:])).index_copy_(0, rows, x)
+
+
 class _LinearLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, inv_t, ignore_index, vocab_start, tp_group,
@@ -168,40 +192,55 @@ class _LinearLogProbs(torch.autograd.Function):
             raise TypeError(f"linear_logprobs: the Triton kernels take hidden/weight in "
                             f"{_linear.TRITON_DTYPES}, got {hidden.dtype}; cast them, or set "
                             f"NEMOKERN_BACKEND=torch for the (slower) torch reference")
-        with device_guard(hidden.device):
-            if backend == "triton":
-                parts = _linear.linear_stats_triton(hidden, weight, targets, inv_t, vocab_start)
-            else:
-                parts = _linear.linear_stats_torch(hidden, weight, targets, inv_t, vocab_start,
-                                                   with_entropy)
+        rows = _kept_rows(targets != ignore_index)
+        h, t = (hidden, targets) if rows is None else (hidden[rows], targets[rows])
+        if t.numel() == 0:
+            parts = torch.zeros(1, 0, 4, dtype=torch.float32, device=hidden.device)
+        else:
+            with device_guard(hidden.device):
+                if backend == "triton":
+                    parts = _linear.linear_stats_triton(h, weight, t, inv_t, vocab_start)
+                else:
+                    parts = _linear.linear_stats_torch(h, weight, t, inv_t, vocab_start,
+                                                       with_entropy)
         if tp_group is not None:
+            # every rank holds the same targets, hence the same kept rows
             shard = weight.shape[0]
             parts = _gather_parts(parts, tp_group, shard)
             # checked only now that the shards are known to be equal: all ranks agree on vocab
             _check_targets(targets, shard * parts.shape[0], ignore_index)
-        valid = targets != ignore_index
-        logp, norm, entropy = _logits.combine_stats(parts, valid)
-        ctx.save_for_backward(hidden, weight, targets, norm, entropy)
+        logp, norm, entropy = _logits.combine_stats(parts, t != ignore_index)
+        ctx.save_for_backward(hidden, weight, t, rows, norm, entropy)
         ctx.inv_t, ctx.ignore_index, ctx.backend = inv_t, ignore_index, backend
         ctx.vocab_start, ctx.tp_group = vocab_start, tp_group
         ctx.set_materialize_grads(False)
-        return logp, entropy
+        n = hidden.shape[0]
+        return _scatter_rows(logp, rows, n), _scatter_rows(entropy, rows, n)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_lp, g_ent):
-        hidden, weight, targets, norm, entropy = ctx.saved_tensors
-        valid = targets != ctx.ignore_index
-        g_lp, g_ent = _upstream(g_lp, valid), _upstream(g_ent, valid)
-        fn = (_linear.linear_backward_triton if ctx.backend == "triton"
-              else _linear.linear_backward_torch)
-        with device_guard(hidden.device):
-            dh, dw = fn(hidden, weight, targets, norm, entropy, g_lp, g_ent, ctx.inv_t,
-                        ctx.vocab_start, need_dh=ctx.needs_input_grad[0],
-                        need_dw=ctx.needs_input_grad[1])
+        hidden, weight, t, rows, norm, entropy = ctx.saved_tensors
+        need_dh, need_dw = ctx.needs_input_grad[:2]
+        kept = torch.ones_like(t, dtype=torch.bool)  # t holds the kept rows' targets only
+        g_lp, g_ent = (_upstream(g if g is None or rows is None else g[rows], kept)
+                       for g in (g_lp, g_ent))
+        h = hidden if rows is None else hidden[rows]
+        if t.numel() == 0:
+            dh = torch.zeros_like(h) if need_dh else None
+            dw = torch.zeros_like(weight) if need_dw else None
+        else:
+            fn = (_linear.linear_backward_triton if ctx.backend == "triton"
+                  else _linear.linear_backward_torch)
+            with device_guard(hidden.device):
+                dh, dw = fn(h, weight, t, norm, entropy, g_lp, g_ent, ctx.inv_t,
+                            ctx.vocab_start, need_dh=need_dh, need_dw=need_dw)
         if ctx.tp_group is not None and dh is not None:
             # hidden is replicated across the group and each shard saw only its vocabulary:
             # the full dhidden is the sum over shards (Megatron's column-parallel input grad).
             dist.all_reduce(dh, group=ctx.tp_group)
+        if dh is not None:
+            dh = _scatter_rows(dh, rows, hidden.shape[0])
         return dh, dw, None, None, None, None, None, None
 
 
