@@ -29,7 +29,7 @@ def run_all(hidden, weight, g_lp, g_ent, fn):
     h = hidden.detach().clone().requires_grad_(True)
     w = weight.detach().clone().requires_grad_(True)
     logp, ent = fn(h, w)
-    (g_lp * logp + g_ent * ent).sum().backward()
+    (g_lp * logp if g_ent is None else g_lp * logp + g_ent * ent).sum().backward()
     return logp.detach(), ent.detach(), h.grad, w.grad
 
 
@@ -43,6 +43,16 @@ def check_against_float64(hidden, weight, targets, g_lp, g_ent, temperature, lab
     assert ours[2].dtype == hidden.dtype and ours[3].dtype == weight.dtype
     names = ("logp", "entropy", "dhidden", "dweight")
     errs = [error_vs(o, p, r, f"{label} {n}") for o, p, r, n in zip(ours, plain, ref, names)]
+    # logp-only gradient (entropy gets none: the common RLHF case, a shorter torch backward)
+    only = [run_all(h, w, g, None, f)[2:]
+            for h, w, g, f in ((hidden, weight, g_lp, lambda h, w: linear_logprobs(
+                h, w, targets, temperature=temperature, return_entropy=True)),
+                (hidden, weight, g_lp, lambda h, w: reference(h @ w.t(), targets, temperature)),
+                (hidden.double(), weight.double(), g_lp.double(),
+                 lambda h, w: reference(h @ w.t(), targets, temperature)))]
+    for i, n in enumerate(("logp-only dhidden", "logp-only dweight")):
+        errs.append(error_vs(*(o[i] for o in only), f"{label} {n}"))
+        names += (n,)
     print(f"\n{label}: " + ", ".join(f"{n} err {e:.2e} (plain {p:.2e})"
                                      for n, (e, p) in zip(names, errs)))
     return ours

@@ -56,10 +56,11 @@ def make_inputs(shape, vocab, dtype, scale, ignore_frac=0.25, seed=0):
 
 
 def run_all(logits, targets, g_lp, g_ent, temperature, fn):
-    """fn(x) -> (logp, ent); returns logp, ent, dlogits of sum(g_lp*logp + g_ent*ent)."""
+    """fn(x) -> (logp, ent); returns logp, ent, dlogits of sum(g_lp*logp + g_ent*ent) (of
+    sum(g_lp*logp) when g_ent is None: the entropy output then gets no gradient at all)."""
     x = logits.detach().clone().requires_grad_(True)
     logp, ent = fn(x)
-    (g_lp * logp + g_ent * ent).sum().backward()
+    (g_lp * logp if g_ent is None else g_lp * logp + g_ent * ent).sum().backward()
     return logp.detach(), ent.detach(), x.grad
 
 
@@ -74,8 +75,18 @@ def check_against_float64(logits, targets, g_lp, g_ent, temperature, label=""):
     assert ours[2].dtype == logits.dtype
     errs = [error_vs(o, p, r, f"{label} {what}")
             for o, p, r, what in zip(ours, plain, ref, ("logp", "entropy", "dlogits"))]
+    # logp-only gradient (the common RLHF case): a separate, shorter backward on the torch path
+    only = [run_all(x, targets, g.to(x.dtype if x.dtype == torch.float64 else g.dtype), None,
+                    temperature, f)[2]
+            for x, g, f in ((logits, g_lp, lambda x: logprobs(x, targets, temperature=temperature,
+                                                              return_entropy=True)),
+                            (logits, g_lp, lambda x: reference(x, targets, temperature)),
+                            (logits.double(), g_lp.double(),
+                             lambda x: reference(x, targets, temperature)))]
+    errs.append(error_vs(*only, f"{label} logp-only dlogits"))
     print(f"\n{label}: " + ", ".join(f"{w} err {e:.2e} (plain {p:.2e})" for w, (e, p) in
-                                     zip(("logp", "entropy", "dlogits"), errs)))
+                                     zip(("logp", "entropy", "dlogits", "logp-only dlogits"),
+                                         errs)))
     return ours
 
 

@@ -50,13 +50,19 @@ _BWD_CHUNK_BYTES = 256 << 20      # d(logits) chunk of the GPU backward
 
 # ----------------------------------------------------------------------------- torch reference
 
+def _scaled(logits, inv_t):
+    """Fresh logits (a GEMM's output, free to overwrite) as float32 divided by T."""
+    z = logits.float()
+    return z if inv_t == 1.0 else z.mul_(inv_t)
+
+
 def linear_stats_torch(hidden, weight, targets, inv_t, vocab_start=0, with_entropy=True):
     """hidden [N, H], weight [Vs, H], targets [N] global ids -> parts [1, N, 4] float32."""
     n, v = hidden.shape[0], weight.shape[0]
     out = torch.empty(n, 4, dtype=torch.float32, device=hidden.device)
     step = row_chunk(n, v, _TORCH_CHUNK_ELEMENTS)
     for i in range(0, n, step):
-        z = (hidden[i:i + step] @ weight.t()).float().mul_(inv_t)
+        z = _scaled(hidden[i:i + step] @ weight.t(), inv_t)
         out[i:i + step] = block_stats_torch(z, targets[i:i + step], vocab_start, with_entropy)
     return out.unsqueeze(0)
 
@@ -104,7 +110,7 @@ def linear_backward_torch(hidden, weight, targets, norm, entropy, g_lp, g_ent, i
     n, v = hidden.shape[0], weight.shape[0]
 
     def dlogits_chunk(c0, w_c):
-        z = (hidden @ w_c.t()).float().mul_(inv_t)
+        z = _scaled(hidden @ w_c.t(), inv_t)
         return block_dlogits_torch(z, targets, norm, entropy, g_lp, g_ent, inv_t,
                                    vocab_start + c0).to(hidden.dtype)
 

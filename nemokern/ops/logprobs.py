@@ -76,9 +76,12 @@ def _check_float(name, t):
         raise TypeError(f"{name} must be a floating-point tensor, got {got}")
 
 
-def _upstream(grad, valid):
-    """Upstream grad as contiguous float32, zero on ignored rows (None -> zeros)."""
+def _upstream(grad, valid, keep_none=False):
+    """Upstream grad as contiguous float32, zero on ignored rows (None -> zeros, or None with
+    keep_none: the torch path skips the entropy term's passes when it gets no gradient)."""
     if grad is None:
+        if keep_none:
+            return None
         return torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
     return torch.where(valid, grad.float(), torch.zeros((), device=grad.device)).contiguous()
 
@@ -106,7 +109,8 @@ class _LogProbs(torch.autograd.Function):
     def backward(ctx, g_lp, g_ent):
         logits, targets, norm, entropy = ctx.saved_tensors
         valid = targets != ctx.ignore_index
-        g_lp, g_ent = _upstream(g_lp, valid), _upstream(g_ent, valid)
+        g_lp = _upstream(g_lp, valid)
+        g_ent = _upstream(g_ent, valid, keep_none=ctx.backend == "torch")
         with device_guard(logits.device):
             if ctx.backend == "triton":
                 grad = _logits.logprobs_backward_triton(logits, targets, norm, entropy, g_lp,
@@ -223,8 +227,10 @@ class _LinearLogProbs(torch.autograd.Function):
         hidden, weight, t, rows, norm, entropy = ctx.saved_tensors
         need_dh, need_dw = ctx.needs_input_grad[:2]
         kept = torch.ones_like(t, dtype=torch.bool)  # t holds the kept rows' targets only
-        g_lp, g_ent = (_upstream(g if g is None or rows is None else g[rows], kept)
-                       for g in (g_lp, g_ent))
+        if rows is not None:
+            g_lp, g_ent = (None if g is None else g[rows] for g in (g_lp, g_ent))
+        g_lp = _upstream(g_lp, kept)
+        g_ent = _upstream(g_ent, kept, keep_none=ctx.backend == "torch")
         h = hidden if rows is None else hidden[rows]
         if t.numel() == 0:
             dh = torch.zeros_like(h) if need_dh else None
