@@ -149,10 +149,15 @@ def logprobs_backward_torch(logits, targets, norm, entropy, g_lp, g_ent, inv_t):
     step = row_chunk(n, v, _TORCH_CHUNK_ELEMENTS)
     for i in range(0, n, step):
         sl = slice(i, i + step)
-        z = logits[sl].float() * inv_t
-        grad[sl] = block_dlogits_torch(z, targets[sl], norm[sl], entropy[sl], g_lp[sl],
-                                       None if g_ent is None else g_ent[sl],
-                                       inv_t).to(logits.dtype)
+        if grad.dtype == torch.float32:
+            # fp32: the gradient's own rows are the scratch block (no copy back, no allocation)
+            z = torch.mul(logits[sl], inv_t, out=grad[sl])
+        else:
+            z = logits[sl].float() * inv_t
+        dz = block_dlogits_torch(z, targets[sl], norm[sl], entropy[sl], g_lp[sl],
+                                 None if g_ent is None else g_ent[sl], inv_t)
+        if dz.data_ptr() != grad[sl].data_ptr():
+            grad[sl] = dz
     return grad
 
 
