@@ -138,14 +138,14 @@ def _bench_linear(benchmark, impl, n, hs, vocab, dtype, device, rounds, backward
 @pytest.mark.benchmark(group="linear_logprobs fwd+bwd (CPU, N=4096 H=1024 V=32000 fp32)")
 @pytest.mark.parametrize("impl", IMPLS)
 def test_linear_logprobs_cpu(benchmark, impl):
-    _bench_linear(benchmark, impl, 4096, 1024, 32000, torch.float32, "cpu", 3, backward=True)
+    _bench_linear(benchmark, impl, 4096, 1024, 32000, torch.float32, "cpu", 5, backward=True)
 
 
 @pytest.mark.benchmark(group="linear_logprobs fwd+bwd (CPU, N=4096 H=1024 V=32000 fp32, "
                               "no ignored targets)")
 @pytest.mark.parametrize("impl", ["nemokern", "eager"])
 def test_linear_logprobs_cpu_all_counted(benchmark, impl):
-    _bench_linear(benchmark, impl, 4096, 1024, 32000, torch.float32, "cpu", 3, backward=True,
+    _bench_linear(benchmark, impl, 4096, 1024, 32000, torch.float32, "cpu", 5, backward=True,
                   ignore_every=0)
 
 

@@ -41,10 +41,11 @@ from . import interpreting
 from .logprobs import (block_dlogits_torch, block_stats_torch, dlogits_tile,
                        online_softmax_step, row_chunk)
 
-# Logits elements per chunk on the CPU path: 64 MB of fp32 (524 tokens at V = 32000 forward,
-# 4096 vocabulary rows at N = 4096 backward) keeps the chunk GEMMs about as fast as one big GEMM;
-# 4x smaller chunks cost up to 2x in GEMM time on a 2-core CPU.
-_TORCH_CHUNK_ELEMENTS = 1 << 24
+# Logits elements per chunk on the CPU path: 32 MB of fp32 (262 tokens at V = 32000 forward,
+# 2048 vocabulary rows at N = 4096 backward) keeps the chunk GEMMs as fast as one big GEMM (on a
+# 2-core EPYC, N = 4096 H = 1024 V = 32000 fp32 fwd+bwd: 2^22 4.51-4.75 s, 2^23 4.50-4.54 s,
+# 2^24 4.59-4.61 s, 2^25 4.68-4.73 s; far smaller chunks cost up to 2x in GEMM time).
+_TORCH_CHUNK_ELEMENTS = 1 << 23
 _BWD_CHUNK_BYTES = 256 << 20      # d(logits) chunk of the GPU backward
 
 
