@@ -102,3 +102,29 @@ def _unequal_worker(rank, world, init_file):
 def test_unequal_vocab_shards_raise():
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_unequal_worker, args=(2, os.path.join(d, "store")), nprocs=2, join=True)
+
+
+def _mismatch_worker(rank, world, init_file, ignore_differs):
+    os.environ["NEMOKERN_BACKEND"] = "torch"
+    from nemokern.ops import linear_logprobs
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        g = torch.Generator().manual_seed(0)
+        weight, hidden = torch.randn(10, 8, generator=g), torch.randn(5, 8, generator=g)
+        targets = torch.tensor([0, 3, 7, 19, IGNORE])
+        if rank == 1:  # a data-loader bug: rank 1 got another batch's targets
+            targets = (torch.tensor([0, 3, IGNORE, 19, IGNORE]) if ignore_differs
+                       else torch.tensor([0, 3, 8, 19, IGNORE]))
+        with pytest.raises(ValueError, match="ranks of tp_group passed different targets"):
+            linear_logprobs(hidden, weight, targets, tp_group=dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("ignore_differs", [False, True])
+def test_ranks_with_different_targets_raise_on_every_rank(ignore_differs):
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_mismatch_worker, args=(2, os.path.join(d, "store"), ignore_differs), nprocs=2,
+                 join=True)

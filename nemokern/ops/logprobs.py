@@ -149,27 +149,6 @@ def logprobs(logits, targets, *, temperature=1.0, ignore_index=-100, return_entr
 
 # ----------------------------------------------------------------------------- linear op
 
-def _gather_parts(parts, group, shard):
-    """The vocab-parallel exchange, ONE collective per forward: every rank's merged statistics
-    [N, 4] (max, sum-exp, entropy sum, target logit) -> [tp, N, 4] on every rank.
-
-    One extra row carries each rank's shard size: ranks with unequal shards (a tensor_split of an
-    unpadded vocabulary) would each look for their targets at the wrong columns, so every rank
-    raises the same error instead (a rank-local error before a collective would hang the others).
-    """
-    local = _logits.merge_parts(parts)
-    local = torch.cat([local, torch.full_like(local[:1], float(shard))]).contiguous()
-    bufs = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(bufs, local, group=group)
-    gathered = torch.stack(bufs)
-    sizes = gathered[:, -1, 0]
-    if _checks_enabled() and bool((sizes != shard).any()):
-        raise ValueError(f"linear_logprobs: the ranks of tp_group hold vocabulary shards of sizes "
-                         f"{[int(x) for x in sizes.tolist()]}; every rank needs an equal shard "
-                         f"[V / tp, H] (pad the vocabulary to a multiple of tp, as Megatron does)")
-    return gathered[:, :-1]
-
-
 def _kept_rows(valid):
     """Indices of the rows that count (target != ignore_index), or None when every row does.
 
@@ -185,6 +164,50 @@ def _scatter_rows(x, rows, n):
     if rows is None:
         return x
     return x.new_zeros((n,) + tuple(x.shape[1:])).index_copy_(0, rows, x)
+
+
+_FINGERPRINT_MOD = 8388593  # a prime below 2**23: fingerprints are exact in float32
+
+
+def _targets_fingerprint(targets):
+    """A position-weighted checksum of the target ids, exact as a float32 (< 2**23)."""
+    p = _FINGERPRINT_MOD
+    pos = torch.arange(1, targets.numel() + 1, device=targets.device) % p
+    return float(((targets % p) * pos % p).sum() % p)
+
+
+def _gather_parts(parts, rows, targets, group, shard):
+    """The vocab-parallel exchange, ONE collective per forward: every rank's merged statistics
+    (max, sum-exp, entropy sum, target logit) of the kept rows -> [tp, n_kept, 4] on every rank.
+
+    The statistics travel at full length N (zeros on ignored rows) with one extra row: this
+    rank's shard size, kept-row count and a fingerprint of its targets. Ranks with unequal
+    shards (a tensor_split of an unpadded vocabulary) would look for their targets at the wrong
+    columns, and ranks with different targets would merge statistics of different tokens; either
+    way every rank raises the same error (a rank-local error before a collective would hang the
+    others). Ranks with different N cannot even exchange: the collective itself fails.
+    """
+    local = _scatter_rows(_logits.merge_parts(parts), rows, targets.numel())
+    n_kept = targets.numel() if rows is None else rows.numel()
+    fingerprint = _targets_fingerprint(targets) if _checks_enabled() else 0.0
+    header = torch.tensor([[float(shard), float(n_kept), fingerprint, 0.0]], device=local.device)
+    local = torch.cat([local, header]).contiguous()
+    bufs = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(bufs, local, group=group)
+    gathered = torch.stack(bufs)
+    sizes, kept, prints = gathered[:, -1, :3].unbind(-1)
+    if _checks_enabled():
+        if bool((sizes != shard).any()):
+            raise ValueError(f"linear_logprobs: the ranks of tp_group hold vocabulary shards of "
+                             f"sizes {[int(x) for x in sizes.tolist()]}; every rank needs an equal "
+                             f"shard [V / tp, H] (pad the vocabulary to a multiple of tp, as "
+                             f"Megatron does)")
+        if bool((kept != kept[0]).any() | (prints != prints[0]).any()):
+            raise ValueError(f"linear_logprobs: the ranks of tp_group passed different targets "
+                             f"(counted positions per rank: {[int(x) for x in kept.tolist()]}); "
+                             f"vocab-parallel ranks must see the same tokens and targets")
+    gathered = gathered[:, :-1]
+    return gathered if rows is None else gathered[:, rows]
 
 
 class _LinearLogProbs(torch.autograd.Function):
@@ -210,7 +233,7 @@ class _LinearLogProbs(torch.autograd.Function):
         if tp_group is not None:
             # every rank holds the same targets, hence the same kept rows
             shard = weight.shape[0]
-            parts = _gather_parts(parts, tp_group, shard)
+            parts = _gather_parts(parts, rows, targets, tp_group, shard)
             # checked only now that the shards are known to be equal: all ranks agree on vocab
             _check_targets(targets, shard * parts.shape[0], ignore_index)
         logp, norm, entropy = _logits.combine_stats(parts, t != ignore_index)
@@ -257,9 +280,10 @@ def linear_logprobs(hidden, weight, targets, *, temperature=1.0, ignore_index=-1
     hidden [..., H], weight [V, H] (same dtype), targets [...] int64 -> logp [...] float32
     (and entropy [...] with return_entropy). With tp_group, weight is this rank's shard
     [V / tp, H] holding vocabulary ids [rank * V/tp, (rank + 1) * V/tp) (equal shards, as
-    Megatron's padded vocabulary; unequal ones raise ValueError), targets are global ids, hidden
-    is replicated; every rank gets the full result. Forward exchanges 4 floats per token (one
-    all_gather), backward all-reduces dhidden [N, H] once. Differentiable w.r.t. hidden and
+    Megatron's padded vocabulary; unequal ones raise ValueError), targets are global ids and the
+    same on every rank (different ones raise ValueError), hidden is replicated; every rank gets
+    the full result. Forward exchanges 4 floats per token (one all_gather), backward all-reduces
+    dhidden of the counted rows once. Differentiable w.r.t. hidden and
     weight.
     """
     _check_float("hidden", hidden)
