@@ -283,8 +283,7 @@ def linear_logprobs(hidden, weight, targets, *, temperature=1.0, ignore_index=-1
     Megatron's padded vocabulary; unequal ones raise ValueError), targets are global ids and the
     same on every rank (different ones raise ValueError), hidden is replicated; every rank gets
     the full result. Forward exchanges 4 floats per token (one all_gather), backward all-reduces
-    dhidden of the counted rows once. Differentiable w.r.t. hidden and
-    weight.
+    dhidden of the counted rows once. Differentiable w.r.t. hidden and weight.
     """
     _check_float("hidden", hidden)
     _check_float("weight", weight)
