@@ -84,6 +84,20 @@ def test_extra_tensor_is_named(saved):
         Llama.from_pretrained(saved)
 
 
+def test_saved_rope_inv_freq_buffers_are_ignored_like_transformers(saved):
+    """Checkpoints written by older transformers carry each layer's rotary_emb.inv_freq; it is
+    derived from config.json, so loading skips it (as transformers does) with identical logits."""
+    ids = torch.randint(0, LlamaConfig.tiny().vocab_size, (2, 9))
+    before = Llama.from_pretrained(saved)(ids)
+    _edit(saved, lambda t: t.update({f"model.layers.{i}.self_attn.rotary_emb.inv_freq":
+                                     torch.full((8,), 7.0) for i in range(2)}
+                                    | {"model.rotary_emb.inv_freq": torch.ones(8)}))
+    torch.testing.assert_close(Llama.from_pretrained(saved)(ids), before, rtol=0, atol=0)
+    _edit(saved, lambda t: t.update({"model.rotary_emb.inv_freq_extra": torch.ones(8)}))
+    with pytest.raises(CheckpointError, match="unexpected tensor 'model.rotary_emb.inv_freq_extra'"):
+        Llama.from_pretrained(saved)
+
+
 def test_wrong_shape_is_named(saved):
     _edit(saved, lambda t: t.update({"model.norm.weight": torch.ones(65)}))
     with pytest.raises(CheckpointError, match=r"'model\.norm\.weight' has shape \(65,\).*\(64,\)"):

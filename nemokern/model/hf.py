@@ -28,6 +28,11 @@ class CheckpointError(ValueError):
     """A checkpoint directory nemokern cannot load; the message names the file and tensor."""
 
 
+# RoPE's inv_freq, which older transformers versions wrote into checkpoints (per layer, or once
+# for the model): nemokern derives it from config.json, and transformers skips it when loading.
+_DERIVED_BUFFER = re.compile(r"model\.(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq")
+
+
 def hf_name(name: str) -> str:
     return name if name == "lm_head.weight" else "model." + name
 
@@ -97,6 +102,8 @@ def load_pretrained(cls, path, *, dtype=None, device=None, activation_checkpoint
                 if name == "lm_head.weight" and config.tie_word_embeddings:
                     tied_head = (file, tensor)
                     continue
+                if _DERIVED_BUFFER.fullmatch(name):
+                    continue  # older transformers saved RoPE's inv_freq; it follows from config.json
                 if name not in expected:
                     raise CheckpointError(
                         f"{file}: unexpected tensor {name!r} for this config.json "
