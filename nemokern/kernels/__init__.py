@@ -4,6 +4,8 @@ Must never import nemokern.ops or anything above it.
 """
 import os
 
+from ._rms_norm import rms_norm, rms_norm_terms  # the one copy of the RMSNorm formula
+
 
 def interpreting() -> bool:
     """True when Triton kernels run on the CPU through the interpreter (TRITON_INTERPRET=1)."""

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ._rounding import cast_to, round_to
+from ._rms_norm import rms_norm_terms
 
 _BLOCK_H = 256
 _MAX_BLOCK_K = 16
@@ -201,12 +202,9 @@ def _row_index(hidden_shape, last_index):
 
 
 def _norm_terms(rows, norm_weight, eps):
-    x = rows.float()
-    rstd = torch.rsqrt(x.pow(2).mean(-1) + eps)
-    n = x * rstd[:, None]
-    n_r = n.to(rows.dtype)
-    y = norm_weight * n_r  # LlamaRMSNorm: the product is rounded in the promoted dtype
-    return rstd, n, n_r.float(), y.float()
+    """(rstd [B], n [B, H], n rounded to rows' dtype, y) in float32 for rows [B, H]."""
+    rstd, n, y = rms_norm_terms(rows, norm_weight, eps)
+    return rstd.squeeze(-1).float(), n.float(), n.to(rows.dtype).float(), y.float()
 
 
 def reward_head_forward_torch(hidden, last_index, norm_weight, head_weight, head_bias, eps):

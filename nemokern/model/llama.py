@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..kernels import rms_norm
 from .attention import AttentionContext, KVCache, attention, cache_mask
 from .config import LlamaConfig
 from .hf import load_pretrained, save_pretrained
@@ -28,11 +29,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # Normalise in fp32 (fp64 for fp64 input) and round back before the weight multiply, as
-        # transformers does, so bf16 results match it bit for bit.
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # fp32 statistics, rounded back before the weight multiply: bit for bit transformers'
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
