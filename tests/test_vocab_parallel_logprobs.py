@@ -128,3 +128,31 @@ def test_ranks_with_different_targets_raise_on_every_rank(ignore_differs):
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_mismatch_worker, args=(2, os.path.join(d, "store"), ignore_differs), nprocs=2,
                  join=True)
+
+
+def _token_count_worker(rank, init_file):
+    """Ranks with different N make the all_gather itself mismatched (gloo may abort a rank); the
+    rank that survives reads every header first. Simulated here: one real process, a fake second
+    rank whose header says N = 6."""
+    os.environ["NEMOKERN_BACKEND"] = "torch"
+    from nemokern.ops import linear_logprobs
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
+    try:
+        def fake_all_gather(bufs, local, group=None):
+            bufs[0].copy_(local)
+            bufs[1].copy_(local)
+            bufs[1][0, 1] = 6.0  # the other rank's N
+
+        dist.all_gather = fake_all_gather
+        dist.get_world_size = lambda group=None: 2
+        h, w = torch.randn(5, 8), torch.randn(10, 8)
+        with pytest.raises(ValueError, match=r"different numbers of tokens \[5, 6\]"):
+            linear_logprobs(h, w, torch.tensor([0, 3, 7, 19, IGNORE]), tp_group=dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_with_different_token_counts_are_named():
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_token_count_worker, args=(os.path.join(d, "store"),), nprocs=1, join=True)

@@ -180,23 +180,30 @@ def _gather_parts(parts, rows, targets, group, shard):
     """The vocab-parallel exchange, ONE collective per forward: every rank's merged statistics
     (max, sum-exp, entropy sum, target logit) of the kept rows -> [tp, n_kept, 4] on every rank.
 
-    The statistics travel at full length N (zeros on ignored rows) with one extra row: this
-    rank's shard size, kept-row count and a fingerprint of its targets. Ranks with unequal
+    The statistics travel at full length N (zeros on ignored rows) after one header row: this
+    rank's shard size, N, kept-row count and a fingerprint of its targets. Ranks with unequal
     shards (a tensor_split of an unpadded vocabulary) would look for their targets at the wrong
     columns, and ranks with different targets would merge statistics of different tokens; either
     way every rank raises the same error (a rank-local error before a collective would hang the
-    others). Ranks with different N cannot even exchange: the collective itself fails.
+    others). Ranks with different N make the collective itself mismatched, which the backend may
+    abort on; a rank that survives it reads the others' headers first and says so.
     """
-    local = _scatter_rows(_logits.merge_parts(parts), rows, targets.numel())
-    n_kept = targets.numel() if rows is None else rows.numel()
+    n = targets.numel()
+    local = _scatter_rows(_logits.merge_parts(parts), rows, n)
+    n_kept = n if rows is None else rows.numel()
     fingerprint = _targets_fingerprint(targets) if _checks_enabled() else 0.0
-    header = torch.tensor([[float(shard), float(n_kept), fingerprint, 0.0]], device=local.device)
-    local = torch.cat([local, header]).contiguous()
+    header = torch.tensor([[float(shard), float(n), float(n_kept), fingerprint]],
+                          device=local.device)
+    local = torch.cat([header, local]).contiguous()
     bufs = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(bufs, local, group=group)
     gathered = torch.stack(bufs)
-    sizes, kept, prints = gathered[:, -1, :3].unbind(-1)
+    sizes, ns, kept, prints = gathered[:, 0].unbind(-1)
     if _checks_enabled():
+        if bool((ns != n).any()):
+            raise ValueError(f"linear_logprobs: the ranks of tp_group passed different numbers of "
+                             f"tokens {[int(x) for x in ns.tolist()]}; vocab-parallel ranks must "
+                             f"see the same tokens and targets")
         if bool((sizes != shard).any()):
             raise ValueError(f"linear_logprobs: the ranks of tp_group hold vocabulary shards of "
                              f"sizes {[int(x) for x in sizes.tolist()]}; every rank needs an equal "
@@ -206,7 +213,7 @@ def _gather_parts(parts, rows, targets, group, shard):
             raise ValueError(f"linear_logprobs: the ranks of tp_group passed different targets "
                              f"(counted positions per rank: {[int(x) for x in kept.tolist()]}); "
                              f"vocab-parallel ranks must see the same tokens and targets")
-    gathered = gathered[:, :-1]
+    gathered = gathered[:, 1:]
     return gathered if rows is None else gathered[:, rows]
 
 
