@@ -45,6 +45,42 @@ def compile_all(capabilities=(80, 90), verbose=False):
     return n
 
 
+def resource_usage():
+    """Compile every declared kernel for the current CUDA device and load it (needs a GPU).
+
+    Returns one dict per variant: kernel, constexprs, registers per thread, spilled bytes and
+    shared memory bytes as the loaded binary reports them.
+    """
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    major, minor = torch.cuda.get_device_capability()
+    rows = []
+    for modname, (fn, signature, constexprs) in iter_specs():
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+        kernel = triton.compile(src, target=GPUTarget("cuda", major * 10 + minor, 32))
+        kernel._init_handles()
+        rows.append({"kernel": f"{modname}.{fn.__name__}",
+                     "constexprs": {k: str(v) for k, v in constexprs.items()},
+                     "num_warps": kernel.metadata.num_warps,
+                     "registers": getattr(kernel, "n_regs", None),
+                     "spilled_bytes": getattr(kernel, "n_spills", None),
+                     "shared_bytes": kernel.metadata.shared})
+    return rows
+
+
 if __name__ == "__main__":
+    if "--resources" in sys.argv:  # `--resources OUT.json`: registers and spills on this GPU
+        import json
+
+        usage = resource_usage()
+        with open(sys.argv[sys.argv.index("--resources") + 1], "w") as f:
+            json.dump(usage, f, indent=1)
+        for r in usage:
+            print(f"{r['kernel']} {r['constexprs']}: {r['registers']} regs, "
+                  f"{r['spilled_bytes']} B spilled, {r['shared_bytes']} B shared")
+        sys.exit(0)
     count = compile_all(verbose="-v" in sys.argv)
     print(f"compiled {count} kernel variants")
