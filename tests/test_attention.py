@@ -121,3 +121,41 @@ def test_gpu_varlen_backends_match_reference(monkeypatch, backend):
     monkeypatch.setenv("NEMOKERN_ATTENTION", backend)
     fused = (packed_attention(q, k, v, cu, max(LENGTHS)).cpu().double() - ref).abs().max()
     assert fused <= 2 * plain + 1e-3, (fused, plain)
+
+
+def _fake_varlen_2_13(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1),
+                      enable_gqa=False):
+    assert window_size == (-1, 0) and enable_gqa == (q.shape[1] != k.shape[1])
+    return reference(q, k, v, cu_q).to(q.dtype)
+
+
+def _fake_varlen_2_11(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1)):
+    assert window_size == (-1, 0)
+    assert k.shape[1] == q.shape[1], "this signature has no enable_gqa: heads must be repeated"
+    return reference(q, k, v, cu_q).to(q.dtype)
+
+
+def _fake_varlen_is_causal(q, k, v, cu_q, cu_k, max_q, max_k, *, is_causal=False):
+    assert is_causal and k.shape[1] == q.shape[1]
+    return reference(q, k, v, cu_q).to(q.dtype)
+
+
+@pytest.mark.parametrize("fake", [_fake_varlen_2_13, _fake_varlen_2_11, _fake_varlen_is_causal])
+def test_torch_varlen_called_right_across_signatures(monkeypatch, fake):
+    # torch 2.11 (the GPU machine's) has no enable_gqa: calling it with one was a TypeError there.
+    import nemokern.model.attention as A
+
+    monkeypatch.setattr(A, "_torch_varlen", lambda: fake)
+    monkeypatch.setenv("NEMOKERN_ATTENTION", "torch_varlen")
+    q, k, v, cu = _inputs(torch.float32)
+    out = packed_attention(q, k, v, cu, max(LENGTHS))
+    torch.testing.assert_close(out.double(), reference(q, k, v, cu))
+
+
+def test_torch_varlen_without_a_causal_argument_is_refused(monkeypatch):
+    import nemokern.model.attention as A
+
+    monkeypatch.setattr(A, "_torch_varlen", lambda: lambda q, k, v, a, b, c, d: q)
+    monkeypatch.setenv("NEMOKERN_ATTENTION", "torch_varlen")
+    with pytest.raises(RuntimeError, match="NEMOKERN_ATTENTION=sdpa"):
+        packed_attention(*_inputs(torch.float32)[:3], _inputs(torch.float32)[3], max(LENGTHS))

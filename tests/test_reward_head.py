@@ -16,7 +16,7 @@ def index_of(hidden, last_index):
     """Index of the B gathered rows of hidden ([B, T, H] or packed [N, H])."""
     if hidden.dim() == 2:
         return (last_index,)
-    return torch.arange(last_index.numel()), last_index
+    return torch.arange(last_index.numel(), device=last_index.device), last_index
 
 
 def rows_of(hidden, last_index):
@@ -64,7 +64,8 @@ def grads(fn, tensors, upstream):
 
 def check_vs_float64(hidden, last, nw, w, b):
     inputs = (hidden, last, nw, w, b)
-    upstream = torch.randn(last.numel(), w.shape[0], generator=torch.Generator().manual_seed(99))
+    upstream = torch.randn(last.numel(), w.shape[0],
+                           generator=torch.Generator().manual_seed(99)).to(hidden.device)
     want, want_g = grads(reward_f64, inputs, upstream.double())
     plain, plain_g = grads(reward_plain, inputs, upstream)
     got, got_g = grads(reward_head, inputs, upstream)

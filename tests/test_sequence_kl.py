@@ -35,7 +35,8 @@ def make_inputs(shape, dtype, seed, spread=0.3, p_mask=0.7):
 
 def errors(lp, ref, mask, estimator, reduction, **kw):
     """(op error, plain error) of forward and of backward against float64, as max abs."""
-    w = torch.linspace(0.5, 1.5, mask.shape[0], dtype=torch.float64)  # uneven upstream grad
+    w = torch.linspace(0.5, 1.5, mask.shape[0], dtype=torch.float64,
+                       device=lp.device)  # uneven upstream grad
     lp64 = lp.double().requires_grad_()
     want = kl_plain(lp64, ref.double(), mask, estimator, reduction)
     (want_g,) = torch.autograd.grad((want * w).sum(), lp64)

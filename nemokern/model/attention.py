@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -109,8 +110,7 @@ def packed_attention(q, k, v, cu_seqlens, max_seqlen: int) -> torch.Tensor:
         varlen = _torch_varlen()
         if varlen is None:
             raise RuntimeError("NEMOKERN_ATTENTION=torch_varlen but torch.nn.attention.varlen is missing")
-        return varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                      window_size=(-1, 0), enable_gqa=q.shape[1] != k.shape[1])
+        return _call_varlen(varlen, q, k, v, cu_seqlens, max_seqlen)
     # Exact fallback: one SDPA call per segment (no cross-segment scores are ever computed).
     bounds = cu_seqlens.tolist()
     out = torch.empty_like(q)
@@ -123,6 +123,33 @@ def packed_attention(q, k, v, cu_seqlens, max_seqlen: int) -> torch.Tensor:
 @functools.cache
 def _flash_attn_installed() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
+
+
+def _call_varlen(varlen, q, k, v, cu_seqlens, max_seqlen):
+    """torch's varlen_attn, causal, across its signatures: torch 2.13 takes window_size and
+    enable_gqa; torch 2.11 has no enable_gqa (the KV heads are then repeated to q's count) and
+    older ones say is_causal instead of window_size."""
+    params = _parameters(varlen)
+    kwargs = {}
+    if "window_size" in params:
+        kwargs["window_size"] = (-1, 0)
+    elif "is_causal" in params:
+        kwargs["is_causal"] = True
+    else:
+        raise RuntimeError("torch.nn.attention.varlen.varlen_attn takes neither window_size nor "
+                           "is_causal; set NEMOKERN_ATTENTION=sdpa")
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+
+
+@functools.cache
+def _parameters(fn) -> frozenset:
+    return frozenset(inspect.signature(fn).parameters)
 
 
 def _torch_varlen():
