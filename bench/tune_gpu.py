@@ -46,10 +46,10 @@ def sweep_logprobs(device, dry, roof):
     targets = torch.randint(0, v, (n,), device=device, generator=g)
     ones = torch.ones(n, device=device)
     rows = []
-    saved = K.BLOCK_V, K._NUM_WARPS
+    saved = K.FWD_CONFIG, K.BWD_CONFIG
     for block_v in ((256, 1024) if dry else (2048, 4096, 8192)):
         for warps in ((4,) if dry else (4, 8, 16)):
-            K.BLOCK_V, K._NUM_WARPS = block_v, warps
+            K.FWD_CONFIG = K.BWD_CONFIG = (block_v, warps)
             try:
                 fwd = timer(lambda: K.logprobs_stats_triton(logits, targets, 1.0, -100), device)
                 bwd = timer(lambda: K.logprobs_backward_triton(
@@ -63,7 +63,7 @@ def sweep_logprobs(device, dry, roof):
                          "bwd_ms": bwd * 1e3,
                          "bwd_of_copy": 2 * nbytes / bwd / roof["bytes_per_s"]})
             print("logprobs", rows[-1], flush=True)
-    K.BLOCK_V, K._NUM_WARPS = saved
+    K.FWD_CONFIG, K.BWD_CONFIG = saved
     return rows
 
 

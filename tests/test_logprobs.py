@@ -134,7 +134,8 @@ TRITON_CASES = [
 def test_triton_kernels_match_float64(triton_backend, monkeypatch, shape, vocab, dtype,
                                       temperature, scale):
     # 64-column blocks so V = 300 walks five blocks, the last partial: exercises the online merge.
-    monkeypatch.setattr(K, "BLOCK_V", 64)
+    monkeypatch.setattr(K, "FWD_CONFIG", (64, 4))
+    monkeypatch.setattr(K, "BWD_CONFIG", (64, 4))
     logits, targets, g_lp, g_ent = make_inputs(shape, vocab, dtype, scale)
     check_against_float64(logits, targets, g_lp, g_ent, temperature,
                           label=f"triton {shape} V={vocab} {dtype} T={temperature} x{scale:g}")
@@ -155,7 +156,8 @@ def test_all_ignored_rows_give_zero_and_no_grad(request, backend):
 def test_masked_vocabulary_entries_stay_finite(request, backend, monkeypatch):
     # -inf logits (a banned token range, here the whole first kernel block) must not make NaNs.
     request.getfixturevalue(backend)
-    monkeypatch.setattr(K, "BLOCK_V", 16)
+    monkeypatch.setattr(K, "FWD_CONFIG", (16, 4))
+    monkeypatch.setattr(K, "BWD_CONFIG", (16, 4))
     logits, targets, g_lp, g_ent = make_inputs((6,), 40, torch.float32, 1.0, ignore_frac=0.0)
     logits[:, :20] = -float("inf")
     targets = 20 + targets % 20

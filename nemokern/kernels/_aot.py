@@ -2,8 +2,9 @@
 GPU fails CI on a machine without one. Must never import anything above nemokern.kernels.
 
 Each kernel module in nemokern/kernels/ declares AOT_SPECS: a list of
-(jit_fn, signature: dict[str, str], constexprs: dict[str, object]) with the signatures its
-launcher actually uses. Run as `python -m nemokern.kernels._aot` (TRITON_INTERPRET must be unset:
+(jit_fn, signature: dict[str, str], constexprs: dict[str, object][, options]) with the signatures
+its launcher actually uses; options (num_warps, num_stages) are the launch's, where it sets them.
+Run as `python -m nemokern.kernels._aot` (TRITON_INTERPRET must be unset:
 interpreted kernels cannot be compiled).
 """
 
@@ -30,11 +31,12 @@ def compile_all(capabilities=(80, 90), verbose=False):
     from triton.compiler import ASTSource
 
     n = 0
-    for modname, (fn, signature, constexprs) in iter_specs():
+    for modname, (fn, signature, constexprs, *options) in iter_specs():
         for cc in capabilities:
             src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
             try:
-                triton.compile(src, target=GPUTarget("cuda", cc, 32))
+                triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                               options=options[0] if options else None)
             except Exception as exc:  # name the kernel: Triton's own message does not
                 raise RuntimeError(
                     f"kernel {modname}.{fn.__name__} {constexprs} failed to compile for sm_{cc}: {exc}"
@@ -58,9 +60,10 @@ def resource_usage():
 
     major, minor = torch.cuda.get_device_capability()
     rows = []
-    for modname, (fn, signature, constexprs) in iter_specs():
+    for modname, (fn, signature, constexprs, *options) in iter_specs():
         src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-        kernel = triton.compile(src, target=GPUTarget("cuda", major * 10 + minor, 32))
+        kernel = triton.compile(src, target=GPUTarget("cuda", major * 10 + minor, 32),
+                                options=options[0] if options else None)
         kernel._init_handles()
         rows.append({"kernel": f"{modname}.{fn.__name__}",
                      "constexprs": {k: str(v) for k, v in constexprs.items()},

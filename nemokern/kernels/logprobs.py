@@ -253,10 +253,11 @@ def _logprobs_backward_kernel(x_ptr, tgt_ptr, norm_ptr, ent_ptr, glp_ptr, gent_p
                  cast_to(dz * inv_t, dx_ptr.dtype.element_ty), mask=in_v)
 
 
-# One row per program; 4096 columns per step keeps 16-byte vector loads and enough bytes in
-# flight per SM for a bandwidth-bound pass at V = 128k.
-BLOCK_V = 4096
-_NUM_WARPS = 8
+# One row per program. (BLOCK_V, num_warps) per kernel, from the H200 sweep in
+# bench/results/2026-11-30-h200-tune-run2 (N = 16384, V = 128256 bf16): the forward streams a row
+# with few warps and wide blocks, the backward (read + write) prefers 8 warps.
+FWD_CONFIG = (8192, 4)
+BWD_CONFIG = (4096, 8)
 
 
 def logprobs_stats_triton(logits, targets, inv_t, ignore_index):
@@ -264,8 +265,9 @@ def logprobs_stats_triton(logits, targets, inv_t, ignore_index):
     n, v = logits.shape
     stats = torch.empty(n, 4, dtype=torch.float32, device=logits.device)
     if n:
+        block_v, warps = FWD_CONFIG
         _logprobs_stats_kernel[(n,)](logits, targets, stats, v, logits.stride(0), inv_t,
-                                     ignore_index, BLOCK_V=BLOCK_V, num_warps=_NUM_WARPS)
+                                     ignore_index, BLOCK_V=block_v, num_warps=warps)
     return stats.unsqueeze(0)
 
 
@@ -274,9 +276,10 @@ def logprobs_backward_triton(logits, targets, norm, entropy, g_lp, g_ent, inv_t,
     n, v = logits.shape
     grad = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
     if n:
+        block_v, warps = BWD_CONFIG
         _logprobs_backward_kernel[(n,)](logits, targets, norm, entropy, g_lp, g_ent, grad, v,
                                         logits.stride(0), grad.stride(0), inv_t, ignore_index,
-                                        BLOCK_V=BLOCK_V, num_warps=_NUM_WARPS)
+                                        BLOCK_V=block_v, num_warps=warps)
     return grad
 
 
@@ -286,13 +289,13 @@ def _specs():
         specs.append((_logprobs_stats_kernel,
                       {"x_ptr": f"*{dt}", "tgt_ptr": "*i64", "stats_ptr": "*fp32", "V": "i32",
                        "stride_x": "i32", "inv_t": "fp32", "ignore_index": "i32"},
-                      {"BLOCK_V": BLOCK_V}))
+                      {"BLOCK_V": FWD_CONFIG[0]}, {"num_warps": FWD_CONFIG[1]}))
         specs.append((_logprobs_backward_kernel,
                       {"x_ptr": f"*{dt}", "tgt_ptr": "*i64", "norm_ptr": "*fp32",
                        "ent_ptr": "*fp32", "glp_ptr": "*fp32", "gent_ptr": "*fp32",
                        "dx_ptr": f"*{dt}", "V": "i32", "stride_x": "i32", "stride_dx": "i32",
                        "inv_t": "fp32", "ignore_index": "i32"},
-                      {"BLOCK_V": BLOCK_V}))
+                      {"BLOCK_V": BWD_CONFIG[0]}, {"num_warps": BWD_CONFIG[1]}))
     return specs
 
 
