@@ -46,6 +46,8 @@ def table(rows):
                 if kind in roof and not info.get("ceiling"):
                     frac = f"{info[kind] / med / roof[kind]:.0%}"
                 break
+        if not rate and "tokens" in info:
+            rate = f"{info['tokens'] / med / 1e3:.1f} k tokens/s"
         mem = info.get("peak_extra_bytes")
         mem = f"{mem / 2**20:.1f}" if mem is not None else ""
         lines.append(f"| {r.get('group') or ''} | {r['name']} | {med * 1e3:.3f} | {rate} | {frac} | {mem} |")
