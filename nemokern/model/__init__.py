@@ -7,8 +7,10 @@ from .config import ConfigError, LlamaConfig
 from .generate import Generation, generate, sample_next
 from .hf import CheckpointError
 from .llama import Llama
+from .reward import ATTRIBUTES, RewardModel
 
 __all__ = [
-    "CheckpointError", "ConfigError", "Generation", "KVCache", "Llama", "LlamaConfig",
+    "ATTRIBUTES", "CheckpointError", "ConfigError", "Generation", "KVCache", "Llama", "LlamaConfig",
+    "RewardModel",
     "generate", "packed_attention", "packed_backend", "sample_next",
 ]

@@ -1,0 +1,120 @@
+"""A reward model: a Llama trunk and a linear head (with bias) on the final-normed hidden state of
+each conversation's last token, computed by the fused `ops.reward_head` on those tokens only.
+
+On disk: the trunk as an ordinary HF Llama directory (its lm_head kept as it was) plus
+`reward_head.safetensors` (weight [K, H], bias [K]) and `reward_head.json` (the attribute names).
+`export_hf` writes the Nemotron-Reward-HF layout instead: a plain Llama whose lm_head row 0 is one
+head row, so that transformers' LlamaForCausalLM gives logits[last, 0] = reward - bias.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from nemokern.model.hf import CheckpointError
+from nemokern.model.llama import Llama
+from nemokern.ops import reward_head
+
+# SteerLM's 9 attributes, in the order of the head's outputs (recipe.md section 1).
+ATTRIBUTES = ("quality", "toxicity", "humor", "creativity", "helpfulness", "correctness",
+              "coherence", "complexity", "verbosity")
+HEAD_WEIGHTS, HEAD_CONFIG = "reward_head.safetensors", "reward_head.json"
+
+
+class RewardModel(nn.Module):
+    """trunk: a Llama; head: nn.Linear(H, len(attributes)) on its final-normed last-token state."""
+
+    def __init__(self, trunk: Llama, attributes=ATTRIBUTES):
+        super().__init__()
+        self.trunk = trunk
+        self.attributes = tuple(attributes)
+        p = trunk.embed_tokens.weight
+        self.head = nn.Linear(trunk.config.hidden_size, len(self.attributes), bias=True,
+                              device=p.device, dtype=p.dtype)
+        with torch.no_grad():
+            self.head.weight.normal_(0.0, trunk.config.hidden_size ** -0.5)
+            self.head.bias.zero_()
+
+    def attribute_index(self, name: str) -> int:
+        if name not in self.attributes:
+            raise ValueError(f"attribute {name!r} is not one of the head's {list(self.attributes)}")
+        return self.attributes.index(name)
+
+    def forward(self, input_ids, last_index, *, cu_seqlens=None, position_ids=None):
+        """Rewards [S, K] float32 for packed input_ids [N] with cu_seqlens [S + 1] (last_index:
+        the packed row of each sequence's last token), or dense [B, T] with last_index [B]."""
+        hidden = self.trunk.hidden_states(input_ids, cu_seqlens=cu_seqlens,
+                                          position_ids=position_ids, final_norm=False)
+        if cu_seqlens is not None:
+            hidden = hidden.reshape(-1, hidden.shape[-1])
+        norm = self.trunk.norm
+        return reward_head(hidden, last_index, norm.weight, self.head.weight, self.head.bias,
+                           eps=norm.eps)
+
+    # ---- files --------------------------------------------------------------------------------
+    def save_pretrained(self, path) -> None:
+        path = Path(path)
+        self.trunk.save_pretrained(path)
+        head = {"weight": self.head.weight.detach().cpu().contiguous(),
+                "bias": self.head.bias.detach().cpu().contiguous()}
+        save_file(head, str(path / HEAD_WEIGHTS), metadata={"format": "pt"})
+        (path / HEAD_CONFIG).write_text(json.dumps({"attributes": list(self.attributes)}) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, path, *, dtype=None, device=None, attributes=None,
+                        activation_checkpointing=False) -> "RewardModel":
+        """Load a trunk (any HF Llama directory) and its head when the directory has one; a
+        directory without a head (a base or instruct model) gets a fresh head over `attributes`
+        (default the 9 SteerLM ones)."""
+        path = Path(path)
+        trunk = Llama.from_pretrained(path, dtype=dtype, device=device,
+                                      activation_checkpointing=activation_checkpointing)
+        if not (path / HEAD_WEIGHTS).exists():
+            return cls(trunk, attributes or ATTRIBUTES)
+        try:
+            saved = json.loads((path / HEAD_CONFIG).read_text())["attributes"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{path / HEAD_CONFIG}: unreadable head config ({exc})") from None
+        if attributes is not None and tuple(attributes) != tuple(saved):
+            raise CheckpointError(f"{path}: the saved head has attributes {saved}, not "
+                                  f"{list(attributes)}")
+        model = cls(trunk, saved)
+        tensors = load_file(str(path / HEAD_WEIGHTS))
+        expect = {"weight": tuple(model.head.weight.shape), "bias": tuple(model.head.bias.shape)}
+        for name, shape in expect.items():
+            if name not in tensors or tuple(tensors[name].shape) != shape:
+                got = tuple(tensors[name].shape) if name in tensors else "missing"
+                raise CheckpointError(f"{path / HEAD_WEIGHTS}: tensor {name!r} is {got}, "
+                                      f"expected {shape}")
+        with torch.no_grad():
+            model.head.weight.copy_(tensors["weight"])
+            model.head.bias.copy_(tensors["bias"])
+        return model
+
+    @torch.no_grad()
+    def export_hf(self, path, attribute: str = "helpfulness") -> float:
+        """Write the Nemotron-Reward-HF layout for one attribute; return the head's bias for it,
+        which lm_head cannot hold (recorded in config.json as `nemokern_reward_bias`; adding it
+        changes no ranking)."""
+        i = self.attribute_index(attribute)
+        trunk = self.trunk
+        head = trunk.lm_head.weight.detach().clone()
+        head[0] = self.head.weight[i].to(head.dtype)
+        tied = trunk.config.tie_word_embeddings
+        saved = trunk.lm_head.weight
+        try:
+            trunk.config.tie_word_embeddings = False  # row 0 must not change the embedding
+            trunk.lm_head.weight = nn.Parameter(head, requires_grad=False)
+            trunk.save_pretrained(path)
+        finally:
+            trunk.config.tie_word_embeddings = tied
+            trunk.lm_head.weight = saved
+        bias = float(self.head.bias[i])
+        config = json.loads((Path(path) / "config.json").read_text())
+        config.update(nemokern_reward_attribute=attribute, nemokern_reward_bias=bias)
+        (Path(path) / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        return bias
