@@ -367,7 +367,9 @@ def write_rows(rows: Iterable[dict], path: str | os.PathLike) -> None:
     if path.endswith(".parquet"):
         import pyarrow as pa
 
-        _import_pyarrow_parquet().write_table(pa.Table.from_pylist(rows), path)
+        columns = list(dict.fromkeys(k for r in rows for k in r))  # every row's columns, in order
+        table = pa.Table.from_pylist([{k: r.get(k) for k in columns} for r in rows])
+        _import_pyarrow_parquet().write_table(table, path)
         return
     if not path.endswith((".jsonl", ".jsonl.gz")):
         raise ValueError(f"cannot write {path!r}: expected one of {', '.join(_SUFFIXES)}")
