@@ -7,13 +7,6 @@ from nemokern.data.synthetic import synthetic_rows
 from nemokern.data.tokenizer import ByteTokenizer, HFTokenizer
 
 TOK = ByteTokenizer()
-LLAMA3_TEMPLATE = (  # the Llama-3.1 format as an HF tokenizer directory carries it, no preamble
-    "{{ bos_token }}{% for m in messages %}"
-    "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] | trim + '<|eot_id|>' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
-
-
 @pytest.fixture(scope="module")
 def pairs():
     return load_reward_data(synthetic_rows(40, "hs2-preference", seed=1, ties=0.2), TOK)
@@ -194,25 +187,6 @@ def test_encode_without_bos_or_prefix_stable_template():
     ids, cut, deep = encode_conversation(Plain(), [{"role": "user", "content": "abcdef"}],
                                          [{"role": "assistant", "content": "xyz"}], 4)
     assert ids.tolist() == [ord(c) for c in "cdef"] and cut and not deep
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    byte_vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
-    tok = Tokenizer(models.BPE(vocab=byte_vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
-                            "<|end_header_id|>", "<|eot_id|>"])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
-                                   eos_token="<|eot_id|>")
-    fast.chat_template = LLAMA3_TEMPLATE
-    path = tmp_path_factory.mktemp("tok")
-    fast.save_pretrained(path)
-    return path
 
 
 def test_hf_tokenizer_chat_template_and_vocab_check(hf_dir):
