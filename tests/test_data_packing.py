@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 import torch
 
@@ -19,7 +21,7 @@ def regression():
 
 def _segments(batch):
     cu = batch.cu_seqlens.tolist()
-    return [batch.input_ids[a:b].tolist() for a, b in zip(cu, cu[1:])]
+    return [batch.input_ids[a:b].tolist() for a, b in itertools.pairwise(cu)]
 
 
 def test_regression_batch_layout(regression):
@@ -96,7 +98,7 @@ def test_order_is_seeded_and_changes_per_epoch(pairs):
 
     a, b, c = rows(0), rows(0), rows(1)
     assert a == b and a != c
-    assert a[0] != a[1] and sorted(sum(a[1], [])) == list(range(len(pairs)))
+    assert a[0] != a[1] and sorted(r for batch in a[1] for r in batch) == list(range(len(pairs)))
     plain = pairs.batches(rows_per_batch=4, shuffle=False)
     assert [r for batch in plain for r in batch.rows] == list(range(len(pairs)))
 

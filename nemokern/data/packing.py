@@ -16,8 +16,8 @@ resumes exactly mid-epoch.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -128,7 +128,7 @@ class RewardBatch:
     def num_rows(self) -> int:
         return len(self.rows)
 
-    def select(self, rows: Sequence[int]) -> "RewardBatch":
+    def select(self, rows: Sequence[int]) -> RewardBatch:
         """A new packed batch of the given rows (positions 0 .. num_rows - 1 of this batch), in
         that order: micro-batches for gradient accumulation, or one data-parallel rank's share."""
         per_row = 1 if self.labels is not None else 2
@@ -209,7 +209,7 @@ class RewardDataset:
                      labels, strength)
 
     def batches(self, *, max_tokens_per_batch: int | None = None, rows_per_batch: int | None = None,
-                shuffle: bool = True, seed: int = 0, drop_last: bool = False) -> "RewardBatches":
+                shuffle: bool = True, seed: int = 0, drop_last: bool = False) -> RewardBatches:
         return RewardBatches(self, max_tokens_per_batch=max_tokens_per_batch,
                              rows_per_batch=rows_per_batch, shuffle=shuffle, seed=seed,
                              drop_last=drop_last)

@@ -26,14 +26,14 @@ A bad row raises `DataError` naming the source, the line (jsonl) or row (parquet
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import math
 import os
 import re
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from .tokenizer import CHAT_ROLES
 
@@ -378,5 +378,5 @@ def write_rows(rows: Iterable[dict], path: str | os.PathLike) -> None:
         with gzip.open(path, "wb") as f:
             f.write(text.encode("utf-8"))
     else:
-        with io.open(path, "w", encoding="utf-8") as f:
+        with open(path, "w", encoding="utf-8") as f:
             f.write(text)
