@@ -154,6 +154,9 @@ def test_select_repacks_a_sub_batch(pairs, regression):
         for name in ("labels", "pair_index", "strength"):
             a, b = getattr(sub, name), getattr(want, name)
             assert (a is None and b is None) or torch.equal(a, b)
+        moved = batch.to("meta")
+        assert moved.input_ids.device.type == "meta" and moved.rows == batch.rows
+        assert (moved.labels is None) == (batch.labels is None)
 
 
 def test_truncation_from_the_left_of_the_prompt_is_counted():

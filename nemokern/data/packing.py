@@ -128,17 +128,28 @@ class RewardBatch:
     def num_rows(self) -> int:
         return len(self.rows)
 
+    def to(self, device, non_blocking: bool = False) -> RewardBatch:
+        """A copy with every tensor on `device` (cu_seqlens included; the model casts it)."""
+        moved = {name: getattr(self, name) for name in _TENSORS}
+        moved = {k: v if v is None else v.to(device, non_blocking=non_blocking) for k, v in moved.items()}
+        return RewardBatch(**moved, rows=self.rows, where=self.where, subsets=self.subsets,
+                           max_seqlen=self.max_seqlen)
+
     def select(self, rows: Sequence[int]) -> RewardBatch:
-        """A new packed batch of the given rows (positions 0 .. num_rows - 1 of this batch), in
-        that order: micro-batches for gradient accumulation, or one data-parallel rank's share."""
+        """A new packed CPU batch of the given rows (positions 0 .. num_rows - 1 of this batch), in
+        that order: micro-batches for gradient accumulation, or one data-parallel rank's share
+        (e.g. range(rank, num_rows, world_size))."""
         per_row = 1 if self.labels is not None else 2
         seqs = [r * per_row + j for r in rows for j in range(per_row)]
         cu = self.cu_seqlens.tolist()
-        pieces = [self.input_ids[cu[s]:cu[s + 1]].numpy() for s in seqs]
-        labels = self.labels[seqs] if self.labels is not None else None
-        strength = self.strength[list(rows)] if self.strength is not None else None
+        pieces = [self.input_ids[cu[s]:cu[s + 1]].cpu().numpy() for s in seqs]
+        labels = self.labels[seqs].cpu() if self.labels is not None else None
+        strength = self.strength[list(rows)].cpu() if self.strength is not None else None
         return _pack(pieces, [self.rows[r] for r in rows], [self.where[r] for r in rows],
                      [self.subsets[r] for r in rows], labels, strength)
+
+
+_TENSORS = ("input_ids", "cu_seqlens", "position_ids", "last_index", "labels", "pair_index", "strength")
 
 
 def _pack(pieces, rows, where, subsets, labels, strength) -> RewardBatch:
