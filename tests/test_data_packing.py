@@ -47,6 +47,7 @@ def test_regression_batch_layout(regression):
 def test_pair_batch_layout(pairs):
     batch = pairs.batch([5, 2])
     assert batch.kind == "pairs" and batch.num_rows == 2 and batch.num_sequences == 4
+    assert pairs.layout == "hs2-preference"
     assert batch.pair_index.tolist() == [0, 0, 1, 1]
     assert batch.strength.dtype == torch.float32
     for p, i in enumerate([5, 2]):

@@ -222,3 +222,22 @@ def test_parquet_chat_turn_prompts_and_null_labels(tmp_path):
     first, second = read_examples(path).examples
     assert first.messages[:2] == tuple(turns) and first.prompt_turns == 2
     assert first.labels[0] == MISSING_LABEL and second.labels[0] == 2.0
+
+
+def test_unreadable_files_name_the_file(tmp_path):
+    path = tmp_path / "bad.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write(json.dumps(PAIR) + "\n" + json.dumps(PAIR) + "\n")
+    path.write_bytes(path.read_bytes()[:-12])  # truncated download
+    with pytest.raises(ValueError, match=f"^{path}: cannot read past line"):
+        read_examples(path)
+    not_utf8 = tmp_path / "latin1.jsonl"
+    not_utf8.write_bytes(json.dumps(PAIR).encode() + b"\n" + '{"prompt": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=f"^{not_utf8}:2: invalid JSON: 'utf-8' codec"):
+        read_examples(not_utf8)
+    fake = tmp_path / "fake.parquet"
+    fake.write_text("not parquet")
+    with pytest.raises(ValueError, match=f"^{fake}: not a readable parquet file"):
+        read_examples(fake, "pairs")
+    with pytest.raises(ValueError, match=f"^{fake}: not a readable parquet file"):
+        read_examples(fake)

@@ -189,6 +189,11 @@ class RewardDataset:
     def __len__(self) -> int:
         return len(self.examples)
 
+    @property
+    def layout(self) -> str | None:
+        """The rows' layout (readers.LAYOUTS): "pairs" rows carry no strength of their own."""
+        return self.read.layout if self.read is not None else None
+
     def summary(self) -> str:
         lines = [self.read.summary()] if self.read is not None else []
         n_seq = sum(len(e.sequences) for e in self.examples)

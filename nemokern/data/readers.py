@@ -165,15 +165,19 @@ def _raw_rows(source) -> Iterator[tuple[str, Any]]:
     if not path.endswith((".jsonl", ".jsonl.gz")):
         raise ValueError(f"data file {path!r}: unknown format; expected one of {', '.join(_SUFFIXES)}")
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield where, DataError(where, None, INVALID_JSON, str(exc))
+    n = 0
+    try:
+        with opener(path, "rb") as f:
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{n}"
+                try:
+                    yield where, json.loads(line.decode("utf-8"))
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    yield where, DataError(where, None, INVALID_JSON, str(exc))
+    except (OSError, EOFError) as exc:  # a corrupt or truncated .gz
+        raise ValueError(f"{path}: cannot read past line {n}: {exc}") from exc
 
 
 def _import_pyarrow_parquet():
@@ -187,14 +191,20 @@ def _import_pyarrow_parquet():
 
 
 def _parquet_rows(path: str) -> Iterator[dict]:
+    import pyarrow as pa
+
     pq = _import_pyarrow_parquet()
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        yield from batch.to_pylist()
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+        for batch in batches:
+            yield from batch.to_pylist()
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"{path}: not a readable parquet file: {exc}") from exc
 
 
 def _columns(source, first_row) -> tuple[str, ...]:
     if isinstance(source, (str, os.PathLike)) and os.fspath(source).endswith(".parquet"):
-        return tuple(_import_pyarrow_parquet().read_schema(os.fspath(source)).names)
+        return tuple(_import_pyarrow_parquet().ParquetFile(os.fspath(source)).schema_arrow.names)
     names = getattr(source, "column_names", None)  # datasets.Dataset
     if isinstance(names, (list, tuple)):
         return tuple(names)
