@@ -84,6 +84,8 @@ def test_batching_option_errors(pairs):
         pairs.batches(max_tokens_per_batch=10_000, rows_per_batch=4)
     with pytest.raises(ValueError, match="rows_per_batch must be a positive integer"):
         pairs.batches(rows_per_batch=0)
+    with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+        pairs.batches(rows_per_batch=2, seed=-1)
     with pytest.raises(ValueError, match="drop_last applies to rows_per_batch"):
         pairs.batches(max_tokens_per_batch=10_000, drop_last=True)
     biggest = max(range(len(pairs)), key=lambda i: pairs.examples[i].num_tokens)

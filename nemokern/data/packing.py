@@ -267,6 +267,8 @@ class RewardBatches:
         if not isinstance(budget, int) or budget < 1:
             name = "max_tokens_per_batch" if rows_per_batch is None else "rows_per_batch"
             raise ValueError(f"{name} must be a positive integer, got {budget!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.dataset, self.shuffle, self.seed, self.drop_last = dataset, shuffle, seed, drop_last
         self.max_tokens_per_batch, self.rows_per_batch = max_tokens_per_batch, rows_per_batch
         self._sizes = np.array([e.num_tokens for e in dataset.examples], dtype=np.int64)
