@@ -67,3 +67,8 @@ def test_hf_tokenizer_matches_builtin_format(hf_dir):
 def test_hf_tokenizer_missing_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_tokenizer(tmp_path / "nope")
+
+
+def test_load_tokenizer_byte_spec():
+    assert isinstance(load_tokenizer("byte"), ByteTokenizer)
+    assert isinstance(load_tokenizer(None), ByteTokenizer)
