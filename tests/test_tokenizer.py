@@ -14,32 +14,6 @@ CONV = [
     {"role": "assistant", "content": "Hi!\n"},
 ]
 
-# Independent spelling of the Llama-3.1 chat format as a Jinja template (what an HF tokenizer
-# directory carries), without Meta's date preamble.
-LLAMA3_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}"
-    "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] | trim + '<|eot_id|>' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    byte_vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
-    tok = Tokenizer(models.BPE(vocab=byte_vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-    tok.add_special_tokens(specials)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
-    fast.chat_template = LLAMA3_TEMPLATE
-    path = tmp_path_factory.mktemp("tok")
-    fast.save_pretrained(path)
-    return path
-
 
 def test_render_format_exact():
     text = render_llama3_chat(CONV[1:2], add_generation_prompt=True)
@@ -93,3 +67,8 @@ def test_hf_tokenizer_matches_builtin_format(hf_dir):
 def test_hf_tokenizer_missing_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_tokenizer(tmp_path / "nope")
+
+
+def test_load_tokenizer_byte_spec():
+    assert isinstance(load_tokenizer("byte"), ByteTokenizer)
+    assert isinstance(load_tokenizer(None), ByteTokenizer)

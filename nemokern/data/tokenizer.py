@@ -193,5 +193,6 @@ class HFTokenizer:
 
 
 def load_tokenizer(path: str | os.PathLike | None = None):
-    """None -> the built-in ByteTokenizer; a local directory -> HFTokenizer."""
-    return ByteTokenizer() if path is None else HFTokenizer(path)
+    """None or "byte" -> the built-in ByteTokenizer (what `--tokenizer byte` names); a local
+    directory -> HFTokenizer."""
+    return ByteTokenizer() if path is None or path == "byte" else HFTokenizer(path)
