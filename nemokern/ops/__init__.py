@@ -6,3 +6,4 @@ torch.distributed process groups).
 from .sequence_kl import sequence_kl  # noqa: F401
 from .logprobs import linear_logprobs, logprobs  # noqa: F401
 from .reward_head import reward_head  # noqa: F401
+from .linear_policy_loss import linear_policy_loss  # noqa: F401

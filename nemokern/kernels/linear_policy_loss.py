@@ -1,0 +1,263 @@
+"""The REINFORCE loss sum_t coef_t * logp_t from hidden states and the LM head, with its gradients
+w.r.t. hidden and weight formed during the forward pass, never holding the [N, V] logits: two
+Triton kernels + a chunked torch reference.
+
+Must never import nemokern.ops or anything above it.
+
+The coefficients are known before the forward pass and the loss is linear in logp, so
+d(loss)/dz_v = coef * ([v == target] - p_v) for z = logits / T: a row's gradient needs only the
+row's softmax, which exists as soon as the row's logits over the whole vocabulary have been seen.
+Counting the GEMM FLOPs in units of N*H*V (N tokens, H hidden, V vocabulary):
+- linear_logprobs, then backward: 2 (logits) + 2 (recomputed in backward) + 2 (dhidden) +
+  2 (dweight) = 8.
+- two passes over the vocabulary inside the forward (statistics, then d(logits) chunks and the
+  two gradient GEMMs): also 8, the logits GEMM runs twice because the logits are not kept.
+- online over the vocabulary: dhidden = coef/T * (w_target - p @ W) accumulates like attention's
+  output (rescaled as the running max grows), but dweight[v] = sum_n (...) p_nv h_n needs every
+  token's final normaliser inside a sum over tokens: a second pass after all, 8 again.
+- chosen, token chunks: the logits of C tokens x the whole vocabulary are computed once (2),
+  reduced to the rows' statistics and turned into d(logits) in place; dhidden of those rows
+  (2, complete after one GEMM over V) and dweight += d(logits)^T h (2): 6, three GEMMs, with a
+  [C, V] scratch block instead of [N, V]. The price: dweight accumulates over N / C chunks, each
+  reading and writing [V, H] (in fp32 for 16-bit inputs, so that it is rounded once: a [V, H]
+  fp32 buffer lives during the forward), so a chunk must be wide enough for that accumulate to
+  stay compute-bound (the GPU chunk: _CHUNK_BYTES of logits, ~2000 tokens at V = 128256 bf16,
+  4 FLOPs per byte of dweight traffic per token in the chunk).
+- vocab-parallel shards (the op's tp_group): a row's normaliser needs every shard, so no
+  d(logits) can exist before the exchange of statistics. There the op runs linear_logprobs'
+  statistics pass, its one all_gather, then linear_logprobs' vocabulary-chunk gradient pass with
+  g_lp = coef (`sharded_grads_*` below): 8, no fp32 [V, H] buffer.
+
+Both implementations return (logp [N], entropy [N], dhidden [N, H] or None, dweight [V, H] or
+None) for rows whose targets all count (the op drops ignored rows before calling), gradients in
+the inputs' dtype. The row statistics go through nemokern.kernels.logprobs' `combine_stats`, the
+gradient through its `block_dlogits_torch` / `dlogits_tile`: no formula is restated here.
+
+Triton design (GPU), per token chunk: one kernel tiles chunk tokens x vocabulary like
+linear_logprobs' forward (tl.dot logits tiles folded into online statistics, vocabulary ranges
+split across programs) and also stores each scaled logits tile, in the input dtype, into the
+chunk block; after combine_stats a second, elementwise kernel turns the block into d(logits) in
+place; cuBLAS does the two gradient GEMMs. 16-bit logits are rounded to the input dtype before
+d(logits) is formed, as eager PyTorch's own bf16 logits are; the statistics (logp, entropy, the
+normaliser) come from the fp32 accumulators. Tile configurations: linear_logprobs' `_CONFIGS`.
+Speed on a GPU is unmeasured.
+
+CPU reference, per token chunk: one GEMM into a reused scratch block, statistics from a copy
+(block_stats_torch overwrites its input), d(logits) in place by block_dlogits_torch, then the
+same GEMM skeleton as the GPU (`_by_token_chunks`).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from . import interpreting
+from ._rounding import cast_to
+from .linear_logprobs import (_CONFIGS, _PRECISION, _logits_tile, _mm_fp32, _num_sms,
+                              _scaled_logits, linear_backward_torch, linear_backward_triton)
+from .logprobs import (block_dlogits_torch, block_stats_torch, combine_stats, dlogits_tile,
+                       online_softmax_step, row_chunk)
+
+# Logits elements per token chunk on the CPU path (two fp32 blocks of this size: the GEMM's and
+# the statistics' copy): 32 MB each, 262 tokens at V = 32000.
+_TORCH_CHUNK_ELEMENTS = 1 << 23
+_CHUNK_BYTES = 512 << 20  # logits block of the GPU path (input dtype)
+# Elementwise d(logits) kernel: (BLOCK_N, BLOCK_V, num_warps); untuned.
+_DLOGITS_CONFIG = (16, 512, 4)
+
+
+# ----------------------------------------------------------------------------- shared skeleton
+
+def _accumulate_fp32(acc, a, b):
+    """acc += a @ b with acc float32 and a, b possibly 16-bit: one rounding of dweight at the end
+    instead of one per chunk."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+    elif a.is_cuda:
+        try:  # cuBLAS adds the fp32 product into acc in its epilogue: no [V, H] temporary
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        except (TypeError, RuntimeError, NotImplementedError):
+            acc += _mm_fp32(a, b)
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+def _by_token_chunks(hidden, weight, targets, coef, step, chunk_dlogits, need_dh, need_dw):
+    """The forward both paths share: token chunks of `step` rows;
+    chunk_dlogits(h_c, targets_c, coef_c) -> (logp_c, entropy_c, d(logits)_c [C, V] in hidden's
+    dtype). dhidden rows are complete after one GEMM per chunk; dweight accumulates (fp32)."""
+    n = hidden.shape[0]
+    logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    entropy = torch.empty_like(logp)
+    dh = torch.empty_like(hidden) if need_dh else None
+    dw = None
+    if need_dw:
+        acc_dtype = torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else None
+        dw = torch.zeros_like(weight, dtype=acc_dtype)
+    for i in range(0, n, step):
+        sl = slice(i, i + step)
+        logp[sl], entropy[sl], dz = chunk_dlogits(hidden[sl], targets[sl], coef[sl])
+        if need_dh:
+            torch.mm(dz, weight, out=dh[sl])
+        if need_dw:
+            _accumulate_fp32(dw, dz.t(), hidden[sl])
+    if need_dw:
+        dw = dw.to(weight.dtype)
+    return logp, entropy, dh, dw
+
+
+def _all_rows(targets):
+    return torch.ones_like(targets, dtype=torch.bool)
+
+
+# ----------------------------------------------------------------------------- torch reference
+
+def linear_policy_grads_torch(hidden, weight, targets, coef, inv_t, with_entropy=True,
+                              need_dh=True, need_dw=True):
+    """hidden [N, H], weight [V, H] (same dtype), targets [N] (all counted), coef [N] float32
+    -> (logp [N], entropy [N], dhidden, dweight) of loss = sum(coef * logp); entropy is 0 unless
+    with_entropy. Token chunks of about _TORCH_CHUNK_ELEMENTS / V rows."""
+    n, v = hidden.shape[0], weight.shape[0]
+    step = row_chunk(n, v, _TORCH_CHUNK_ELEMENTS)
+    scratch = hidden.new_empty(min(n, step) * v)
+    stats_scratch = torch.empty(min(n, step) * v, dtype=torch.float32, device=hidden.device)
+
+    def chunk_dlogits(h_c, t_c, c_c):
+        z = _scaled_logits(h_c, weight.t(), inv_t, scratch)
+        zs = stats_scratch[:z.numel()].view_as(z).copy_(z)
+        parts = block_stats_torch(zs, t_c, 0, with_entropy).unsqueeze(0)
+        logp, norm, entropy = combine_stats(parts, _all_rows(t_c))
+        dz = block_dlogits_torch(z, t_c, norm, entropy, c_c, None, inv_t)
+        return logp, entropy, dz.to(hidden.dtype)
+
+    return _by_token_chunks(hidden, weight, targets, coef, step, chunk_dlogits, need_dh, need_dw)
+
+
+def sharded_grads_torch(hidden, weight, targets, norm, entropy, coef, inv_t, vocab_start,
+                        need_dh=True, need_dw=True):
+    """Gradients of sum(coef * logp) on one vocabulary shard, from the exchanged row statistics:
+    linear_logprobs' backward with g_lp = coef (entropy gets no gradient)."""
+    return linear_backward_torch(hidden, weight, targets, norm, entropy, coef, None, inv_t,
+                                 vocab_start, need_dh=need_dh, need_dw=need_dw)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+@triton.jit
+def _logits_stats_store_kernel(h_ptr, w_ptr, tgt_ptr, parts_ptr, z_ptr, N, V, H, stride_h,
+                               stride_w, stride_z, inv_t, tiles_per_split,
+                               BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                               BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                               DOT_UPCAST: tl.constexpr):
+    """Program (i, j): chunk tokens [i*BLOCK_N, ...) x vocabulary tiles of split j; stores the
+    scaled logits tiles into z (its dtype) and the split's statistics into parts[j, rows]."""
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    split = tl.program_id(1)
+    in_n = rows < N
+    tgt = tl.load(tgt_ptr + rows, mask=in_n, other=-1)
+    m = tl.full((BLOCK_N,), -float("inf"), tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    t = tl.zeros((BLOCK_N,), tl.float32)
+    zt = tl.zeros((BLOCK_N,), tl.float32)
+    v_first = split * tiles_per_split * BLOCK_V
+    v_last = tl.minimum(v_first + tiles_per_split * BLOCK_V, V)
+    for v0 in range(v_first, v_last, BLOCK_V):
+        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+        z = _logits_tile(h_ptr, w_ptr, rows, cols, N, V, H, stride_h, stride_w, inv_t,
+                         BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, DOT_UPCAST)
+        tl.store(z_ptr + rows[:, None] * stride_z + cols[None, :],
+                 cast_to(z, z_ptr.dtype.element_ty), mask=in_n[:, None] & (cols[None, :] < V))
+        m, s, t = online_softmax_step(m, s, t, z, 1)
+        zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
+    out = parts_ptr + (split * N + rows) * 4
+    tl.store(out + 0, m, mask=in_n)
+    tl.store(out + 1, s, mask=in_n)
+    tl.store(out + 2, t, mask=in_n)
+    tl.store(out + 3, zt, mask=in_n)
+
+
+@triton.jit
+def _policy_dlogits_kernel(z_ptr, tgt_ptr, norm_ptr, coef_ptr, N, V, stride_z, inv_t,
+                           BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """z [N, V] scaled logits -> d(sum coef * logp)/d(logits), in place, in z's dtype."""
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    cols = (tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    in_n = rows < N
+    mask = in_n[:, None] & (cols[None, :] < V)
+    tgt = tl.load(tgt_ptr + rows, mask=in_n, other=-1)
+    m = tl.load(norm_ptr + rows * 2, mask=in_n, other=float("inf"))
+    log_s = tl.load(norm_ptr + rows * 2 + 1, mask=in_n, other=0.0)
+    coef = tl.load(coef_ptr + rows, mask=in_n, other=0.0)
+    ptrs = z_ptr + rows[:, None] * stride_z + cols[None, :]
+    z = tl.load(ptrs, mask=mask, other=-float("inf")).to(tl.float32)
+    dz = dlogits_tile(z, m[:, None], log_s[:, None], 0.0, coef[:, None], 0.0,
+                      cols[None, :] == tgt[:, None])
+    tl.store(ptrs, cast_to(dz * inv_t, z_ptr.dtype.element_ty), mask=mask)
+
+
+def linear_policy_grads_triton(hidden, weight, targets, coef, inv_t, with_entropy=True,
+                               need_dh=True, need_dw=True):
+    """The Triton path of linear_policy_grads_torch (same arguments and results; the entropy is
+    computed whatever with_entropy says): token chunks whose logits block in hidden's dtype is
+    about _CHUNK_BYTES."""
+    n, h = hidden.shape
+    v = weight.shape[0]
+    bn, bv, bh, warps, stages = _CONFIGS[hidden.dtype]
+    step = max(bn, _CHUNK_BYTES // (v * hidden.element_size()) // bn * bn)
+    z_block = torch.empty(min(n, step), v, dtype=hidden.dtype, device=hidden.device)
+    dn, dv, dwarps = _DLOGITS_CONFIG
+    v_tiles = triton.cdiv(v, bv)
+
+    def chunk_dlogits(h_c, t_c, c_c):
+        c = h_c.shape[0]
+        z = z_block[:c]
+        n_tiles = triton.cdiv(c, bn)
+        # two waves over the SMs, as linear_logprobs' forward
+        tiles_per_split = triton.cdiv(v_tiles, max(1, min(v_tiles, triton.cdiv(
+            2 * _num_sms(hidden.device), n_tiles))))
+        splits = triton.cdiv(v_tiles, tiles_per_split)
+        parts = torch.empty(splits, c, 4, dtype=torch.float32, device=hidden.device)
+        _logits_stats_store_kernel[(n_tiles, splits)](
+            h_c, weight, t_c, parts, z, c, v, h, h_c.stride(0), weight.stride(0), z.stride(0),
+            inv_t, tiles_per_split, BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh,
+            DOT_PRECISION=_PRECISION[hidden.dtype], DOT_UPCAST=interpreting(),
+            num_warps=warps, num_stages=stages)
+        logp, norm, entropy = combine_stats(parts, _all_rows(t_c))
+        _policy_dlogits_kernel[(triton.cdiv(c, dn), triton.cdiv(v, dv))](
+            z, t_c, norm, c_c, c, v, z.stride(0), inv_t, BLOCK_N=dn, BLOCK_V=dv,
+            num_warps=dwarps)
+        return logp, entropy, z
+
+    return _by_token_chunks(hidden, weight, targets, coef, step, chunk_dlogits, need_dh, need_dw)
+
+
+def sharded_grads_triton(hidden, weight, targets, norm, entropy, coef, inv_t, vocab_start,
+                         need_dh=True, need_dw=True):
+    """The Triton path of sharded_grads_torch."""
+    return linear_backward_triton(hidden, weight, targets, norm, entropy, coef,
+                                  torch.zeros_like(coef), inv_t, vocab_start, need_dh=need_dh,
+                                  need_dw=need_dw)
+
+
+def _specs():
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    specs = []
+    dn, dv, dwarps = _DLOGITS_CONFIG
+    for dtype, dt in names.items():
+        bn, bv, bh, warps, stages = _CONFIGS[dtype]
+        specs.append((_logits_stats_store_kernel,
+                      {"h_ptr": f"*{dt}", "w_ptr": f"*{dt}", "tgt_ptr": "*i64",
+                       "parts_ptr": "*fp32", "z_ptr": f"*{dt}", "N": "i32", "V": "i32",
+                       "H": "i32", "stride_h": "i32", "stride_w": "i32", "stride_z": "i32",
+                       "inv_t": "fp32", "tiles_per_split": "i32"},
+                      {"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh,
+                       "DOT_PRECISION": _PRECISION[dtype], "DOT_UPCAST": False},
+                      {"num_warps": warps, "num_stages": stages}))
+        specs.append((_policy_dlogits_kernel,
+                      {"z_ptr": f"*{dt}", "tgt_ptr": "*i64", "norm_ptr": "*fp32",
+                       "coef_ptr": "*fp32", "N": "i32", "V": "i32", "stride_z": "i32",
+                       "inv_t": "fp32"},
+                      {"BLOCK_N": dn, "BLOCK_V": dv}, {"num_warps": dwarps}))
+    return specs
+
+
+AOT_SPECS = _specs()
