@@ -77,6 +77,10 @@ class _LinearPolicyLoss(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_loss, g_entropy):
+        if ctx.grads is None:
+            raise RuntimeError("linear_policy_loss: backward ran twice through one forward; its "
+                               "gradients are formed in the forward and handed over once "
+                               "(call the op again instead of retain_graph=True)")
         dh, dw = ctx.grads
         ctx.grads = None  # the stored gradients are handed over, not kept twice
         if ctx.tp_group is not None and dh is not None:

@@ -1,0 +1,370 @@
+"""nemokern.ops.linear_policy_loss against an independent float64 formula (log_softmax of
+(hidden @ weight.T) / T, gather, weighted sum): loss, mean entropy and both gradients, torch path
+and Triton kernels (interpreted, small tiles), incoming-gradient scaling, ignored positions,
+vocab-parallel shards over 2 gloo processes, bad inputs, CPU peak memory.
+
+Accuracy rule (error_vs, as in test_logprobs.py): at most 2x the error of the same formula in
+plain PyTorch in the input dtype, plus a floor of a few fp32 ulps.
+"""
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from unittest import mock
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import nemokern.kernels.linear_logprobs as L
+import nemokern.kernels.linear_policy_loss as P
+from nemokern.ops import linear_logprobs, linear_policy_loss
+from test_logprobs import IGNORE, error_vs, pytestmark  # noqa: F401 (pytestmark)
+
+
+def policy_reference(hidden, weight, targets, coef, temperature=1.0):
+    """(sum_t coef_t logp_t, mean entropy over counted positions) in the inputs' own dtype."""
+    lsm = torch.log_softmax((hidden @ weight.t()) / temperature, dim=-1)
+    valid = targets != IGNORE
+    logp = lsm.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
+    loss = (torch.where(valid, coef.to(lsm.dtype), 0) * torch.where(valid, logp, 0)).sum()
+    p = lsm.exp()
+    entropy = -(p * torch.where(p > 0, lsm, torch.zeros((), dtype=lsm.dtype))).sum(-1)
+    mean_entropy = torch.where(valid, entropy, 0).sum() / valid.sum().clamp(min=1)
+    return loss, mean_entropy
+
+
+def make_inputs(shape, hidden_size, vocab, dtype, scale, ignore_frac=0.25, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(*shape, hidden_size, generator=g) * scale).to(dtype)
+    weight = (torch.randn(vocab, hidden_size, generator=g) / hidden_size ** 0.5).to(dtype)
+    targets = torch.randint(0, vocab, shape, generator=g)
+    ignored = torch.rand(shape, generator=g) < ignore_frac
+    targets[ignored] = IGNORE
+    coef = torch.randn(shape, generator=g) / max(1, targets.numel())
+    coef[ignored] = float("nan")  # never read
+    return hidden, weight, targets, coef
+
+
+def run(hidden, weight, fn, grad_scale=1.0):
+    h = hidden.detach().clone().requires_grad_(True)
+    w = weight.detach().clone().requires_grad_(True)
+    loss, entropy = fn(h, w)
+    (loss * grad_scale).backward()
+    return loss.detach(), entropy.detach(), h.grad, w.grad
+
+
+def check_against_float64(hidden, weight, targets, coef, temperature, label="", grad_scale=1.0):
+    ours = run(hidden, weight, lambda h, w: linear_policy_loss(
+        h, w, targets, coef, temperature=temperature, return_entropy=True), grad_scale)
+    plain = run(hidden, weight, lambda h, w: policy_reference(h, w, targets, coef, temperature),
+                grad_scale)
+    ref = run(hidden.double(), weight.double(), lambda h, w: policy_reference(
+        h, w, targets, coef.double(), temperature), grad_scale)
+    assert ours[0].dtype == torch.float32 and ours[0].shape == ()
+    assert ours[2].dtype == hidden.dtype and ours[3].dtype == weight.dtype
+    names = ("loss", "entropy", "dhidden", "dweight")
+    errs = [error_vs(o, p, r, f"{label} {n}") for o, p, r, n in zip(ours, plain, ref, names)]
+    print(f"\n{label}: " + ", ".join(f"{n} err {e:.2e} (plain {p:.2e})"
+                                     for n, (e, p) in zip(names, errs)))
+    return ours
+
+
+def small_tiles(monkeypatch):
+    """Tiles small enough that the interpreter walks several token/vocabulary/H tiles, vocabulary
+    splits and token chunks (the chunk budget rounds up to one 16-token tile)."""
+    for dt in (torch.float32, torch.bfloat16):
+        monkeypatch.setitem(L._CONFIGS, dt, (16, 32, 16, 4, 1))
+    monkeypatch.setattr(P, "_CHUNK_BYTES", 1)
+    monkeypatch.setattr(P, "_DLOGITS_CONFIG", (8, 32, 4))
+    monkeypatch.setattr(L, "_BWD_CHUNK_BYTES", 1)
+
+
+TORCH_CASES = [
+    # (leading shape, H, V, dtype, temperature, hidden scale)
+    ((1,), 16, 1, torch.float32, 1.0, 1.0),
+    ((9,), 33, 29, torch.bfloat16, 0.7, 1.0),
+    ((515,), 48, 31, torch.float32, 1.3, 3.0),
+    ((5,), 40, 32003, torch.bfloat16, 1.3, 3.0),
+    ((2, 173), 64, 32003, torch.float32, 0.7, 1.0),
+    ((6,), 64, 32003, torch.float32, 1.0, 1e4),  # logits of magnitude ~1e4
+]
+
+
+@pytest.mark.parametrize("shape,hidden_size,vocab,dtype,temperature,scale", TORCH_CASES)
+def test_torch_path_matches_float64(torch_backend, shape, hidden_size, vocab, dtype,
+                                    temperature, scale):
+    inputs = make_inputs(shape, hidden_size, vocab, dtype, scale)
+    check_against_float64(*inputs, temperature, label=f"torch {shape} H={hidden_size} "
+                          f"V={vocab} {dtype} T={temperature} x{scale:g}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_path_token_chunks(torch_backend, monkeypatch, dtype):
+    monkeypatch.setattr(P, "_TORCH_CHUNK_ELEMENTS", 4 * 37)  # 4 tokens per chunk, last partial
+    inputs = make_inputs((30,), 20, 37, dtype, 2.0)
+    check_against_float64(*inputs, 1.3, label=f"torch chunked {dtype}")
+
+
+TRITON_CASES = [
+    ((1,), 16, 1, torch.float32, 1.0, 1.0),
+    ((37,), 40, 301, torch.float32, 0.7, 2.0),
+    ((2, 19), 64, 301, torch.bfloat16, 1.3, 2.0),
+    ((5,), 33, 131, torch.float32, 1.0, 1e4),
+]
+
+
+@pytest.mark.parametrize("shape,hidden_size,vocab,dtype,temperature,scale", TRITON_CASES)
+def test_triton_kernels_match_float64(triton_backend, monkeypatch, shape, hidden_size, vocab,
+                                      dtype, temperature, scale):
+    small_tiles(monkeypatch)
+    inputs = make_inputs(shape, hidden_size, vocab, dtype, scale)
+    check_against_float64(*inputs, temperature, label=f"triton {shape} H={hidden_size} "
+                          f"V={vocab} {dtype} T={temperature} x{scale:g}")
+
+
+@pytest.mark.parametrize("backend", ["torch_backend", "triton_backend"])
+@pytest.mark.parametrize("dtype,grad_scale", [(torch.float32, -0.37), (torch.bfloat16, 4.0)])
+def test_incoming_gradient_scales_the_stored_gradients(request, monkeypatch, backend, dtype,
+                                                       grad_scale):
+    request.getfixturevalue(backend)
+    small_tiles(monkeypatch)
+    inputs = make_inputs((23,), 24, 67, dtype, 2.0, seed=5)
+    check_against_float64(*inputs, 0.9, label=f"{backend} x{grad_scale}", grad_scale=grad_scale)
+
+
+@pytest.mark.parametrize("backend", ["torch_backend", "triton_backend"])
+def test_equals_linear_logprobs_then_weighted_sum(request, monkeypatch, backend):
+    """Same loss and gradients as the 4-GEMM composition it replaces; ignored coefficients (nan
+    here) are never read."""
+    request.getfixturevalue(backend)
+    small_tiles(monkeypatch)
+    hidden, weight, targets, coef = make_inputs((3, 11), 24, 53, torch.float32, 2.0, seed=2)
+    ours = run(hidden, weight, lambda h, w: linear_policy_loss(h, w, targets, coef,
+                                                               return_entropy=True))
+    valid = targets != IGNORE
+
+    def composed(h, w):
+        logp, ent = linear_logprobs(h, w, targets, return_entropy=True)
+        return (torch.where(valid, coef, 0) * logp).sum(), ent.sum() / valid.sum()
+
+    theirs = run(hidden, weight, composed)
+    assert all(torch.isfinite(x).all() for x in ours)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch_backend", "triton_backend"])
+def test_all_ignored_and_no_tokens(request, backend):
+    request.getfixturevalue(backend)
+    for n in (3, 0):
+        h = torch.randn(n, 8, requires_grad=True)
+        w = torch.randn(11, 8, requires_grad=True)
+        loss, ent = linear_policy_loss(h, w, torch.full((n,), IGNORE), torch.ones(n),
+                                       return_entropy=True)
+        assert loss.item() == 0.0 and ent.item() == 0.0
+        loss.backward()
+        assert torch.equal(h.grad, torch.zeros_like(h)) and torch.equal(w.grad, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("backend", ["torch_backend", "triton_backend"])
+def test_ignored_rows_garbage_is_harmless(request, monkeypatch, backend):
+    """nan/inf hidden states and coefficients at ignored positions touch nothing; those rows get
+    a zero dhidden."""
+    request.getfixturevalue(backend)
+    small_tiles(monkeypatch)
+    hidden, weight, targets, coef = make_inputs((9,), 16, 37, torch.float32, 1.0, seed=11)
+    targets[[0, 4, 5]] = IGNORE
+    kept = targets != IGNORE
+    dirty = hidden.clone()
+    dirty[0], dirty[4] = float("nan"), float("inf")
+    coef[~kept] = float("inf")
+    a = run(dirty, weight, lambda h, w: linear_policy_loss(h, w, targets, coef,
+                                                           return_entropy=True))
+    b = run(hidden[kept], weight, lambda h, w: linear_policy_loss(
+        h, w, targets[kept], coef[kept], return_entropy=True))
+    assert torch.equal(a[2][~kept], torch.zeros(int((~kept).sum()), 16))
+    for x, y in ((a[0], b[0]), (a[1], b[1]), (a[2][kept], b[2]), (a[3], b[3])):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch_backend", "triton_backend"])
+def test_gradients_only_where_needed(request, monkeypatch, backend):
+    """No grad mode: the forward is the statistics pass only (no fused gradient pass). A frozen
+    LM head gets no dweight computed; dhidden is unchanged."""
+    request.getfixturevalue(backend)
+    small_tiles(monkeypatch)
+    # (nemokern.ops.linear_policy_loss the attribute is the function; the module is in sys.modules)
+    op_module = sys.modules["nemokern.ops.linear_policy_loss"]
+    name = backend.split("_")[0]
+    real, *others = op_module._IMPLS[name]
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs["need_dh"], kwargs["need_dw"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setitem(op_module._IMPLS, name, (spy, *others))
+    hidden, weight, targets, coef = make_inputs((13,), 16, 41, torch.float32, 1.0, seed=4)
+    with torch.no_grad():
+        loss = linear_policy_loss(hidden, weight, targets, coef)
+    assert calls == []
+    full = run(hidden, weight, lambda h, w: (linear_policy_loss(h, w, targets, coef), loss))
+    torch.testing.assert_close(full[0], loss, rtol=0, atol=0)
+    h = hidden.clone().requires_grad_(True)
+    linear_policy_loss(h, weight, targets, coef).backward()
+    assert calls == [(True, True), (True, False)]
+    torch.testing.assert_close(h.grad, full[2], rtol=0, atol=0)
+
+
+def test_bad_inputs_raise_clear_errors():
+    h, w, t, c = torch.randn(3, 8), torch.randn(11, 8), torch.tensor([0, 1, 2]), torch.ones(3)
+    with pytest.raises(ValueError, match="coef has shape"):
+        linear_policy_loss(h, w, t, torch.ones(1, 3))
+    with pytest.raises(TypeError, match="coef must be a floating-point tensor"):
+        linear_policy_loss(h, w, t, torch.ones(3, dtype=torch.int64))
+    with pytest.raises(TypeError, match="coef must be a floating-point tensor"):
+        linear_policy_loss(h, w, t, [1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="must end in H"):
+        linear_policy_loss(torch.randn(3, 9), w, t, c)
+    with pytest.raises(ValueError, match=r"LM head \[V, H\]"):
+        linear_policy_loss(h, torch.randn(2, 11, 8), t, c)
+    with pytest.raises(TypeError, match="hidden.to"):
+        linear_policy_loss(h.double(), w, t, c)
+    with pytest.raises(ValueError, match=r"targets\[2\].*\[0, 11\)"):
+        linear_policy_loss(h, w, torch.tensor([0, 1, 11]), c)
+    with pytest.raises(ValueError, match="targets has shape"):
+        linear_policy_loss(h, w, torch.tensor([[0, 1, 2]]), c)
+    with pytest.raises(TypeError, match="targets must be an int64"):
+        linear_policy_loss(h, w, t.float(), c)
+    with pytest.raises(ValueError, match="temperature"):
+        linear_policy_loss(h, w, t, c, temperature=0.0)
+    with pytest.raises(RuntimeError, match="not initialised"):
+        linear_policy_loss(h, w, t, c, tp_group=object())
+
+
+def test_triton_path_rejects_unsupported_dtype_clearly(triton_backend):
+    h, w = torch.randn(3, 8, dtype=torch.float64), torch.randn(11, 8, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64.*NEMOKERN_BACKEND=torch"):
+        linear_policy_loss(h, w, torch.tensor([0, 1, 2]), torch.ones(3))
+
+
+def test_second_backward_raises_instead_of_a_wrong_answer(torch_backend):
+    h = torch.randn(3, 8, requires_grad=True)
+    w = torch.randn(11, 8, requires_grad=True)
+    loss = linear_policy_loss(h, w, torch.tensor([1, 2, 3]), torch.ones(3))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
+# ----------------------------------------------------------------------------- vocab-parallel
+
+COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_reduce", "broadcast",
+               "reduce_scatter", "reduce_scatter_tensor", "all_to_all")
+
+
+def _tp_worker(rank, world, init_file, backend, dtype):
+    os.environ["NEMOKERN_BACKEND"] = backend
+    for dt in (torch.float32, torch.bfloat16):
+        L._CONFIGS[dt] = (16, 32, 16, 4, 1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        group = dist.new_group(list(range(world)))
+        shard, hs = 13, 24                                  # vocabulary 13 * world, odd sizes
+        hidden, weight, targets, coef = make_inputs((3, 5), hs, shard * world, dtype, 3.0,
+                                                    seed=1234)
+        targets[1, 0], targets[1, 1] = 0, shard * world - 1  # first and last shard hit
+        full = run(hidden, weight, lambda h, w: linear_policy_loss(
+            h, w, targets, coef, temperature=0.7, return_entropy=True), grad_scale=0.5)
+        with contextlib.ExitStack() as stack:
+            spies = {name: stack.enter_context(mock.patch.object(
+                dist, name, wraps=getattr(dist, name))) for name in COLLECTIVES}
+
+            def count_calls():
+                return {name: spy.call_count for name, spy in spies.items() if spy.call_count}
+
+            def sharded(h, w):
+                out = linear_policy_loss(h, w, targets, coef, temperature=0.7,
+                                         return_entropy=True, tp_group=group)
+                fwd.update(count_calls())
+                return out
+
+            fwd = {}
+            part = run(hidden, weight[rank * shard:(rank + 1) * shard], sharded, grad_scale=0.5)
+            total = count_calls()
+        assert fwd == {"all_gather": 1}, f"forward collectives: {fwd}"
+        assert total == {"all_gather": 1, "all_reduce": 1}, f"fwd+bwd collectives: {total}"
+        tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        for name, a, b in zip(("loss", "entropy", "dhidden"), part[:3], full[:3]):
+            torch.testing.assert_close(a, b, **tol, msg=lambda m: f"rank {rank} {name}: {m}")
+        torch.testing.assert_close(part[3], full[3][rank * shard:(rank + 1) * shard], **tol,
+                                   msg=lambda m: f"rank {rank} dweight shard: {m}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float32), ("torch", torch.bfloat16),
+                                           ("triton", torch.float32)])
+def test_vocab_parallel_equals_unsharded(backend, dtype):
+    """2 gloo processes, each with half of the LM head: the full loss, entropy and dhidden on
+    every rank, its dweight shard; one all_gather in forward, one all_reduce in backward."""
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_tp_worker, args=(2, os.path.join(d, "store"), backend, dtype), nprocs=2,
+                 join=True)
+
+
+# ----------------------------------------------------------------------------- memory, GPU
+
+_MEMORY_SCRIPT = r"""
+import json, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+from _memory import peak_extra_bytes
+from nemokern.ops import linear_policy_loss
+
+hs, v = 64, 32000
+w = (torch.randn(v, hs) / 8).requires_grad_(True)
+peaks = {}
+for n in (2048, 8192):
+    h = torch.randn(n, hs, requires_grad=True)
+    targets = torch.randint(0, v, (n,))
+    coef = torch.randn(n) / n
+    w.grad = None
+    _, peaks[n] = peak_extra_bytes(lambda: linear_policy_loss(h, w, targets, coef).backward())
+print(json.dumps(peaks))
+"""
+
+
+def test_cpu_peak_memory_does_not_grow_with_n_times_v():
+    """Forward + backward: peak extra memory stays flat from N = 2048 to 8192 at V = 32000 (the
+    gradients themselves, dweight 7.8 MiB and dhidden, plus two token-chunk blocks) and far below
+    one fp32 logits tensor (1000 MiB at N = 8192). Fresh process, every block of 64 KiB or more
+    its own mapping, as in test_linear_logprobs.py."""
+    bench = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", NEMOKERN_BACKEND="torch")
+    out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, bench], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    peaks = {int(n): p for n, p in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+    logits_bytes = 8192 * 32000 * 4
+    print(f"\npeak extra MiB {({n: round(p / 2**20, 1) for n, p in peaks.items()})} vs fp32 "
+          f"logits {logits_bytes / 2**20:.0f} MiB at N = 8192")
+    assert peaks[2048] > 0
+    assert peaks[8192] < logits_bytes / 8
+    assert peaks[8192] < 1.25 * peaks[2048] + (16 << 20)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,hidden_size,vocab,dtype", [(4096, 4096, 128256, torch.bfloat16),
+                                                      (513, 1024, 50257, torch.float32)])
+def test_triton_on_cuda_real_shapes(n, hidden_size, vocab, dtype):
+    hidden, weight, targets, coef = (
+        t.cuda() for t in make_inputs((n,), hidden_size, vocab, dtype, 1.0))
+    check_against_float64(hidden, weight, targets, coef, 0.7,
+                          label=f"cuda {n}x{hidden_size}x{vocab} {dtype}")
