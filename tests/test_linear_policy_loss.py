@@ -105,6 +105,7 @@ def test_torch_path_matches_float64(torch_backend, shape, hidden_size, vocab, dt
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_torch_path_token_chunks(torch_backend, monkeypatch, dtype):
     monkeypatch.setattr(P, "_TORCH_CHUNK_ELEMENTS", 4 * 37)  # 4 tokens per chunk, last partial
+    monkeypatch.setattr(P, "_TORCH_STATS_ELEMENTS", 3 * 37)  # statistics of 3 + 1 rows
     inputs = make_inputs((30,), 20, 37, dtype, 2.0)
     check_against_float64(*inputs, 1.3, label=f"torch chunked {dtype}")
 
@@ -368,3 +369,38 @@ def test_triton_on_cuda_real_shapes(n, hidden_size, vocab, dtype):
         t.cuda() for t in make_inputs((n,), hidden_size, vocab, dtype, 1.0))
     check_against_float64(hidden, weight, targets, coef, 0.7,
                           label=f"cuda {n}x{hidden_size}x{vocab} {dtype}")
+
+
+@pytest.mark.parametrize("tp", [False, True])
+def test_launches_under_the_device_guard(triton_backend, monkeypatch, tp):
+    """Every kernel launch (all in the forward; backward only scales) runs with the inputs'
+    device current, single-rank and vocab-parallel paths alike (the exchange faked: one rank)."""
+    op_module = sys.modules["nemokern.ops.linear_policy_loss"]
+    entered, inside = [], []
+
+    @contextlib.contextmanager
+    def spy(device):
+        entered.append(torch.device(device))
+        inside.append(True)
+        yield
+        inside.pop()
+
+    monkeypatch.setattr(op_module, "device_guard", spy)
+    launched = []
+    for name in ("linear_policy_grads_triton", "sharded_grads_triton"):
+        real = getattr(P, name)
+        monkeypatch.setattr(P, name, lambda *a, _real=real, **k: launched.append(bool(inside))
+                            or _real(*a, **k))
+    impls = dict(op_module._IMPLS)
+    impls["triton"] = (P.linear_policy_grads_triton, impls["triton"][1], P.sharded_grads_triton)
+    monkeypatch.setattr(op_module, "_IMPLS", impls)
+    kwargs = {}
+    if tp:
+        monkeypatch.setattr(op_module, "_gather_parts", lambda parts, *a: parts)
+        monkeypatch.setattr(dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+        monkeypatch.setattr(dist, "all_reduce", lambda t, group=None: t)
+        kwargs["tp_group"] = object()
+    h, w = torch.randn(2, 4, requires_grad=True), torch.randn(5, 4, requires_grad=True)
+    linear_policy_loss(h, w, torch.tensor([1, 3]), torch.ones(2), **kwargs).backward()
+    assert entered == [torch.device("cpu")] and launched == [True]

@@ -20,9 +20,10 @@ Counting the GEMM FLOPs in units of N*H*V (N tokens, H hidden, V vocabulary):
   (2, complete after one GEMM over V) and dweight += d(logits)^T h (2): 6, three GEMMs, with a
   [C, V] scratch block instead of [N, V]. The price: dweight accumulates over N / C chunks, each
   reading and writing [V, H] (in fp32 for 16-bit inputs, so that it is rounded once: a [V, H]
-  fp32 buffer lives during the forward), so a chunk must be wide enough for that accumulate to
-  stay compute-bound (the GPU chunk: _CHUNK_BYTES of logits, ~2000 tokens at V = 128256 bf16,
-  4 FLOPs per byte of dweight traffic per token in the chunk).
+  fp32 buffer lives during the forward): 2*C*V*H FLOPs per 8*V*H bytes, C / 4 FLOPs per byte,
+  so a chunk must be wide enough for that accumulate to stay compute-bound (the GPU chunk is
+  _CHUNK_BYTES of logits: C = 1920 at V = 128256 bf16, 480 FLOPs per byte against an H200's
+  ridge of ~200).
 - vocab-parallel shards (the op's tp_group): a row's normaliser needs every shard, so no
   d(logits) can exist before the exchange of statistics. There the op runs linear_logprobs'
   statistics pass, its one all_gather, then linear_logprobs' vocabulary-chunk gradient pass with
@@ -42,9 +43,10 @@ d(logits) is formed, as eager PyTorch's own bf16 logits are; the statistics (log
 normaliser) come from the fp32 accumulators. Tile configurations: linear_logprobs' `_CONFIGS`.
 Speed on a GPU is unmeasured.
 
-CPU reference, per token chunk: one GEMM into a reused scratch block, statistics from a copy
-(block_stats_torch overwrites its input), d(logits) in place by block_dlogits_torch, then the
-same GEMM skeleton as the GPU (`_by_token_chunks`).
+CPU reference, per token chunk: one GEMM into a reused scratch block, statistics from copies of
+a few of its rows at a time (block_stats_torch overwrites its input), d(logits) in place by
+block_dlogits_torch, then the same GEMM skeleton as the GPU (`_by_token_chunks`). Memory beyond
+the gradients: the block and the small copy.
 """
 import torch
 import triton
@@ -57,9 +59,14 @@ from .linear_logprobs import (_CONFIGS, _PRECISION, _logits_tile, _mm_fp32, _num
 from .logprobs import (block_dlogits_torch, block_stats_torch, combine_stats, dlogits_tile,
                        online_softmax_step, row_chunk)
 
-# Logits elements per token chunk on the CPU path (two fp32 blocks of this size: the GEMM's and
-# the statistics' copy): 32 MB each, 262 tokens at V = 32000.
+# Logits elements per token chunk on the CPU path: 32 MB of fp32, 262 tokens at V = 32000. Wider
+# chunks run the GEMMs faster on a 2-core EPYC (the three GEMMs at N = 2048, H = 1024, V = 32000:
+# ~1.5-2x the time at 256 rows as at 2048), but the scratch block is the op's only memory beyond
+# the gradients themselves, and this size keeps it within 1/8 of eager's extra memory.
 _TORCH_CHUNK_ELEMENTS = 1 << 23
+# block_stats_torch overwrites its input: it gets copies of a few rows of the chunk at a time
+# (4 MB of fp32), so the chunk's logits survive for d(logits) without a second full block.
+_TORCH_STATS_ELEMENTS = 1 << 20
 _CHUNK_BYTES = 512 << 20  # logits block of the GPU path (input dtype)
 # Elementwise d(logits) kernel: (BLOCK_N, BLOCK_V, num_warps); untuned.
 _DLOGITS_CONFIG = (16, 512, 4)
@@ -119,13 +126,16 @@ def linear_policy_grads_torch(hidden, weight, targets, coef, inv_t, with_entropy
     n, v = hidden.shape[0], weight.shape[0]
     step = row_chunk(n, v, _TORCH_CHUNK_ELEMENTS)
     scratch = hidden.new_empty(min(n, step) * v)
-    stats_scratch = torch.empty(min(n, step) * v, dtype=torch.float32, device=hidden.device)
+    stats_step = row_chunk(min(n, step), v, _TORCH_STATS_ELEMENTS)
+    stats_scratch = torch.empty(stats_step * v, dtype=torch.float32, device=hidden.device)
 
     def chunk_dlogits(h_c, t_c, c_c):
         z = _scaled_logits(h_c, weight.t(), inv_t, scratch)
-        zs = stats_scratch[:z.numel()].view_as(z).copy_(z)
-        parts = block_stats_torch(zs, t_c, 0, with_entropy).unsqueeze(0)
-        logp, norm, entropy = combine_stats(parts, _all_rows(t_c))
+        parts = torch.cat([
+            block_stats_torch(stats_scratch[:z[r:r + stats_step].numel()].view(-1, v).copy_(
+                z[r:r + stats_step]), t_c[r:r + stats_step], 0, with_entropy)
+            for r in range(0, z.shape[0], stats_step)])
+        logp, norm, entropy = combine_stats(parts.unsqueeze(0), _all_rows(t_c))
         dz = block_dlogits_torch(z, t_c, norm, entropy, c_c, None, inv_t)
         return logp, entropy, dz.to(hidden.dtype)
 

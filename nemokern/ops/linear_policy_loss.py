@@ -106,8 +106,8 @@ def linear_policy_loss(hidden, weight, targets, coef, *, temperature=1.0, ignore
     with return_entropy, (loss, mean entropy of softmax(z) over the counted positions, a float32
     scalar for metrics that carries no gradient; 0 when none counts). The REINFORCE loss is
     coef = -advantage / n_tokens. Backward returns the stored gradients times the incoming one (a
-    16-bit gradient is rounded once more unless that factor is a power of two); calling it twice
-    on one forward raises. Gradients are computed only for inputs that require grad when grad
+    16-bit gradient is rounded once more unless that factor is a power of two); the gradients
+    are held from the forward until then, and a second backward through one forward raises. Gradients are computed only for inputs that require grad when grad
     mode is on; otherwise the forward costs one GEMM.
 
     tp_group: weight is this rank's vocabulary shard [V / tp, H] as in linear_logprobs (equal
