@@ -1,0 +1,179 @@
+"""The shared training loop: exact resume, the non-finite guard, accumulation, the schedule, DDP."""
+import dataclasses
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nemokern.train.checkpoint import Checkpointer
+from nemokern.train.loop import NonFiniteError, TrainLoop, lr_factor
+from nemokern.train.metrics import read_metrics
+from train_tiny import TinyReward, batches, config, step_fn
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # These models are tiny: on a shared 2-core machine extra intra-op threads only contend.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class _Crash(Exception):
+    pass
+
+
+def noisy_step(model, batch):
+    """step_fn whose loss scale draws from every generator a checkpoint restores."""
+    out = step_fn(model, batch)
+    jitter = 1e-2 * (torch.rand(()).item() + random.random() + float(np.random.rand()))
+    return dataclasses.replace(out, loss=out.loss * (1 + jitter))
+
+
+def test_interrupted_and_resumed_run_gives_bit_identical_losses(tmp_path):
+    data = batches(10)  # 5 steps per epoch at grad_accum 2; 2 epochs: 10 steps, cosine with warmup
+    full_model = TinyReward(seed=0)
+    full = TrainLoop(config(tmp_path / "full"), full_model, data, noisy_step).fit()
+    assert len(full) == 10
+
+    calls = []
+
+    def crashing_step(model, batch):
+        calls.append(1)
+        if len(calls) == 2 * 5 + 1:  # in step 6: after the checkpoint of step 4, mid-way through step 6
+            raise _Crash()
+        return noisy_step(model, batch)
+
+    out = tmp_path / "interrupted"
+    with pytest.raises(_Crash):
+        TrainLoop(config(out, save_every=4), TinyReward(seed=0), data, crashing_step).fit()
+    assert [s for s, _ in Checkpointer(out).complete()] == [4]
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+
+    resumed_model = TinyReward(seed=123)  # other weights: everything must come from the checkpoint
+    resumed = TrainLoop(config(out, save_every=4, resume="auto"), resumed_model, data, noisy_step).fit()
+    assert [r["step"] for r in resumed] == list(range(5, 11))
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full[4:]]  # bit for bit
+    assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in full[4:]]
+    assert [r["lr"] for r in resumed] == [r["lr"] for r in full[4:]]
+    logged = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in logged] == list(range(1, 11))  # step 5 of the crashed run replaced
+    assert [r["loss"] for r in logged] == [r["loss"] for r in full]
+    a, b = _params(full_model), _params(resumed_model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [s for s, _ in Checkpointer(out).complete()] == [8, 10]  # keep_last=2
+
+
+def test_resume_refuses_other_batching(tmp_path):
+    TrainLoop(config(tmp_path, max_steps=1), TinyReward(), batches(10), step_fn).fit()
+    with pytest.raises(ValueError, match="micro_batches_per_step=2, this run has 4.*grad_accum"):
+        TrainLoop(config(tmp_path, grad_accum=4, resume="auto"), TinyReward(), batches(10), step_fn).fit()
+
+
+def test_losses_are_weighted_means_over_the_global_batch(tmp_path):
+    data = batches(4)
+    loop = TrainLoop(config(tmp_path, grad_accum=4, epochs=1, shuffle=False, lr=0.0, schedule="constant"), TinyReward(), data, step_fn)
+    model = TinyReward()  # same seed: the same weights as the loop's model before its step
+    sq, n = 0.0, 0
+    with torch.no_grad():
+        for b in data:
+            mask = b["labels"] != -100
+            sq += ((model(b["ids"]) - b["labels"])[mask] ** 2).double().sum().item()
+            n += int(mask.sum())
+    history = loop.fit()
+    assert history[0]["loss"] == pytest.approx(sq / n, rel=1e-6) and history[0]["weight"] == n
+    assert history[0]["tokens"] == sum(b["ids"].numel() for b in data)
+
+
+def test_schedule_warmup_then_cosine_to_min_lr(tmp_path):
+    kw = dict(total_steps=10, warmup_steps=2, lr=1.0, min_lr=0.1)
+    assert lr_factor(0, schedule="cosine", **kw) == 0.5 and lr_factor(1, schedule="cosine", **kw) == 1.0
+    assert lr_factor(2, schedule="cosine", **kw) == 1.0
+    assert lr_factor(10, schedule="cosine", **kw) == pytest.approx(0.1)
+    assert lr_factor(6, schedule="cosine", **kw) == pytest.approx(0.55)
+    assert lr_factor(7, schedule="constant", **kw) == 1.0
+    history = TrainLoop(config(tmp_path), TinyReward(), batches(10), step_fn).fit()
+    expected = [1e-2 * lr_factor(s, total_steps=10, warmup_steps=2, schedule="cosine", lr=1e-2, min_lr=1e-3)
+                for s in range(10)]
+    assert [r["lr"] for r in history] == pytest.approx(expected, rel=1e-12)
+
+
+def test_non_finite_loss_stops_naming_step_and_rows_and_keeps_last_good_state(tmp_path):
+    data = batches(10, poison=5)  # micro-batch 5 is in step 3 without shuffling (2 per step)
+    model = TinyReward()
+    loop = TrainLoop(config(tmp_path, shuffle=False), model, data, step_fn)
+    with pytest.raises(NonFiniteError, match=r"loss at step 3 .*\[500, 501") as err:
+        loop.fit()
+    assert "step-00000002" in str(err.value)
+    ckpt = Checkpointer(tmp_path).latest()
+    assert ckpt.name == "step-00000002"
+    again = TinyReward(seed=9)
+    state = Checkpointer(tmp_path).load(ckpt, model=again)
+    assert state["step"] == 2 and all(torch.isfinite(p).all() for p in again.parameters())
+    assert all(torch.equal(p, q) for p, q in zip(again.parameters(), model.parameters()))  # no update applied
+
+
+def test_non_finite_gradient_stops_the_run(tmp_path):
+    model = TinyReward()
+    model.head.bias.register_hook(lambda g: g * float("inf"))
+    with pytest.raises(NonFiniteError, match=r"gradient \(norm (inf|nan)\) at step 1 "):
+        TrainLoop(config(tmp_path), model, batches(10), step_fn).fit()
+    assert Checkpointer(tmp_path).latest().name == "step-00000000"
+
+
+def test_eval_hook_and_metrics_file(tmp_path):
+    seen = []
+
+    def evaluate(model):
+        seen.append(model.training)
+        return {"accuracy": 0.5}
+
+    history = TrainLoop(config(tmp_path, epochs=1, eval_every=2), TinyReward(), batches(10), step_fn,
+                        evaluate=evaluate).fit()
+    assert [("eval_accuracy" in r) for r in history] == [False, True, False, True, True]
+    assert seen == [False, False, False]
+    record = read_metrics(tmp_path / "metrics.jsonl")[0]
+    for key in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "step_s", "peak_mem_mb", "reward_mean"):
+        assert key in record
+    assert (tmp_path / "config.toml").is_file()
+
+
+def test_too_little_data_for_one_step(tmp_path):
+    with pytest.raises(ValueError, match="grad_accum=4"):
+        TrainLoop(config(tmp_path, grad_accum=4), TinyReward(), batches(3), step_fn)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_match_one_on_the_same_global_batch(tmp_path):
+    worker = Path(__file__).with_name("train_tiny.py")
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                   PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), str(Path(__file__).parent)]))
+        procs.append(subprocess.Popen([sys.executable, str(worker), str(tmp_path / "ddp"), "1"], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    two = json.loads((tmp_path / "ddp" / "losses.json").read_text())
+    one = TrainLoop(config(tmp_path / "one", grad_accum=2), TinyReward(tie=True), batches(12), step_fn).fit()
+    assert len(two) == len(one) == 12
+    assert two == pytest.approx([r["loss"] for r in one], rel=1e-5)
