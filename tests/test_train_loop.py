@@ -177,3 +177,35 @@ def test_ddp_two_processes_match_one_on_the_same_global_batch(tmp_path):
     one = TrainLoop(config(tmp_path / "one", grad_accum=2), TinyReward(tie=True), batches(12), step_fn).fit()
     assert len(two) == len(one) == 12
     assert two == pytest.approx([r["loss"] for r in one], rel=1e-5)
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path):
+    plain = TrainLoop(config(tmp_path / "a", max_steps=3), TinyReward(), batches(10), step_fn)
+    recomputed = TrainLoop(config(tmp_path / "b", max_steps=3, activation_checkpointing=True), TinyReward(),
+                           batches(10), step_fn)
+    assert recomputed.model.trunk.activation_checkpointing and not plain.model.trunk.activation_checkpointing
+    assert [r["loss"] for r in plain.fit()] == [r["loss"] for r in recomputed.fit()]
+
+
+def test_a_step_with_nothing_counted_changes_nothing(tmp_path):
+    data = batches(4)
+    for b in data:
+        b["labels"][:] = -100
+    model = TinyReward()
+    before = _params(model)
+    history = TrainLoop(config(tmp_path, grad_accum=4, epochs=1), model, data, step_fn).fit()
+    assert history[0]["weight"] == 0 and history[0]["loss"] == 0
+    assert all(torch.equal(v, _params(model)[k]) for k, v in before.items())
+
+
+def test_export_writes_an_hf_trunk_and_the_head(tmp_path):
+    loop = TrainLoop(config(tmp_path, max_steps=1), TinyReward(), batches(10), step_fn)
+    loop.fit()
+    final = loop.export()
+    from nemokern.model import Llama
+    from nemokern.train.checkpoint import load_modules
+
+    Llama.from_pretrained(final / "trunk")
+    again = TinyReward(seed=5)
+    load_modules(again, final)
+    assert torch.equal(again.head.weight, loop.model.head.weight)

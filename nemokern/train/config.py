@@ -54,13 +54,14 @@ class TrainConfig:
                                          "else foreach)", choices=("auto", "fused", "foreach", "for-loop"))
     bf16: bool = option(True, "bf16 autocast on CUDA (ignored on the CPU)")
     activation_checkpointing: bool = option(False, "recompute each layer in the backward pass")
-    device: str = option("auto", "cpu, cuda, cuda:N or auto (the local GPU under torchrun, else cuda, else cpu)")
+    device: str = option("auto", "cpu, cuda, cuda:N or auto (this process's GPU, cuda:LOCAL_RANK, when CUDA "
+                                 "is available, else the CPU)")
     shuffle: bool = option(True, "shuffle the micro-batch order each epoch (seeded)")
     save_every: int = option(0, "save a checkpoint every N steps (0: only at the end)")
     keep_last: int = option(2, "keep the newest K checkpoints")
     resume: str = option("", "'' (start fresh), 'auto' (the newest complete checkpoint in OUT, if any) "
                              "or a checkpoint directory")
-    eval_every: int = option(0, "evaluate every N steps (0: only at the end, if there is eval data)")
+    eval_every: int = option(0, "evaluate every N steps (0: only at the end; needs an evaluation set)")
     progress: bool = option(True, "show a progress bar")
     tensorboard: bool = option(True, "also log to OUT/tensorboard when tensorboard is installed")
 

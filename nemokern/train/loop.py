@@ -16,6 +16,7 @@ import math
 import os
 import random
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import CheckpointError, Checkpointer, get_rng_state
+from .checkpoint import CheckpointError, Checkpointer, get_rng_state, save_modules
 from .config import TrainConfig, dump_toml
 from .metrics import MetricsLogger, peak_memory_mb
 
@@ -220,6 +221,16 @@ class TrainLoop:
         self.last_saved = step
         return path
 
+    def export(self, directory=None) -> Path:
+        """Write the model's weights for use outside training (default OUT/final) with
+        checkpoint.save_modules: HF layout for each Llama part, modules.safetensors for the rest."""
+        directory = Path(directory) if directory is not None else self.out / "final"
+        if self.dist.rank == 0:
+            save_modules(self.model, directory)
+        if self.dist.active:
+            dist.barrier()
+        return directory
+
     def _resume(self) -> None:
         path = self.checkpointer.resolve(self.config.resume)
         if path is None:
@@ -291,8 +302,13 @@ class TrainLoop:
         if not math.isfinite(grad_norm):
             self._stop(step, f"gradient (norm {grad_norm})", rng_before, rows)
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
+        if total_w > 0:
+            self.optimizer.step()
+            self.scheduler.step()
+        else:  # nothing counted (e.g. a global batch of ties): no update, not even weight decay
+            with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended
+                warnings.simplefilter("ignore", UserWarning)
+                self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step = step + 1
         if self.device.type == "cuda":
