@@ -209,3 +209,33 @@ def test_export_writes_an_hf_trunk_and_the_head(tmp_path):
     again = TinyReward(seed=5)
     load_modules(again, final)
     assert torch.equal(again.head.weight, loop.model.head.weight)
+
+
+class CountingLoop(TrainLoop):
+    """A loop that makes its own batches and must carry state across a resume."""
+
+    made = 0
+
+    def micro_batches(self, step):
+        self.made += 1
+        return super().micro_batches(step)
+
+    def extra_state(self):
+        return {"made": self.made, "tensor": torch.arange(3)}
+
+    def load_extra_state(self, state):
+        assert torch.equal(state["tensor"], torch.arange(3))
+        self.made = state["made"]
+
+
+def test_subclass_state_survives_a_resume(tmp_path):
+    def crash_in_step_4(model, batch):
+        if loop.made == 4:
+            raise _Crash()
+        return step_fn(model, batch)
+
+    loop = CountingLoop(config(tmp_path, epochs=1, save_every=2), TinyReward(), batches(10), crash_in_step_4)
+    with pytest.raises(_Crash):
+        loop.fit()
+    resumed = CountingLoop(config(tmp_path, epochs=1, resume="auto"), TinyReward(), batches(10), step_fn)
+    assert [r["step"] for r in resumed.fit()] == [3, 4, 5] and resumed.made == 2 + 3

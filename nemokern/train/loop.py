@@ -43,7 +43,8 @@ class StepOutput:
 
     loss: torch.Tensor                   # scalar, differentiable: the micro-batch's mean loss
     weight: float | torch.Tensor = 1.0   # how many terms that mean is over (a LossValue's count)
-    metrics: dict[str, Any] = field(default_factory=dict)  # per-micro-batch means, e.g. accuracy
+    # per-micro-batch means, e.g. accuracy; the same names on every micro-batch and process
+    metrics: dict[str, Any] = field(default_factory=dict)
     tokens: int | torch.Tensor = 0       # tokens processed (for tokens/s)
     rows: Sequence | None = None         # the batch's row ids, named if its loss is not finite
 
@@ -193,21 +194,38 @@ class TrainLoop:
         self.checkpointer = Checkpointer(self.out, keep_last=config.keep_last)
         self.step = 0
         self.last_saved = -1
+        self._epoch_order: tuple[int, list[int]] = (-1, [])
         self.history: list[dict] = []
 
     # ---- data order ------------------------------------------------------------------------
     def _order(self, epoch: int) -> list[int]:
-        n = len(self.data)
-        if not self.config.shuffle:
-            return list(range(n))
-        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
-        return torch.randperm(n, generator=g).tolist()
+        if self._epoch_order[0] != epoch:
+            n = len(self.data)
+            g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+            order = torch.randperm(n, generator=g).tolist() if self.config.shuffle else list(range(n))
+            self._epoch_order = (epoch, order)
+        return self._epoch_order[1]
 
     def micro_batch_indices(self, step: int) -> list[int]:
         """Indices into `data` of this process's micro-batches for optimizer step `step` (0-based)."""
         epoch, within = divmod(step, self.steps_per_epoch)
         order = self._order(epoch)[within * self.per_step:(within + 1) * self.per_step]
         return order[self.dist.rank::self.dist.world_size]
+
+    def micro_batches(self, step: int) -> list[tuple[Any, Any]]:
+        """(id, micro-batch) pairs this process trains on in optimizer step `step` (0-based); the id
+        names the micro-batch when its step function gives no rows. A trainer whose batches are
+        made during training (REINFORCE's rollouts) overrides this, and extra_state/load_extra_state
+        if what it makes must survive a resume."""
+        return [(f"micro-batch {i}", self.data[i]) for i in self.micro_batch_indices(step)]
+
+    def extra_state(self) -> dict:
+        """A subclass's own resumable state (tensors, numbers, strings, lists, dicts), saved with
+        every checkpoint."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore what extra_state returned."""
 
     def data_state(self, step: int) -> dict:
         return {"step": step, "epoch": step // self.steps_per_epoch, "micro_batches": len(self.data),
@@ -216,8 +234,8 @@ class TrainLoop:
     # ---- checkpoints -------------------------------------------------------------------------
     def save(self, step: int | None = None, rng: dict | None = None) -> Path:
         step = self.step if step is None else step
-        path = self.checkpointer.save(step, model=self.model, optimizer=self.optimizer,
-                                      scheduler=self.scheduler, state={"data": self.data_state(step)}, rng=rng)
+        path = self.checkpointer.save(step, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                      state={"data": self.data_state(step), "extra": self.extra_state()}, rng=rng)
         self.last_saved = step
         return path
 
@@ -242,6 +260,7 @@ class TrainLoop:
                 raise CheckpointError(
                     f"{path}: saved with {key}={saved.get(key)!r}, this run has {now[key]!r}; an exact "
                     "resume needs the same data, batching, grad_accum x processes, shuffle and seed")
+        self.load_extra_state(state.get("extra", {}))
         self.step = self.last_saved = state["step"]
 
     # ---- the step ----------------------------------------------------------------------------
@@ -262,14 +281,14 @@ class TrainLoop:
         t0 = time.perf_counter()
         module = self.ddp or self.model
         self.model.train()
-        indices = self.micro_batch_indices(step)
+        micro = self.micro_batches(step)
         zero = torch.zeros((), device=self.device, dtype=torch.float64)
         weight_sum, loss_sum, tokens, finite = zero.clone(), zero.clone(), zero.clone(), []
         metric_sums: dict[str, torch.Tensor] = {}
         rows = []
-        for j, index in enumerate(indices):
-            batch = move_to(self.data[index], self.device)
-            sync = self.ddp is None or j == len(indices) - 1
+        for j, (name, batch) in enumerate(micro):
+            batch = move_to(batch, self.device)
+            sync = self.ddp is None or j == len(micro) - 1
             with (nullcontext() if sync else self.ddp.no_sync()):
                 with self._autocast():
                     out = self.step_fn(module, batch)
@@ -282,7 +301,7 @@ class TrainLoop:
             tokens += torch.as_tensor(out.tokens, device=self.device, dtype=torch.float64)
             for k, v in out.metrics.items():
                 metric_sums[k] = metric_sums.get(k, zero) + torch.as_tensor(v, device=self.device).detach() * w
-            rows.append(list(out.rows) if out.rows is not None else f"micro-batch {index}")
+            rows.append(list(out.rows) if out.rows is not None else name)
         bad_local = (~torch.stack(finite)).sum()
         names = sorted(metric_sums)
         total_w, total_loss, total_tokens, n_bad, *msums = self._reduce(
