@@ -239,3 +239,21 @@ def test_subclass_state_survives_a_resume(tmp_path):
         loop.fit()
     resumed = CountingLoop(config(tmp_path, epochs=1, resume="auto"), TinyReward(), batches(10), step_fn)
     assert [r["step"] for r in resumed.fit()] == [3, 4, 5] and resumed.made == 2 + 3
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_resume_from_a_named_checkpoint_into_another_run(tmp_path, device):
+    data = batches(10)
+    full_loop = TrainLoop(config(tmp_path / "full", device=device, save_every=4), TinyReward(), data, noisy_step)
+    if device == "cuda":
+        assert full_loop.optimizer.defaults["fused"] and full_loop._autocast() is not None
+    full = full_loop.fit()
+    step8 = tmp_path / "full" / "checkpoints" / "step-00000008"
+    rest = TrainLoop(config(tmp_path / "rest", device=device, save_every=4, resume=str(step8)), TinyReward(seed=3),
+                     data, noisy_step).fit()
+    assert [r["step"] for r in rest] == [9, 10]
+    if device == "cpu":
+        assert [r["loss"] for r in rest] == [r["loss"] for r in full[8:]]
+    else:  # bf16 autocast; CUDA reductions need not be bit-reproducible
+        assert [r["loss"] for r in rest] == pytest.approx([r["loss"] for r in full[8:]], rel=1e-2)
+        assert full[-1]["peak_mem_mb"] > 0
