@@ -16,6 +16,7 @@ class RecipeConfig(TrainConfig):
     min_lr: float = option(9e-8, "final lr")
     k: int = option(4, "samples per prompt")
     reward_model: str | None = option(None, "reward model directory")
+    weights: list[float] = option([1.0], "reward weights")
 
 
 def test_command_line_defaults_are_the_dataclass_defaults():
@@ -36,8 +37,10 @@ def test_help_shows_every_option_with_its_default():
 def test_toml_then_command_line(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text('lr = 1e-5\nbetas = [0.8, 0.9]\nshuffle = false\nk = 8\nout = "a"\nmax-steps = 3\n')
-    cfg = parse_config(RecipeConfig, ["--config", str(path), "--lr", "3e-4", "--k", "2", "--shuffle"])
+    cfg = parse_config(RecipeConfig, ["--config", str(path), "--lr", "3e-4", "--k", "2", "--shuffle",
+                                      "--weights", "0.5", "2"])
     assert (cfg.lr, cfg.betas, cfg.shuffle, cfg.k, cfg.out, cfg.max_steps) == (3e-4, (0.8, 0.9), True, 2, "a", 3)
+    assert cfg.weights == [0.5, 2.0] and RecipeConfig().weights == [1.0]
     cfg = parse_config(RecipeConfig, ["--config", str(path)])
     assert (cfg.lr, cfg.shuffle, cfg.k, cfg.min_lr) == (1e-5, False, 8, 9e-8)
     assert build_config(RecipeConfig, toml=path, k=16).k == 16
@@ -55,6 +58,7 @@ def test_unknown_toml_key_names_key_file_and_suggestion(tmp_path):
     ("grad_accum = 1.5", r"grad_accum = 1.5 must be int"),
     ("shuffle = 1", r"shuffle = 1 must be bool"),
     ("betas = [0.9]", r"betas = \[0.9\] must be tuple.* of 2 values"),
+    ('weights = [1.0, "x"]', r"weights\[1\] = 'x' must be float"),
     ('schedule = "linear"', r"schedule = 'linear' is not one of constant, cosine"),
     ("[optim]\nlr = 1.0", r"\[optim\] is a table"),
     ("lr = ", r"not valid TOML"),
@@ -63,7 +67,7 @@ def test_bad_toml_values_name_the_file(tmp_path, text, match):
     path = tmp_path / "c.toml"
     path.write_text(text + "\n")
     with pytest.raises(ConfigError, match=match) as err:
-        parse_config(TrainConfig, ["--config", str(path)])
+        parse_config(RecipeConfig, ["--config", str(path)])
     assert str(path) in str(err.value)
 
 
@@ -89,7 +93,7 @@ def test_unknown_option_and_bad_choice_exit(capsys):
 
 
 def test_dump_toml_round_trips(tmp_path):
-    cfg = RecipeConfig(out='we"ird\\path', betas=(0.5, 0.25), k=3, shuffle=False)
+    cfg = RecipeConfig(out='we"ird\\path', betas=(0.5, 0.25), k=3, shuffle=False, weights=[2.0, 3.0])
     dump_toml(cfg, tmp_path / "c.toml")
     assert build_config(RecipeConfig, toml=tmp_path / "c.toml") == cfg
 

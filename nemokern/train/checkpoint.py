@@ -46,6 +46,8 @@ def encode_state(obj, tensors: dict, key: str = "s"):
     exactly (optimizer state dicts have int keys; RNG states are tuples).
     """
     if isinstance(obj, torch.Tensor):
+        if key in tensors:  # a dict key with a dot in it can spell another entry's path
+            key = f"{key}#{len(tensors)}"
         tensors[key] = obj.detach().to("cpu").contiguous().clone()
         return {"__tensor__": key}
     if isinstance(obj, np.ndarray):

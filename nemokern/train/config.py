@@ -26,8 +26,12 @@ class ConfigError(ValueError):
 
 
 def option(default, help: str, *, choices=None):
-    """A config field: its default, its help text and (optionally) its allowed values."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+    """A config field: its default, its help text and (optionally) its allowed values.
+    A list default is copied for each instance."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 @dataclasses.dataclass
@@ -114,6 +118,10 @@ def coerce(name: str, value, tp, choices=None, where: str = ""):
         ok = isinstance(value, (list, tuple)) and len(value) == len(args)
         if ok:
             value = tuple(coerce(f"{name}[{i}]", v, a, None, where) for i, (v, a) in enumerate(zip(value, args)))
+    elif origin is list:
+        ok = isinstance(value, (list, tuple))
+        if ok:
+            value = [coerce(f"{name}[{i}]", v, args[0], None, where) for i, v in enumerate(value)]
     if not ok:
         raise ConfigError(f"{prefix}{name} = {value!r} must be {_describe(tp)}"
                           f"{f' of {len(args)} values' if origin is tuple else ''}")
@@ -167,7 +175,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> argparse.Argum
         if typing.get_origin(tp) in (typing.Union, types.UnionType):
             tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        shown = " ".join(map(str, default)) if isinstance(default, tuple) else repr(default)
+        shown = " ".join(map(str, default)) if isinstance(default, (tuple, list)) else repr(default)
         kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{f.metadata.get('help', '')} (default: {shown})")
         if f.metadata.get("choices"):
             kw["choices"] = f.metadata["choices"]
@@ -176,6 +184,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> argparse.Argum
         elif typing.get_origin(tp) is tuple:
             args = typing.get_args(tp)
             parser.add_argument(flag, nargs=len(args), type=args[0], metavar=f.name.upper(), **kw)
+        elif typing.get_origin(tp) is list:
+            parser.add_argument(flag, nargs="*", type=typing.get_args(tp)[0], metavar=f.name.upper(), **kw)
         else:
             parser.add_argument(flag, type=tp, **kw)
     return parser
