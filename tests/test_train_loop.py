@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from nemokern.train.checkpoint import Checkpointer
-from nemokern.train.loop import NonFiniteError, TrainLoop, lr_factor
+from nemokern.train.loop import NonFiniteError, TrainLoop, lr_factor, move_to
 from nemokern.train.metrics import read_metrics
 from train_tiny import TinyReward, batches, config, step_fn
 
@@ -257,3 +257,23 @@ def test_resume_from_a_named_checkpoint_into_another_run(tmp_path, device):
     else:  # bf16 autocast; CUDA reductions need not be bit-reproducible
         assert [r["loss"] for r in rest] == pytest.approx([r["loss"] for r in full[8:]], rel=1e-2)
         assert full[-1]["peak_mem_mb"] > 0
+
+
+def test_move_to_reaches_every_tensor():
+    from typing import NamedTuple
+
+    class Pair(NamedTuple):
+        a: torch.Tensor
+        b: list
+
+    @dataclasses.dataclass
+    class Packed:
+        ids: torch.Tensor
+        meta: dict
+        name: str = "x"
+
+    batch = {"p": Pair(torch.ones(1), [torch.zeros(2), 3]), "d": Packed(torch.ones(2), {"t": (torch.ones(1),)})}
+    moved = move_to(batch, torch.device("meta"))
+    assert moved["p"].a.is_meta and moved["p"].b[0].is_meta and moved["p"].b[1] == 3
+    assert isinstance(moved["p"], Pair) and isinstance(moved["d"], Packed)
+    assert moved["d"].ids.is_meta and moved["d"].meta["t"][0].is_meta and moved["d"].name == "x"
