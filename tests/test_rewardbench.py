@@ -3,11 +3,11 @@ import math
 
 import pytest
 
-from nemokern.train.rewardbench import pair_accuracy
+from nemokern.train.rewardbench import accuracy_report
 
 
 def test_ties_are_wrong_and_subsets_count_separately():
-    r = pair_accuracy([2.0, 1.0, 0.5, 3.0], [1.0, 1.0, 0.7, -1.0], ["a", "a", "b", "b"])
+    r = accuracy_report([2.0, 1.0, 0.5, 3.0], [1.0, 1.0, 0.7, -1.0], ["a", "a", "b", "b"])
     assert r["n"] == 4 and r["accuracy"] == 0.5
     assert r["subsets"] == {"a": {"accuracy": 0.5, "n": 2}, "b": {"accuracy": 0.5, "n": 2}}
     assert "sections" not in r and "overall" not in r
@@ -24,7 +24,7 @@ def test_sections_weighting_and_math_upweighted_to_equal_code():
             chosen.append(1.0 if i < k else 0.0)
             rejected.append(0.5)
             subsets.append(name)
-    r = pair_accuracy(chosen, rejected, subsets)
+    r = accuracy_report(chosen, rejected, subsets)
     assert r["sections"]["Chat"] == pytest.approx(4 / 5)
     assert r["sections"]["Chat Hard"] == pytest.approx(1 / 3)
     # math (acc 1.0) weighs as much as the 4 code pairs together (acc 1/4): (1 * 4 + 1) / 8
@@ -35,5 +35,5 @@ def test_sections_weighting_and_math_upweighted_to_equal_code():
 
 def test_mismatched_lengths_are_refused():
     with pytest.raises(ValueError, match="2 chosen scores but 1 rejected"):
-        pair_accuracy([1.0, 2.0], [0.0])
-    assert math.isnan(pair_accuracy([], [])["accuracy"])
+        accuracy_report([1.0, 2.0], [0.0])
+    assert math.isnan(accuracy_report([], [])["accuracy"])

@@ -35,15 +35,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from nemokern.model.reward import ATTRIBUTES, HELPFULNESS, IGNORE_LABEL
+
 from .tokenizer import CHAT_ROLES
 
-ATTRIBUTES = (
-    "quality", "toxicity", "humor", "creativity",
-    "helpfulness", "correctness", "coherence", "complexity", "verbosity",
-)
 HELPSTEER2_ATTRIBUTES = ATTRIBUTES[4:]
-HELPFULNESS_INDEX = ATTRIBUTES.index("helpfulness")  # column 4: the BT reward
-MISSING_LABEL = -100.0
+HELPFULNESS_INDEX = HELPFULNESS  # column 4: the BT reward
+MISSING_LABEL = float(IGNORE_LABEL)
 LAYOUTS = ("helpsteer2", "hs2-preference", "pairs")
 # A chosen/rejected row has no strength column; it counts as a plain preference of strength 1
 # ("slightly better" on the HelpSteer2-Preference scale), so scaled BT weighs it like regular BT.

@@ -19,9 +19,12 @@ from nemokern.model.hf import CheckpointError
 from nemokern.model.llama import Llama
 from nemokern.ops import reward_head
 
-# SteerLM's 9 attributes, in the order of the head's outputs (recipe.md section 1).
+# SteerLM's 9 attributes, in the order of the head's outputs (recipe.md section 1); the one
+# definition that data readers, losses and trainers use.
 ATTRIBUTES = ("quality", "toxicity", "humor", "creativity", "helpfulness", "correctness",
               "coherence", "complexity", "verbosity")
+HELPFULNESS = ATTRIBUTES.index("helpfulness")  # 4: the column Bradley-Terry losses read
+IGNORE_LABEL = -100  # an attribute without a label
 HEAD_WEIGHTS, HEAD_CONFIG = "reward_head.safetensors", "reward_head.json"
 
 

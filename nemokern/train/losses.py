@@ -13,11 +13,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-# Output columns of the SteerLM reward head, in HelpSteer2's order (recipe.md section 1).
-ATTRIBUTES = ("quality", "toxicity", "humor", "creativity", "helpfulness", "correctness",
-              "coherence", "complexity", "verbosity")
-HELPFULNESS = ATTRIBUTES.index("helpfulness")  # 4: the column Bradley-Terry losses read
-IGNORE_LABEL = -100
+from nemokern.model.reward import ATTRIBUTES, HELPFULNESS, IGNORE_LABEL  # noqa: F401 (re-exported)
+
 BT_KINDS = ("regular", "margin", "scaled")
 
 

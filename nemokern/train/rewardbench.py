@@ -22,7 +22,7 @@ SECTIONS = {
 MATH_SUBSET = "math-prm"
 
 
-def pair_accuracy(chosen, rejected, subsets=None) -> dict:
+def accuracy_report(chosen, rejected, subsets=None) -> dict:
     """Accuracy over all pairs and per subset.
 
     chosen, rejected: sequences of floats (a score per pair); subsets: a subset name per pair, or
