@@ -289,8 +289,9 @@ def _blocks(t: _Tensor, alpha: float, inputs: _Inputs):
             del a
             continue
         wide = torch.float64 if a.dtype == torch.float64 else torch.float32
-        # The inputs are fresh copies from the files, so a float32 one may be overwritten in place.
-        d = init[span].to(wide)
+        # Slices are copy-on-write views of the memory-mapped files: writing into one would turn
+        # its pages into private memory that stays until the file is closed. So d is a fresh copy.
+        d = init[span].to(wide, copy=True)
         a_wide = a.to(wide)
         del a
         torch.sub(a_wide, d, out=d)
