@@ -6,8 +6,10 @@ with model.safetensors.index.json; written again in shards of at most max_shard_
 safetensors file beside them, such as a reward model's reward_head.safetensors (written under its
 own name). Tensors are read from the memory-mapped inputs in row blocks of at most BLOCK_BYTES
 (counted in float32) and each result block is written straight into the output file, whose
-safetensors header is laid out beforehand from the input headers. So host memory holds one block
-pair at a time: about one tensor, less for tensors larger than a block, never a shard or a model.
+safetensors header is laid out beforehand from the input headers. The mapped inputs are page
+cache, not private memory; what expo allocates is the float32 copies of one block (one copy for
+float32 weights, two for bf16), so about one tensor, less for tensors larger than a block, never a
+shard or a model.
 
 Other files (config.json, reward_head.json, generation_config.json, tokenizer files) are copied
 from the aligned directory. The output is assembled in a temporary directory beside out_dir and
@@ -32,8 +34,8 @@ from safetensors import safe_open
 
 from nemokern.model.hf import _DERIVED_BUFFER, INDEX, SINGLE, CheckpointError, parse_size, weight_files
 
-# Rows per block are chosen so that one block is at most this many bytes in float32. The working
-# set is about three such blocks (aligned, init and their float32 difference).
+# Rows per block are chosen so that one block is at most this many bytes in float32; at most two
+# such float32 blocks are allocated at a time (the widened aligned rows and the result).
 BLOCK_BYTES = 32 * 2**20
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
