@@ -169,12 +169,14 @@ def test_sharded_output_loads_in_nemokern_and_transformers(tmp_path):
 
 def test_tied_embeddings_store_the_head_once(tmp_path):
     init, aligned = reward_pair(tmp_path, torch.float32, tie=True)
-    # Some exporters also store the tied head; it is the embedding, so ExPO does not read it.
+    # Some exporters also store the tied head; it is the embedding, so ExPO does not read it. Older
+    # transformers stored RoPE's inv_freq, which both loaders derive from config.json.
     shard = load_file(str(aligned / "model.safetensors"))
-    save_file({**shard, "lm_head.weight": shard["model.embed_tokens.weight"].clone()},
-              str(aligned / "model.safetensors"), metadata={"format": "pt"})
+    save_file({**shard, "lm_head.weight": shard["model.embed_tokens.weight"].clone(),
+               "model.rotary_emb.inv_freq": torch.ones(8)}, str(aligned / "model.safetensors"),
+              metadata={"format": "pt"})
     summary = expo(init, aligned, 0.25, tmp_path / "out")
-    assert "lm_head.weight" in summary["skipped"]
+    assert summary["skipped"] == ["lm_head.weight", "model.rotary_emb.inv_freq"]
     assert "lm_head.weight" not in weights(tmp_path / "out")
     model = Llama.from_pretrained(tmp_path / "out")
     assert model.lm_head.weight is model.embed_tokens.weight
