@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from nemokern.model.hf import CheckpointError, hf_name, weight_files
+from nemokern.model.llama import Llama
 
 FORMAT = "nemokern-checkpoint-1"
 MANIFEST = "manifest.json"
@@ -134,10 +135,11 @@ def set_rng_state(state: dict) -> None:
 
 # ---- model weights ------------------------------------------------------------------------------
 def _hf_parts(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """The submodules stored in HF layout: the model itself, or its children with save_pretrained."""
-    if hasattr(model, "save_pretrained"):
+    """The submodules stored in HF layout: the model itself if it is a Llama, else its Llama
+    children (a RewardModel's trunk)."""
+    if isinstance(model, Llama):
         return {"": model}
-    return {name: child for name, child in model.named_children() if hasattr(child, "save_pretrained")}
+    return {name: child for name, child in model.named_children() if isinstance(child, Llama)}
 
 
 def _rest_state(model: torch.nn.Module, parts: dict) -> dict[str, torch.Tensor]:
