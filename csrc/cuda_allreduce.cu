@@ -18,7 +18,10 @@ constexpr int kThreads = 512;
 // Start of a block: [kMaxBlocks x kMaxRanks signal slots][claim word] then the data regions.
 constexpr size_t kSlotBytes = sizeof(SignalSlot) * kMaxBlocks * kMaxRanks;
 constexpr size_t kFlagBytes = (kSlotBytes + sizeof(int) + 255) / 256 * 256;
-static_assert(kThreads >= kMaxRanks, "one thread per peer waits in block_barrier");
+// One thread per peer signals and waits in block_barrier, all in warp 0, which syncs after the
+// signal stores: no thread can trap before every peer was signalled, so every peer sees this
+// rank's arrival (and its numel) and reaches the same verdict.
+static_assert(kMaxRanks < 32 && kThreads >= 32, "block_barrier's peers fit in warp 0");
 
 void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) {
@@ -93,25 +96,27 @@ __device__ __forceinline__ uint64_t global_ns() {
 // Records why this kernel cannot finish and stops the CUDA context (see cuda_allreduce.h): the
 // output is never handed back. The first failing thread of this process writes the record,
 // kind last; the others wait for it, so the host never reads a half-written record.
-__device__ __noinline__ void fail(const Params& p, int kind, int peer, uint64_t step,
-                                  int64_t peer_numel, int64_t peer_dtype) {
-  volatile CollectiveError* e = p.error;
-  if (atomicCAS(p.claim, 0, 1) == 0) {
-    e->peer = peer;
-    e->step = step;
-    e->numel = static_cast<int64_t>(p.numel);
-    e->dtype = p.dtype;
-    e->peer_numel = peer_numel;
-    e->peer_dtype = peer_dtype;
+// Arguments by value (a cold call must not make the kernel copy Params to local memory).
+__device__ __noinline__ void fail(CollectiveError* error, int* claim, int rank,
+                                  CollectiveError r) {
+  __threadfence_system();  // this thread's signal to its peer lands before the trap
+  volatile CollectiveError* e = error;
+  if (atomicCAS(claim, 0, 1) == 0) {
+    e->peer = r.peer;
+    e->step = r.step;
+    e->numel = r.numel;
+    e->dtype = r.dtype;
+    e->peer_numel = r.peer_numel;
+    e->peer_dtype = r.peer_dtype;
     __threadfence_system();
-    e->kind = kind;
+    e->kind = r.kind;
     __threadfence_system();
-    const char* what = kind == kSizeMismatch ? "reduces another size or dtype than"
-                                             : "timed out waiting for";
+    const char* what = r.kind == kSizeMismatch ? "reduces another size or dtype than"
+                                               : "timed out waiting for";
     printf("nemokern all_reduce (CUDA IPC): rank %d %s rank %d at step %llu (%lld vs %lld "
            "elements); trapping so that no result is used\n",
-           p.rank, what, peer, static_cast<unsigned long long>(step),
-           static_cast<long long>(p.numel), static_cast<long long>(peer_numel));
+           rank, what, r.peer, static_cast<unsigned long long>(r.step),
+           static_cast<long long>(r.numel), static_cast<long long>(r.peer_numel));
   } else {
     while (e->kind == kNoError) {
     }
@@ -130,19 +135,23 @@ __device__ void block_barrier(const Params& p, uint64_t step) {
   const int t = threadIdx.x;
   if (t < p.world) {
     __threadfence_system();  // the block's writes (and the preceding copy) before the flag
+    const int64_t numel = static_cast<int64_t>(p.numel);
     SignalSlot* out = slot(p.peers.block[t], blockIdx.x, p.rank);
-    store_relaxed_sys(&out->meta[step & 1].numel, static_cast<int64_t>(p.numel));
+    store_relaxed_sys(&out->meta[step & 1].numel, numel);
     store_relaxed_sys(&out->meta[step & 1].dtype, p.dtype);
     store_release_sys(&out->step, step);
+    __syncwarp((1u << p.world) - 1);  // every peer is signalled before any thread may trap
     SignalSlot* in = slot(p.peers.block[p.rank], blockIdx.x, t);
     const uint64_t start = global_ns();
     while (load_acquire_sys(&in->step) < step) {
-      if (global_ns() - start > p.timeout_ns) fail(p, kPeerTimeout, t, step, 0, 0);
+      if (global_ns() - start > p.timeout_ns)
+        fail(p.error, p.claim, p.rank, {kPeerTimeout, t, step, numel, p.dtype, 0, 0});
     }
     const SignalSlot::Meta theirs{load_relaxed_sys(&in->meta[step & 1].numel),
                                   load_relaxed_sys(&in->meta[step & 1].dtype)};
-    if (!same_call(theirs, static_cast<int64_t>(p.numel), p.dtype))
-      fail(p, kSizeMismatch, t, step, theirs.numel, theirs.dtype);
+    if (!same_call(theirs, numel, p.dtype))
+      fail(p.error, p.claim, p.rank,
+           {kSizeMismatch, t, step, numel, p.dtype, theirs.numel, theirs.dtype});
   }
   __syncthreads();
 }
