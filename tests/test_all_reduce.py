@@ -154,6 +154,54 @@ def test_stale_segment_cleanup_judges_liveness_by_lock_not_pid():
             p.unlink(missing_ok=True)
 
 
+def _unshare_pid_namespace():
+    """The command prefix that runs a program as pid 1 of a new pid namespace, or None."""
+    cmd = ["unshare", "--pid", "--fork", "--kill-child"]
+    if os.geteuid() != 0:
+        cmd.append("--map-root-user")
+    try:
+        probe = subprocess.run(cmd + ["sh", "-c", "echo $$"], capture_output=True, text=True,
+                               timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return cmd if probe.returncode == 0 and probe.stdout.strip() == "1" else None
+
+
+def test_segment_of_a_creator_in_another_pid_namespace():
+    # A rank in a container: its pid there is 1, which is alive in every namespace, so a pid
+    # test would keep its segment forever. The creator's flock tells the truth both ways.
+    prefix = _unshare_pid_namespace()
+    if prefix is None:
+        pytest.skip("cannot create a pid namespace here (unshare)")
+    code = ("import os, sys; from nemokern import _C; "
+            "name = f'/{sys.argv[1]}{os.getpid()}_ns{sys.argv[2]}'; "
+            "c = _C.ShmAllReduce(name, rank=0, world_size=2, chunk_bytes=4096, create=True, "
+            "timeout_s=1.0, one_shot_max_bytes=1024); print(name, flush=True); sys.stdin.read()")
+    creator = subprocess.Popen(prefix + [sys.executable, "-c", code, SHM_PREFIX, str(os.getpid())],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                               env=_env())
+    path = None
+    try:
+        name = creator.stdout.readline().strip()
+        assert name == f"/{SHM_PREFIX}1_ns{os.getpid()}", name  # pid 1 inside its namespace
+        path = SHM / name[1:]
+        _aged(path)
+        assert name[1:] not in cleanup_stale_segments() and path.exists(), "live creator"
+        creator.kill()  # unshare --kill-child: the creator dies with it, its segment stays
+        creator.wait()
+        deadline = time.monotonic() + 10
+        while name[1:] not in cleanup_stale_segments():
+            assert time.monotonic() < deadline, "the dead creator's segment was never removed"
+            time.sleep(0.1)
+        assert not path.exists()
+    finally:
+        if creator.poll() is None:
+            creator.kill()
+            creator.wait()
+        if path is not None:
+            path.unlink(missing_ok=True)
+
+
 def test_creator_holds_the_lock_until_unlink():
     name = f"/{SHM_PREFIX}{os.getpid()}_lock"
     comm = _C.ShmAllReduce(name, rank=0, world_size=2, chunk_bytes=4096, create=True,

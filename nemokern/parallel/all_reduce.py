@@ -203,6 +203,7 @@ class _GroupState:
         comm, error, box = None, None, [None]
         if self.rank == 0:
             cleanup_stale_segments()
+            # the pid is for people reading /dev/shm; liveness is the creator's flock
             box[0] = f"/{SHM_PREFIX}{os.getpid()}_{secrets.token_hex(6)}"
             try:
                 comm = _C.ShmAllReduce(box[0], create=True, **args)
