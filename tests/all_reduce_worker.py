@@ -178,6 +178,78 @@ def scenario_cuda(rank, world):
     print("OK cuda", flush=True)
 
 
+def _assert_unreadable(t, what):
+    """The result of a failed CUDA all-reduce must not be readable: its kernel trapped."""
+    try:
+        t.cpu()
+    except RuntimeError:
+        return
+    raise AssertionError(f"{what} handed back its result")
+
+
+def scenario_cuda_errors(rank, world):
+    """CUDA path failures never hand back a result (gpu-marked test, both ranks on GPU 0)."""
+    from nemokern import _C
+
+    torch.cuda.set_device(0)
+    x = torch.ones(64, device="cuda")
+    all_reduce(x)  # sets the IPC workspace up
+    assert torch.equal(x.cpu(), torch.full((64,), float(world)))
+    comm = ar._state(None).comm("cuda", torch.device("cuda", 0))
+    # capture: the front end picks torch.distributed, the extension refuses to be captured
+    graph, y = torch.cuda.CUDAGraph(), torch.ones(16, device="cuda")
+    refused = None
+    with torch.cuda.graph(graph):
+        assert ar._custom_kind(y.device, y.dtype, 64) is None, "custom path while capturing"
+        try:
+            comm.all_reduce(y.data_ptr(), y.numel(), _C.DTYPE_FLOAT32,
+                            torch.cuda.current_stream().cuda_stream)
+        except RuntimeError as exc:
+            refused = str(exc)
+    assert refused and "CUDA graph" in refused, refused
+    print("OK capture refused", flush=True)
+    dist.barrier()
+    # different sizes on the ranks: every rank's kernel traps; the result cannot be read and
+    # every rank raises a ValueError naming both sizes
+    z = torch.ones(100 + rank, device="cuda")
+    later = torch.ones(4, device="cuda")  # allocated now: after the trap no CUDA call works
+    comm.all_reduce(z.data_ptr(), z.numel(), _C.DTYPE_FLOAT32,
+                    torch.cuda.current_stream().cuda_stream)
+    _assert_unreadable(z, "a mismatched CUDA all-reduce")
+    assert comm.error_code() == 2
+    for attempt in (comm.raise_if_failed, lambda: all_reduce(later)):
+        try:
+            attempt()
+        except ValueError as exc:
+            assert "reduces 100" in str(exc) and "101" in str(exc), str(exc)
+        else:
+            raise AssertionError("a recorded mismatch was not raised")
+    print("OK mismatch trapped", flush=True)
+    dist.barrier()
+    os._exit(0)  # the CUDA context is gone: skip CUDA teardown
+
+
+def scenario_cuda_timeout(rank, world):
+    """The last rank skips one CUDA all-reduce: the others' kernels trap after the timeout."""
+    torch.cuda.set_device(0)
+    all_reduce(torch.ones(64, device="cuda"))
+    comm = ar._state(None).comm("cuda", torch.device("cuda", 0))
+    if rank != world - 1:
+        x, later = torch.ones(64, device="cuda"), torch.ones(4, device="cuda")
+        all_reduce(x)
+        _assert_unreadable(x, "a timed-out CUDA all-reduce")
+        assert comm.error_code() == 1
+        try:
+            all_reduce(later)
+        except TimeoutError as exc:
+            assert f"rank {world - 1}" in str(exc), str(exc)
+        else:
+            raise AssertionError("a recorded timeout was not raised")
+        print("OK timeout trapped", flush=True)
+    dist.barrier()
+    os._exit(0)
+
+
 def scenario_timeout(rank, world):
     """The last rank skips one all_reduce: the others must raise a TimeoutError naming it."""
     all_reduce(torch.ones(10))  # sets the workspace up (collective)
@@ -187,15 +259,20 @@ def scenario_timeout(rank, world):
     else:
         _expect_timeout(rank, world)
         dist.barrier()
-    # ranks that disagree on the size: every rank names the problem instead of reading garbage
-    other = dist.new_group(list(range(world)))
-    try:
-        all_reduce(torch.ones(5 + rank), group=other)
-    except ValueError as exc:
-        assert "same shape and dtype" in str(exc), str(exc)
-        print("OK mismatch detected", flush=True)
-    else:
-        raise AssertionError("mismatched sizes went unnoticed")
+    # ranks that disagree on the size: every rank names the problem instead of reading garbage;
+    # also when one rank's size takes the one-shot path and another's the two-shot path
+    # (300,000 fp32 > 256 KiB), as the CUDA kernels' first barrier must catch it too
+    for sizes in ([5 + r for r in range(world)], [10] + [300_000] * (world - 1)):
+        other = dist.new_group(list(range(world)))
+        try:
+            all_reduce(torch.ones(sizes[rank]), group=other)
+        except ValueError as exc:
+            msg = str(exc)
+            assert "same shape and dtype" in msg and f"reduces {sizes[rank]} elements" in msg, msg
+            assert any(f"reduces {n} of dtype" in msg for n in sizes if n != sizes[rank]), msg
+        else:
+            raise AssertionError(f"mismatched sizes {sizes} went unnoticed")
+    print("OK mismatch detected", flush=True)
 
 
 def _expect_timeout(rank, world):

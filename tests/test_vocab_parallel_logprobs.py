@@ -1,8 +1,11 @@
 """linear_logprobs over vocab-parallel shards (tp_group) equals the unsharded op, forward and
-backward, with 2 and 4 gloo processes on the CPU; and it uses exactly one collective in forward
-(all_gather of per-token statistics) and one in backward (all_reduce of dhidden).
+backward, with 2 and 4 gloo processes on the CPU; and it uses exactly two collectives in forward
+(a fixed-size all_gather that checks N, shards and targets, then one of per-token statistics) and
+one in backward (all_reduce of dhidden). Mismatched ranks raise ValueError on every rank.
 """
+import datetime
 import os
+import re
 import tempfile
 
 import pytest
@@ -57,8 +60,9 @@ def _worker(rank, world, init_file, backend, dtype):
         full = run(weight, None)
         _count_collectives(counts)
         sharded = run(weight[rank * shard:(rank + 1) * shard], group)
-        assert sharded[4] == {"all_gather": 1}, f"forward collectives: {sharded[4]}"
-        assert counts == {"all_gather": 1, "all_reduce": 1}, f"fwd+bwd collectives: {counts}"
+        # forward: the fixed-size header check, then the per-token statistics
+        assert sharded[4] == {"all_gather": 2}, f"forward collectives: {sharded[4]}"
+        assert counts == {"all_gather": 2, "all_reduce": 1}, f"fwd+bwd collectives: {counts}"
         tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
         names = ("logp", "entropy", "dhidden")
         for name, a, b in zip(names, sharded[:3], full[:3]):
@@ -130,29 +134,30 @@ def test_ranks_with_different_targets_raise_on_every_rank(ignore_differs):
                  join=True)
 
 
-def _token_count_worker(rank, init_file):
-    """Ranks with different N make the all_gather itself mismatched (gloo may abort a rank); the
-    rank that survives reads every header first. Simulated here: one real process, a fake second
-    rank whose header says N = 6."""
+def _token_count_worker(rank, world, init_file):
+    """Rank 1 passes 6 tokens, the others 5: a variable-size all_gather with these would be
+    mismatched (gloo aborts or hangs in it); the fixed-size header exchange comes first, so every
+    rank raises a ValueError naming the counts instead."""
     os.environ["NEMOKERN_BACKEND"] = "torch"
     from nemokern.ops import linear_logprobs
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
-        def fake_all_gather(bufs, local, group=None):
-            bufs[0].copy_(local)
-            bufs[1].copy_(local)
-            bufs[1][0, 1] = 6.0  # the other rank's N
-
-        dist.all_gather = fake_all_gather
-        dist.get_world_size = lambda group=None: 2
-        h, w = torch.randn(5, 8), torch.randn(10, 8)
-        with pytest.raises(ValueError, match=r"different numbers of tokens \[5, 6\]"):
-            linear_logprobs(h, w, torch.tensor([0, 3, 7, 19, IGNORE]), tp_group=dist.group.WORLD)
+        n = 6 if rank == 1 else 5
+        g = torch.Generator().manual_seed(0)
+        h, w = torch.randn(n, 8, generator=g), torch.randn(10, 8, generator=g)
+        targets = torch.tensor([0, 3, 7, 19, IGNORE, 2][:n])
+        counts = [6 if r == 1 else 5 for r in range(world)]
+        with pytest.raises(ValueError, match=re.escape(f"different numbers of tokens {counts}")):
+            linear_logprobs(h, w, targets, tp_group=dist.group.WORLD)
+        dist.barrier()  # the group still works: nobody is stuck inside a mismatched collective
     finally:
         dist.destroy_process_group()
 
 
-def test_ranks_with_different_token_counts_are_named():
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_with_different_token_counts_raise_on_every_rank(world):
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_token_count_worker, args=(os.path.join(d, "store"),), nprocs=1, join=True)
+        mp.spawn(_token_count_worker, args=(world, os.path.join(d, "store")), nprocs=world,
+                 join=True)

@@ -16,8 +16,8 @@ Conventions shared by both ops:
   runs its GEMMs on the counted rows only (one host sync to find them), so ignored prompt
   tokens cost no FLOPs and nan/inf hidden states there touch nothing.
 - Targets outside [0, V) (other than ignore_index) raise ValueError. The check costs one small
-  reduction and, on a GPU, one host sync per call; NEMOKERN_CHECK_TARGETS=0 skips it (and the
-  equal-shard check of tp_group, which rides on the forward's one collective). Unchecked,
+  reduction and, on a GPU, one host sync per call; NEMOKERN_CHECK_TARGETS=0 skips it (and, with
+  tp_group, the fixed-size all_gather that checks N, shard sizes and targets first). Unchecked,
   the Triton kernels never read out of bounds: `logprobs` returns NaN for such a row and
   `linear_logprobs` returns -logsumexp (the target logit counts as 0).
 """
@@ -166,54 +166,62 @@ def _scatter_rows(x, rows, n):
     return x.new_zeros((n,) + tuple(x.shape[1:])).index_copy_(0, rows, x)
 
 
-_FINGERPRINT_MOD = 8388593  # a prime below 2**23: fingerprints are exact in float32
+_FINGERPRINT_MOD = 8388593  # a prime below 2**23: products of two residues fit in int64
 
 
 def _targets_fingerprint(targets):
-    """A position-weighted checksum of the target ids, exact as a float32 (< 2**23)."""
+    """A position-weighted checksum of the target ids (an int in [0, _FINGERPRINT_MOD))."""
     p = _FINGERPRINT_MOD
     pos = torch.arange(1, targets.numel() + 1, device=targets.device) % p
-    return float(((targets % p) * pos % p).sum() % p)
+    return int(((targets % p) * pos % p).sum() % p)
+
+
+def _check_same_call(targets, n_kept, group, shard):
+    """Fixed-size exchange BEFORE the variable-size one: every rank's (shard size, N, kept
+    rows, targets fingerprint), 4 int64 per rank in one all_gather, compared on every rank.
+
+    The statistics exchange that follows has N rows per rank; ranks with different N would
+    mismatch that collective itself (gloo or NCCL may abort the process or hang inside it,
+    before any message), so N travels first in a collective whose size cannot differ. Unequal
+    shards (a tensor_split of an unpadded vocabulary) would look for targets at the wrong
+    columns, and different targets would merge statistics of different tokens. Every rank sees
+    every header, so every rank raises the same ValueError.
+    """
+    n = targets.numel()
+    header = torch.tensor([shard, n, n_kept, _targets_fingerprint(targets)], dtype=torch.int64,
+                          device=targets.device)
+    headers = [torch.empty_like(header) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(headers, header, group=group)
+    sizes, ns, kept, prints = torch.stack(headers).cpu().T.tolist()
+    if any(x != n for x in ns):
+        raise ValueError(f"linear_logprobs: the ranks of tp_group passed different numbers of "
+                         f"tokens {ns} (this rank, {dist.get_rank(group)}: {n}); vocab-parallel "
+                         f"ranks must see the same tokens and targets")
+    if any(x != shard for x in sizes):
+        raise ValueError(f"linear_logprobs: the ranks of tp_group hold vocabulary shards of "
+                         f"sizes {sizes}; every rank needs an equal shard [V / tp, H] (pad the "
+                         f"vocabulary to a multiple of tp, as Megatron does)")
+    if any(x != kept[0] for x in kept) or any(x != prints[0] for x in prints):
+        raise ValueError(f"linear_logprobs: the ranks of tp_group passed different targets "
+                         f"(counted positions per rank: {kept}); vocab-parallel ranks must see "
+                         f"the same tokens and targets")
 
 
 def _gather_parts(parts, rows, targets, group, shard):
-    """The vocab-parallel exchange, ONE collective per forward: every rank's merged statistics
-    (max, sum-exp, entropy sum, target logit) of the kept rows -> [tp, n_kept, 4] on every rank.
+    """The vocab-parallel exchange: every rank's merged statistics (max, sum-exp, entropy sum,
+    target logit) of the kept rows -> [tp, n_kept, 4] on every rank.
 
-    The statistics travel at full length N (zeros on ignored rows) after one header row: this
-    rank's shard size, N, kept-row count and a fingerprint of its targets. Ranks with unequal
-    shards (a tensor_split of an unpadded vocabulary) would look for their targets at the wrong
-    columns, and ranks with different targets would merge statistics of different tokens; either
-    way every rank raises the same error (a rank-local error before a collective would hang the
-    others). Ranks with different N make the collective itself mismatched, which the backend may
-    abort on; a rank that survives it reads the others' headers first and says so.
+    Two all_gathers: the fixed-size header check (_check_same_call; skipped with
+    NEMOKERN_CHECK_TARGETS=0, which leaves mismatched ranks to the backend), then the
+    statistics at full length N (zeros on ignored rows).
     """
     n = targets.numel()
-    local = _scatter_rows(_logits.merge_parts(parts), rows, n)
-    n_kept = n if rows is None else rows.numel()
-    fingerprint = _targets_fingerprint(targets) if _checks_enabled() else 0.0
-    header = torch.tensor([[float(shard), float(n), float(n_kept), fingerprint]],
-                          device=local.device)
-    local = torch.cat([header, local]).contiguous()
+    if _checks_enabled():
+        _check_same_call(targets, n if rows is None else rows.numel(), group, shard)
+    local = _scatter_rows(_logits.merge_parts(parts), rows, n).contiguous()
     bufs = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(bufs, local, group=group)
     gathered = torch.stack(bufs)
-    sizes, ns, kept, prints = gathered[:, 0].unbind(-1)
-    if _checks_enabled():
-        if bool((ns != n).any()):
-            raise ValueError(f"linear_logprobs: the ranks of tp_group passed different numbers of "
-                             f"tokens {[int(x) for x in ns.tolist()]}; vocab-parallel ranks must "
-                             f"see the same tokens and targets")
-        if bool((sizes != shard).any()):
-            raise ValueError(f"linear_logprobs: the ranks of tp_group hold vocabulary shards of "
-                             f"sizes {[int(x) for x in sizes.tolist()]}; every rank needs an equal "
-                             f"shard [V / tp, H] (pad the vocabulary to a multiple of tp, as "
-                             f"Megatron does)")
-        if bool((kept != kept[0]).any() | (prints != prints[0]).any()):
-            raise ValueError(f"linear_logprobs: the ranks of tp_group passed different targets "
-                             f"(counted positions per rank: {[int(x) for x in kept.tolist()]}); "
-                             f"vocab-parallel ranks must see the same tokens and targets")
-    gathered = gathered[:, 1:]
     return gathered if rows is None else gathered[:, rows]
 
 
@@ -289,8 +297,10 @@ def linear_logprobs(hidden, weight, targets, *, temperature=1.0, ignore_index=-1
     [V / tp, H] holding vocabulary ids [rank * V/tp, (rank + 1) * V/tp) (equal shards, as
     Megatron's padded vocabulary; unequal ones raise ValueError), targets are global ids and the
     same on every rank (different ones raise ValueError), hidden is replicated; every rank gets
-    the full result. Forward exchanges 4 floats per token (one all_gather), backward all-reduces
-    dhidden of the counted rows once. Differentiable w.r.t. hidden and weight.
+    the full result. Forward exchanges 4 int64 per rank (N, shard size and a targets checksum,
+    checked on every rank so that mismatched ranks raise ValueError before any variable-size
+    collective), then 4 floats per token; backward all-reduces dhidden of the counted rows once.
+    Differentiable w.r.t. hidden and weight.
     """
     _check_float("hidden", hidden)
     _check_float("weight", weight)
