@@ -68,3 +68,13 @@ def test_export_nemotron_reward_hf_layout_matches_transformers(tmp_path, tie):
     assert bias == pytest.approx(float(model.head.bias[4].detach()))
     # nemokern reads the exported directory back as a trunk
     Llama.from_pretrained(tmp_path)
+
+
+def test_exported_layout_scores_like_the_model_it_came_from(tmp_path):
+    model = tiny_reward_model()
+    model.export_hf(tmp_path, "helpfulness")
+    again = RewardModel.load_any(tmp_path)  # no head file: lm_head row 0 + recorded bias
+    assert again.attributes == ("helpfulness",)
+    seqs, ids, cu, last = _batch([6, 11])
+    torch.testing.assert_close(again(ids, last, cu_seqlens=cu)[:, 0],
+                               model(ids, last, cu_seqlens=cu)[:, 4], rtol=1e-5, atol=1e-5)

@@ -84,3 +84,19 @@ def test_tiny_model_learns_the_synthetic_preference_task(tmp_path):
     cfg = config(tmp_path, train, eval_data=held_out, loss="bt", warmup_steps=5)
     history = RewardTrainer(cfg).fit()
     assert history[-1]["eval_accuracy"] >= 0.9, json.dumps(history[-1])
+
+
+def test_score_file_reads_the_final_model_and_its_export(tmp_path, files):
+    from nemokern.train.reward import score_file
+
+    RewardTrainer(config(tmp_path, files["pairs"], loss="bt", max_steps=1)).fit()
+    final = tmp_path / "run" / "final"
+    report = score_file(final, files["rb"])
+    assert report["n"] == 24 and report["attribute"] == "helpfulness"
+    assert set(report["subsets"]) == {"synthetic-easy", "synthetic-hard"}
+    assert "sections" not in report  # no RewardBench subset names in the synthetic file
+    RewardModel.from_pretrained(final).export_hf(tmp_path / "hf")
+    exported = score_file(tmp_path / "hf", files["rb"])
+    assert exported["accuracy"] == report["accuracy"]
+    with pytest.raises(ValueError, match="compares chosen/rejected pairs"):
+        score_file(final, files["rows"])

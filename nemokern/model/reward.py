@@ -98,6 +98,26 @@ class RewardModel(nn.Module):
             model.head.bias.copy_(tensors["bias"])
         return model
 
+    @classmethod
+    def from_reward_hf(cls, path, *, dtype=None, device=None) -> "RewardModel":
+        """A Nemotron-Reward-HF directory (a plain Llama whose reward is logits[last, 0]) as a
+        one-attribute RewardModel: lm_head row 0 is the head, with the bias `export_hf` recorded
+        in config.json (0 when absent, as in NVIDIA's release)."""
+        trunk = Llama.from_pretrained(path, dtype=dtype, device=device)
+        extra = trunk.config.extra
+        model = cls(trunk, (extra.get("nemokern_reward_attribute", "reward"),))
+        with torch.no_grad():
+            model.head.weight.copy_(trunk.lm_head.weight[:1])
+            model.head.bias.fill_(float(extra.get("nemokern_reward_bias", 0.0)))
+        return model
+
+    @classmethod
+    def load_any(cls, path, *, dtype=None, device=None) -> "RewardModel":
+        """RewardModel.from_pretrained where the directory has a head, else from_reward_hf."""
+        if (Path(path) / HEAD_WEIGHTS).exists():
+            return cls.from_pretrained(path, dtype=dtype, device=device)
+        return cls.from_reward_hf(path, dtype=dtype, device=device)
+
     @torch.no_grad()
     def export_hf(self, path, attribute: str = "helpfulness") -> float:
         """Write the Nemotron-Reward-HF layout for one attribute; return the head's bias for it,

@@ -115,12 +115,41 @@ def evaluate_pairs(model, dataset, device, *, max_tokens_per_batch=None, rows_pe
     batches = dataset.batches(max_tokens_per_batch=max_tokens_per_batch or None,
                               rows_per_batch=None if max_tokens_per_batch else rows_per_batch or 8,
                               shuffle=False)
+    return _pairs_report(model, batches, device, HELPFULNESS)
+
+
+def _pairs_report(model, batches, device, column):
     scores, subsets = [], []
     for batch in batches:
-        scores += score_batches(model, [batch], device)
-        subsets += list(batch.subsets) if batch.subsets is not None else [None] * batch.num_rows
-    chosen, rejected = scores[0::2], scores[1::2]
-    return accuracy_report(chosen, rejected, subsets if any(s for s in subsets) else None)
+        scores += score_batches(model, [batch], device, column)
+        subsets += list(batch.subsets)
+    return accuracy_report(scores[0::2], scores[1::2], subsets if any(subsets) else None)
+
+
+def score_file(model_dir, data, *, tokenizer="byte", data_format="auto", max_length=4096,
+               max_tokens_per_batch=16384, skip_bad_rows=False, device="cpu", attribute=None):
+    """accuracy_report of a pairs file (preference pairs or RewardBench) under the reward model in
+    `model_dir` (RewardModel layout, or Nemotron-Reward-HF: reward = logits[last, 0]).
+
+    attribute: the head column to compare (default helpfulness where the head has it, else
+    column 0). Returns the report plus "summary" (the data reader's).
+    """
+    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+    dataset = load_reward_data(data, tok, layout=data_format, max_length=max_length,
+                               skip_bad_rows=skip_bad_rows)
+    if dataset.kind != "pairs":
+        raise ValueError(f"{data}: score compares chosen/rejected pairs; this file holds "
+                         f"{dataset.layout} rows")
+    model = RewardModel.load_any(model_dir, dtype=torch.float32, device=device)
+    dataset.check_vocab(model.trunk.config.vocab_size)
+    names = model.attributes
+    column = (model.attribute_index(attribute) if attribute
+              else names.index("helpfulness") if "helpfulness" in names else 0)
+    batches = dataset.batches(max_tokens_per_batch=max_tokens_per_batch, shuffle=False)
+    report = _pairs_report(model, batches, torch.device(device), column)
+    report["attribute"] = names[column]
+    report["summary"] = dataset.summary()
+    return report
 
 
 class RewardTrainer:
