@@ -4,6 +4,7 @@ The CPU part is always built. The CUDA part is compiled with nvcc when a CUDA to
 (NEMOKERN_NO_CUDA=1 skips it). This file must never import torch: the extension takes raw
 pointers, so it does not need torch headers, and build isolation would not have torch anyway.
 """
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -16,8 +17,19 @@ ROOT = Path(__file__).parent
 CSRC = ROOT / "csrc"
 
 
+def _load_env():
+    """nemokern/env.py by path: the one reader of NEMOKERN_* variables (imports only os)."""
+    spec = importlib.util.spec_from_file_location("_nemokern_env", ROOT / "nemokern" / "env.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+env = _load_env()
+
+
 def find_nvcc():
-    if os.environ.get("NEMOKERN_NO_CUDA") == "1":
+    if env.flag("NEMOKERN_NO_CUDA"):
         return None
     cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
     for home in filter(None, cands):
@@ -44,7 +56,7 @@ class BuildExt(build_ext):
             objs = []
             tmp = Path(self.build_temp) / "cuda"
             tmp.mkdir(parents=True, exist_ok=True)
-            archs = os.environ.get("NEMOKERN_CUDA_ARCHS", "80;90").split(";")
+            archs = env.text("NEMOKERN_CUDA_ARCHS").split(";")
             archs = [a for a in archs if a]
             gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
             # PTX of the newest arch too, so newer GPUs can JIT it instead of failing to load

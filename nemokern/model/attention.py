@@ -15,13 +15,14 @@ from __future__ import annotations
 import functools
 import importlib.util
 import inspect
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-PACKED_BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa")
+from nemokern import env
+
+PACKED_BACKENDS = env.VARIABLES["NEMOKERN_ATTENTION"].choices
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -83,12 +84,15 @@ def _sdpa(q, k, v, mask=None):
 
 def packed_backend(q: torch.Tensor) -> str:
     """The packed backend used for `q`; NEMOKERN_ATTENTION=flash_attn|torch_varlen|sdpa forces one."""
-    forced = os.environ.get("NEMOKERN_ATTENTION", "auto").strip().lower() or "auto"
-    if forced not in PACKED_BACKENDS:
-        raise ValueError(f"NEMOKERN_ATTENTION={forced!r} is not a backend; use one of {PACKED_BACKENDS}")
+    return packed_backend_for(q.device, q.dtype)
+
+
+def packed_backend_for(device, dtype) -> str:
+    """The packed backend for queries of `dtype` on `device` (see packed_backend)."""
+    forced = env.choice("NEMOKERN_ATTENTION")
     if forced != "auto":
         return forced
-    if q.is_cuda and q.dtype in _HALF:
+    if torch.device(device).type == "cuda" and dtype in _HALF:
         if _flash_attn_installed():
             return "flash_attn"
         if _torch_varlen() is not None:
