@@ -166,13 +166,15 @@ def test_masked_vocabulary_entries_stay_finite(request, backend, monkeypatch):
 
 
 def test_custom_ignore_index_and_entropy_only_grad(torch_backend):
-    x = torch.randn(5, 9, dtype=torch.float64, requires_grad=True)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(5, 9, dtype=torch.float64, generator=g, requires_grad=True)
     targets = torch.tensor([0, -1, 8, -1, 3])
     _, ent = logprobs(x, targets, ignore_index=-1, return_entropy=True)
     ent.sum().backward()
     ref_x = x.detach().clone().requires_grad_(True)
     reference(ref_x, targets, 1.0, -1)[1].sum().backward()
-    torch.testing.assert_close(x.grad, ref_x.grad)
+    # the torch path's arithmetic is float32 even for float64 logits
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-6, atol=1e-6)
     assert torch.equal(x.grad[1], torch.zeros(9))
 
 

@@ -223,9 +223,13 @@ def _num_sms(device):
     return 4
 
 
-def linear_stats_triton(hidden, weight, targets, inv_t, vocab_start=0):
+def linear_stats_triton(hidden, weight, targets, inv_t, vocab_start=0, with_entropy=True):
     """hidden [N, H], weight [Vs, H] (both row-contiguous, same dtype), targets [N] int64
-    -> parts [S, N, 4] float32, one part per vocabulary split."""
+    -> parts [S, N, 4] float32, one part per vocabulary split (entropy statistic always)."""
+    if hidden.dtype not in TRITON_DTYPES:
+        raise TypeError(f"linear_logprobs: the Triton kernels take hidden/weight in "
+                        f"{TRITON_DTYPES}, got {hidden.dtype}; cast them, or set "
+                        f"NEMOKERN_BACKEND=torch for the (slower) torch reference")
     n, h = hidden.shape
     v = weight.shape[0]
     bn, bv, bh, warps, stages = _CONFIGS[hidden.dtype]
@@ -247,7 +251,8 @@ def linear_stats_triton(hidden, weight, targets, inv_t, vocab_start=0):
 def linear_backward_triton(hidden, weight, targets, norm, entropy, g_lp, g_ent, inv_t,
                            vocab_start=0, need_dh=True, need_dw=True):
     """(dhidden [N, H], dweight [Vs, H]), None where not needed; g_lp/g_ent [N] float32, zero on
-    ignored rows."""
+    ignored rows (g_ent None: 0)."""
+    g_ent = torch.zeros_like(g_lp) if g_ent is None else g_ent
     n, h = hidden.shape
     v = weight.shape[0]
     bn, bv, bh, warps, stages = _CONFIGS[hidden.dtype]
@@ -267,6 +272,24 @@ def linear_backward_triton(hidden, weight, targets, norm, entropy, g_lp, g_ent, 
         return dz_c
 
     return backward_by_vocab_chunks(hidden, weight, chunk_cols, dlogits_chunk, need_dh, need_dw)
+
+
+# ----------------------------------------------------------------------------- entry points
+# The op layer calls these two with the backend nemokern.ops chose; both implementations take the
+# same arguments.
+
+def forward(backend, hidden, weight, targets, inv_t, vocab_start, with_entropy):
+    """Statistics parts [S, N, 4] of the logits hidden @ weight.T, never materialised."""
+    fn = linear_stats_triton if backend == "triton" else linear_stats_torch
+    return fn(hidden, weight, targets, inv_t, vocab_start, with_entropy)
+
+
+def backward(backend, hidden, weight, targets, norm, entropy, g_lp, g_ent, inv_t, vocab_start,
+             need_dh, need_dw):
+    """(dhidden, dweight), None where not needed; g_ent None means no entropy gradient."""
+    fn = linear_backward_triton if backend == "triton" else linear_backward_torch
+    return fn(hidden, weight, targets, norm, entropy, g_lp, g_ent, inv_t, vocab_start,
+              need_dh=need_dh, need_dw=need_dw)
 
 
 def _specs():

@@ -142,8 +142,9 @@ def _scaled_rows(x, inv_t, scratch):
     return z if inv_t == 1.0 else z.mul_(inv_t)
 
 
-def logprobs_stats_torch(logits, targets, inv_t, with_entropy=True):
-    """logits [N, V] any float dtype, targets [N] -> parts [1, N, 4], row chunk by row chunk."""
+def logprobs_stats_torch(logits, targets, inv_t, ignore_index=-100, with_entropy=True):
+    """logits [N, V] any float dtype, targets [N] -> parts [1, N, 4], row chunk by row chunk.
+    Ignored rows are computed like the others; combine_stats discards them."""
     n, v = logits.shape
     out = torch.empty(n, 4, dtype=torch.float32, device=logits.device)
     step = row_chunk(n, v, _TORCH_CHUNK_ELEMENTS)
@@ -154,8 +155,9 @@ def logprobs_stats_torch(logits, targets, inv_t, with_entropy=True):
     return out.unsqueeze(0)
 
 
-def logprobs_backward_torch(logits, targets, norm, entropy, g_lp, g_ent, inv_t):
-    """dlogits [N, V] in logits' dtype, computed row chunk by row chunk."""
+def logprobs_backward_torch(logits, targets, norm, entropy, g_lp, g_ent, inv_t, ignore_index=-100):
+    """dlogits [N, V] in logits' dtype, computed row chunk by row chunk; g_ent None skips the
+    entropy term's passes. Ignored rows need no ignore_index here: norm gives them zeros."""
     n, v = logits.shape
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     step = row_chunk(n, v, _TORCH_CHUNK_ELEMENTS)
@@ -260,8 +262,9 @@ FWD_CONFIG = (8192, 4)
 BWD_CONFIG = (4096, 8)
 
 
-def logprobs_stats_triton(logits, targets, inv_t, ignore_index):
-    """logits [N, V] (last dim contiguous), targets [N] int64 -> parts [1, N, 4] float32."""
+def logprobs_stats_triton(logits, targets, inv_t, ignore_index=-100, with_entropy=True):
+    """logits [N, V] (last dim contiguous), targets [N] int64 -> parts [1, N, 4] float32 (the
+    entropy statistic always: it costs the kernel nothing)."""
     n, v = logits.shape
     stats = torch.empty(n, 4, dtype=torch.float32, device=logits.device)
     if n:
@@ -271,9 +274,10 @@ def logprobs_stats_triton(logits, targets, inv_t, ignore_index):
     return stats.unsqueeze(0)
 
 
-def logprobs_backward_triton(logits, targets, norm, entropy, g_lp, g_ent, inv_t, ignore_index):
-    """dlogits [N, V] in logits' dtype; g_lp/g_ent [N] float32 contiguous."""
+def logprobs_backward_triton(logits, targets, norm, entropy, g_lp, g_ent, inv_t, ignore_index=-100):
+    """dlogits [N, V] in logits' dtype; g_lp/g_ent [N] float32 contiguous (g_ent None: 0)."""
     n, v = logits.shape
+    g_ent = torch.zeros_like(g_lp) if g_ent is None else g_ent
     grad = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
     if n:
         block_v, warps = BWD_CONFIG
@@ -281,6 +285,22 @@ def logprobs_backward_triton(logits, targets, norm, entropy, g_lp, g_ent, inv_t,
                                         logits.stride(0), grad.stride(0), inv_t, ignore_index,
                                         BLOCK_V=block_v, num_warps=warps)
     return grad
+
+
+# ----------------------------------------------------------------------------- entry points
+# The op layer calls these two with the backend nemokern.ops chose; both implementations take the
+# same arguments.
+
+def forward(backend, logits, targets, inv_t, ignore_index, with_entropy):
+    """Statistics parts [S, N, 4] of logits [N, V] (see the module docstring)."""
+    fn = logprobs_stats_triton if backend == "triton" else logprobs_stats_torch
+    return fn(logits, targets, inv_t, ignore_index, with_entropy)
+
+
+def backward(backend, logits, targets, norm, entropy, g_lp, g_ent, inv_t, ignore_index):
+    """dlogits [N, V]; g_lp [N] float32, g_ent [N] float32 or None (no entropy gradient)."""
+    fn = logprobs_backward_triton if backend == "triton" else logprobs_backward_torch
+    return fn(logits, targets, norm, entropy, g_lp, g_ent, inv_t, ignore_index)
 
 
 def _specs():

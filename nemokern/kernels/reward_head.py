@@ -238,6 +238,23 @@ def reward_head_backward_torch(grad_out, saved, hidden_shape, last_index, norm_w
 
 # ---------------------------------------------------------------- ahead-of-time compile specs
 
+# ----------------------------------------------------------------------------- entry points
+# The op layer calls these two with the backend nemokern.ops chose; both implementations take the
+# same arguments.
+
+def forward(backend, hidden, last_index, norm_weight, head_weight, head_bias, eps):
+    """(rewards [B, K] float32, what backward needs instead of hidden)."""
+    fn = reward_head_forward_triton if backend == "triton" else reward_head_forward_torch
+    return fn(hidden, last_index, norm_weight, head_weight, head_bias, eps)
+
+
+def backward(backend, grad_out, saved, hidden_shape, last_index, norm_weight, head_weight,
+             head_bias, eps):
+    """(d hidden or None when hidden_shape is None, d norm_weight, d head_weight, d bias)."""
+    fn = reward_head_backward_triton if backend == "triton" else reward_head_backward_torch
+    return fn(grad_out, saved, hidden_shape, last_index, norm_weight, head_weight, head_bias, eps)
+
+
 def _aot_specs():
     specs = []
     # (hidden, norm weight, head weight/bias) dtypes: bf16 model, fp32 model, bf16 activations

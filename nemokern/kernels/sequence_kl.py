@@ -259,6 +259,22 @@ def _masked_product(values, m):
 
 # ---------------------------------------------------------------- ahead-of-time compile specs
 
+# ----------------------------------------------------------------------------- entry points
+# The op layer calls these two with the backend nemokern.ops chose; both implementations take the
+# same arguments.
+
+def forward(backend, logp, ref, mask, cu_seqlens, estimator: int, mean: bool):
+    """(kl [B] float32, scale [B]: what backward multiplies the upstream gradient by)."""
+    fn = sequence_kl_forward_triton if backend == "triton" else sequence_kl_forward_torch
+    return fn(logp, ref, mask, cu_seqlens, estimator, mean)
+
+
+def backward(backend, grad_kl, scale, logp, ref, mask, cu_seqlens, estimator: int):
+    """d logp, in logp's dtype and shape."""
+    fn = sequence_kl_backward_triton if backend == "triton" else sequence_kl_backward_torch
+    return fn(grad_kl, scale, logp, ref, mask, cu_seqlens, estimator)
+
+
 def _aot_specs():
     specs = []
 

@@ -1,13 +1,13 @@
 """Public op reward_head: rewards [B, K] from the last token's hidden state of each sequence.
 
 Validation, backend dispatch and autograd; the math lives in nemokern/kernels/reward_head.py.
-Must never import nemokern.parallel, model, data, train or cli.
 """
 import torch
 from torch.autograd.function import once_differentiable
 
 from nemokern.kernels import reward_head as _k
-from nemokern.ops._dispatch import backend_for, check_tensors, device_guard
+from nemokern.ops import _checks
+from nemokern.ops._dispatch import backend_for, device_guard
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -50,10 +50,9 @@ def reward_head(hidden, last_index, norm_weight, head_weight, head_bias=None, *,
 class _RewardHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, last_index, norm_weight, head_weight, head_bias, eps, backend):
-        fwd = (_k.reward_head_forward_triton if backend == "triton"
-               else _k.reward_head_forward_torch)
         with device_guard(hidden.device):
-            out, saved = fwd(hidden, last_index, norm_weight, head_weight, head_bias, eps)
+            out, saved = _k.forward(backend, hidden, last_index, norm_weight, head_weight,
+                                    head_bias, eps)
         # not hidden itself: the saved rows [B, H] let the caller free it after the forward
         ctx.save_for_backward(last_index, norm_weight, head_weight, head_bias, *saved)
         ctx.hidden_shape, ctx.eps, ctx.backend = hidden.shape, eps, backend
@@ -63,12 +62,11 @@ class _RewardHead(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         last_index, norm_weight, head_weight, head_bias, *saved = ctx.saved_tensors
-        bwd = (_k.reward_head_backward_triton if ctx.backend == "triton"
-               else _k.reward_head_backward_torch)
         hidden_shape = ctx.hidden_shape if ctx.needs_input_grad[0] else None
         with device_guard(norm_weight.device):
-            d_hidden, d_nw, d_w, d_bias = bwd(grad_out, saved, hidden_shape, last_index,
-                                              norm_weight, head_weight, head_bias, ctx.eps)
+            d_hidden, d_nw, d_w, d_bias = _k.backward(ctx.backend, grad_out, saved, hidden_shape,
+                                                      last_index, norm_weight, head_weight,
+                                                      head_bias, ctx.eps)
         return d_hidden, None, d_nw, d_w, d_bias, None, None
 
 
@@ -77,7 +75,7 @@ def _check(hidden, last_index, norm_weight, head_weight, head_bias, eps):
              "head_weight": head_weight}
     if head_bias is not None:
         named["head_bias"] = head_bias
-    check_tensors("reward_head", named, _FLOAT_DTYPES, set(named) - {"last_index"})
+    _checks.tensors("reward_head", named, _FLOAT_DTYPES, set(named) - {"last_index"})
     if hidden.dim() not in (2, 3):
         raise ValueError(f"reward_head: hidden has shape {tuple(hidden.shape)}; pass [B, T, H] "
                          "or packed [N, H]")

@@ -1,13 +1,13 @@
 """Public op sequence_kl: per-sequence KL to the reference policy over response tokens.
 
 Validation, backend dispatch and autograd; the math lives in nemokern/kernels/sequence_kl.py.
-Must never import nemokern.parallel, model, data, train or cli.
 """
 import torch
 from torch.autograd.function import once_differentiable
 
 from nemokern.kernels import sequence_kl as _k
-from nemokern.ops._dispatch import backend_for, check_tensors, device_guard
+from nemokern.ops import _checks
+from nemokern.ops._dispatch import backend_for, device_guard
 
 REDUCTIONS = ("mean", "sum")
 _MASK_PASSTHROUGH = (torch.bool, torch.uint8, torch.float32, torch.bfloat16, torch.float16)
@@ -57,9 +57,8 @@ def sequence_kl(logprobs, ref_logprobs, mask, *, estimator="k1", reduction="mean
 class _SequenceKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logp, ref, mask, cu_seqlens, estimator, mean, backend):
-        fwd = _k.sequence_kl_forward_triton if backend == "triton" else _k.sequence_kl_forward_torch
         with device_guard(logp.device):
-            kl, scale = fwd(logp, ref, mask, cu_seqlens, estimator, mean)
+            kl, scale = _k.forward(backend, logp, ref, mask, cu_seqlens, estimator, mean)
         ctx.save_for_backward(logp, ref, mask, cu_seqlens, scale)
         ctx.estimator, ctx.backend = estimator, backend
         ctx.mark_non_differentiable(scale)
@@ -69,10 +68,9 @@ class _SequenceKL(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_kl):
         logp, ref, mask, cu_seqlens, scale = ctx.saved_tensors
-        bwd = (_k.sequence_kl_backward_triton if ctx.backend == "triton"
-               else _k.sequence_kl_backward_torch)
         with device_guard(logp.device):
-            grad = bwd(grad_kl, scale, logp, ref, mask, cu_seqlens, ctx.estimator)
+            grad = _k.backward(ctx.backend, grad_kl, scale, logp, ref, mask, cu_seqlens,
+                               ctx.estimator)
         return grad, None, None, None, None, None, None
 
 
@@ -86,7 +84,7 @@ def _check_options(estimator, reduction):
 
 def _check_tensors(logprobs, ref_logprobs, mask, cu_seqlens):
     named = {"logprobs": logprobs, "ref_logprobs": ref_logprobs, "mask": mask}
-    check_tensors("sequence_kl", named, _LOGP_DTYPES, ("logprobs", "ref_logprobs"))
+    _checks.tensors("sequence_kl", named, _LOGP_DTYPES, ("logprobs", "ref_logprobs"))
     for name, t in named.items():
         if t.shape != logprobs.shape:
             raise ValueError(f"sequence_kl: {name} has shape {tuple(t.shape)} but logprobs has "
