@@ -59,8 +59,3 @@ def test_demo_keeps_checkpoint(tmp_path):
     assert main(["demo", "--max-new-tokens", "4", "--k", "2", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "config.json").exists()
     Llama.from_pretrained(tmp_path)
-
-
-def test_cli_rejects_unknown_option():
-    with pytest.raises(SystemExit):
-        main(["demo", "--no-such-flag"])

@@ -3,8 +3,8 @@
 Names: HF's "model.<name>" is nemokern's "<name>", "lm_head.weight" is the same in both. With
 tie_word_embeddings the LM head is the embedding and the checkpoint stores it once.
 Loading reads safetensors only and never unpickles (no *.bin). Every problem raises
-CheckpointError naming the file and tensor.
-Must never import nemokern.data, train or cli.
+CheckpointError naming the file and tensor, including a tensor holding nan/inf (a corrupted
+payload would otherwise load silently and give NaN logits; check_finite=False skips that check).
 """
 from __future__ import annotations
 
@@ -75,7 +75,8 @@ def weight_files(path: Path) -> dict[str, Path | None]:
     raise CheckpointError(f"{path} has neither {SINGLE} nor {INDEX}")
 
 
-def load_pretrained(cls, path, *, dtype=None, device=None, activation_checkpointing=False):
+def load_pretrained(cls, path, *, dtype=None, device=None, activation_checkpointing=False,
+                    check_finite=True):
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a directory; from_pretrained wants a local HF model directory")
@@ -116,6 +117,8 @@ def load_pretrained(cls, path, *, dtype=None, device=None, activation_checkpoint
                         f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, config.json implies "
                         f"{tuple(target.shape)}"
                     )
+                if check_finite:
+                    _check_finite(file, name, tensor)
                 target.copy_(tensor)
                 loaded.add(name)
     missing = sorted(set(expected) - loaded)
@@ -127,6 +130,14 @@ def load_pretrained(cls, path, *, dtype=None, device=None, activation_checkpoint
         raise CheckpointError(f"{tied_head[0]}: lm_head.weight differs from model.embed_tokens.weight although "
                               "config.json has tie_word_embeddings=true; set it to false to load both")
     return model
+
+
+def _check_finite(file: Path, name: str, tensor: torch.Tensor):
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise CheckpointError(f"{file}: tensor {name!r} holds {bad} nan/inf value(s) of "
+                              f"{tensor.numel()}; the file is corrupted or the model diverged "
+                              "(check_finite=False loads it anyway)")
 
 
 def _read(file: Path, assigned):

@@ -5,7 +5,6 @@ embedding -> N x [RMSNorm -> GQA attention with llama3-scaled RoPE -> residual,
 Parameter names match HF's LlamaForCausalLM without its "model." prefix, so hf.py maps checkpoints
 one to one. The numerics follow transformers (RMSNorm in fp32, cos/sin cast to the activation
 dtype) so logits match LlamaForCausalLM to rounding.
-Must never import nemokern.data, train or cli.
 """
 from __future__ import annotations
 
@@ -186,6 +185,13 @@ class Llama(nn.Module):
             raise ValueError(
                 f"input_ids must be [B, T] (or [N] with cu_seqlens); got shape {tuple(input_ids.shape)}")
         b, t = ids.shape
+        if b == 0 or t == 0:
+            raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}: no tokens; pass at "
+                             "least one token per row")
+        lo, hi = (int(x) for x in torch.aminmax(ids))  # one host sync, for a named error
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"input_ids hold ids in [{lo}, {hi}], outside the vocabulary "
+                             f"[0, vocab_size={self.config.vocab_size})")
         ctx = AttentionContext(cache=cache)
         if cu_seqlens is not None:
             if cache is not None or b != 1:
@@ -220,13 +226,16 @@ class Llama(nn.Module):
 
     # ---- HF checkpoints (implemented in hf.py) ------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path, *, dtype=None, device=None, activation_checkpointing=False) -> "Llama":
+    def from_pretrained(cls, path, *, dtype=None, device=None, activation_checkpointing=False,
+                        check_finite=True) -> "Llama":
         """Load a local HF Llama directory (config.json + *.safetensors, sharded or not).
 
         dtype: torch dtype or name; default the config.json dtype, else float32.
+        check_finite: raise CheckpointError naming the tensor and file if one holds nan/inf.
         """
         return load_pretrained(cls, path, dtype=dtype, device=device,
-                               activation_checkpointing=activation_checkpointing)
+                               activation_checkpointing=activation_checkpointing,
+                               check_finite=check_finite)
 
     def save_pretrained(self, path, *, max_shard_size: int | str = "5GB") -> None:
         """Write config.json + safetensors (sharded above max_shard_size) that transformers loads."""
