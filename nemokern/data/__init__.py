@@ -1,4 +1,1 @@
-"""Data: HelpSteer2 / HS2-Preference / RewardBench readers, packing, tokenizers, demo task.
-
-Must never import nemokern.train or cli.
-"""
+"""Data: tokenizers (tokenizer.py: a local HF tokenizer directory, or the built-in byte one)."""

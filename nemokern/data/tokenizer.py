@@ -1,7 +1,6 @@
 """Tokenizers: a local Hugging Face tokenizer directory, or a built-in byte-level one.
 
 Both render conversations in the Llama-3.1 chat format, so the embedded demo needs no download.
-Must never import nemokern.train or nemokern.cli.
 
 Llama-3.1 chat format (what `render_llama3_chat` writes, and what the Nemotron reward model reads):
 

@@ -1,7 +1,4 @@
-"""Triton kernels (one file per op) and their torch references. Knows nothing of models.
-
-Must never import nemokern.ops or anything above it.
-"""
+"""Triton kernels (one file per op) and their torch references. Knows nothing of models."""
 import os
 
 from ._rms_norm import rms_norm, rms_norm_terms  # the one copy of the RMSNorm formula

@@ -1,5 +1,5 @@
 """Ahead-of-time compilation of every Triton kernel, so that a kernel that would not build on a
-GPU fails CI on a machine without one. Must never import anything above nemokern.kernels.
+GPU fails CI on a machine without one.
 
 Each kernel module in nemokern/kernels/ declares AOT_SPECS: a list of
 (jit_fn, signature: dict[str, str], constexprs: dict[str, object][, options]) with the signatures

@@ -1,8 +1,6 @@
 """Log-probs (and entropy) of targets from hidden states and the LM-head weight, never holding the
 [N, V] logits: Triton kernels + a chunked torch reference.
 
-Must never import nemokern.ops or anything above it.
-
 Both implementations produce the partial statistics of nemokern.kernels.logprobs (merged by its
 `combine_stats`), for a weight that holds vocabulary ids [vocab_start, vocab_start + V): the whole
 head, or one tensor-parallel shard of it.

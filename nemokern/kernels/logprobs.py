@@ -1,7 +1,5 @@
 """Log-probs of target tokens (and softmax entropy) from logits: Triton kernels + torch reference.
 
-Must never import nemokern.ops or anything above it (kernels know nothing of models).
-
 Every implementation here reduces a block of logit rows to per-row *partial statistics*
 `parts[..., 4]` of the temperature-scaled logits z = logits / T over the columns it saw:
     m  = max_v z_v                       (-inf when it saw no column)

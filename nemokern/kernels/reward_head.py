@@ -1,5 +1,5 @@
 """Reward head: gather each sequence's last hidden row, RMSNorm it, project to K rewards.
-Triton kernels and the torch reference. Must never import nemokern.ops or anything above it.
+Triton kernels and the torch reference.
 
     x = hidden[b, last_index[b]]                    (or hidden[last_index[b]] when packed)
     n = x * rsqrt(mean(x^2) + eps)                  fp32

@@ -1,7 +1,6 @@
 """Sequence-level KL between policy and reference log-probs: Triton kernels and the torch reference.
 
-Must never import nemokern.ops or anything above it (the public op, validation and autograd live
-in nemokern/ops/sequence_kl.py).
+The public op, its checks and autograd are in nemokern/ops/sequence_kl.py.
 
 Per token, with r = logp_ref - logp and k1 = -r:
     k1 = logp - logp_ref            d/dlogp = 1

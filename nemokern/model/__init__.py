@@ -1,7 +1,4 @@
-"""Minimal Llama-3.1 model: config, layers, attention backends, generation, HF load/save.
-
-Must never import nemokern.data, train or cli.
-"""
+"""Minimal Llama-3.1 model: config, layers, attention backends, generation, HF load/save."""
 from .attention import KVCache, packed_attention, packed_backend
 from .config import ConfigError, LlamaConfig
 from .generate import Generation, generate, sample_next

@@ -8,7 +8,6 @@ Three input forms, all with q [B, T, Hq, D] and k, v [B, T, Hkv, D] (Hq a multip
           attend to every valid cache slot up to their own.
 Packed backend, chosen automatically: flash_attn's varlen kernel (installed + CUDA + half
 precision), else torch.nn.attention.varlen (CUDA + half precision), else exact per-segment SDPA.
-Must never import nemokern.data, train or cli.
 """
 from __future__ import annotations
 

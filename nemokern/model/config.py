@@ -2,7 +2,7 @@
 
 Only what the model actually supports is accepted: anything else (another rope type, attention or
 MLP biases, another activation, ...) raises ConfigError naming the config.json field.
-Plain Python, no torch. Must never import nemokern.data, train or cli.
+Plain Python, no torch.
 """
 from __future__ import annotations
 

@@ -17,8 +17,6 @@ up, i.e. at its first custom all-reduce; give every rank the same values):
     NEMOKERN_ALLREDUCE_TIMEOUT=S          seconds to wait for a peer before TimeoutError (300)
     NEMOKERN_ALLREDUCE_ONE_SHOT_BYTES=N   one-shot below N bytes, reduce-scatter + all-gather above
     NEMOKERN_SHM_CHUNK_BYTES=N            CPU workspace bytes per rank and parity (4 MiB)
-
-Must never import nemokern.model, data, train or cli.
 """
 from __future__ import annotations
 

@@ -1,4 +1,2 @@
-"""Trainers (reward, REINFORCE/RLOO), losses, ExPO and checkpointing.
-
-Must never import nemokern.cli.
-"""
+"""Training-side code: the embedded demo (demo.py), checks of run options (options.py) and the
+loss and advantage formulas (losses.py)."""

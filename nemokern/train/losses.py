@@ -1,6 +1,4 @@
-"""Losses and advantage estimators of the recipe (recipe.md sections 1-2). One implementation each;
-the trainers and the demo call these. Must never import nemokern.cli.
-"""
+"""Advantage estimators and losses, one implementation each; the demo calls these."""
 
 from __future__ import annotations
 
