@@ -7,3 +7,5 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
+# tests/helpers.py: the peak-memory measurement the benchmarks share with the tests
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))

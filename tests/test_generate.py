@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from nemokern.model import Llama, LlamaConfig, generate, sample_next
-from test_model_utils import CASES, nemokern_from_hf, random_hf_model
+from helpers import CASES, nemokern_from_hf, random_hf_model
 
 PROMPTS = [[5, 9, 2, 77, 31], [8], [100, 3, 3, 250, 17, 6, 90, 12, 44]]
 

@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
 from nemokern.model import CheckpointError, ConfigError, Llama, LlamaConfig
-from test_model_utils import CASES, random_hf_model
+from helpers import CASES, LLAMA31_8B, random_hf_model
 
 IDS = torch.randint(0, 301, (2, 11), generator=torch.Generator().manual_seed(0))
 
@@ -164,8 +164,6 @@ def test_bad_directory_and_config(tmp_path):
 
 def test_bf16_llama31_shaped_checkpoint_loads_in_transformers(tmp_path):
     # What a Llama-3.1 instruct directory carries: an eos list, llama3 rope, bf16 weights.
-    from test_model_config import LLAMA31_8B
-
     small = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=301,
                  rope_scaling={**LLAMA31_8B["rope_scaling"], "original_max_position_embeddings": 16})

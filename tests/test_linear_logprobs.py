@@ -5,7 +5,6 @@ and backward (hidden and weight) for log-probs and entropy; peak memory of the C
 Accuracy rule as in test_logprobs.py: at most 2x the error of plain PyTorch in the input dtype
 (matmul + log_softmax + gather), plus a floor of a few fp32 ulps.
 """
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,7 +15,9 @@ import torch
 
 import nemokern.kernels.linear_logprobs as L
 from nemokern.ops import linear_logprobs
-from test_logprobs import IGNORE, error_vs, pytestmark, reference  # noqa: F401 (pytestmark)
+from helpers import IGNORE, INTERPRETER_NOISE, error_vs, reference
+
+pytestmark = INTERPRETER_NOISE
 
 
 def make_inputs(shape, hidden_size, vocab, dtype, scale, ignore_frac=0.25, seed=0):
@@ -137,19 +138,11 @@ def test_bad_inputs_raise_clear_errors():
         linear_logprobs(h, w, torch.tensor([0, 1, 2]), tp_group=object())
 
 
-def _peak_extra_bytes():
-    path = os.path.join(os.path.dirname(__file__), "..", "bench", "_memory.py")
-    spec = importlib.util.spec_from_file_location("_nemokern_bench_memory", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.peak_extra_bytes
-
-
 _MEMORY_SCRIPT = r"""
 import json, sys
 import torch
 sys.path.insert(0, sys.argv[1])
-from _memory import peak_extra_bytes
+from helpers import peak_extra_bytes
 from nemokern.ops import linear_logprobs
 
 hs, v = 64, 32000
@@ -169,9 +162,9 @@ def test_cpu_peak_memory_does_not_grow_with_n_times_v():
     below one fp32 logits tensor (1000 MiB at N = 8192). Measured in a fresh process where every
     block of 64 KiB or more is its own mapping, so freed memory leaves the resident set and each
     call's peak is its own (in a long-lived process, reused heap memory hides allocations)."""
-    bench = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench")
+    tests = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", NEMOKERN_BACKEND="torch")
-    out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, bench], env=env,
+    out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, tests], env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     peaks = {int(n): p for n, p in json.loads(out.stdout.strip().splitlines()[-1]).items()}

@@ -10,40 +10,9 @@ import torch
 
 import nemokern.kernels.logprobs as K
 from nemokern.ops import logprobs
+from helpers import IGNORE, INTERPRETER_NOISE, error_vs, peak_extra_bytes, reference
 
-IGNORE = -100
-# The Triton interpreter evaluates both sides of tl.where with numpy (0 * inf in the branch that is
-# thrown away): its warnings are noise; NaNs that reach an output still fail the tests.
-pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-
-
-# ----------------------------------------------------------------------------- references
-
-def reference(logits, targets, temperature=1.0, ignore_index=IGNORE):
-    """(logp, entropy) computed in logits' own dtype with plain PyTorch autograd-able ops.
-
-    With float64 logits this is the reference; with the input dtype it is the "plain" baseline."""
-    lsm = torch.log_softmax(logits / temperature, dim=-1)
-    valid = targets != ignore_index
-    idx = torch.where(valid, targets, 0).unsqueeze(-1)
-    zero = torch.zeros((), dtype=lsm.dtype)
-    logp = torch.where(valid, lsm.gather(-1, idx).squeeze(-1), zero)
-    p = lsm.exp()
-    # p * log p is 0 * -inf at masked logits; keep both the value and its gradient at 0.
-    ent = -(p * torch.where(p > 0, lsm, zero)).sum(-1)
-    return logp, torch.where(valid, ent, zero)
-
-
-def error_vs(ours, plain, ref, what, ulp_floor=2.0 ** -21):
-    """Assert the 2x rule; return (our error, plain error)."""
-    err = (ours.double() - ref).abs().max().item() if ref.numel() else 0.0
-    err_plain = (plain.double() - ref).abs().max().item() if ref.numel() else 0.0
-    floor = ulp_floor * max(1.0, ref.abs().max().item() if ref.numel() else 0.0)
-    assert err <= 2 * err_plain + floor, (
-        f"{what}: error {err:.3g} vs float64 exceeds 2 x plain-PyTorch error {err_plain:.3g} "
-        f"(+ floor {floor:.2g})")
-    return err, err_plain
-
+pytestmark = INTERPRETER_NOISE
 
 def make_inputs(shape, vocab, dtype, scale, ignore_frac=0.25, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -268,12 +237,10 @@ def test_torch_path_never_holds_fp32_logits(torch_backend, monkeypatch):
     """The docstring's promise: no [N, V] float32 temporary on the CPU path. Forward + backward of
     bf16 logits may add the bf16 gradient (the result) and row-chunk scratch, nothing of N x V
     fp32 (twice the margin allowed here)."""
-    from test_linear_logprobs import _peak_extra_bytes
-
     n, v = 4096, 32000
     x = torch.randn(n, v).to(torch.bfloat16).requires_grad_(True)
     targets = torch.randint(0, v, (n,))
-    _, peak = _peak_extra_bytes()(
+    _, peak = peak_extra_bytes(
         lambda: logprobs(x, targets, return_entropy=True)[1].sum().backward())
     grad_bytes, fp32_bytes = n * v * 2, n * v * 4
     print(f"\npeak extra {peak / 2**20:.0f} MiB; bf16 grad {grad_bytes / 2**20:.0f} MiB, "

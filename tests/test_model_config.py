@@ -7,22 +7,7 @@ import pytest
 from transformers import LlamaConfig as HFConfig
 
 from nemokern.model import ConfigError, LlamaConfig
-from test_model_utils import LLAMA3_ROPE, hf_config
-
-# A Llama-3.1-8B config.json as Meta/HF published it (transformers 4.x spelling).
-LLAMA31_8B = {
-    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
-    "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "hidden_act": "silu",
-    "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
-    "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
-    "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8, "pretraining_tp": 1,
-    "rms_norm_eps": 1e-05,
-    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-    "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-    "transformers_version": "4.43.0.dev0", "use_cache": True, "vocab_size": 128256,
-}
-
+from helpers import LLAMA3_ROPE, LLAMA31_8B, hf_config
 
 def test_llama31_rope_scaling_spelling():
     cfg = LlamaConfig.from_dict(LLAMA31_8B)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nemokern.model import Llama, LlamaConfig
-from test_model_utils import CASES, nemokern_from_hf, random_hf_model
+from helpers import CASES, nemokern_from_hf, random_hf_model
 
 B, T = 2, 19
 
@@ -212,3 +212,12 @@ def test_gpu_packed_accepts_cu_seqlens_built_on_the_cpu():
         on_gpu = model(ids.cuda(), cu_seqlens=cu.cuda())
         from_cpu = model(ids.cuda(), cu_seqlens=cu)
     assert torch.equal(on_gpu, from_cpu)
+
+
+def test_helper_copies_every_weight():
+    hf = random_hf_model(**CASES["gqa_llama3_tied"])
+    model = nemokern_from_hf(hf)
+    assert model.lm_head.weight is model.embed_tokens.weight
+    ours = {k: v for k, v in model.state_dict().items()}
+    for name, p in hf.state_dict().items():
+        assert torch.equal(ours[name.removeprefix("model.")], p), name

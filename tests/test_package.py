@@ -8,10 +8,9 @@ from nemokern.ops._dispatch import backend_for
 
 
 def test_extension_builds_and_imports():
-    from nemokern import _C
+    import nemokern
 
-    assert _C.abi_version() >= 1
-    assert isinstance(_C.with_cuda, bool)
+    assert nemokern.extension_available()  # `pip install` compiled csrc/ into nemokern._C
 
 
 def test_dispatch_rule(monkeypatch):
