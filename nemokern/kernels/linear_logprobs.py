@@ -20,12 +20,8 @@ Triton design (GPU):
   two-kernel split that recomputes logits twice (10 instead of 8 N*H*V FLOPs) and still needs an
   [BLOCK, H] fp32 accumulator per program, far beyond registers at H = 4096. A bf16 d(logits)
   chunk of a few hundred MB is cheaper and runs the two big products at cuBLAS speed.
-Checked without a GPU (Triton 3.9's ptxas -v on sm_90a, with the 16-byte divisibility a real
-launch at H = 4096 gets for pointers, H and row strides): bf16 tiles pipeline 3 stages deep with
-wgmma (96 KiB shared memory); the d(logits) kernel uses ~220-250 registers without spills, the
-forward kernel 255 registers with ~84 bytes of spills (its online-softmax epilogue); sm_80 spills
-more (~430 bytes forward). Without divisible strides (H % 16 != 0) both spill > 1 KB. Speed is
-unmeasured.
+Registers and spills per kernel: `python -m nemokern.kernels._aot --resources OUT.json` on a GPU
+(recorded runs: bench/results/*/resources.json).
 CPU reference: forward in chunks of tokens (each chunk's logits [C, V] are computed, reduced to
 statistics and dropped); backward recomputes the logits in vocabulary chunks [N, Vc] and shares
 the GPU path's GEMM skeleton (`backward_by_vocab_chunks`). Only per-row statistics are saved.
@@ -39,10 +35,8 @@ from . import interpreting
 from .logprobs import (block_dlogits_torch, block_stats_torch, dlogits_tile,
                        online_softmax_step, row_chunk)
 
-# Logits elements per chunk on the CPU path: 32 MB of fp32 (262 tokens at V = 32000 forward,
-# 2048 vocabulary rows at N = 4096 backward) keeps the chunk GEMMs as fast as one big GEMM (on a
-# 2-core EPYC, N = 4096 H = 1024 V = 32000 fp32 fwd+bwd: 2^22 4.51-4.75 s, 2^23 4.50-4.54 s,
-# 2^24 4.59-4.61 s, 2^25 4.68-4.73 s; far smaller chunks cost up to 2x in GEMM time).
+# Logits elements per chunk on the CPU path (32 MB of fp32): big enough that the chunk GEMMs run
+# as fast as one big GEMM (timings: bench/results/2026-11-30-cpu-notes-from-kernel-comments.md).
 _TORCH_CHUNK_ELEMENTS = 1 << 23
 _BWD_CHUNK_BYTES = 256 << 20      # d(logits) chunk of the GPU backward
 
@@ -51,8 +45,8 @@ _BWD_CHUNK_BYTES = 256 << 20      # d(logits) chunk of the GPU backward
 
 def _scaled_logits(a, b_t, inv_t, scratch):
     """(a @ b_t) / T as float32, the GEMM written into the leading elements of `scratch`, a
-    buffer reused across chunks (a fresh 32 MB block per chunk costs ~5% of the op in page
-    faults on the CPU). Valid until the next call with the same scratch."""
+    buffer reused across chunks (a fresh block per chunk would cost page faults). Valid until the
+    next call with the same scratch."""
     out = scratch[:a.shape[0] * b_t.shape[1]].view(a.shape[0], b_t.shape[1])
     z = torch.mm(a, b_t, out=out).float()
     return z if inv_t == 1.0 else z.mul_(inv_t)

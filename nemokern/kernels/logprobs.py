@@ -131,8 +131,7 @@ def block_dlogits_torch(z, targets, norm, entropy, g_lp, g_ent, inv_t, vocab_sta
 
 def _scaled_rows(x, inv_t, scratch):
     """x / T as float32 in the leading elements of `scratch`, a buffer reused across chunks: a
-    fresh 16 MB block per chunk costs more in page faults than the arithmetic on it (the CPU
-    forward took 2x as long that way)."""
+    fresh block per chunk costs more in page faults than the arithmetic on it."""
     z = scratch[:x.numel()].view(x.shape)
     if x.dtype == torch.float32:
         return torch.mul(x, inv_t, out=z)

@@ -248,7 +248,7 @@ def _token_grad(g_tok, logp, ref, mask, estimator):
 
 def _masked_product(values, m):
     """values * m, exactly 0 where m == 0 even if values is inf/NaN there (padding). The
-    torch.where that guarantees it is ~10x slower than the product on the CPU, so it only runs
+    torch.where that guarantees it costs far more than the product on the CPU, so it only runs
     when the product is not finite."""
     out = values * m
     if not math.isfinite(out.sum().item()):  # one reduction: isfinite(out).all() costs 4 passes
