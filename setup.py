@@ -4,6 +4,7 @@ The CPU part is always built. The CUDA part is compiled with nvcc when a CUDA to
 (NEMOKERN_NO_CUDA=1 skips it). This file must never import torch: the extension takes raw
 pointers, so it does not need torch headers, and build isolation would not have torch anyway.
 """
+
 import importlib.util
 import os
 import shutil
@@ -63,8 +64,18 @@ class BuildExt(build_ext):
             gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
             for src in CU_SOURCES:
                 obj = tmp / (Path(src).stem + ".o")
-                cmd = [str(NVCC), "-c", src, "-o", str(obj), "-O3", "-std=c++17",
-                       "-Xcompiler", "-fPIC", *gencode]
+                cmd = [
+                    str(NVCC),
+                    "-c",
+                    src,
+                    "-o",
+                    str(obj),
+                    "-O3",
+                    "-std=c++17",
+                    "-Xcompiler",
+                    "-fPIC",
+                    *gencode,
+                ]
                 print(" ".join(cmd))
                 subprocess.check_call(cmd, cwd=ROOT)
                 objs.append(str(obj))

@@ -1,9 +1,10 @@
 """Timing and peak extra memory of one benchmarked call. The memory measurement is the tests'
 (tests/helpers.py: peak_extra_bytes), which bench/conftest.py puts on the import path.
 """
-import torch
-from helpers import peak_extra_bytes
 
+import torch
+
+from helpers import peak_extra_bytes
 
 CPU_NAME = "2-core CPU, no GPU"  # the CI/developer machine; GPU runs name their GPU
 
@@ -14,6 +15,7 @@ def device_name(device):
 
 def run_benchmark(benchmark, fn, device, rounds, **info):
     """Time fn (synchronised on CUDA), record its peak extra memory, the device and `info`."""
+
     def call():
         out = fn()
         if torch.device(device).type == "cuda":

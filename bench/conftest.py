@@ -1,8 +1,10 @@
-"""Benchmarks: `python -m pytest bench --benchmark-enable --benchmark-json=bench/results/<name>.json`.
+"""Benchmarks:
+`python -m pytest bench --benchmark-enable --benchmark-json=bench/results/<name>.json`.
 
 Not part of the default test run (testpaths = tests). Each benchmark records its peak extra memory
 in benchmark.extra_info["peak_extra_bytes"] and the device in extra_info["device"].
 """
+
 import os
 import sys
 

@@ -29,23 +29,36 @@ def _parser():
         "demo", help="the embedded default job: rollout + scoring with a tiny built-in Llama"
     )
     p.add_argument(
-        "--seed", type=int, default=demo.DEFAULT_SEED, metavar="N",
+        "--seed",
+        type=int,
+        default=demo.DEFAULT_SEED,
+        metavar="N",
         help="random seed, >= 0 (default: %(default)s)",
     )
     p.add_argument(
-        "--k", type=int, default=demo.DEFAULT_K, metavar="N",
+        "--k",
+        type=int,
+        default=demo.DEFAULT_K,
+        metavar="N",
         help="responses sampled per prompt; RLOO needs >= 2 (default: %(default)s)",
     )
     p.add_argument(
-        "--max-new-tokens", type=int, default=demo.DEFAULT_MAX_NEW_TOKENS, metavar="N",
+        "--max-new-tokens",
+        type=int,
+        default=demo.DEFAULT_MAX_NEW_TOKENS,
+        metavar="N",
         help="longest response in tokens, >= 1 (default: %(default)s)",
     )
     p.add_argument(
-        "--device", default=demo.DEFAULT_DEVICE,
+        "--device",
+        default=demo.DEFAULT_DEVICE,
         help="cpu, cuda or cuda:N (default: %(default)s)",
     )
     p.add_argument(
-        "--out", dest="out_dir", default=None, metavar="DIR",
+        "--out",
+        dest="out_dir",
+        default=None,
+        metavar="DIR",
         help="keep the tiny model's HF checkpoint in this directory (default: a temporary "
         "directory, deleted at the end)",
     )
@@ -68,12 +81,16 @@ def _info():
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32
-    print(f"nemokern {nemokern.__version__}  torch {torch.__version__}  triton {triton.__version__}")
+    print(
+        f"nemokern {nemokern.__version__}  torch {torch.__version__}  triton {triton.__version__}"
+    )
     print(f"extension nemokern._C: {ext}")
     print(f"CUDA available: {cuda}" + (f" ({torch.cuda.get_device_name()})" if cuda else ""))
     print(f"kernel back end for {device} tensors: {default_backend(device)}")
-    print(f"attention back end for packed {device} {str(dtype)[6:]}: "
-          f"{packed_backend_for(device, dtype)}")
+    print(
+        f"attention back end for packed {device} {str(dtype)[6:]}: "
+        f"{packed_backend_for(device, dtype)}"
+    )
 
 
 def _demo(args, parser):

@@ -1,6 +1,7 @@
 """Every NEMOKERN_* environment variable: its name, default, meaning and how its value is read.
 
-No other module reads these variables from os.environ; they call `flag`, `choice`, `number` or `text`.
+No other module reads these variables from os.environ; they call `flag`, `choice`, `number` or
+`text`.
 Booleans are spelled 0/1, false/true or off/on (any case) everywhere. An empty value means the
 default. `python -m nemokern.env` prints the README's table; a test keeps the two equal.
 This module imports nothing from nemokern and not torch, so setup.py can load it by path.
@@ -25,21 +26,42 @@ class Variable:
 VARIABLES = {
     v.name: v
     for v in (
-        Variable("NEMOKERN_BACKEND", "auto", "op kernels: auto (CUDA tensors run Triton, CPU "
-                 "tensors the torch reference), or force triton / torch",
-                 ("auto", "triton", "torch")),
-        Variable("NEMOKERN_ATTENTION", "auto", "packed attention: auto, or force flash_attn / "
-                 "torch_varlen / sdpa", ("auto", "flash_attn", "torch_varlen", "sdpa")),
-        Variable("NEMOKERN_CHECK_TARGETS", True, "check target ids against the vocabulary (one "
-                 "host sync per call) and tp_group ranks against each other"),
+        Variable(
+            "NEMOKERN_BACKEND",
+            "auto",
+            "op kernels: auto (CUDA tensors run Triton, CPU "
+            "tensors the torch reference), or force triton / torch",
+            ("auto", "triton", "torch"),
+        ),
+        Variable(
+            "NEMOKERN_ATTENTION",
+            "auto",
+            "packed attention: auto, or force flash_attn / torch_varlen / sdpa",
+            ("auto", "flash_attn", "torch_varlen", "sdpa"),
+        ),
+        Variable(
+            "NEMOKERN_CHECK_TARGETS",
+            True,
+            "check target ids against the vocabulary (one "
+            "host sync per call) and tp_group ranks against each other",
+        ),
         Variable("NEMOKERN_CUSTOM_ALLREDUCE", True, "0 = always torch.distributed"),
-        Variable("NEMOKERN_ALLREDUCE_MAX_BYTES", 16 * MiB, "custom path up to this size (CUDA: "
-                 "IPC buffer size)", shown="16 MiB"),
+        Variable(
+            "NEMOKERN_ALLREDUCE_MAX_BYTES",
+            16 * MiB,
+            "custom path up to this size (CUDA: IPC buffer size)",
+            shown="16 MiB",
+        ),
         Variable("NEMOKERN_ALLREDUCE_TIMEOUT", 300.0, "seconds to wait for a peer", shown="300"),
-        Variable("NEMOKERN_ALLREDUCE_ONE_SHOT_BYTES", 256 * 1024, "one-shot / two-shot switch",
-                 shown="256 KiB"),
-        Variable("NEMOKERN_SHM_CHUNK_BYTES", 4 * MiB, "CPU workspace per rank and parity",
-                 shown="4 MiB"),
+        Variable(
+            "NEMOKERN_ALLREDUCE_ONE_SHOT_BYTES",
+            256 * 1024,
+            "one-shot / two-shot switch",
+            shown="256 KiB",
+        ),
+        Variable(
+            "NEMOKERN_SHM_CHUNK_BYTES", 4 * MiB, "CPU workspace per rank and parity", shown="4 MiB"
+        ),
         Variable("NEMOKERN_NO_CUDA", False, "build: 1 = skip the CUDA part of the extension"),
         Variable("NEMOKERN_CUDA_ARCHS", "80;90", "build: GPU architectures of the CUDA part"),
     )
@@ -71,8 +93,9 @@ def choice(name: str) -> str:
     var = VARIABLES[name]
     raw = _raw(name).lower() or var.default
     if var.choices and raw not in var.choices:
-        raise EnvError(f"{name}={raw!r} is not allowed; use one of {', '.join(var.choices)} "
-                         f"or unset it")
+        raise EnvError(
+            f"{name}={raw!r} is not allowed; use one of {', '.join(var.choices)} or unset it"
+        )
     return raw
 
 
@@ -85,8 +108,9 @@ def number(name: str):
     try:
         value = type(var.default)(raw)
     except ValueError:
-        raise EnvError(f"{name}={raw!r} is not a number; unset it or give e.g. "
-                         f"{var.default}") from None
+        raise EnvError(
+            f"{name}={raw!r} is not a number; unset it or give e.g. {var.default}"
+        ) from None
     if value <= 0:
         raise EnvError(f"{name}={raw!r} must be positive")
     return value

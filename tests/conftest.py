@@ -4,6 +4,7 @@ Triton decides at decoration time whether a kernel is compiled or interpreted, s
 TRITON_INTERPRET must be set before any nemokern kernel module is imported: here, first thing.
 On a machine without CUDA the Triton kernels run through the interpreter on CPU tensors.
 """
+
 import os
 
 import torch

@@ -3,6 +3,7 @@ tiny random HF Llama models, a published Llama-3.1 config, and peak-memory measu
 
 Test files import from here (`from helpers import ...`); no test file imports another.
 """
+
 import copy
 import gc
 
@@ -32,14 +33,15 @@ def reference(logits, targets, temperature=1.0, ignore_index=IGNORE):
     return logp, torch.where(valid, ent, zero)
 
 
-def error_vs(ours, plain, ref, what, ulp_floor=2.0 ** -21):
+def error_vs(ours, plain, ref, what, ulp_floor=2.0**-21):
     """Assert the 2x rule; return (our error, plain error)."""
     err = (ours.double() - ref).abs().max().item() if ref.numel() else 0.0
     err_plain = (plain.double() - ref).abs().max().item() if ref.numel() else 0.0
     floor = ulp_floor * max(1.0, ref.abs().max().item() if ref.numel() else 0.0)
     assert err <= 2 * err_plain + floor, (
         f"{what}: error {err:.3g} vs float64 exceeds 2 x plain-PyTorch error {err_plain:.3g} "
-        f"(+ floor {floor:.2g})")
+        f"(+ floor {floor:.2g})"
+    )
     return err, err_plain
 
 
@@ -47,28 +49,61 @@ def error_vs(ours, plain, ref, what, ulp_floor=2.0 ** -21):
 
 # A Llama-3.1-8B config.json as Meta/HF published it (transformers 4.x spelling).
 LLAMA31_8B = {
-    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
-    "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "hidden_act": "silu",
-    "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
-    "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
-    "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8, "pretraining_tp": 1,
+    "architectures": ["LlamaForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 128000,
+    "eos_token_id": [128001, 128008, 128009],
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "initializer_range": 0.02,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 131072,
+    "mlp_bias": False,
+    "model_type": "llama",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "pretraining_tp": 1,
     "rms_norm_eps": 1e-05,
-    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-    "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-    "transformers_version": "4.43.0.dev0", "use_cache": True, "vocab_size": 128256,
+    "rope_scaling": {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.43.0.dev0",
+    "use_cache": True,
+    "vocab_size": 128256,
 }
 
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 16}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
 
 # The parity matrix: GQA + llama3 rope (untied), tied embeddings, head_dim != hidden/heads,
 # plain rope with multi-head attention. Small enough for 2 CPU cores.
 CASES = {
-    "gqa_llama3_untied": dict(num_attention_heads=4, num_key_value_heads=2, rope_scaling=LLAMA3_ROPE),
-    "gqa_llama3_tied": dict(num_attention_heads=4, num_key_value_heads=1, rope_scaling=LLAMA3_ROPE,
-                            tie_word_embeddings=True),
-    "head_dim_32": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32, rope_scaling=LLAMA3_ROPE),
+    "gqa_llama3_untied": dict(
+        num_attention_heads=4, num_key_value_heads=2, rope_scaling=LLAMA3_ROPE
+    ),
+    "gqa_llama3_tied": dict(
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        rope_scaling=LLAMA3_ROPE,
+        tie_word_embeddings=True,
+    ),
+    "head_dim_32": dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, rope_scaling=LLAMA3_ROPE
+    ),
     "mha_default_rope": dict(num_attention_heads=4, num_key_value_heads=4, rope_theta=10000.0),
 }
 
@@ -76,9 +111,17 @@ CASES = {
 def hf_config(**overrides):
     from transformers import LlamaConfig as HFConfig
 
-    kw = dict(vocab_size=301, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=256,
-              attn_implementation="eager")
+    kw = dict(
+        vocab_size=301,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=256,
+        attn_implementation="eager",
+    )
     kw.update(copy.deepcopy(overrides))  # transformers adds rope_theta to the rope dict in place
     return HFConfig(**kw)
 
@@ -93,7 +136,7 @@ def random_hf_model(seed=0, dtype=torch.float32, **overrides):
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
-    # Randomise in fp32, then convert: the same seed gives the same (rounded) weights in every dtype.
+    # Randomise in fp32, then convert: one seed gives the same (rounded) weights in every dtype.
     return model.to(dtype)
 
 
@@ -109,6 +152,7 @@ def nemokern_from_hf(hf, dtype=None) -> Llama:
 
 
 # ----------------------------------------------------------------------------- memory
+
 
 def _status_kib(field):
     with open("/proc/self/status") as f:

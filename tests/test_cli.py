@@ -1,5 +1,6 @@
 """The `nemokern` command as a user runs it: every mistake gives one line on stderr naming the
 option, exit status 2 and no traceback. Each case runs in its own process (all at once)."""
+
 import inspect
 import os
 import re
@@ -24,17 +25,26 @@ ERRORS = {  # name: (arguments, extra environment, what stderr must say)
     "k -1": (["demo", "--k", "-1"], {}, r"--k -1 is not allowed"),
     "k not a number": (["demo", "--k", "x"], {}, "argument --k: invalid int value: 'x'"),
     "max-new-tokens 0": (["demo", "--max-new-tokens", "0"], {}, r"--max-new-tokens 0 is not"),
-    "max-new-tokens 1e9": (["demo", "--max-new-tokens", "1000000000"], {},
-                           r"--max-new-tokens 1000000000 is too many: .* room for \d+"),
+    "max-new-tokens 1e9": (
+        ["demo", "--max-new-tokens", "1000000000"],
+        {},
+        r"--max-new-tokens 1000000000 is too many: .* room for \d+",
+    ),
     "seed -1": (["demo", "--seed", "-1"], {}, r"--seed -1 is not allowed"),
     "device tpu": (["demo", "--device", "tpu"], {}, "--device 'tpu' is not a device"),
     "device cuda:99": (["demo", "--device", "cuda:99"], {}, "--device 'cuda:99'"),
     "out is a file": (["demo", "--out", A_FILE], {}, "--out .* exists and is not a directory"),
     "out under a file": (["demo", "--out", A_FILE + "/sub"], {}, "--out .* is not a directory"),
-    "bad NEMOKERN_BACKEND": (["info"], {"NEMOKERN_BACKEND": "cuda"},
-                             "NEMOKERN_BACKEND='cuda' is not allowed; use one of auto, triton"),
-    "bad boolean": (["info"], {"NEMOKERN_CHECK_TARGETS": "maybe"},
-                    "NEMOKERN_CHECK_TARGETS='maybe' is not a boolean; use 0/1"),
+    "bad NEMOKERN_BACKEND": (
+        ["info"],
+        {"NEMOKERN_BACKEND": "cuda"},
+        "NEMOKERN_BACKEND='cuda' is not allowed; use one of auto, triton",
+    ),
+    "bad boolean": (
+        ["info"],
+        {"NEMOKERN_CHECK_TARGETS": "maybe"},
+        "NEMOKERN_CHECK_TARGETS='maybe' is not a boolean; use 0/1",
+    ),
 }
 if not torch.cuda.is_available():
     ERRORS["device cuda"] = (["demo", "--device", "cuda"], {}, "--device 'cuda'")
@@ -50,8 +60,13 @@ def runs():
     procs = {}
     for name, (args, extra) in cases.items():
         env = dict(os.environ, PYTHONPATH=str(ROOT), **extra)
-        procs[name] = subprocess.Popen([sys.executable, "-m", "nemokern.cli", *args], env=env,
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "nemokern.cli", *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     return {name: (*p.communicate(timeout=300), p.returncode) for name, p in procs.items()}
 
 
@@ -69,8 +84,12 @@ def test_version_and_info(runs):
     assert code == 0 and out.strip() == f"nemokern {nemokern.__version__}", (out, err)
     out, err, code = runs["info"]
     assert code == 0, err
-    for line in ("extension nemokern._C:", "CUDA all-reduce", "kernel back end for",
-                 "attention back end for"):
+    for line in (
+        "extension nemokern._C:",
+        "CUDA all-reduce",
+        "kernel back end for",
+        "attention back end for",
+    ):
         assert line in out, out
 
 

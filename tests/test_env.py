@@ -1,4 +1,5 @@
 """nemokern/env.py is the one reader of NEMOKERN_* variables, and the README shows its table."""
+
 import re
 from pathlib import Path
 
@@ -11,7 +12,8 @@ ROOT = Path(__file__).parents[1]
 
 def test_readme_table_is_the_defaults_table():
     assert env.markdown_table() in (ROOT / "README.md").read_text(), (
-        "README's NEMOKERN_* table differs from nemokern/env.py; paste `python -m nemokern.env`")
+        "README's NEMOKERN_* table differs from nemokern/env.py; paste `python -m nemokern.env`"
+    )
 
 
 def test_no_other_file_reads_the_environment_for_nemokern_variables():
@@ -26,8 +28,18 @@ def test_no_other_file_reads_the_environment_for_nemokern_variables():
     assert named <= set(env.VARIABLES), named - set(env.VARIABLES)
 
 
-@pytest.mark.parametrize("raw,want", [("1", True), ("true", True), ("ON", True), (" on ", True),
-                                      ("0", False), ("False", False), ("off", False)])
+@pytest.mark.parametrize(
+    "raw,want",
+    [
+        ("1", True),
+        ("true", True),
+        ("ON", True),
+        (" on ", True),
+        ("0", False),
+        ("False", False),
+        ("off", False),
+    ],
+)
 def test_one_boolean_spelling(monkeypatch, raw, want):
     monkeypatch.setenv("NEMOKERN_CUSTOM_ALLREDUCE", raw)
     assert env.flag("NEMOKERN_CUSTOM_ALLREDUCE") is want

@@ -1,4 +1,5 @@
 """The layering table of docs/architecture.md, enforced: no module imports one above it."""
+
 import ast
 import re
 from pathlib import Path
@@ -40,8 +41,10 @@ def imported_modules(module: str, source: str, is_package: bool = False):
                 anchor = anchor[: len(anchor) - (node.level - 1)]
                 base = ".".join(anchor + ([base] if base else []))
             for alias in node.names:  # `from nemokern import env` imports nemokern.env
-                yield node.lineno, f"{base}.{alias.name}" if _is_module(f"{base}.{alias.name}") \
-                    else base
+                yield (
+                    node.lineno,
+                    f"{base}.{alias.name}" if _is_module(f"{base}.{alias.name}") else base,
+                )
 
 
 def _is_module(name: str) -> bool:
@@ -59,8 +62,10 @@ def upward_imports(module: str, source: str, table: dict[str, int], is_package=F
             continue
         theirs = layer_of(target, table)
         if theirs is None or theirs < own:
-            found.append(f"{module} (line {line}) imports {target}, layer {theirs} above its "
-                         f"layer {own} in docs/architecture.md")
+            found.append(
+                f"{module} (line {line}) imports {target}, layer {theirs} above its "
+                f"layer {own} in docs/architecture.md"
+            )
     return found
 
 
@@ -80,12 +85,15 @@ def test_no_module_imports_upward():
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.parametrize("source", [
-    "from nemokern.ops import logprobs\n",
-    "import nemokern.model.llama\n",
-    "def f():\n    from ..train import demo\n",  # inside a function, relative
-    "from nemokern import cli\n",
-])
+@pytest.mark.parametrize(
+    "source",
+    [
+        "from nemokern.ops import logprobs\n",
+        "import nemokern.model.llama\n",
+        "def f():\n    from ..train import demo\n",  # inside a function, relative
+        "from nemokern import cli\n",
+    ],
+)
 def test_a_planted_upward_import_fails(source):
     assert upward_imports("nemokern.kernels.planted", source, layers())
 
@@ -94,8 +102,11 @@ def test_a_planted_module_in_the_tree_fails():
     planted = PACKAGE / "kernels" / "_planted_for_test.py"
     planted.write_text("import torch\n\n\ndef f():\n    from nemokern.parallel import all_reduce\n")
     try:
-        with pytest.raises(AssertionError, match=r"_planted_for_test \(line 5\) imports "
-                                                 r"nemokern.parallel"):
+        with pytest.raises(
+            AssertionError,
+            match=r"_planted_for_test \(line 5\) imports "
+            r"nemokern.parallel",
+        ):
             test_no_module_imports_upward()
     finally:
         planted.unlink()
@@ -106,7 +117,10 @@ def test_downward_and_same_layer_imports_pass():
     source = "from . import _checks\nfrom ..kernels import logprobs\nfrom nemokern import env\n"
     assert upward_imports("nemokern.ops.logprobs", source, table) == []
     assert [t for _, t in imported_modules("nemokern.ops.logprobs", source)] == [
-        "nemokern.ops._checks", "nemokern.kernels.logprobs", "nemokern.env"]
+        "nemokern.ops._checks",
+        "nemokern.kernels.logprobs",
+        "nemokern.env",
+    ]
 
 
 def test_no_docstring_restates_the_layering():

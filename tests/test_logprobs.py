@@ -5,14 +5,16 @@ Accuracy rule (flash-attention's): our error against float64 is at most 2x the e
 computation done in plain PyTorch in the input dtype, plus a floor of a few fp32 ulps of the
 output (our outputs are fp32 even for bf16 inputs).
 """
+
 import pytest
 import torch
 
 import nemokern.kernels.logprobs as K
-from nemokern.ops import logprobs
 from helpers import IGNORE, INTERPRETER_NOISE, error_vs, peak_extra_bytes, reference
+from nemokern.ops import logprobs
 
 pytestmark = INTERPRETER_NOISE
+
 
 def make_inputs(shape, vocab, dtype, scale, ignore_frac=0.25, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -34,28 +36,54 @@ def run_all(logits, targets, g_lp, g_ent, temperature, fn):
 
 
 def check_against_float64(logits, targets, g_lp, g_ent, temperature, label=""):
-    ours = run_all(logits, targets, g_lp, g_ent, temperature, lambda x: logprobs(
-        x, targets, temperature=temperature, return_entropy=True))
-    plain = run_all(logits, targets, g_lp, g_ent, temperature,
-                    lambda x: reference(x, targets, temperature))
-    ref = run_all(logits.double(), targets, g_lp.double(), g_ent.double(), temperature,
-                  lambda x: reference(x, targets, temperature))
+    ours = run_all(
+        logits,
+        targets,
+        g_lp,
+        g_ent,
+        temperature,
+        lambda x: logprobs(x, targets, temperature=temperature, return_entropy=True),
+    )
+    plain = run_all(
+        logits, targets, g_lp, g_ent, temperature, lambda x: reference(x, targets, temperature)
+    )
+    ref = run_all(
+        logits.double(),
+        targets,
+        g_lp.double(),
+        g_ent.double(),
+        temperature,
+        lambda x: reference(x, targets, temperature),
+    )
     assert ours[0].dtype == torch.float32 and ours[1].dtype == torch.float32
     assert ours[2].dtype == logits.dtype
-    errs = [error_vs(o, p, r, f"{label} {what}")
-            for o, p, r, what in zip(ours, plain, ref, ("logp", "entropy", "dlogits"))]
+    errs = [
+        error_vs(o, p, r, f"{label} {what}")
+        for o, p, r, what in zip(ours, plain, ref, ("logp", "entropy", "dlogits"))
+    ]
     # logp-only gradient (the common RLHF case): a separate, shorter backward on the torch path
-    only = [run_all(x, targets, g.to(x.dtype if x.dtype == torch.float64 else g.dtype), None,
-                    temperature, f)[2]
-            for x, g, f in ((logits, g_lp, lambda x: logprobs(x, targets, temperature=temperature,
-                                                              return_entropy=True)),
-                            (logits, g_lp, lambda x: reference(x, targets, temperature)),
-                            (logits.double(), g_lp.double(),
-                             lambda x: reference(x, targets, temperature)))]
+    only = [
+        run_all(
+            x, targets, g.to(x.dtype if x.dtype == torch.float64 else g.dtype), None, temperature, f
+        )[2]
+        for x, g, f in (
+            (
+                logits,
+                g_lp,
+                lambda x: logprobs(x, targets, temperature=temperature, return_entropy=True),
+            ),
+            (logits, g_lp, lambda x: reference(x, targets, temperature)),
+            (logits.double(), g_lp.double(), lambda x: reference(x, targets, temperature)),
+        )
+    ]
     errs.append(error_vs(*only, f"{label} logp-only dlogits"))
-    print(f"\n{label}: " + ", ".join(f"{w} err {e:.2e} (plain {p:.2e})" for w, (e, p) in
-                                     zip(("logp", "entropy", "dlogits", "logp-only dlogits"),
-                                         errs)))
+    print(
+        f"\n{label}: "
+        + ", ".join(
+            f"{w} err {e:.2e} (plain {p:.2e})"
+            for w, (e, p) in zip(("logp", "entropy", "dlogits", "logp-only dlogits"), errs)
+        )
+    )
     return ours
 
 
@@ -78,8 +106,14 @@ TORCH_CASES = [
 @pytest.mark.parametrize("shape,vocab,dtype,temperature,scale", TORCH_CASES)
 def test_torch_path_matches_float64(torch_backend, shape, vocab, dtype, temperature, scale):
     logits, targets, g_lp, g_ent = make_inputs(shape, vocab, dtype, scale)
-    check_against_float64(logits, targets, g_lp, g_ent, temperature,
-                          label=f"torch {shape} V={vocab} {dtype} T={temperature} x{scale:g}")
+    check_against_float64(
+        logits,
+        targets,
+        g_lp,
+        g_ent,
+        temperature,
+        label=f"torch {shape} V={vocab} {dtype} T={temperature} x{scale:g}",
+    )
 
 
 def test_torch_path_chunks_rows(torch_backend, monkeypatch):
@@ -100,14 +134,21 @@ TRITON_CASES = [
 
 
 @pytest.mark.parametrize("shape,vocab,dtype,temperature,scale", TRITON_CASES)
-def test_triton_kernels_match_float64(triton_backend, monkeypatch, shape, vocab, dtype,
-                                      temperature, scale):
+def test_triton_kernels_match_float64(
+    triton_backend, monkeypatch, shape, vocab, dtype, temperature, scale
+):
     # 64-column blocks so V = 300 walks five blocks, the last partial: exercises the online merge.
     monkeypatch.setattr(K, "FWD_CONFIG", (64, 4))
     monkeypatch.setattr(K, "BWD_CONFIG", (64, 4))
     logits, targets, g_lp, g_ent = make_inputs(shape, vocab, dtype, scale)
-    check_against_float64(logits, targets, g_lp, g_ent, temperature,
-                          label=f"triton {shape} V={vocab} {dtype} T={temperature} x{scale:g}")
+    check_against_float64(
+        logits,
+        targets,
+        g_lp,
+        g_ent,
+        temperature,
+        label=f"triton {shape} V={vocab} {dtype} T={temperature} x{scale:g}",
+    )
 
 
 @pytest.mark.parametrize("backend", ["torch_backend", "triton_backend"])
@@ -149,6 +190,7 @@ def test_custom_ignore_index_and_entropy_only_grad(torch_backend):
 
 # ----------------------------------------------------------------------------- bad input
 
+
 def test_bad_inputs_raise_clear_errors():
     x = torch.randn(3, 10)
     with pytest.raises(ValueError, match=r"targets\[1\].*outside the vocabulary \[0, 10\)"):
@@ -176,10 +218,12 @@ def test_target_check_can_be_disabled_and_kernel_gives_nan(triton_backend, monke
 
 # ----------------------------------------------------------------------------- GPU
 
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("n,vocab,dtype", [(2048, 128256, torch.bfloat16),
-                                           (513, 50257, torch.float32),
-                                           (4096, 32000, torch.bfloat16)])
+@pytest.mark.parametrize(
+    "n,vocab,dtype",
+    [(2048, 128256, torch.bfloat16), (513, 50257, torch.float32), (4096, 32000, torch.bfloat16)],
+)
 def test_triton_on_cuda_real_shapes(n, vocab, dtype):
     g = torch.Generator(device="cuda").manual_seed(0)
     logits = (torch.randn(n, vocab, device="cuda", generator=g) * 4).to(dtype)
@@ -187,11 +231,23 @@ def test_triton_on_cuda_real_shapes(n, vocab, dtype):
     targets[::5] = IGNORE
     g_lp = torch.randn(n, device="cuda", generator=g)
     g_ent = torch.randn(n, device="cuda", generator=g)
-    ours = run_all(logits, targets, g_lp, g_ent, 0.7, lambda x: logprobs(
-        x, targets, temperature=0.7, return_entropy=True))
+    ours = run_all(
+        logits,
+        targets,
+        g_lp,
+        g_ent,
+        0.7,
+        lambda x: logprobs(x, targets, temperature=0.7, return_entropy=True),
+    )
     plain = run_all(logits, targets, g_lp, g_ent, 0.7, lambda x: reference(x, targets, 0.7))
-    ref = run_all(logits.double(), targets, g_lp.double(), g_ent.double(), 0.7,
-                  lambda x: reference(x, targets, 0.7))
+    ref = run_all(
+        logits.double(),
+        targets,
+        g_lp.double(),
+        g_ent.double(),
+        0.7,
+        lambda x: reference(x, targets, 0.7),
+    )
     for o, p, r, what in zip(ours, plain, ref, ("logp", "entropy", "dlogits")):
         print(what, error_vs(o, p, r, f"cuda {n}x{vocab} {dtype} {what}"))
 
@@ -241,10 +297,13 @@ def test_torch_path_never_holds_fp32_logits(torch_backend, monkeypatch):
     x = torch.randn(n, v).to(torch.bfloat16).requires_grad_(True)
     targets = torch.randint(0, v, (n,))
     _, peak = peak_extra_bytes(
-        lambda: logprobs(x, targets, return_entropy=True)[1].sum().backward())
+        lambda: logprobs(x, targets, return_entropy=True)[1].sum().backward()
+    )
     grad_bytes, fp32_bytes = n * v * 2, n * v * 4
-    print(f"\npeak extra {peak / 2**20:.0f} MiB; bf16 grad {grad_bytes / 2**20:.0f} MiB, "
-          f"fp32 logits {fp32_bytes / 2**20:.0f} MiB")
+    print(
+        f"\npeak extra {peak / 2**20:.0f} MiB; bf16 grad {grad_bytes / 2**20:.0f} MiB, "
+        f"fp32 logits {fp32_bytes / 2**20:.0f} MiB"
+    )
     assert peak < grad_bytes + fp32_bytes / 2
 
 

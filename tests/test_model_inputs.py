@@ -1,5 +1,6 @@
 """Mistakes a user can make with the model, generation and checkpoints raise one clear error
 naming the input, before anything large is allocated."""
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -41,8 +42,11 @@ def test_string_prompt_says_to_tokenize(model):
 
 def test_generation_beyond_the_context_fails_before_allocating(model):
     limit = model.config.max_position_embeddings
-    with pytest.raises(ValueError, match=rf"3 tokens\) plus max_new_tokens=1000000000 exceeds "
-                                         rf".*={limit}; .* at most {limit - 3}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"3 tokens\) plus max_new_tokens=1000000000 exceeds "
+        rf".*={limit}; .* at most {limit - 3}",
+    ):
         generate(model, [[1, 2, 3]], max_new_tokens=10**9)  # the cache would be ~100 GB
     with pytest.raises(ValueError, match="max_position_embeddings"):
         generate(model, [list(range(10))], max_new_tokens=limit - 9)
@@ -55,8 +59,11 @@ def test_non_finite_checkpoint_tensor_is_named(model, tmp_path):
     tensors = load_file(file)
     tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
     save_file(tensors, file, metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor "
-                                              r"'model.layers.1.mlp.up_proj.weight' holds 1 nan"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"model.safetensors: tensor "
+        r"'model.layers.1.mlp.up_proj.weight' holds 1 nan",
+    ):
         Llama.from_pretrained(tmp_path)
     loaded = Llama.from_pretrained(tmp_path, check_finite=False)
     assert torch.isnan(loaded.layers[1].mlp.up_proj.weight).sum() == 1

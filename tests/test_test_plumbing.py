@@ -1,5 +1,6 @@
 """Test files share code through tests/helpers.py only: none imports another test file or
 loads bench/ by path."""
+
 import ast
 from pathlib import Path
 
@@ -16,8 +17,11 @@ def test_no_test_file_imports_another_or_bench():
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module]
-            problems += [f"{path.name} imports {n}" for n in names
-                         if n.split(".")[0].startswith(("test_", "_memory", "bench"))]
+            problems += [
+                f"{path.name} imports {n}"
+                for n in names
+                if n.split(".")[0].startswith(("test_", "_memory", "bench"))
+            ]
         if '"bench"' in source or "'bench'" in source or "bench/" in source:
             problems.append(f"{path.name} names bench/ (load nothing from it)")
     assert not problems, problems

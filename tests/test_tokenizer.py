@@ -18,8 +18,10 @@ CONV = [
 # directory carries), without Meta's date preamble.
 LLAMA3_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
-    "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] | trim + '<|eot_id|>' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] | trim "
+    "+ '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 
 
@@ -32,9 +34,17 @@ def hf_dir(tmp_path_factory):
     tok = Tokenizer(models.BPE(vocab=byte_vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    specials = [
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+    ]
     tok.add_special_tokens(specials)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>"
+    )
     fast.chat_template = LLAMA3_TEMPLATE
     path = tmp_path_factory.mktemp("tok")
     fast.save_pretrained(path)
@@ -67,13 +77,16 @@ def test_byte_tokenizer_rejects_unknown_id():
         ByteTokenizer().decode([65, 999])
 
 
-@pytest.mark.parametrize("bad,match", [
-    ([], "non-empty"),
-    ("hello", "non-empty"),
-    ([{"role": "user"}], "message 0"),
-    ([{"role": "robot", "content": "x"}], "role 'robot'"),
-    ([{"role": "user", "content": 3}], "content must be a string"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ([], "non-empty"),
+        ("hello", "non-empty"),
+        ([{"role": "user"}], "message 0"),
+        ([{"role": "robot", "content": "x"}], "role 'robot'"),
+        ([{"role": "user", "content": 3}], "content must be a string"),
+    ],
+)
 def test_bad_conversations(bad, match):
     with pytest.raises(ValueError, match=match):
         render_llama3_chat(bad)

@@ -7,6 +7,7 @@ Rounding n back to x's dtype before the weight multiply is what makes bf16 resul
 transformers bit for bit. The model's RMSNorm layers and the reward head's torch reference both
 call this; the reward-head Triton kernel reproduces the same roundings.
 """
+
 import torch
 
 

@@ -1,4 +1,5 @@
 """Minimal Llama-3.1 model: config, layers, attention backends, generation, HF load/save."""
+
 from .attention import KVCache, packed_attention, packed_backend
 from .config import ConfigError, LlamaConfig
 from .generate import Generation, generate, sample_next
@@ -6,6 +7,14 @@ from .hf import CheckpointError
 from .llama import Llama
 
 __all__ = [
-    "CheckpointError", "ConfigError", "Generation", "KVCache", "Llama", "LlamaConfig",
-    "generate", "packed_attention", "packed_backend", "sample_next",
+    "CheckpointError",
+    "ConfigError",
+    "Generation",
+    "KVCache",
+    "Llama",
+    "LlamaConfig",
+    "generate",
+    "packed_attention",
+    "packed_backend",
+    "sample_next",
 ]

@@ -17,8 +17,10 @@ def tensors(op: str, named: dict, float_dtypes=(), float_names=()):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.device != first.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but {first_name} is on "
-                             f"{first.device}; move them to one device")
+            raise ValueError(
+                f"{op}: {name} is on {t.device} but {first_name} is on "
+                f"{first.device}; move them to one device"
+            )
         if name not in float_names:
             continue
         if float_dtypes and t.dtype not in float_dtypes:
@@ -30,8 +32,9 @@ def tensors(op: str, named: dict, float_dtypes=(), float_names=()):
 def inv_temperature(op: str, temperature) -> float:
     """1 / temperature for a finite temperature > 0."""
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise TypeError(f"{op}: temperature must be a real number (e.g. 0.7), got "
-                        f"{type(temperature).__name__}")
+        raise TypeError(
+            f"{op}: temperature must be a real number (e.g. 0.7), got {type(temperature).__name__}"
+        )
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"{op}: temperature must be a finite number > 0, got {temperature}")
     return 1.0 / float(temperature)
@@ -43,8 +46,10 @@ def flat_targets(op: str, targets, lead_shape, what: str) -> torch.Tensor:
         got = targets.dtype if isinstance(targets, torch.Tensor) else type(targets).__name__
         raise TypeError(f"{op}: targets must be an int64 tensor of token ids, got {got}")
     if tuple(targets.shape) != tuple(lead_shape):
-        raise ValueError(f"{op}: targets has shape {tuple(targets.shape)} but {what} needs "
-                         f"{tuple(lead_shape)} (one target id per position)")
+        raise ValueError(
+            f"{op}: targets has shape {tuple(targets.shape)} but {what} needs "
+            f"{tuple(lead_shape)} (one target id per position)"
+        )
     return targets.reshape(-1).to(torch.int64).contiguous()
 
 
@@ -60,6 +65,8 @@ def targets_in_vocab(op: str, targets, vocab: int, ignore_index: int):
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"{op}: targets[{i}] (flattened) = {int(targets[i])} is outside the "
-                         f"vocabulary [0, {vocab}) and is not ignore_index={ignore_index}; fix "
-                         f"the ids or mark the position with ignore_index")
+        raise ValueError(
+            f"{op}: targets[{i}] (flattened) = {int(targets[i])} is outside the "
+            f"vocabulary [0, {vocab}) and is not ignore_index={ignore_index}; fix "
+            f"the ids or mark the position with ignore_index"
+        )

@@ -7,6 +7,7 @@ checks) are those of ops/logprobs.py. The GEMMs run on the counted rows only (on
 find them), so ignored prompt tokens cost no FLOPs and nan/inf hidden states there touch nothing.
 tp_group is a plain torch.distributed process group.
 """
+
 import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
@@ -63,8 +64,9 @@ def _gather_parts(parts, rows, targets, group, shard):
     local = _scatter_rows(merge_parts(parts), rows, n)
     n_kept = n if rows is None else rows.numel()
     fingerprint = _targets_fingerprint(targets) if _checks.targets_checked() else 0.0
-    header = torch.tensor([[float(shard), float(n), float(n_kept), fingerprint]],
-                          device=local.device)
+    header = torch.tensor(
+        [[float(shard), float(n), float(n_kept), fingerprint]], device=local.device
+    )
     local = torch.cat([header, local]).contiguous()
     bufs = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(bufs, local, group=group)
@@ -72,26 +74,33 @@ def _gather_parts(parts, rows, targets, group, shard):
     sizes, ns, kept, prints = gathered[:, 0].unbind(-1)
     if _checks.targets_checked():
         if bool((ns != n).any()):
-            raise ValueError(f"linear_logprobs: the ranks of tp_group passed different numbers of "
-                             f"tokens {[int(x) for x in ns.tolist()]}; vocab-parallel ranks must "
-                             f"see the same tokens and targets")
+            raise ValueError(
+                f"linear_logprobs: the ranks of tp_group passed different numbers of "
+                f"tokens {[int(x) for x in ns.tolist()]}; vocab-parallel ranks must "
+                f"see the same tokens and targets"
+            )
         if bool((sizes != shard).any()):
-            raise ValueError(f"linear_logprobs: the ranks of tp_group hold vocabulary shards of "
-                             f"sizes {[int(x) for x in sizes.tolist()]}; every rank needs an equal "
-                             f"shard [V / tp, H] (pad the vocabulary to a multiple of tp, as "
-                             f"Megatron does)")
+            raise ValueError(
+                f"linear_logprobs: the ranks of tp_group hold vocabulary shards of "
+                f"sizes {[int(x) for x in sizes.tolist()]}; every rank needs an equal "
+                f"shard [V / tp, H] (pad the vocabulary to a multiple of tp, as "
+                f"Megatron does)"
+            )
         if bool((kept != kept[0]).any() | (prints != prints[0]).any()):
-            raise ValueError(f"linear_logprobs: the ranks of tp_group passed different targets "
-                             f"(counted positions per rank: {[int(x) for x in kept.tolist()]}); "
-                             f"vocab-parallel ranks must see the same tokens and targets")
+            raise ValueError(
+                f"linear_logprobs: the ranks of tp_group passed different targets "
+                f"(counted positions per rank: {[int(x) for x in kept.tolist()]}); "
+                f"vocab-parallel ranks must see the same tokens and targets"
+            )
     gathered = gathered[:, 1:]
     return gathered if rows is None else gathered[:, rows]
 
 
 class _LinearLogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, inv_t, ignore_index, vocab_start, tp_group,
-                with_entropy):
+    def forward(
+        ctx, hidden, weight, targets, inv_t, ignore_index, vocab_start, tp_group, with_entropy
+    ):
         backend = backend_for(hidden, weight)
         rows = _kept_rows(targets != ignore_index)
         h, t = (hidden, targets) if rows is None else (hidden[rows], targets[rows])
@@ -129,8 +138,20 @@ class _LinearLogProbs(torch.autograd.Function):
             dw = torch.zeros_like(weight) if need_dw else None
         else:
             with device_guard(hidden.device):
-                dh, dw = _k.backward(ctx.backend, h, weight, t, norm, entropy, g_lp, g_ent,
-                                     ctx.inv_t, ctx.vocab_start, need_dh, need_dw)
+                dh, dw = _k.backward(
+                    ctx.backend,
+                    h,
+                    weight,
+                    t,
+                    norm,
+                    entropy,
+                    g_lp,
+                    g_ent,
+                    ctx.inv_t,
+                    ctx.vocab_start,
+                    need_dh,
+                    need_dw,
+                )
         if ctx.tp_group is not None and dh is not None:
             # hidden is replicated across the group and each shard saw only its vocabulary:
             # the full dhidden is the sum over shards (Megatron's column-parallel input grad).
@@ -140,8 +161,16 @@ class _LinearLogProbs(torch.autograd.Function):
         return dh, dw, None, None, None, None, None, None
 
 
-def linear_logprobs(hidden, weight, targets, *, temperature=1.0, ignore_index=-100,
-                    return_entropy=False, tp_group=None):
+def linear_logprobs(
+    hidden,
+    weight,
+    targets,
+    *,
+    temperature=1.0,
+    ignore_index=-100,
+    return_entropy=False,
+    tp_group=None,
+):
     """`logprobs(hidden @ weight.T, targets, ...)` without materialising the [..., V] logits.
 
     hidden [..., H], weight [V, H] (same dtype), targets [...] int64 -> logp [...] float32
@@ -154,14 +183,19 @@ def linear_logprobs(hidden, weight, targets, *, temperature=1.0, ignore_index=-1
     """
     _checks.tensors(OP, {"hidden": hidden, "weight": weight}, float_names=("hidden", "weight"))
     if weight.dim() != 2:
-        raise ValueError(f"{OP}: weight must be the LM head [V, H], got shape "
-                         f"{tuple(weight.shape)}")
+        raise ValueError(
+            f"{OP}: weight must be the LM head [V, H], got shape {tuple(weight.shape)}"
+        )
     if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"{OP}: hidden {tuple(hidden.shape)} must end in H = weight.shape[1] = "
-                         f"{weight.shape[1]}")
+        raise ValueError(
+            f"{OP}: hidden {tuple(hidden.shape)} must end in H = weight.shape[1] = "
+            f"{weight.shape[1]}"
+        )
     if hidden.dtype != weight.dtype:
-        raise TypeError(f"{OP}: hidden is {hidden.dtype} but weight is {weight.dtype}; cast one "
-                        f"(usually hidden.to(weight.dtype))")
+        raise TypeError(
+            f"{OP}: hidden is {hidden.dtype} but weight is {weight.dtype}; cast one "
+            f"(usually hidden.to(weight.dtype))"
+        )
     if weight.shape[0] < 1:
         raise ValueError(f"{OP}: weight has no vocabulary rows")
     inv_t = _checks.inv_temperature(OP, temperature)
@@ -179,7 +213,8 @@ def linear_logprobs(hidden, weight, targets, *, temperature=1.0, ignore_index=-1
     h = hidden.reshape(-1, hidden.shape[-1])
     h = h if h.is_contiguous() else h.contiguous()
     w = weight if weight.is_contiguous() else weight.contiguous()
-    logp, entropy = _LinearLogProbs.apply(h, w, flat_t, inv_t, ignore_index, vocab_start,
-                                          tp_group, return_entropy)
+    logp, entropy = _LinearLogProbs.apply(
+        h, w, flat_t, inv_t, ignore_index, vocab_start, tp_group, return_entropy
+    )
     logp = logp.reshape(targets.shape)
     return (logp, entropy.reshape(targets.shape)) if return_entropy else logp

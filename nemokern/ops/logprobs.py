@@ -14,6 +14,7 @@ conventions hold for `linear_logprobs` (ops/linear_logprobs.py) too:
   the Triton kernels never read out of bounds: `logprobs` returns NaN for such a row and
   `linear_logprobs` returns -logsumexp (the target logit counts as 0).
 """
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -54,8 +55,17 @@ class _LogProbs(torch.autograd.Function):
         valid = targets != ctx.ignore_index
         g_lp, g_ent = upstream(g_lp, valid), upstream(g_ent, valid, keep_none=True)
         with device_guard(logits.device):
-            grad = _k.backward(ctx.backend, logits, targets, norm, entropy, g_lp, g_ent,
-                               ctx.inv_t, ctx.ignore_index)
+            grad = _k.backward(
+                ctx.backend,
+                logits,
+                targets,
+                norm,
+                entropy,
+                g_lp,
+                g_ent,
+                ctx.inv_t,
+                ctx.ignore_index,
+            )
         return grad, None, None, None, None
 
 
@@ -69,8 +79,9 @@ def logprobs(logits, targets, *, temperature=1.0, ignore_index=-100, return_entr
     """
     _checks.tensors(OP, {"logits": logits}, float_names=("logits",))
     if logits.dim() < 1 or logits.shape[-1] < 1:
-        raise ValueError(f"{OP}: logits must have shape [..., V] with V >= 1, got "
-                         f"{tuple(logits.shape)}")
+        raise ValueError(
+            f"{OP}: logits must have shape [..., V] with V >= 1, got {tuple(logits.shape)}"
+        )
     inv_t = _checks.inv_temperature(OP, temperature)
     ignore_index = int(ignore_index)
     flat_t = _checks.flat_targets(OP, targets, logits.shape[:-1], "logits[..., V]")

@@ -1,7 +1,7 @@
 """The embedded default job (`nemokern demo`): one RLOO-style rollout-and-score pass of a tiny
 built-in Llama-3.1 on CPU or GPU, with nothing downloaded.
 
-It exercises every layer the trainers stand on and checks each against its plain counterpart:
+It exercises every layer of the package and checks each against its plain counterpart:
 HF-layout save/load, packed forward vs per-sequence forward, KV-cache sampling of k responses per
 prompt, fused log-probs from hidden states vs log_softmax of the logits, sequence KL to a
 reference policy, the reward head on the last token, and the leave-one-out advantage.
@@ -56,8 +56,10 @@ def check_options(*, seed, k, max_new_tokens, device, out_dir) -> list[str]:
     room = cfg.max_position_embeddings - max(len(p) for p in prompts)
     if max_new_tokens > room:
         raise options.OptionError(
-            "max_new_tokens", f"{max_new_tokens} is too many: the longest prompt leaves room for "
-            f"{room} new tokens in the tiny model's {cfg.max_position_embeddings} positions")
+            "max_new_tokens",
+            f"{max_new_tokens} is too many: the longest prompt leaves room for "
+            f"{room} new tokens in the tiny model's {cfg.max_position_embeddings} positions",
+        )
     options.device("device", device)
     if out_dir is not None:
         options.out_dir("out_dir", out_dir)
@@ -97,7 +99,8 @@ def run_demo(
     policy = Llama(cfg).to(device).eval()
     log(
         f"[1/6] tiny Llama-3.1: {sum(p.numel() for p in policy.parameters()):,} parameters, "
-        f"{cfg.num_hidden_layers} layers, GQA {cfg.num_attention_heads}/{cfg.num_key_value_heads}, vocab {cfg.vocab_size}"
+        f"{cfg.num_hidden_layers} layers, GQA {cfg.num_attention_heads}/{cfg.num_key_value_heads}, "
+        f"vocab {cfg.vocab_size}"
     )
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,7 +113,8 @@ def run_demo(
     with torch.no_grad():
         res.checks["save/load logits"] = (policy(probe) - reloaded(probe)).abs().max().item()
     log(
-        f"[2/6] save_pretrained -> from_pretrained ({'kept in ' + out_dir if out_dir else 'temp dir'}): "
+        "[2/6] save_pretrained -> from_pretrained "
+        f"({'kept in ' + out_dir if out_dir else 'temp dir'}): "
         f"max |dlogits| = {res.checks['save/load logits']:.1e}"
     )
 
@@ -126,7 +130,8 @@ def run_demo(
     valid = rollout.ended_with_eos.view(len(PROMPTS), k)
     log(
         f"[3/6] sampled {k} responses x {len(PROMPTS)} prompts with the KV cache: lengths "
-        f"{rollout.lengths.tolist()}, ended with EOS {int(rollout.ended_with_eos.sum())}/{rollout.lengths.numel()}"
+        f"{rollout.lengths.tolist()}, ended with EOS "
+        f"{int(rollout.ended_with_eos.sum())}/{rollout.lengths.numel()}"
     )
 
     # Pack prompt + response of every rollout into one row: no padding is computed.
@@ -149,7 +154,7 @@ def run_demo(
         f"max |packed - per-sequence| = {res.checks['packed vs per-sequence hidden']:.1e}"
     )
 
-    # Targets: the next token inside each sequence's response; prompt tokens and segment ends ignored.
+    # Targets: the next token inside each response; prompt tokens and segment ends are ignored.
     targets = torch.full_like(ids, -100)
     mask = torch.zeros_like(ids, dtype=torch.bool)
     for i, s in enumerate(seqs):

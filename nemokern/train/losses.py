@@ -15,7 +15,8 @@ def rloo_advantages(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """
     if scores.dim() != 2 or valid.shape != scores.shape:
         raise ValueError(
-            f"scores and valid must both be [P, k]; got {tuple(scores.shape)} and {tuple(valid.shape)}"
+            f"scores and valid must both be [P, k]; got {tuple(scores.shape)} and "
+            f"{tuple(valid.shape)}"
         )
     valid = valid.bool()
     v = valid.to(scores.dtype)

@@ -38,14 +38,18 @@ def device(option: str, value) -> torch.device:
     if dev.type != "cuda":
         raise OptionError(option, f"{value!r} is not supported; use cpu, cuda or cuda:N")
     if torch.version.cuda is None:
-        raise OptionError(option, f"{value!r} needs a CUDA build of torch; this torch "
-                          f"({torch.__version__}) is CPU-only, so use cpu")
+        raise OptionError(
+            option,
+            f"{value!r} needs a CUDA build of torch; this torch "
+            f"({torch.__version__}) is CPU-only, so use cpu",
+        )
     count = torch.cuda.device_count()
     if count == 0:
         raise OptionError(option, f"{value!r}: no CUDA GPU is visible; use cpu")
     if dev.index is not None and dev.index >= count:
-        raise OptionError(option, f"{value!r}: this machine has {count} GPU(s), cuda:0 to "
-                          f"cuda:{count - 1}")
+        raise OptionError(
+            option, f"{value!r}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}"
+        )
     return dev
 
 
@@ -58,13 +62,15 @@ def out_dir(option: str, value) -> Path:
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise OptionError(option, f"{str(parent)!r} is not a directory, so {str(path)!r} cannot "
-                          "be created there")
+        raise OptionError(
+            option, f"{str(parent)!r} is not a directory, so {str(path)!r} cannot be created there"
+        )
     try:  # a real write: permissions alone miss read-only mounts and /proc-like file systems
         fd, probe = tempfile.mkstemp(dir=parent, prefix=".nemokern-probe-")
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise OptionError(option, f"cannot write in {str(parent)!r} ({e.strerror}); name a "
-                          "writable directory") from None
+        raise OptionError(
+            option, f"cannot write in {str(parent)!r} ({e.strerror}); name a writable directory"
+        ) from None
     return path
