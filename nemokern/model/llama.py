@@ -171,7 +171,8 @@ class Llama(nn.Module):
         input_ids [B, T] with no padding, or packed [1, N] / [N] with cu_seqlens [S + 1] (int,
         0 ... N) whose position ids restart per segment unless given. position_ids has the shape
         of input_ids. With a KVCache (generation), `valid` [B, T] bool marks real tokens.
-        The output keeps input_ids' leading shape.
+        The output keeps input_ids' leading shape. Checking the ids against the vocabulary costs one
+        host sync.
         """
         ids, pos, ctx = self._prepare(input_ids, cu_seqlens, position_ids, cache, valid)
         x = self.embed_tokens(ids)
