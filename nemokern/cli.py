@@ -5,6 +5,7 @@ status 2 before any work starts.
 """
 
 import argparse
+import os
 import sys
 
 import nemokern
@@ -127,10 +128,14 @@ def main(argv=None):
         env.check_all()
     except env.EnvError as e:
         parser.exit(2, f"nemokern: error: {e}\n")
-    if args.cmd == "info":
-        _info()
-        return 0
-    return _demo(args, demo_parser)
+    try:
+        if args.cmd == "info":
+            _info()
+            return 0
+        return _demo(args, demo_parser)
+    except BrokenPipeError:  # the reader went away (`nemokern demo | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

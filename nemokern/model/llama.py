@@ -202,7 +202,13 @@ class Llama(nn.Module):
             torch.int64,
             torch.int32,
         ):
-            raise TypeError("input_ids must be an int64/int32 tensor of token ids")
+            got = (
+                input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            )
+            raise TypeError(
+                f"input_ids must be an int64/int32 tensor of token ids, got {got}"
+                + ("; tokenize the text first" if isinstance(input_ids, str) else "")
+            )
         if input_ids.dim() == 1 and cu_seqlens is not None:
             ids = input_ids[None]
         elif input_ids.dim() == 2:
