@@ -5,6 +5,7 @@ the scenario as argv[1]. Every rank can rebuild every rank's input from the seed
 its result against a locally computed fixed-order reference without extra communication. Any
 failed check raises, and the non-zero exit code fails the test. Prints "OK <what>" lines.
 """
+
 import hashlib
 import importlib
 import os
@@ -56,8 +57,10 @@ def check_once(numel, dtype, seed, world, rank):
     xs = inputs(numel, dtype, world, seed)
     ref = fixed_order_sum(xs)
     got = all_reduce(xs[rank].clone())
-    assert torch.equal(got.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
-                       ref.view(torch.int16 if dtype == torch.bfloat16 else torch.int32)), (
+    assert torch.equal(
+        got.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+        ref.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+    ), (
         f"numel={numel} {dtype}: not bitwise the fixed-order sum, max diff "
         f"{(got.double() - ref.double()).abs().max().item()}"
     )
@@ -70,14 +73,22 @@ def check_once(numel, dtype, seed, world, rank):
     u = UNIT_ROUNDOFF[dtype]
     abs_sum = sum(x.double().abs() for x in xs)
     bound = (2 * world * u) * abs_sum + 1e-30
-    assert ((got.double() - gloo.double()).abs() <= bound).all(), f"numel={numel} {dtype}: far from gloo"
+    assert ((got.double() - gloo.double()).abs() <= bound).all(), (
+        f"numel={numel} {dtype}: far from gloo"
+    )
     plain = xs[0].clone()  # the same-dtype PyTorch sum: rounds after every add for bf16
     for x in xs[1:]:
         plain = plain + x
     err_got = (got.double() - exact).abs().max().item()
     err_plain = (plain.double() - exact).abs().max().item()
     err_gloo = (gloo.double() - exact).abs().max().item()
-    assert err_got <= 2 * max(err_plain, err_gloo) + 1e-30, (numel, dtype, err_got, err_plain, err_gloo)
+    assert err_got <= 2 * max(err_plain, err_gloo) + 1e-30, (
+        numel,
+        dtype,
+        err_got,
+        err_plain,
+        err_gloo,
+    )
     # integer-valued floats sum exactly in any order: here gloo and we must agree bit for bit
     ints = inputs(numel, dtype, world, seed + 7, integer_valued=True)
     a, b = ints[rank].clone(), ints[rank].clone()
@@ -88,8 +99,22 @@ def check_once(numel, dtype, seed, world, rank):
 
 def scenario_correctness(rank, world):
     comm = ar._state(None).comm("shm", None)  # WORLD: default chunk (4 MiB), one-shot up to 256 KiB
-    sizes = [1, 2, 3, 15, 16, 17, 63, 1000, 4097, 65537, 65536 + world, 262143, 1_000_003,
-             1_572_869]  # the last: 6 MiB of fp32 = two chunks of reduce-scatter + all-gather
+    sizes = [
+        1,
+        2,
+        3,
+        15,
+        16,
+        17,
+        63,
+        1000,
+        4097,
+        65537,
+        65536 + world,
+        262143,
+        1_000_003,
+        1_572_869,
+    ]  # the last: 6 MiB of fp32 = two chunks of reduce-scatter + all-gather
     for dtype in DTYPES:
         for i, n in enumerate(sizes):
             check_once(n, dtype, seed=i, world=world, rank=rank)
@@ -202,8 +227,9 @@ def scenario_cuda_errors(rank, world):
     with torch.cuda.graph(graph):
         assert ar._custom_kind(y.device, y.dtype, 64) is None, "custom path while capturing"
         try:
-            comm.all_reduce(y.data_ptr(), y.numel(), _C.DTYPE_FLOAT32,
-                            torch.cuda.current_stream().cuda_stream)
+            comm.all_reduce(
+                y.data_ptr(), y.numel(), _C.DTYPE_FLOAT32, torch.cuda.current_stream().cuda_stream
+            )
         except RuntimeError as exc:
             refused = str(exc)
     assert refused and "CUDA graph" in refused, refused
@@ -213,8 +239,9 @@ def scenario_cuda_errors(rank, world):
     # every rank raises a ValueError naming both sizes
     z = torch.ones(100 + rank, device="cuda")
     later = torch.ones(4, device="cuda")  # allocated now: after the trap no CUDA call works
-    comm.all_reduce(z.data_ptr(), z.numel(), _C.DTYPE_FLOAT32,
-                    torch.cuda.current_stream().cuda_stream)
+    comm.all_reduce(
+        z.data_ptr(), z.numel(), _C.DTYPE_FLOAT32, torch.cuda.current_stream().cuda_stream
+    )
     _assert_unreadable(z, "a mismatched CUDA all-reduce")
     assert comm.error_code() == 2
     for attempt in (comm.raise_if_failed, lambda: all_reduce(later)):

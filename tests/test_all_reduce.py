@@ -4,6 +4,7 @@ Each test starts the ranks as separate processes (tests/all_reduce_worker.py, en
 and reuses that one process group for many checks, because starting a process that imports torch
 costs seconds. Also: every test checks that no /dev/shm workspace is left behind.
 """
+
 import os
 import signal
 import socket
@@ -49,10 +50,23 @@ def run_ranks(world, scenario, timeout=240, **env):
     port = _free_port()
     procs = []
     for rank in range(world):
-        e = _env(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=world, MASTER_ADDR="127.0.0.1",
-                 MASTER_PORT=port, **env)
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), scenario], env=e,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        e = _env(
+            RANK=rank,
+            LOCAL_RANK=rank,
+            WORLD_SIZE=world,
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            **env,
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(WORKER), scenario],
+                env=e,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     results = []
     try:
         for p in procs:
@@ -84,10 +98,22 @@ def test_shm_all_reduce_matches_fixed_order_sum_and_gloo(world):
 def test_works_under_torchrun():
     port = _free_port()
     before = _segments()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(port), str(WORKER), "timeout"]
-    p = subprocess.run(cmd, env=_env(NEMOKERN_ALLREDUCE_TIMEOUT=1), capture_output=True,
-                       text=True, timeout=240)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(port),
+        str(WORKER),
+        "timeout",
+    ]
+    p = subprocess.run(
+        cmd, env=_env(NEMOKERN_ALLREDUCE_TIMEOUT=1), capture_output=True, text=True, timeout=240
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "OK timeout" in p.stdout + p.stderr
     assert not (_segments() - before)
@@ -116,10 +142,16 @@ def _aged(path, seconds=3600):
 def _hold_lock(path):
     """A live process (another pid, as a creator in another container would be) holding the
     creator's flock on `path`; returns once the lock is taken."""
-    code = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
-            "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(path)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    code = (
+        "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "locked"
     return holder
 
@@ -130,9 +162,9 @@ def test_stale_segment_cleanup_judges_liveness_by_lock_not_pid():
     # creator lives in another namespace. Only the creator's flock tells.
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    orphan = SHM / f"{SHM_PREFIX}{os.getpid()}_0rphan"   # live pid, nobody holds the lock
-    held = SHM / f"{SHM_PREFIX}{dead.pid}_4e1d"          # dead pid, a live holder
-    young = SHM / f"{SHM_PREFIX}{dead.pid}_y0un6"        # unlocked, but just created
+    orphan = SHM / f"{SHM_PREFIX}{os.getpid()}_0rphan"  # live pid, nobody holds the lock
+    held = SHM / f"{SHM_PREFIX}{dead.pid}_4e1d"  # dead pid, a live holder
+    young = SHM / f"{SHM_PREFIX}{dead.pid}_y0un6"  # unlocked, but just created
     for p in (orphan, held, young):
         p.write_bytes(b"x")
     _aged(orphan)
@@ -160,8 +192,9 @@ def _unshare_pid_namespace():
     if os.geteuid() != 0:
         cmd.append("--map-root-user")
     try:
-        probe = subprocess.run(cmd + ["sh", "-c", "echo $$"], capture_output=True, text=True,
-                               timeout=10, check=False)
+        probe = subprocess.run(
+            cmd + ["sh", "-c", "echo $$"], capture_output=True, text=True, timeout=10, check=False
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return cmd if probe.returncode == 0 and probe.stdout.strip() == "1" else None
@@ -173,13 +206,19 @@ def test_segment_of_a_creator_in_another_pid_namespace():
     prefix = _unshare_pid_namespace()
     if prefix is None:
         pytest.skip("cannot create a pid namespace here (unshare)")
-    code = ("import os, sys; from nemokern import _C; "
-            "name = f'/{sys.argv[1]}{os.getpid()}_ns{sys.argv[2]}'; "
-            "c = _C.ShmAllReduce(name, rank=0, world_size=2, chunk_bytes=4096, create=True, "
-            "timeout_s=1.0, one_shot_max_bytes=1024); print(name, flush=True); sys.stdin.read()")
-    creator = subprocess.Popen(prefix + [sys.executable, "-c", code, SHM_PREFIX, str(os.getpid())],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                               env=_env())
+    code = (
+        "import os, sys; from nemokern import _C; "
+        "name = f'/{sys.argv[1]}{os.getpid()}_ns{sys.argv[2]}'; "
+        "c = _C.ShmAllReduce(name, rank=0, world_size=2, chunk_bytes=4096, create=True, "
+        "timeout_s=1.0, one_shot_max_bytes=1024); print(name, flush=True); sys.stdin.read()"
+    )
+    creator = subprocess.Popen(
+        prefix + [sys.executable, "-c", code, SHM_PREFIX, str(os.getpid())],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
     path = None
     try:
         name = creator.stdout.readline().strip()
@@ -204,8 +243,15 @@ def test_segment_of_a_creator_in_another_pid_namespace():
 
 def test_creator_holds_the_lock_until_unlink():
     name = f"/{SHM_PREFIX}{os.getpid()}_lock"
-    comm = _C.ShmAllReduce(name, rank=0, world_size=2, chunk_bytes=4096, create=True,
-                           timeout_s=1.0, one_shot_max_bytes=1024)
+    comm = _C.ShmAllReduce(
+        name,
+        rank=0,
+        world_size=2,
+        chunk_bytes=4096,
+        create=True,
+        timeout_s=1.0,
+        one_shot_max_bytes=1024,
+    )
     path = SHM / name[1:]
     try:
         _aged(path)
@@ -217,8 +263,15 @@ def test_creator_holds_the_lock_until_unlink():
 
 def test_single_rank_and_bad_arguments_raise_clear_errors():
     name = f"/{SHM_PREFIX}{os.getpid()}_unit"
-    comm = _C.ShmAllReduce(name, rank=0, world_size=1, chunk_bytes=4096, create=True,
-                           timeout_s=1.0, one_shot_max_bytes=1024)
+    comm = _C.ShmAllReduce(
+        name,
+        rank=0,
+        world_size=1,
+        chunk_bytes=4096,
+        create=True,
+        timeout_s=1.0,
+        one_shot_max_bytes=1024,
+    )
     try:
         x = torch.arange(5.0)
         comm.all_reduce(x.data_ptr(), x.numel(), _C.DTYPE_FLOAT32)
@@ -226,17 +279,45 @@ def test_single_rank_and_bad_arguments_raise_clear_errors():
         with pytest.raises(ValueError, match="dtype code 7"):
             comm.all_reduce(x.data_ptr(), x.numel(), 7)
         with pytest.raises(RuntimeError, match="shm_open"):
-            _C.ShmAllReduce(name, rank=0, world_size=1, chunk_bytes=4096, create=True,
-                            timeout_s=1.0, one_shot_max_bytes=1024)  # O_EXCL: name exists
+            _C.ShmAllReduce(
+                name,
+                rank=0,
+                world_size=1,
+                chunk_bytes=4096,
+                create=True,
+                timeout_s=1.0,
+                one_shot_max_bytes=1024,
+            )  # O_EXCL: name exists
         with pytest.raises(ValueError, match=f"world_size must be in 1..{_C.MAX_RANKS}"):
-            _C.ShmAllReduce(name + "x", rank=0, world_size=_C.MAX_RANKS + 1, chunk_bytes=4096,
-                            create=True, timeout_s=1.0, one_shot_max_bytes=1024)
+            _C.ShmAllReduce(
+                name + "x",
+                rank=0,
+                world_size=_C.MAX_RANKS + 1,
+                chunk_bytes=4096,
+                create=True,
+                timeout_s=1.0,
+                one_shot_max_bytes=1024,
+            )
         with pytest.raises(ValueError, match="rank 3"):
-            _C.ShmAllReduce(name + "x", rank=3, world_size=2, chunk_bytes=4096, create=True,
-                            timeout_s=1.0, one_shot_max_bytes=1024)
+            _C.ShmAllReduce(
+                name + "x",
+                rank=3,
+                world_size=2,
+                chunk_bytes=4096,
+                create=True,
+                timeout_s=1.0,
+                one_shot_max_bytes=1024,
+            )
         with pytest.raises(RuntimeError, match="world size"):
-            _C.ShmAllReduce(name, rank=1, world_size=2, chunk_bytes=4096, create=False,
-                            timeout_s=1.0, one_shot_max_bytes=1024)
+            _C.ShmAllReduce(
+                name,
+                rank=1,
+                world_size=2,
+                chunk_bytes=4096,
+                create=False,
+                timeout_s=1.0,
+                one_shot_max_bytes=1024,
+            )
     finally:
         comm.unlink()
     assert not (SHM / name[1:]).exists()
@@ -252,8 +333,12 @@ def test_bad_environment_is_named(monkeypatch):
 
 def _fake_extension(monkeypatch):
     """The extension as a CUDA build sees it, so that the CUDA decisions run on any build."""
-    fake = types.SimpleNamespace(with_cuda=True, MAX_RANKS=_C.MAX_RANKS,
-                                 DTYPE_FLOAT32=_C.DTYPE_FLOAT32, DTYPE_BFLOAT16=_C.DTYPE_BFLOAT16)
+    fake = types.SimpleNamespace(
+        with_cuda=True,
+        MAX_RANKS=_C.MAX_RANKS,
+        DTYPE_FLOAT32=_C.DTYPE_FLOAT32,
+        DTYPE_BFLOAT16=_C.DTYPE_BFLOAT16,
+    )
     monkeypatch.setattr(ar, "_extension", lambda: fake)
 
 
@@ -266,15 +351,21 @@ def test_cuda_graph_capture_sends_cuda_tensors_to_torch_distributed(monkeypatch,
     for dtype in (torch.float32, torch.bfloat16):
         assert ar._custom_kind(cuda, dtype, 4096) == (None if capturing else "cuda")
     # CPU tensors never ask (torch.cuda may not work at all on a CPU machine)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing",
-                        lambda: pytest.fail("capture query for a CPU tensor"))
+    monkeypatch.setattr(
+        torch.cuda,
+        "is_current_stream_capturing",
+        lambda: pytest.fail("capture query for a CPU tensor"),
+    )
     assert ar._custom_kind(torch.device("cpu"), torch.float32, 4096) == "shm"
 
 
 def _fake_group(monkeypatch, world, cuda_comm=None):
     state = types.SimpleNamespace(
-        world=world, single_host=lambda: True, _comms={"cuda": cuda_comm},
-        comm=lambda kind, device: pytest.fail(f"{kind} workspace set up for {world} ranks"))
+        world=world,
+        single_host=lambda: True,
+        _comms={"cuda": cuda_comm},
+        comm=lambda kind, device: pytest.fail(f"{kind} workspace set up for {world} ranks"),
+    )
     state.raise_if_cuda_failed = types.MethodType(ar._GroupState.raise_if_cuda_failed, state)
     monkeypatch.setattr(ar.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(ar, "_state", lambda group: state)
@@ -293,11 +384,18 @@ def test_recorded_cuda_failure_raises_before_any_cuda_call(monkeypatch):
 
     _fake_extension(monkeypatch)
     _fake_group(monkeypatch, 2, cuda_comm=TrappedComm())
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing",
-                        lambda: pytest.fail("a CUDA query after the trap"))
-    cuda_tensor = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0),
-                                        dtype=torch.float32, numel=lambda: 4,
-                                        element_size=lambda: 4)
+    monkeypatch.setattr(
+        torch.cuda,
+        "is_current_stream_capturing",
+        lambda: pytest.fail("a CUDA query after the trap"),
+    )
+    cuda_tensor = types.SimpleNamespace(
+        is_cuda=True,
+        device=torch.device("cuda", 0),
+        dtype=torch.float32,
+        numel=lambda: 4,
+        element_size=lambda: 4,
+    )
     with pytest.raises(ValueError, match="reduces 100 elements"):
         ar._custom_comm(cuda_tensor, None)
 
@@ -307,8 +405,14 @@ def test_cuda_backend_without_a_device_raises_a_clear_error():
     if _C.cuda_device_count() > 0:
         pytest.skip("a GPU is present")
     with pytest.raises(RuntimeError, match="no CUDA device"):
-        _C.CudaAllReduce(rank=0, world_size=2, device=0, buffer_bytes=1 << 20, timeout_s=1.0,
-                         one_shot_max_bytes=1 << 18)
+        _C.CudaAllReduce(
+            rank=0,
+            world_size=2,
+            device=0,
+            buffer_bytes=1 << 20,
+            timeout_s=1.0,
+            one_shot_max_bytes=1 << 18,
+        )
 
 
 @pytest.mark.gpu

@@ -1,4 +1,5 @@
 """Pair accuracy and RewardBench section scores against hand-computed values."""
+
 import math
 
 import pytest
@@ -15,9 +16,9 @@ def test_ties_are_wrong_and_subsets_count_separately():
 
 def test_sections_weighting_and_math_upweighted_to_equal_code():
     rows = []  # (subset, n, n_right)
-    rows += [("alpacaeval-easy", 4, 4), ("mt-bench-easy", 1, 0)]          # Chat: 4/5
-    rows += [("llmbar-natural", 3, 1)]                                     # Chat Hard: 1/3
-    rows += [("math-prm", 2, 2), ("hep-go", 3, 0), ("hep-rust", 1, 1)]     # Reasoning
+    rows += [("alpacaeval-easy", 4, 4), ("mt-bench-easy", 1, 0)]  # Chat: 4/5
+    rows += [("llmbar-natural", 3, 1)]  # Chat Hard: 1/3
+    rows += [("math-prm", 2, 2), ("hep-go", 3, 0), ("hep-rust", 1, 1)]  # Reasoning
     chosen, rejected, subsets = [], [], []
     for name, n, k in rows:
         for i in range(n):

@@ -1,22 +1,27 @@
 """Checkpoints: exact round trip of weights, optimizer, scheduler and RNG; atomic saves; clear
 errors for incomplete or corrupt checkpoints; keep-last-K; nothing is unpickled."""
+
 import json
 import random
 
 import numpy as np
 import pytest
 import torch
+from train_tiny import TinyReward
 
 import nemokern.train.checkpoint as ck
 from nemokern.model import Llama
-from nemokern.train.checkpoint import CheckpointError, Checkpointer, decode_state, encode_state
-from train_tiny import TinyReward
+from nemokern.train.checkpoint import Checkpointer, CheckpointError, decode_state, encode_state
 
 
 def _trained(seed=0, impl="foreach"):
     model = TinyReward(seed=seed)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2,
-                            foreach=impl == "foreach", fused=impl == "fused" or None)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=1e-2,
+        foreach=impl == "foreach",
+        fused=impl == "fused" or None,
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / (s + 1))
     for _ in range(2):
         model(torch.randint(0, 61, (2, 5))).square().sum().backward()
@@ -36,11 +41,22 @@ def test_round_trip_is_exact(tmp_path, impl):
     random.seed(5)
     np.random.seed(6)
     torch.manual_seed(7)
-    path = Checkpointer(tmp_path).save(2, model=model, optimizer=opt, scheduler=sched, state={"data": {"epoch": 1}})
+    path = Checkpointer(tmp_path).save(
+        2, model=model, optimizer=opt, scheduler=sched, state={"data": {"epoch": 1}}
+    )
     assert sorted(p.name for p in path.iterdir()) == [
-        "manifest.json", "modules.safetensors", "optimizer.json", "optimizer.safetensors",
-        "rng-rank00000.json", "rng-rank00000.safetensors", "scheduler.json", "scheduler.safetensors",
-        "trainer.json", "trainer.safetensors", "trunk"]
+        "manifest.json",
+        "modules.safetensors",
+        "optimizer.json",
+        "optimizer.safetensors",
+        "rng-rank00000.json",
+        "rng-rank00000.safetensors",
+        "scheduler.json",
+        "scheduler.safetensors",
+        "trainer.json",
+        "trainer.safetensors",
+        "trunk",
+    ]
     Llama.from_pretrained(path / "trunk")  # the trunk is an ordinary HF directory
 
     other, opt2, sched2 = _trained(1, impl)
@@ -66,7 +82,12 @@ def test_round_trip_is_exact(tmp_path, impl):
 
 
 def test_state_codec_keeps_types():
-    obj = {"a": (1, 2.5, None), 3: [torch.ones(2), "x"], "n": np.arange(3, dtype=np.uint32), "t": torch.tensor(2.0)}
+    obj = {
+        "a": (1, 2.5, None),
+        3: [torch.ones(2), "x"],
+        "n": np.arange(3, dtype=np.uint32),
+        "t": torch.tensor(2.0),
+    }
     tensors = {}
     text = json.dumps(encode_state(obj, tensors))
     back = decode_state(json.loads(text), tensors)
@@ -119,7 +140,9 @@ def test_incomplete_and_corrupt_checkpoints_are_named(tmp_path):
         ckpt.load(path, model=model, optimizer=opt)
     # same size but garbled header
     f.write_bytes(b"\xff" * len(data))
-    with pytest.raises(CheckpointError, match=r"optimizer\.safetensors: not a readable safetensors"):
+    with pytest.raises(
+        CheckpointError, match=r"optimizer\.safetensors: not a readable safetensors"
+    ):
         ckpt.load(path, model=model, optimizer=opt)
     # garbled JSON
     j = path / "trainer.json"
@@ -132,7 +155,9 @@ def test_incomplete_and_corrupt_checkpoints_are_named(tmp_path):
         ckpt.load(path, model=model)
     # no manifest: the save never finished
     (path / "manifest.json").unlink()
-    with pytest.raises(CheckpointError, match=r"manifest\.json is missing: the checkpoint is incomplete"):
+    with pytest.raises(
+        CheckpointError, match=r"manifest\.json is missing: the checkpoint is incomplete"
+    ):
         ckpt.resolve(str(path))
     assert ckpt.latest() is None
 
@@ -141,7 +166,9 @@ def test_load_into_another_model_names_the_tensor(tmp_path):
     path = Checkpointer(tmp_path).save(1, model=TinyReward())
     wider = TinyReward()
     wider.head = torch.nn.Linear(32, 5)
-    with pytest.raises(CheckpointError, match=r"modules\.safetensors: tensor 'head\.weight' has shape \(3, 32\)"):
+    with pytest.raises(
+        CheckpointError, match=r"modules\.safetensors: tensor 'head\.weight' has shape \(3, 32\)"
+    ):
         Checkpointer(tmp_path).load(path, model=wider)
 
 

@@ -1,4 +1,5 @@
 """The shared training loop: exact resume, the non-finite guard, accumulation, the schedule, DDP."""
+
 import dataclasses
 import json
 import os
@@ -11,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from train_tiny import TinyReward, batches, config, step_fn
 
 from nemokern.train.checkpoint import Checkpointer
 from nemokern.train.loop import NonFiniteError, TrainLoop, lr_factor, move_to
 from nemokern.train.metrics import read_metrics
-from train_tiny import TinyReward, batches, config, step_fn
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +53,9 @@ def test_interrupted_and_resumed_run_gives_bit_identical_losses(tmp_path):
 
     def crashing_step(model, batch):
         calls.append(1)
-        if len(calls) == 2 * 5 + 1:  # in step 6: after the checkpoint of step 4, mid-way through step 6
+        if (
+            len(calls) == 2 * 5 + 1
+        ):  # in step 6: after the checkpoint of step 4, mid-way through step 6
             raise _Crash()
         return noisy_step(model, batch)
 
@@ -63,7 +66,9 @@ def test_interrupted_and_resumed_run_gives_bit_identical_losses(tmp_path):
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4, 5]
 
     resumed_model = TinyReward(seed=123)  # other weights: everything must come from the checkpoint
-    resumed = TrainLoop(config(out, save_every=4, resume="auto"), resumed_model, data, noisy_step).fit()
+    resumed = TrainLoop(
+        config(out, save_every=4, resume="auto"), resumed_model, data, noisy_step
+    ).fit()
     assert [r["step"] for r in resumed] == list(range(5, 11))
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full[4:]]  # bit for bit
     assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in full[4:]]
@@ -79,12 +84,19 @@ def test_interrupted_and_resumed_run_gives_bit_identical_losses(tmp_path):
 def test_resume_refuses_other_batching(tmp_path):
     TrainLoop(config(tmp_path, max_steps=1), TinyReward(), batches(10), step_fn).fit()
     with pytest.raises(ValueError, match="micro_batches_per_step=2, this run has 4.*grad_accum"):
-        TrainLoop(config(tmp_path, grad_accum=4, resume="auto"), TinyReward(), batches(10), step_fn).fit()
+        TrainLoop(
+            config(tmp_path, grad_accum=4, resume="auto"), TinyReward(), batches(10), step_fn
+        ).fit()
 
 
 def test_losses_are_weighted_means_over_the_global_batch(tmp_path):
     data = batches(4)
-    loop = TrainLoop(config(tmp_path, grad_accum=4, epochs=1, shuffle=False, lr=0.0, schedule="constant"), TinyReward(), data, step_fn)
+    loop = TrainLoop(
+        config(tmp_path, grad_accum=4, epochs=1, shuffle=False, lr=0.0, schedule="constant"),
+        TinyReward(),
+        data,
+        step_fn,
+    )
     model = TinyReward()  # same seed: the same weights as the loop's model before its step
     sq, n = 0.0, 0
     with torch.no_grad():
@@ -99,14 +111,19 @@ def test_losses_are_weighted_means_over_the_global_batch(tmp_path):
 
 def test_schedule_warmup_then_cosine_to_min_lr(tmp_path):
     kw = dict(total_steps=10, warmup_steps=2, lr=1.0, min_lr=0.1)
-    assert lr_factor(0, schedule="cosine", **kw) == 0.5 and lr_factor(1, schedule="cosine", **kw) == 1.0
+    assert (
+        lr_factor(0, schedule="cosine", **kw) == 0.5
+        and lr_factor(1, schedule="cosine", **kw) == 1.0
+    )
     assert lr_factor(2, schedule="cosine", **kw) == 1.0
     assert lr_factor(10, schedule="cosine", **kw) == pytest.approx(0.1)
     assert lr_factor(6, schedule="cosine", **kw) == pytest.approx(0.55)
     assert lr_factor(7, schedule="constant", **kw) == 1.0
     history = TrainLoop(config(tmp_path), TinyReward(), batches(10), step_fn).fit()
-    expected = [1e-2 * lr_factor(s, total_steps=10, warmup_steps=2, schedule="cosine", lr=1e-2, min_lr=1e-3)
-                for s in range(10)]
+    expected = [
+        1e-2 * lr_factor(s, total_steps=10, warmup_steps=2, schedule="cosine", lr=1e-2, min_lr=1e-3)
+        for s in range(10)
+    ]
     assert [r["lr"] for r in history] == pytest.approx(expected, rel=1e-12)
 
 
@@ -122,7 +139,9 @@ def test_non_finite_loss_stops_naming_step_and_rows_and_keeps_last_good_state(tm
     again = TinyReward(seed=9)
     state = Checkpointer(tmp_path).load(ckpt, model=again)
     assert state["step"] == 2 and all(torch.isfinite(p).all() for p in again.parameters())
-    assert all(torch.equal(p, q) for p, q in zip(again.parameters(), model.parameters()))  # no update applied
+    assert all(
+        torch.equal(p, q) for p, q in zip(again.parameters(), model.parameters())
+    )  # no update applied
 
 
 def test_non_finite_gradient_stops_the_run(tmp_path):
@@ -140,12 +159,27 @@ def test_eval_hook_and_metrics_file(tmp_path):
         seen.append(model.training)
         return {"accuracy": 0.5}
 
-    history = TrainLoop(config(tmp_path, epochs=1, eval_every=2), TinyReward(), batches(10), step_fn,
-                        evaluate=evaluate).fit()
+    history = TrainLoop(
+        config(tmp_path, epochs=1, eval_every=2),
+        TinyReward(),
+        batches(10),
+        step_fn,
+        evaluate=evaluate,
+    ).fit()
     assert [("eval_accuracy" in r) for r in history] == [False, True, False, True, True]
     assert seen == [False, False, False]
     record = read_metrics(tmp_path / "metrics.jsonl")[0]
-    for key in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "step_s", "peak_mem_mb", "reward_mean"):
+    for key in (
+        "step",
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens",
+        "tokens_per_s",
+        "step_s",
+        "peak_mem_mb",
+        "reward_mean",
+    ):
         assert key in record
     assert (tmp_path / "config.toml").is_file()
 
@@ -166,24 +200,49 @@ def test_ddp_two_processes_match_one_on_the_same_global_batch(tmp_path):
     port = _free_port()
     procs = []
     for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-                   PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), str(Path(__file__).parent)]))
-        procs.append(subprocess.Popen([sys.executable, str(worker), str(tmp_path / "ddp"), "1"], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+            PYTHONPATH=os.pathsep.join(
+                [str(Path(__file__).parents[1]), str(Path(__file__).parent)]
+            ),
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(worker), str(tmp_path / "ddp"), "1"],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
     two = json.loads((tmp_path / "ddp" / "losses.json").read_text())
-    one = TrainLoop(config(tmp_path / "one", grad_accum=2), TinyReward(tie=True), batches(12), step_fn).fit()
+    one = TrainLoop(
+        config(tmp_path / "one", grad_accum=2), TinyReward(tie=True), batches(12), step_fn
+    ).fit()
     assert len(two) == len(one) == 12
     assert two == pytest.approx([r["loss"] for r in one], rel=1e-5)
 
 
 def test_activation_checkpointing_gives_the_same_losses(tmp_path):
     plain = TrainLoop(config(tmp_path / "a", max_steps=3), TinyReward(), batches(10), step_fn)
-    recomputed = TrainLoop(config(tmp_path / "b", max_steps=3, activation_checkpointing=True), TinyReward(),
-                           batches(10), step_fn)
-    assert recomputed.model.trunk.activation_checkpointing and not plain.model.trunk.activation_checkpointing
+    recomputed = TrainLoop(
+        config(tmp_path / "b", max_steps=3, activation_checkpointing=True),
+        TinyReward(),
+        batches(10),
+        step_fn,
+    )
+    assert (
+        recomputed.model.trunk.activation_checkpointing
+        and not plain.model.trunk.activation_checkpointing
+    )
     assert [r["loss"] for r in plain.fit()] == [r["loss"] for r in recomputed.fit()]
 
 
@@ -234,23 +293,33 @@ def test_subclass_state_survives_a_resume(tmp_path):
             raise _Crash()
         return step_fn(model, batch)
 
-    loop = CountingLoop(config(tmp_path, epochs=1, save_every=2), TinyReward(), batches(10), crash_in_step_4)
+    loop = CountingLoop(
+        config(tmp_path, epochs=1, save_every=2), TinyReward(), batches(10), crash_in_step_4
+    )
     with pytest.raises(_Crash):
         loop.fit()
-    resumed = CountingLoop(config(tmp_path, epochs=1, resume="auto"), TinyReward(), batches(10), step_fn)
+    resumed = CountingLoop(
+        config(tmp_path, epochs=1, resume="auto"), TinyReward(), batches(10), step_fn
+    )
     assert [r["step"] for r in resumed.fit()] == [3, 4, 5] and resumed.made == 2 + 3
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_resume_from_a_named_checkpoint_into_another_run(tmp_path, device):
     data = batches(10)
-    full_loop = TrainLoop(config(tmp_path / "full", device=device, save_every=4), TinyReward(), data, noisy_step)
+    full_loop = TrainLoop(
+        config(tmp_path / "full", device=device, save_every=4), TinyReward(), data, noisy_step
+    )
     if device == "cuda":
         assert full_loop.optimizer.defaults["fused"] and full_loop._autocast() is not None
     full = full_loop.fit()
     step8 = tmp_path / "full" / "checkpoints" / "step-00000008"
-    rest = TrainLoop(config(tmp_path / "rest", device=device, save_every=4, resume=str(step8)), TinyReward(seed=3),
-                     data, noisy_step).fit()
+    rest = TrainLoop(
+        config(tmp_path / "rest", device=device, save_every=4, resume=str(step8)),
+        TinyReward(seed=3),
+        data,
+        noisy_step,
+    ).fit()
     assert [r["step"] for r in rest] == [9, 10]
     if device == "cpu":
         assert [r["loss"] for r in rest] == [r["loss"] for r in full[8:]]
@@ -272,7 +341,10 @@ def test_move_to_reaches_every_tensor():
         meta: dict
         name: str = "x"
 
-    batch = {"p": Pair(torch.ones(1), [torch.zeros(2), 3]), "d": Packed(torch.ones(2), {"t": (torch.ones(1),)})}
+    batch = {
+        "p": Pair(torch.ones(1), [torch.zeros(2), 3]),
+        "d": Packed(torch.ones(2), {"t": (torch.ones(1),)}),
+    }
     moved = move_to(batch, torch.device("meta"))
     assert moved["p"].a.is_meta and moved["p"].b[0].is_meta and moved["p"].b[1] == 3
     assert isinstance(moved["p"], Pair) and isinstance(moved["d"], Packed)

@@ -1,12 +1,18 @@
 """Reward losses against independent float64 formulas (element loops, boolean indexing), forward
 and backward, on awkward sizes, with ties and masked attributes."""
+
 import math
 
 import pytest
 import torch
 
 from nemokern.train.losses import (
-    ATTRIBUTES, HELPFULNESS, IGNORE_LABEL, bradley_terry_loss, pair_accuracy, regression_loss,
+    ATTRIBUTES,
+    HELPFULNESS,
+    IGNORE_LABEL,
+    bradley_terry_loss,
+    pair_accuracy,
+    regression_loss,
 )
 
 
@@ -18,18 +24,32 @@ def _labels(g, b, k, p_masked):
 
 def _regression_ref(out, labels, columns):
     # Python sum over the (row, column) pairs that carry a label.
-    terms = [(out[i, j] - labels[i, j]) ** 2 for i in range(out.shape[0]) for j in range(out.shape[1])
-             if labels[i, j] != IGNORE_LABEL and (columns is None or j in columns)]
+    terms = [
+        (out[i, j] - labels[i, j]) ** 2
+        for i in range(out.shape[0])
+        for j in range(out.shape[1])
+        if labels[i, j] != IGNORE_LABEL and (columns is None or j in columns)
+    ]
     return sum(terms) / len(terms) if terms else out.sum() * 0, len(terms)
 
 
-@pytest.mark.parametrize("b,k,columns", [(1, 9, None), (13, 9, None), (37, 9, (HELPFULNESS,)),
-                                         (7, 3, (0, 2)), (29, 9, (4, 5, 6, 7, 8))])
+@pytest.mark.parametrize(
+    "b,k,columns",
+    [
+        (1, 9, None),
+        (13, 9, None),
+        (37, 9, (HELPFULNESS,)),
+        (7, 3, (0, 2)),
+        (29, 9, (4, 5, 6, 7, 8)),
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_regression_matches_float64_formula(b, k, columns, dtype):
     g = torch.Generator().manual_seed(b * 100 + k)
     labels = _labels(g, b, k, 0.35)
-    labels[:, :4] = IGNORE_LABEL if k == 9 else labels[:, :4]  # HelpSteer2: the first four unlabelled
+    labels[:, :4] = (
+        IGNORE_LABEL if k == 9 else labels[:, :4]
+    )  # HelpSteer2: the first four unlabelled
     base = torch.randn(b, k, generator=g, dtype=torch.float64) * 2 + 2
     out = base.to(dtype).requires_grad_()
     ref_in = base.to(dtype).double().requires_grad_()
@@ -93,7 +113,10 @@ def test_bradley_terry_matches_float64_formula(p, kind, dtype):
     if p > 1:
         strength[0] = 0  # at least one tie
     rc, rr = rc0.to(dtype).requires_grad_(), rr0.to(dtype).requires_grad_()
-    rc_ref, rr_ref = rc0.to(dtype).double().requires_grad_(), rr0.to(dtype).double().requires_grad_()
+    rc_ref, rr_ref = (
+        rc0.to(dtype).double().requires_grad_(),
+        rr0.to(dtype).double().requires_grad_(),
+    )
     value = bradley_terry_loss(rc, rr, strength, kind=kind)
     ref, n = _bt_ref(rc_ref, rr_ref, strength, kind)
     assert int(value.count) == n
@@ -122,7 +145,9 @@ def test_bradley_terry_gradcheck_each_kind():
     rr = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
     s = torch.tensor([-3, 0, 1, 2, -1, 3])
     for kind in ("regular", "margin", "scaled"):
-        assert torch.autograd.gradcheck(lambda a, b: bradley_terry_loss(a, b, s, kind=kind).loss, (rc, rr))
+        assert torch.autograd.gradcheck(
+            lambda a, b: bradley_terry_loss(a, b, s, kind=kind).loss, (rc, rr)
+        )
 
 
 def test_bradley_terry_all_ties_is_zero():
@@ -136,7 +161,9 @@ def test_bradley_terry_margin_and_scaled_differ_as_the_recipe_says():
     rc, rr, s = torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([-2])
     reg = bradley_terry_loss(rc, rr, s).loss.item()
     assert bradley_terry_loss(rc, rr, s, kind="scaled").loss.item() == pytest.approx(2 * reg)
-    assert bradley_terry_loss(rc, rr, s, kind="margin").loss.item() == pytest.approx(math.log1p(math.exp(1.0)))
+    assert bradley_terry_loss(rc, rr, s, kind="margin").loss.item() == pytest.approx(
+        math.log1p(math.exp(1.0))
+    )
 
 
 def test_bradley_terry_errors():

@@ -1,4 +1,5 @@
 """RewardTrainer end to end on the synthetic task (tiny Llama, byte tokenizer, CPU)."""
+
 import json
 
 import pytest
@@ -12,8 +13,14 @@ from nemokern.train.reward import RewardConfig, RewardTrainer
 
 
 def config(tmp_path, data, **kw):
-    base = dict(data=str(data), out=str(tmp_path / "run"), lr=3e-3, rows_per_batch=8,
-                progress=False, tensorboard=False)
+    base = dict(
+        data=str(data),
+        out=str(tmp_path / "run"),
+        lr=3e-3,
+        rows_per_batch=8,
+        progress=False,
+        tensorboard=False,
+    )
     base.update(kw)
     return RewardConfig(**base)
 
@@ -43,8 +50,14 @@ def test_helpfulness_regression_and_init_carries_the_head(tmp_path, files):
     stage1 = config(tmp_path / "s1", files["rows"], loss="helpfulness", max_steps=2)
     RewardTrainer(stage1).fit()
     saved = RewardModel.from_pretrained(tmp_path / "s1" / "run" / "final")
-    stage2 = config(tmp_path / "s2", files["pairs"], loss="scaled-bt", max_steps=1,
-                    init=str(tmp_path / "s1" / "run" / "final"), lr=0.0)
+    stage2 = config(
+        tmp_path / "s2",
+        files["pairs"],
+        loss="scaled-bt",
+        max_steps=1,
+        init=str(tmp_path / "s1" / "run" / "final"),
+        lr=0.0,
+    )
     trainer = RewardTrainer(stage2)
     assert torch.equal(trainer.model.head.weight, saved.head.weight)  # the head came along
     trainer.fit()
@@ -56,11 +69,14 @@ def test_eval_on_rewardbench_pairs_reports_accuracy(tmp_path, files):
     assert 0.0 <= history[-1]["eval_accuracy"] <= 1.0
 
 
-@pytest.mark.parametrize("loss, data, match", [
-    ("bt", "rows", "--loss: bt needs preference pairs"),
-    ("regression", "pairs", "--loss: regression needs attribute labels"),
-    ("scaled-bt", "rb", "--loss: scaled-bt needs preference strengths"),
-])
+@pytest.mark.parametrize(
+    "loss, data, match",
+    [
+        ("bt", "rows", "--loss: bt needs preference pairs"),
+        ("regression", "pairs", "--loss: regression needs attribute labels"),
+        ("scaled-bt", "rb", "--loss: scaled-bt needs preference strengths"),
+    ],
+)
 def test_loss_that_does_not_fit_the_data_is_refused(tmp_path, files, loss, data, match):
     with pytest.raises(ConfigError, match=match):
         RewardTrainer(config(tmp_path, files[data], loss=loss))
@@ -68,11 +84,13 @@ def test_loss_that_does_not_fit_the_data_is_refused(tmp_path, files, loss, data,
 
 def test_resume_continues_exactly(tmp_path, files):
     full = RewardTrainer(config(tmp_path / "a", files["pairs"], loss="bt", max_steps=4)).fit()
-    RewardTrainer(config(tmp_path / "b", files["pairs"], loss="bt", max_steps=2,
-                         save_every=1)).fit()
+    RewardTrainer(
+        config(tmp_path / "b", files["pairs"], loss="bt", max_steps=2, save_every=1)
+    ).fit()
     # the same run, told to go to 4 steps, continues from step 2's checkpoint
-    rest = RewardTrainer(config(tmp_path / "b", files["pairs"], loss="bt", max_steps=4,
-                                resume="auto")).fit()
+    rest = RewardTrainer(
+        config(tmp_path / "b", files["pairs"], loss="bt", max_steps=4, resume="auto")
+    ).fit()
     assert [h["step"] for h in rest] == [3, 4]
     assert [h["loss"] for h in rest] == [h["loss"] for h in full[2:]]
 

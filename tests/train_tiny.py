@@ -3,6 +3,7 @@
 Imported by tests/test_train_loop.py; run as a script (one process per rank, env:// like torchrun)
 by its DDP test: `train_tiny.py OUT GRAD_ACCUM` trains and rank 0 writes OUT/losses.json.
 """
+
 import json
 import sys
 
@@ -23,8 +24,14 @@ class TinyReward(nn.Module):
     def __init__(self, seed=0, tie=False):
         super().__init__()
         torch.manual_seed(seed)
-        cfg = LlamaConfig.tiny(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_attention_heads=4,
-                               num_key_value_heads=2, tie_word_embeddings=tie)
+        cfg = LlamaConfig.tiny(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=48,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=tie,
+        )
         self.trunk = Llama(cfg)
         if not tie:
             self.trunk.lm_head.weight.requires_grad_(False)  # unused by the reward: frozen
@@ -47,21 +54,42 @@ def batches(n=10, seed=1, poison=None):
         labels[torch.rand(b, K, generator=g) < 0.2] = -100
         if poison == i:
             labels[0, 0] = float("nan")
-        out.append({"ids": torch.randint(0, VOCAB, (b, t), generator=g), "labels": labels,
-                    "rows": list(range(100 * i, 100 * i + b))})
+        out.append(
+            {
+                "ids": torch.randint(0, VOCAB, (b, t), generator=g),
+                "labels": labels,
+                "rows": list(range(100 * i, 100 * i + b)),
+            }
+        )
     return out
 
 
 def step_fn(model, batch):
     rewards = model(batch["ids"])
     value = regression_loss(rewards, batch["labels"])
-    return StepOutput(value.loss, weight=value.count, tokens=batch["ids"].numel(), rows=batch["rows"],
-                      metrics={"reward_mean": rewards.detach().mean()})
+    return StepOutput(
+        value.loss,
+        weight=value.count,
+        tokens=batch["ids"].numel(),
+        rows=batch["rows"],
+        metrics={"reward_mean": rewards.detach().mean()},
+    )
 
 
 def config(out, **kw):
-    base = dict(out=str(out), lr=1e-2, weight_decay=0.1, schedule="cosine", warmup_steps=2, min_lr=1e-3,
-                grad_accum=2, epochs=2, progress=False, tensorboard=False, device="cpu")
+    base = dict(
+        out=str(out),
+        lr=1e-2,
+        weight_decay=0.1,
+        schedule="cosine",
+        warmup_steps=2,
+        min_lr=1e-3,
+        grad_accum=2,
+        epochs=2,
+        progress=False,
+        tensorboard=False,
+        device="cpu",
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -69,8 +97,9 @@ def config(out, **kw):
 if __name__ == "__main__":
     torch.set_num_threads(1)
     out, accum = sys.argv[1], int(sys.argv[2])
-    history = TrainLoop(config(out, grad_accum=accum, shuffle=True), TinyReward(tie=True), batches(12),
-                        step_fn).fit()
+    history = TrainLoop(
+        config(out, grad_accum=accum, shuffle=True), TinyReward(tie=True), batches(12), step_fn
+    ).fit()
     if torch.distributed.get_rank() == 0:
         with open(f"{out}/losses.json", "w") as f:
             json.dump([r["loss"] for r in history], f)

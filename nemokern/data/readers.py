@@ -161,7 +161,9 @@ def _raw_rows(source) -> Iterator[tuple[str, Any]]:
             yield f"{path} row {i}", row
         return
     if not path.endswith((".jsonl", ".jsonl.gz")):
-        raise ValueError(f"data file {path!r}: unknown format; expected one of {', '.join(_SUFFIXES)}")
+        raise ValueError(
+            f"data file {path!r}: unknown format; expected one of {', '.join(_SUFFIXES)}"
+        )
     opener = gzip.open if path.endswith(".gz") else open
     n = 0
     try:
@@ -255,19 +257,34 @@ def _turns(value, where: str, name: str, default_role: str) -> tuple[dict, ...]:
             raise DataError(where, name, empty)
         turns = []
         for i, t in enumerate(value):
-            if not (isinstance(t, dict) and isinstance(t.get("role"), str)
-                    and isinstance(t.get("content"), str)):
-                raise DataError(where, name, BAD_VALUE,
-                                f"turn {i} must be {{'role': str, 'content': str}}, got {t!r:.80}")
+            if not (
+                isinstance(t, dict)
+                and isinstance(t.get("role"), str)
+                and isinstance(t.get("content"), str)
+            ):
+                raise DataError(
+                    where,
+                    name,
+                    BAD_VALUE,
+                    f"turn {i} must be {{'role': str, 'content': str}}, got {t!r:.80}",
+                )
             if t["role"] not in CHAT_ROLES:
-                raise DataError(where, name, BAD_VALUE,
-                                f"turn {i} has role {t['role']!r}; expected one of {CHAT_ROLES}")
+                raise DataError(
+                    where,
+                    name,
+                    BAD_VALUE,
+                    f"turn {i} has role {t['role']!r}; expected one of {CHAT_ROLES}",
+                )
             turns.append({"role": t["role"], "content": t["content"]})
         if not any(t["content"].strip() for t in turns):
             raise DataError(where, name, empty)
         return tuple(turns)
-    raise DataError(where, name, BAD_VALUE,
-                    f"expected a string or a list of chat turns, got {type(value).__name__}")
+    raise DataError(
+        where,
+        name,
+        BAD_VALUE,
+        f"expected a string or a list of chat turns, got {type(value).__name__}",
+    )
 
 
 def _number(value, where: str, name: str, lo: float, hi: float, reason: str) -> float:
@@ -281,8 +298,9 @@ def _number(value, where: str, name: str, lo: float, hi: float, reason: str) -> 
 def _require(row: dict, layout: str, where: str) -> None:
     for name in _REQUIRED[layout]:
         if name not in row or row[name] is None:
-            raise DataError(where, name, MISSING_COLUMN,
-                            f"a {layout} row needs {', '.join(_REQUIRED[layout])}")
+            raise DataError(
+                where, name, MISSING_COLUMN, f"a {layout} row needs {', '.join(_REQUIRED[layout])}"
+            )
 
 
 def _optional_str(row: dict, name: str) -> str | None:
@@ -295,7 +313,9 @@ def row_to_example(row, layout: str, where: str):
     if isinstance(row, DataError):
         raise row
     if not isinstance(row, dict):
-        raise DataError(where, None, INVALID_JSON, f"expected a JSON object, got {type(row).__name__}")
+        raise DataError(
+            where, None, INVALID_JSON, f"expected a JSON object, got {type(row).__name__}"
+        )
     _require(row, layout, where)
     prompt = _turns(row["prompt"], where, "prompt", "user")
     if layout == "helpsteer2":
@@ -303,28 +323,51 @@ def row_to_example(row, layout: str, where: str):
         labels = []
         for name in ATTRIBUTES:
             value = row.get(name)
-            labels.append(MISSING_LABEL if value is None
-                          else _number(value, where, name, 0, 4, LABEL_RANGE))
+            labels.append(
+                MISSING_LABEL if value is None else _number(value, where, name, 0, 4, LABEL_RANGE)
+            )
         return RegressionExample(prompt + response, len(prompt), tuple(labels), where)
     if layout == "hs2-preference":
         r1 = _turns(row["response_1"], where, "response_1", "assistant")
         r2 = _turns(row["response_2"], where, "response_2", "assistant")
         s = _number(row["preference_strength"], where, "preference_strength", -3, 3, STRENGTH_RANGE)
         chosen, rejected = (r1, r2) if s < 0 else (r2, r1)
-        return PreferencePair(prompt, chosen, rejected, abs(s), where,
-                              subset=_optional_str(row, "subset"), id=_optional_str(row, "id"),
-                              split=_optional_str(row, "split"))
+        return PreferencePair(
+            prompt,
+            chosen,
+            rejected,
+            abs(s),
+            where,
+            subset=_optional_str(row, "subset"),
+            id=_optional_str(row, "id"),
+            split=_optional_str(row, "split"),
+        )
     if layout == "pairs":
         chosen = _turns(row["chosen"], where, "chosen", "assistant")
         rejected = _turns(row["rejected"], where, "rejected", "assistant")
-        return PreferencePair(prompt, chosen, rejected, DEFAULT_PAIR_STRENGTH, where,
-                              subset=_optional_str(row, "subset"), id=_optional_str(row, "id"),
-                              split=_optional_str(row, "split"))
-    raise ValueError(f"unknown data layout {layout!r}; expected auto or one of {', '.join(LAYOUTS)}")
+        return PreferencePair(
+            prompt,
+            chosen,
+            rejected,
+            DEFAULT_PAIR_STRENGTH,
+            where,
+            subset=_optional_str(row, "subset"),
+            id=_optional_str(row, "id"),
+            split=_optional_str(row, "split"),
+        )
+    raise ValueError(
+        f"unknown data layout {layout!r}; expected auto or one of {', '.join(LAYOUTS)}"
+    )
 
 
-def read_examples(source, layout: str = "auto", *, skip_bad_rows: bool = False,
-                  split: str | None = None, max_reported: int = 5) -> ReadResult:
+def read_examples(
+    source,
+    layout: str = "auto",
+    *,
+    skip_bad_rows: bool = False,
+    split: str | None = None,
+    max_reported: int = 5,
+) -> ReadResult:
     """Read every row of `source` (path or iterable of dicts) into examples of one layout.
 
     layout: "auto" or one of LAYOUTS. split: keep only rows whose `split` column equals it (rows
@@ -332,7 +375,9 @@ def read_examples(source, layout: str = "auto", *, skip_bad_rows: bool = False,
     DataError at the first; the first `max_reported` messages are kept for the summary.
     """
     if layout != "auto" and layout not in LAYOUTS:
-        raise ValueError(f"unknown data layout {layout!r}; expected auto or one of {', '.join(LAYOUTS)}")
+        raise ValueError(
+            f"unknown data layout {layout!r}; expected auto or one of {', '.join(LAYOUTS)}"
+        )
     result = ReadResult(source_name(source), layout, layout == "auto", ())
     for where, row in _raw_rows(source):
         result.rows_read += 1
@@ -360,8 +405,10 @@ def read_examples(source, layout: str = "auto", *, skip_bad_rows: bool = False,
     if not result.rows_read:
         raise ValueError(f"data source {result.source} has no rows")
     if result.layout == "auto":
-        raise ValueError(f"{result.source}: no row could be read to detect the layout "
-                         f"({sum(result.bad_rows.values())} bad rows); {result.bad_examples[:1]}")
+        raise ValueError(
+            f"{result.source}: no row could be read to detect the layout "
+            f"({sum(result.bad_rows.values())} bad rows); {result.bad_examples[:1]}"
+        )
     return result
 
 

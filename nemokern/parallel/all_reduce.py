@@ -24,9 +24,8 @@ up, i.e. at its first custom all-reduce; give every rank the same values):
     NEMOKERN_ALLREDUCE_TIMEOUT=S          seconds to wait for a peer before TimeoutError (300)
     NEMOKERN_ALLREDUCE_ONE_SHOT_BYTES=N   one-shot below N bytes, reduce-scatter + all-gather above
     NEMOKERN_SHM_CHUNK_BYTES=N            CPU workspace bytes per rank and parity (4 MiB)
-
-Must never import nemokern.model, data, train or cli.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -40,35 +39,19 @@ import weakref
 import torch
 import torch.distributed as dist
 
+from nemokern import env
+
 MiB = 1 << 20
 SHM_PREFIX = "nemokern_ar_"
-_DEFAULTS = {
-    "NEMOKERN_ALLREDUCE_MAX_BYTES": 16 * MiB,
-    "NEMOKERN_ALLREDUCE_ONE_SHOT_BYTES": 256 * 1024,
-    "NEMOKERN_SHM_CHUNK_BYTES": 4 * MiB,
-}
-
-
-def _env_number(name: str, default: float, cast=int):
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = cast(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number; unset it or give e.g. {default}") from None
-    if value <= 0:
-        raise ValueError(f"{name}={raw!r} must be positive")
-    return value
 
 
 def custom_enabled() -> bool:
-    """False when NEMOKERN_CUSTOM_ALLREDUCE=0 (or false/off/no) turns the fast path off."""
-    return os.environ.get("NEMOKERN_CUSTOM_ALLREDUCE", "1").strip().lower() not in ("0", "false", "off", "no")
+    """False when NEMOKERN_CUSTOM_ALLREDUCE=0 (or false/off) turns the fast path off."""
+    return env.flag("NEMOKERN_CUSTOM_ALLREDUCE")
 
 
 def max_custom_bytes() -> int:
-    return _env_number("NEMOKERN_ALLREDUCE_MAX_BYTES", _DEFAULTS["NEMOKERN_ALLREDUCE_MAX_BYTES"])
+    return env.number("NEMOKERN_ALLREDUCE_MAX_BYTES")
 
 
 def _extension():
@@ -194,11 +177,9 @@ class _GroupState:
         args = dict(
             rank=self.rank,
             world_size=self.world,
-            chunk_bytes=_env_number("NEMOKERN_SHM_CHUNK_BYTES", _DEFAULTS["NEMOKERN_SHM_CHUNK_BYTES"]),
-            timeout_s=_env_number("NEMOKERN_ALLREDUCE_TIMEOUT", 300.0, float),
-            one_shot_max_bytes=_env_number(
-                "NEMOKERN_ALLREDUCE_ONE_SHOT_BYTES", _DEFAULTS["NEMOKERN_ALLREDUCE_ONE_SHOT_BYTES"]
-            ),
+            chunk_bytes=env.number("NEMOKERN_SHM_CHUNK_BYTES"),
+            timeout_s=env.number("NEMOKERN_ALLREDUCE_TIMEOUT"),
+            one_shot_max_bytes=env.number("NEMOKERN_ALLREDUCE_ONE_SHOT_BYTES"),
         )
         comm, error, box = None, None, [None]
         if self.rank == 0:
@@ -234,10 +215,8 @@ class _GroupState:
                 world_size=self.world,
                 device=device.index if device.index is not None else torch.cuda.current_device(),
                 buffer_bytes=max_custom_bytes(),
-                timeout_s=_env_number("NEMOKERN_ALLREDUCE_TIMEOUT", 300.0, float),
-                one_shot_max_bytes=_env_number(
-                    "NEMOKERN_ALLREDUCE_ONE_SHOT_BYTES", _DEFAULTS["NEMOKERN_ALLREDUCE_ONE_SHOT_BYTES"]
-                ),
+                timeout_s=env.number("NEMOKERN_ALLREDUCE_TIMEOUT"),
+                one_shot_max_bytes=env.number("NEMOKERN_ALLREDUCE_ONE_SHOT_BYTES"),
             )
             handle = comm.ipc_handle()
         except Exception as exc:  # noqa: BLE001

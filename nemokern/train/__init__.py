@@ -1,14 +1,24 @@
-"""Trainers (reward, REINFORCE/RLOO), losses, ExPO and the training infrastructure they share:
-config (config.py), checkpoints (checkpoint.py), metrics (metrics.py) and the loop (loop.py).
+"""Training: the reward trainer (reward.py), ExPO (expo.py), the embedded demo (demo.py), the
+recipe's losses (losses.py), RewardBench scoring (rewardbench.py), checks of run options
+(options.py) and the infrastructure trainers share: config (config.py), checkpoints
+(checkpoint.py), metrics (metrics.py) and the loop (loop.py)."""
 
-Must never import nemokern.cli.
-"""
 from .checkpoint import Checkpointer, load_modules, save_modules
 from .config import ConfigError, TrainConfig, build_config, option, parse_config
 from .loop import NonFiniteError, StepOutput, TrainLoop
 from .metrics import MetricsLogger
 
 __all__ = [
-    "Checkpointer", "ConfigError", "MetricsLogger", "NonFiniteError", "StepOutput", "TrainConfig", "TrainLoop",
-    "build_config", "load_modules", "option", "parse_config", "save_modules",
+    "Checkpointer",
+    "ConfigError",
+    "MetricsLogger",
+    "NonFiniteError",
+    "StepOutput",
+    "TrainConfig",
+    "TrainLoop",
+    "build_config",
+    "load_modules",
+    "option",
+    "parse_config",
+    "save_modules",
 ]

@@ -12,6 +12,7 @@ It is built in a hidden temp directory, each file fsync'ed, then renamed into pl
 mid-save leaves the previous checkpoints intact; a directory without a manifest, or whose files do
 not match it, is incomplete and `load` names the file that is wrong.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,15 @@ MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"step-(\d{8})")
 
 __all__ = [
-    "CheckpointError", "Checkpointer", "decode_state", "encode_state", "get_rng_state", "load_modules",
-    "save_modules", "set_rng_state", "validate",
+    "CheckpointError",
+    "Checkpointer",
+    "decode_state",
+    "encode_state",
+    "get_rng_state",
+    "load_modules",
+    "save_modules",
+    "set_rng_state",
+    "validate",
 ]
 
 
@@ -58,16 +66,22 @@ def encode_state(obj, tensors: dict, key: str = "s"):
     if isinstance(obj, dict):
         if all(isinstance(k, str) and not k.startswith("__") for k in obj):
             return {k: encode_state(v, tensors, f"{key}.{k}") for k, v in obj.items()}
-        return {"__items__": [[encode_state(k, tensors, f"{key}.k{i}"), encode_state(v, tensors, f"{key}.{i}")]
-                              for i, (k, v) in enumerate(obj.items())]}
+        return {
+            "__items__": [
+                [encode_state(k, tensors, f"{key}.k{i}"), encode_state(v, tensors, f"{key}.{i}")]
+                for i, (k, v) in enumerate(obj.items())
+            ]
+        }
     if isinstance(obj, tuple):
         return {"__tuple__": [encode_state(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]}
     if isinstance(obj, list):
         return [encode_state(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
-    raise TypeError(f"checkpoint state {key}: cannot store a {type(obj).__name__} (only tensors, numbers, "
-                    "strings, lists, tuples, dicts and numpy arrays)")
+    raise TypeError(
+        f"checkpoint state {key}: cannot store a {type(obj).__name__} (only tensors, numbers, "
+        "strings, lists, tuples, dicts and numpy arrays)"
+    )
 
 
 def decode_state(obj, tensors: dict, where: str = "state"):
@@ -85,7 +99,10 @@ def decode_state(obj, tensors: dict, where: str = "state"):
     if "__tuple__" in obj:
         return tuple(decode_state(v, tensors, where) for v in obj["__tuple__"])
     if "__items__" in obj:
-        return {decode_state(k, tensors, where): decode_state(v, tensors, where) for k, v in obj["__items__"]}
+        return {
+            decode_state(k, tensors, where): decode_state(v, tensors, where)
+            for k, v in obj["__items__"]
+        }
     return {k: decode_state(v, tensors, where) for k, v in obj.items()}
 
 
@@ -113,13 +130,19 @@ def _read_tensors(path: Path) -> dict:
     try:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own error type for truncated/garbled files
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); the checkpoint is corrupt") from None
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({e}); the checkpoint is corrupt"
+        ) from None
 
 
 # ---- RNG ------------------------------------------------------------------------------------------
 def get_rng_state() -> dict:
     """Every generator a training step may draw from: python, numpy, torch CPU, CUDA (if initialised)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -148,7 +171,9 @@ def _rest_state(model: torch.nn.Module, parts: dict) -> dict[str, torch.Tensor]:
     for name, part in parts.items():
         prefix = f"{name}." if name else ""
         params = {id(p) for p in part.parameters()}
-        covered |= {prefix + k for k, v in part.state_dict(keep_vars=True).items() if id(v) in params}
+        covered |= {
+            prefix + k for k, v in part.state_dict(keep_vars=True).items() if id(v) in params
+        }
     return {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in covered}
 
 
@@ -160,7 +185,9 @@ def save_modules(model: torch.nn.Module, directory) -> None:
     parts = _hf_parts(model)
     for name, part in parts.items():
         part.save_pretrained(directory / (name or "model"))
-    rest = {k: v.detach().to("cpu").contiguous().clone() for k, v in _rest_state(model, parts).items()}
+    rest = {
+        k: v.detach().to("cpu").contiguous().clone() for k, v in _rest_state(model, parts).items()
+    }
     if rest or not parts:
         save_file(rest, str(directory / "modules.safetensors"))
 
@@ -177,13 +204,16 @@ def load_modules(model: torch.nn.Module, directory) -> None:
         loaded = set()
         assigned = weight_files(sub) if sub.is_dir() else None
         if assigned is None:
-            raise CheckpointError(f"{sub} is missing; the checkpoint has no weights for {name or 'the model'}")
+            raise CheckpointError(
+                f"{sub} is missing; the checkpoint has no weights for {name or 'the model'}"
+            )
         for file in dict.fromkeys(assigned.values()):
             try:
                 handle = safe_open(str(file), framework="pt", device="cpu")
             except Exception as e:  # safetensors' own error type for truncated/garbled headers
-                raise CheckpointError(f"{file}: not a readable safetensors file ({e}); the checkpoint is "
-                                      "corrupt") from None
+                raise CheckpointError(
+                    f"{file}: not a readable safetensors file ({e}); the checkpoint is corrupt"
+                ) from None
             with handle as f:
                 for key in f.keys():
                     if key not in expected:
@@ -199,16 +229,20 @@ def load_modules(model: torch.nn.Module, directory) -> None:
         return
     stored = _read_tensors(path)
     if set(stored) != set(rest):
-        raise CheckpointError(f"{path}: holds {sorted(set(stored) - set(rest))[:8]} unexpected and lacks "
-                              f"{sorted(set(rest) - set(stored))[:8]}; was it written for another model?")
+        raise CheckpointError(
+            f"{path}: holds {sorted(set(stored) - set(rest))[:8]} unexpected and lacks "
+            f"{sorted(set(rest) - set(stored))[:8]}; was it written for another model?"
+        )
     for key, target in rest.items():
         _copy(target, stored[key], path, key)
 
 
 def _copy(target: torch.Tensor, source: torch.Tensor, file, key) -> None:
     if tuple(source.shape) != tuple(target.shape):
-        raise CheckpointError(f"{file}: tensor {key!r} has shape {tuple(source.shape)}, the model has "
-                              f"{tuple(target.shape)}")
+        raise CheckpointError(
+            f"{file}: tensor {key!r} has shape {tuple(source.shape)}, the model has "
+            f"{tuple(target.shape)}"
+        )
     target.copy_(source)
 
 
@@ -231,8 +265,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _file_sizes(root: Path) -> dict[str, int]:
-    return {p.relative_to(root).as_posix(): p.stat().st_size for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != MANIFEST}
+    return {
+        p.relative_to(root).as_posix(): p.stat().st_size
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
 
 
 def validate(path) -> dict:
@@ -242,22 +279,32 @@ def validate(path) -> dict:
         raise CheckpointError(f"{path} is not a checkpoint directory")
     mpath = path / MANIFEST
     if not mpath.is_file():
-        raise CheckpointError(f"{mpath} is missing: the checkpoint is incomplete (a save interrupted before "
-                              "it finished); resume from an older one or with resume=auto")
+        raise CheckpointError(
+            f"{mpath} is missing: the checkpoint is incomplete (a save interrupted before "
+            "it finished); resume from an older one or with resume=auto"
+        )
     try:
         manifest = json.loads(mpath.read_text())
         files, step = manifest["files"], int(manifest["step"])
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{mpath}: not a nemokern checkpoint manifest ({e!r}); the checkpoint is corrupt") from None
+        raise CheckpointError(
+            f"{mpath}: not a nemokern checkpoint manifest ({e!r}); the checkpoint is corrupt"
+        ) from None
     if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{mpath}: format {manifest.get('format')!r}, this nemokern reads {FORMAT!r}")
+        raise CheckpointError(
+            f"{mpath}: format {manifest.get('format')!r}, this nemokern reads {FORMAT!r}"
+        )
     for rel, size in files.items():
         f = path / rel
         if not f.is_file():
-            raise CheckpointError(f"{f} is missing (listed in {mpath}); the checkpoint is incomplete")
+            raise CheckpointError(
+                f"{f} is missing (listed in {mpath}); the checkpoint is incomplete"
+            )
         if f.stat().st_size != size:
-            raise CheckpointError(f"{f} has {f.stat().st_size} bytes, {mpath} records {size}: the file is "
-                                  "truncated or was modified; the checkpoint is corrupt")
+            raise CheckpointError(
+                f"{f} has {f.stat().st_size} bytes, {mpath} records {size}: the file is "
+                "truncated or was modified; the checkpoint is corrupt"
+            )
     manifest["step"] = step
     return manifest
 
@@ -314,8 +361,16 @@ class Checkpointer:
         validate(path)
         return path
 
-    def save(self, step: int, *, model, optimizer=None, scheduler=None, state: dict | None = None,
-             rng: dict | None = None) -> Path:
+    def save(
+        self,
+        step: int,
+        *,
+        model,
+        optimizer=None,
+        scheduler=None,
+        state: dict | None = None,
+        rng: dict | None = None,
+    ) -> Path:
         """Write checkpoint `step` atomically and prune old ones; returns its directory.
 
         model: the unwrapped module. state: the trainer's own JSON/tensor state (data position, ...).
@@ -335,7 +390,9 @@ class Checkpointer:
                 _save_state(optimizer.state_dict(), tmp, "optimizer")
             if scheduler is not None:
                 _save_state(scheduler.state_dict(), tmp, "scheduler")
-            _save_state({"step": step, "world_size": self.world_size, **(state or {})}, tmp, "trainer")
+            _save_state(
+                {"step": step, "world_size": self.world_size, **(state or {})}, tmp, "trainer"
+            )
         self._barrier()
         if self.rank == 0:
             _fsync_tree(tmp)
@@ -354,7 +411,7 @@ class Checkpointer:
             else:
                 tmp.rename(final)
             _fsync_dir(self.root)
-            for _, old in self.complete()[:-self.keep_last]:
+            for _, old in self.complete()[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         self._barrier()
         return final
@@ -370,7 +427,9 @@ class Checkpointer:
             try:
                 optimizer.load_state_dict(sd)
             except (ValueError, KeyError) as e:
-                raise CheckpointError(f"{path / 'optimizer.json'}: does not fit this optimizer ({e})") from None
+                raise CheckpointError(
+                    f"{path / 'optimizer.json'}: does not fit this optimizer ({e})"
+                ) from None
         if scheduler is not None:
             scheduler.load_state_dict(_load_state(path, "scheduler"))
         state = _load_state(path, "trainer")

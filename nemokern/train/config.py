@@ -6,6 +6,7 @@ and "(default: ...)", and the TOML key (the field name). Precedence: dataclass d
 file < command line. `TrainConfig` holds what the shared training loop reads; a trainer's config
 subclasses it, adds its own fields and may override defaults (REINFORCE: lr 9e-7, cosine to 9e-8).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,30 +43,45 @@ class TrainConfig:
     out: str = option("runs/nemokern", "output directory: checkpoints/, metrics.jsonl, final/")
     seed: int = option(0, "seed of the model init, the data order and every sampler")
     epochs: int = option(1, "passes over the training data")
-    max_steps: int = option(0, "stop after this many optimizer steps (0: as many as the epochs give)")
+    max_steps: int = option(
+        0, "stop after this many optimizer steps (0: as many as the epochs give)"
+    )
     grad_accum: int = option(1, "micro-batches per optimizer step on each process")
-    lr: float = option(2e-6, "peak learning rate (recipe: 2e-6 regression, 1e-6 Bradley-Terry, "
-                             "9e-7 REINFORCE)")
-    schedule: str = option("constant", "learning-rate schedule after the warmup",
-                           choices=("constant", "cosine"))
+    lr: float = option(
+        2e-6, "peak learning rate (recipe: 2e-6 regression, 1e-6 Bradley-Terry, 9e-7 REINFORCE)"
+    )
+    schedule: str = option(
+        "constant", "learning-rate schedule after the warmup", choices=("constant", "cosine")
+    )
     warmup_steps: int = option(0, "linear warmup from 0 to lr over this many steps")
     min_lr: float = option(0.0, "final learning rate of the cosine schedule")
     betas: tuple[float, float] = option((0.9, 0.98), "AdamW betas")
     eps: float = option(1e-8, "AdamW epsilon")
     weight_decay: float = option(0.1, "AdamW decoupled weight decay")
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0: no clipping)")
-    optimizer_impl: str = option("auto", "AdamW implementation (auto: fused where the device has it, "
-                                         "else foreach)", choices=("auto", "fused", "foreach", "for-loop"))
+    optimizer_impl: str = option(
+        "auto",
+        "AdamW implementation (auto: fused where the device has it, else foreach)",
+        choices=("auto", "fused", "foreach", "for-loop"),
+    )
     bf16: bool = option(True, "bf16 autocast on CUDA (ignored on the CPU)")
     activation_checkpointing: bool = option(False, "recompute each layer in the backward pass")
-    device: str = option("auto", "cpu, cuda, cuda:N or auto (this process's GPU, cuda:LOCAL_RANK, when CUDA "
-                                 "is available, else the CPU)")
+    device: str = option(
+        "auto",
+        "cpu, cuda, cuda:N or auto (this process's GPU, cuda:LOCAL_RANK, when CUDA "
+        "is available, else the CPU)",
+    )
     shuffle: bool = option(True, "shuffle the micro-batch order each epoch (seeded)")
     save_every: int = option(0, "save a checkpoint every N steps (0: only at the end)")
     keep_last: int = option(2, "keep the newest K checkpoints")
-    resume: str = option("", "'' (start fresh), 'auto' (the newest complete checkpoint in OUT, if any) "
-                             "or a checkpoint directory")
-    eval_every: int = option(0, "evaluate every N steps (0: only at the end; needs an evaluation set)")
+    resume: str = option(
+        "",
+        "'' (start fresh), 'auto' (the newest complete checkpoint in OUT, if any) "
+        "or a checkpoint directory",
+    )
+    eval_every: int = option(
+        0, "evaluate every N steps (0: only at the end; needs an evaluation set)"
+    )
     progress: bool = option(True, "show a progress bar")
     tensorboard: bool = option(True, "also log to OUT/tensorboard when tensorboard is installed")
 
@@ -73,12 +89,23 @@ class TrainConfig:
         for name in ("epochs", "grad_accum", "keep_last"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} = {getattr(self, name)} must be at least 1")
-        for name in ("max_steps", "warmup_steps", "save_every", "eval_every", "lr", "min_lr", "eps",
-                     "weight_decay", "grad_clip"):
+        for name in (
+            "max_steps",
+            "warmup_steps",
+            "save_every",
+            "eval_every",
+            "lr",
+            "min_lr",
+            "eps",
+            "weight_decay",
+            "grad_clip",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} = {getattr(self, name)} must not be negative")
         if self.schedule == "cosine" and self.min_lr > self.lr:
-            raise ConfigError(f"min_lr = {self.min_lr} is above lr = {self.lr}; the cosine schedule decays to it")
+            raise ConfigError(
+                f"min_lr = {self.min_lr} is above lr = {self.lr}; the cosine schedule decays to it"
+            )
 
 
 def config_fields(cls) -> list[dataclasses.Field]:
@@ -117,23 +144,32 @@ def coerce(name: str, value, tp, choices=None, where: str = ""):
     elif origin is tuple:
         ok = isinstance(value, (list, tuple)) and len(value) == len(args)
         if ok:
-            value = tuple(coerce(f"{name}[{i}]", v, a, None, where) for i, (v, a) in enumerate(zip(value, args)))
+            value = tuple(
+                coerce(f"{name}[{i}]", v, a, None, where)
+                for i, (v, a) in enumerate(zip(value, args))
+            )
     elif origin is list:
         ok = isinstance(value, (list, tuple))
         if ok:
             value = [coerce(f"{name}[{i}]", v, args[0], None, where) for i, v in enumerate(value)]
     if not ok:
-        raise ConfigError(f"{prefix}{name} = {value!r} must be {_describe(tp)}"
-                          f"{f' of {len(args)} values' if origin is tuple else ''}")
+        raise ConfigError(
+            f"{prefix}{name} = {value!r} must be {_describe(tp)}"
+            f"{f' of {len(args)} values' if origin is tuple else ''}"
+        )
     if choices is not None and value not in choices:
-        raise ConfigError(f"{prefix}{name} = {value!r} is not one of {', '.join(map(str, choices))}")
+        raise ConfigError(
+            f"{prefix}{name} = {value!r} is not one of {', '.join(map(str, choices))}"
+        )
     return value
 
 
 def _unknown(key: str, known, where: str) -> ConfigError:
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ConfigError(f"{where}: unknown key {key!r}{hint}; known keys: {', '.join(sorted(known))}")
+    return ConfigError(
+        f"{where}: unknown key {key!r}{hint}; known keys: {', '.join(sorted(known))}"
+    )
 
 
 def read_toml(cls, path) -> dict:
@@ -153,10 +189,14 @@ def read_toml(cls, path) -> dict:
         name = key.replace("-", "_")
         if name not in fields:
             if isinstance(value, dict):
-                raise ConfigError(f"{path}: [{key}] is a table; config keys are flat, write them at "
-                                  "the top of the file")
+                raise ConfigError(
+                    f"{path}: [{key}] is a table; config keys are flat, write them at "
+                    "the top of the file"
+                )
             raise _unknown(key, fields, str(path))
-        values[name] = coerce(key, value, hints[name], fields[name].metadata.get("choices"), str(path))
+        values[name] = coerce(
+            key, value, hints[name], fields[name].metadata.get("choices"), str(path)
+        )
     return values
 
 
@@ -166,9 +206,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> argparse.Argum
     Options carry no argparse default (argparse.SUPPRESS), so `build_config` can tell what the
     command line set; the help text shows the dataclass default, the one value used.
     """
-    parser.add_argument("--config", metavar="FILE.toml", default=argparse.SUPPRESS,
-                        help="read options from a flat TOML file (keys = option names with "
-                             "underscores); the command line wins")
+    parser.add_argument(
+        "--config",
+        metavar="FILE.toml",
+        default=argparse.SUPPRESS,
+        help="read options from a flat TOML file (keys = option names with "
+        "underscores); the command line wins",
+    )
     hints = _types(cls)
     for f in config_fields(cls):
         tp, flag = hints[f.name], "--" + f.name.replace("_", "-")
@@ -176,7 +220,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> argparse.Argum
             tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = " ".join(map(str, default)) if isinstance(default, (tuple, list)) else repr(default)
-        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{f.metadata.get('help', '')} (default: {shown})")
+        kw = dict(
+            dest=f.name,
+            default=argparse.SUPPRESS,
+            help=f"{f.metadata.get('help', '')} (default: {shown})",
+        )
         if f.metadata.get("choices"):
             kw["choices"] = f.metadata["choices"]
         if tp is bool:
@@ -185,7 +233,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> argparse.Argum
             args = typing.get_args(tp)
             parser.add_argument(flag, nargs=len(args), type=args[0], metavar=f.name.upper(), **kw)
         elif typing.get_origin(tp) is list:
-            parser.add_argument(flag, nargs="*", type=typing.get_args(tp)[0], metavar=f.name.upper(), **kw)
+            parser.add_argument(
+                flag, nargs="*", type=typing.get_args(tp)[0], metavar=f.name.upper(), **kw
+            )
         else:
             parser.add_argument(flag, type=tp, **kw)
     return parser
@@ -238,6 +288,9 @@ def _toml_value(value) -> str:
 
 def dump_toml(config, path) -> None:
     """Write a config as the flat TOML file `--config` reads back (None values are left out)."""
-    lines = [f"{f.name} = {_toml_value(getattr(config, f.name))}" for f in config_fields(type(config))
-             if getattr(config, f.name) is not None]
+    lines = [
+        f"{f.name} = {_toml_value(getattr(config, f.name))}"
+        for f in config_fields(type(config))
+        if getattr(config, f.name) is not None
+    ]
     Path(path).write_text("\n".join(lines) + "\n")

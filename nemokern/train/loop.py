@@ -9,6 +9,7 @@ A non-finite loss or gradient stops the run before the update, after saving the 
 Checkpoints every `save_every` steps and at the end; `resume` continues exactly where a checkpoint
 left off (same data order, RNG, optimizer and schedule: bit-identical losses on the CPU).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,10 +18,11 @@ import os
 import random
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import CheckpointError, Checkpointer, get_rng_state, save_modules
+from .checkpoint import Checkpointer, CheckpointError, get_rng_state, save_modules
 from .config import TrainConfig, dump_toml
 from .metrics import MetricsLogger, peak_memory_mb
 
@@ -41,12 +43,12 @@ class NonFiniteError(RuntimeError):
 class StepOutput:
     """What a step function returns for one micro-batch."""
 
-    loss: torch.Tensor                   # scalar, differentiable: the micro-batch's mean loss
-    weight: float | torch.Tensor = 1.0   # how many terms that mean is over (a LossValue's count)
+    loss: torch.Tensor  # scalar, differentiable: the micro-batch's mean loss
+    weight: float | torch.Tensor = 1.0  # how many terms that mean is over (a LossValue's count)
     # per-micro-batch means, e.g. accuracy; the same names on every micro-batch and process
     metrics: dict[str, Any] = field(default_factory=dict)
-    tokens: int | torch.Tensor = 0       # tokens processed (for tokens/s)
-    rows: Sequence | None = None         # the batch's row ids, named if its loss is not finite
+    tokens: int | torch.Tensor = 0  # tokens processed (for tokens/s)
+    rows: Sequence | None = None  # the batch's row ids, named if its loss is not finite
 
 
 @dataclass
@@ -90,8 +92,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def lr_factor(step: int, *, total_steps: int, warmup_steps: int, schedule: str, lr: float,
-              min_lr: float) -> float:
+def lr_factor(
+    step: int, *, total_steps: int, warmup_steps: int, schedule: str, lr: float, min_lr: float
+) -> float:
     """Multiplier of the peak lr for optimizer step `step` (0-based): linear warmup to 1 over
     warmup_steps (the first step already moves), then constant or cosine down to min_lr/lr."""
     if step < warmup_steps:
@@ -107,8 +110,10 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no parameter with requires_grad=True; nothing to train")
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     groups = [g for g in groups if g["params"]]
     kw = dict(lr=config.lr, betas=tuple(config.betas), eps=config.eps)
     impl = config.optimizer_impl
@@ -121,9 +126,17 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
 
 
 def build_scheduler(optimizer, config: TrainConfig, total_steps: int):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
-        s, total_steps=total_steps, warmup_steps=config.warmup_steps, schedule=config.schedule,
-        lr=config.lr, min_lr=config.min_lr))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: lr_factor(
+            s,
+            total_steps=total_steps,
+            warmup_steps=config.warmup_steps,
+            schedule=config.schedule,
+            lr=config.lr,
+            min_lr=config.min_lr,
+        ),
+    )
 
 
 def move_to(batch, device: torch.device):
@@ -137,8 +150,14 @@ def move_to(batch, device: torch.device):
     if isinstance(batch, (list, tuple)):
         return type(batch)(move_to(v, device) for v in batch)
     if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
-        return dataclasses.replace(batch, **{f.name: move_to(getattr(batch, f.name), device)
-                                             for f in dataclasses.fields(batch) if f.init})
+        return dataclasses.replace(
+            batch,
+            **{
+                f.name: move_to(getattr(batch, f.name), device)
+                for f in dataclasses.fields(batch)
+                if f.init
+            },
+        )
     return batch
 
 
@@ -172,8 +191,16 @@ class TrainLoop:
     find_unused_parameters: passed to DDP, for models with trainable parameters a loss never uses.
     """
 
-    def __init__(self, config: TrainConfig, model: nn.Module, data: Sequence, step_fn: StepFn, *,
-                 evaluate: Callable[[nn.Module], dict] | None = None, find_unused_parameters: bool = False):
+    def __init__(
+        self,
+        config: TrainConfig,
+        model: nn.Module,
+        data: Sequence,
+        step_fn: StepFn,
+        *,
+        evaluate: Callable[[nn.Module], dict] | None = None,
+        find_unused_parameters: bool = False,
+    ):
         self.config, self.data, self.step_fn, self.evaluate = config, data, step_fn, evaluate
         self.dist = setup_distributed(config.device)
         self.device = self.dist.device
@@ -181,14 +208,22 @@ class TrainLoop:
         if config.activation_checkpointing:
             enable_activation_checkpointing(model)
         self.model = model.to(self.device)
-        self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
-                                            else None, find_unused_parameters=find_unused_parameters)
-                    if self.dist.active else None)
+        self.ddp = (
+            DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=find_unused_parameters,
+            )
+            if self.dist.active
+            else None
+        )
         self.per_step = config.grad_accum * self.dist.world_size  # micro-batches per optimizer step
         if len(data) < self.per_step:
-            raise ValueError(f"{len(data)} micro-batches cannot fill one optimizer step of grad_accum="
-                             f"{config.grad_accum} x {self.dist.world_size} process(es); use smaller batches "
-                             "or a smaller grad_accum")
+            raise ValueError(
+                f"{len(data)} micro-batches cannot fill one optimizer step of grad_accum="
+                f"{config.grad_accum} x {self.dist.world_size} process(es); use smaller batches "
+                "or a smaller grad_accum"
+            )
         self.steps_per_epoch = len(data) // self.per_step
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
         self.optimizer = build_optimizer(self.model, config)
@@ -204,15 +239,17 @@ class TrainLoop:
         if self._epoch_order[0] != epoch:
             n = len(self.data)
             g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
-            order = torch.randperm(n, generator=g).tolist() if self.config.shuffle else list(range(n))
+            order = (
+                torch.randperm(n, generator=g).tolist() if self.config.shuffle else list(range(n))
+            )
             self._epoch_order = (epoch, order)
         return self._epoch_order[1]
 
     def micro_batch_indices(self, step: int) -> list[int]:
         """Indices into `data` of this process's micro-batches for optimizer step `step` (0-based)."""
         epoch, within = divmod(step, self.steps_per_epoch)
-        order = self._order(epoch)[within * self.per_step:(within + 1) * self.per_step]
-        return order[self.dist.rank::self.dist.world_size]
+        order = self._order(epoch)[within * self.per_step : (within + 1) * self.per_step]
+        return order[self.dist.rank :: self.dist.world_size]
 
     def micro_batches(self, step: int) -> list[tuple[Any, Any]]:
         """(id, micro-batch) pairs this process trains on in optimizer step `step` (0-based); the id
@@ -230,14 +267,26 @@ class TrainLoop:
         """Restore what extra_state returned."""
 
     def data_state(self, step: int) -> dict:
-        return {"step": step, "epoch": step // self.steps_per_epoch, "micro_batches": len(self.data),
-                "micro_batches_per_step": self.per_step, "shuffle": self.config.shuffle, "seed": self.config.seed}
+        return {
+            "step": step,
+            "epoch": step // self.steps_per_epoch,
+            "micro_batches": len(self.data),
+            "micro_batches_per_step": self.per_step,
+            "shuffle": self.config.shuffle,
+            "seed": self.config.seed,
+        }
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save(self, step: int | None = None, rng: dict | None = None) -> Path:
         step = self.step if step is None else step
-        path = self.checkpointer.save(step, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                      state={"data": self.data_state(step), "extra": self.extra_state()}, rng=rng)
+        path = self.checkpointer.save(
+            step,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            state={"data": self.data_state(step), "extra": self.extra_state()},
+            rng=rng,
+        )
         self.last_saved = step
         return path
 
@@ -255,13 +304,16 @@ class TrainLoop:
         path = self.checkpointer.resolve(self.config.resume)
         if path is None:
             return
-        state = self.checkpointer.load(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        state = self.checkpointer.load(
+            path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler
+        )
         saved, now = state["data"], self.data_state(state["step"])
         for key in ("micro_batches", "micro_batches_per_step", "shuffle", "seed"):
             if saved.get(key) != now[key]:
                 raise CheckpointError(
                     f"{path}: saved with {key}={saved.get(key)!r}, this run has {now[key]!r}; an exact "
-                    "resume needs the same data, batching, grad_accum x processes, shuffle and seed")
+                    "resume needs the same data, batching, grad_accum x processes, shuffle and seed"
+                )
         self.load_extra_state(state.get("extra", {}))
         self.step = self.last_saved = state["step"]
 
@@ -291,7 +343,7 @@ class TrainLoop:
         for j, (name, batch) in enumerate(micro):
             batch = move_to(batch, self.device)
             sync = self.ddp is None or j == len(micro) - 1
-            with (nullcontext() if sync else self.ddp.no_sync()):
+            with nullcontext() if sync else self.ddp.no_sync():
                 with self._autocast():
                     out = self.step_fn(module, batch)
                 w = torch.as_tensor(out.weight, device=self.device).detach().to(torch.float64)
@@ -302,12 +354,15 @@ class TrainLoop:
             loss_sum += loss * w
             tokens += torch.as_tensor(out.tokens, device=self.device, dtype=torch.float64)
             for k, v in out.metrics.items():
-                metric_sums[k] = metric_sums.get(k, zero) + torch.as_tensor(v, device=self.device).detach() * w
+                metric_sums[k] = (
+                    metric_sums.get(k, zero) + torch.as_tensor(v, device=self.device).detach() * w
+                )
             rows.append(list(out.rows) if out.rows is not None else name)
         bad_local = (~torch.stack(finite)).sum()
         names = sorted(metric_sums)
         total_w, total_loss, total_tokens, n_bad, *msums = self._reduce(
-            [weight_sum, loss_sum, tokens, bad_local, *(metric_sums[k] for k in names)])
+            [weight_sum, loss_sum, tokens, bad_local, *(metric_sums[k] for k in names)]
+        )
         if n_bad:
             bad_rows = [r for r, ok in zip(rows, finite) if not ok]
             self._stop(step, "loss", rng_before, bad_rows)
@@ -318,7 +373,9 @@ class TrainLoop:
                 if p.grad is not None:
                     p.grad.mul_(scale)
         params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        )
         grad_norm = float(grad_norm)
         if not math.isfinite(grad_norm):
             self._stop(step, f"gradient (norm {grad_norm})", rng_before, rows)
@@ -335,11 +392,18 @@ class TrainLoop:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - t0
-        metrics = {"epoch": step // self.steps_per_epoch, "loss": total_loss / total_w if total_w else 0.0,
-                   **{k: v / total_w if total_w else 0.0 for k, v in zip(names, msums)},
-                   "lr": lr, "grad_norm": grad_norm, "weight": total_w, "tokens": int(total_tokens),
-                   "tokens_per_s": total_tokens / seconds, "step_s": seconds,
-                   "peak_mem_mb": peak_memory_mb(self.device)}
+        metrics = {
+            "epoch": step // self.steps_per_epoch,
+            "loss": total_loss / total_w if total_w else 0.0,
+            **{k: v / total_w if total_w else 0.0 for k, v in zip(names, msums)},
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "weight": total_w,
+            "tokens": int(total_tokens),
+            "tokens_per_s": total_tokens / seconds,
+            "step_s": seconds,
+            "peak_mem_mb": peak_memory_mb(self.device),
+        }
         return metrics
 
     def _stop(self, step: int, what: str, rng_before: dict, rows) -> None:
@@ -358,7 +422,8 @@ class TrainLoop:
         raise NonFiniteError(
             f"non-finite {what} at step {step + 1} (epoch {step // self.steps_per_epoch}); batch rows: "
             f"{where}. The last good state (after step {step}) is in {path}: fix the data or lower the "
-            "lr, then resume from it")
+            "lr, then resume from it"
+        )
 
     def _run_eval(self) -> dict:
         if self.evaluate is None:
@@ -378,12 +443,22 @@ class TrainLoop:
         if rank0:
             self.out.mkdir(parents=True, exist_ok=True)
             dump_toml(cfg, self.out / "config.toml")
-        logger = MetricsLogger(self.out, total_steps=self.total_steps, start_step=self.step, enabled=rank0,
-                               tensorboard=cfg.tensorboard, progress=cfg.progress)
+        logger = MetricsLogger(
+            self.out,
+            total_steps=self.total_steps,
+            start_step=self.step,
+            enabled=rank0,
+            tensorboard=cfg.tensorboard,
+            progress=cfg.progress,
+        )
         with logger:
             while self.step < self.total_steps:
                 metrics = self._train_step()
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
+                if (
+                    cfg.eval_every
+                    and self.step % cfg.eval_every == 0
+                    and self.step < self.total_steps
+                ):
                     metrics.update(self._run_eval())
                 if self.step == self.total_steps:
                     metrics.update(self._run_eval())

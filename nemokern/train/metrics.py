@@ -3,6 +3,7 @@ OUT/tensorboard when the `tensorboard` package is installed, and a tqdm progress
 
 Only the process that owns the logger (rank 0 under torchrun) writes; the others pass enabled=False.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,11 @@ from tqdm import tqdm
 
 METRICS_FILE = "metrics.jsonl"
 # What the bar shows, in this order, when a step reports it.
-_BAR_KEYS = (("loss", "loss", "{:.4f}"), ("accuracy", "acc", "{:.3f}"), ("tokens_per_s", "tok/s", "{:.0f}"))
+_BAR_KEYS = (
+    ("loss", "loss", "{:.4f}"),
+    ("accuracy", "acc", "{:.3f}"),
+    ("tokens_per_s", "tok/s", "{:.0f}"),
+)
 
 
 def read_metrics(path) -> list[dict]:
@@ -67,8 +72,16 @@ class MetricsLogger:
     dropped from metrics.jsonl, as those steps run again).
     """
 
-    def __init__(self, out_dir, *, total_steps: int, start_step: int = 0, enabled: bool = True,
-                 tensorboard: bool = True, progress: bool = True):
+    def __init__(
+        self,
+        out_dir,
+        *,
+        total_steps: int,
+        start_step: int = 0,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        progress: bool = True,
+    ):
         self.enabled = enabled
         self.path = Path(out_dir) / METRICS_FILE
         self.writer = None
@@ -80,8 +93,14 @@ class MetricsLogger:
         self._file = open(self.path, "a")
         if tensorboard:
             self.writer = _tensorboard_writer(Path(out_dir) / "tensorboard")
-        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                        disable=not progress, file=sys.stderr)
+        self.bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not progress,
+            file=sys.stderr,
+        )
 
     def log(self, step: int, metrics: dict) -> dict:
         """Record `metrics` (numbers or 0-d tensors) for `step`; returns the record written."""
@@ -95,8 +114,11 @@ class MetricsLogger:
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self.writer.add_scalar(k, v, step)
         if self.bar is not None:
-            shown = {label: fmt.format(record[k]) for k, label, fmt in _BAR_KEYS
-                     if isinstance(record.get(k), (int, float)) and math.isfinite(record[k])}
+            shown = {
+                label: fmt.format(record[k])
+                for k, label, fmt in _BAR_KEYS
+                if isinstance(record.get(k), (int, float)) and math.isfinite(record[k])
+            }
             self.bar.set_postfix(shown, refresh=False)
             self.bar.update(max(step - self.bar.n, 0))
         return record
