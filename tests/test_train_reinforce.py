@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nemokern.data import DataError
 from nemokern.data.tokenizer import ByteTokenizer
 from nemokern.model import Llama, LlamaConfig, RewardModel
 from nemokern.train.config import ConfigError
 from nemokern.train.metrics import read_metrics
-from nemokern.train.reinforce import (PolicyLoss, ReinforceConfig, ReinforceTrainer, kl_regularised_advantages,
-                                      pack)
+from nemokern.train.reinforce import PolicyLoss, ReinforceConfig, ReinforceTrainer, kl_regularised_advantages, pack
 
 TOK = ByteTokenizer()
 STEP_METRICS = ("reward_mean", "reward_std", "kl_mean", "response_len_mean", "eos_fraction", "entropy",
@@ -53,8 +53,8 @@ def prompts(tmp_path_factory):
 
 
 def config(tmp_path, prompts, **kw):
-    base = dict(prompts=str(prompts), out=str(tmp_path / "run"), max_new_tokens=6, prompts_per_step=2, k=3,
-                lr=1e-3, progress=False, tensorboard=False, device="cpu")
+    base = {"prompts": str(prompts), "out": str(tmp_path / "run"), "max_new_tokens": 6, "prompts_per_step": 2, "k": 3,
+                "lr": 1e-3, "progress": False, "tensorboard": False, "device": "cpu"}
     base.update(kw)
     return ReinforceConfig(**base)
 
@@ -175,14 +175,23 @@ def test_resume_inside_a_rollout_is_exact(tmp_path, prompts):
         assert [h[name] for h in rest] == [h[name] for h in full[1:]], name
 
 
+def test_hf_tokenizer_directory_goes_to_final(tmp_path, prompts, hf_dir):
+    from transformers import AutoTokenizer
+    cfg = config(tmp_path, prompts, tokenizer=str(hf_dir), max_steps=1)
+    ReinforceTrainer(cfg, reward_fn=count_a).fit()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "run" / "final")
+    assert tok.convert_tokens_to_ids("<|eot_id|>") == LlamaConfig.from_json_file(
+        tmp_path / "run" / "final" / "config.json").eos_token_id[0]
+
+
 # ---- errors --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kw, match", [
-    (dict(reward_fn="no_such_module_xyz:fn"), "--reward-fn: cannot import module 'no_such_module_xyz'"),
-    (dict(reward_fn="json:no_such_fn"), "module 'json' .* has no function 'no_such_fn'"),
-    (dict(reward_fn="json"), "is not 'module:function'"),
-    (dict(), "no reward source"),
-    (dict(reward_model="/nonexistent/rm"), "--reward-model: /nonexistent/rm is not a directory"),
-    (dict(reward_fn="json:dumps", prompts=""), "--prompts: a prompts file is required"),
+    ({"reward_fn": "no_such_module_xyz:fn"}, "--reward-fn: cannot import module 'no_such_module_xyz'"),
+    ({"reward_fn": "json:no_such_fn"}, "module 'json' .* has no function 'no_such_fn'"),
+    ({"reward_fn": "json"}, "is not 'module:function'"),
+    ({}, "no reward source"),
+    ({"reward_model": "/nonexistent/rm"}, "--reward-model: /nonexistent/rm is not a directory"),
+    ({"reward_fn": "json:dumps", "prompts": ""}, "--prompts: a prompts file is required"),
 ])
 def test_bad_options_are_named(tmp_path, prompts, kw, match):
     with pytest.raises(ConfigError, match=match):
@@ -198,6 +207,13 @@ def test_both_a_callable_and_an_option_and_k_below_two(tmp_path, prompts):
         config(tmp_path, prompts, temperature=0.0)
     with pytest.raises(ConfigError, match="k = 0 must be at least 1"):
         config(tmp_path, prompts, k=0)
+
+
+def test_a_prompt_row_without_a_prompt_is_named(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"question": "no prompt"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: field 'prompt': missing column"):
+        ReinforceTrainer(config(tmp_path, bad), reward_fn=count_a)
 
 
 def test_a_bad_reward_function_result_is_named(tmp_path, prompts):
