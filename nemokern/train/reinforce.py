@@ -159,7 +159,7 @@ def call_reward_fn(fn: Callable, prompts: list, completions: list[str], columns:
 
 
 def kl_regularised_advantages(rewards, kl, ended, k: int, *, beta: float, truncation_penalty=None):
-    """(R, advantages), both [P * k] float32, for P prompts of k samples (sample-major per prompt).
+    """(R, advantages), both [P * k] float32, for P prompts of k samples (each prompt's k contiguous).
 
     R = r - beta * KL; a sample that did not end with EOS is left out of the baseline (advantage 0),
     or with truncation_penalty counts with R - truncation_penalty. Advantages: RLOO
@@ -258,6 +258,7 @@ class RolloutLoop(TrainLoop):
         self.rollout = state.get("rollout")
 
     def _train_step(self) -> dict:
+        # TrainLoop has no public hook for adding to a step's record; this wraps its step.
         step = self.step
         metrics = super()._train_step()
         sums = self.rollout["sums"][step - self.rollout["first"]]
