@@ -1,18 +1,24 @@
-"""Training: the reward trainer (reward.py), ExPO (expo.py), the embedded demo (demo.py), the
-recipe's losses (losses.py), RewardBench scoring (rewardbench.py), checks of run options
-(options.py) and the infrastructure trainers share: config (config.py), checkpoints
-(checkpoint.py), metrics (metrics.py) and the loop (loop.py)."""
+"""Training: the reward trainer (reward.py), the REINFORCE/RLOO trainer (reinforce.py), ExPO
+(expo.py), the embedded demo (demo.py), the recipe's losses (losses.py), RewardBench scoring
+(rewardbench.py), checks of run options (options.py) and the infrastructure the trainers share:
+config (config.py), checkpoints (checkpoint.py), metrics (metrics.py) and the loop (loop.py)."""
 
 from .checkpoint import Checkpointer, load_modules, save_modules
 from .config import ConfigError, TrainConfig, build_config, option, parse_config
 from .loop import NonFiniteError, StepOutput, TrainLoop
 from .metrics import MetricsLogger
+from .reinforce import ReinforceConfig, ReinforceTrainer
+from .reward import RewardConfig, RewardTrainer
 
 __all__ = [
     "Checkpointer",
     "ConfigError",
     "MetricsLogger",
     "NonFiniteError",
+    "ReinforceConfig",
+    "ReinforceTrainer",
+    "RewardConfig",
+    "RewardTrainer",
     "StepOutput",
     "TrainConfig",
     "TrainLoop",
