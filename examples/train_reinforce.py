@@ -1,7 +1,8 @@
 """Train a tiny random Llama-3.1 with REINFORCE/RLOO on a Python reward function (CPU, ~5 s).
 
 The reward is the share of the letter "a" in each response; over 40 steps the mean reward rises
-from ~0.004 to ~0.27 while the mean |logp - logp_ref| per token stays below ~1.5. Run from the repository root:
+from ~0.004 to ~0.27 while the mean |logp - logp_ref| per token stays below ~1.5. Run from the
+repository root:
 
     python examples/train_reinforce.py [OUT]
 
@@ -51,7 +52,8 @@ def main(out: str) -> None:
     history = ReinforceTrainer(config, reward_fn=share_of_a).fit()
     for record in history[::5] + history[-1:]:
         print(
-            f"step {record['step']:3d}  reward {record['reward_mean']:.3f}  kl {record['kl_mean']:.3f}  "
+            f"step {record['step']:3d}  reward {record['reward_mean']:.3f}  "
+            f"kl {record['kl_mean']:.3f}  "
             f"entropy {record['entropy']:.2f}  step {1e3 * record['step_s']:.0f} ms"
         )
     print(f"final policy (HF layout): {Path(out) / 'run' / 'final'}")

@@ -1,5 +1,5 @@
-"""ReinforceTrainer (RLOO) on a tiny Llama with the byte tokenizer, CPU: the KL-regularised reward and
-leave-one-out advantages by hand, the update's gradient against float64 autograd, short runs with a
+"""ReinforceTrainer (RLOO) on a tiny Llama with the byte tokenizer, CPU: the KL-regularised reward
+and leave-one-out advantages by hand, the update's gradient against float64 autograd, short runs with a
 reward function and with a reward-model directory, exact resume inside a rollout, option errors."""
 
 import json
@@ -57,7 +57,8 @@ def count_a(prompts, completions, **kw):
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Tiny matrices: a second thread only adds synchronisation (20x slower on a loaded 2-core box)."""
+    """Tiny matrices: a second thread only adds synchronisation (20x slower on a loaded 2-core
+    box)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
