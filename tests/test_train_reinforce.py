@@ -1,6 +1,7 @@
-"""ReinforceTrainer (RLOO) on a tiny Llama with the byte tokenizer, CPU: the KL-regularised reward
-and leave-one-out advantages by hand, the update's gradient against float64 autograd, short runs with a
-reward function and with a reward-model directory, exact resume inside a rollout, option errors."""
+"""ReinforceTrainer (RLOO) on a tiny Llama with the byte tokenizer, CPU: the KL-regularised
+reward and leave-one-out advantages by hand, the update's gradient against float64 autograd,
+short runs with a reward function and with a reward-model directory, exact resume inside a
+rollout, option errors."""
 
 import json
 import shutil
