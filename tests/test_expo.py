@@ -93,8 +93,8 @@ def test_alpha_zero_is_the_aligned_checkpoint_bit_for_bit(tmp_path):
 def test_hand_computed_values(tmp_path):
     init, aligned = reward_pair(tmp_path, torch.bfloat16)
     for path, embed, bias in ((init, 1.0, [2.0, -1.0]), (aligned, 1.5, [1.0, 0.5])):
-        edit(path, "model.embed_tokens.weight", lambda t: t.fill_(embed))
-        edit(path, "bias", lambda t: t[:2].copy_(torch.tensor(bias)))
+        edit(path, "model.embed_tokens.weight", lambda t, embed=embed: t.fill_(embed))
+        edit(path, "bias", lambda t, bias=bias: t[:2].copy_(torch.tensor(bias)))
     expo(init, aligned, 0.5, tmp_path / "out")
     out = weights(tmp_path / "out")
     # 1.5 + 0.5 * (1.5 - 1.0) = 1.75; 1.0 + 0.5 * (1.0 - 2.0) = 0.5; 0.5 + 0.5 * (0.5 + 1.0) = 1.25

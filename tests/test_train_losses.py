@@ -146,7 +146,7 @@ def test_bradley_terry_gradcheck_each_kind():
     s = torch.tensor([-3, 0, 1, 2, -1, 3])
     for kind in ("regular", "margin", "scaled"):
         assert torch.autograd.gradcheck(
-            lambda a, b: bradley_terry_loss(a, b, s, kind=kind).loss, (rc, rr)
+            lambda a, b, kind=kind: bradley_terry_loss(a, b, s, kind=kind).loss, (rc, rr)
         )
 
 

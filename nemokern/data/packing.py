@@ -330,9 +330,9 @@ class RewardBatches:
     """Packed batches of a RewardDataset, epoch after epoch, in a seeded order; resumable.
 
     Exactly one of max_tokens_per_batch (rows are added in order while the batch stays within the
-    budget) and rows_per_batch (drop_last leaves out a last short batch). Iterating yields the rest of the current epoch, then moves to the
-    next; stopping part-way leaves the position where it was. state_dict() taken after receiving
-    batch k resumes at batch k + 1 of the same epoch.
+    budget) and rows_per_batch (drop_last leaves out a last short batch). Iterating yields the rest
+    of the current epoch, then moves to the next; stopping part-way leaves the position where it
+    was. state_dict() taken after receiving batch k resumes at batch k + 1 of the same epoch.
     """
 
     def __init__(
@@ -430,8 +430,8 @@ class RewardBatches:
         if state.get("fingerprint") != self.fingerprint:
             raise ValueError(
                 "the saved data position belongs to other data or batching options (fingerprint "
-                f"{state.get('fingerprint')!r}, these batches {self.fingerprint!r}); resume with the "
-                "same data, max_length, batch size and seed"
+                f"{state.get('fingerprint')!r}, these batches {self.fingerprint!r}); resume with "
+                "the same data, max_length, batch size and seed"
             )
         self.epoch, self.next_batch = int(state["epoch"]), int(state["next_batch"])
 

@@ -79,7 +79,8 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class RegressionExample:
-    """One conversation with its 9 attribute labels (ATTRIBUTES order; MISSING_LABEL where absent)."""
+    """One conversation with its 9 attribute labels (ATTRIBUTES order; MISSING_LABEL where
+    absent)."""
 
     messages: tuple[dict, ...]  # prompt turns then the response turn(s)
     prompt_turns: int  # how many of `messages` belong to the prompt
@@ -147,7 +148,8 @@ def _raw_rows(source) -> Iterator[tuple[str, Any]]:
     if not isinstance(source, (str, os.PathLike)):
         if isinstance(source, (dict, bytes)) or not isinstance(source, Iterable):
             raise TypeError(
-                f"data source must be a file path or an iterable of dict rows, got {type(source).__name__}"
+                "data source must be a file path or an iterable of dict rows, got "
+                f"{type(source).__name__}"
             )
         name = source_name(source)
         for i, row in enumerate(source):

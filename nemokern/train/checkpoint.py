@@ -3,10 +3,12 @@
 A checkpoint is a directory OUT/checkpoints/step-NNNNNNNN/:
     <part>/                 HF layout (config.json + safetensors) of each module that has
                             save_pretrained: the model itself ("model/"), or its children by name
-    modules.safetensors     every other parameter and buffer (e.g. a reward head), by state_dict name
+    modules.safetensors     every other parameter and buffer (e.g. a reward head), by state_dict
+                            name
     optimizer.{json,safetensors}, scheduler.{json,safetensors}, trainer.{json,safetensors}
                             state dicts: tensors in safetensors, everything else in JSON
-    rng-rankNNNNN.{json,safetensors}   python, numpy, torch CPU and CUDA generator states per process
+    rng-rankNNNNN.{json,safetensors}   python, numpy, torch CPU and CUDA generator states per
+                                       process
     manifest.json           written last: the step and every file's size
 It is built in a hidden temp directory, each file fsync'ed, then renamed into place, so a run killed
 mid-save leaves the previous checkpoints intact; a directory without a manifest, or whose files do
@@ -135,9 +137,10 @@ def _read_tensors(path: Path) -> dict:
         ) from None
 
 
-# ---- RNG ------------------------------------------------------------------------------------------
+# ---- RNG ----------------------------------------------------------------------------------------
 def get_rng_state() -> dict:
-    """Every generator a training step may draw from: python, numpy, torch CPU, CUDA (if initialised)."""
+    """Every generator a training step may draw from: python, numpy, torch CPU, CUDA (if
+    initialised)."""
     state = {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
@@ -194,8 +197,9 @@ def save_modules(model: torch.nn.Module, directory) -> None:
 
 @torch.no_grad()
 def load_modules(model: torch.nn.Module, directory) -> None:
-    """Copy the weights save_modules wrote into `model`'s existing tensors (in place, so an optimizer
-    built on them stays valid). Missing, unexpected or mis-shaped tensors raise CheckpointError."""
+    """Copy the weights save_modules wrote into `model`'s existing tensors (in place, so an
+    optimizer built on them stays valid). Missing, unexpected or mis-shaped tensors raise
+    CheckpointError."""
     directory = Path(directory)
     parts = _hf_parts(model)
     for name, part in parts.items():
@@ -347,7 +351,8 @@ class Checkpointer:
         return done[-1][1] if done else None
 
     def resolve(self, resume: str) -> Path | None:
-        """'' -> None; 'auto' -> the newest complete checkpoint or None; a directory -> itself, checked."""
+        """'' -> None; 'auto' -> the newest complete checkpoint or None; a directory -> itself,
+        checked."""
         if not resume:
             return None
         if resume == "auto":
@@ -373,7 +378,8 @@ class Checkpointer:
     ) -> Path:
         """Write checkpoint `step` atomically and prune old ones; returns its directory.
 
-        model: the unwrapped module. state: the trainer's own JSON/tensor state (data position, ...).
+        model: the unwrapped module. state: the trainer's own JSON/tensor state (data position,
+        ...).
         rng: this process's generator states (default: the current ones).
         """
         final, tmp = self.path(step), self.root / f".tmp-step-{step:08d}"

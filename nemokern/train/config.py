@@ -173,7 +173,8 @@ def _unknown(key: str, known, where: str) -> ConfigError:
 
 
 def read_toml(cls, path) -> dict:
-    """{field: value} from a flat TOML file, each value type-checked; errors name the key and file."""
+    """{field: value} from a flat TOML file, each value type-checked; errors name the key and
+    file."""
     path = Path(path)
     if tomllib is None:
         raise ConfigError(f"{path}: reading TOML needs Python >= 3.11 (tomllib)")
@@ -270,7 +271,8 @@ def build_config(cls, args: argparse.Namespace | None = None, *, toml=None, **ov
 
 
 def parse_config(cls, argv=None, **parser_kwargs):
-    """Parse a command line (sys.argv[1:] when None) into `cls`, reading --config FILE.toml first."""
+    """Parse a command line (sys.argv[1:] when None) into `cls`, reading --config FILE.toml
+    first."""
     return build_config(cls, config_parser(cls, **parser_kwargs).parse_args(argv))
 
 

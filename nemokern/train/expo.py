@@ -1,5 +1,6 @@
-"""ExPO, model extrapolation (recipe.md section 3): theta_aligned + alpha * (theta_aligned - theta_init),
-from two HF checkpoint directories into a third, for policies and reward models alike.
+"""ExPO, model extrapolation (recipe.md section 3):
+theta_aligned + alpha * (theta_aligned - theta_init), from two HF checkpoint directories into a
+third, for policies and reward models alike.
 
 Every tensor of every safetensors file is extrapolated: the model's weights (one file, or shards
 with model.safetensors.index.json; written again in shards of at most max_shard_size) and any other
@@ -98,7 +99,8 @@ def expo(
     for what, path in (("init_dir", init), ("aligned_dir", aligned)):
         if not path.is_dir():
             raise CheckpointError(
-                f"{what}={str(path)!r} is not a directory; ExPO reads two local HF model directories"
+                f"{what}={str(path)!r} is not a directory; ExPO reads two local HF model "
+                "directories"
             )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(
@@ -253,7 +255,8 @@ def _pair(aligned: dict, init: dict, aligned_dir: Path, init_dir: Path) -> list[
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             files = sorted({str(f.name) for f, _, _ in lack.values()}) or "no tensors"
             raise CheckpointError(
-                f"tensor {missing[0]!r}{more} is in {have[missing[0]][0]} but not in {lack_dir} (files: {files}); "
+                f"tensor {missing[0]!r}{more} is in {have[missing[0]][0]} but not in {lack_dir} "
+                f"(files: {files}); "
                 "ExPO needs init and aligned checkpoints of the same architecture"
             )
     pairs = []

@@ -36,7 +36,8 @@ from .metrics import MetricsLogger, peak_memory_mb
 
 
 class NonFiniteError(RuntimeError):
-    """A loss or gradient became NaN/inf; the message names the step, the rows and the checkpoint."""
+    """A loss or gradient became NaN/inf; the message names the step, the rows and the
+    checkpoint."""
 
 
 @dataclass
@@ -64,7 +65,8 @@ class Dist:
 
 
 def setup_distributed(device: str = "auto") -> Dist:
-    """Join the torchrun process group (NCCL on GPUs, gloo on CPUs) when WORLD_SIZE > 1; pick the device.
+    """Join the torchrun process group (NCCL on GPUs, gloo on CPUs) when WORLD_SIZE > 1; pick the
+    device.
 
     device: "auto" (this process's GPU, else the CPU), "cpu", "cuda" or "cuda:N".
     """
@@ -162,7 +164,8 @@ def move_to(batch, device: torch.device):
 
 
 def enable_activation_checkpointing(model: nn.Module) -> int:
-    """Switch on every submodule that has an `activation_checkpointing` flag (a Llama); returns how many."""
+    """Switch on every submodule that has an `activation_checkpointing` flag (a Llama); returns
+    how many."""
     n = 0
     for m in model.modules():
         if hasattr(m, "activation_checkpointing"):
@@ -246,7 +249,8 @@ class TrainLoop:
         return self._epoch_order[1]
 
     def micro_batch_indices(self, step: int) -> list[int]:
-        """Indices into `data` of this process's micro-batches for optimizer step `step` (0-based)."""
+        """Indices into `data` of this process's micro-batches for optimizer step `step`
+        (0-based)."""
         epoch, within = divmod(step, self.steps_per_epoch)
         order = self._order(epoch)[within * self.per_step : (within + 1) * self.per_step]
         return order[self.dist.rank :: self.dist.world_size]
@@ -311,8 +315,9 @@ class TrainLoop:
         for key in ("micro_batches", "micro_batches_per_step", "shuffle", "seed"):
             if saved.get(key) != now[key]:
                 raise CheckpointError(
-                    f"{path}: saved with {key}={saved.get(key)!r}, this run has {now[key]!r}; an exact "
-                    "resume needs the same data, batching, grad_accum x processes, shuffle and seed"
+                    f"{path}: saved with {key}={saved.get(key)!r}, this run has {now[key]!r}; an "
+                    "exact resume needs the same data, batching, grad_accum x processes, shuffle "
+                    "and seed"
                 )
         self.load_extra_state(state.get("extra", {}))
         self.step = self.last_saved = state["step"]
@@ -367,7 +372,8 @@ class TrainLoop:
             bad_rows = [r for r, ok in zip(rows, finite) if not ok]
             self._stop(step, "loss", rng_before, bad_rows)
         if total_w > 0:
-            # DDP averaged the weighted sums over processes; this makes them the global weighted mean
+            # DDP averaged the weighted sums over processes; this makes them the global weighted
+            # mean
             scale = self.dist.world_size / total_w
             for p in self.model.parameters():
                 if p.grad is not None:
@@ -420,9 +426,9 @@ class TrainLoop:
         else:
             where = f"{rows}"
         raise NonFiniteError(
-            f"non-finite {what} at step {step + 1} (epoch {step // self.steps_per_epoch}); batch rows: "
-            f"{where}. The last good state (after step {step}) is in {path}: fix the data or lower the "
-            "lr, then resume from it"
+            f"non-finite {what} at step {step + 1} (epoch {step // self.steps_per_epoch}); batch "
+            f"rows: {where}. The last good state (after step {step}) is in {path}: fix the data or "
+            "lower the lr, then resume from it"
         )
 
     def _run_eval(self) -> dict:
@@ -436,7 +442,8 @@ class TrainLoop:
 
     # ---- the run -----------------------------------------------------------------------------
     def fit(self) -> list[dict]:
-        """Train to total_steps (resuming first if config.resume says so); returns the step records."""
+        """Train to total_steps (resuming first if config.resume says so); returns the step
+        records."""
         cfg, rank0 = self.config, self.dist.rank == 0
         seed_everything(cfg.seed + self.dist.rank)
         self._resume()

@@ -95,7 +95,8 @@ def bradley_terry_loss(
     strength = torch.as_tensor(strength, device=diff.device)
     if strength.shape != diff.shape:
         raise ValueError(
-            f"strength must be [P] like the rewards; got {tuple(strength.shape)} for P={diff.numel()}"
+            f"strength must be [P] like the rewards; got {tuple(strength.shape)} for "
+            f"P={diff.numel()}"
         )
     m = strength.abs().to(diff.dtype)
     counted = m != 0

@@ -43,7 +43,8 @@ def truncate_metrics(path, step: int) -> None:
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak allocated CUDA memory of `device`, or this process's peak resident set on the CPU (MB)."""
+    """Peak allocated CUDA memory of `device`, or this process's peak resident set on the CPU
+    (MB)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -136,7 +136,8 @@ def score_batches(model: RewardModel, batches, device, attribute: int = HELPFULN
 
 
 def evaluate_pairs(model, dataset, device, *, max_tokens_per_batch=None, rows_per_batch=None):
-    """accuracy_report of `dataset` (pairs) under `model`: overall, per subset, RewardBench sections."""
+    """accuracy_report of `dataset` (pairs) under `model`: overall, per subset, RewardBench
+    sections."""
     batches = dataset.batches(
         max_tokens_per_batch=max_tokens_per_batch or None,
         rows_per_batch=None if max_tokens_per_batch else rows_per_batch or 8,
