@@ -18,7 +18,7 @@ from nemokern.train.demo import run_demo
 ROOT = Path(__file__).parents[1]
 A_FILE = str(ROOT / "README.md")
 ERRORS = {  # name: (arguments, extra environment, what stderr must say)
-    "no command": ([], {}, "choose a command: info or demo"),
+    "no command": ([], {}, "choose a command: info, demo, train-reward, score"),
     "unknown command": (["bogus"], {}, "invalid choice: 'bogus'"),
     "unknown option": (["demo", "--bogus"], {}, "unrecognized arguments: --bogus"),
     "k 0": (["demo", "--k", "0"], {}, r"--k 0 is not allowed; .* integer >= 1"),
@@ -46,6 +46,45 @@ ERRORS = {  # name: (arguments, extra environment, what stderr must say)
         "NEMOKERN_CHECK_TARGETS='maybe' is not a boolean; use 0/1",
     ),
 }
+ERRORS.update(
+    {
+        "train-reward without data": (
+            ["train-reward"],
+            {},
+            "--data: a training data file is required",
+        ),
+        "train-reward missing file": (
+            ["train-reward", "--data", "nope.jsonl"],
+            {},
+            "data file 'nope.jsonl' does not exist",
+        ),
+        "train-reward bad loss": (
+            ["train-reward", "--loss", "mse"],
+            {},
+            "argument --loss: invalid",
+        ),
+        "train-reward unknown toml": (
+            ["train-reward", "--config", "nope.toml"],
+            {},
+            "nope.toml",
+        ),
+        "score bad data format": (
+            ["score", "--model", str(ROOT), "--data", A_FILE],
+            {},
+            "unknown format; expected one of .jsonl",
+        ),
+        "expo alpha not a number": (
+            ["expo", "--init", "a", "--aligned", "b", "--alpha", "abc", "--out", "c"],
+            {},
+            "argument --alpha: invalid float value: 'abc'",
+        ),
+        "train-reinforce without reward": (
+            ["train-reinforce", "--prompts", A_FILE],
+            {},
+            "no reward source",
+        ),
+    }
+)
 if not torch.cuda.is_available():
     ERRORS["device cuda"] = (["demo", "--device", "cuda"], {}, "--device 'cuda'")
 if Path("/proc").is_dir():
