@@ -230,10 +230,13 @@ def _train(kind, args):
         "reinforce": (train.ReinforceTrainer, train.ReinforceConfig),
     }[kind]
     trainer = trainer_cls(build_config(config_cls, args))
+    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun, one process reports
     data = getattr(trainer, "train_data", None)
-    if data is not None:
+    if data is not None and rank0:
         print(data.summary())
     history = trainer.fit()
+    if not rank0:
+        return 0
     last = history[-1] if history else {}
     shown = {k: round(v, 4) for k, v in last.items() if isinstance(v, float)}
     print(f"{len(history)} steps; last: {shown}")
