@@ -4,6 +4,8 @@ The CPU part is always built. The CUDA part is compiled with nvcc when a CUDA to
 (NEMOKERN_NO_CUDA=1 skips it). This file must never import torch: the extension takes raw
 pointers, so it does not need torch headers, and build isolation would not have torch anyway.
 """
+
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -16,8 +18,19 @@ ROOT = Path(__file__).parent
 CSRC = ROOT / "csrc"
 
 
+def _load_env():
+    """nemokern/env.py by path: the one reader of NEMOKERN_* variables (imports only os)."""
+    spec = importlib.util.spec_from_file_location("_nemokern_env", ROOT / "nemokern" / "env.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+env = _load_env()
+
+
 def find_nvcc():
-    if os.environ.get("NEMOKERN_NO_CUDA") == "1":
+    if env.flag("NEMOKERN_NO_CUDA"):
         return None
     cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
     for home in filter(None, cands):
@@ -44,15 +57,25 @@ class BuildExt(build_ext):
             objs = []
             tmp = Path(self.build_temp) / "cuda"
             tmp.mkdir(parents=True, exist_ok=True)
-            archs = os.environ.get("NEMOKERN_CUDA_ARCHS", "80;90").split(";")
+            archs = env.text("NEMOKERN_CUDA_ARCHS").split(";")
             archs = [a for a in archs if a]
             gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
             # PTX of the newest arch too, so newer GPUs can JIT it instead of failing to load
             gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
             for src in CU_SOURCES:
                 obj = tmp / (Path(src).stem + ".o")
-                cmd = [str(NVCC), "-c", src, "-o", str(obj), "-O3", "-std=c++17",
-                       "-Xcompiler", "-fPIC", *gencode]
+                cmd = [
+                    str(NVCC),
+                    "-c",
+                    src,
+                    "-o",
+                    str(obj),
+                    "-O3",
+                    "-std=c++17",
+                    "-Xcompiler",
+                    "-fPIC",
+                    *gencode,
+                ]
                 print(" ".join(cmd))
                 subprocess.check_call(cmd, cwd=ROOT)
                 objs.append(str(obj))

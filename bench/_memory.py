@@ -1,39 +1,10 @@
-"""Peak extra memory of one call, for the benchmarks.
-
-CUDA: torch.cuda.max_memory_allocated around the call. CPU: the process's peak resident set
-(VmHWM) is reset through /proc/self/clear_refs (Linux), then read after the call; the difference
-to the resident set before the call is what the call added at its peak. Large CPU tensors are
-mmap'ed and returned to the OS when freed, so this sees temporaries too.
+"""Timing and peak extra memory of one benchmarked call. The memory measurement is the tests'
+(tests/helpers.py: peak_extra_bytes), which bench/conftest.py puts on the import path.
 """
-import gc
 
 import torch
 
-
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def peak_extra_bytes(fn, device="cpu"):
-    """Run fn() once; return (result, peak bytes allocated above the level before the call)."""
-    gc.collect()
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        out = fn()
-        torch.cuda.synchronize()
-        return out, torch.cuda.max_memory_allocated() - base
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _status_kib("VmRSS")
-    out = fn()
-    return out, max(0, _status_kib("VmHWM") - base) * 1024
-
+from helpers import peak_extra_bytes
 
 CPU_NAME = "2-core CPU, no GPU"  # the CI/developer machine; GPU runs name their GPU
 
@@ -44,6 +15,7 @@ def device_name(device):
 
 def run_benchmark(benchmark, fn, device, rounds, **info):
     """Time fn (synchronised on CUDA), record its peak extra memory, the device and `info`."""
+
     def call():
         out = fn()
         if torch.device(device).type == "cuda":

@@ -13,6 +13,7 @@ Per size and backend, every rank runs warm-up calls, meets the others at a barri
 table reports the median of `--rounds` rounds. bench/test_bench_all_reduce.py wraps a short run
 for `pytest bench --benchmark-enable`.
 """
+
 import argparse
 import datetime
 import json
@@ -84,8 +85,11 @@ def rank_main(args):
         rows.append(row)
         if rank == 0:
             nccl_us = f"  nccl {row['nccl_us']:9.1f} us" if "nccl_us" in row else ""
-            print(f"world={world} {nbytes:>9} B  nemokern {row['nemokern_us']:9.1f} us  "
-                  f"gloo {row['gloo_us']:9.1f} us  x{row['speedup']:.1f}{nccl_us}", flush=True)
+            print(
+                f"world={world} {nbytes:>9} B  nemokern {row['nemokern_us']:9.1f} us  "
+                f"gloo {row['gloo_us']:9.1f} us  x{row['speedup']:.1f}{nccl_us}",
+                flush=True,
+            )
     if rank == 0:
         with open(args.rank_out, "w") as f:
             json.dump(rows, f)
@@ -100,11 +104,30 @@ def run_world(world, args):
     rank_out = f"{args.out}.world{world}.tmp.json"
     procs = []
     for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        cmd = [sys.executable, __file__, "--rank-worker", "--rank-out", rank_out,
-               "--dtype", args.dtype, "--rounds", str(args.rounds), "--device", args.device,
-               "--sizes", *map(str, args.sizes)]
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(world),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+        )
+        cmd = [
+            sys.executable,
+            __file__,
+            "--rank-worker",
+            "--rank-out",
+            rank_out,
+            "--dtype",
+            args.dtype,
+            "--rounds",
+            str(args.rounds),
+            "--device",
+            args.device,
+            "--sizes",
+            *map(str, args.sizes),
+        ]
         procs.append(subprocess.Popen(cmd, env=env))
     codes = [p.wait() for p in procs]
     if any(codes):
@@ -116,20 +139,25 @@ def run_world(world, args):
 
 
 def markdown(report):
-    lines = [f"All-reduce latency (sum, {report['dtype']}), {report['machine']}, {report['date']}, "
-             f"torch {report['torch']}. Median of {report['rounds']} rounds; a round = slowest "
-             "rank's mean over back-to-back calls. The machine is shared: its 1-minute load "
-             f"average was {report['load_average_before']:.1f} when the run started, and 4 ranks "
-             f"oversubscribe {report['cpus']} cores.", "",
-             f"| ranks | message | nemokern {report.get('device', 'cpu')} (us) | gloo (us) | "
-             "speed-up | NCCL (us) |",
-             "|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"All-reduce latency (sum, {report['dtype']}), {report['machine']}, {report['date']}, "
+        f"torch {report['torch']}. Median of {report['rounds']} rounds; a round = slowest "
+        "rank's mean over back-to-back calls. The machine is shared: its 1-minute load "
+        f"average was {report['load_average_before']:.1f} when the run started, and 4 ranks "
+        f"oversubscribe {report['cpus']} cores.",
+        "",
+        f"| ranks | message | nemokern {report.get('device', 'cpu')} (us) | gloo (us) | "
+        "speed-up | NCCL (us) |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
     for world, rows in report["results"].items():
         for r in rows:
             size = f"{r['bytes'] >> 20} MiB" if r["bytes"] >= 1 << 20 else f"{r['bytes'] >> 10} KiB"
             nccl = f"{r['nccl_us']:.1f}" if "nccl_us" in r else "n/a"
-            lines.append(f"| {world} | {size} | {r['nemokern_us']:.1f} | {r['gloo_us']:.1f} | "
-                         f"{r['speedup']:.1f}x | {nccl} |")
+            lines.append(
+                f"| {world} | {size} | {r['nemokern_us']:.1f} | {r['gloo_us']:.1f} | "
+                f"{r['speedup']:.1f}x | {nccl} |"
+            )
     lines += ["", f"Command: `{report['command']}`", ""]
     return "\n".join(lines)
 
@@ -140,8 +168,12 @@ def main():
     ap.add_argument("--sizes", type=int, nargs="+", default=SIZES, help="message bytes")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                    help="cuda: every rank on GPU 0 (CUDA IPC path)")
+    ap.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cuda: every rank on GPU 0 (CUDA IPC path)",
+    )
     ap.add_argument("--machine", default=platform.processor() or platform.machine())
     ap.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     ap.add_argument("--rank-worker", action="store_true", help=argparse.SUPPRESS)

@@ -1,9 +1,13 @@
-"""Benchmarks: `python -m pytest bench --benchmark-enable --benchmark-json=bench/results/<name>.json`.
+"""Benchmarks:
+`python -m pytest bench --benchmark-enable --benchmark-json=bench/results/<name>.json`.
 
 Not part of the default test run (testpaths = tests). Each benchmark records its peak extra memory
 in benchmark.extra_info["peak_extra_bytes"] and the device in extra_info["device"].
 """
+
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
+# tests/helpers.py: the peak-memory measurement the benchmarks share with the tests
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))

@@ -6,6 +6,7 @@ Convention: a benchmark may put in extra_info `bytes` (bytes it must move) or `f
 must do), `peak_extra_bytes` (bench/_memory.py) and `device`. The ceiling benchmarks
 (test_bench_ceilings.py, extra_info["ceiling"]) give the roofline the others are divided by.
 """
+
 import json
 import sys
 
@@ -35,8 +36,10 @@ def fmt_rate(x, unit):
 
 def table(rows):
     roof = ceilings(rows)
-    lines = ["| group | benchmark | median ms | rate | of roofline | peak extra MiB |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = [
+        "| group | benchmark | median ms | rate | of roofline | peak extra MiB |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for r in sorted(rows, key=lambda r: (r.get("group") or "", r["name"])):
         info, med = r.get("extra_info", {}), r["stats"]["median"]
         rate = frac = ""
@@ -50,7 +53,9 @@ def table(rows):
             rate = f"{info['tokens'] / med / 1e3:.1f} k tokens/s"
         mem = info.get("peak_extra_bytes")
         mem = f"{mem / 2**20:.1f}" if mem is not None else ""
-        lines.append(f"| {r.get('group') or ''} | {r['name']} | {med * 1e3:.3f} | {rate} | {frac} | {mem} |")
+        lines.append(
+            f"| {r.get('group') or ''} | {r['name']} | {med * 1e3:.3f} | {rate} | {frac} | {mem} |"
+        )
     return "\n".join(lines)
 
 
@@ -58,7 +63,10 @@ def main(paths):
     rows, machine = load(paths)
     cpu = machine.get("cpu", {}).get("brand_raw", "")
     devices = sorted({r.get("extra_info", {}).get("device", "") for r in rows} - {""})
-    print(f"Machine: {', '.join(devices) or 'CPU'}; host CPU {cpu}; python {machine.get('python_version', '')}\n")
+    print(
+        f"Machine: {', '.join(devices) or 'CPU'}; host CPU {cpu}; python "
+        f"{machine.get('python_version', '')}\n"
+    )
     print(table(rows))
 
 

@@ -7,6 +7,7 @@ ranks); the numbers that matter, per-size latencies of the shared-memory path an
 extra_info. peak_extra_bytes is the /dev/shm workspace each rank maps, which bench/_memory.py
 cannot see (it is not torch memory).
 """
+
 import argparse
 import json
 import subprocess
@@ -23,8 +24,20 @@ SIZES = [4 << 10, 64 << 10, 1 << 20, 16 << 20]
 @pytest.mark.parametrize("world", [2, 4])
 def test_bench_shm_all_reduce_vs_gloo(benchmark, tmp_path, world):
     out = tmp_path / f"all_reduce_{world}"
-    cmd = [sys.executable, str(SCRIPT), "--worlds", str(world), "--rounds", "3",
-           "--machine", "pytest run", "--out", str(out), "--sizes", *map(str, SIZES)]
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--worlds",
+        str(world),
+        "--rounds",
+        "3",
+        "--machine",
+        "pytest run",
+        "--out",
+        str(out),
+        "--sizes",
+        *map(str, SIZES),
+    ]
 
     def run():
         subprocess.run(cmd, check=True, capture_output=True, timeout=600)

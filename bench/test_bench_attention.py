@@ -6,9 +6,9 @@ transformers' LlamaForCausalLM with SDPA attention on the same weights, padded t
 
 extra_info["tokens"] is the count of real tokens, so bench/report.py shows tokens/s.
 """
+
 import pytest
 import torch
-
 from _memory import run_benchmark as _run
 
 DEVICE = "cuda"
@@ -22,26 +22,38 @@ def _lengths(n=16, low=64, high=2048):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
+    from transformers import LlamaConfig as HFConfig
+    from transformers import LlamaForCausalLM
 
     from nemokern.model import Llama
 
     torch.manual_seed(0)
-    cfg = HFConfig(hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
-                   num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, vocab_size=VOCAB,
-                   max_position_embeddings=4096, rope_theta=500000.0, tie_word_embeddings=False)
+    cfg = HFConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        vocab_size=VOCAB,
+        max_position_embeddings=4096,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+    )
     hf = LlamaForCausalLM(cfg).to(torch.bfloat16)
     path = tmp_path_factory.mktemp("trunk")
     hf.save_pretrained(path)
-    hf = LlamaForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
-                                          attn_implementation="sdpa").to(DEVICE)
+    hf = LlamaForCausalLM.from_pretrained(
+        path, dtype=torch.bfloat16, attn_implementation="sdpa"
+    ).to(DEVICE)
     ours = Llama.from_pretrained(path, dtype=torch.bfloat16, device=DEVICE)
     return {"transformers-sdpa-padded": hf, "nemokern-packed": ours}
 
 
 @pytest.mark.gpu
-@pytest.mark.benchmark(group=f"trunk fwd+bwd (GPU, {LAYERS} layers H={HIDDEN} GQA {HEADS}/{KV_HEADS}, "
-                             "16 sequences of 64-2048 tokens, bf16)")
+@pytest.mark.benchmark(
+    group=f"trunk fwd+bwd (GPU, {LAYERS} layers H={HIDDEN} GQA {HEADS}/{KV_HEADS}, "
+    "16 sequences of 64-2048 tokens, bf16)"
+)
 @pytest.mark.parametrize("impl", ["nemokern-packed", "transformers-sdpa-padded"])
 def test_trunk_packed_vs_padded_gpu(benchmark, models, impl):
     model = models[impl]
@@ -60,12 +72,18 @@ def test_trunk_packed_vs_padded_gpu(benchmark, models, impl):
         ids = torch.zeros(len(seqs), t, dtype=torch.long, device=DEVICE)
         mask = torch.zeros(len(seqs), t, dtype=torch.long, device=DEVICE)
         for i, s in enumerate(seqs):
-            ids[i, :len(s)], mask[i, :len(s)] = s, 1
+            ids[i, : len(s)], mask[i, : len(s)] = s, 1
 
         def step():
             model.zero_grad(set_to_none=True)
             logits = model(input_ids=ids, attention_mask=mask).logits
             (logits.float() * mask[..., None]).sum().backward()
 
-    _run(benchmark, step, DEVICE, 10, tokens=sum(lengths),
-         shape=f"{len(lengths)} seqs, {sum(lengths)} tokens, padded to {max(lengths)}")
+    _run(
+        benchmark,
+        step,
+        DEVICE,
+        10,
+        tokens=sum(lengths),
+        shape=f"{len(lengths)} seqs, {sum(lengths)} tokens, padded to {max(lengths)}",
+    )

@@ -1,6 +1,7 @@
 """Hardware ceilings measured in the same run as the kernels (GPU only): a large device-to-device
 copy for bytes/s (read + write counted) and a large bf16 matmul for FLOP/s. bench/report.py
 divides every kernel's bytes or FLOPs by these to report a fraction of the roofline."""
+
 import pytest
 import torch
 
@@ -32,4 +33,6 @@ def test_ceiling_bf16_matmul(benchmark):
         torch.cuda.synchronize()
 
     benchmark.pedantic(run, rounds=20, warmup_rounds=3)
-    benchmark.extra_info.update(flops=2 * m * n * k, ceiling="flops", device=torch.cuda.get_device_name())
+    benchmark.extra_info.update(
+        flops=2 * m * n * k, ceiling="flops", device=torch.cuda.get_device_name()
+    )

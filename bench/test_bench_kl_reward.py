@@ -7,10 +7,11 @@ GPU shapes are the issue's: sequence_kl at B=64, T=4096; reward_head at B=64, T=
 K=9, bf16. extra_info["bytes"] is the analytic DRAM traffic of the implementation benchmarked
 (bench/report.py divides it by the time); the eager reward head's count is per eager kernel.
 """
+
 import pytest
 import torch
-
 from _memory import run_benchmark as _run
+
 from nemokern.ops import reward_head, sequence_kl
 
 EPS = 1e-5
@@ -27,6 +28,7 @@ def one_thread():
 
 
 # ---------------------------------------------------------------- sequence_kl
+
 
 def kl_eager(lp, ref, mask, estimator):
     """The composite every RLHF codebase writes (NeMo-Aligner: masked mean of |k1|)."""
@@ -81,6 +83,7 @@ def test_sequence_kl_gpu(benchmark, impl, estimator):
 
 # ---------------------------------------------------------------- reward_head
 
+
 def reward_eager(hidden, last_index, norm_weight, head_weight, head_bias):
     """What a transformers reward model does: LlamaRMSNorm over every token, then pick the last
     token, then the head."""
@@ -118,7 +121,7 @@ def _bench_reward(benchmark, impl, backward, B, T, H, K, dtype, device, rounds):
     hidden = torch.randn(B, T, H, device=device, generator=g).to(dtype)
     last = torch.randint(0, T, (B,), device=device, generator=g)
     nw = (1 + 0.1 * torch.randn(H, device=device, generator=g)).to(dtype)
-    w = (torch.randn(K, H, device=device, generator=g) / H ** 0.5).to(dtype)
+    w = (torch.randn(K, H, device=device, generator=g) / H**0.5).to(dtype)
     bias = torch.zeros(K, device=device, dtype=dtype)
     fn = {"nemokern": reward_head, "eager": reward_eager, "compiled": _reward_compiled}[impl]
     leaves = [t.requires_grad_(backward) for t in (hidden, nw, w, bias)]

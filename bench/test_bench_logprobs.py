@@ -7,23 +7,27 @@ same, and (GPU, where installed) Liger-Kernel's fused linear cross-entropy.
 CPU targets: every 8th is ignore_index (RLHF masks the prompt tokens, usually far more than 1 in
 8), except in the "no ignored targets" group. GPU targets: none ignored, so that the roofline
 fractions count only work really done. Every benchmark is one training step's worth of work:
-forward and backward (the grad w.r.t. logits, or hidden and weight), except the "fwd" groups (reference / old-policy log-probs need no
-grad). extra_info: `bytes` for the logits op (nemokern's DRAM traffic: read logits in forward;
-read logits and write dlogits in backward; per-row scalars ignored), `flops` for the linear op
+forward and backward (the grad w.r.t. logits, or hidden and weight), except the "fwd" groups
+(reference / old-policy log-probs need no grad). extra_info: `bytes` for the logits op
+(nemokern's DRAM traffic: read logits in forward; read logits and write dlogits in backward;
+per-row scalars ignored), `flops` for the linear op
 (model FLOPs: 2*N*H*V forward, 6*N*H*V forward + backward; nemokern also recomputes the logits in
 backward, the recipe's 8*N*H*V, recorded as `flops_with_recompute`), and peak extra memory.
 """
+
 import pytest
 import torch
 
-from nemokern.ops import linear_logprobs, logprobs
 # One timing helper for all benchmarks (sync on CUDA, peak extra memory, device name).
 from _memory import run_benchmark as _run
+
+from nemokern.ops import linear_logprobs, logprobs
 
 IGNORE = -100
 
 
 # ---------------------------------------------------------------- the eager composites
+
 
 def logprobs_eager(logits, targets):
     """What RLHF codebases write: fp32 log_softmax over the whole vocabulary, then gather."""
@@ -52,6 +56,7 @@ def _liger_linear():
 
 
 # ---------------------------------------------------------------- logits op
+
 
 def _bench_logits(benchmark, impl, n, vocab, dtype, device, rounds, backward, ignore_every=8):
     g = torch.Generator(device=device).manual_seed(0)
@@ -93,34 +98,39 @@ def test_logprobs_fwd_cpu(benchmark, impl):
 @pytest.mark.benchmark(group="logprobs fwd+bwd (GPU, N=16384 V=128256 bf16)")
 @pytest.mark.parametrize("impl", IMPLS)
 def test_logprobs_gpu(benchmark, impl):
-    _bench_logits(benchmark, impl, 16384, 128256, torch.bfloat16, "cuda", 20, backward=True,
-                  ignore_every=0)
+    _bench_logits(
+        benchmark, impl, 16384, 128256, torch.bfloat16, "cuda", 20, backward=True, ignore_every=0
+    )
 
 
 @pytest.mark.gpu
 @pytest.mark.benchmark(group="logprobs fwd (GPU, N=16384 V=128256 bf16)")
 @pytest.mark.parametrize("impl", IMPLS)
 def test_logprobs_fwd_gpu(benchmark, impl):
-    _bench_logits(benchmark, impl, 16384, 128256, torch.bfloat16, "cuda", 20, backward=False,
-                  ignore_every=0)
+    _bench_logits(
+        benchmark, impl, 16384, 128256, torch.bfloat16, "cuda", 20, backward=False, ignore_every=0
+    )
 
 
 # ---------------------------------------------------------------- linear op
 
-def _bench_linear(benchmark, impl, n, hs, vocab, dtype, device, rounds, backward,
-                  ignore_every=8):
+
+def _bench_linear(benchmark, impl, n, hs, vocab, dtype, device, rounds, backward, ignore_every=8):
     """Every ignore_every-th target is ignore_index (0: none): nemokern skips those rows' GEMMs,
     eager and compiled compute them."""
     g = torch.Generator(device=device).manual_seed(0)
     hidden = torch.randn(n, hs, device=device, generator=g).to(dtype)
-    weight = (torch.randn(vocab, hs, device=device, generator=g) / hs ** 0.5).to(dtype)
+    weight = (torch.randn(vocab, hs, device=device, generator=g) / hs**0.5).to(dtype)
     targets = torch.randint(0, vocab, (n,), device=device, generator=g)
     if ignore_every:
         targets[::ignore_every] = IGNORE
     hidden.requires_grad_(backward)
     weight.requires_grad_(backward)
-    fn = {"nemokern": linear_logprobs, "eager": linear_logprobs_eager,
-          "compiled": _linear_compiled}.get(impl) or _liger_linear()
+    fn = {
+        "nemokern": linear_logprobs,
+        "eager": linear_logprobs_eager,
+        "compiled": _linear_compiled,
+    }.get(impl) or _liger_linear()
 
     def step():
         if not backward:
@@ -141,25 +151,47 @@ def test_linear_logprobs_cpu(benchmark, impl):
     _bench_linear(benchmark, impl, 4096, 1024, 32000, torch.float32, "cpu", 5, backward=True)
 
 
-@pytest.mark.benchmark(group="linear_logprobs fwd+bwd (CPU, N=4096 H=1024 V=32000 fp32, "
-                              "no ignored targets)")
+@pytest.mark.benchmark(
+    group="linear_logprobs fwd+bwd (CPU, N=4096 H=1024 V=32000 fp32, no ignored targets)"
+)
 @pytest.mark.parametrize("impl", ["nemokern", "eager"])
 def test_linear_logprobs_cpu_all_counted(benchmark, impl):
-    _bench_linear(benchmark, impl, 4096, 1024, 32000, torch.float32, "cpu", 5, backward=True,
-                  ignore_every=0)
+    _bench_linear(
+        benchmark, impl, 4096, 1024, 32000, torch.float32, "cpu", 5, backward=True, ignore_every=0
+    )
 
 
 @pytest.mark.gpu
 @pytest.mark.benchmark(group="linear_logprobs fwd+bwd (GPU, N=16384 H=4096 V=128256 bf16)")
 @pytest.mark.parametrize("impl", IMPLS + ["liger"])
 def test_linear_logprobs_gpu(benchmark, impl):
-    _bench_linear(benchmark, impl, 16384, 4096, 128256, torch.bfloat16, "cuda", 10,
-                  backward=True, ignore_every=0)
+    _bench_linear(
+        benchmark,
+        impl,
+        16384,
+        4096,
+        128256,
+        torch.bfloat16,
+        "cuda",
+        10,
+        backward=True,
+        ignore_every=0,
+    )
 
 
 @pytest.mark.gpu
 @pytest.mark.benchmark(group="linear_logprobs fwd (GPU, N=16384 H=4096 V=128256 bf16)")
 @pytest.mark.parametrize("impl", IMPLS)
 def test_linear_logprobs_fwd_gpu(benchmark, impl):
-    _bench_linear(benchmark, impl, 16384, 4096, 128256, torch.bfloat16, "cuda", 10,
-                  backward=False, ignore_every=0)
+    _bench_linear(
+        benchmark,
+        impl,
+        16384,
+        4096,
+        128256,
+        torch.bfloat16,
+        "cuda",
+        10,
+        backward=False,
+        ignore_every=0,
+    )

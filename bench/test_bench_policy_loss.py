@@ -12,11 +12,12 @@ full share). extra_info: `flops` = 6*N*H*V, the model FLOPs of the three GEMMs (
 rank path does exactly these; linear_logprobs recomputes the logits in backward:
 `flops_with_recompute` = 8*N*H*V there), and peak extra memory.
 """
+
 import pytest
 import torch
+from _memory import run_benchmark as _run
 
 from nemokern.ops import linear_logprobs, linear_policy_loss
-from _memory import run_benchmark as _run
 
 
 def policy_loss_eager(hidden, weight, targets, coef):
@@ -32,6 +33,7 @@ def policy_loss_via_linear_logprobs(hidden, weight, targets, coef):
 def _liger_grpo():
     try:
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
         loss = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False)
     except (ImportError, TypeError) as exc:
         pytest.skip(f"Liger-Kernel's LigerFusedLinearGRPOLoss is not usable here: {exc}")
@@ -44,14 +46,17 @@ def _liger_grpo():
     return fn
 
 
-IMPLS = {"nemokern": linear_policy_loss, "eager": policy_loss_eager,
-         "linear_logprobs": policy_loss_via_linear_logprobs}
+IMPLS = {
+    "nemokern": linear_policy_loss,
+    "eager": policy_loss_eager,
+    "linear_logprobs": policy_loss_via_linear_logprobs,
+}
 
 
 def _bench(benchmark, impl, n, hs, vocab, dtype, device, rounds):
     g = torch.Generator(device=device).manual_seed(0)
     hidden = torch.randn(n, hs, device=device, generator=g).to(dtype).requires_grad_(True)
-    weight = (torch.randn(vocab, hs, device=device, generator=g) / hs ** 0.5).to(dtype)
+    weight = (torch.randn(vocab, hs, device=device, generator=g) / hs**0.5).to(dtype)
     weight.requires_grad_(True)
     targets = torch.randint(0, vocab, (n,), device=device, generator=g)
     coef = torch.randn(n, device=device, generator=g) / n

@@ -1,13 +1,14 @@
 """Tile-configuration sweep for the Triton kernels, at the benchmarks' GPU shapes.
 
     python bench/tune_gpu.py --out bench/results/<run>-tune.json     # GPU
-    TRITON_INTERPRET=1 python bench/tune_gpu.py --dry                 # CPU: tiny shapes, proves the script
+    TRITON_INTERPRET=1 python bench/tune_gpu.py --dry                 # CPU: tiny shapes
 
 For each candidate configuration it times the kernel entry points of nemokern.kernels (not the
 ops: no validation, no autograd) and reports the rate against the two ceilings measured in the
 same run. `--profile` adds a torch.profiler table of one fwd+bwd step of sequence_kl and
 reward_head, to show where their time goes. The chosen defaults live in the kernel modules.
 """
+
 import argparse
 import json
 import time
@@ -34,7 +35,7 @@ def ceilings(device, dry):
     m = 256 if dry else 8192
     a = torch.randn(m, m, device=device).to(torch.bfloat16)
     mm_s = timer(lambda: a @ a, device)
-    return {"bytes_per_s": 2 * n / copy_s, "flops_per_s": 2 * m ** 3 / mm_s}
+    return {"bytes_per_s": 2 * n / copy_s, "flops_per_s": 2 * m**3 / mm_s}
 
 
 def sweep_logprobs(device, dry, roof):
@@ -47,29 +48,45 @@ def sweep_logprobs(device, dry, roof):
     ones = torch.ones(n, device=device)
     rows = []
     saved = K.FWD_CONFIG, K.BWD_CONFIG
-    for block_v in ((256, 1024) if dry else (2048, 4096, 8192)):
-        for warps in ((4,) if dry else (4, 8, 16)):
+    for block_v in (256, 1024) if dry else (2048, 4096, 8192):
+        for warps in (4,) if dry else (4, 8, 16):
             K.FWD_CONFIG = K.BWD_CONFIG = (block_v, warps)
             try:
                 fwd = timer(lambda: K.logprobs_stats_triton(logits, targets, 1.0, -100), device)
-                bwd = timer(lambda: K.logprobs_backward_triton(
-                    logits, targets, ones, ones, ones, ones, 1.0, -100), device)
+                bwd = timer(
+                    lambda: K.logprobs_backward_triton(
+                        logits, targets, ones, ones, ones, ones, 1.0, -100
+                    ),
+                    device,
+                )
             except Exception as exc:  # noqa: BLE001 (a config that does not compile is a result)
                 rows.append({"BLOCK_V": block_v, "num_warps": warps, "error": str(exc)[:200]})
                 continue
             nbytes = n * v * logits.element_size()
-            rows.append({"BLOCK_V": block_v, "num_warps": warps, "fwd_ms": fwd * 1e3,
-                         "fwd_of_copy": nbytes / fwd / roof["bytes_per_s"],
-                         "bwd_ms": bwd * 1e3,
-                         "bwd_of_copy": 2 * nbytes / bwd / roof["bytes_per_s"]})
+            rows.append(
+                {
+                    "BLOCK_V": block_v,
+                    "num_warps": warps,
+                    "fwd_ms": fwd * 1e3,
+                    "fwd_of_copy": nbytes / fwd / roof["bytes_per_s"],
+                    "bwd_ms": bwd * 1e3,
+                    "bwd_of_copy": 2 * nbytes / bwd / roof["bytes_per_s"],
+                }
+            )
             print("logprobs", rows[-1], flush=True)
     K.FWD_CONFIG, K.BWD_CONFIG = saved
     return rows
 
 
 LINEAR_CONFIGS = [  # (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages)
-    (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4),
-    (256, 128, 64, 8, 3), (128, 128, 128, 8, 3), (64, 256, 64, 4, 4), (128, 256, 32, 8, 4),
+    (128, 128, 64, 8, 3),
+    (128, 128, 64, 4, 4),
+    (128, 256, 64, 8, 3),
+    (128, 256, 64, 8, 4),
+    (256, 128, 64, 8, 3),
+    (128, 128, 128, 8, 3),
+    (64, 256, 64, 4, 4),
+    (128, 256, 32, 8, 4),
 ]
 
 
@@ -79,7 +96,7 @@ def sweep_linear(device, dry, roof):
     n, h, v = (16, 32, 300) if dry else (16384, 4096, 128256)
     g = torch.Generator(device=device).manual_seed(0)
     hidden = torch.randn(n, h, device=device, generator=g).to(torch.bfloat16)
-    weight = (torch.randn(v, h, device=device, generator=g) / h ** 0.5).to(torch.bfloat16)
+    weight = (torch.randn(v, h, device=device, generator=g) / h**0.5).to(torch.bfloat16)
     targets = torch.randint(0, v, (n,), device=device, generator=g)
     ones = torch.ones(n, device=device)
     saved = L._CONFIGS[torch.bfloat16]
@@ -91,16 +108,24 @@ def sweep_linear(device, dry, roof):
         row = dict(zip(("BLOCK_N", "BLOCK_V", "BLOCK_H", "num_warps", "num_stages"), cfg))
         try:
             fwd = timer(lambda: L.linear_stats_triton(hidden, weight, targets, 1.0), device)
-            bwd = timer(lambda: L.linear_backward_triton(
-                hidden, weight, targets, ones, ones, ones, ones, 1.0), device)
+            bwd = timer(
+                lambda: L.linear_backward_triton(
+                    hidden, weight, targets, ones, ones, ones, ones, 1.0
+                ),
+                device,
+            )
         except Exception as exc:  # noqa: BLE001
             row["error"] = str(exc)[:200]
             rows.append(row)
             print("linear", row, flush=True)
             continue
-        row.update(fwd_ms=fwd * 1e3, fwd_of_matmul=2 * nhv / fwd / roof["flops_per_s"],
-                   bwd_ms=bwd * 1e3, bwd_of_matmul=6 * nhv / bwd / roof["flops_per_s"],
-                   step_of_matmul=8 * nhv / (fwd + bwd) / roof["flops_per_s"])
+        row.update(
+            fwd_ms=fwd * 1e3,
+            fwd_of_matmul=2 * nhv / fwd / roof["flops_per_s"],
+            bwd_ms=bwd * 1e3,
+            bwd_of_matmul=6 * nhv / bwd / roof["flops_per_s"],
+            step_of_matmul=8 * nhv / (fwd + bwd) / roof["flops_per_s"],
+        )
         rows.append(row)
         print("linear", row, flush=True)
     L._CONFIGS[torch.bfloat16] = saved
@@ -146,8 +171,10 @@ def main():
     ap.add_argument("--only", choices=["logprobs", "linear"], help="one sweep only")
     args = ap.parse_args()
     device = "cpu" if args.dry else "cuda"
-    result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)",
-              "torch": torch.__version__}
+    result = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)",
+        "torch": torch.__version__,
+    }
     import triton
 
     result["triton"] = triton.__version__

@@ -3,25 +3,29 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
-#include <sstream>
 #include <stdexcept>
 
 #include "cuda_allreduce.h"
-#include "shm_allreduce.h"  // dtype codes, dtype_size, CollectiveTimeout
 
 namespace nemokern {
 
 namespace {
 
-constexpr int kMaxRanks = 8;     // one node
-constexpr int kMaxBlocks = 32;   // flag slots per rank; enough blocks to saturate NVLink reads
+constexpr int kMaxBlocks = 32;  // slots per rank; enough blocks to saturate NVLink reads
 constexpr int kThreads = 512;
-constexpr size_t kFlagBytes = 4096;  // >= kMaxBlocks * kMaxRanks * 8
+// Start of a block: [kMaxBlocks x kMaxRanks signal slots][claim word] then the data regions.
+constexpr size_t kSlotBytes = sizeof(SignalSlot) * kMaxBlocks * kMaxRanks;
+constexpr size_t kFlagBytes = (kSlotBytes + sizeof(int) + 255) / 256 * 256;
+// One thread per peer signals and waits in block_barrier, all in warp 0, which syncs after the
+// signal stores: no thread can trap before every peer was signalled, so every peer sees this
+// rank's arrival (and its numel) and reaches the same verdict.
+static_assert(kMaxRanks < 32 && kThreads >= 32, "block_barrier's peers fit in warp 0");
 
 void check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) {
-    cudaGetLastError();  // clear the sticky-free error so later calls see their own
+    cudaGetLastError();  // clear a non-sticky error so that later calls see their own
     throw std::runtime_error(std::string("nemokern CUDA all-reduce: ") + what + " failed: " +
                              cudaGetErrorString(e));
   }
@@ -50,13 +54,16 @@ struct Params {
   uint64_t step;         // first step this call uses (two-shot also uses step + 1)
   size_t region_bytes;   // bytes per data parity
   size_t numel;
+  int dtype;             // published with numel so that peers can check they reduce the same
   void* out;
-  int* error;            // mapped pinned host int
+  CollectiveError* error;  // mapped pinned host record
+  int* claim;            // device word in the own block: the first failing thread writes error
   uint64_t timeout_ns;
 };
 
-__device__ __forceinline__ uint64_t* flag_slot(char* block, int b, int src) {
-  return reinterpret_cast<uint64_t*>(block) + b * kMaxRanks + src;
+// Slot through which rank `src` signals block b of the rank owning `block`.
+__device__ __forceinline__ SignalSlot* slot(char* block, int b, int src) {
+  return reinterpret_cast<SignalSlot*>(block) + b * kMaxRanks + src;
 }
 
 __device__ __forceinline__ void store_release_sys(uint64_t* p, uint64_t v) {
@@ -69,30 +76,82 @@ __device__ __forceinline__ uint64_t load_acquire_sys(const uint64_t* p) {
   return v;
 }
 
+// Relaxed system-scope accesses for the slot metadata: never served from a stale L1 line.
+__device__ __forceinline__ void store_relaxed_sys(int64_t* p, int64_t v) {
+  asm volatile("st.relaxed.sys.global.s64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ int64_t load_relaxed_sys(const int64_t* p) {
+  int64_t v;
+  asm volatile("ld.relaxed.sys.global.s64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
 __device__ __forceinline__ uint64_t global_ns() {
   uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   return t;
 }
 
+// Records why this kernel cannot finish and stops the CUDA context (see cuda_allreduce.h): the
+// output is never handed back. The first failing thread of this process writes the record,
+// kind last; the others wait for it, so the host never reads a half-written record.
+// Arguments by value (a cold call must not make the kernel copy Params to local memory).
+__device__ __noinline__ void fail(CollectiveError* error, int* claim, int rank,
+                                  CollectiveError r) {
+  __threadfence_system();  // this thread's signal to its peer lands before the trap
+  volatile CollectiveError* e = error;
+  if (atomicCAS(claim, 0, 1) == 0) {
+    e->peer = r.peer;
+    e->step = r.step;
+    e->numel = r.numel;
+    e->dtype = r.dtype;
+    e->peer_numel = r.peer_numel;
+    e->peer_dtype = r.peer_dtype;
+    __threadfence_system();
+    e->kind = r.kind;
+    __threadfence_system();
+    const char* what = r.kind == kSizeMismatch ? "reduces another size or dtype than"
+                                               : "timed out waiting for";
+    printf("nemokern all_reduce (CUDA IPC): rank %d %s rank %d at step %llu (%lld vs %lld "
+           "elements); trapping so that no result is used\n",
+           rank, what, r.peer, static_cast<unsigned long long>(r.step),
+           static_cast<long long>(r.numel), static_cast<long long>(r.peer_numel));
+  } else {
+    while (e->kind == kNoError) {
+    }
+  }
+  __trap();
+}
+
 // Block b of every rank meets block b of every other rank at `step`. The data a block reads
 // after the barrier was written (before it) by the same block index on the peers, so no
-// grid-wide synchronisation is needed. On timeout the error flag is raised and the block goes
-// on (with garbage): the host reports it at the next call or error_code().
+// grid-wide synchronisation is needed. Thread t < world signals peer t (what this rank reduces,
+// then the step) and waits for peer t's step, then checks that peer t reduces the same numel
+// and dtype. A wait past the timeout or a mismatch ends in fail(), which stops the context
+// before any output of this call (or anything after it) can be used.
 __device__ void block_barrier(const Params& p, uint64_t step) {
   __syncthreads();
   const int t = threadIdx.x;
   if (t < p.world) {
     __threadfence_system();  // the block's writes (and the preceding copy) before the flag
-    store_release_sys(flag_slot(p.peers.block[t], blockIdx.x, p.rank), step);
-    const uint64_t* mine = flag_slot(p.peers.block[p.rank], blockIdx.x, t);
+    const int64_t numel = static_cast<int64_t>(p.numel);
+    SignalSlot* out = slot(p.peers.block[t], blockIdx.x, p.rank);
+    store_relaxed_sys(&out->meta[step & 1].numel, numel);
+    store_relaxed_sys(&out->meta[step & 1].dtype, p.dtype);
+    store_release_sys(&out->step, step);
+    __syncwarp((1u << p.world) - 1);  // every peer is signalled before any thread may trap
+    SignalSlot* in = slot(p.peers.block[p.rank], blockIdx.x, t);
     const uint64_t start = global_ns();
-    while (load_acquire_sys(mine) < step) {
-      if (global_ns() - start > p.timeout_ns) {
-        atomicExch_system(p.error, 1);
-        break;
-      }
+    while (load_acquire_sys(&in->step) < step) {
+      if (global_ns() - start > p.timeout_ns)
+        fail(p.error, p.claim, p.rank, {kPeerTimeout, t, step, numel, p.dtype, 0, 0});
     }
+    const SignalSlot::Meta theirs{load_relaxed_sys(&in->meta[step & 1].numel),
+                                  load_relaxed_sys(&in->meta[step & 1].dtype)};
+    if (!same_call(theirs, numel, p.dtype))
+      fail(p.error, p.claim, p.rank,
+           {kSizeMismatch, t, step, numel, p.dtype, theirs.numel, theirs.dtype});
   }
   __syncthreads();
 }
@@ -101,7 +160,7 @@ template <typename T>
 struct Pack;  // 16 bytes of T, summed in fp32
 template <>
 struct Pack<float> {
-  static constexpr int N = 4;
+  static constexpr int N = 16 / sizeof(float);
   __device__ static float get(const uint4& v, int i) { return reinterpret_cast<const float*>(&v)[i]; }
   __device__ static void put(uint4& v, int i, float x) { reinterpret_cast<float*>(&v)[i] = x; }
   __device__ static float load(const void* p, size_t i) { return __ldcg(static_cast<const float*>(p) + i); }
@@ -109,7 +168,7 @@ struct Pack<float> {
 };
 template <>
 struct Pack<__nv_bfloat16> {
-  static constexpr int N = 8;
+  static constexpr int N = 16 / sizeof(__nv_bfloat16);
   __device__ static float get(const uint4& v, int i) {
     return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(&v)[i]);
   }
@@ -223,12 +282,7 @@ CudaAllReduce::CudaAllReduce(int rank, int world_size, int device, size_t buffer
                              double timeout_s, size_t one_shot_max_bytes)
     : rank_(rank), world_(world_size), device_(device), buffer_bytes_(buffer_bytes),
       one_shot_max_(one_shot_max_bytes), timeout_s_(timeout_s) {
-  if (world_size < 1 || world_size > kMaxRanks)
-    throw std::invalid_argument("nemokern CUDA all-reduce: world_size must be in 1..8 (one node), got " +
-                                std::to_string(world_size));
-  if (rank < 0 || rank >= world_size)
-    throw std::invalid_argument("nemokern CUDA all-reduce: rank " + std::to_string(rank) +
-                                " is outside 0.." + std::to_string(world_size - 1));
+  check_group("CUDA", rank, world_size);
   if (!(timeout_s > 0)) throw std::invalid_argument("nemokern CUDA all-reduce: timeout must be > 0");
   const int count = cuda_device_count();
   if (count == 0)
@@ -242,8 +296,9 @@ CudaAllReduce::CudaAllReduce(int rank, int world_size, int device, size_t buffer
   DeviceGuard guard(device_);
   check(cudaMalloc(&block_, kFlagBytes + 2 * region_bytes_), "cudaMalloc of the IPC workspace");
   check(cudaMemset(block_, 0, kFlagBytes), "cudaMemset of the flags");
-  check(cudaHostAlloc(&error_host_, sizeof(int), cudaHostAllocMapped), "cudaHostAlloc");
-  *error_host_ = 0;
+  check(cudaHostAlloc(&error_host_, sizeof(CollectiveError), cudaHostAllocMapped),
+        "cudaHostAlloc");
+  std::memset(error_host_, 0, sizeof(CollectiveError));
   check(cudaHostGetDevicePointer(reinterpret_cast<void**>(&error_device_), error_host_, 0),
         "cudaHostGetDevicePointer");
   check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
@@ -290,18 +345,19 @@ void CudaAllReduce::open_peers(const std::vector<std::string>& handles) {
   opened_ = true;
 }
 
+void CudaAllReduce::raise_if_failed() const {
+  if (__atomic_load_n(&error_host_->kind, __ATOMIC_ACQUIRE) == kNoError) return;
+  CollectiveError e;  // the kernel wrote the other fields before kind
+  std::memcpy(&e, error_host_, sizeof(e));
+  throw_collective_error("CUDA IPC", rank_, world_, timeout_s_, e);
+}
+
 void CudaAllReduce::all_reduce(uintptr_t ptr, int64_t numel, int dtype, uintptr_t stream) {
   const size_t esize = dtype_size(dtype);
   if (numel < 0) throw std::invalid_argument("nemokern all_reduce: numel must be >= 0");
   if (!opened_ && world_ > 1)
     throw std::runtime_error("nemokern CUDA all-reduce: open_peers() was not called");
-  if (__atomic_load_n(error_host_, __ATOMIC_ACQUIRE) != 0) {
-    std::ostringstream s;
-    s << "nemokern all_reduce (CUDA IPC, " << world_ << " ranks): rank " << rank_
-      << " timed out after " << timeout_s_ << " s waiting for a peer in an earlier call; that "
-      << "rank crashed or did not call all_reduce. Set NEMOKERN_ALLREDUCE_TIMEOUT to change it.";
-    throw CollectiveTimeout(s.str());
-  }
+  raise_if_failed();
   const size_t bytes = static_cast<size_t>(numel) * esize;
   if (bytes > buffer_bytes_)
     throw std::invalid_argument("nemokern CUDA all-reduce: " + std::to_string(bytes) +
@@ -310,6 +366,15 @@ void CudaAllReduce::all_reduce(uintptr_t ptr, int64_t numel, int dtype, uintptr_
   if (numel == 0 || world_ == 1) return;
   DeviceGuard guard(device_);
   auto st = reinterpret_cast<cudaStream_t>(stream);
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  const cudaError_t query = cudaStreamIsCapturing(st, &capture);
+  if (query != cudaSuccess || capture != cudaStreamCaptureStatusNone) {
+    if (query != cudaSuccess) cudaGetLastError();
+    throw std::runtime_error(
+        "nemokern CUDA all-reduce: the stream is being captured into a CUDA graph, which would "
+        "freeze this call's step numbers and break the barriers on replay; reduce with "
+        "torch.distributed while capturing (nemokern.parallel.all_reduce does)");
+  }
   const bool one_shot = bytes <= one_shot_max_;
   Params p;
   for (int r = 0; r < world_; ++r) p.peers.block[r] = peers_[r];
@@ -319,8 +384,10 @@ void CudaAllReduce::all_reduce(uintptr_t ptr, int64_t numel, int dtype, uintptr_
   step_ += one_shot ? 1 : 2;
   p.region_bytes = region_bytes_;
   p.numel = static_cast<size_t>(numel);
+  p.dtype = dtype;
   p.out = reinterpret_cast<void*>(ptr);
   p.error = error_device_;
+  p.claim = reinterpret_cast<int*>(block_ + kSlotBytes);
   p.timeout_ns = static_cast<uint64_t>(timeout_s_ * 1e9);
   char* mine = block_ + kFlagBytes + region_bytes_ * (p.step & 1);
   check(cudaMemcpyAsync(mine, p.out, bytes, cudaMemcpyDeviceToDevice, st), "cudaMemcpyAsync");
@@ -337,9 +404,13 @@ void CudaAllReduce::all_reduce(uintptr_t ptr, int64_t numel, int dtype, uintptr_
 }
 
 int CudaAllReduce::error_code() {
+  int kind = __atomic_load_n(&error_host_->kind, __ATOMIC_ACQUIRE);
+  if (kind != kNoError) return kind;  // a kernel trapped: a sync would only report that
   DeviceGuard guard(device_);
-  check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
-  return __atomic_load_n(error_host_, __ATOMIC_ACQUIRE);
+  const cudaError_t e = cudaDeviceSynchronize();
+  kind = __atomic_load_n(&error_host_->kind, __ATOMIC_ACQUIRE);
+  if (kind == kNoError) check(e, "cudaDeviceSynchronize");
+  return kind;
 }
 
 }  // namespace nemokern

@@ -10,17 +10,34 @@
 #include <string>
 #include <vector>
 
+#include "collective.h"  // dtype codes, kMaxRanks, SignalSlot, CollectiveError
+
 namespace nemokern {
 
 // Devices the CUDA runtime sees; 0 when there is no driver or no GPU (never throws).
 int cuda_device_count();
 
-// One rank's workspace: a cudaMalloc'ed block [flags | data parity 0 | data parity 1] exported
-// by IPC handle; every rank maps every peer's block. The same step/parity protocol as the CPU
-// backend (shm_allreduce.h), per thread block: block b of rank r publishes step s into
-// flags[b][r] of every peer (release, system scope) and waits for flags[b][p] >= s (acquire).
-// All calls on one workspace must be ordered on the device (one stream, or synchronised
-// streams): the protocol relies on kernel k finishing before kernel k+1 starts on each rank.
+// One rank's workspace: a cudaMalloc'ed block [signal slots | data parity 0 | data parity 1]
+// exported by IPC handle; every rank maps every peer's block. The same step/parity protocol as
+// the CPU backend (shm_allreduce.h, SignalSlot in collective.h), per thread block: block b of
+// rank r writes what it reduces (numel, dtype) and then step s into slot[b][r] of every peer
+// (release, system scope), waits for slot[b][p].step >= s (acquire) and checks that peer p
+// reduces the same numel and dtype. All calls on one workspace must be ordered on the device
+// (one stream, or synchronised streams): the protocol relies on kernel k finishing before
+// kernel k+1 starts on each rank.
+//
+// Failures never hand back a result. A kernel that waits past the timeout for a peer, or finds
+// a peer reducing another numel or dtype, records a CollectiveError in mapped pinned host
+// memory and executes a trap: the CUDA context of that process is then in a sticky error
+// state, so no later kernel, copy or synchronisation can consume the unfinished output (every
+// later CUDA call fails, as after a device-side assert). With different sizes every rank's
+// kernel sees the mismatch, so every rank stops. Host side, raise_if_failed() (and every
+// all_reduce call) turns the record into CollectiveTimeout or std::invalid_argument naming
+// the ranks and sizes; the process has to be restarted, as after NCCL's watchdog abort.
+//
+// CUDA graphs: a launch bakes the step numbers into its arguments, so a replayed graph would
+// wait for steps already passed and skip the barriers. Capturing is refused (all_reduce
+// throws); the Python front end sends captured all-reduces to torch.distributed instead.
 class CudaAllReduce {
  public:
   CudaAllReduce(int rank, int world_size, int device, size_t buffer_bytes, double timeout_s,
@@ -36,9 +53,14 @@ class CudaAllReduce {
   // Enqueue on `stream` an in-place sum of numel elements at device address ptr: one-shot (each
   // rank reads every peer, 16-byte loads, fp32 accumulation in rank order) up to
   // one_shot_max_bytes, reduce-scatter + all-gather above, at most buffer_bytes. Throws
-  // CollectiveTimeout if an earlier call found a peer missing past the timeout.
+  // (raise_if_failed) if an earlier kernel recorded a failure, and std::runtime_error if
+  // `stream` is being captured into a CUDA graph.
   void all_reduce(uintptr_t ptr, int64_t numel, int dtype, uintptr_t stream);
-  // Synchronises the device; 0 = fine, 1 = a kernel gave up waiting for a peer.
+  // Throws the recorded failure of an earlier kernel (CollectiveTimeout for a missing peer,
+  // std::invalid_argument for another size or dtype on a peer); no synchronisation.
+  void raise_if_failed() const;
+  // Synchronises the device and returns the recorded ErrorKind (0 = fine). A sync that fails
+  // because one of our kernels trapped returns that kind instead of throwing.
   int error_code();
   size_t buffer_bytes() const { return buffer_bytes_; }
 
@@ -48,8 +70,8 @@ class CudaAllReduce {
   double timeout_s_;
   char* block_ = nullptr;          // own device block
   std::vector<char*> peers_;       // every rank's block as mapped here (own = block_)
-  int* error_host_ = nullptr;      // pinned, mapped: kernels flag timeouts without a sync
-  int* error_device_ = nullptr;    // the same int as the kernels address it
+  CollectiveError* error_host_ = nullptr;    // pinned, mapped: kernels record failures here
+  CollectiveError* error_device_ = nullptr;  // the same record as the kernels address it
   uint64_t step_ = 0;
   bool opened_ = false;
 };

@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "collective.h"
 #include "shm_allreduce.h"
 
 #ifndef NEMOKERN_WITH_CUDA
@@ -18,8 +19,9 @@ using nemokern::ShmAllReduce;
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "nemokern C++/CUDA extension";
-  m.def("abi_version", []() { return 2; }, "Version of the extension's Python-facing ABI.");
+  m.def("abi_version", []() { return 3; }, "Version of the extension's Python-facing ABI.");
   m.attr("with_cuda") = py::bool_(NEMOKERN_WITH_CUDA != 0);
+  m.attr("MAX_RANKS") = nemokern::kMaxRanks;
   m.attr("DTYPE_FLOAT32") = static_cast<int>(nemokern::kFloat32);
   m.attr("DTYPE_BFLOAT16") = static_cast<int>(nemokern::kBFloat16);
   py::register_exception<nemokern::CollectiveTimeout>(m, "CollectiveTimeout", PyExc_TimeoutError);
@@ -56,8 +58,12 @@ PYBIND11_MODULE(_C, m) {
       .def("all_reduce", &CudaAllReduce::all_reduce, py::arg("ptr"), py::arg("numel"),
            py::arg("dtype"), py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
            "Enqueue an in-place sum on `stream` (a cudaStream_t as int; 0 = legacy default).")
+      .def("raise_if_failed", &CudaAllReduce::raise_if_failed,
+           "Raise the failure an earlier kernel recorded (TimeoutError subclass for a missing "
+           "peer, ValueError for another size or dtype on a peer); no synchronisation.")
       .def("error_code", &CudaAllReduce::error_code, py::call_guard<py::gil_scoped_release>(),
-           "Synchronise and return the device-side error flag (0 ok, 1 a peer timed out).")
+           "Synchronise; return the recorded failure kind (0 ok, 1 peer timeout, 2 size "
+           "mismatch).")
       .def_property_readonly("buffer_bytes", &CudaAllReduce::buffer_bytes);
 #endif
 }

@@ -3,6 +3,7 @@
 
 #include <fcntl.h>
 #include <sched.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -21,8 +22,7 @@ namespace {
 constexpr uint64_t kMagic = 0x6e656d6f4b415231ull;  // "nemoKAR1"
 constexpr size_t kPage = 4096;
 constexpr size_t kLine = 128;  // two cache lines: adjacent-line prefetch must not false-share
-constexpr int kMaxRanks = 64;
-constexpr size_t kBlock = 1024;  // elements summed per stack tile (fits L1 with 8 ranks)
+constexpr size_t kBlock = 1024;  // elements summed per stack tile (fits L1 with kMaxRanks)
 
 struct Header {
   uint64_t magic;
@@ -108,34 +108,12 @@ inline void cpu_relax() {
 
 }  // namespace
 
-size_t dtype_size(int dtype) {
-  switch (dtype) {
-    case kFloat32: return 4;
-    case kBFloat16: return 2;
-  }
-  throw std::invalid_argument("nemokern all-reduce: dtype code " + std::to_string(dtype) +
-                              " is not supported; use 0 (float32) or 1 (bfloat16)");
-}
-
-struct ShmAllReduce::RankLine {
-  uint64_t step;  // last step this rank published (atomic access only)
-  struct {
-    int64_t numel;
-    int64_t dtype;
-  } meta[2];  // what the rank is reducing at the step of each parity, checked by peers
-};
-
 ShmAllReduce::ShmAllReduce(const std::string& name, int rank, int world_size, size_t chunk_bytes,
                            bool create, double timeout_s, size_t one_shot_max_bytes)
     : name_(name), rank_(rank), world_(world_size), one_shot_max_(one_shot_max_bytes),
       timeout_s_(timeout_s) {
-  static_assert(sizeof(RankLine) <= kLine, "a rank's flag line must fit kLine bytes");
-  if (world_size < 1 || world_size > kMaxRanks)
-    throw std::invalid_argument("nemokern shm all-reduce: world_size must be in 1.." +
-                                std::to_string(kMaxRanks) + ", got " + std::to_string(world_size));
-  if (rank < 0 || rank >= world_size)
-    throw std::invalid_argument("nemokern shm all-reduce: rank " + std::to_string(rank) +
-                                " is outside 0.." + std::to_string(world_size - 1));
+  static_assert(sizeof(SignalSlot) <= kLine, "a rank's signal slot must fit kLine bytes");
+  check_group("shm", rank, world_size);
   if (chunk_bytes < kPage)
     throw std::invalid_argument("nemokern shm all-reduce: chunk_bytes must be at least 4096, got " +
                                 std::to_string(chunk_bytes));
@@ -153,9 +131,14 @@ ShmAllReduce::ShmAllReduce(const std::string& name, int rank, int world_size, si
   if (fd < 0) throw std::runtime_error(errno_text("shm_open", name));
   if (create) {
     linked_ = true;
+    lock_fd_ = fd;  // kept open: it holds the liveness lock until unlink()
+    if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+      std::string msg = errno_text("flock", name);
+      unlink();
+      throw std::runtime_error(msg);
+    }
     if (ftruncate(fd, static_cast<off_t>(map_bytes_)) != 0) {
       std::string msg = errno_text("ftruncate (is /dev/shm full?)", name);
-      close(fd);
       unlink();
       throw std::runtime_error(msg);
     }
@@ -168,7 +151,7 @@ ShmAllReduce::ShmAllReduce(const std::string& name, int rank, int world_size, si
     }
   }
   void* p = mmap(nullptr, map_bytes_, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-  close(fd);
+  if (!create) close(fd);
   if (p == MAP_FAILED) {
     std::string msg = errno_text("mmap", name);
     if (create) unlink();
@@ -199,10 +182,14 @@ void ShmAllReduce::unlink() {
     shm_unlink(name_.c_str());
     linked_ = false;
   }
+  if (lock_fd_ >= 0) {  // the name is gone: nobody needs the liveness lock any more
+    close(lock_fd_);
+    lock_fd_ = -1;
+  }
 }
 
-ShmAllReduce::RankLine* ShmAllReduce::line(int r) const {
-  return reinterpret_cast<RankLine*>(base_ + kPage + kLine * r);
+SignalSlot* ShmAllReduce::slot(int r) const {
+  return reinterpret_cast<SignalSlot*>(base_ + kPage + kLine * r);
 }
 
 char* ShmAllReduce::region(int r, int parity) const {
@@ -211,7 +198,7 @@ char* ShmAllReduce::region(int r, int parity) const {
 }
 
 void ShmAllReduce::arrive(uint64_t step, int64_t numel, int dtype) {
-  RankLine* me = line(rank_);
+  SignalSlot* me = slot(rank_);
   me->meta[step & 1].numel = numel;
   me->meta[step & 1].dtype = dtype;
   __atomic_store_n(&me->step, step, __ATOMIC_RELEASE);
@@ -220,9 +207,10 @@ void ShmAllReduce::arrive(uint64_t step, int64_t numel, int dtype) {
 void ShmAllReduce::wait_all(uint64_t step, int64_t numel, int dtype) {
   using clock = std::chrono::steady_clock;
   const auto start = clock::now();
-  for (int p = 0; p < world_; ++p) {
+  CollectiveError e{kNoError, 0, step, numel, dtype, 0, 0};
+  for (int p = 0; p < world_ && e.kind == kNoError; ++p) {
     if (p == rank_) continue;
-    RankLine* peer = line(p);
+    SignalSlot* peer = slot(p);
     for (uint64_t spins = 0; __atomic_load_n(&peer->step, __ATOMIC_ACQUIRE) < step; ++spins) {
       if (spins < 256) {
         cpu_relax();
@@ -237,25 +225,20 @@ void ShmAllReduce::wait_all(uint64_t step, int64_t numel, int dtype) {
           nanosleep(&ts, nullptr);
         }
         if (waited > timeout_s_) {
-          broken_ = true;
-          std::ostringstream s;
-          s << "nemokern all_reduce (shm, " << world_ << " ranks): rank " << rank_
-            << " timed out after " << timeout_s_ << " s waiting for rank " << p << " at step "
-            << step << "; that rank crashed or did not call all_reduce. "
-            << "Set NEMOKERN_ALLREDUCE_TIMEOUT (seconds) to change the limit.";
-          throw CollectiveTimeout(s.str());
+          e.kind = kPeerTimeout;
+          e.peer = p;
+          break;
         }
       }
     }
-    const auto& m = peer->meta[step & 1];
-    if (m.numel != numel || m.dtype != dtype) {
-      broken_ = true;
-      std::ostringstream s;
-      s << "nemokern all_reduce (shm): rank " << rank_ << " reduces " << numel
-        << " elements of dtype code " << dtype << " but rank " << p << " reduces " << m.numel
-        << " of dtype code " << m.dtype << "; every rank must pass the same shape and dtype";
-      throw std::invalid_argument(s.str());
+    const SignalSlot::Meta& m = peer->meta[step & 1];
+    if (e.kind == kNoError && !same_call(m, numel, dtype)) {
+      e = CollectiveError{kSizeMismatch, p, step, numel, dtype, m.numel, m.dtype};
     }
+  }
+  if (e.kind != kNoError) {
+    broken_ = true;  // peers are at unknown steps now
+    throw_collective_error("shm", rank_, world_, timeout_s_, e);
   }
 }
 

@@ -1,7 +1,5 @@
-"""nemokern: a custom-kernel performance engine for RLHF of Llama-3.1 models.
-
-Layering (an import may only point down): cli -> train -> data -> model -> parallel -> ops -> kernels.
-"""
+"""nemokern: fused RLHF kernels and a minimal Llama-3.1 (layout and layering:
+docs/architecture.md)."""
 
 __version__ = "0.1.0"
 

@@ -1,32 +1,197 @@
-"""Command line: argument parsing, progress and printing; nothing else."""
+"""The `nemokern` command: argument parsing, checks of the arguments, and printing.
+
+A mistake in the arguments prints one line naming the option and what it allows, and exits with
+status 2 before any work starts.
+"""
 
 import argparse
+import os
 import sys
+
+import nemokern
+from nemokern import env
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
+
+
+def _parser():
+    from nemokern.train import demo
+
+    parser = _Parser(prog="nemokern", description="Fused RLHF kernels and a minimal Llama-3.1.")
+    parser.add_argument("--version", action="version", version=f"nemokern {nemokern.__version__}")
+    sub = parser.add_subparsers(
+        dest="cmd", metavar="{" + ",".join(COMMANDS) + "}", parser_class=_Parser
+    )
+    sub.add_parser(
+        "info", help="print versions, the extension's parts and the back ends that would be used"
+    )
+    p = sub.add_parser(
+        "demo", help="the embedded default job: rollout + scoring with a tiny built-in Llama"
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=demo.DEFAULT_SEED,
+        metavar="N",
+        help="random seed, >= 0 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--k",
+        type=int,
+        default=demo.DEFAULT_K,
+        metavar="N",
+        help="responses sampled per prompt; RLOO needs >= 2 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=demo.DEFAULT_MAX_NEW_TOKENS,
+        metavar="N",
+        help="longest response in tokens, >= 1 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--device",
+        default=demo.DEFAULT_DEVICE,
+        help="cpu, cuda or cuda:N (default: %(default)s)",
+    )
+    p.add_argument(
+        "--out",
+        dest="out_dir",
+        default=None,
+        metavar="DIR",
+        help="keep the tiny model's HF checkpoint in this directory (default: a temporary "
+        "directory, deleted at the end)",
+    )
+    _training_parsers(sub)
+    return parser, p
+
+
+COMMANDS = ("info", "demo", "train-reward", "score", "export-reward", "train-reinforce", "expo")
+
+
+def _training_parsers(sub):
+    from nemokern.train.config import add_config_arguments
+    from nemokern.train.reinforce import ReinforceConfig
+    from nemokern.train.reward import RewardConfig
+
+    p = sub.add_parser(
+        "train-reward",
+        help="train a reward model (SteerLM regression or Bradley-Terry); OUT/final is the model",
+    )
+    add_config_arguments(p, RewardConfig)
+    p = sub.add_parser(
+        "score", help="pair accuracy of a reward model on a pairs file (per subset, RewardBench)"
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="DIR",
+        help="a reward model (OUT/final of train-reward) or a Nemotron-Reward-HF directory",
+    )
+    p.add_argument("--data", required=True, metavar="FILE", help="pairs: .jsonl(.gz) or .parquet")
+    p.add_argument(
+        "--tokenizer",
+        default="byte",
+        help="a local HF tokenizer directory, or 'byte' (default: %(default)s)",
+    )
+    p.add_argument(
+        "--data-format",
+        default="auto",
+        choices=("auto", "hs2-preference", "pairs"),
+        help="row layout (default: %(default)s)",
+    )
+    p.add_argument(
+        "--attribute",
+        default=None,
+        help="head column to compare (default: helpfulness where the head has it, else column 0)",
+    )
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=4096,
+        metavar="N",
+        help="tokens per conversation; longer ones lose prompt tokens on the left "
+        "(default: %(default)s)",
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows (counted)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p = sub.add_parser(
+        "export-reward",
+        help="write a reward model in the Nemotron-Reward-HF layout (a plain Llama whose reward "
+        "is logits[last, 0])",
+    )
+    p.add_argument("--model", required=True, metavar="DIR", help="OUT/final of train-reward")
+    p.add_argument("--out", required=True, metavar="DIR", help="a new directory")
+    p.add_argument(
+        "--attribute",
+        default="helpfulness",
+        help="the head column that becomes lm_head row 0 (default: %(default)s)",
+    )
+    p = sub.add_parser(
+        "train-reinforce",
+        help="train a policy with REINFORCE (RLOO baseline, KL-regularised reward); OUT/final "
+        "is the policy",
+    )
+    add_config_arguments(p, ReinforceConfig)
+    p = sub.add_parser("expo", help="ExPO: aligned + alpha * (aligned - init), tensor by tensor")
+    p.add_argument("--init", required=True, metavar="DIR", help="the model before alignment")
+    p.add_argument("--aligned", required=True, metavar="DIR", help="the model after alignment")
+    p.add_argument("--alpha", required=True, type=float, help="extrapolation strength, >= 0")
+    p.add_argument("--out", required=True, metavar="DIR", help="a new directory")
+    p.add_argument(
+        "--max-shard-size", default="5GB", help="largest output shard (default: %(default)s)"
+    )
 
 
 def _info():
     import torch
     import triton
 
-    import nemokern
+    from nemokern.model.attention import packed_backend_for
+    from nemokern.ops import default_backend
 
+    ext = "missing (reinstall with a C++ compiler: pip install -e .)"
+    if nemokern.extension_available():
+        from nemokern import _C
+
+        cuda_part = "built" if _C.with_cuda else "not built (no nvcc at install time)"
+        ext = f"built; CPU all-reduce built, CUDA all-reduce {cuda_part}"
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    dtype = torch.bfloat16 if cuda else torch.float32
     print(
         f"nemokern {nemokern.__version__}  torch {torch.__version__}  triton {triton.__version__}"
     )
-    print(f"extension nemokern._C: {'built' if nemokern.extension_available() else 'MISSING'}")
-    print(f"CUDA available: {torch.cuda.is_available()}")
+    print(f"extension nemokern._C: {ext}")
+    print(f"CUDA available: {cuda}" + (f" ({torch.cuda.get_device_name()})" if cuda else ""))
+    print(f"kernel back end for {device} tensors: {default_backend(device)}")
+    print(
+        f"attention back end for packed {device} {str(dtype)[6:]}: "
+        f"{packed_backend_for(device, dtype)}"
+    )
 
 
-def _demo(args):
-    from nemokern.train.demo import run_demo
+def _demo(args, parser):
+    from nemokern.train.demo import check_options, run_demo
+    from nemokern.train.options import OptionError
 
-    res = run_demo(
+    kwargs = dict(
         seed=args.seed,
         k=args.k,
         max_new_tokens=args.max_new_tokens,
         device=args.device,
-        out_dir=args.out,
+        out_dir=args.out_dir,
     )
+    try:
+        check_options(**kwargs)
+    except OptionError as e:
+        flag = next(a.option_strings[0] for a in parser._actions if a.dest == e.option)
+        parser.error(f"{flag} {e.message}")
+    res = run_demo(**kwargs)
     worst = max(res.checks.values())
     print(
         f"demo finished in {res.seconds:.1f} s; largest check error {worst:.1e} "
@@ -35,27 +200,137 @@ def _demo(args):
     return 0 if worst < 1e-4 else 1
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="nemokern", description="RLHF kernels and trainers for Llama-3.1."
+def _user_errors():
+    """The exception types that mean the user's input (options, data, files) needs fixing."""
+    from nemokern.data import DataError
+    from nemokern.model import CheckpointError
+    from nemokern.model import ConfigError as ModelConfigError
+    from nemokern.train.config import ConfigError
+    from nemokern.train.options import OptionError
+
+    return (
+        ConfigError,
+        DataError,
+        CheckpointError,
+        ModelConfigError,
+        OptionError,
+        FileNotFoundError,
+        FileExistsError,
+        NotADirectoryError,
+        ValueError,  # the library's checks of values a user passed (alpha, attribute, files)
     )
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("info", help="print versions and which backends are available")
-    demo = sub.add_parser(
-        "demo", help="the embedded default job: rollout + scoring with a tiny built-in Llama"
-    )
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--k", type=int, default=4, help="responses sampled per prompt (default 4)")
-    demo.add_argument("--max-new-tokens", type=int, default=96)
-    demo.add_argument("--device", default="cpu", help="cpu or cuda")
-    demo.add_argument(
-        "--out", default=None, help="keep the tiny model's HF checkpoint in this directory"
-    )
-    args = parser.parse_args(argv)
-    if args.cmd == "info":
-        _info()
+
+
+def _train(kind, args):
+    import nemokern.train as train
+    from nemokern.train.config import build_config
+
+    trainer_cls, config_cls = {
+        "reward": (train.RewardTrainer, train.RewardConfig),
+        "reinforce": (train.ReinforceTrainer, train.ReinforceConfig),
+    }[kind]
+    trainer = trainer_cls(build_config(config_cls, args))
+    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun, one process reports
+    data = getattr(trainer, "train_data", None)
+    if data is not None and rank0:
+        print(data.summary())
+    history = trainer.fit()
+    if not rank0:
         return 0
-    return _demo(args)
+    last = history[-1] if history else {}
+    shown = {k: round(v, 4) for k, v in last.items() if isinstance(v, float)}
+    print(f"{len(history)} steps; last: {shown}")
+    print(f"final model: {trainer.config.out}/final")
+    return 0
+
+
+def _score(args):
+    import json
+
+    from nemokern.train.reward import score_file
+
+    report = score_file(
+        args.model,
+        args.data,
+        tokenizer=args.tokenizer,
+        data_format=args.data_format,
+        max_length=args.max_length,
+        skip_bad_rows=args.skip_bad_rows,
+        device=args.device,
+        attribute=args.attribute,
+    )
+    summary = report.pop("summary")
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(summary)
+    print(f"accuracy {report['accuracy']:.4f} over {report['n']} pairs ({report['attribute']})")
+    for name, sub in report["subsets"].items():
+        print(f"  {name}: {sub['accuracy']:.4f} ({sub['n']})")
+    for name, value in report.get("sections", {}).items():
+        print(f"  section {name}: {value:.4f}")
+    if "overall" in report:
+        print(f"RewardBench overall (mean of the sections): {report['overall']:.4f}")
+    return 0
+
+
+def _export_reward(args):
+    from pathlib import Path
+
+    from nemokern.model import RewardModel
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"--out {args.out} exists and is not an empty directory")
+    bias = RewardModel.from_pretrained(args.model).export_hf(out, args.attribute)
+    print(
+        f"wrote {args.out}: reward = logits[last, 0] + {bias:.6g} (the head's bias, recorded in "
+        "config.json as nemokern_reward_bias; it changes no ranking)"
+    )
+    return 0
+
+
+def _expo(args):
+    from nemokern.train.expo import expo
+
+    summary = expo(
+        args.init, args.aligned, args.alpha, args.out, max_shard_size=args.max_shard_size
+    )
+    print(
+        f"wrote {args.out}: {summary['tensors']} tensors, {summary['bytes'] / 2**20:.1f} MiB "
+        f"in {summary['seconds']:.1f} s"
+    )
+    return 0
+
+
+def main(argv=None):
+    parser, demo_parser = _parser()
+    args = parser.parse_args(argv)
+    if args.cmd is None:
+        parser.error(f"choose a command: {', '.join(COMMANDS)}")
+    try:
+        env.check_all()
+    except env.EnvError as e:
+        parser.exit(2, f"nemokern: error: {e}\n")
+    run = {
+        "info": lambda: _info() or 0,
+        "demo": lambda: _demo(args, demo_parser),
+        "train-reward": lambda: _train("reward", args),
+        "train-reinforce": lambda: _train("reinforce", args),
+        "score": lambda: _score(args),
+        "export-reward": lambda: _export_reward(args),
+        "expo": lambda: _expo(args),
+    }[args.cmd]
+    try:
+        if args.cmd in ("info", "demo"):
+            return run()
+        try:
+            return run()
+        except _user_errors() as e:
+            parser.exit(2, f"nemokern {args.cmd}: error: {e}\n")
+    except BrokenPipeError:  # the reader went away (`nemokern demo | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

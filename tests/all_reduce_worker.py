@@ -5,6 +5,7 @@ the scenario as argv[1]. Every rank can rebuild every rank's input from the seed
 its result against a locally computed fixed-order reference without extra communication. Any
 failed check raises, and the non-zero exit code fails the test. Prints "OK <what>" lines.
 """
+
 import hashlib
 import importlib
 import os
@@ -56,8 +57,10 @@ def check_once(numel, dtype, seed, world, rank):
     xs = inputs(numel, dtype, world, seed)
     ref = fixed_order_sum(xs)
     got = all_reduce(xs[rank].clone())
-    assert torch.equal(got.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
-                       ref.view(torch.int16 if dtype == torch.bfloat16 else torch.int32)), (
+    assert torch.equal(
+        got.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+        ref.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+    ), (
         f"numel={numel} {dtype}: not bitwise the fixed-order sum, max diff "
         f"{(got.double() - ref.double()).abs().max().item()}"
     )
@@ -70,14 +73,22 @@ def check_once(numel, dtype, seed, world, rank):
     u = UNIT_ROUNDOFF[dtype]
     abs_sum = sum(x.double().abs() for x in xs)
     bound = (2 * world * u) * abs_sum + 1e-30
-    assert ((got.double() - gloo.double()).abs() <= bound).all(), f"numel={numel} {dtype}: far from gloo"
+    assert ((got.double() - gloo.double()).abs() <= bound).all(), (
+        f"numel={numel} {dtype}: far from gloo"
+    )
     plain = xs[0].clone()  # the same-dtype PyTorch sum: rounds after every add for bf16
     for x in xs[1:]:
         plain = plain + x
     err_got = (got.double() - exact).abs().max().item()
     err_plain = (plain.double() - exact).abs().max().item()
     err_gloo = (gloo.double() - exact).abs().max().item()
-    assert err_got <= 2 * max(err_plain, err_gloo) + 1e-30, (numel, dtype, err_got, err_plain, err_gloo)
+    assert err_got <= 2 * max(err_plain, err_gloo) + 1e-30, (
+        numel,
+        dtype,
+        err_got,
+        err_plain,
+        err_gloo,
+    )
     # integer-valued floats sum exactly in any order: here gloo and we must agree bit for bit
     ints = inputs(numel, dtype, world, seed + 7, integer_valued=True)
     a, b = ints[rank].clone(), ints[rank].clone()
@@ -88,8 +99,22 @@ def check_once(numel, dtype, seed, world, rank):
 
 def scenario_correctness(rank, world):
     comm = ar._state(None).comm("shm", None)  # WORLD: default chunk (4 MiB), one-shot up to 256 KiB
-    sizes = [1, 2, 3, 15, 16, 17, 63, 1000, 4097, 65537, 65536 + world, 262143, 1_000_003,
-             1_572_869]  # the last: 6 MiB of fp32 = two chunks of reduce-scatter + all-gather
+    sizes = [
+        1,
+        2,
+        3,
+        15,
+        16,
+        17,
+        63,
+        1000,
+        4097,
+        65537,
+        65536 + world,
+        262143,
+        1_000_003,
+        1_572_869,
+    ]  # the last: 6 MiB of fp32 = two chunks of reduce-scatter + all-gather
     for dtype in DTYPES:
         for i, n in enumerate(sizes):
             check_once(n, dtype, seed=i, world=world, rank=rank)
@@ -178,6 +203,80 @@ def scenario_cuda(rank, world):
     print("OK cuda", flush=True)
 
 
+def _assert_unreadable(t, what):
+    """The result of a failed CUDA all-reduce must not be readable: its kernel trapped."""
+    try:
+        t.cpu()
+    except RuntimeError:
+        return
+    raise AssertionError(f"{what} handed back its result")
+
+
+def scenario_cuda_errors(rank, world):
+    """CUDA path failures never hand back a result (gpu-marked test, both ranks on GPU 0)."""
+    from nemokern import _C
+
+    torch.cuda.set_device(0)
+    x = torch.ones(64, device="cuda")
+    all_reduce(x)  # sets the IPC workspace up
+    assert torch.equal(x.cpu(), torch.full((64,), float(world)))
+    comm = ar._state(None).comm("cuda", torch.device("cuda", 0))
+    # capture: the front end picks torch.distributed, the extension refuses to be captured
+    graph, y = torch.cuda.CUDAGraph(), torch.ones(16, device="cuda")
+    refused = None
+    with torch.cuda.graph(graph):
+        assert ar._custom_kind(y.device, y.dtype, 64) is None, "custom path while capturing"
+        try:
+            comm.all_reduce(
+                y.data_ptr(), y.numel(), _C.DTYPE_FLOAT32, torch.cuda.current_stream().cuda_stream
+            )
+        except RuntimeError as exc:
+            refused = str(exc)
+    assert refused and "CUDA graph" in refused, refused
+    print("OK capture refused", flush=True)
+    dist.barrier()
+    # different sizes on the ranks: every rank's kernel traps; the result cannot be read and
+    # every rank raises a ValueError naming both sizes
+    z = torch.ones(100 + rank, device="cuda")
+    later = torch.ones(4, device="cuda")  # allocated now: after the trap no CUDA call works
+    comm.all_reduce(
+        z.data_ptr(), z.numel(), _C.DTYPE_FLOAT32, torch.cuda.current_stream().cuda_stream
+    )
+    _assert_unreadable(z, "a mismatched CUDA all-reduce")
+    assert comm.error_code() == 2
+    for attempt in (comm.raise_if_failed, lambda: all_reduce(later)):
+        try:
+            attempt()
+        except ValueError as exc:
+            assert "reduces 100" in str(exc) and "101" in str(exc), str(exc)
+        else:
+            raise AssertionError("a recorded mismatch was not raised")
+    print("OK mismatch trapped", flush=True)
+    dist.barrier()
+    os._exit(0)  # the CUDA context is gone: skip CUDA teardown
+
+
+def scenario_cuda_timeout(rank, world):
+    """The last rank skips one CUDA all-reduce: the others' kernels trap after the timeout."""
+    torch.cuda.set_device(0)
+    all_reduce(torch.ones(64, device="cuda"))
+    comm = ar._state(None).comm("cuda", torch.device("cuda", 0))
+    if rank != world - 1:
+        x, later = torch.ones(64, device="cuda"), torch.ones(4, device="cuda")
+        all_reduce(x)
+        _assert_unreadable(x, "a timed-out CUDA all-reduce")
+        assert comm.error_code() == 1
+        try:
+            all_reduce(later)
+        except TimeoutError as exc:
+            assert f"rank {world - 1}" in str(exc), str(exc)
+        else:
+            raise AssertionError("a recorded timeout was not raised")
+        print("OK timeout trapped", flush=True)
+    dist.barrier()
+    os._exit(0)
+
+
 def scenario_timeout(rank, world):
     """The last rank skips one all_reduce: the others must raise a TimeoutError naming it."""
     all_reduce(torch.ones(10))  # sets the workspace up (collective)
@@ -187,15 +286,20 @@ def scenario_timeout(rank, world):
     else:
         _expect_timeout(rank, world)
         dist.barrier()
-    # ranks that disagree on the size: every rank names the problem instead of reading garbage
-    other = dist.new_group(list(range(world)))
-    try:
-        all_reduce(torch.ones(5 + rank), group=other)
-    except ValueError as exc:
-        assert "same shape and dtype" in str(exc), str(exc)
-        print("OK mismatch detected", flush=True)
-    else:
-        raise AssertionError("mismatched sizes went unnoticed")
+    # ranks that disagree on the size: every rank names the problem instead of reading garbage;
+    # also when one rank's size takes the one-shot path and another's the two-shot path
+    # (300,000 fp32 > 256 KiB), as the CUDA kernels' first barrier must catch it too
+    for sizes in ([5 + r for r in range(world)], [10] + [300_000] * (world - 1)):
+        other = dist.new_group(list(range(world)))
+        try:
+            all_reduce(torch.ones(sizes[rank]), group=other)
+        except ValueError as exc:
+            msg = str(exc)
+            assert "same shape and dtype" in msg and f"reduces {sizes[rank]} elements" in msg, msg
+            assert any(f"reduces {n} of dtype" in msg for n in sizes if n != sizes[rank]), msg
+        else:
+            raise AssertionError(f"mismatched sizes {sizes} went unnoticed")
+    print("OK mismatch detected", flush=True)
 
 
 def _expect_timeout(rank, world):

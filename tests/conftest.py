@@ -4,6 +4,7 @@ Triton decides at decoration time whether a kernel is compiled or interpreted, s
 TRITON_INTERPRET must be set before any nemokern kernel module is imported: here, first thing.
 On a machine without CUDA the Triton kernels run through the interpreter on CPU tensors.
 """
+
 import os
 
 import torch
@@ -41,8 +42,10 @@ def torch_backend(monkeypatch):
 # directory carries), without Meta's date preamble.
 LLAMA3_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
-    "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] | trim + '<|eot_id|>' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] | trim "
+    "+ '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 
 
@@ -56,9 +59,17 @@ def hf_dir(tmp_path_factory):
     tok = Tokenizer(models.BPE(vocab=byte_vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    specials = [
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+    ]
     tok.add_special_tokens(specials)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>"
+    )
     fast.chat_template = LLAMA3_TEMPLATE
     path = tmp_path_factory.mktemp("tok")
     fast.save_pretrained(path)

@@ -3,6 +3,7 @@
 Runs in a subprocess: this test session interprets kernels (TRITON_INTERPRET=1), and interpreted
 kernels cannot be compiled.
 """
+
 import os
 import subprocess
 import sys
@@ -13,7 +14,10 @@ def test_all_kernels_compile_for_sm80_and_sm90():
     env.pop("TRITON_INTERPRET", None)
     out = subprocess.run(
         [sys.executable, "-m", "nemokern.kernels._aot", "-v"],
-        env=env, capture_output=True, text=True, timeout=900,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     # every kernel module is covered, for both targets (a module without AOT_SPECS fails here)
@@ -25,4 +29,6 @@ def test_all_kernels_compile_for_sm80_and_sm90():
     assert modules, "no kernel modules found"
     for name in modules:
         for cc in (80, 90):
-            assert f"ok sm_{cc} {name}." in out.stdout, f"kernels/{name}.py: nothing compiled for sm_{cc}"
+            assert f"ok sm_{cc} {name}." in out.stdout, (
+                f"kernels/{name}.py: nothing compiled for sm_{cc}"
+            )

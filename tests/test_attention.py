@@ -1,4 +1,5 @@
 """Packed (varlen) causal GQA attention and the KV-cache mask against a float64 reference."""
+
 import pytest
 import torch
 
@@ -123,8 +124,7 @@ def test_gpu_varlen_backends_match_reference(monkeypatch, backend):
     assert fused <= 2 * plain + 1e-3, (fused, plain)
 
 
-def _fake_varlen_2_13(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1),
-                      enable_gqa=False):
+def _fake_varlen_2_13(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1), enable_gqa=False):
     assert window_size == (-1, 0) and enable_gqa == (q.shape[1] != k.shape[1])
     return reference(q, k, v, cu_q).to(q.dtype)
 

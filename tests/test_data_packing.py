@@ -9,6 +9,8 @@ from nemokern.data.synthetic import synthetic_rows
 from nemokern.data.tokenizer import ByteTokenizer, HFTokenizer
 
 TOK = ByteTokenizer()
+
+
 @pytest.fixture(scope="module")
 def pairs():
     return load_reward_data(synthetic_rows(40, "hs2-preference", seed=1, ties=0.2), TOK)
@@ -35,7 +37,9 @@ def test_regression_batch_layout(regression):
     assert batch.cu_seqlens[0] == 0 and batch.cu_seqlens[-1] == batch.num_tokens
     assert torch.equal(batch.last_index, batch.cu_seqlens[1:] - 1)
     assert batch.max_seqlen == int((batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).max())
-    for (a, b), seg, i in zip(zip(batch.cu_seqlens[:-1], batch.cu_seqlens[1:]), _segments(batch), [3, 0, 7]):
+    for (a, b), seg, i in zip(
+        zip(batch.cu_seqlens[:-1], batch.cu_seqlens[1:]), _segments(batch), [3, 0, 7]
+    ):
         assert torch.equal(batch.position_ids[a:b], torch.arange(b - a))
         ex = regression.read.examples[i]
         assert seg == TOK.apply_chat_template(list(ex.messages))  # rendered, no generation prompt
@@ -52,7 +56,7 @@ def test_pair_batch_layout(pairs):
     assert batch.strength.dtype == torch.float32
     for p, i in enumerate([5, 2]):
         ex = pairs.read.examples[i]
-        chosen, rejected = _segments(batch)[2 * p:2 * p + 2]
+        chosen, rejected = _segments(batch)[2 * p : 2 * p + 2]
         assert chosen == TOK.apply_chat_template(list(ex.prompt + ex.chosen))
         assert rejected == TOK.apply_chat_template(list(ex.prompt + ex.rejected))
         assert batch.strength[p] == ex.strength
@@ -89,8 +93,11 @@ def test_batching_option_errors(pairs):
     with pytest.raises(ValueError, match="drop_last applies to rows_per_batch"):
         pairs.batches(max_tokens_per_batch=10_000, drop_last=True)
     biggest = max(range(len(pairs)), key=lambda i: pairs.examples[i].num_tokens)
-    with pytest.raises(ValueError, match=rf"^<list> row {biggest}: a row of \d+ tokens does not fit "
-                                         r"max_tokens_per_batch=50; raise it"):
+    with pytest.raises(
+        ValueError,
+        match=rf"^<list> row {biggest}: a row of \d+ tokens does not fit "
+        r"max_tokens_per_batch=50; raise it",
+    ):
         pairs.batches(max_tokens_per_batch=50)
 
 
@@ -126,7 +133,7 @@ def test_resume_exactly_mid_epoch(pairs, options):
     resumed.load_state_dict(state)
     for _ in range(2):
         got += list(resumed)
-    got = got[:len(reference)]
+    got = got[: len(reference)]
     assert len(got) == len(reference)
     for x, y in zip(got, reference):
         assert x.rows == y.rows and torch.equal(x.input_ids, y.input_ids)
@@ -164,21 +171,28 @@ def test_select_repacks_a_sub_batch(pairs, regression):
 
 def test_truncation_from_the_left_of_the_prompt_is_counted():
     long_prompt = "".join(f"word{i} " for i in range(200))
-    rows = [{"prompt": long_prompt, "chosen": "Good answer.", "rejected": "Bad."},
-            {"prompt": "Short?", "chosen": "Yes.", "rejected": "No."}]
+    rows = [
+        {"prompt": long_prompt, "chosen": "Good answer.", "rejected": "Bad."},
+        {"prompt": "Short?", "chosen": "Yes.", "rejected": "No."},
+    ]
     data = load_reward_data(rows, TOK, max_length=120)
     first = data.examples[0]
     for seq, resp in zip(first.sequences, ("Good answer.", "Bad.")):
-        full = TOK.apply_chat_template([{"role": "user", "content": long_prompt},
-                                        {"role": "assistant", "content": resp}])
+        full = TOK.apply_chat_template(
+            [{"role": "user", "content": long_prompt}, {"role": "assistant", "content": resp}]
+        )
         assert len(seq) == 120 and seq[0] == TOK.bos_id
-        assert seq[1:].tolist() == full[len(full) - 119:]  # the prompt's start is what was cut
+        assert seq[1:].tolist() == full[len(full) - 119 :]  # the prompt's start is what was cut
         assert TOK.decode(seq).endswith(f"{resp}<|eot_id|>")
     assert (data.truncated, data.truncated_response) == (2, 0)
-    assert "2 of 4 sequences longer than max_length=120 were truncated from the left" in data.summary()
+    assert (
+        "2 of 4 sequences longer than max_length=120 were truncated from the left" in data.summary()
+    )
     assert data.examples[1].truncated == 0
 
-    deep = load_reward_data([{"prompt": "Hi", "chosen": "x" * 100, "rejected": "y"}], TOK, max_length=40)
+    deep = load_reward_data(
+        [{"prompt": "Hi", "chosen": "x" * 100, "rejected": "y"}], TOK, max_length=40
+    )
     assert (deep.truncated, deep.truncated_response) == (1, 1)
     seq = deep.examples[0].sequences[0]
     assert len(seq) == 40 and seq[0] == TOK.bos_id and seq[-1] == TOK.eot_id
@@ -192,8 +206,12 @@ def test_encode_without_bos_or_prefix_stable_template():
         def apply_chat_template(self, messages, add_generation_prompt=False):
             return [ord(c) for m in reversed(messages) for c in m["content"]]
 
-    ids, cut, deep = encode_conversation(Plain(), [{"role": "user", "content": "abcdef"}],
-                                         [{"role": "assistant", "content": "xyz"}], 4)
+    ids, cut, deep = encode_conversation(
+        Plain(),
+        [{"role": "user", "content": "abcdef"}],
+        [{"role": "assistant", "content": "xyz"}],
+        4,
+    )
     assert ids.tolist() == [ord(c) for c in "cdef"] and cut and not deep
 
 
@@ -217,13 +235,20 @@ def test_packed_batch_drives_the_model_like_separate_sequences(pairs):
     from nemokern.model import Llama, LlamaConfig
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2)
+    cfg = LlamaConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = Llama(cfg).eval()
     batch = pairs.batch([0, 3])
     with torch.no_grad():
-        packed = model.hidden_states(batch.input_ids, cu_seqlens=batch.cu_seqlens,
-                                     position_ids=batch.position_ids).reshape(-1, cfg.hidden_size)
+        packed = model.hidden_states(
+            batch.input_ids, cu_seqlens=batch.cu_seqlens, position_ids=batch.position_ids
+        ).reshape(-1, cfg.hidden_size)
         last = packed[batch.last_index]
         for s, seg in enumerate(_segments(batch)):
             alone = model.hidden_states(torch.tensor([seg]))[0, -1]

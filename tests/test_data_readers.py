@@ -23,12 +23,29 @@ from nemokern.data.readers import (
     write_rows,
 )
 
-HS2 = {"prompt": "Name a river.", "response": "The Nile.", "helpfulness": 4, "correctness": 4,
-       "coherence": 4, "complexity": 1, "verbosity": 0}
-PREF = {"prompt": "Name a river.", "response_1": "The Nile.", "response_2": "A cat.",
-        "preference_strength": -2, "split": "train"}
-PAIR = {"prompt": "Name a river.", "chosen": "The Nile.", "rejected": "A cat.",
-        "subset": "chat", "id": "7"}
+HS2 = {
+    "prompt": "Name a river.",
+    "response": "The Nile.",
+    "helpfulness": 4,
+    "correctness": 4,
+    "coherence": 4,
+    "complexity": 1,
+    "verbosity": 0,
+}
+PREF = {
+    "prompt": "Name a river.",
+    "response_1": "The Nile.",
+    "response_2": "A cat.",
+    "preference_strength": -2,
+    "split": "train",
+}
+PAIR = {
+    "prompt": "Name a river.",
+    "chosen": "The Nile.",
+    "rejected": "A cat.",
+    "subset": "chat",
+    "id": "7",
+}
 LAYOUT_ROWS = {"helpsteer2": HS2, "hs2-preference": PREF, "pairs": PAIR}
 
 
@@ -66,8 +83,10 @@ def test_helpsteer2_labels_5_or_9_attributes():
     five = read_examples([HS2]).examples[0]
     assert isinstance(five, RegressionExample)
     assert five.labels == (MISSING_LABEL,) * 4 + (4.0, 4.0, 4.0, 1.0, 0.0)
-    assert five.messages == ({"role": "user", "content": "Name a river."},
-                             {"role": "assistant", "content": "The Nile."})
+    assert five.messages == (
+        {"role": "user", "content": "Name a river."},
+        {"role": "assistant", "content": "The Nile."},
+    )
     nine = read_examples([dict(HS2, quality=3, toxicity=0, humor=None, creativity=2)]).examples[0]
     assert nine.labels[:4] == (3.0, 0.0, MISSING_LABEL, 2.0)
     assert len(nine.labels) == len(ATTRIBUTES)
@@ -76,21 +95,29 @@ def test_helpsteer2_labels_5_or_9_attributes():
 def test_helpsteer2_multi_turn_prompt_is_split_into_turns():
     prompt = "Hi<extra_id_1>Assistant\nHello!<extra_id_1>User\nName a river."
     assert split_helpsteer_turns(prompt) == [
-        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-        {"role": "user", "content": "Name a river."}]
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Name a river."},
+    ]
     ex = read_examples([dict(HS2, prompt=prompt)]).examples[0]
     assert [m["role"] for m in ex.messages] == ["user", "assistant", "user", "assistant"]
     assert ex.prompt_turns == 3
 
 
 def test_prompt_as_chat_turns_and_response_as_turns():
-    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a river."}]
+    turns = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Name a river."},
+    ]
     pair = read_examples([dict(PAIR, prompt=turns)]).examples[0]
     assert pair.prompt == tuple(turns)
-    more = [{"role": "assistant", "content": "The Nile."}, {"role": "user", "content": "Another?"},
-            {"role": "assistant", "content": "The Amazon."}]
+    more = [
+        {"role": "assistant", "content": "The Nile."},
+        {"role": "user", "content": "Another?"},
+        {"role": "assistant", "content": "The Amazon."},
+    ]
     ex = read_examples([dict(HS2, response=more)]).examples[0]
-    assert ex.messages[ex.prompt_turns:] == tuple(more)
+    assert ex.messages[ex.prompt_turns :] == tuple(more)
 
 
 def test_preference_strength_orients_the_pair():
@@ -117,8 +144,9 @@ def test_layout_detection_errors():
     with pytest.raises(ValueError, match="none of"):
         detect_layout(["prompt", "answer"])
     with pytest.raises(ValueError, match=r"several \(hs2-preference, pairs\)"):
-        detect_layout(["prompt", "chosen", "rejected", "response_1", "response_2",
-                       "preference_strength"])
+        detect_layout(
+            ["prompt", "chosen", "rejected", "response_1", "response_2", "preference_strength"]
+        )
     with pytest.raises(ValueError, match="unknown data layout 'csv'"):
         read_examples([PAIR], "csv")
 
@@ -138,7 +166,12 @@ def test_source_errors(tmp_path):
 
 # (row, layout, field, reason): every kind of bad row the readers name
 BAD_ROWS = [
-    ({k: v for k, v in HS2.items() if k != "correctness"}, "helpsteer2", "correctness", MISSING_COLUMN),
+    (
+        {k: v for k, v in HS2.items() if k != "correctness"},
+        "helpsteer2",
+        "correctness",
+        MISSING_COLUMN,
+    ),
     (dict(HS2, response=None), "helpsteer2", "response", MISSING_COLUMN),
     (dict(HS2, helpfulness=5), "helpsteer2", "helpfulness", LABEL_RANGE),
     (dict(HS2, verbosity=-1), "helpsteer2", "verbosity", LABEL_RANGE),
@@ -149,8 +182,12 @@ BAD_ROWS = [
     (dict(PREF, preference_strength=4), "hs2-preference", "preference_strength", STRENGTH_RANGE),
     (dict(PREF, preference_strength=-3.5), "hs2-preference", "preference_strength", STRENGTH_RANGE),
     (dict(PREF, response_2=""), "hs2-preference", "response_2", EMPTY_RESPONSE),
-    ({k: v for k, v in PREF.items() if k != "preference_strength"}, "hs2-preference",
-     "preference_strength", MISSING_COLUMN),
+    (
+        {k: v for k, v in PREF.items() if k != "preference_strength"},
+        "hs2-preference",
+        "preference_strength",
+        MISSING_COLUMN,
+    ),
     (dict(PAIR, rejected=""), "pairs", "rejected", EMPTY_RESPONSE),
     (dict(PAIR, chosen=[]), "pairs", "chosen", EMPTY_RESPONSE),
     ({k: v for k, v in PAIR.items() if k != "chosen"}, "pairs", "chosen", MISSING_COLUMN),
@@ -166,8 +203,11 @@ def test_bad_row_names_file_line_and_field(tmp_path, fmt, bad, layout, field, re
     good = LAYOUT_ROWS[layout]
     path = tmp_path / f"data{fmt}"
     if fmt == ".parquet":
-        if isinstance(bad.get("prompt", ""), (int, list)) or isinstance(bad.get("coherence"), str) \
-                or bad.get("chosen") == []:
+        if (
+            isinstance(bad.get("prompt", ""), (int, list))
+            or isinstance(bad.get("coherence"), str)
+            or bad.get("chosen") == []
+        ):
             pytest.skip("a parquet column holds one type")
         rows = [good, bad, good]
         write_rows(rows, path)
@@ -190,8 +230,15 @@ def test_bad_row_names_file_line_and_field(tmp_path, fmt, bad, layout, field, re
 
 def test_invalid_json_and_counts_per_reason(tmp_path):
     path = tmp_path / "mixed.jsonl.gz"
-    lines = [json.dumps(PAIR), "{not json", json.dumps(dict(PAIR, chosen="")), "[1, 2]",
-             "", json.dumps(PAIR), json.dumps(dict(PAIR, rejected="  "))]
+    lines = [
+        json.dumps(PAIR),
+        "{not json",
+        json.dumps(dict(PAIR, chosen="")),
+        "[1, 2]",
+        "",
+        json.dumps(PAIR),
+        json.dumps(dict(PAIR, rejected="  ")),
+    ]
     with gzip.open(path, "wt") as f:
         f.write("\n".join(lines) + "\n")
     with pytest.raises(DataError, match=rf"^{path}:2: invalid JSON: Expecting"):
@@ -216,7 +263,10 @@ def test_auto_layout_skips_a_bad_first_row(tmp_path):
 
 
 def test_parquet_chat_turn_prompts_and_null_labels(tmp_path):
-    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a river."}]
+    turns = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Name a river."},
+    ]
     path = tmp_path / "d.parquet"
     write_rows([dict(HS2, prompt=turns, quality=None), dict(HS2, prompt=turns, quality=2)], path)
     first, second = read_examples(path).examples
@@ -232,7 +282,9 @@ def test_unreadable_files_name_the_file(tmp_path):
     with pytest.raises(ValueError, match=f"^{path}: cannot read past line"):
         read_examples(path)
     not_utf8 = tmp_path / "latin1.jsonl"
-    not_utf8.write_bytes(json.dumps(PAIR).encode() + b"\n" + '{"prompt": "caf\xe9"}\n'.encode("latin-1"))
+    not_utf8.write_bytes(
+        json.dumps(PAIR).encode() + b"\n" + '{"prompt": "caf\xe9"}\n'.encode("latin-1")
+    )
     with pytest.raises(DataError, match=f"^{not_utf8}:2: invalid JSON: 'utf-8' codec"):
         read_examples(not_utf8)
     fake = tmp_path / "fake.parquet"

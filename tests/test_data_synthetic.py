@@ -20,8 +20,11 @@ def test_written_files_read_back_in_their_layout(tmp_path, layout, suffix):
     path = write_synthetic(tmp_path / f"syn{suffix}", 25, layout, seed=1, multi_turn=0.5)
     result = read_examples(path)
     assert result.layout == layout and len(result.examples) == 25 and not result.bad_rows
-    multi = [e for e in result.examples
-             if len(getattr(e, "prompt", None) or e.messages[:e.prompt_turns]) == 3]
+    multi = [
+        e
+        for e in result.examples
+        if len(getattr(e, "prompt", None) or e.messages[: e.prompt_turns]) == 3
+    ]
     assert multi  # earlier turns come back as chat turns (from markers or from turn lists)
 
 

@@ -1,9 +1,10 @@
 """KV-cache generation: cache == full forward, ragged batch == alone, sampling options, EOS."""
+
 import pytest
 import torch
 
+from helpers import CASES, nemokern_from_hf, random_hf_model
 from nemokern.model import Llama, LlamaConfig, generate, sample_next
-from test_model_utils import CASES, nemokern_from_hf, random_hf_model
 
 PROMPTS = [[5, 9, 2, 77, 31], [8], [100, 3, 3, 250, 17, 6, 90, 12, 44]]
 
@@ -52,17 +53,32 @@ def test_ragged_batch_equals_each_prompt_alone(model):
 
 def test_greedy_matches_transformers_generate():
     hf = _sharp(random_hf_model(**CASES["gqa_llama3_untied"]))
-    ours = generate(nemokern_from_hf(hf), [PROMPTS[0]], max_new_tokens=8, greedy=True, eos_token_id=[])
-    theirs = hf.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=8, do_sample=False, eos_token_id=None,
-                         pad_token_id=0)
-    assert ours.tokens[0].tolist() == theirs[0, len(PROMPTS[0]):].tolist()
+    ours = generate(
+        nemokern_from_hf(hf), [PROMPTS[0]], max_new_tokens=8, greedy=True, eos_token_id=[]
+    )
+    theirs = hf.generate(
+        torch.tensor([PROMPTS[0]]),
+        max_new_tokens=8,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    assert ours.tokens[0].tolist() == theirs[0, len(PROMPTS[0]) :].tolist()
 
 
 def test_seeded_sampling_is_reproducible_and_seed_dependent(model):
     def run(seed):
         g = torch.Generator().manual_seed(seed)
-        return generate(model, PROMPTS, max_new_tokens=15, temperature=1.3, top_p=0.95, top_k=50,
-                        generator=g, eos_token_id=[]).tokens
+        return generate(
+            model,
+            PROMPTS,
+            max_new_tokens=15,
+            temperature=1.3,
+            top_p=0.95,
+            top_k=50,
+            generator=g,
+            eos_token_id=[],
+        ).tokens
 
     assert torch.equal(run(1), run(1))
     assert not torch.equal(run(1), run(2))
@@ -70,8 +86,15 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent(model):
 
 def test_top_k_1_equals_greedy(model):
     greedy = generate(model, PROMPTS, max_new_tokens=8, greedy=True, eos_token_id=[])
-    topk1 = generate(model, PROMPTS, max_new_tokens=8, temperature=5.0, top_k=1, eos_token_id=[],
-                     generator=torch.Generator().manual_seed(0))
+    topk1 = generate(
+        model,
+        PROMPTS,
+        max_new_tokens=8,
+        temperature=5.0,
+        top_k=1,
+        eos_token_id=[],
+        generator=torch.Generator().manual_seed(0),
+    )
     assert torch.equal(greedy.tokens, topk1.tokens)
 
 
@@ -92,7 +115,11 @@ def test_eos_stops_each_row_and_pads_after(model):
 def test_eos_defaults_to_config_and_accepts_a_set():
     torch.manual_seed(0)
     m = Llama(LlamaConfig.tiny(vocab_size=257)).eval()
-    first = generate(m, [PROMPTS[1]], max_new_tokens=5, greedy=True, eos_token_id=[]).tokens[0, 0].item()
+    first = (
+        generate(m, [PROMPTS[1]], max_new_tokens=5, greedy=True, eos_token_id=[])
+        .tokens[0, 0]
+        .item()
+    )
     m.config.eos_token_id = [1000, first]
     res = generate(m, [PROMPTS[1]], max_new_tokens=5, greedy=True)
     assert res.lengths.tolist() == [1] and res.ended_with_eos.tolist() == [True]
@@ -120,15 +147,18 @@ def test_generate_restores_training_mode(model):
     model.eval()
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(prompts=[]), "prompts is empty"),
-    (dict(prompts=[[]]), r"prompts\[0\] is empty"),
-    (dict(prompts=[[1, 500]]), "outside"),
-    (dict(max_new_tokens=0), "max_new_tokens"),
-    (dict(temperature=-1.0), "temperature"),
-    (dict(top_k=0), "top_k"),
-    (dict(top_p=0.0), "top_p"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(prompts=[]), "prompts is empty"),
+        (dict(prompts=[[]]), r"prompts\[0\] is empty"),
+        (dict(prompts=[[1, 500]]), "outside"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_k=0), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+    ],
+)
 def test_bad_options_raise(model, kwargs, match):
     args = dict(prompts=PROMPTS, max_new_tokens=3)
     args.update(kwargs)

@@ -1,5 +1,6 @@
 """bench/gpu_check.sh's CPU dry run: every stage it would run on a GPU walks (collect-only) here,
 so a typo in the script or an import error in a GPU test or benchmark fails CI, not GPU time."""
+
 import os
 import subprocess
 from pathlib import Path
@@ -9,8 +10,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_gpu_check_dry_run_walks_every_stage(tmp_path):
     env = dict(os.environ, GPU_CHECK_DRY="1")
-    out = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), str(tmp_path)],
-                         env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_check.sh"), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     log = (tmp_path / "log.txt").read_text() if (tmp_path / "log.txt").exists() else ""
     assert out.returncode == 0, out.stdout + out.stderr + log
     summary = (tmp_path / "summary.md").read_text()

@@ -1,4 +1,5 @@
-"""HF checkpoint I/O: transformers <-> nemokern both ways, shards, dtypes, and the error messages."""
+"""HF checkpoint I/O: transformers <-> nemokern both ways, shards, dtypes, the error messages."""
+
 import json
 
 import pytest
@@ -6,14 +7,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
+from helpers import CASES, LLAMA31_8B, random_hf_model
 from nemokern.model import CheckpointError, ConfigError, Llama, LlamaConfig
-from test_model_utils import CASES, random_hf_model
 
 IDS = torch.randint(0, 301, (2, 11), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("case, shard", [("gqa_llama3_untied", None), ("gqa_llama3_tied", "40KB"),
-                                         ("head_dim_32", "100KB")])
+@pytest.mark.parametrize(
+    "case, shard",
+    [("gqa_llama3_untied", None), ("gqa_llama3_tied", "40KB"), ("head_dim_32", "100KB")],
+)
 def test_transformers_save_nemokern_load(tmp_path, case, shard):
     hf = random_hf_model(**CASES[case])
     hf.save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
@@ -80,7 +83,9 @@ def test_missing_tensor_is_named(saved):
 
 def test_extra_tensor_is_named(saved):
     _edit(saved, lambda t: t.update({"model.layers.2.mlp.up_proj.weight": torch.zeros(3)}))
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: unexpected tensor 'model\.layers\.2"):
+    with pytest.raises(
+        CheckpointError, match=r"model\.safetensors: unexpected tensor 'model\.layers\.2"
+    ):
         Llama.from_pretrained(saved)
 
 
@@ -89,12 +94,21 @@ def test_saved_rope_inv_freq_buffers_are_ignored_like_transformers(saved):
     derived from config.json, so loading skips it (as transformers does) with identical logits."""
     ids = torch.randint(0, LlamaConfig.tiny().vocab_size, (2, 9))
     before = Llama.from_pretrained(saved)(ids)
-    _edit(saved, lambda t: t.update({f"model.layers.{i}.self_attn.rotary_emb.inv_freq":
-                                     torch.full((8,), 7.0) for i in range(2)}
-                                    | {"model.rotary_emb.inv_freq": torch.ones(8)}))
+    _edit(
+        saved,
+        lambda t: t.update(
+            {
+                f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.full((8,), 7.0)
+                for i in range(2)
+            }
+            | {"model.rotary_emb.inv_freq": torch.ones(8)}
+        ),
+    )
     torch.testing.assert_close(Llama.from_pretrained(saved)(ids), before, rtol=0, atol=0)
     _edit(saved, lambda t: t.update({"model.rotary_emb.inv_freq_extra": torch.ones(8)}))
-    with pytest.raises(CheckpointError, match="unexpected tensor 'model.rotary_emb.inv_freq_extra'"):
+    with pytest.raises(
+        CheckpointError, match="unexpected tensor 'model.rotary_emb.inv_freq_extra'"
+    ):
         Llama.from_pretrained(saved)
 
 
@@ -106,7 +120,10 @@ def test_wrong_shape_is_named(saved):
 
 def test_tied_head_that_differs_is_refused(tmp_path):
     Llama(LlamaConfig.tiny(tie_word_embeddings=True)).save_pretrained(tmp_path)
-    _edit(tmp_path, lambda t: t.update({"lm_head.weight": torch.zeros_like(t["model.embed_tokens.weight"])}))
+    _edit(
+        tmp_path,
+        lambda t: t.update({"lm_head.weight": torch.zeros_like(t["model.embed_tokens.weight"])}),
+    )
     with pytest.raises(CheckpointError, match="tie_word_embeddings"):
         Llama.from_pretrained(tmp_path)
 
@@ -143,7 +160,10 @@ def test_sharded_index_problems(tmp_path):
     wm = index["weight_map"]
     a = next(n for n, f in wm.items() if f == first)
     b = next(n for n, f in wm.items() if f != first)
-    wm[a], wm[b] = wm[b], wm[a]  # both shards still listed, each holding a tensor assigned elsewhere
+    wm[a], wm[b] = (
+        wm[b],
+        wm[a],
+    )  # both shards still listed, each holding a tensor assigned elsewhere
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="not assigned to this shard"):
         Llama.from_pretrained(tmp_path)
@@ -164,11 +184,15 @@ def test_bad_directory_and_config(tmp_path):
 
 def test_bf16_llama31_shaped_checkpoint_loads_in_transformers(tmp_path):
     # What a Llama-3.1 instruct directory carries: an eos list, llama3 rope, bf16 weights.
-    from test_model_config import LLAMA31_8B
-
-    small = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=301,
-                 rope_scaling={**LLAMA31_8B["rope_scaling"], "original_max_position_embeddings": 16})
+    small = dict(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=301,
+        rope_scaling={**LLAMA31_8B["rope_scaling"], "original_max_position_embeddings": 16},
+    )
     torch.manual_seed(0)
     model = Llama(LlamaConfig.from_dict(dict(LLAMA31_8B, **small))).to(torch.bfloat16).eval()
     model.save_pretrained(tmp_path)

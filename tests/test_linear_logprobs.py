@@ -5,7 +5,7 @@ and backward (hidden and weight) for log-probs and entropy; peak memory of the C
 Accuracy rule as in test_logprobs.py: at most 2x the error of plain PyTorch in the input dtype
 (matmul + log_softmax + gather), plus a floor of a few fp32 ulps.
 """
-import importlib.util
+
 import json
 import os
 import subprocess
@@ -15,14 +15,16 @@ import pytest
 import torch
 
 import nemokern.kernels.linear_logprobs as L
+from helpers import IGNORE, INTERPRETER_NOISE, error_vs, reference
 from nemokern.ops import linear_logprobs
-from test_logprobs import IGNORE, error_vs, pytestmark, reference  # noqa: F401 (pytestmark)
+
+pytestmark = INTERPRETER_NOISE
 
 
 def make_inputs(shape, hidden_size, vocab, dtype, scale, ignore_frac=0.25, seed=0):
     g = torch.Generator().manual_seed(seed)
     hidden = (torch.randn(*shape, hidden_size, generator=g) * scale).to(dtype)
-    weight = (torch.randn(vocab, hidden_size, generator=g) / hidden_size ** 0.5).to(dtype)
+    weight = (torch.randn(vocab, hidden_size, generator=g) / hidden_size**0.5).to(dtype)
     targets = torch.randint(0, vocab, shape, generator=g)
     targets[torch.rand(shape, generator=g) < ignore_frac] = IGNORE
     return hidden, weight, targets, torch.randn(shape, generator=g), torch.randn(shape, generator=g)
@@ -37,27 +39,54 @@ def run_all(hidden, weight, g_lp, g_ent, fn):
 
 
 def check_against_float64(hidden, weight, targets, g_lp, g_ent, temperature, label=""):
-    ours = run_all(hidden, weight, g_lp, g_ent, lambda h, w: linear_logprobs(
-        h, w, targets, temperature=temperature, return_entropy=True))
-    plain = run_all(hidden, weight, g_lp, g_ent,
-                    lambda h, w: reference(h @ w.t(), targets, temperature))
-    ref = run_all(hidden.double(), weight.double(), g_lp.double(), g_ent.double(),
-                  lambda h, w: reference(h @ w.t(), targets, temperature))
+    ours = run_all(
+        hidden,
+        weight,
+        g_lp,
+        g_ent,
+        lambda h, w: linear_logprobs(h, w, targets, temperature=temperature, return_entropy=True),
+    )
+    plain = run_all(
+        hidden, weight, g_lp, g_ent, lambda h, w: reference(h @ w.t(), targets, temperature)
+    )
+    ref = run_all(
+        hidden.double(),
+        weight.double(),
+        g_lp.double(),
+        g_ent.double(),
+        lambda h, w: reference(h @ w.t(), targets, temperature),
+    )
     assert ours[2].dtype == hidden.dtype and ours[3].dtype == weight.dtype
     names = ("logp", "entropy", "dhidden", "dweight")
     errs = [error_vs(o, p, r, f"{label} {n}") for o, p, r, n in zip(ours, plain, ref, names)]
     # logp-only gradient (entropy gets none: the common RLHF case, a shorter torch backward)
-    only = [run_all(h, w, g, None, f)[2:]
-            for h, w, g, f in ((hidden, weight, g_lp, lambda h, w: linear_logprobs(
-                h, w, targets, temperature=temperature, return_entropy=True)),
-                (hidden, weight, g_lp, lambda h, w: reference(h @ w.t(), targets, temperature)),
-                (hidden.double(), weight.double(), g_lp.double(),
-                 lambda h, w: reference(h @ w.t(), targets, temperature)))]
+    only = [
+        run_all(h, w, g, None, f)[2:]
+        for h, w, g, f in (
+            (
+                hidden,
+                weight,
+                g_lp,
+                lambda h, w: linear_logprobs(
+                    h, w, targets, temperature=temperature, return_entropy=True
+                ),
+            ),
+            (hidden, weight, g_lp, lambda h, w: reference(h @ w.t(), targets, temperature)),
+            (
+                hidden.double(),
+                weight.double(),
+                g_lp.double(),
+                lambda h, w: reference(h @ w.t(), targets, temperature),
+            ),
+        )
+    ]
     for i, n in enumerate(("logp-only dhidden", "logp-only dweight")):
         errs.append(error_vs(*(o[i] for o in only), f"{label} {n}"))
         names += (n,)
-    print(f"\n{label}: " + ", ".join(f"{n} err {e:.2e} (plain {p:.2e})"
-                                     for n, (e, p) in zip(names, errs)))
+    print(
+        f"\n{label}: "
+        + ", ".join(f"{n} err {e:.2e} (plain {p:.2e})" for n, (e, p) in zip(names, errs))
+    )
     return ours
 
 
@@ -73,11 +102,15 @@ TORCH_CASES = [
 
 
 @pytest.mark.parametrize("shape,hidden_size,vocab,dtype,temperature,scale", TORCH_CASES)
-def test_torch_path_matches_float64(torch_backend, shape, hidden_size, vocab, dtype,
-                                    temperature, scale):
+def test_torch_path_matches_float64(
+    torch_backend, shape, hidden_size, vocab, dtype, temperature, scale
+):
     inputs = make_inputs(shape, hidden_size, vocab, dtype, scale)
-    check_against_float64(*inputs, temperature, label=f"torch {shape} H={hidden_size} "
-                          f"V={vocab} {dtype} T={temperature} x{scale:g}")
+    check_against_float64(
+        *inputs,
+        temperature,
+        label=f"torch {shape} H={hidden_size} V={vocab} {dtype} T={temperature} x{scale:g}",
+    )
 
 
 def test_torch_path_token_chunks(torch_backend, monkeypatch):
@@ -95,17 +128,20 @@ TRITON_CASES = [
 
 
 @pytest.mark.parametrize("shape,hidden_size,vocab,dtype,temperature,scale", TRITON_CASES)
-def test_triton_kernels_match_float64(triton_backend, monkeypatch, shape, hidden_size, vocab,
-                                      dtype, temperature, scale):
+def test_triton_kernels_match_float64(
+    triton_backend, monkeypatch, shape, hidden_size, vocab, dtype, temperature, scale
+):
     # Small tiles, so the interpreter walks several token/vocabulary/H tiles and vocabulary
     # splits, and a 1-byte chunk budget, so the backward walks many 32-column chunks.
     for dt in (torch.float32, torch.bfloat16):
         monkeypatch.setitem(L._CONFIGS, dt, (16, 32, 16, 4, 1))
     monkeypatch.setattr(L, "_BWD_CHUNK_BYTES", 1)
     inputs = make_inputs(shape, hidden_size, vocab, dtype, scale)
-    check_against_float64(*inputs, temperature,
-                          label=f"triton {shape} H={hidden_size} V={vocab} {dtype} "
-                                f"T={temperature} x{scale:g}")
+    check_against_float64(
+        *inputs,
+        temperature,
+        label=f"triton {shape} H={hidden_size} V={vocab} {dtype} T={temperature} x{scale:g}",
+    )
 
 
 @pytest.mark.parametrize("backend", ["torch_backend", "triton_backend"])
@@ -137,19 +173,11 @@ def test_bad_inputs_raise_clear_errors():
         linear_logprobs(h, w, torch.tensor([0, 1, 2]), tp_group=object())
 
 
-def _peak_extra_bytes():
-    path = os.path.join(os.path.dirname(__file__), "..", "bench", "_memory.py")
-    spec = importlib.util.spec_from_file_location("_nemokern_bench_memory", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.peak_extra_bytes
-
-
 _MEMORY_SCRIPT = r"""
 import json, sys
 import torch
 sys.path.insert(0, sys.argv[1])
-from _memory import peak_extra_bytes
+from helpers import peak_extra_bytes
 from nemokern.ops import linear_logprobs
 
 hs, v = 64, 32000
@@ -169,32 +197,51 @@ def test_cpu_peak_memory_does_not_grow_with_n_times_v():
     below one fp32 logits tensor (1000 MiB at N = 8192). Measured in a fresh process where every
     block of 64 KiB or more is its own mapping, so freed memory leaves the resident set and each
     call's peak is its own (in a long-lived process, reused heap memory hides allocations)."""
-    bench = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench")
+    tests = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", NEMOKERN_BACKEND="torch")
-    out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, bench], env=env,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", _MEMORY_SCRIPT, tests],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr
     peaks = {int(n): p for n, p in json.loads(out.stdout.strip().splitlines()[-1]).items()}
     logits_bytes = 8192 * 32000 * 4
-    print(f"\npeak extra MiB {({n: round(p / 2**20, 1) for n, p in peaks.items()})} vs fp32 "
-          f"logits {logits_bytes / 2**20:.0f} MiB at N = 8192")
+    print(
+        f"\npeak extra MiB { ({n: round(p / 2**20, 1) for n, p in peaks.items()}) } vs fp32 "
+        f"logits {logits_bytes / 2**20:.0f} MiB at N = 8192"
+    )
     assert peaks[2048] > 0  # the measurement sees the op's own scratch
     assert peaks[8192] < logits_bytes / 4
     assert peaks[8192] < 1.25 * peaks[2048] + (16 << 20)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n,hidden_size,vocab,dtype", [(1024, 4096, 128256, torch.bfloat16),
-                                                      (513, 1024, 50257, torch.float32)])
+@pytest.mark.parametrize(
+    "n,hidden_size,vocab,dtype",
+    [(1024, 4096, 128256, torch.bfloat16), (513, 1024, 50257, torch.float32)],
+)
 def test_triton_on_cuda_real_shapes(n, hidden_size, vocab, dtype):
     hidden, weight, targets, g_lp, g_ent = (
-        t.cuda() for t in make_inputs((n,), hidden_size, vocab, dtype, 1.0))
-    ours = run_all(hidden, weight, g_lp, g_ent, lambda h, w: linear_logprobs(
-        h, w, targets, temperature=0.7, return_entropy=True))
-    plain = run_all(hidden, weight, g_lp, g_ent,
-                    lambda h, w: reference(h @ w.t(), targets, 0.7))
-    ref = run_all(hidden.double(), weight.double(), g_lp.double(), g_ent.double(),
-                  lambda h, w: reference(h @ w.t(), targets, 0.7))
+        t.cuda() for t in make_inputs((n,), hidden_size, vocab, dtype, 1.0)
+    )
+    ours = run_all(
+        hidden,
+        weight,
+        g_lp,
+        g_ent,
+        lambda h, w: linear_logprobs(h, w, targets, temperature=0.7, return_entropy=True),
+    )
+    plain = run_all(hidden, weight, g_lp, g_ent, lambda h, w: reference(h @ w.t(), targets, 0.7))
+    ref = run_all(
+        hidden.double(),
+        weight.double(),
+        g_lp.double(),
+        g_ent.double(),
+        lambda h, w: reference(h @ w.t(), targets, 0.7),
+    )
     for o, p, r, what in zip(ours, plain, ref, ("logp", "entropy", "dhidden", "dweight")):
         print(what, error_vs(o, p, r, f"cuda {n}x{hidden_size}x{vocab} {dtype} {what}"))
 
@@ -228,8 +275,9 @@ def test_unchecked_out_of_range_target_gives_minus_logsumexp(request, backend, m
     logp = linear_logprobs(h, w, torch.tensor([5, 37, 40]))
     lse = torch.logsumexp((h @ w.t()).double(), -1)
     torch.testing.assert_close(logp[1:].double(), -lse[1:], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(logp[0].double(), (h @ w.t()).double()[0, 5] - lse[0],
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        logp[0].double(), (h @ w.t()).double()[0, 5] - lse[0], rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("backend", ["torch_backend", "triton_backend"])
@@ -276,8 +324,9 @@ def test_ignored_rows_cost_nothing_and_garbage_there_is_harmless(request, backen
     kept = targets != IGNORE
     fwd_rows = []
     stats = L.linear_stats_torch if backend == "torch_backend" else L.linear_stats_triton
-    monkeypatch.setattr(L, stats.__name__,
-                        lambda h, *a, **k: fwd_rows.append(h.shape[0]) or stats(h, *a, **k))
+    monkeypatch.setattr(
+        L, stats.__name__, lambda h, *a, **k: fwd_rows.append(h.shape[0]) or stats(h, *a, **k)
+    )
     dirty = hidden.clone()
     dirty[0] = float("nan")
     dirty[4] = float("inf")
@@ -298,7 +347,8 @@ def test_ignored_rows_cost_nothing_and_garbage_there_is_harmless(request, backen
 def test_double_backward_raises_instead_of_a_wrong_answer(torch_backend):
     h = torch.randn(3, 8, requires_grad=True)
     w = torch.randn(11, 8, requires_grad=True)
-    (g,) = torch.autograd.grad(linear_logprobs(h, w, torch.tensor([1, 2, 3])).sum(), h,
-                               create_graph=True)
+    (g,) = torch.autograd.grad(
+        linear_logprobs(h, w, torch.tensor([1, 2, 3])).sum(), h, create_graph=True
+    )
     with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
         g.sum().backward()

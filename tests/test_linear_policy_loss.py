@@ -3,9 +3,10 @@
 and Triton kernels (interpreted, small tiles), incoming-gradient scaling, ignored positions,
 vocab-parallel shards over 2 gloo processes, bad inputs, CPU peak memory.
 
-Accuracy rule (error_vs, as in test_logprobs.py): at most 2x the error of the same formula in
-plain PyTorch in the input dtype, plus a floor of a few fp32 ulps.
+Accuracy rule (helpers.error_vs, as for the log-prob ops): at most 2x the error of the same
+formula in plain PyTorch in the input dtype, plus a floor of a few fp32 ulps.
 """
+
 import contextlib
 import json
 import os
@@ -21,8 +22,10 @@ import torch.multiprocessing as mp
 
 import nemokern.kernels.linear_logprobs as L
 import nemokern.kernels.linear_policy_loss as P
+from helpers import IGNORE, INTERPRETER_NOISE, error_vs
 from nemokern.ops import linear_logprobs, linear_policy_loss
-from test_logprobs import IGNORE, error_vs, pytestmark  # noqa: F401 (pytestmark)
+
+pytestmark = INTERPRETER_NOISE
 
 
 def policy_reference(hidden, weight, targets, coef, temperature=1.0):
@@ -40,7 +43,7 @@ def policy_reference(hidden, weight, targets, coef, temperature=1.0):
 def make_inputs(shape, hidden_size, vocab, dtype, scale, ignore_frac=0.25, seed=0):
     g = torch.Generator().manual_seed(seed)
     hidden = (torch.randn(*shape, hidden_size, generator=g) * scale).to(dtype)
-    weight = (torch.randn(vocab, hidden_size, generator=g) / hidden_size ** 0.5).to(dtype)
+    weight = (torch.randn(vocab, hidden_size, generator=g) / hidden_size**0.5).to(dtype)
     targets = torch.randint(0, vocab, shape, generator=g)
     ignored = torch.rand(shape, generator=g) < ignore_frac
     targets[ignored] = IGNORE
@@ -58,18 +61,31 @@ def run(hidden, weight, fn, grad_scale=1.0):
 
 
 def check_against_float64(hidden, weight, targets, coef, temperature, label="", grad_scale=1.0):
-    ours = run(hidden, weight, lambda h, w: linear_policy_loss(
-        h, w, targets, coef, temperature=temperature, return_entropy=True), grad_scale)
-    plain = run(hidden, weight, lambda h, w: policy_reference(h, w, targets, coef, temperature),
-                grad_scale)
-    ref = run(hidden.double(), weight.double(), lambda h, w: policy_reference(
-        h, w, targets, coef.double(), temperature), grad_scale)
+    ours = run(
+        hidden,
+        weight,
+        lambda h, w: linear_policy_loss(
+            h, w, targets, coef, temperature=temperature, return_entropy=True
+        ),
+        grad_scale,
+    )
+    plain = run(
+        hidden, weight, lambda h, w: policy_reference(h, w, targets, coef, temperature), grad_scale
+    )
+    ref = run(
+        hidden.double(),
+        weight.double(),
+        lambda h, w: policy_reference(h, w, targets, coef.double(), temperature),
+        grad_scale,
+    )
     assert ours[0].dtype == torch.float32 and ours[0].shape == ()
     assert ours[2].dtype == hidden.dtype and ours[3].dtype == weight.dtype
     names = ("loss", "entropy", "dhidden", "dweight")
     errs = [error_vs(o, p, r, f"{label} {n}") for o, p, r, n in zip(ours, plain, ref, names)]
-    print(f"\n{label}: " + ", ".join(f"{n} err {e:.2e} (plain {p:.2e})"
-                                     for n, (e, p) in zip(names, errs)))
+    print(
+        f"\n{label}: "
+        + ", ".join(f"{n} err {e:.2e} (plain {p:.2e})" for n, (e, p) in zip(names, errs))
+    )
     return ours
 
 
@@ -95,11 +111,15 @@ TORCH_CASES = [
 
 
 @pytest.mark.parametrize("shape,hidden_size,vocab,dtype,temperature,scale", TORCH_CASES)
-def test_torch_path_matches_float64(torch_backend, shape, hidden_size, vocab, dtype,
-                                    temperature, scale):
+def test_torch_path_matches_float64(
+    torch_backend, shape, hidden_size, vocab, dtype, temperature, scale
+):
     inputs = make_inputs(shape, hidden_size, vocab, dtype, scale)
-    check_against_float64(*inputs, temperature, label=f"torch {shape} H={hidden_size} "
-                          f"V={vocab} {dtype} T={temperature} x{scale:g}")
+    check_against_float64(
+        *inputs,
+        temperature,
+        label=f"torch {shape} H={hidden_size} V={vocab} {dtype} T={temperature} x{scale:g}",
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -119,18 +139,23 @@ TRITON_CASES = [
 
 
 @pytest.mark.parametrize("shape,hidden_size,vocab,dtype,temperature,scale", TRITON_CASES)
-def test_triton_kernels_match_float64(triton_backend, monkeypatch, shape, hidden_size, vocab,
-                                      dtype, temperature, scale):
+def test_triton_kernels_match_float64(
+    triton_backend, monkeypatch, shape, hidden_size, vocab, dtype, temperature, scale
+):
     small_tiles(monkeypatch)
     inputs = make_inputs(shape, hidden_size, vocab, dtype, scale)
-    check_against_float64(*inputs, temperature, label=f"triton {shape} H={hidden_size} "
-                          f"V={vocab} {dtype} T={temperature} x{scale:g}")
+    check_against_float64(
+        *inputs,
+        temperature,
+        label=f"triton {shape} H={hidden_size} V={vocab} {dtype} T={temperature} x{scale:g}",
+    )
 
 
 @pytest.mark.parametrize("backend", ["torch_backend", "triton_backend"])
 @pytest.mark.parametrize("dtype,grad_scale", [(torch.float32, -0.37), (torch.bfloat16, 4.0)])
-def test_incoming_gradient_scales_the_stored_gradients(request, monkeypatch, backend, dtype,
-                                                       grad_scale):
+def test_incoming_gradient_scales_the_stored_gradients(
+    request, monkeypatch, backend, dtype, grad_scale
+):
     request.getfixturevalue(backend)
     small_tiles(monkeypatch)
     inputs = make_inputs((23,), 24, 67, dtype, 2.0, seed=5)
@@ -144,8 +169,9 @@ def test_equals_linear_logprobs_then_weighted_sum(request, monkeypatch, backend)
     request.getfixturevalue(backend)
     small_tiles(monkeypatch)
     hidden, weight, targets, coef = make_inputs((3, 11), 24, 53, torch.float32, 2.0, seed=2)
-    ours = run(hidden, weight, lambda h, w: linear_policy_loss(h, w, targets, coef,
-                                                               return_entropy=True))
+    ours = run(
+        hidden, weight, lambda h, w: linear_policy_loss(h, w, targets, coef, return_entropy=True)
+    )
     valid = targets != IGNORE
 
     def composed(h, w):
@@ -164,8 +190,9 @@ def test_all_ignored_and_no_tokens(request, backend):
     for n in (3, 0):
         h = torch.randn(n, 8, requires_grad=True)
         w = torch.randn(11, 8, requires_grad=True)
-        loss, ent = linear_policy_loss(h, w, torch.full((n,), IGNORE), torch.ones(n),
-                                       return_entropy=True)
+        loss, ent = linear_policy_loss(
+            h, w, torch.full((n,), IGNORE), torch.ones(n), return_entropy=True
+        )
         assert loss.item() == 0.0 and ent.item() == 0.0
         loss.backward()
         assert torch.equal(h.grad, torch.zeros_like(h)) and torch.equal(w.grad, torch.zeros_like(w))
@@ -183,10 +210,14 @@ def test_ignored_rows_garbage_is_harmless(request, monkeypatch, backend):
     dirty = hidden.clone()
     dirty[0], dirty[4] = float("nan"), float("inf")
     coef[~kept] = float("inf")
-    a = run(dirty, weight, lambda h, w: linear_policy_loss(h, w, targets, coef,
-                                                           return_entropy=True))
-    b = run(hidden[kept], weight, lambda h, w: linear_policy_loss(
-        h, w, targets[kept], coef[kept], return_entropy=True))
+    a = run(
+        dirty, weight, lambda h, w: linear_policy_loss(h, w, targets, coef, return_entropy=True)
+    )
+    b = run(
+        hidden[kept],
+        weight,
+        lambda h, w: linear_policy_loss(h, w, targets[kept], coef[kept], return_entropy=True),
+    )
     assert torch.equal(a[2][~kept], torch.zeros(int((~kept).sum()), 16))
     for x, y in ((a[0], b[0]), (a[1], b[1]), (a[2][kept], b[2]), (a[3], b[3])):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
@@ -198,17 +229,15 @@ def test_gradients_only_where_needed(request, monkeypatch, backend):
     LM head gets no dweight computed; dhidden is unchanged."""
     request.getfixturevalue(backend)
     small_tiles(monkeypatch)
-    # (nemokern.ops.linear_policy_loss the attribute is the function; the module is in sys.modules)
-    op_module = sys.modules["nemokern.ops.linear_policy_loss"]
-    name = backend.split("_")[0]
-    real, *others = op_module._IMPLS[name]
+    name = f"linear_policy_grads_{backend.split('_')[0]}"
+    real = getattr(P, name)
     calls = []
 
     def spy(*args, **kwargs):
         calls.append((kwargs["need_dh"], kwargs["need_dw"]))
         return real(*args, **kwargs)
 
-    monkeypatch.setitem(op_module._IMPLS, name, (spy, *others))
+    monkeypatch.setattr(P, name, spy)
     hidden, weight, targets, coef = make_inputs((13,), 16, 41, torch.float32, 1.0, seed=4)
     with torch.no_grad():
         loss = linear_policy_loss(hidden, weight, targets, coef)
@@ -227,8 +256,10 @@ def test_bad_inputs_raise_clear_errors():
         linear_policy_loss(h, w, t, torch.ones(1, 3))
     with pytest.raises(TypeError, match="coef must be a floating-point tensor"):
         linear_policy_loss(h, w, t, torch.ones(3, dtype=torch.int64))
-    with pytest.raises(TypeError, match="coef must be a floating-point tensor"):
+    with pytest.raises(TypeError, match="coef must be a torch.Tensor, got list"):
         linear_policy_loss(h, w, t, [1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="coef is on meta but hidden is on cpu"):
+        linear_policy_loss(h, w, t, torch.ones(3, device="meta"))
     with pytest.raises(ValueError, match="must end in H"):
         linear_policy_loss(torch.randn(3, 9), w, t, c)
     with pytest.raises(ValueError, match=r"LM head \[V, H\]"):
@@ -247,9 +278,12 @@ def test_bad_inputs_raise_clear_errors():
         linear_policy_loss(h, w, t, c, tp_group=object())
 
 
-def test_triton_path_rejects_unsupported_dtype_clearly(triton_backend):
+@pytest.mark.parametrize("grad", [True, False])
+def test_triton_path_rejects_unsupported_dtype_clearly(triton_backend, grad):
+    """The fused pass and the statistics pass (no grad) both name this op."""
     h, w = torch.randn(3, 8, dtype=torch.float64), torch.randn(11, 8, dtype=torch.float64)
-    with pytest.raises(TypeError, match="float64.*NEMOKERN_BACKEND=torch"):
+    h.requires_grad_(grad)
+    with pytest.raises(TypeError, match="^linear_policy_loss: .*float64.*NEMOKERN_BACKEND=torch"):
         linear_policy_loss(h, w, torch.tensor([0, 1, 2]), torch.ones(3))
 
 
@@ -264,60 +298,94 @@ def test_second_backward_raises_instead_of_a_wrong_answer(torch_backend):
 
 # ----------------------------------------------------------------------------- vocab-parallel
 
-COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_reduce", "broadcast",
-               "reduce_scatter", "reduce_scatter_tensor", "all_to_all")
+COLLECTIVES = (
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_reduce",
+    "broadcast",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "all_to_all",
+)
 
 
 def _tp_worker(rank, world, init_file, backend, dtype):
     os.environ["NEMOKERN_BACKEND"] = backend
     for dt in (torch.float32, torch.bfloat16):
         L._CONFIGS[dt] = (16, 32, 16, 4, 1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         group = dist.new_group(list(range(world)))
-        shard, hs = 13, 24                                  # vocabulary 13 * world, odd sizes
-        hidden, weight, targets, coef = make_inputs((3, 5), hs, shard * world, dtype, 3.0,
-                                                    seed=1234)
+        shard, hs = 13, 24  # vocabulary 13 * world, odd sizes
+        hidden, weight, targets, coef = make_inputs(
+            (3, 5), hs, shard * world, dtype, 3.0, seed=1234
+        )
         targets[1, 0], targets[1, 1] = 0, shard * world - 1  # first and last shard hit
-        full = run(hidden, weight, lambda h, w: linear_policy_loss(
-            h, w, targets, coef, temperature=0.7, return_entropy=True), grad_scale=0.5)
+        full = run(
+            hidden,
+            weight,
+            lambda h, w: linear_policy_loss(
+                h, w, targets, coef, temperature=0.7, return_entropy=True
+            ),
+            grad_scale=0.5,
+        )
         with contextlib.ExitStack() as stack:
-            spies = {name: stack.enter_context(mock.patch.object(
-                dist, name, wraps=getattr(dist, name))) for name in COLLECTIVES}
+            spies = {
+                name: stack.enter_context(mock.patch.object(dist, name, wraps=getattr(dist, name)))
+                for name in COLLECTIVES
+            }
 
             def count_calls():
                 return {name: spy.call_count for name, spy in spies.items() if spy.call_count}
 
             def sharded(h, w):
-                out = linear_policy_loss(h, w, targets, coef, temperature=0.7,
-                                         return_entropy=True, tp_group=group)
+                out = linear_policy_loss(
+                    h, w, targets, coef, temperature=0.7, return_entropy=True, tp_group=group
+                )
                 fwd.update(count_calls())
                 return out
 
             fwd = {}
-            part = run(hidden, weight[rank * shard:(rank + 1) * shard], sharded, grad_scale=0.5)
+            part = run(hidden, weight[rank * shard : (rank + 1) * shard], sharded, grad_scale=0.5)
             total = count_calls()
-        assert fwd == {"all_gather": 1}, f"forward collectives: {fwd}"
-        assert total == {"all_gather": 1, "all_reduce": 1}, f"fwd+bwd collectives: {total}"
+        # linear_logprobs' exchange: the fixed-size header, then the statistics
+        assert fwd == {"all_gather": 2}, f"forward collectives: {fwd}"
+        assert total == {"all_gather": 2, "all_reduce": 1}, f"fwd+bwd collectives: {total}"
         tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
         for name, a, b in zip(("loss", "entropy", "dhidden"), part[:3], full[:3]):
-            torch.testing.assert_close(a, b, **tol, msg=lambda m: f"rank {rank} {name}: {m}")
-        torch.testing.assert_close(part[3], full[3][rank * shard:(rank + 1) * shard], **tol,
-                                   msg=lambda m: f"rank {rank} dweight shard: {m}")
+            torch.testing.assert_close(
+                a, b, **tol, msg=lambda m, name=name: f"rank {rank} {name}: {m}"
+            )
+        torch.testing.assert_close(
+            part[3],
+            full[3][rank * shard : (rank + 1) * shard],
+            **tol,
+            msg=lambda m: f"rank {rank} dweight shard: {m}",
+        )
+        # ranks that disagree on the targets raise on every rank, naming this op
+        other = targets.clone()
+        other[0, 0] = (other[0, 0] + rank) % (shard * world)
+        with pytest.raises(ValueError, match="^linear_policy_loss: .*different targets"):
+            linear_policy_loss(
+                hidden, weight[rank * shard : (rank + 1) * shard], other, coef, tp_group=group
+            )
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-@pytest.mark.parametrize("backend,dtype", [("torch", torch.float32), ("torch", torch.bfloat16),
-                                           ("triton", torch.float32)])
+@pytest.mark.parametrize(
+    "backend,dtype",
+    [("torch", torch.float32), ("torch", torch.bfloat16), ("triton", torch.float32)],
+)
 def test_vocab_parallel_equals_unsharded(backend, dtype):
     """2 gloo processes, each with half of the LM head: the full loss, entropy and dhidden on
-    every rank, its dweight shard; one all_gather in forward, one all_reduce in backward."""
+    every rank, its dweight shard; two all_gathers in forward (header, statistics), one all_reduce
+    in backward; ranks with different targets raise ValueError."""
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_tp_worker, args=(2, os.path.join(d, "store"), backend, dtype), nprocs=2,
-                 join=True)
+        mp.spawn(
+            _tp_worker, args=(2, os.path.join(d, "store"), backend, dtype), nprocs=2, join=True
+        )
 
 
 # ----------------------------------------------------------------------------- memory, GPU
@@ -326,7 +394,7 @@ _MEMORY_SCRIPT = r"""
 import json, sys
 import torch
 sys.path.insert(0, sys.argv[1])
-from _memory import peak_extra_bytes
+from helpers import peak_extra_bytes
 from nemokern.ops import linear_policy_loss
 
 hs, v = 64, 32000
@@ -347,28 +415,39 @@ def test_cpu_peak_memory_does_not_grow_with_n_times_v():
     gradients themselves, dweight 7.8 MiB and dhidden, plus two token-chunk blocks) and far below
     one fp32 logits tensor (1000 MiB at N = 8192). Fresh process, every block of 64 KiB or more
     its own mapping, as in test_linear_logprobs.py."""
-    bench = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench")
+    tests = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", NEMOKERN_BACKEND="torch")
-    out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, bench], env=env,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", _MEMORY_SCRIPT, tests],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr
     peaks = {int(n): p for n, p in json.loads(out.stdout.strip().splitlines()[-1]).items()}
     logits_bytes = 8192 * 32000 * 4
-    print(f"\npeak extra MiB {({n: round(p / 2**20, 1) for n, p in peaks.items()})} vs fp32 "
-          f"logits {logits_bytes / 2**20:.0f} MiB at N = 8192")
+    print(
+        f"\npeak extra MiB { ({n: round(p / 2**20, 1) for n, p in peaks.items()}) } vs fp32 "
+        f"logits {logits_bytes / 2**20:.0f} MiB at N = 8192"
+    )
     assert peaks[2048] > 0
     assert peaks[8192] < logits_bytes / 8
     assert peaks[8192] < 1.25 * peaks[2048] + (16 << 20)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n,hidden_size,vocab,dtype", [(4096, 4096, 128256, torch.bfloat16),
-                                                      (513, 1024, 50257, torch.float32)])
+@pytest.mark.parametrize(
+    "n,hidden_size,vocab,dtype",
+    [(4096, 4096, 128256, torch.bfloat16), (513, 1024, 50257, torch.float32)],
+)
 def test_triton_on_cuda_real_shapes(n, hidden_size, vocab, dtype):
     hidden, weight, targets, coef = (
-        t.cuda() for t in make_inputs((n,), hidden_size, vocab, dtype, 1.0))
-    check_against_float64(hidden, weight, targets, coef, 0.7,
-                          label=f"cuda {n}x{hidden_size}x{vocab} {dtype}")
+        t.cuda() for t in make_inputs((n,), hidden_size, vocab, dtype, 1.0)
+    )
+    check_against_float64(
+        hidden, weight, targets, coef, 0.7, label=f"cuda {n}x{hidden_size}x{vocab} {dtype}"
+    )
 
 
 @pytest.mark.parametrize("tp", [False, True])
@@ -387,20 +466,30 @@ def test_launches_under_the_device_guard(triton_backend, monkeypatch, tp):
 
     monkeypatch.setattr(op_module, "device_guard", spy)
     launched = []
-    for name in ("linear_policy_grads_triton", "sharded_grads_triton"):
-        real = getattr(P, name)
-        monkeypatch.setattr(P, name, lambda *a, _real=real, **k: launched.append(bool(inside))
-                            or _real(*a, **k))
-    impls = dict(op_module._IMPLS)
-    impls["triton"] = (P.linear_policy_grads_triton, impls["triton"][1], P.sharded_grads_triton)
-    monkeypatch.setattr(op_module, "_IMPLS", impls)
+    for module, name in (
+        (P, "linear_policy_grads_triton"),
+        (L, "linear_stats_triton"),
+        (L, "linear_backward_triton"),
+    ):
+        real = getattr(module, name)
+        monkeypatch.setattr(
+            module,
+            name,
+            lambda *a, _real=real, _name=name, **k: (
+                launched.append((_name, bool(inside))) or _real(*a, **k)
+            ),
+        )
     kwargs = {}
     if tp:
-        monkeypatch.setattr(op_module, "_gather_parts", lambda parts, *a: parts)
+        monkeypatch.setattr(op_module, "gather_parts", lambda parts, *a, **k: parts)
         monkeypatch.setattr(dist, "is_initialized", lambda: True)
         monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
         monkeypatch.setattr(dist, "all_reduce", lambda t, group=None: t)
         kwargs["tp_group"] = object()
     h, w = torch.randn(2, 4, requires_grad=True), torch.randn(5, 4, requires_grad=True)
     linear_policy_loss(h, w, torch.tensor([1, 3]), torch.ones(2), **kwargs).backward()
-    assert entered == [torch.device("cpu")] and launched == [True]
+    assert entered == [torch.device("cpu")]
+    expected = (
+        ["linear_stats_triton", "linear_backward_triton"] if tp else ["linear_policy_grads_triton"]
+    )
+    assert launched == [(name, True) for name in expected]

@@ -1,4 +1,5 @@
 """LlamaConfig: both rope spellings, round trips through transformers' config, clear errors."""
+
 import copy
 import dataclasses
 import json
@@ -6,22 +7,8 @@ import json
 import pytest
 from transformers import LlamaConfig as HFConfig
 
+from helpers import LLAMA3_ROPE, LLAMA31_8B, hf_config
 from nemokern.model import ConfigError, LlamaConfig
-from test_model_utils import LLAMA3_ROPE, hf_config
-
-# A Llama-3.1-8B config.json as Meta/HF published it (transformers 4.x spelling).
-LLAMA31_8B = {
-    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
-    "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "hidden_act": "silu",
-    "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
-    "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
-    "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8, "pretraining_tp": 1,
-    "rms_norm_eps": 1e-05,
-    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-    "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-    "transformers_version": "4.43.0.dev0", "use_cache": True, "vocab_size": 128256,
-}
 
 
 def test_llama31_rope_scaling_spelling():
@@ -40,19 +27,23 @@ def test_rope_parameters_spelling_as_transformers5_writes_it():
     assert cfg.rope_scaling == LLAMA3_ROPE
 
 
-@pytest.mark.parametrize("edit", [
-    dict(rope_parameters={**LLAMA3_ROPE, "rope_theta": 42.0}),  # both spellings present
-    dict(rope_scaling=None, rope_parameters={**LLAMA3_ROPE, "rope_theta": 42.0}),
-    dict(rope_scaling={**LLAMA3_ROPE, "rope_theta": 42.0}),
-    dict(rope_scaling=None, rope_parameters={"rope_type": "default"}, rope_theta=7.0),
-])
+@pytest.mark.parametrize(
+    "edit",
+    [
+        dict(rope_parameters={**LLAMA3_ROPE, "rope_theta": 42.0}),  # both spellings present
+        dict(rope_scaling=None, rope_parameters={**LLAMA3_ROPE, "rope_theta": 42.0}),
+        dict(rope_scaling={**LLAMA3_ROPE, "rope_theta": 42.0}),
+        dict(rope_scaling=None, rope_parameters={"rope_type": "default"}, rope_theta=7.0),
+    ],
+)
 def test_rope_precedence_as_in_transformers(edit):
     d = dict(LLAMA31_8B, **edit)
     theirs = HFConfig(**copy.deepcopy(d)).rope_parameters
     ours = LlamaConfig.from_dict(d)
     assert ours.rope_theta == theirs["rope_theta"]
-    assert (ours.rope_scaling or {}).get("original_max_position_embeddings") == \
-        theirs.get("original_max_position_embeddings")
+    assert (ours.rope_scaling or {}).get("original_max_position_embeddings") == theirs.get(
+        "original_max_position_embeddings"
+    )
 
 
 def test_old_type_key_and_default_rope():
@@ -63,13 +54,22 @@ def test_old_type_key_and_default_rope():
     assert plain.rope_scaling is None and plain.rope_theta == 500000.0
     d5 = hf_config(rope_theta=7.0).to_dict()
     assert d5["rope_parameters"]["rope_type"] == "default"
-    assert LlamaConfig.from_dict(d5).rope_scaling is None and LlamaConfig.from_dict(d5).rope_theta == 7.0
+    assert (
+        LlamaConfig.from_dict(d5).rope_scaling is None
+        and LlamaConfig.from_dict(d5).rope_theta == 7.0
+    )
 
 
 @pytest.mark.parametrize("scaling", [LLAMA3_ROPE, None])
 def test_round_trip_through_transformers(tmp_path, scaling):
-    ours = LlamaConfig.tiny(rope_scaling=scaling, rope_theta=9876.0, tie_word_embeddings=True, head_dim=32,
-                            eos_token_id=[5, 6], dtype="bfloat16")
+    ours = LlamaConfig.tiny(
+        rope_scaling=scaling,
+        rope_theta=9876.0,
+        tie_word_embeddings=True,
+        head_dim=32,
+        eos_token_id=[5, 6],
+        dtype="bfloat16",
+    )
     ours.to_json_file(tmp_path / "config.json")
     theirs = HFConfig.from_pretrained(tmp_path)
     assert theirs.rope_parameters["rope_theta"] == 9876.0
@@ -86,23 +86,26 @@ def test_round_trip_through_transformers(tmp_path, scaling):
     assert written["model_type"] == "llama" and written["architectures"] == ["LlamaForCausalLM"]
 
 
-@pytest.mark.parametrize("field, value, match", [
-    ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "rope_type='yarn'"),
-    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}, "missing"),
-    ("rope_scaling", {**LLAMA3_ROPE, "factor": -1.0}, "factor"),
-    ("rope_scaling", {**LLAMA3_ROPE, "extra_key": 1}, "extra_key"),
-    ("rope_scaling", "llama3", "must be an object"),
-    ("attention_bias", True, "attention_bias"),
-    ("mlp_bias", True, "mlp_bias"),
-    ("hidden_act", "gelu", "hidden_act"),
-    ("model_type", "mistral", "model_type"),
-    ("pretraining_tp", 2, "pretraining_tp"),
-    ("attention_dropout", 0.1, "attention_dropout"),
-    ("num_key_value_heads", 3, "num_key_value_heads"),
-    ("hidden_size", 0, "hidden_size"),
-    ("torch_dtype", "int8", "dtype"),
-    ("quantization_config", {"quant_method": "gptq"}, "quantization_config"),
-])
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "rope_type='yarn'"),
+        ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}, "missing"),
+        ("rope_scaling", {**LLAMA3_ROPE, "factor": -1.0}, "factor"),
+        ("rope_scaling", {**LLAMA3_ROPE, "extra_key": 1}, "extra_key"),
+        ("rope_scaling", "llama3", "must be an object"),
+        ("attention_bias", True, "attention_bias"),
+        ("mlp_bias", True, "mlp_bias"),
+        ("hidden_act", "gelu", "hidden_act"),
+        ("model_type", "mistral", "model_type"),
+        ("pretraining_tp", 2, "pretraining_tp"),
+        ("attention_dropout", 0.1, "attention_dropout"),
+        ("num_key_value_heads", 3, "num_key_value_heads"),
+        ("hidden_size", 0, "hidden_size"),
+        ("torch_dtype", "int8", "dtype"),
+        ("quantization_config", {"quant_method": "gptq"}, "quantization_config"),
+    ],
+)
 def test_unsupported_values_name_the_field(field, value, match):
     with pytest.raises(ConfigError, match=match):
         LlamaConfig.from_dict(dict(LLAMA31_8B, **{field: value}), source="x/config.json")

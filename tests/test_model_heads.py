@@ -1,4 +1,5 @@
-"""The model's hidden-state entry points feed the fused heads (nemokern.ops) as the trainers will."""
+"""The model's hidden-state entry points feed the fused heads (nemokern.ops) as the demo does."""
+
 import torch
 
 from nemokern.model import Llama, LlamaConfig

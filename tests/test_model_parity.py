@@ -1,12 +1,13 @@
-"""nemokern Llama vs transformers' LlamaForCausalLM on the same random weights: logits and gradients.
+"""nemokern Llama vs transformers' LlamaForCausalLM on the same random weights: logits, gradients.
 
 Also: packed == padded, activation checkpointing changes nothing, the hidden-state entry points.
 """
+
 import pytest
 import torch
 
+from helpers import CASES, nemokern_from_hf, random_hf_model
 from nemokern.model import Llama, LlamaConfig
-from test_model_utils import CASES, nemokern_from_hf, random_hf_model
 
 B, T = 2, 19
 
@@ -158,17 +159,41 @@ def test_hidden_states_entry_points():
     assert model.lm_head.weight.shape == (model.config.vocab_size, model.config.hidden_size)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(input_ids=torch.zeros(2, 3)), "int64"),
-    (dict(input_ids=torch.zeros(2, 3, 4, dtype=torch.long)), r"\[B, T\]"),
-    (dict(input_ids=torch.zeros(6, dtype=torch.long)), r"\[B, T\]"),
-    (dict(input_ids=torch.zeros(2, 6, dtype=torch.long), cu_seqlens=torch.tensor([0, 6])), "packed"),
-    (dict(input_ids=torch.zeros(6, dtype=torch.long), cu_seqlens=torch.tensor([0, 2, 5])), "end at N=6"),
-    (dict(input_ids=torch.zeros(6, dtype=torch.long), cu_seqlens=torch.tensor([0, 4, 2, 6])), "non-decreasing"),
-    (dict(input_ids=torch.zeros(6, dtype=torch.long), cu_seqlens=torch.tensor([0.0, 6.0])), "integer"),
-    (dict(input_ids=torch.zeros(1, 6, dtype=torch.long), position_ids=torch.arange(5)), "position_ids"),
-    (dict(input_ids=torch.zeros(1, 6, dtype=torch.long), valid=torch.ones(1, 6, dtype=torch.bool)), "KV cache"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(input_ids=torch.zeros(2, 3)), "int64"),
+        (dict(input_ids=torch.zeros(2, 3, 4, dtype=torch.long)), r"\[B, T\]"),
+        (dict(input_ids=torch.zeros(6, dtype=torch.long)), r"\[B, T\]"),
+        (
+            dict(input_ids=torch.zeros(2, 6, dtype=torch.long), cu_seqlens=torch.tensor([0, 6])),
+            "packed",
+        ),
+        (
+            dict(input_ids=torch.zeros(6, dtype=torch.long), cu_seqlens=torch.tensor([0, 2, 5])),
+            "end at N=6",
+        ),
+        (
+            dict(input_ids=torch.zeros(6, dtype=torch.long), cu_seqlens=torch.tensor([0, 4, 2, 6])),
+            "non-decreasing",
+        ),
+        (
+            dict(input_ids=torch.zeros(6, dtype=torch.long), cu_seqlens=torch.tensor([0.0, 6.0])),
+            "integer",
+        ),
+        (
+            dict(input_ids=torch.zeros(1, 6, dtype=torch.long), position_ids=torch.arange(5)),
+            "position_ids",
+        ),
+        (
+            dict(
+                input_ids=torch.zeros(1, 6, dtype=torch.long),
+                valid=torch.ones(1, 6, dtype=torch.bool),
+            ),
+            "KV cache",
+        ),
+    ],
+)
 def test_bad_inputs_raise_clear_errors(kwargs, match):
     model = Llama(LlamaConfig.tiny())
     with pytest.raises((ValueError, TypeError), match=match):
@@ -178,8 +203,13 @@ def test_bad_inputs_raise_clear_errors(kwargs, match):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_larger_config_matches_transformers(case):
-    hf = random_hf_model(hidden_size=256, intermediate_size=704, num_hidden_layers=4, vocab_size=1001,
-                         **{**CASES[case], **({"head_dim": 128} if "head_dim" in CASES[case] else {})})
+    hf = random_hf_model(
+        hidden_size=256,
+        intermediate_size=704,
+        num_hidden_layers=4,
+        vocab_size=1001,
+        **{**CASES[case], **({"head_dim": 128} if "head_dim" in CASES[case] else {})},
+    )
     _assert_parity(hf, torch.randint(0, 1001, (3, 200)))
 
 
@@ -212,3 +242,12 @@ def test_gpu_packed_accepts_cu_seqlens_built_on_the_cpu():
         on_gpu = model(ids.cuda(), cu_seqlens=cu.cuda())
         from_cpu = model(ids.cuda(), cu_seqlens=cu)
     assert torch.equal(on_gpu, from_cpu)
+
+
+def test_helper_copies_every_weight():
+    hf = random_hf_model(**CASES["gqa_llama3_tied"])
+    model = nemokern_from_hf(hf)
+    assert model.lm_head.weight is model.embed_tokens.weight
+    ours = {k: v for k, v in model.state_dict().items()}
+    for name, p in hf.state_dict().items():
+        assert torch.equal(ours[name.removeprefix("model.")], p), name

@@ -4,6 +4,7 @@ Accuracy rule (flash-attention's): the op's error against float64 may be at most
 plain same-dtype PyTorch version (transformers' LlamaRMSNorm + nn.Linear in that dtype), plus a
 floor of a few fp32 ulps of the result.
 """
+
 import pytest
 import torch
 
@@ -35,8 +36,9 @@ def reward_plain(hidden, last_index, nw, w, bias):
     x = rows_of(hidden, last_index)
     x32 = x.float()
     normed = nw * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + EPS)).to(x.dtype)
-    return torch.nn.functional.linear(normed, w.to(normed.dtype),
-                                      None if bias is None else bias.to(normed.dtype))
+    return torch.nn.functional.linear(
+        normed, w.to(normed.dtype), None if bias is None else bias.to(normed.dtype)
+    )
 
 
 def make_inputs(B, T, H, K, dtype, param_dtype=None, packed=False, bias=True, seed=0):
@@ -47,7 +49,7 @@ def make_inputs(B, T, H, K, dtype, param_dtype=None, packed=False, bias=True, se
     if packed:  # rows of [B*T, H]; sequence b ends somewhere in its own stretch
         hidden, last = hidden.reshape(B * T, H), last + T * torch.arange(B)
     nw = (1.0 + 0.2 * torch.randn(H, generator=g)).to(param_dtype)
-    w = (torch.randn(K, H, generator=g) / H ** 0.5).to(param_dtype)
+    w = (torch.randn(K, H, generator=g) / H**0.5).to(param_dtype)
     b = torch.randn(K, generator=g).to(param_dtype) if bias else None
     return hidden, last, nw, w, b
 
@@ -55,8 +57,9 @@ def make_inputs(B, T, H, K, dtype, param_dtype=None, packed=False, bias=True, se
 def grads(fn, tensors, upstream):
     """fn's output and its gradients w.r.t. hidden and each parameter that is not None."""
     hidden, last, *params = tensors
-    leaves = [t.detach().clone().requires_grad_() if t is not None else None
-              for t in [hidden] + params]
+    leaves = [
+        t.detach().clone().requires_grad_() if t is not None else None for t in [hidden] + params
+    ]
     out = fn(leaves[0], last, *leaves[1:])
     wrt = [t for t in leaves if t is not None]
     return out, torch.autograd.grad((out * upstream.to(out.dtype)).sum(), wrt)
@@ -64,8 +67,9 @@ def grads(fn, tensors, upstream):
 
 def check_vs_float64(hidden, last, nw, w, b):
     inputs = (hidden, last, nw, w, b)
-    upstream = torch.randn(last.numel(), w.shape[0],
-                           generator=torch.Generator().manual_seed(99)).to(hidden.device)
+    upstream = torch.randn(
+        last.numel(), w.shape[0], generator=torch.Generator().manual_seed(99)
+    ).to(hidden.device)
     want, want_g = grads(reward_f64, inputs, upstream.double())
     plain, plain_g = grads(reward_plain, inputs, upstream)
     got, got_g = grads(reward_head, inputs, upstream)
@@ -103,8 +107,10 @@ def test_triton_kernel_vs_float64(triton_backend, dtype, param_dtype, K, packed,
 
 
 @pytest.mark.parametrize("backend", ["torch_backend", "triton_backend"])
-@pytest.mark.parametrize("dtype, param_dtype", [(torch.bfloat16, None), (torch.float32, None),
-                                                (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize(
+    "dtype, param_dtype",
+    [(torch.bfloat16, None), (torch.float32, None), (torch.bfloat16, torch.float32)],
+)
 def test_norm_matches_transformers_llama_rmsnorm(request, backend, dtype, param_dtype):
     """With head_weight = I the rewards are the normed features: bit-identical to HF's."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
@@ -124,8 +130,15 @@ def test_lm_head_row0_is_nemotron_reward_hf_layout(torch_backend):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(4)
-    cfg = LlamaConfig(vocab_size=32, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=EPS)
+    cfg = LlamaConfig(
+        vocab_size=32,
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=EPS,
+    )
     model = LlamaForCausalLM(cfg).eval()
     captured = {}
     model.model.norm.register_forward_hook(lambda m, inp, out: captured.update(h=inp[0]))
@@ -181,8 +194,9 @@ def test_frozen_trunk_gives_same_head_gradients(request, backend):
 def test_non_contiguous_hidden(triton_backend):
     hidden, last, nw, w, b = make_inputs(4, 9, 33, 1, torch.float32, seed=6)
     strided = hidden.transpose(0, 1).contiguous().transpose(0, 1)  # [B, T, H], T-major memory
-    torch.testing.assert_close(reward_head(strided, last, nw, w, b),
-                               reward_head(hidden, last, nw, w, b))
+    torch.testing.assert_close(
+        reward_head(strided, last, nw, w, b), reward_head(hidden, last, nw, w, b)
+    )
 
 
 def test_bad_inputs():
@@ -212,6 +226,7 @@ def test_bad_inputs():
 
 
 # ---------------------------------------------------------------- GPU (skipped without CUDA)
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, param_dtype, K, packed, bias", CASES)

@@ -1,5 +1,6 @@
 """RewardModel: packed equals dense, files round-trip, and the Nemotron-Reward-HF export gives
 transformers' logits[last, 0] = reward - bias."""
+
 import pytest
 import torch
 
@@ -9,9 +10,16 @@ from nemokern.model.reward import RewardModel
 
 def tiny_reward_model(tie=False, seed=0):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=tie)
+    cfg = LlamaConfig(
+        vocab_size=61,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
     model = RewardModel(Llama(cfg))
     with torch.no_grad():
         model.head.bias.normal_()
@@ -33,7 +41,10 @@ def test_packed_rewards_equal_each_sequence_alone():
     assert packed.shape == (3, 9) and packed.dtype == torch.float32
     torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
     packed[:, 4].sum().backward()
-    assert model.head.weight.grad is not None and model.trunk.layers[0].mlp.gate_proj.weight.grad.abs().sum() > 0
+    assert (
+        model.head.weight.grad is not None
+        and model.trunk.layers[0].mlp.gate_proj.weight.grad.abs().sum() > 0
+    )
 
 
 def test_save_and_load_round_trip(tmp_path):
@@ -68,3 +79,17 @@ def test_export_nemotron_reward_hf_layout_matches_transformers(tmp_path, tie):
     assert bias == pytest.approx(float(model.head.bias[4].detach()))
     # nemokern reads the exported directory back as a trunk
     Llama.from_pretrained(tmp_path)
+
+
+def test_exported_layout_scores_like_the_model_it_came_from(tmp_path):
+    model = tiny_reward_model()
+    model.export_hf(tmp_path, "helpfulness")
+    again = RewardModel.load_any(tmp_path)  # no head file: lm_head row 0 + recorded bias
+    assert again.attributes == ("helpfulness",)
+    seqs, ids, cu, last = _batch([6, 11])
+    torch.testing.assert_close(
+        again(ids, last, cu_seqlens=cu)[:, 0],
+        model(ids, last, cu_seqlens=cu)[:, 4],
+        rtol=1e-5,
+        atol=1e-5,
+    )

@@ -3,6 +3,7 @@
 Accuracy rule (flash-attention's): the op's error against float64 may be at most 2x that of the
 plain same-dtype PyTorch composite, plus a floor of a few fp32 ulps of the result.
 """
+
 import pytest
 import torch
 
@@ -15,8 +16,12 @@ REDUCTIONS = ("mean", "sum")
 def kl_plain(lp, ref, mask, estimator, reduction):
     """The eager composite, in whatever dtype it is given (float64 inputs: the reference)."""
     k1 = lp - ref
-    est = {"k1": lambda: k1, "abs": lambda: k1.abs(), "k2": lambda: 0.5 * k1 * k1,
-           "k3": lambda: torch.exp(-k1) - 1 + k1}[estimator]()
+    est = {
+        "k1": lambda: k1,
+        "abs": lambda: k1.abs(),
+        "k2": lambda: 0.5 * k1 * k1,
+        "k3": lambda: torch.exp(-k1) - 1 + k1,
+    }[estimator]()
     m = mask.to(est.dtype)
     total = (torch.where(m != 0, est, 0) * m).sum(-1)
     if reduction == "sum":
@@ -35,8 +40,9 @@ def make_inputs(shape, dtype, seed, spread=0.3, p_mask=0.7):
 
 def errors(lp, ref, mask, estimator, reduction, **kw):
     """(op error, plain error) of forward and of backward against float64, as max abs."""
-    w = torch.linspace(0.5, 1.5, mask.shape[0], dtype=torch.float64,
-                       device=lp.device)  # uneven upstream grad
+    w = torch.linspace(
+        0.5, 1.5, mask.shape[0], dtype=torch.float64, device=lp.device
+    )  # uneven upstream grad
     lp64 = lp.double().requires_grad_()
     want = kl_plain(lp64, ref.double(), mask, estimator, reduction)
     (want_g,) = torch.autograd.grad((want * w).sum(), lp64)
@@ -54,8 +60,14 @@ def errors(lp, ref, mask, estimator, reduction, **kw):
     def err(a, b):
         return (a.double() - b).abs().max().item()
 
-    return (err(got, want), err(plain, want), want.abs().max().item(),
-            err(got_g, want_g), err(plain_g, want_g), want_g.abs().max().item())
+    return (
+        err(got, want),
+        err(plain, want),
+        want.abs().max().item(),
+        err(got_g, want_g),
+        err(plain_g, want_g),
+        want_g.abs().max().item(),
+    )
 
 
 def check_rule(e):
@@ -95,8 +107,10 @@ def test_packed_equals_padded(request, backend, estimator):
     keep = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
     cu = torch.tensor([0] + lengths).cumsum(0)
     pad = 3  # trailing tokens that belong to no sequence: ignored, zero gradient
-    packed = [torch.cat([x[keep], torch.full((pad,), v, dtype=x.dtype)])
-              for x, v in ((lp, float("nan")), (ref, 0.0), (mask, True))]
+    packed = [
+        torch.cat([x[keep], torch.full((pad,), v, dtype=x.dtype)])
+        for x, v in ((lp, float("nan")), (ref, 0.0), (mask, True))
+    ]
 
     lp_pad = lp.clone().requires_grad_()
     lp_pk = packed[0].clone().requires_grad_()
@@ -170,10 +184,13 @@ def test_reference_gets_no_gradient(torch_backend):
     assert ref.grad is None and lp.grad is not None
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(estimator="kl"), "estimator='kl'"),
-    (dict(reduction="token_mean"), "reduction='token_mean'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(estimator="kl"), "estimator='kl'"),
+        (dict(reduction="token_mean"), "reduction='token_mean'"),
+    ],
+)
 def test_unknown_options(kwargs, match):
     lp, ref, mask = make_inputs((2, 5), torch.float32, seed=9)
     with pytest.raises(ValueError, match=match):
@@ -203,6 +220,7 @@ def test_bad_tensors():
 
 # ---------------------------------------------------------------- GPU (skipped without CUDA)
 
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("estimator", ESTIMATORS)
@@ -219,6 +237,10 @@ def test_cuda_packed_real_shape():
     n = int(cu[-1])
     lp, ref, mask = (x.cuda() for x in make_inputs((n,), torch.float32, seed=13))
     got = sequence_kl(lp, ref, mask, estimator="k3", cu_seqlens=cu)
-    want = torch.stack([kl_plain(lp[a:b].double(), ref[a:b].double(), mask[a:b], "k3", "mean")
-                        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())])
+    want = torch.stack(
+        [
+            kl_plain(lp[a:b].double(), ref[a:b].double(), mask[a:b], "k3", "mean")
+            for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())
+        ]
+    )
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)

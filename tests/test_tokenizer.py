@@ -41,13 +41,16 @@ def test_byte_tokenizer_rejects_unknown_id():
         ByteTokenizer().decode([65, 999])
 
 
-@pytest.mark.parametrize("bad,match", [
-    ([], "non-empty"),
-    ("hello", "non-empty"),
-    ([{"role": "user"}], "message 0"),
-    ([{"role": "robot", "content": "x"}], "role 'robot'"),
-    ([{"role": "user", "content": 3}], "content must be a string"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ([], "non-empty"),
+        ("hello", "non-empty"),
+        ([{"role": "user"}], "message 0"),
+        ([{"role": "robot", "content": "x"}], "role 'robot'"),
+        ([{"role": "user", "content": 3}], "content must be a string"),
+    ],
+)
 def test_bad_conversations(bad, match):
     with pytest.raises(ValueError, match=match):
         render_llama3_chat(bad)

@@ -1,8 +1,12 @@
 """linear_logprobs over vocab-parallel shards (tp_group) equals the unsharded op, forward and
-backward, with 2 and 4 gloo processes on the CPU; and it uses exactly one collective in forward
-(all_gather of per-token statistics) and one in backward (all_reduce of dhidden).
+backward, with 2 and 4 gloo processes on the CPU; and it uses exactly two collectives in forward
+(a fixed-size all_gather that checks N, shards and targets, then one of per-token statistics) and
+one in backward (all_reduce of dhidden). Mismatched ranks raise ValueError on every rank.
 """
+
+import datetime
 import os
+import re
 import tempfile
 
 import pytest
@@ -15,8 +19,15 @@ IGNORE = -100
 
 def _count_collectives(counts):
     """Wrap torch.distributed collectives so the worker can count the calls the op makes."""
-    for name in ("all_gather", "all_gather_into_tensor", "all_reduce", "broadcast",
-                 "reduce_scatter", "reduce_scatter_tensor", "all_to_all"):
+    for name in (
+        "all_gather",
+        "all_gather_into_tensor",
+        "all_reduce",
+        "broadcast",
+        "reduce_scatter",
+        "reduce_scatter_tensor",
+        "all_to_all",
+    ):
         fn = getattr(dist, name)
 
         def counted(*args, _fn=fn, _name=name, **kwargs):
@@ -30,25 +41,25 @@ def _worker(rank, world, init_file, backend, dtype):
     os.environ["NEMOKERN_BACKEND"] = backend
     from nemokern.ops import linear_logprobs
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         group = dist.new_group(list(range(world)))
-        shard, hs = 13, 24                                  # vocabulary 13 * world, odd sizes
+        shard, hs = 13, 24  # vocabulary 13 * world, odd sizes
         vocab = shard * world
-        g = torch.Generator().manual_seed(1234)             # identical inputs on every rank
+        g = torch.Generator().manual_seed(1234)  # identical inputs on every rank
         hidden = torch.randn(3, 5, hs, generator=g).to(dtype)
-        weight = (torch.randn(vocab, hs, generator=g) / hs ** 0.5 * 3).to(dtype)
+        weight = (torch.randn(vocab, hs, generator=g) / hs**0.5 * 3).to(dtype)
         targets = torch.randint(0, vocab, (3, 5), generator=g)
         targets[0, 1] = targets[2, 2] = IGNORE
-        targets[1, 0], targets[1, 1] = 0, vocab - 1         # first and last shard hit
+        targets[1, 0], targets[1, 1] = 0, vocab - 1  # first and last shard hit
         g_lp, g_ent = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
 
         def run(w, tp_group):
             h = hidden.clone().requires_grad_(True)
             w = w.clone().requires_grad_(True)
-            logp, ent = linear_logprobs(h, w, targets, temperature=0.7, return_entropy=True,
-                                        tp_group=tp_group)
+            logp, ent = linear_logprobs(
+                h, w, targets, temperature=0.7, return_entropy=True, tp_group=tp_group
+            )
             counts_fwd = dict(counts)
             (g_lp * logp + g_ent * ent).sum().backward()
             return logp.detach(), ent.detach(), h.grad, w.grad, counts_fwd
@@ -56,36 +67,44 @@ def _worker(rank, world, init_file, backend, dtype):
         counts = {}
         full = run(weight, None)
         _count_collectives(counts)
-        sharded = run(weight[rank * shard:(rank + 1) * shard], group)
-        assert sharded[4] == {"all_gather": 1}, f"forward collectives: {sharded[4]}"
-        assert counts == {"all_gather": 1, "all_reduce": 1}, f"fwd+bwd collectives: {counts}"
+        sharded = run(weight[rank * shard : (rank + 1) * shard], group)
+        # forward: the fixed-size header check, then the per-token statistics
+        assert sharded[4] == {"all_gather": 2}, f"forward collectives: {sharded[4]}"
+        assert counts == {"all_gather": 2, "all_reduce": 1}, f"fwd+bwd collectives: {counts}"
         tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
         names = ("logp", "entropy", "dhidden")
         for name, a, b in zip(names, sharded[:3], full[:3]):
-            torch.testing.assert_close(a, b, **tol, msg=lambda m: f"rank {rank} {name}: {m}")
-        torch.testing.assert_close(sharded[3], full[3][rank * shard:(rank + 1) * shard], **tol,
-                                   msg=lambda m: f"rank {rank} dweight shard: {m}")
+            torch.testing.assert_close(
+                a, b, **tol, msg=lambda m, name=name: f"rank {rank} {name}: {m}"
+            )
+        torch.testing.assert_close(
+            sharded[3],
+            full[3][rank * shard : (rank + 1) * shard],
+            **tol,
+            msg=lambda m: f"rank {rank} dweight shard: {m}",
+        )
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-@pytest.mark.parametrize("world,backend,dtype", [(2, "torch", torch.float32),
-                                                 (4, "torch", torch.bfloat16),
-                                                 (2, "triton", torch.float32)])
+@pytest.mark.parametrize(
+    "world,backend,dtype",
+    [(2, "torch", torch.float32), (4, "torch", torch.bfloat16), (2, "triton", torch.float32)],
+)
 def test_vocab_parallel_equals_unsharded(world, backend, dtype):
     # The Triton case runs interpreted: spawned workers inherit TRITON_INTERPRET from conftest.
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(world, os.path.join(d, "store"), backend, dtype), nprocs=world,
-                 join=True)
+        mp.spawn(
+            _worker, args=(world, os.path.join(d, "store"), backend, dtype), nprocs=world, join=True
+        )
 
 
 def _unequal_worker(rank, world, init_file):
     os.environ["NEMOKERN_BACKEND"] = "torch"
     from nemokern.ops import linear_logprobs
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         # torch.tensor_split of a 25-row head: shards of 13 and 12 rows. Rank 1's ids start at
         # 13, not at rank * shard = 12: every one of its targets would hit the wrong column.
@@ -93,8 +112,7 @@ def _unequal_worker(rank, world, init_file):
         shard = weight.tensor_split(world)[rank]
         hidden = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
         with pytest.raises(ValueError, match=r"shards of sizes \[13, 12\]"):
-            linear_logprobs(hidden, shard, torch.tensor([0, 12, 13, 24]),
-                            tp_group=dist.group.WORLD)
+            linear_logprobs(hidden, shard, torch.tensor([0, 12, 13, 24]), tp_group=dist.group.WORLD)
     finally:
         dist.destroy_process_group()
 
@@ -108,15 +126,17 @@ def _mismatch_worker(rank, world, init_file, ignore_differs):
     os.environ["NEMOKERN_BACKEND"] = "torch"
     from nemokern.ops import linear_logprobs
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         g = torch.Generator().manual_seed(0)
         weight, hidden = torch.randn(10, 8, generator=g), torch.randn(5, 8, generator=g)
         targets = torch.tensor([0, 3, 7, 19, IGNORE])
         if rank == 1:  # a data-loader bug: rank 1 got another batch's targets
-            targets = (torch.tensor([0, 3, IGNORE, 19, IGNORE]) if ignore_differs
-                       else torch.tensor([0, 3, 8, 19, IGNORE]))
+            targets = (
+                torch.tensor([0, 3, IGNORE, 19, IGNORE])
+                if ignore_differs
+                else torch.tensor([0, 3, 8, 19, IGNORE])
+            )
         with pytest.raises(ValueError, match="ranks of tp_group passed different targets"):
             linear_logprobs(hidden, weight, targets, tp_group=dist.group.WORLD)
     finally:
@@ -126,33 +146,44 @@ def _mismatch_worker(rank, world, init_file, ignore_differs):
 @pytest.mark.parametrize("ignore_differs", [False, True])
 def test_ranks_with_different_targets_raise_on_every_rank(ignore_differs):
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_mismatch_worker, args=(2, os.path.join(d, "store"), ignore_differs), nprocs=2,
-                 join=True)
+        mp.spawn(
+            _mismatch_worker,
+            args=(2, os.path.join(d, "store"), ignore_differs),
+            nprocs=2,
+            join=True,
+        )
 
 
-def _token_count_worker(rank, init_file):
-    """Ranks with different N make the all_gather itself mismatched (gloo may abort a rank); the
-    rank that survives reads every header first. Simulated here: one real process, a fake second
-    rank whose header says N = 6."""
+def _token_count_worker(rank, world, init_file):
+    """Rank 1 passes 6 tokens, the others 5: a variable-size all_gather with these would be
+    mismatched (gloo aborts or hangs in it); the fixed-size header exchange comes first, so every
+    rank raises a ValueError naming the counts instead."""
     os.environ["NEMOKERN_BACKEND"] = "torch"
     from nemokern.ops import linear_logprobs
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
     try:
-        def fake_all_gather(bufs, local, group=None):
-            bufs[0].copy_(local)
-            bufs[1].copy_(local)
-            bufs[1][0, 1] = 6.0  # the other rank's N
-
-        dist.all_gather = fake_all_gather
-        dist.get_world_size = lambda group=None: 2
-        h, w = torch.randn(5, 8), torch.randn(10, 8)
-        with pytest.raises(ValueError, match=r"different numbers of tokens \[5, 6\]"):
-            linear_logprobs(h, w, torch.tensor([0, 3, 7, 19, IGNORE]), tp_group=dist.group.WORLD)
+        n = 6 if rank == 1 else 5
+        g = torch.Generator().manual_seed(0)
+        h, w = torch.randn(n, 8, generator=g), torch.randn(10, 8, generator=g)
+        targets = torch.tensor([0, 3, 7, 19, IGNORE, 2][:n])
+        counts = [6 if r == 1 else 5 for r in range(world)]
+        with pytest.raises(ValueError, match=re.escape(f"different numbers of tokens {counts}")):
+            linear_logprobs(h, w, targets, tp_group=dist.group.WORLD)
+        dist.barrier()  # the group still works: nobody is stuck inside a mismatched collective
     finally:
         dist.destroy_process_group()
 
 
-def test_ranks_with_different_token_counts_are_named():
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_with_different_token_counts_raise_on_every_rank(world):
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_token_count_worker, args=(os.path.join(d, "store"),), nprocs=1, join=True)
+        mp.spawn(
+            _token_count_worker, args=(world, os.path.join(d, "store")), nprocs=world, join=True
+        )

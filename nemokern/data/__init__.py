@@ -1,7 +1,7 @@
-"""Data: HelpSteer2 / HS2-Preference / RewardBench readers, packing, tokenizers, demo task.
+"""Data: readers of HelpSteer2 / HelpSteer2-Preference / RewardBench rows (readers.py), packed
+reward batches (packing.py), the synthetic reward task (synthetic.py) and tokenizers
+(tokenizer.py: a local HF tokenizer directory, or the built-in byte one)."""
 
-Must never import nemokern.train or cli.
-"""
 from .packing import (
     RewardBatch,
     RewardBatches,
@@ -23,7 +23,19 @@ from .readers import (
 )
 
 __all__ = [
-    "ATTRIBUTES", "HELPFULNESS_INDEX", "LAYOUTS", "DataError", "PreferencePair", "ReadResult",
-    "RegressionExample", "RewardBatch", "RewardBatches", "RewardDataset", "TokenizedExample",
-    "detect_layout", "load_reward_data", "read_examples", "write_rows",
+    "ATTRIBUTES",
+    "HELPFULNESS_INDEX",
+    "LAYOUTS",
+    "DataError",
+    "PreferencePair",
+    "ReadResult",
+    "RegressionExample",
+    "RewardBatch",
+    "RewardBatches",
+    "RewardDataset",
+    "TokenizedExample",
+    "detect_layout",
+    "load_reward_data",
+    "read_examples",
+    "write_rows",
 ]

@@ -43,25 +43,31 @@ class TokenizedExample:
         return sum(len(s) for s in self.sequences)
 
 
-def encode_conversation(tokenizer, prompt: Sequence[dict], response: Sequence[dict],
-                        max_length: int, prompt_ids: list[int] | None = None):
+def encode_conversation(
+    tokenizer,
+    prompt: Sequence[dict],
+    response: Sequence[dict],
+    max_length: int,
+    prompt_ids: list[int] | None = None,
+):
     """Chat-template ids of prompt + response cut to max_length from the left of the prompt.
 
     Returns (ids int32 array, truncated: bool, into_response: bool). prompt_ids (the template of
     the prompt alone) may be passed to reuse it across the responses of a pair.
     """
-    full = list(tokenizer.apply_chat_template(list(prompt) + list(response),
-                                              add_generation_prompt=False))
+    full = list(
+        tokenizer.apply_chat_template(list(prompt) + list(response), add_generation_prompt=False)
+    )
     if len(full) <= max_length:
         return np.asarray(full, dtype=np.int32), False, False
     if prompt_ids is None:
         prompt_ids = list(tokenizer.apply_chat_template(list(prompt), add_generation_prompt=False))
     # Templates that render the prompt as a prefix of the conversation (Llama-3.1's do) tell
     # where the response starts; for any other template the cut is reported as prompt-only.
-    boundary = len(prompt_ids) if full[:len(prompt_ids)] == prompt_ids else len(full)
+    boundary = len(prompt_ids) if full[: len(prompt_ids)] == prompt_ids else len(full)
     head = 1 if full and full[0] == getattr(tokenizer, "bos_id", None) else 0
     cut = len(full) - max_length
-    ids = full[:head] + full[head + cut:]
+    ids = full[:head] + full[head + cut :]
     return np.asarray(ids, dtype=np.int32), True, head + cut > boundary
 
 
@@ -71,18 +77,31 @@ def tokenize_example(example, tokenizer, max_length: int) -> TokenizedExample:
         prompt_ids = None
         seqs, cuts, into = [], 0, 0
         for response in (example.chosen, example.rejected):
-            ids, cut, deep = encode_conversation(tokenizer, example.prompt, response, max_length,
-                                                 prompt_ids)
+            ids, cut, deep = encode_conversation(
+                tokenizer, example.prompt, response, max_length, prompt_ids
+            )
             seqs.append(ids)
             cuts, into = cuts + cut, into + deep
-        return TokenizedExample(tuple(seqs), example.where, strength=example.strength,
-                                subset=example.subset, id=example.id, truncated=cuts,
-                                truncated_response=into)
+        return TokenizedExample(
+            tuple(seqs),
+            example.where,
+            strength=example.strength,
+            subset=example.subset,
+            id=example.id,
+            truncated=cuts,
+            truncated_response=into,
+        )
     k = example.prompt_turns
-    ids, cut, deep = encode_conversation(tokenizer, example.messages[:k], example.messages[k:],
-                                         max_length)
-    return TokenizedExample((ids,), example.where, labels=example.labels, truncated=int(cut),
-                            truncated_response=int(deep))
+    ids, cut, deep = encode_conversation(
+        tokenizer, example.messages[:k], example.messages[k:], max_length
+    )
+    return TokenizedExample(
+        (ids,),
+        example.where,
+        labels=example.labels,
+        truncated=int(cut),
+        truncated_response=int(deep),
+    )
 
 
 @dataclass
@@ -131,9 +150,16 @@ class RewardBatch:
     def to(self, device, non_blocking: bool = False) -> RewardBatch:
         """A copy with every tensor on `device` (cu_seqlens included; the model casts it)."""
         moved = {name: getattr(self, name) for name in _TENSORS}
-        moved = {k: v if v is None else v.to(device, non_blocking=non_blocking) for k, v in moved.items()}
-        return RewardBatch(**moved, rows=self.rows, where=self.where, subsets=self.subsets,
-                           max_seqlen=self.max_seqlen)
+        moved = {
+            k: v if v is None else v.to(device, non_blocking=non_blocking) for k, v in moved.items()
+        }
+        return RewardBatch(
+            **moved,
+            rows=self.rows,
+            where=self.where,
+            subsets=self.subsets,
+            max_seqlen=self.max_seqlen,
+        )
 
     def select(self, rows: Sequence[int]) -> RewardBatch:
         """A new packed CPU batch of the given rows (positions 0 .. num_rows - 1 of this batch), in
@@ -142,14 +168,28 @@ class RewardBatch:
         per_row = 1 if self.labels is not None else 2
         seqs = [r * per_row + j for r in rows for j in range(per_row)]
         cu = self.cu_seqlens.tolist()
-        pieces = [self.input_ids[cu[s]:cu[s + 1]].cpu().numpy() for s in seqs]
+        pieces = [self.input_ids[cu[s] : cu[s + 1]].cpu().numpy() for s in seqs]
         labels = self.labels[seqs].cpu() if self.labels is not None else None
         strength = self.strength[list(rows)].cpu() if self.strength is not None else None
-        return _pack(pieces, [self.rows[r] for r in rows], [self.where[r] for r in rows],
-                     [self.subsets[r] for r in rows], labels, strength)
+        return _pack(
+            pieces,
+            [self.rows[r] for r in rows],
+            [self.where[r] for r in rows],
+            [self.subsets[r] for r in rows],
+            labels,
+            strength,
+        )
 
 
-_TENSORS = ("input_ids", "cu_seqlens", "position_ids", "last_index", "labels", "pair_index", "strength")
+_TENSORS = (
+    "input_ids",
+    "cu_seqlens",
+    "position_ids",
+    "last_index",
+    "labels",
+    "pair_index",
+    "strength",
+)
 
 
 def _pack(pieces, rows, where, subsets, labels, strength) -> RewardBatch:
@@ -166,17 +206,26 @@ def _pack(pieces, rows, where, subsets, labels, strength) -> RewardBatch:
         cu_seqlens=torch.from_numpy(cu),
         position_ids=torch.from_numpy(position),
         last_index=torch.from_numpy(cu[1:] - 1),
-        rows=list(rows), where=list(where), subsets=list(subsets),
+        rows=list(rows),
+        where=list(where),
+        subsets=list(subsets),
         max_seqlen=int(lengths.max()),
-        labels=labels, pair_index=pair_index, strength=strength,
+        labels=labels,
+        pair_index=pair_index,
+        strength=strength,
     )
 
 
 class RewardDataset:
     """Tokenized examples of one kind ("regression" or "pairs") and how they were read."""
 
-    def __init__(self, examples: list[TokenizedExample], kind: str, read: ReadResult | None = None,
-                 max_length: int | None = None):
+    def __init__(
+        self,
+        examples: list[TokenizedExample],
+        kind: str,
+        read: ReadResult | None = None,
+        max_length: int | None = None,
+    ):
         if kind not in ("regression", "pairs"):
             raise ValueError(f"kind must be 'regression' or 'pairs', got {kind!r}")
         if not examples:
@@ -197,20 +246,29 @@ class RewardDataset:
     def summary(self) -> str:
         lines = [self.read.summary()] if self.read is not None else []
         n_seq = sum(len(e.sequences) for e in self.examples)
-        lines.append(f"  {len(self)} {self.kind} rows, {n_seq} sequences, "
-                     f"{sum(e.num_tokens for e in self.examples)} tokens")
+        lines.append(
+            f"  {len(self)} {self.kind} rows, {n_seq} sequences, "
+            f"{sum(e.num_tokens for e in self.examples)} tokens"
+        )
         if self.truncated:
-            lines.append(f"  {self.truncated} of {n_seq} sequences longer than max_length="
-                         f"{self.max_length} were truncated from the left of the prompt"
-                         + (f" ({self.truncated_response} of them into the response)"
-                            if self.truncated_response else ""))
+            lines.append(
+                f"  {self.truncated} of {n_seq} sequences longer than max_length="
+                f"{self.max_length} were truncated from the left of the prompt"
+                + (
+                    f" ({self.truncated_response} of them into the response)"
+                    if self.truncated_response
+                    else ""
+                )
+            )
         return "\n".join(lines)
 
     def check_vocab(self, vocab_size: int) -> None:
         """Raise when a token id does not fit a model's vocabulary (a larger one is fine)."""
         if self.max_token_id >= vocab_size:
-            raise ValueError(f"the data has token id {self.max_token_id} but the model's vocabulary "
-                             f"has {vocab_size} rows; use the model's own tokenizer")
+            raise ValueError(
+                f"the data has token id {self.max_token_id} but the model's vocabulary "
+                f"has {vocab_size} rows; use the model's own tokenizer"
+            )
 
     def batch(self, indices: Sequence[int]) -> RewardBatch:
         """Pack the examples at `indices` (in that order) into one batch."""
@@ -218,21 +276,43 @@ class RewardDataset:
         pieces = [s for e in exs for s in e.sequences]
         labels = strength = None
         if self.kind == "regression":
-            labels = torch.tensor([e.labels for e in exs], dtype=torch.float32).reshape(-1, len(ATTRIBUTES))
+            labels = torch.tensor([e.labels for e in exs], dtype=torch.float32).reshape(
+                -1, len(ATTRIBUTES)
+            )
         else:
             strength = torch.tensor([e.strength for e in exs], dtype=torch.float32)
-        return _pack(pieces, list(indices), [e.where for e in exs], [e.subset for e in exs],
-                     labels, strength)
+        return _pack(
+            pieces, list(indices), [e.where for e in exs], [e.subset for e in exs], labels, strength
+        )
 
-    def batches(self, *, max_tokens_per_batch: int | None = None, rows_per_batch: int | None = None,
-                shuffle: bool = True, seed: int = 0, drop_last: bool = False) -> RewardBatches:
-        return RewardBatches(self, max_tokens_per_batch=max_tokens_per_batch,
-                             rows_per_batch=rows_per_batch, shuffle=shuffle, seed=seed,
-                             drop_last=drop_last)
+    def batches(
+        self,
+        *,
+        max_tokens_per_batch: int | None = None,
+        rows_per_batch: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> RewardBatches:
+        return RewardBatches(
+            self,
+            max_tokens_per_batch=max_tokens_per_batch,
+            rows_per_batch=rows_per_batch,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=drop_last,
+        )
 
 
-def load_reward_data(source, tokenizer, *, layout: str = "auto", max_length: int = 4096,
-                     skip_bad_rows: bool = False, split: str | None = None) -> RewardDataset:
+def load_reward_data(
+    source,
+    tokenizer,
+    *,
+    layout: str = "auto",
+    max_length: int = 4096,
+    skip_bad_rows: bool = False,
+    split: str | None = None,
+) -> RewardDataset:
     """Read `source` (path or iterable of dict rows; see readers.py) and tokenize every row.
 
     tokenizer: anything with apply_chat_template(messages, add_generation_prompt) -> ids (and
@@ -250,20 +330,29 @@ class RewardBatches:
     """Packed batches of a RewardDataset, epoch after epoch, in a seeded order; resumable.
 
     Exactly one of max_tokens_per_batch (rows are added in order while the batch stays within the
-    budget) and rows_per_batch (drop_last leaves out a last short batch). Iterating yields the rest of the current epoch, then moves to the
-    next; stopping part-way leaves the position where it was. state_dict() taken after receiving
-    batch k resumes at batch k + 1 of the same epoch.
+    budget) and rows_per_batch (drop_last leaves out a last short batch). Iterating yields the rest
+    of the current epoch, then moves to the next; stopping part-way leaves the position where it
+    was. state_dict() taken after receiving batch k resumes at batch k + 1 of the same epoch.
     """
 
-    def __init__(self, dataset: RewardDataset, *, max_tokens_per_batch: int | None = None,
-                 rows_per_batch: int | None = None, shuffle: bool = True, seed: int = 0,
-                 drop_last: bool = False):
+    def __init__(
+        self,
+        dataset: RewardDataset,
+        *,
+        max_tokens_per_batch: int | None = None,
+        rows_per_batch: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+    ):
         if (max_tokens_per_batch is None) == (rows_per_batch is None):
             raise ValueError("give exactly one of max_tokens_per_batch and rows_per_batch")
         budget = max_tokens_per_batch if rows_per_batch is None else rows_per_batch
         if drop_last and rows_per_batch is None:
-            raise ValueError("drop_last applies to rows_per_batch only; a token budget has no "
-                             "'full' batch to keep")
+            raise ValueError(
+                "drop_last applies to rows_per_batch only; a token budget has no "
+                "'full' batch to keep"
+            )
         if not isinstance(budget, int) or budget < 1:
             name = "max_tokens_per_batch" if rows_per_batch is None else "rows_per_batch"
             raise ValueError(f"{name} must be a positive integer, got {budget!r}")
@@ -277,10 +366,14 @@ class RewardBatches:
             raise ValueError(
                 f"{dataset.examples[i].where}: a row of {self._sizes[i]} tokens does not fit "
                 f"max_tokens_per_batch={max_tokens_per_batch}; raise it to at least "
-                f"{self._sizes.max()} or lower max_length")
+                f"{self._sizes.max()} or lower max_length"
+            )
         digest = hashlib.sha256(self._sizes.tobytes())
-        digest.update(repr((dataset.kind, max_tokens_per_batch, rows_per_batch, shuffle, seed,
-                            drop_last)).encode())
+        digest.update(
+            repr(
+                (dataset.kind, max_tokens_per_batch, rows_per_batch, shuffle, seed, drop_last)
+            ).encode()
+        )
         self.fingerprint = digest.hexdigest()[:16]
         self.epoch, self.next_batch = 0, 0
         self._plan_epoch, self._plan = None, None
@@ -300,7 +393,7 @@ class RewardBatches:
         batches: list[list[int]] = []
         if self.rows_per_batch is not None:
             k = self.rows_per_batch
-            batches = [order[i:i + k] for i in range(0, len(order), k)]
+            batches = [order[i : i + k] for i in range(0, len(order), k)]
             if self.drop_last and batches and len(batches[-1]) < k:
                 batches.pop()
         else:
@@ -337,12 +430,18 @@ class RewardBatches:
         if state.get("fingerprint") != self.fingerprint:
             raise ValueError(
                 "the saved data position belongs to other data or batching options (fingerprint "
-                f"{state.get('fingerprint')!r}, these batches {self.fingerprint!r}); resume with the "
-                "same data, max_length, batch size and seed")
+                f"{state.get('fingerprint')!r}, these batches {self.fingerprint!r}); resume with "
+                "the same data, max_length, batch size and seed"
+            )
         self.epoch, self.next_batch = int(state["epoch"]), int(state["next_batch"])
 
 
 __all__ = [
-    "RewardBatch", "RewardBatches", "RewardDataset", "TokenizedExample", "encode_conversation",
-    "load_reward_data", "tokenize_example",
+    "RewardBatch",
+    "RewardBatches",
+    "RewardDataset",
+    "TokenizedExample",
+    "encode_conversation",
+    "load_reward_data",
+    "tokenize_example",
 ]

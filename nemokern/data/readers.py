@@ -35,15 +35,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from nemokern.model.reward import ATTRIBUTES, HELPFULNESS, IGNORE_LABEL
+
 from .tokenizer import CHAT_ROLES
 
-ATTRIBUTES = (
-    "quality", "toxicity", "humor", "creativity",
-    "helpfulness", "correctness", "coherence", "complexity", "verbosity",
-)
 HELPSTEER2_ATTRIBUTES = ATTRIBUTES[4:]
-HELPFULNESS_INDEX = ATTRIBUTES.index("helpfulness")  # column 4: the BT reward
-MISSING_LABEL = -100.0
+HELPFULNESS_INDEX = HELPFULNESS  # column 4: the BT reward
+MISSING_LABEL = float(IGNORE_LABEL)
 LAYOUTS = ("helpsteer2", "hs2-preference", "pairs")
 # A chosen/rejected row has no strength column; it counts as a plain preference of strength 1
 # ("slightly better" on the HelpSteer2-Preference scale), so scaled BT weighs it like regular BT.
@@ -81,7 +79,8 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class RegressionExample:
-    """One conversation with its 9 attribute labels (ATTRIBUTES order; MISSING_LABEL where absent)."""
+    """One conversation with its 9 attribute labels (ATTRIBUTES order; MISSING_LABEL where
+    absent)."""
 
     messages: tuple[dict, ...]  # prompt turns then the response turn(s)
     prompt_turns: int  # how many of `messages` belong to the prompt
@@ -149,7 +148,8 @@ def _raw_rows(source) -> Iterator[tuple[str, Any]]:
     if not isinstance(source, (str, os.PathLike)):
         if isinstance(source, (dict, bytes)) or not isinstance(source, Iterable):
             raise TypeError(
-                f"data source must be a file path or an iterable of dict rows, got {type(source).__name__}"
+                "data source must be a file path or an iterable of dict rows, got "
+                f"{type(source).__name__}"
             )
         name = source_name(source)
         for i, row in enumerate(source):
@@ -163,7 +163,9 @@ def _raw_rows(source) -> Iterator[tuple[str, Any]]:
             yield f"{path} row {i}", row
         return
     if not path.endswith((".jsonl", ".jsonl.gz")):
-        raise ValueError(f"data file {path!r}: unknown format; expected one of {', '.join(_SUFFIXES)}")
+        raise ValueError(
+            f"data file {path!r}: unknown format; expected one of {', '.join(_SUFFIXES)}"
+        )
     opener = gzip.open if path.endswith(".gz") else open
     n = 0
     try:
@@ -257,19 +259,34 @@ def _turns(value, where: str, name: str, default_role: str) -> tuple[dict, ...]:
             raise DataError(where, name, empty)
         turns = []
         for i, t in enumerate(value):
-            if not (isinstance(t, dict) and isinstance(t.get("role"), str)
-                    and isinstance(t.get("content"), str)):
-                raise DataError(where, name, BAD_VALUE,
-                                f"turn {i} must be {{'role': str, 'content': str}}, got {t!r:.80}")
+            if not (
+                isinstance(t, dict)
+                and isinstance(t.get("role"), str)
+                and isinstance(t.get("content"), str)
+            ):
+                raise DataError(
+                    where,
+                    name,
+                    BAD_VALUE,
+                    f"turn {i} must be {{'role': str, 'content': str}}, got {t!r:.80}",
+                )
             if t["role"] not in CHAT_ROLES:
-                raise DataError(where, name, BAD_VALUE,
-                                f"turn {i} has role {t['role']!r}; expected one of {CHAT_ROLES}")
+                raise DataError(
+                    where,
+                    name,
+                    BAD_VALUE,
+                    f"turn {i} has role {t['role']!r}; expected one of {CHAT_ROLES}",
+                )
             turns.append({"role": t["role"], "content": t["content"]})
         if not any(t["content"].strip() for t in turns):
             raise DataError(where, name, empty)
         return tuple(turns)
-    raise DataError(where, name, BAD_VALUE,
-                    f"expected a string or a list of chat turns, got {type(value).__name__}")
+    raise DataError(
+        where,
+        name,
+        BAD_VALUE,
+        f"expected a string or a list of chat turns, got {type(value).__name__}",
+    )
 
 
 def _number(value, where: str, name: str, lo: float, hi: float, reason: str) -> float:
@@ -283,8 +300,9 @@ def _number(value, where: str, name: str, lo: float, hi: float, reason: str) -> 
 def _require(row: dict, layout: str, where: str) -> None:
     for name in _REQUIRED[layout]:
         if name not in row or row[name] is None:
-            raise DataError(where, name, MISSING_COLUMN,
-                            f"a {layout} row needs {', '.join(_REQUIRED[layout])}")
+            raise DataError(
+                where, name, MISSING_COLUMN, f"a {layout} row needs {', '.join(_REQUIRED[layout])}"
+            )
 
 
 def _optional_str(row: dict, name: str) -> str | None:
@@ -297,7 +315,9 @@ def row_to_example(row, layout: str, where: str):
     if isinstance(row, DataError):
         raise row
     if not isinstance(row, dict):
-        raise DataError(where, None, INVALID_JSON, f"expected a JSON object, got {type(row).__name__}")
+        raise DataError(
+            where, None, INVALID_JSON, f"expected a JSON object, got {type(row).__name__}"
+        )
     _require(row, layout, where)
     prompt = _turns(row["prompt"], where, "prompt", "user")
     if layout == "helpsteer2":
@@ -305,28 +325,51 @@ def row_to_example(row, layout: str, where: str):
         labels = []
         for name in ATTRIBUTES:
             value = row.get(name)
-            labels.append(MISSING_LABEL if value is None
-                          else _number(value, where, name, 0, 4, LABEL_RANGE))
+            labels.append(
+                MISSING_LABEL if value is None else _number(value, where, name, 0, 4, LABEL_RANGE)
+            )
         return RegressionExample(prompt + response, len(prompt), tuple(labels), where)
     if layout == "hs2-preference":
         r1 = _turns(row["response_1"], where, "response_1", "assistant")
         r2 = _turns(row["response_2"], where, "response_2", "assistant")
         s = _number(row["preference_strength"], where, "preference_strength", -3, 3, STRENGTH_RANGE)
         chosen, rejected = (r1, r2) if s < 0 else (r2, r1)
-        return PreferencePair(prompt, chosen, rejected, abs(s), where,
-                              subset=_optional_str(row, "subset"), id=_optional_str(row, "id"),
-                              split=_optional_str(row, "split"))
+        return PreferencePair(
+            prompt,
+            chosen,
+            rejected,
+            abs(s),
+            where,
+            subset=_optional_str(row, "subset"),
+            id=_optional_str(row, "id"),
+            split=_optional_str(row, "split"),
+        )
     if layout == "pairs":
         chosen = _turns(row["chosen"], where, "chosen", "assistant")
         rejected = _turns(row["rejected"], where, "rejected", "assistant")
-        return PreferencePair(prompt, chosen, rejected, DEFAULT_PAIR_STRENGTH, where,
-                              subset=_optional_str(row, "subset"), id=_optional_str(row, "id"),
-                              split=_optional_str(row, "split"))
-    raise ValueError(f"unknown data layout {layout!r}; expected auto or one of {', '.join(LAYOUTS)}")
+        return PreferencePair(
+            prompt,
+            chosen,
+            rejected,
+            DEFAULT_PAIR_STRENGTH,
+            where,
+            subset=_optional_str(row, "subset"),
+            id=_optional_str(row, "id"),
+            split=_optional_str(row, "split"),
+        )
+    raise ValueError(
+        f"unknown data layout {layout!r}; expected auto or one of {', '.join(LAYOUTS)}"
+    )
 
 
-def read_examples(source, layout: str = "auto", *, skip_bad_rows: bool = False,
-                  split: str | None = None, max_reported: int = 5) -> ReadResult:
+def read_examples(
+    source,
+    layout: str = "auto",
+    *,
+    skip_bad_rows: bool = False,
+    split: str | None = None,
+    max_reported: int = 5,
+) -> ReadResult:
     """Read every row of `source` (path or iterable of dicts) into examples of one layout.
 
     layout: "auto" or one of LAYOUTS. split: keep only rows whose `split` column equals it (rows
@@ -334,7 +377,9 @@ def read_examples(source, layout: str = "auto", *, skip_bad_rows: bool = False,
     DataError at the first; the first `max_reported` messages are kept for the summary.
     """
     if layout != "auto" and layout not in LAYOUTS:
-        raise ValueError(f"unknown data layout {layout!r}; expected auto or one of {', '.join(LAYOUTS)}")
+        raise ValueError(
+            f"unknown data layout {layout!r}; expected auto or one of {', '.join(LAYOUTS)}"
+        )
     result = ReadResult(source_name(source), layout, layout == "auto", ())
     for where, row in _raw_rows(source):
         result.rows_read += 1
@@ -362,8 +407,10 @@ def read_examples(source, layout: str = "auto", *, skip_bad_rows: bool = False,
     if not result.rows_read:
         raise ValueError(f"data source {result.source} has no rows")
     if result.layout == "auto":
-        raise ValueError(f"{result.source}: no row could be read to detect the layout "
-                         f"({sum(result.bad_rows.values())} bad rows); {result.bad_examples[:1]}")
+        raise ValueError(
+            f"{result.source}: no row could be read to detect the layout "
+            f"({sum(result.bad_rows.values())} bad rows); {result.bad_examples[:1]}"
+        )
     return result
 
 

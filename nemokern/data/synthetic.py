@@ -21,8 +21,20 @@ from .readers import LAYOUTS, write_rows
 GOOD_WORDS = ("correct", "helpful", "clear", "precise")
 BAD_WORDS = ("wrong", "vague", "rude", "lazy")
 FILLER_WORDS = ("the", "and", "so", "then")
-TOPICS = ("rivers", "planets", "bread", "chess", "tides", "violins", "bridges", "moss", "comets",
-          "glaciers", "owls", "lanterns")
+TOPICS = (
+    "rivers",
+    "planets",
+    "bread",
+    "chess",
+    "tides",
+    "violins",
+    "bridges",
+    "moss",
+    "comets",
+    "glaciers",
+    "owls",
+    "lanterns",
+)
 
 
 def synthetic_helpfulness(response: str) -> int:
@@ -55,13 +67,23 @@ def _prompt(rng: random.Random, topic: int, multi_turn: float, as_turns: bool):
         return [{"role": "user", "content": question}] if as_turns else question
     first, reply = f"Do you know {TOPICS[(topic + 1) % len(TOPICS)]}?", "Yes, a little."
     if as_turns:
-        return [{"role": "user", "content": first}, {"role": "assistant", "content": reply},
-                {"role": "user", "content": question}]
+        return [
+            {"role": "user", "content": first},
+            {"role": "assistant", "content": reply},
+            {"role": "user", "content": question},
+        ]
     return f"{first}<extra_id_1>Assistant\n{reply}<extra_id_1>User\n{question}"
 
 
-def synthetic_rows(n: int, layout: str = "hs2-preference", *, seed: int = 0,
-                   multi_turn: float = 0.1, ties: float = 0.0, val_fraction: float = 0.0) -> list[dict]:
+def synthetic_rows(
+    n: int,
+    layout: str = "hs2-preference",
+    *,
+    seed: int = 0,
+    multi_turn: float = 0.1,
+    ties: float = 0.0,
+    val_fraction: float = 0.0,
+) -> list[dict]:
     """n rows of the synthetic task in one of LAYOUTS.
 
     ties: share of hs2-preference pairs with equal helpfulness (strength 0); other pairs differ.
@@ -87,18 +109,32 @@ def synthetic_rows(n: int, layout: str = "hs2-preference", *, seed: int = 0,
             h2 = rng.choice([h for h in range(5) if h != h1])
         r1, r2 = _response(rng, h1), _response(rng, h2)
         if layout == "hs2-preference":
-            rows.append({"prompt": prompt, "response_1": r1, "response_2": r2,
-                         "preference_strength": max(-3, min(3, h2 - h1)),
-                         "split": "val" if rng.random() < val_fraction else "train"})
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "response_1": r1,
+                    "response_2": r2,
+                    "preference_strength": max(-3, min(3, h2 - h1)),
+                    "split": "val" if rng.random() < val_fraction else "train",
+                }
+            )
         else:
             chosen, rejected = (r1, r2) if h1 > h2 else (r2, r1)
-            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
-                         "subset": "synthetic-easy" if abs(h1 - h2) >= 2 else "synthetic-hard",
-                         "id": str(i)})
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "chosen": chosen,
+                    "rejected": rejected,
+                    "subset": "synthetic-easy" if abs(h1 - h2) >= 2 else "synthetic-hard",
+                    "id": str(i),
+                }
+            )
     return rows
 
 
-def write_synthetic(path: str | os.PathLike, n: int, layout: str = "hs2-preference", **kwargs) -> str:
+def write_synthetic(
+    path: str | os.PathLike, n: int, layout: str = "hs2-preference", **kwargs
+) -> str:
     """Write synthetic_rows(n, layout, **kwargs) to a .jsonl, .jsonl.gz or .parquet file."""
     write_rows(synthetic_rows(n, layout, **kwargs), path)
     return os.fspath(path)

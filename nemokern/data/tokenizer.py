@@ -1,7 +1,6 @@
 """Tokenizers: a local Hugging Face tokenizer directory, or a built-in byte-level one.
 
 Both render conversations in the Llama-3.1 chat format, so the embedded demo needs no download.
-Must never import nemokern.train or nemokern.cli.
 
 Llama-3.1 chat format (what `render_llama3_chat` writes, and what the Nemotron reward model reads):
 
@@ -18,7 +17,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 BEGIN_OF_TEXT = "<|begin_of_text|>"
 END_OF_TEXT = "<|end_of_text|>"
@@ -108,7 +107,8 @@ class ByteTokenizer:
                 continue
             if i not in self._special_by_id:
                 raise ValueError(
-                    f"token id {i} is outside the byte tokenizer's vocabulary (0..{self.vocab_size - 1})"
+                    f"token id {i} is outside the byte tokenizer's vocabulary "
+                    f"(0..{self.vocab_size - 1})"
                 )
             out.append(buf.decode("utf-8", errors="replace"))
             buf = bytearray()
@@ -122,7 +122,7 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """A tokenizer directory on local disk (tokenizer.json / tokenizer_config.json), never a hub id."""
+    """A tokenizer directory on local disk (tokenizer.json, tokenizer_config.json); no hub ids."""
 
     def __init__(self, path: str | os.PathLike):
         path = os.fspath(path)

@@ -1,10 +1,8 @@
-"""Triton kernels (one file per op) and their torch references. Knows nothing of models.
+"""Triton kernels (one file per op) and their torch references. Knows nothing of models."""
 
-Must never import nemokern.ops or anything above it.
-"""
 import os
 
-from ._rms_norm import rms_norm, rms_norm_terms  # the one copy of the RMSNorm formula
+from ._rms_norm import rms_norm, rms_norm_terms  # noqa: F401 (the one RMSNorm formula)
 
 
 def interpreting() -> bool:

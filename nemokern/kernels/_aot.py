@@ -1,5 +1,5 @@
 """Ahead-of-time compilation of every Triton kernel, so that a kernel that would not build on a
-GPU fails CI on a machine without one. Must never import anything above nemokern.kernels.
+GPU fails CI on a machine without one.
 
 Each kernel module in nemokern/kernels/ declares AOT_SPECS: a list of
 (jit_fn, signature: dict[str, str], constexprs: dict[str, object][, options]) with the signatures
@@ -35,11 +35,13 @@ def compile_all(capabilities=(80, 90), verbose=False):
         for cc in capabilities:
             src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
             try:
-                triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                               options=options[0] if options else None)
+                triton.compile(
+                    src, target=GPUTarget("cuda", cc, 32), options=options[0] if options else None
+                )
             except Exception as exc:  # name the kernel: Triton's own message does not
                 raise RuntimeError(
-                    f"kernel {modname}.{fn.__name__} {constexprs} failed to compile for sm_{cc}: {exc}"
+                    f"kernel {modname}.{fn.__name__} {constexprs} failed to compile for sm_{cc}: "
+                    f"{exc}"
                 ) from exc
             n += 1
             if verbose:
@@ -62,15 +64,22 @@ def resource_usage():
     rows = []
     for modname, (fn, signature, constexprs, *options) in iter_specs():
         src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-        kernel = triton.compile(src, target=GPUTarget("cuda", major * 10 + minor, 32),
-                                options=options[0] if options else None)
+        kernel = triton.compile(
+            src,
+            target=GPUTarget("cuda", major * 10 + minor, 32),
+            options=options[0] if options else None,
+        )
         kernel._init_handles()
-        rows.append({"kernel": f"{modname}.{fn.__name__}",
-                     "constexprs": {k: str(v) for k, v in constexprs.items()},
-                     "num_warps": kernel.metadata.num_warps,
-                     "registers": getattr(kernel, "n_regs", None),
-                     "spilled_bytes": getattr(kernel, "n_spills", None),
-                     "shared_bytes": kernel.metadata.shared})
+        rows.append(
+            {
+                "kernel": f"{modname}.{fn.__name__}",
+                "constexprs": {k: str(v) for k, v in constexprs.items()},
+                "num_warps": kernel.metadata.num_warps,
+                "registers": getattr(kernel, "n_regs", None),
+                "spilled_bytes": getattr(kernel, "n_spills", None),
+                "shared_bytes": kernel.metadata.shared,
+            }
+        )
     return rows
 
 
@@ -82,8 +91,10 @@ if __name__ == "__main__":
         with open(sys.argv[sys.argv.index("--resources") + 1], "w") as f:
             json.dump(usage, f, indent=1)
         for r in usage:
-            print(f"{r['kernel']} {r['constexprs']}: {r['registers']} regs, "
-                  f"{r['spilled_bytes']} B spilled, {r['shared_bytes']} B shared")
+            print(
+                f"{r['kernel']} {r['constexprs']}: {r['registers']} regs, "
+                f"{r['spilled_bytes']} B spilled, {r['shared_bytes']} B shared"
+            )
         sys.exit(0)
     count = compile_all(verbose="-v" in sys.argv)
     print(f"compiled {count} kernel variants")

@@ -6,9 +6,8 @@
 Rounding n back to x's dtype before the weight multiply is what makes bf16 results match
 transformers bit for bit. The model's RMSNorm layers and the reward head's torch reference both
 call this; the reward-head Triton kernel reproduces the same roundings.
-
-Must never import nemokern.ops or anything above it.
 """
+
 import torch
 
 

@@ -1,8 +1,9 @@
-"""Rounding helpers shared by the Triton kernels. Must never import nemokern.ops or above.
+"""Rounding helpers shared by the Triton kernels.
 
 Triton's CPU interpreter truncates fp32 -> bf16 casts while the GPU rounds to nearest-even; the
 kernels round through these helpers so that interpreted and compiled runs give the same bits.
 """
+
 import triton
 import triton.language as tl
 

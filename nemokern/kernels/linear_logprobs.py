@@ -1,8 +1,6 @@
 """Log-probs (and entropy) of targets from hidden states and the LM-head weight, never holding the
 [N, V] logits: Triton kernels + a chunked torch reference.
 
-Must never import nemokern.ops or anything above it.
-
 Both implementations produce the partial statistics of nemokern.kernels.logprobs (merged by its
 `combine_stats`), for a weight that holds vocabulary ids [vocab_start, vocab_start + V): the whole
 head, or one tensor-parallel shard of it.
@@ -22,40 +20,41 @@ Triton design (GPU):
   two-kernel split that recomputes logits twice (10 instead of 8 N*H*V FLOPs) and still needs an
   [BLOCK, H] fp32 accumulator per program, far beyond registers at H = 4096. A bf16 d(logits)
   chunk of a few hundred MB is cheaper and runs the two big products at cuBLAS speed.
-Checked without a GPU (Triton 3.9's ptxas -v on sm_90a, with the 16-byte divisibility a real
-launch at H = 4096 gets for pointers, H and row strides): bf16 tiles pipeline 3 stages deep with
-wgmma (96 KiB shared memory); the d(logits) kernel uses ~220-250 registers without spills, the
-forward kernel 255 registers with ~84 bytes of spills (its online-softmax epilogue); sm_80 spills
-more (~430 bytes forward). Without divisible strides (H % 16 != 0) both spill > 1 KB. Speed is
-unmeasured.
+Registers and spills per kernel: `python -m nemokern.kernels._aot --resources OUT.json` on a GPU
+(recorded runs: bench/results/*/resources.json).
 CPU reference: forward in chunks of tokens (each chunk's logits [C, V] are computed, reduced to
 statistics and dropped); backward recomputes the logits in vocabulary chunks [N, Vc] and shares
 the GPU path's GEMM skeleton (`backward_by_vocab_chunks`). Only per-row statistics are saved.
 """
+
 import torch
 import triton
 import triton.language as tl
 
-from ._rounding import cast_to
 from . import interpreting
-from .logprobs import (block_dlogits_torch, block_stats_torch, dlogits_tile,
-                       online_softmax_step, row_chunk)
+from ._rounding import cast_to
+from .logprobs import (
+    block_dlogits_torch,
+    block_stats_torch,
+    dlogits_tile,
+    online_softmax_step,
+    row_chunk,
+)
 
-# Logits elements per chunk on the CPU path: 32 MB of fp32 (262 tokens at V = 32000 forward,
-# 2048 vocabulary rows at N = 4096 backward) keeps the chunk GEMMs as fast as one big GEMM (on a
-# 2-core EPYC, N = 4096 H = 1024 V = 32000 fp32 fwd+bwd: 2^22 4.51-4.75 s, 2^23 4.50-4.54 s,
-# 2^24 4.59-4.61 s, 2^25 4.68-4.73 s; far smaller chunks cost up to 2x in GEMM time).
+# Logits elements per chunk on the CPU path (32 MB of fp32): big enough that the chunk GEMMs run
+# as fast as one big GEMM (timings: bench/results/2026-11-30-cpu-notes-from-kernel-comments.md).
 _TORCH_CHUNK_ELEMENTS = 1 << 23
-_BWD_CHUNK_BYTES = 256 << 20      # d(logits) chunk of the GPU backward
+_BWD_CHUNK_BYTES = 256 << 20  # d(logits) chunk of the GPU backward
 
 
 # ----------------------------------------------------------------------------- torch reference
 
+
 def _scaled_logits(a, b_t, inv_t, scratch):
     """(a @ b_t) / T as float32, the GEMM written into the leading elements of `scratch`, a
-    buffer reused across chunks (a fresh 32 MB block per chunk costs ~5% of the op in page
-    faults on the CPU). Valid until the next call with the same scratch."""
-    out = scratch[:a.shape[0] * b_t.shape[1]].view(a.shape[0], b_t.shape[1])
+    buffer reused across chunks (a fresh block per chunk would cost page faults). Valid until the
+    next call with the same scratch."""
+    out = scratch[: a.shape[0] * b_t.shape[1]].view(a.shape[0], b_t.shape[1])
     z = torch.mm(a, b_t, out=out).float()
     return z if inv_t == 1.0 else z.mul_(inv_t)
 
@@ -67,13 +66,12 @@ def linear_stats_torch(hidden, weight, targets, inv_t, vocab_start=0, with_entro
     step = row_chunk(n, v, _TORCH_CHUNK_ELEMENTS)
     scratch = hidden.new_empty(min(n, step) * v)
     for i in range(0, n, step):
-        z = _scaled_logits(hidden[i:i + step], weight.t(), inv_t, scratch)
-        out[i:i + step] = block_stats_torch(z, targets[i:i + step], vocab_start, with_entropy)
+        z = _scaled_logits(hidden[i : i + step], weight.t(), inv_t, scratch)
+        out[i : i + step] = block_stats_torch(z, targets[i : i + step], vocab_start, with_entropy)
     return out.unsqueeze(0)
 
 
-def backward_by_vocab_chunks(hidden, weight, chunk_cols, dlogits_chunk, need_dh=True,
-                             need_dw=True):
+def backward_by_vocab_chunks(hidden, weight, chunk_cols, dlogits_chunk, need_dh=True, need_dw=True):
     """The backward skeleton both paths share: walk the vocabulary in chunks of chunk_cols rows
     of weight; dlogits_chunk(c0, w_c) -> d(logits) [N, vc] (hidden's dtype) of that chunk.
     A chunk's dweight rows are complete after one GEMM (written straight into the result, no
@@ -83,10 +81,10 @@ def backward_by_vocab_chunks(hidden, weight, chunk_cols, dlogits_chunk, need_dh=
     dw = torch.empty_like(weight) if need_dw else None
     dh = torch.zeros(n, h, dtype=torch.float32, device=hidden.device) if need_dh else None
     for c0 in range(0, weight.shape[0], chunk_cols):
-        w_c = weight[c0:c0 + chunk_cols]
+        w_c = weight[c0 : c0 + chunk_cols]
         dz = dlogits_chunk(c0, w_c)
         if need_dw:
-            torch.mm(dz.t(), hidden, out=dw[c0:c0 + w_c.shape[0]])
+            torch.mm(dz.t(), hidden, out=dw[c0 : c0 + w_c.shape[0]])
         if not need_dh:
             continue
         if dh.dtype == dz.dtype:
@@ -107,8 +105,19 @@ def _mm_fp32(a, b):
     return (a @ b).float()
 
 
-def linear_backward_torch(hidden, weight, targets, norm, entropy, g_lp, g_ent, inv_t,
-                          vocab_start=0, need_dh=True, need_dw=True):
+def linear_backward_torch(
+    hidden,
+    weight,
+    targets,
+    norm,
+    entropy,
+    g_lp,
+    g_ent,
+    inv_t,
+    vocab_start=0,
+    need_dh=True,
+    need_dw=True,
+):
     """Returns (dhidden [N, H], dweight [Vs, H]) in the inputs' dtype (None where not needed);
     g_lp/g_ent must already be zero on ignored rows. Vocabulary chunks of about
     _TORCH_CHUNK_ELEMENTS / N columns."""
@@ -118,26 +127,48 @@ def linear_backward_torch(hidden, weight, targets, norm, entropy, g_lp, g_ent, i
 
     def dlogits_chunk(c0, w_c):
         z = _scaled_logits(hidden, w_c.t(), inv_t, scratch)
-        return block_dlogits_torch(z, targets, norm, entropy, g_lp, g_ent, inv_t,
-                                   vocab_start + c0).to(hidden.dtype)
+        return block_dlogits_torch(
+            z, targets, norm, entropy, g_lp, g_ent, inv_t, vocab_start + c0
+        ).to(hidden.dtype)
 
     return backward_by_vocab_chunks(hidden, weight, chunk_cols, dlogits_chunk, need_dh, need_dw)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
 
+
 @triton.jit
-def _logits_tile(h_ptr, w_ptr, rows, cols, N, V, H, stride_h, stride_w, inv_t,
-                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+def _logits_tile(
+    h_ptr,
+    w_ptr,
+    rows,
+    cols,
+    N,
+    V,
+    H,
+    stride_h,
+    stride_w,
+    inv_t,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+):
     """Scaled logits z [BLOCK_N, BLOCK_V] fp32 of rows x cols; -inf outside the vocabulary."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     ks = tl.arange(0, BLOCK_H)
     for k in range(0, H, BLOCK_H):
-        a = tl.load(h_ptr + rows[:, None] * stride_h + (k + ks)[None, :],
-                    mask=(rows[:, None] < N) & ((k + ks)[None, :] < H), other=0.0)
-        b = tl.load(w_ptr + cols[:, None] * stride_w + (k + ks)[None, :],
-                    mask=(cols[:, None] < V) & ((k + ks)[None, :] < H), other=0.0)
+        a = tl.load(
+            h_ptr + rows[:, None] * stride_h + (k + ks)[None, :],
+            mask=(rows[:, None] < N) & ((k + ks)[None, :] < H),
+            other=0.0,
+        )
+        b = tl.load(
+            w_ptr + cols[:, None] * stride_w + (k + ks)[None, :],
+            mask=(cols[:, None] < V) & ((k + ks)[None, :] < H),
+            other=0.0,
+        )
         if DOT_UPCAST:  # the Triton 3.9 interpreter's tl.dot returns garbage for bf16 inputs
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -146,10 +177,25 @@ def _logits_tile(h_ptr, w_ptr, rows, cols, N, V, H, stride_h, stride_w, inv_t,
 
 
 @triton.jit
-def _linear_stats_kernel(h_ptr, w_ptr, tgt_ptr, parts_ptr, N, V, H, stride_h, stride_w,
-                         inv_t, vocab_start, tiles_per_split,
-                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+def _linear_stats_kernel(
+    h_ptr,
+    w_ptr,
+    tgt_ptr,
+    parts_ptr,
+    N,
+    V,
+    H,
+    stride_h,
+    stride_w,
+    inv_t,
+    vocab_start,
+    tiles_per_split,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+):
     """Program (i, j): tokens [i*BLOCK_N, ...) x vocabulary tiles of split j -> parts[j, rows]."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -165,8 +211,23 @@ def _linear_stats_kernel(h_ptr, w_ptr, tgt_ptr, parts_ptr, N, V, H, stride_h, st
     v_last = tl.minimum(v_first + tiles_per_split * BLOCK_V, V)
     for v0 in range(v_first, v_last, BLOCK_V):
         cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
-        z = _logits_tile(h_ptr, w_ptr, rows, cols, N, V, H, stride_h, stride_w, inv_t,
-                         BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, DOT_UPCAST)
+        z = _logits_tile(
+            h_ptr,
+            w_ptr,
+            rows,
+            cols,
+            N,
+            V,
+            H,
+            stride_h,
+            stride_w,
+            inv_t,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_H,
+            DOT_PRECISION,
+            DOT_UPCAST,
+        )
         m, s, t = online_softmax_step(m, s, t, z, 1)
         zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
     out = parts_ptr + (split * N + rows) * 4
@@ -177,10 +238,29 @@ def _linear_stats_kernel(h_ptr, w_ptr, tgt_ptr, parts_ptr, N, V, H, stride_h, st
 
 
 @triton.jit
-def _linear_dlogits_kernel(h_ptr, w_ptr, tgt_ptr, norm_ptr, ent_ptr, glp_ptr, gent_ptr, dz_ptr,
-                           N, V, H, stride_h, stride_w, stride_dz, inv_t, vocab_start,
-                           BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                           DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+def _linear_dlogits_kernel(
+    h_ptr,
+    w_ptr,
+    tgt_ptr,
+    norm_ptr,
+    ent_ptr,
+    glp_ptr,
+    gent_ptr,
+    dz_ptr,
+    N,
+    V,
+    H,
+    stride_h,
+    stride_w,
+    stride_dz,
+    inv_t,
+    vocab_start,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+):
     """Recompute one logits tile of a vocabulary chunk and write its d(logits) tile.
 
     w_ptr points at the chunk's first row, V is the chunk width, vocab_start its first global id;
@@ -195,13 +275,37 @@ def _linear_dlogits_kernel(h_ptr, w_ptr, tgt_ptr, norm_ptr, ent_ptr, glp_ptr, ge
     ent = tl.load(ent_ptr + rows, mask=in_n, other=0.0)
     g_lp = tl.load(glp_ptr + rows, mask=in_n, other=0.0)
     g_ent = tl.load(gent_ptr + rows, mask=in_n, other=0.0)
-    z = _logits_tile(h_ptr, w_ptr, rows, cols, N, V, H, stride_h, stride_w, inv_t,
-                     BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, DOT_UPCAST)
-    dz = dlogits_tile(z, m[:, None], log_s[:, None], ent[:, None], g_lp[:, None], g_ent[:, None],
-                      cols[None, :] == tgt[:, None])
-    tl.store(dz_ptr + rows[:, None] * stride_dz + cols[None, :],
-             cast_to(dz * inv_t, dz_ptr.dtype.element_ty),
-             mask=in_n[:, None] & (cols[None, :] < V))
+    z = _logits_tile(
+        h_ptr,
+        w_ptr,
+        rows,
+        cols,
+        N,
+        V,
+        H,
+        stride_h,
+        stride_w,
+        inv_t,
+        BLOCK_N,
+        BLOCK_V,
+        BLOCK_H,
+        DOT_PRECISION,
+        DOT_UPCAST,
+    )
+    dz = dlogits_tile(
+        z,
+        m[:, None],
+        log_s[:, None],
+        ent[:, None],
+        g_lp[:, None],
+        g_ent[:, None],
+        cols[None, :] == tgt[:, None],
+    )
+    tl.store(
+        dz_ptr + rows[:, None] * stride_dz + cols[None, :],
+        cast_to(dz * inv_t, dz_ptr.dtype.element_ty),
+        mask=in_n[:, None] & (cols[None, :] < V),
+    )
 
 
 # Tile configurations per input dtype: (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages).
@@ -217,15 +321,25 @@ _PRECISION = {torch.bfloat16: "tf32", torch.float16: "tf32", torch.float32: "iee
 TRITON_DTYPES = tuple(_CONFIGS)  # what the Triton kernels take; the torch reference takes any
 
 
+def check_triton_dtype(op, dtype):
+    """TypeError naming `op` unless the Triton kernels take `dtype`."""
+    if dtype not in TRITON_DTYPES:
+        raise TypeError(
+            f"{op}: the Triton kernels take hidden/weight in {TRITON_DTYPES}, got {dtype}; "
+            f"cast them, or set NEMOKERN_BACKEND=torch for the (slower) torch reference"
+        )
+
+
 def _num_sms(device):
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
 
 
-def linear_stats_triton(hidden, weight, targets, inv_t, vocab_start=0):
+def linear_stats_triton(hidden, weight, targets, inv_t, vocab_start=0, with_entropy=True):
     """hidden [N, H], weight [Vs, H] (both row-contiguous, same dtype), targets [N] int64
-    -> parts [S, N, 4] float32, one part per vocabulary split."""
+    -> parts [S, N, 4] float32, one part per vocabulary split (entropy statistic always)."""
+    check_triton_dtype("linear_logprobs", hidden.dtype)
     n, h = hidden.shape
     v = weight.shape[0]
     bn, bv, bh, warps, stages = _CONFIGS[hidden.dtype]
@@ -237,17 +351,45 @@ def linear_stats_triton(hidden, weight, targets, inv_t, vocab_start=0):
     parts = torch.empty(splits, n, 4, dtype=torch.float32, device=hidden.device)
     if n:
         _linear_stats_kernel[(n_tiles, splits)](
-            hidden, weight, targets, parts, n, v, h, hidden.stride(0), weight.stride(0), inv_t,
-            vocab_start, tiles_per_split, BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh,
-            DOT_PRECISION=_PRECISION[hidden.dtype], DOT_UPCAST=interpreting(),
-            num_warps=warps, num_stages=stages)
+            hidden,
+            weight,
+            targets,
+            parts,
+            n,
+            v,
+            h,
+            hidden.stride(0),
+            weight.stride(0),
+            inv_t,
+            vocab_start,
+            tiles_per_split,
+            BLOCK_N=bn,
+            BLOCK_V=bv,
+            BLOCK_H=bh,
+            DOT_PRECISION=_PRECISION[hidden.dtype],
+            DOT_UPCAST=interpreting(),
+            num_warps=warps,
+            num_stages=stages,
+        )
     return parts
 
 
-def linear_backward_triton(hidden, weight, targets, norm, entropy, g_lp, g_ent, inv_t,
-                           vocab_start=0, need_dh=True, need_dw=True):
+def linear_backward_triton(
+    hidden,
+    weight,
+    targets,
+    norm,
+    entropy,
+    g_lp,
+    g_ent,
+    inv_t,
+    vocab_start=0,
+    need_dh=True,
+    need_dw=True,
+):
     """(dhidden [N, H], dweight [Vs, H]), None where not needed; g_lp/g_ent [N] float32, zero on
-    ignored rows."""
+    ignored rows (g_ent None: 0)."""
+    g_ent = torch.zeros_like(g_lp) if g_ent is None else g_ent
     n, h = hidden.shape
     v = weight.shape[0]
     bn, bv, bh, warps, stages = _CONFIGS[hidden.dtype]
@@ -260,13 +402,75 @@ def linear_backward_triton(hidden, weight, targets, norm, entropy, g_lp, g_ent, 
         dz_c = dz[:, :vc]
         if n:
             _linear_dlogits_kernel[(triton.cdiv(n, bn), triton.cdiv(vc, bv))](
-                hidden, w_c, targets, norm, entropy, g_lp, g_ent, dz_c, n, vc, h,
-                hidden.stride(0), w_c.stride(0), dz_c.stride(0), inv_t, vocab_start + c0,
-                BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, DOT_PRECISION=_PRECISION[hidden.dtype],
-                DOT_UPCAST=interpreting(), num_warps=warps, num_stages=stages)
+                hidden,
+                w_c,
+                targets,
+                norm,
+                entropy,
+                g_lp,
+                g_ent,
+                dz_c,
+                n,
+                vc,
+                h,
+                hidden.stride(0),
+                w_c.stride(0),
+                dz_c.stride(0),
+                inv_t,
+                vocab_start + c0,
+                BLOCK_N=bn,
+                BLOCK_V=bv,
+                BLOCK_H=bh,
+                DOT_PRECISION=_PRECISION[hidden.dtype],
+                DOT_UPCAST=interpreting(),
+                num_warps=warps,
+                num_stages=stages,
+            )
         return dz_c
 
     return backward_by_vocab_chunks(hidden, weight, chunk_cols, dlogits_chunk, need_dh, need_dw)
+
+
+# ----------------------------------------------------------------------------- entry points
+# The op layer calls these two with the backend nemokern.ops chose; both implementations take the
+# same arguments.
+
+
+def forward(backend, hidden, weight, targets, inv_t, vocab_start, with_entropy):
+    """Statistics parts [S, N, 4] of the logits hidden @ weight.T, never materialised."""
+    fn = linear_stats_triton if backend == "triton" else linear_stats_torch
+    return fn(hidden, weight, targets, inv_t, vocab_start, with_entropy)
+
+
+def backward(
+    backend,
+    hidden,
+    weight,
+    targets,
+    norm,
+    entropy,
+    g_lp,
+    g_ent,
+    inv_t,
+    vocab_start,
+    need_dh,
+    need_dw,
+):
+    """(dhidden, dweight), None where not needed; g_ent None means no entropy gradient."""
+    fn = linear_backward_triton if backend == "triton" else linear_backward_torch
+    return fn(
+        hidden,
+        weight,
+        targets,
+        norm,
+        entropy,
+        g_lp,
+        g_ent,
+        inv_t,
+        vocab_start,
+        need_dh=need_dh,
+        need_dw=need_dw,
+    )
 
 
 def _specs():
@@ -275,19 +479,59 @@ def _specs():
     for dtype, dt in names.items():
         bn, bv, bh, warps, stages = _CONFIGS[dtype]
         options = {"num_warps": warps, "num_stages": stages}
-        const = {"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh, "DOT_PRECISION": _PRECISION[dtype],
-                 "DOT_UPCAST": False}
-        specs.append((_linear_stats_kernel,
-                      {"h_ptr": f"*{dt}", "w_ptr": f"*{dt}", "tgt_ptr": "*i64",
-                       "parts_ptr": "*fp32", "N": "i32", "V": "i32", "H": "i32",
-                       "stride_h": "i32", "stride_w": "i32", "inv_t": "fp32",
-                       "vocab_start": "i32", "tiles_per_split": "i32"}, const, options))
-        specs.append((_linear_dlogits_kernel,
-                      {"h_ptr": f"*{dt}", "w_ptr": f"*{dt}", "tgt_ptr": "*i64",
-                       "norm_ptr": "*fp32", "ent_ptr": "*fp32", "glp_ptr": "*fp32",
-                       "gent_ptr": "*fp32", "dz_ptr": f"*{dt}", "N": "i32", "V": "i32",
-                       "H": "i32", "stride_h": "i32", "stride_w": "i32", "stride_dz": "i32",
-                       "inv_t": "fp32", "vocab_start": "i32"}, const, options))
+        const = {
+            "BLOCK_N": bn,
+            "BLOCK_V": bv,
+            "BLOCK_H": bh,
+            "DOT_PRECISION": _PRECISION[dtype],
+            "DOT_UPCAST": False,
+        }
+        specs.append(
+            (
+                _linear_stats_kernel,
+                {
+                    "h_ptr": f"*{dt}",
+                    "w_ptr": f"*{dt}",
+                    "tgt_ptr": "*i64",
+                    "parts_ptr": "*fp32",
+                    "N": "i32",
+                    "V": "i32",
+                    "H": "i32",
+                    "stride_h": "i32",
+                    "stride_w": "i32",
+                    "inv_t": "fp32",
+                    "vocab_start": "i32",
+                    "tiles_per_split": "i32",
+                },
+                const,
+                options,
+            )
+        )
+        specs.append(
+            (
+                _linear_dlogits_kernel,
+                {
+                    "h_ptr": f"*{dt}",
+                    "w_ptr": f"*{dt}",
+                    "tgt_ptr": "*i64",
+                    "norm_ptr": "*fp32",
+                    "ent_ptr": "*fp32",
+                    "glp_ptr": "*fp32",
+                    "gent_ptr": "*fp32",
+                    "dz_ptr": f"*{dt}",
+                    "N": "i32",
+                    "V": "i32",
+                    "H": "i32",
+                    "stride_h": "i32",
+                    "stride_w": "i32",
+                    "stride_dz": "i32",
+                    "inv_t": "fp32",
+                    "vocab_start": "i32",
+                },
+                const,
+                options,
+            )
+        )
     return specs
 
 

@@ -2,8 +2,6 @@
 w.r.t. hidden and weight formed during the forward pass, never holding the [N, V] logits: two
 Triton kernels + a chunked torch reference.
 
-Must never import nemokern.ops or anything above it.
-
 The coefficients are known before the forward pass and the loss is linear in logp, so
 d(loss)/dz_v = coef * ([v == target] - p_v) for z = logits / T: a row's gradient needs only the
 row's softmax, which exists as soon as the row's logits over the whole vocabulary have been seen.
@@ -26,13 +24,16 @@ Counting the GEMM FLOPs in units of N*H*V (N tokens, H hidden, V vocabulary):
   ridge of ~200).
 - vocab-parallel shards (the op's tp_group): a row's normaliser needs every shard, so no
   d(logits) can exist before the exchange of statistics. There the op runs linear_logprobs'
-  statistics pass, its one all_gather, then linear_logprobs' vocabulary-chunk gradient pass with
-  g_lp = coef (`sharded_grads_*` below): 8, no fp32 [V, H] buffer.
+  statistics pass (`stats` below), its exchange, then linear_logprobs' vocabulary-chunk gradient
+  pass with g_lp = coef (`backward` below): 8, no fp32 [V, H] buffer.
 
-Both implementations return (logp [N], entropy [N], dhidden [N, H] or None, dweight [V, H] or
-None) for rows whose targets all count (the op drops ignored rows before calling), gradients in
-the inputs' dtype. The row statistics go through nemokern.kernels.logprobs' `combine_stats`, the
-gradient through its `block_dlogits_torch` / `dlogits_tile`: no formula is restated here.
+Entry points (the op layer passes the backend it chose): `forward` is the fused single-rank pass,
+returning (logp [N], entropy [N], dhidden [N, H] or None, dweight [V, H] or None) for rows whose
+targets all count (the op drops ignored rows before calling), gradients in the inputs' dtype;
+`stats` and `backward` are the two halves around the vocab-parallel exchange (`stats` alone is
+the no-gradient forward: one GEMM). The row statistics go through nemokern.kernels.logprobs'
+`combine_stats`, the gradient through its `block_dlogits_torch` / `dlogits_tile`: no formula is
+restated here.
 
 Triton design (GPU), per token chunk: one kernel tiles chunk tokens x vocabulary like
 linear_logprobs' forward (tl.dot logits tiles folded into online statistics, vocabulary ranges
@@ -48,17 +49,33 @@ a few of its rows at a time (block_stats_torch overwrites its input), d(logits) 
 block_dlogits_torch, then the same GEMM skeleton as the GPU (`_by_token_chunks`). Memory beyond
 the gradients: the block and the small copy.
 """
+
 import torch
 import triton
 import triton.language as tl
 
 from . import interpreting
+from . import linear_logprobs as _linear
 from ._rounding import cast_to
-from .linear_logprobs import (_CONFIGS, _PRECISION, _logits_tile, _mm_fp32, _num_sms,
-                              _scaled_logits, linear_backward_torch, linear_backward_triton)
-from .logprobs import (block_dlogits_torch, block_stats_torch, combine_stats, dlogits_tile,
-                       online_softmax_step, row_chunk)
+from .linear_logprobs import (
+    _CONFIGS,
+    _PRECISION,
+    _logits_tile,
+    _mm_fp32,
+    _num_sms,
+    _scaled_logits,
+    check_triton_dtype,
+)
+from .logprobs import (
+    block_dlogits_torch,
+    block_stats_torch,
+    combine_stats,
+    dlogits_tile,
+    online_softmax_step,
+    row_chunk,
+)
 
+OP = "linear_policy_loss"  # named in the errors raised here
 # Logits elements per token chunk on the CPU path: 32 MB of fp32, 262 tokens at V = 32000. Wider
 # chunks run the GEMMs faster on a 2-core EPYC (the three GEMMs at N = 2048, H = 1024, V = 32000:
 # ~1.5-2x the time at 256 rows as at 2048), but the scratch block is the op's only memory beyond
@@ -73,6 +90,7 @@ _DLOGITS_CONFIG = (16, 512, 4)
 
 
 # ----------------------------------------------------------------------------- shared skeleton
+
 
 def _accumulate_fp32(acc, a, b):
     """acc += a @ b with acc float32 and a, b possibly 16-bit: one rounding of dweight at the end
@@ -118,8 +136,10 @@ def _all_rows(targets):
 
 # ----------------------------------------------------------------------------- torch reference
 
-def linear_policy_grads_torch(hidden, weight, targets, coef, inv_t, with_entropy=True,
-                              need_dh=True, need_dw=True):
+
+def linear_policy_grads_torch(
+    hidden, weight, targets, coef, inv_t, with_entropy=True, need_dh=True, need_dw=True
+):
     """hidden [N, H], weight [V, H] (same dtype), targets [N] (all counted), coef [N] float32
     -> (logp [N], entropy [N], dhidden, dweight) of loss = sum(coef * logp); entropy is 0 unless
     with_entropy. Token chunks of about _TORCH_CHUNK_ELEMENTS / V rows."""
@@ -131,10 +151,19 @@ def linear_policy_grads_torch(hidden, weight, targets, coef, inv_t, with_entropy
 
     def chunk_dlogits(h_c, t_c, c_c):
         z = _scaled_logits(h_c, weight.t(), inv_t, scratch)
-        parts = torch.cat([
-            block_stats_torch(stats_scratch[:z[r:r + stats_step].numel()].view(-1, v).copy_(
-                z[r:r + stats_step]), t_c[r:r + stats_step], 0, with_entropy)
-            for r in range(0, z.shape[0], stats_step)])
+        parts = torch.cat(
+            [
+                block_stats_torch(
+                    stats_scratch[: z[r : r + stats_step].numel()]
+                    .view(-1, v)
+                    .copy_(z[r : r + stats_step]),
+                    t_c[r : r + stats_step],
+                    0,
+                    with_entropy,
+                )
+                for r in range(0, z.shape[0], stats_step)
+            ]
+        )
         logp, norm, entropy = combine_stats(parts.unsqueeze(0), _all_rows(t_c))
         dz = block_dlogits_torch(z, t_c, norm, entropy, c_c, None, inv_t)
         return logp, entropy, dz.to(hidden.dtype)
@@ -142,22 +171,30 @@ def linear_policy_grads_torch(hidden, weight, targets, coef, inv_t, with_entropy
     return _by_token_chunks(hidden, weight, targets, coef, step, chunk_dlogits, need_dh, need_dw)
 
 
-def sharded_grads_torch(hidden, weight, targets, norm, entropy, coef, inv_t, vocab_start,
-                        need_dh=True, need_dw=True):
-    """Gradients of sum(coef * logp) on one vocabulary shard, from the exchanged row statistics:
-    linear_logprobs' backward with g_lp = coef (entropy gets no gradient)."""
-    return linear_backward_torch(hidden, weight, targets, norm, entropy, coef, None, inv_t,
-                                 vocab_start, need_dh=need_dh, need_dw=need_dw)
-
-
 # ----------------------------------------------------------------------------- Triton kernels
 
+
 @triton.jit
-def _logits_stats_store_kernel(h_ptr, w_ptr, tgt_ptr, parts_ptr, z_ptr, N, V, H, stride_h,
-                               stride_w, stride_z, inv_t, tiles_per_split,
-                               BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                               BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                               DOT_UPCAST: tl.constexpr):
+def _logits_stats_store_kernel(
+    h_ptr,
+    w_ptr,
+    tgt_ptr,
+    parts_ptr,
+    z_ptr,
+    N,
+    V,
+    H,
+    stride_h,
+    stride_w,
+    stride_z,
+    inv_t,
+    tiles_per_split,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+):
     """Program (i, j): chunk tokens [i*BLOCK_N, ...) x vocabulary tiles of split j; stores the
     scaled logits tiles into z (its dtype) and the split's statistics into parts[j, rows]."""
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -172,10 +209,28 @@ def _logits_stats_store_kernel(h_ptr, w_ptr, tgt_ptr, parts_ptr, z_ptr, N, V, H,
     v_last = tl.minimum(v_first + tiles_per_split * BLOCK_V, V)
     for v0 in range(v_first, v_last, BLOCK_V):
         cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
-        z = _logits_tile(h_ptr, w_ptr, rows, cols, N, V, H, stride_h, stride_w, inv_t,
-                         BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION, DOT_UPCAST)
-        tl.store(z_ptr + rows[:, None] * stride_z + cols[None, :],
-                 cast_to(z, z_ptr.dtype.element_ty), mask=in_n[:, None] & (cols[None, :] < V))
+        z = _logits_tile(
+            h_ptr,
+            w_ptr,
+            rows,
+            cols,
+            N,
+            V,
+            H,
+            stride_h,
+            stride_w,
+            inv_t,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_H,
+            DOT_PRECISION,
+            DOT_UPCAST,
+        )
+        tl.store(
+            z_ptr + rows[:, None] * stride_z + cols[None, :],
+            cast_to(z, z_ptr.dtype.element_ty),
+            mask=in_n[:, None] & (cols[None, :] < V),
+        )
         m, s, t = online_softmax_step(m, s, t, z, 1)
         zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
     out = parts_ptr + (split * N + rows) * 4
@@ -186,8 +241,18 @@ def _logits_stats_store_kernel(h_ptr, w_ptr, tgt_ptr, parts_ptr, z_ptr, N, V, H,
 
 
 @triton.jit
-def _policy_dlogits_kernel(z_ptr, tgt_ptr, norm_ptr, coef_ptr, N, V, stride_z, inv_t,
-                           BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+def _policy_dlogits_kernel(
+    z_ptr,
+    tgt_ptr,
+    norm_ptr,
+    coef_ptr,
+    N,
+    V,
+    stride_z,
+    inv_t,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     """z [N, V] scaled logits -> d(sum coef * logp)/d(logits), in place, in z's dtype."""
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     cols = (tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
@@ -199,13 +264,15 @@ def _policy_dlogits_kernel(z_ptr, tgt_ptr, norm_ptr, coef_ptr, N, V, stride_z, i
     coef = tl.load(coef_ptr + rows, mask=in_n, other=0.0)
     ptrs = z_ptr + rows[:, None] * stride_z + cols[None, :]
     z = tl.load(ptrs, mask=mask, other=-float("inf")).to(tl.float32)
-    dz = dlogits_tile(z, m[:, None], log_s[:, None], 0.0, coef[:, None], 0.0,
-                      cols[None, :] == tgt[:, None])
+    dz = dlogits_tile(
+        z, m[:, None], log_s[:, None], 0.0, coef[:, None], 0.0, cols[None, :] == tgt[:, None]
+    )
     tl.store(ptrs, cast_to(dz * inv_t, z_ptr.dtype.element_ty), mask=mask)
 
 
-def linear_policy_grads_triton(hidden, weight, targets, coef, inv_t, with_entropy=True,
-                               need_dh=True, need_dw=True):
+def linear_policy_grads_triton(
+    hidden, weight, targets, coef, inv_t, with_entropy=True, need_dh=True, need_dw=True
+):
     """The Triton path of linear_policy_grads_torch (same arguments and results; the entropy is
     computed whatever with_entropy says): token chunks whose logits block in hidden's dtype is
     about _CHUNK_BYTES."""
@@ -222,30 +289,88 @@ def linear_policy_grads_triton(hidden, weight, targets, coef, inv_t, with_entrop
         z = z_block[:c]
         n_tiles = triton.cdiv(c, bn)
         # two waves over the SMs, as linear_logprobs' forward
-        tiles_per_split = triton.cdiv(v_tiles, max(1, min(v_tiles, triton.cdiv(
-            2 * _num_sms(hidden.device), n_tiles))))
+        tiles_per_split = triton.cdiv(
+            v_tiles, max(1, min(v_tiles, triton.cdiv(2 * _num_sms(hidden.device), n_tiles)))
+        )
         splits = triton.cdiv(v_tiles, tiles_per_split)
         parts = torch.empty(splits, c, 4, dtype=torch.float32, device=hidden.device)
         _logits_stats_store_kernel[(n_tiles, splits)](
-            h_c, weight, t_c, parts, z, c, v, h, h_c.stride(0), weight.stride(0), z.stride(0),
-            inv_t, tiles_per_split, BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh,
-            DOT_PRECISION=_PRECISION[hidden.dtype], DOT_UPCAST=interpreting(),
-            num_warps=warps, num_stages=stages)
+            h_c,
+            weight,
+            t_c,
+            parts,
+            z,
+            c,
+            v,
+            h,
+            h_c.stride(0),
+            weight.stride(0),
+            z.stride(0),
+            inv_t,
+            tiles_per_split,
+            BLOCK_N=bn,
+            BLOCK_V=bv,
+            BLOCK_H=bh,
+            DOT_PRECISION=_PRECISION[hidden.dtype],
+            DOT_UPCAST=interpreting(),
+            num_warps=warps,
+            num_stages=stages,
+        )
         logp, norm, entropy = combine_stats(parts, _all_rows(t_c))
         _policy_dlogits_kernel[(triton.cdiv(c, dn), triton.cdiv(v, dv))](
-            z, t_c, norm, c_c, c, v, z.stride(0), inv_t, BLOCK_N=dn, BLOCK_V=dv,
-            num_warps=dwarps)
+            z, t_c, norm, c_c, c, v, z.stride(0), inv_t, BLOCK_N=dn, BLOCK_V=dv, num_warps=dwarps
+        )
         return logp, entropy, z
 
     return _by_token_chunks(hidden, weight, targets, coef, step, chunk_dlogits, need_dh, need_dw)
 
 
-def sharded_grads_triton(hidden, weight, targets, norm, entropy, coef, inv_t, vocab_start,
-                         need_dh=True, need_dw=True):
-    """The Triton path of sharded_grads_torch."""
-    return linear_backward_triton(hidden, weight, targets, norm, entropy, coef,
-                                  torch.zeros_like(coef), inv_t, vocab_start, need_dh=need_dh,
-                                  need_dw=need_dw)
+# ----------------------------------------------------------------------------- entry points
+# The op layer calls these with the backend nemokern.ops chose; both implementations take the
+# same arguments.
+
+
+def forward(backend, hidden, weight, targets, coef, inv_t, with_entropy, need_dh, need_dw):
+    """One rank, every row counted: (logp [N], entropy [N], dhidden or None, dweight or None) of
+    loss = sum(coef * logp), the gradients formed in this pass (need_dh or need_dw should hold;
+    without either, `stats` is the cheaper forward)."""
+    if backend == "triton":
+        check_triton_dtype(OP, hidden.dtype)
+        fn = linear_policy_grads_triton
+    else:
+        fn = linear_policy_grads_torch
+    return fn(hidden, weight, targets, coef, inv_t, with_entropy, need_dh=need_dh, need_dw=need_dw)
+
+
+def stats(backend, hidden, weight, targets, inv_t, vocab_start, with_entropy):
+    """Statistics parts [S, N, 4] of a weight holding vocabulary ids [vocab_start, ...):
+    linear_logprobs' forward, for the no-gradient forward and before the vocab-parallel
+    exchange."""
+    if backend == "triton":
+        check_triton_dtype(OP, hidden.dtype)
+    return _linear.forward(backend, hidden, weight, targets, inv_t, vocab_start, with_entropy)
+
+
+def backward(
+    backend, hidden, weight, targets, norm, entropy, coef, inv_t, vocab_start, need_dh, need_dw
+):
+    """(dhidden, dweight) of sum(coef * logp) on one vocabulary shard from the merged row
+    statistics (norm, entropy of combine_stats): linear_logprobs' backward with g_lp = coef, no
+    entropy gradient. Runs inside the op's forward, right after the exchange."""
+    return _linear.backward(
+        backend,
+        hidden,
+        weight,
+        targets,
+        norm,
+        entropy,
+        coef,
+        None,
+        inv_t,
+        vocab_start,
+        need_dh,
+        need_dw,
+    )
 
 
 def _specs():
@@ -254,19 +379,51 @@ def _specs():
     dn, dv, dwarps = _DLOGITS_CONFIG
     for dtype, dt in names.items():
         bn, bv, bh, warps, stages = _CONFIGS[dtype]
-        specs.append((_logits_stats_store_kernel,
-                      {"h_ptr": f"*{dt}", "w_ptr": f"*{dt}", "tgt_ptr": "*i64",
-                       "parts_ptr": "*fp32", "z_ptr": f"*{dt}", "N": "i32", "V": "i32",
-                       "H": "i32", "stride_h": "i32", "stride_w": "i32", "stride_z": "i32",
-                       "inv_t": "fp32", "tiles_per_split": "i32"},
-                      {"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_H": bh,
-                       "DOT_PRECISION": _PRECISION[dtype], "DOT_UPCAST": False},
-                      {"num_warps": warps, "num_stages": stages}))
-        specs.append((_policy_dlogits_kernel,
-                      {"z_ptr": f"*{dt}", "tgt_ptr": "*i64", "norm_ptr": "*fp32",
-                       "coef_ptr": "*fp32", "N": "i32", "V": "i32", "stride_z": "i32",
-                       "inv_t": "fp32"},
-                      {"BLOCK_N": dn, "BLOCK_V": dv}, {"num_warps": dwarps}))
+        specs.append(
+            (
+                _logits_stats_store_kernel,
+                {
+                    "h_ptr": f"*{dt}",
+                    "w_ptr": f"*{dt}",
+                    "tgt_ptr": "*i64",
+                    "parts_ptr": "*fp32",
+                    "z_ptr": f"*{dt}",
+                    "N": "i32",
+                    "V": "i32",
+                    "H": "i32",
+                    "stride_h": "i32",
+                    "stride_w": "i32",
+                    "stride_z": "i32",
+                    "inv_t": "fp32",
+                    "tiles_per_split": "i32",
+                },
+                {
+                    "BLOCK_N": bn,
+                    "BLOCK_V": bv,
+                    "BLOCK_H": bh,
+                    "DOT_PRECISION": _PRECISION[dtype],
+                    "DOT_UPCAST": False,
+                },
+                {"num_warps": warps, "num_stages": stages},
+            )
+        )
+        specs.append(
+            (
+                _policy_dlogits_kernel,
+                {
+                    "z_ptr": f"*{dt}",
+                    "tgt_ptr": "*i64",
+                    "norm_ptr": "*fp32",
+                    "coef_ptr": "*fp32",
+                    "N": "i32",
+                    "V": "i32",
+                    "stride_z": "i32",
+                    "inv_t": "fp32",
+                },
+                {"BLOCK_N": dn, "BLOCK_V": dv},
+                {"num_warps": dwarps},
+            )
+        )
     return specs
 
 

@@ -1,7 +1,5 @@
 """Log-probs of target tokens (and softmax entropy) from logits: Triton kernels + torch reference.
 
-Must never import nemokern.ops or anything above it (kernels know nothing of models).
-
 Every implementation here reduces a block of logit rows to per-row *partial statistics*
 `parts[..., 4]` of the temperature-scaled logits z = logits / T over the columns it saw:
     m  = max_v z_v                       (-inf when it saw no column)
@@ -19,6 +17,7 @@ Rows whose target is ignore_index give logp = entropy = 0 and zero gradient.
 Out-of-range targets: the public op checks them; the kernels never read out of bounds (the target
 load is masked) and such a row comes out as NaN.
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -31,6 +30,7 @@ _TORCH_CHUNK_ELEMENTS = 1 << 22
 
 
 # ----------------------------------------------------------------------------- statistics
+
 
 def merge_parts(parts):
     """Merge partial statistics over disjoint vocabulary parts: parts [K, N, 4] -> [N, 4]."""
@@ -54,8 +54,10 @@ def combine_stats(parts, valid):
     zero = torch.zeros_like(log_s)
     # Ignored rows get m = +inf, log s = 0: every p_v = exp(z_v - m - log s) of theirs is then
     # exactly 0 in backward, whatever their logits (the kernels may not even have read them).
-    norm = torch.stack([torch.where(valid, m, torch.full_like(m, float("inf"))),
-                        torch.where(valid, log_s, zero)], dim=-1)
+    norm = torch.stack(
+        [torch.where(valid, m, torch.full_like(m, float("inf"))), torch.where(valid, log_s, zero)],
+        dim=-1,
+    )
     logp = torch.where(valid, (zt - m) - log_s, zero)
     entropy = torch.where(valid, log_s - t / s, zero)
     return logp, norm, entropy
@@ -67,6 +69,7 @@ def row_chunk(n_rows, n_cols, elements):
 
 
 # ----------------------------------------------------------------------------- torch reference
+
 
 def _target_columns(targets, vocab_start, width):
     """Local column of each row's target in a block, and whether the block holds it."""
@@ -118,8 +121,9 @@ def block_dlogits_torch(z, targets, norm, entropy, g_lp, g_ent, inv_t, vocab_sta
         # p = 0 where coef is +-inf or nan (masked logits): their gradient is 0. A nan logit
         # (p = nan) keeps its nan gradient: a diverged model must not train on silent zeros.
         p_zero = p == 0
-        coef = logp_all.add_(entropy.unsqueeze(-1)).mul_(g_ent.unsqueeze(-1)).add_(
-            g_lp.unsqueeze(-1))
+        coef = (
+            logp_all.add_(entropy.unsqueeze(-1)).mul_(g_ent.unsqueeze(-1)).add_(g_lp.unsqueeze(-1))
+        )
         dz = p.mul_(coef).masked_fill_(p_zero, 0.0).mul_(-inv_t)
     # Ignored rows (m = +inf) get exactly 0 whatever their logits hold, as the kernels never
     # read them.
@@ -133,41 +137,52 @@ def block_dlogits_torch(z, targets, norm, entropy, g_lp, g_ent, inv_t, vocab_sta
 
 def _scaled_rows(x, inv_t, scratch):
     """x / T as float32 in the leading elements of `scratch`, a buffer reused across chunks: a
-    fresh 16 MB block per chunk costs more in page faults than the arithmetic on it (the CPU
-    forward took 2x as long that way)."""
-    z = scratch[:x.numel()].view(x.shape)
+    fresh block per chunk costs more in page faults than the arithmetic on it."""
+    z = scratch[: x.numel()].view(x.shape)
     if x.dtype == torch.float32:
         return torch.mul(x, inv_t, out=z)
     z.copy_(x)  # to float32 first, then scale: the same roundings as x.float() * inv_t
     return z if inv_t == 1.0 else z.mul_(inv_t)
 
 
-def logprobs_stats_torch(logits, targets, inv_t, with_entropy=True):
-    """logits [N, V] any float dtype, targets [N] -> parts [1, N, 4], row chunk by row chunk."""
+def logprobs_stats_torch(logits, targets, inv_t, ignore_index=-100, with_entropy=True):
+    """logits [N, V] any float dtype, targets [N] -> parts [1, N, 4], row chunk by row chunk.
+    Ignored rows are computed like the others; combine_stats discards them."""
     n, v = logits.shape
     out = torch.empty(n, 4, dtype=torch.float32, device=logits.device)
     step = row_chunk(n, v, _TORCH_CHUNK_ELEMENTS)
     scratch = torch.empty(min(n, step) * v, dtype=torch.float32, device=logits.device)
     for i in range(0, n, step):
-        z = _scaled_rows(logits[i:i + step], inv_t, scratch)
-        out[i:i + step] = block_stats_torch(z, targets[i:i + step], 0, with_entropy)
+        z = _scaled_rows(logits[i : i + step], inv_t, scratch)
+        out[i : i + step] = block_stats_torch(z, targets[i : i + step], 0, with_entropy)
     return out.unsqueeze(0)
 
 
-def logprobs_backward_torch(logits, targets, norm, entropy, g_lp, g_ent, inv_t):
-    """dlogits [N, V] in logits' dtype, computed row chunk by row chunk."""
+def logprobs_backward_torch(logits, targets, norm, entropy, g_lp, g_ent, inv_t, ignore_index=-100):
+    """dlogits [N, V] in logits' dtype, computed row chunk by row chunk; g_ent None skips the
+    entropy term's passes. Ignored rows need no ignore_index here: norm gives them zeros."""
     n, v = logits.shape
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     step = row_chunk(n, v, _TORCH_CHUNK_ELEMENTS)
     # fp32: the gradient's own rows are the scratch block (no copy back, no allocation)
     in_place = grad.dtype == torch.float32
-    scratch = None if in_place else torch.empty(min(n, step) * v, dtype=torch.float32,
-                                                device=logits.device)
+    scratch = (
+        None
+        if in_place
+        else torch.empty(min(n, step) * v, dtype=torch.float32, device=logits.device)
+    )
     for i in range(0, n, step):
         sl = slice(i, i + step)
-        z = _scaled_rows(logits[sl], inv_t, grad.view(-1)[i * v:] if in_place else scratch)
-        dz = block_dlogits_torch(z, targets[sl], norm[sl], entropy[sl], g_lp[sl],
-                                 None if g_ent is None else g_ent[sl], inv_t)
+        z = _scaled_rows(logits[sl], inv_t, grad.view(-1)[i * v :] if in_place else scratch)
+        dz = block_dlogits_torch(
+            z,
+            targets[sl],
+            norm[sl],
+            entropy[sl],
+            g_lp[sl],
+            None if g_ent is None else g_ent[sl],
+            inv_t,
+        )
         if dz.data_ptr() != grad[sl].data_ptr():
             grad[sl] = dz
     return grad
@@ -176,6 +191,7 @@ def logprobs_backward_torch(logits, targets, norm, entropy, g_lp, g_ent, inv_t):
 # ----------------------------------------------------------------------------- Triton kernels
 # The two Triton helpers below are the GPU side's one copy of the statistics and gradient
 # formulas; linear_logprobs' kernels call them too.
+
 
 @triton.jit
 def online_softmax_step(m, s, t, z, AXIS: tl.constexpr):
@@ -187,7 +203,8 @@ def online_softmax_step(m, s, t, z, AXIS: tl.constexpr):
     e = tl.exp(zc)
     alpha = tl.exp(m - m_sub)
     t = alpha * (t + tl.where(s > 0, m - m_sub, 0.0) * s) + tl.sum(
-        tl.where(e > 0, e * zc, 0.0), axis=AXIS)
+        tl.where(e > 0, e * zc, 0.0), axis=AXIS
+    )
     s = s * alpha + tl.sum(e, axis=AXIS)
     return m_new, s, t
 
@@ -203,8 +220,9 @@ def dlogits_tile(z, m, log_s, ent, g_lp, g_ent, is_target):
 
 
 @triton.jit
-def _logprobs_stats_kernel(x_ptr, tgt_ptr, stats_ptr, V, stride_x, inv_t, ignore_index,
-                           BLOCK_V: tl.constexpr):
+def _logprobs_stats_kernel(
+    x_ptr, tgt_ptr, stats_ptr, V, stride_x, inv_t, ignore_index, BLOCK_V: tl.constexpr
+):
     """One program per row: a single pass over V with an online max / sum-exp / entropy sum."""
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
@@ -217,8 +235,12 @@ def _logprobs_stats_kernel(x_ptr, tgt_ptr, stats_ptr, V, stride_x, inv_t, ignore
     s = 0.0
     t = 0.0
     for start in range(0, V, BLOCK_V):
-        z = tl.load(x_row + start + cols, mask=(start + cols) < v_lim,
-                    other=-float("inf")).to(tl.float32) * inv_t
+        z = (
+            tl.load(x_row + start + cols, mask=(start + cols) < v_lim, other=-float("inf")).to(
+                tl.float32
+            )
+            * inv_t
+        )
         m, s, t = online_softmax_step(m, s, t, z, 0)
     inside = valid & (tgt >= 0) & (tgt < V)
     zt = tl.load(x_row + tl.where(inside, tgt, 0)).to(tl.float32) * inv_t
@@ -230,9 +252,21 @@ def _logprobs_stats_kernel(x_ptr, tgt_ptr, stats_ptr, V, stride_x, inv_t, ignore
 
 
 @triton.jit
-def _logprobs_backward_kernel(x_ptr, tgt_ptr, norm_ptr, ent_ptr, glp_ptr, gent_ptr, dx_ptr,
-                              V, stride_x, stride_dx, inv_t, ignore_index,
-                              BLOCK_V: tl.constexpr):
+def _logprobs_backward_kernel(
+    x_ptr,
+    tgt_ptr,
+    norm_ptr,
+    ent_ptr,
+    glp_ptr,
+    gent_ptr,
+    dx_ptr,
+    V,
+    stride_x,
+    stride_dx,
+    inv_t,
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+):
     """One program per row: one more pass over V writing dlogits in the logits' dtype."""
     row = tl.program_id(0).to(tl.int64)
     tgt = tl.load(tgt_ptr + row)
@@ -246,11 +280,20 @@ def _logprobs_backward_kernel(x_ptr, tgt_ptr, norm_ptr, ent_ptr, glp_ptr, gent_p
     cols = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
         in_v = (start + cols) < V
-        z = tl.load(x_ptr + row * stride_x + start + cols, mask=(start + cols) < v_lim,
-                    other=-float("inf")).to(tl.float32) * inv_t
+        z = (
+            tl.load(
+                x_ptr + row * stride_x + start + cols,
+                mask=(start + cols) < v_lim,
+                other=-float("inf"),
+            ).to(tl.float32)
+            * inv_t
+        )
         dz = dlogits_tile(z, m, log_s, ent, g_lp, g_ent, (start + cols) == tgt)
-        tl.store(dx_ptr + row * stride_dx + start + cols,
-                 cast_to(dz * inv_t, dx_ptr.dtype.element_ty), mask=in_v)
+        tl.store(
+            dx_ptr + row * stride_dx + start + cols,
+            cast_to(dz * inv_t, dx_ptr.dtype.element_ty),
+            mask=in_v,
+        )
 
 
 # One row per program. (BLOCK_V, num_warps) per kernel, from the H200 sweep in
@@ -260,42 +303,110 @@ FWD_CONFIG = (8192, 4)
 BWD_CONFIG = (4096, 8)
 
 
-def logprobs_stats_triton(logits, targets, inv_t, ignore_index):
-    """logits [N, V] (last dim contiguous), targets [N] int64 -> parts [1, N, 4] float32."""
+def logprobs_stats_triton(logits, targets, inv_t, ignore_index=-100, with_entropy=True):
+    """logits [N, V] (last dim contiguous), targets [N] int64 -> parts [1, N, 4] float32 (the
+    entropy statistic always: it costs the kernel nothing)."""
     n, v = logits.shape
     stats = torch.empty(n, 4, dtype=torch.float32, device=logits.device)
     if n:
         block_v, warps = FWD_CONFIG
-        _logprobs_stats_kernel[(n,)](logits, targets, stats, v, logits.stride(0), inv_t,
-                                     ignore_index, BLOCK_V=block_v, num_warps=warps)
+        _logprobs_stats_kernel[(n,)](
+            logits,
+            targets,
+            stats,
+            v,
+            logits.stride(0),
+            inv_t,
+            ignore_index,
+            BLOCK_V=block_v,
+            num_warps=warps,
+        )
     return stats.unsqueeze(0)
 
 
-def logprobs_backward_triton(logits, targets, norm, entropy, g_lp, g_ent, inv_t, ignore_index):
-    """dlogits [N, V] in logits' dtype; g_lp/g_ent [N] float32 contiguous."""
+def logprobs_backward_triton(logits, targets, norm, entropy, g_lp, g_ent, inv_t, ignore_index=-100):
+    """dlogits [N, V] in logits' dtype; g_lp/g_ent [N] float32 contiguous (g_ent None: 0)."""
     n, v = logits.shape
+    g_ent = torch.zeros_like(g_lp) if g_ent is None else g_ent
     grad = torch.empty((n, v), dtype=logits.dtype, device=logits.device)
     if n:
         block_v, warps = BWD_CONFIG
-        _logprobs_backward_kernel[(n,)](logits, targets, norm, entropy, g_lp, g_ent, grad, v,
-                                        logits.stride(0), grad.stride(0), inv_t, ignore_index,
-                                        BLOCK_V=block_v, num_warps=warps)
+        _logprobs_backward_kernel[(n,)](
+            logits,
+            targets,
+            norm,
+            entropy,
+            g_lp,
+            g_ent,
+            grad,
+            v,
+            logits.stride(0),
+            grad.stride(0),
+            inv_t,
+            ignore_index,
+            BLOCK_V=block_v,
+            num_warps=warps,
+        )
     return grad
+
+
+# ----------------------------------------------------------------------------- entry points
+# The op layer calls these two with the backend nemokern.ops chose; both implementations take the
+# same arguments.
+
+
+def forward(backend, logits, targets, inv_t, ignore_index, with_entropy):
+    """Statistics parts [S, N, 4] of logits [N, V] (see the module docstring)."""
+    fn = logprobs_stats_triton if backend == "triton" else logprobs_stats_torch
+    return fn(logits, targets, inv_t, ignore_index, with_entropy)
+
+
+def backward(backend, logits, targets, norm, entropy, g_lp, g_ent, inv_t, ignore_index):
+    """dlogits [N, V]; g_lp [N] float32, g_ent [N] float32 or None (no entropy gradient)."""
+    fn = logprobs_backward_triton if backend == "triton" else logprobs_backward_torch
+    return fn(logits, targets, norm, entropy, g_lp, g_ent, inv_t, ignore_index)
 
 
 def _specs():
     specs = []
     for dt in ("fp32", "bf16", "fp16"):
-        specs.append((_logprobs_stats_kernel,
-                      {"x_ptr": f"*{dt}", "tgt_ptr": "*i64", "stats_ptr": "*fp32", "V": "i32",
-                       "stride_x": "i32", "inv_t": "fp32", "ignore_index": "i32"},
-                      {"BLOCK_V": FWD_CONFIG[0]}, {"num_warps": FWD_CONFIG[1]}))
-        specs.append((_logprobs_backward_kernel,
-                      {"x_ptr": f"*{dt}", "tgt_ptr": "*i64", "norm_ptr": "*fp32",
-                       "ent_ptr": "*fp32", "glp_ptr": "*fp32", "gent_ptr": "*fp32",
-                       "dx_ptr": f"*{dt}", "V": "i32", "stride_x": "i32", "stride_dx": "i32",
-                       "inv_t": "fp32", "ignore_index": "i32"},
-                      {"BLOCK_V": BWD_CONFIG[0]}, {"num_warps": BWD_CONFIG[1]}))
+        specs.append(
+            (
+                _logprobs_stats_kernel,
+                {
+                    "x_ptr": f"*{dt}",
+                    "tgt_ptr": "*i64",
+                    "stats_ptr": "*fp32",
+                    "V": "i32",
+                    "stride_x": "i32",
+                    "inv_t": "fp32",
+                    "ignore_index": "i32",
+                },
+                {"BLOCK_V": FWD_CONFIG[0]},
+                {"num_warps": FWD_CONFIG[1]},
+            )
+        )
+        specs.append(
+            (
+                _logprobs_backward_kernel,
+                {
+                    "x_ptr": f"*{dt}",
+                    "tgt_ptr": "*i64",
+                    "norm_ptr": "*fp32",
+                    "ent_ptr": "*fp32",
+                    "glp_ptr": "*fp32",
+                    "gent_ptr": "*fp32",
+                    "dx_ptr": f"*{dt}",
+                    "V": "i32",
+                    "stride_x": "i32",
+                    "stride_dx": "i32",
+                    "inv_t": "fp32",
+                    "ignore_index": "i32",
+                },
+                {"BLOCK_V": BWD_CONFIG[0]},
+                {"num_warps": BWD_CONFIG[1]},
+            )
+        )
     return specs
 
 

@@ -1,7 +1,6 @@
 """Sequence-level KL between policy and reference log-probs: Triton kernels and the torch reference.
 
-Must never import nemokern.ops or anything above it (the public op, validation and autograd live
-in nemokern/ops/sequence_kl.py).
+The public op, its checks and autograd are in nemokern/ops/sequence_kl.py.
 
 Per token, with r = logp_ref - logp and k1 = -r:
     k1 = logp - logp_ref            d/dlogp = 1
@@ -17,6 +16,7 @@ Layouts: padded [B, T] (sequence b is row b) or packed [N] (sequence b is tokens
 cu_seqlens[b]:cu_seqlens[b+1]; tokens outside every sequence are ignored and get gradient 0).
 One program per sequence, forward and backward: one launch each.
 """
+
 import math
 
 import torch
@@ -39,11 +39,36 @@ def _k3_terms(lp, ref):
     """(exp(r) - 1 - r, 1 - exp(r)) for r = ref - lp, accurate for small |r| too. fp32 in/out."""
     r = ref - lp
     # expm1(r) / r = sum_k r^k / (k+1)!
-    p1 = 1.0 + r * (1 / 2 + r * (1 / 6 + r * (1 / 24 + r * (1 / 120 + r * (
-        1 / 720 + r * (1 / 5040 + r * (1 / 40320 + r * (1 / 362880))))))))
+    p1 = 1.0 + r * (
+        1 / 2
+        + r
+        * (
+            1 / 6
+            + r
+            * (
+                1 / 24
+                + r
+                * (1 / 120 + r * (1 / 720 + r * (1 / 5040 + r * (1 / 40320 + r * (1 / 362880)))))
+            )
+        )
+    )
     # (expm1(r) - r) / r^2 = sum_k r^k / (k+2)!
-    p2 = 1 / 2 + r * (1 / 6 + r * (1 / 24 + r * (1 / 120 + r * (1 / 720 + r * (
-        1 / 5040 + r * (1 / 40320 + r * (1 / 362880 + r * (1 / 3628800))))))))
+    p2 = 1 / 2 + r * (
+        1 / 6
+        + r
+        * (
+            1 / 24
+            + r
+            * (
+                1 / 120
+                + r
+                * (
+                    1 / 720
+                    + r * (1 / 5040 + r * (1 / 40320 + r * (1 / 362880 + r * (1 / 3628800))))
+                )
+            )
+        )
+    )
     small = tl.abs(r) < _SERIES_BELOW
     e = tl.exp(r)
     value = tl.where(small, r * r * p2, e - 1.0 - r)
@@ -94,7 +119,7 @@ def _token_range(cu_ptr, b, seq_len, PACKED: tl.constexpr):
 
 @triton.jit
 def _load_block(logp_ptr, ref_ptr, mask_ptr, off, end, BLOCK: tl.constexpr):
-    """Token indices [BLOCK] from off, which of them are < end, and mask / logp / ref there (fp32)."""
+    """Token indices [BLOCK] from off, which of them are < end, and mask / logp / ref (fp32)."""
     idx = off + tl.arange(0, BLOCK)
     inside = idx < end
     m = tl.load(mask_ptr + idx, mask=inside, other=0).to(tl.float32)
@@ -104,9 +129,19 @@ def _load_block(logp_ptr, ref_ptr, mask_ptr, off, end, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _sequence_kl_fwd(logp_ptr, ref_ptr, mask_ptr, cu_ptr, kl_ptr, scale_ptr, seq_len,
-                     ESTIMATOR: tl.constexpr, MEAN: tl.constexpr, PACKED: tl.constexpr,
-                     BLOCK: tl.constexpr):
+def _sequence_kl_fwd(
+    logp_ptr,
+    ref_ptr,
+    mask_ptr,
+    cu_ptr,
+    kl_ptr,
+    scale_ptr,
+    seq_len,
+    ESTIMATOR: tl.constexpr,
+    MEAN: tl.constexpr,
+    PACKED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     b = tl.program_id(0)
     start, end = _token_range(cu_ptr, b, seq_len, PACKED)
     total = tl.zeros([BLOCK], tl.float32)
@@ -129,8 +164,19 @@ def _sequence_kl_fwd(logp_ptr, ref_ptr, mask_ptr, cu_ptr, kl_ptr, scale_ptr, seq
 
 
 @triton.jit
-def _sequence_kl_bwd(grad_kl_ptr, scale_ptr, logp_ptr, ref_ptr, mask_ptr, cu_ptr, grad_ptr, seq_len,
-                     ESTIMATOR: tl.constexpr, PACKED: tl.constexpr, BLOCK: tl.constexpr):
+def _sequence_kl_bwd(
+    grad_kl_ptr,
+    scale_ptr,
+    logp_ptr,
+    ref_ptr,
+    mask_ptr,
+    cu_ptr,
+    grad_ptr,
+    seq_len,
+    ESTIMATOR: tl.constexpr,
+    PACKED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     b = tl.program_id(0)
     start, end = _token_range(cu_ptr, b, seq_len, PACKED)
     g = tl.load(grad_kl_ptr + b).to(tl.float32) * tl.load(scale_ptr + b)
@@ -159,8 +205,19 @@ def sequence_kl_forward_triton(logp, ref, mask, cu_seqlens, estimator: int, mean
     scale = torch.empty_like(kl)
     cu = cu_seqlens if packed else _no_offsets(logp.device)
     if n_seq > 0:
-        _sequence_kl_fwd[(n_seq,)](logp, ref, _kernel_mask(mask), cu, kl, scale, seq_len,
-                                   ESTIMATOR=estimator, MEAN=mean, PACKED=packed, BLOCK=_BLOCK)
+        _sequence_kl_fwd[(n_seq,)](
+            logp,
+            ref,
+            _kernel_mask(mask),
+            cu,
+            kl,
+            scale,
+            seq_len,
+            ESTIMATOR=estimator,
+            MEAN=mean,
+            PACKED=packed,
+            BLOCK=_BLOCK,
+        )
     return kl, scale
 
 
@@ -173,15 +230,26 @@ def sequence_kl_backward_triton(grad_kl, scale, logp, ref, mask, cu_seqlens, est
     grad = torch.zeros_like(logp) if packed else torch.empty_like(logp)
     cu = cu_seqlens if packed else _no_offsets(logp.device)
     if n_seq > 0:
-        _sequence_kl_bwd[(n_seq,)](grad_kl.float().contiguous(), scale, logp, ref,
-                                   _kernel_mask(mask), cu, grad, seq_len, ESTIMATOR=estimator,
-                                   PACKED=packed, BLOCK=_BLOCK)
+        _sequence_kl_bwd[(n_seq,)](
+            grad_kl.float().contiguous(),
+            scale,
+            logp,
+            ref,
+            _kernel_mask(mask),
+            cu,
+            grad,
+            seq_len,
+            ESTIMATOR=estimator,
+            PACKED=packed,
+            BLOCK=_BLOCK,
+        )
     return grad
 
 
 # ---------------------------------------------------------------- torch reference (CPU path)
 # Same function as the kernels. The inputs are per-token scalars, so the fp32 temporaries are a few
 # bytes per token: nothing here needs chunking.
+
 
 def _k3_torch(lp, ref, grad):
     """k3 (grad=False) or its gradient (grad=True). float64 expm1 is exact to fp32 rounding for
@@ -249,7 +317,7 @@ def _token_grad(g_tok, logp, ref, mask, estimator):
 
 def _masked_product(values, m):
     """values * m, exactly 0 where m == 0 even if values is inf/NaN there (padding). The
-    torch.where that guarantees it is ~10x slower than the product on the CPU, so it only runs
+    torch.where that guarantees it costs far more than the product on the CPU, so it only runs
     when the product is not finite."""
     out = values * m
     if not math.isfinite(out.sum().item()):  # one reduction: isfinite(out).all() costs 4 passes
@@ -259,33 +327,89 @@ def _masked_product(values, m):
 
 # ---------------------------------------------------------------- ahead-of-time compile specs
 
+# ----------------------------------------------------------------------------- entry points
+# The op layer calls these two with the backend nemokern.ops chose; both implementations take the
+# same arguments.
+
+
+def forward(backend, logp, ref, mask, cu_seqlens, estimator: int, mean: bool):
+    """(kl [B] float32, scale [B]: what backward multiplies the upstream gradient by)."""
+    fn = sequence_kl_forward_triton if backend == "triton" else sequence_kl_forward_torch
+    return fn(logp, ref, mask, cu_seqlens, estimator, mean)
+
+
+def backward(backend, grad_kl, scale, logp, ref, mask, cu_seqlens, estimator: int):
+    """d logp, in logp's dtype and shape."""
+    fn = sequence_kl_backward_triton if backend == "triton" else sequence_kl_backward_torch
+    return fn(grad_kl, scale, logp, ref, mask, cu_seqlens, estimator)
+
+
 def _aot_specs():
     specs = []
 
     def sig_fwd(lp, ref, mask):
-        return {"logp_ptr": lp, "ref_ptr": ref, "mask_ptr": mask, "cu_ptr": "*i32",
-                "kl_ptr": "*fp32", "scale_ptr": "*fp32", "seq_len": "i32"}
+        return {
+            "logp_ptr": lp,
+            "ref_ptr": ref,
+            "mask_ptr": mask,
+            "cu_ptr": "*i32",
+            "kl_ptr": "*fp32",
+            "scale_ptr": "*fp32",
+            "seq_len": "i32",
+        }
 
     def sig_bwd(lp, ref, mask):
-        return {"grad_kl_ptr": "*fp32", "scale_ptr": "*fp32", "logp_ptr": lp, "ref_ptr": ref,
-                "mask_ptr": mask, "cu_ptr": "*i32", "grad_ptr": lp, "seq_len": "i32"}
+        return {
+            "grad_kl_ptr": "*fp32",
+            "scale_ptr": "*fp32",
+            "logp_ptr": lp,
+            "ref_ptr": ref,
+            "mask_ptr": mask,
+            "cu_ptr": "*i32",
+            "grad_ptr": lp,
+            "seq_len": "i32",
+        }
 
     # every constexpr variant in fp32 with a bool mask
     for est in range(len(ESTIMATORS)):
         for packed in (False, True):
             for mean in (True, False):
-                specs.append((_sequence_kl_fwd, sig_fwd("*fp32", "*fp32", "*u8"),
-                              {"ESTIMATOR": est, "MEAN": mean, "PACKED": packed, "BLOCK": _BLOCK}))
-            specs.append((_sequence_kl_bwd, sig_bwd("*fp32", "*fp32", "*u8"),
-                          {"ESTIMATOR": est, "PACKED": packed, "BLOCK": _BLOCK}))
+                specs.append(
+                    (
+                        _sequence_kl_fwd,
+                        sig_fwd("*fp32", "*fp32", "*u8"),
+                        {"ESTIMATOR": est, "MEAN": mean, "PACKED": packed, "BLOCK": _BLOCK},
+                    )
+                )
+            specs.append(
+                (
+                    _sequence_kl_bwd,
+                    sig_bwd("*fp32", "*fp32", "*u8"),
+                    {"ESTIMATOR": est, "PACKED": packed, "BLOCK": _BLOCK},
+                )
+            )
     # the other dtypes the launcher passes through, on the most involved estimator (k3)
-    for lp, ref, mask in (("*bf16", "*bf16", "*u8"), ("*fp32", "*fp32", "*fp32"),
-                          ("*bf16", "*bf16", "*bf16"), ("*fp32", "*bf16", "*u8"),
-                          ("*fp16", "*fp16", "*fp16")):
-        specs.append((_sequence_kl_fwd, sig_fwd(lp, ref, mask),
-                      {"ESTIMATOR": 3, "MEAN": True, "PACKED": False, "BLOCK": _BLOCK}))
-        specs.append((_sequence_kl_bwd, sig_bwd(lp, ref, mask),
-                      {"ESTIMATOR": 3, "PACKED": False, "BLOCK": _BLOCK}))
+    for lp, ref, mask in (
+        ("*bf16", "*bf16", "*u8"),
+        ("*fp32", "*fp32", "*fp32"),
+        ("*bf16", "*bf16", "*bf16"),
+        ("*fp32", "*bf16", "*u8"),
+        ("*fp16", "*fp16", "*fp16"),
+    ):
+        specs.append(
+            (
+                _sequence_kl_fwd,
+                sig_fwd(lp, ref, mask),
+                {"ESTIMATOR": 3, "MEAN": True, "PACKED": False, "BLOCK": _BLOCK},
+            )
+        )
+        specs.append(
+            (
+                _sequence_kl_bwd,
+                sig_bwd(lp, ref, mask),
+                {"ESTIMATOR": 3, "PACKED": False, "BLOCK": _BLOCK},
+            )
+        )
     return specs
 
 

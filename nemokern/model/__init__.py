@@ -1,7 +1,5 @@
-"""Minimal Llama-3.1 model: config, layers, attention backends, generation, HF load/save.
+"""Minimal Llama-3.1 model: config, layers, attention backends, generation, HF load/save."""
 
-Must never import nemokern.data, train or cli.
-"""
 from .attention import KVCache, packed_attention, packed_backend
 from .config import ConfigError, LlamaConfig
 from .generate import Generation, generate, sample_next
@@ -10,7 +8,16 @@ from .llama import Llama
 from .reward import ATTRIBUTES, RewardModel
 
 __all__ = [
-    "ATTRIBUTES", "CheckpointError", "ConfigError", "Generation", "KVCache", "Llama", "LlamaConfig",
+    "ATTRIBUTES",
+    "CheckpointError",
+    "ConfigError",
+    "Generation",
+    "KVCache",
+    "Llama",
+    "LlamaConfig",
     "RewardModel",
-    "generate", "packed_attention", "packed_backend", "sample_next",
+    "generate",
+    "packed_attention",
+    "packed_backend",
+    "sample_next",
 ]

@@ -8,20 +8,21 @@ Three input forms, all with q [B, T, Hq, D] and k, v [B, T, Hkv, D] (Hq a multip
           attend to every valid cache slot up to their own.
 Packed backend, chosen automatically: flash_attn's varlen kernel (installed + CUDA + half
 precision), else torch.nn.attention.varlen (CUDA + half precision), else exact per-segment SDPA.
-Must never import nemokern.data, train or cli.
 """
+
 from __future__ import annotations
 
 import functools
 import importlib.util
 import inspect
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-PACKED_BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa")
+from nemokern import env
+
+PACKED_BACKENDS = env.VARIABLES["NEMOKERN_ATTENTION"].choices
 _HALF = (torch.float16, torch.bfloat16)
 
 
@@ -75,20 +76,27 @@ def attention(q, k, v, ctx: AttentionContext, layer: int) -> torch.Tensor:
 def _sdpa(q, k, v, mask=None):
     # SDPA wants [B, H, T, D]; enable_gqa broadcasts the kv heads without copying them.
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        attn_mask=mask, is_causal=mask is None, enable_gqa=q.shape[2] != k.shape[2],
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=mask,
+        is_causal=mask is None,
+        enable_gqa=q.shape[2] != k.shape[2],
     )
     return out.transpose(1, 2)
 
 
 def packed_backend(q: torch.Tensor) -> str:
-    """The packed backend used for `q`; NEMOKERN_ATTENTION=flash_attn|torch_varlen|sdpa forces one."""
-    forced = os.environ.get("NEMOKERN_ATTENTION", "auto").strip().lower() or "auto"
-    if forced not in PACKED_BACKENDS:
-        raise ValueError(f"NEMOKERN_ATTENTION={forced!r} is not a backend; use one of {PACKED_BACKENDS}")
+    """The packed backend for `q`; NEMOKERN_ATTENTION=flash_attn|torch_varlen|sdpa forces one."""
+    return packed_backend_for(q.device, q.dtype)
+
+
+def packed_backend_for(device, dtype) -> str:
+    """The packed backend for queries of `dtype` on `device` (see packed_backend)."""
+    forced = env.choice("NEMOKERN_ATTENTION")
     if forced != "auto":
         return forced
-    if q.is_cuda and q.dtype in _HALF:
+    if torch.device(device).type == "cuda" and dtype in _HALF:
         if _flash_attn_installed():
             return "flash_attn"
         if _torch_varlen() is not None:
@@ -105,11 +113,15 @@ def packed_attention(q, k, v, cu_seqlens, max_seqlen: int) -> torch.Tensor:
     if backend == "flash_attn":
         from flash_attn import flash_attn_varlen_func
 
-        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
+        return flash_attn_varlen_func(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True
+        )
     if backend == "torch_varlen":
         varlen = _torch_varlen()
         if varlen is None:
-            raise RuntimeError("NEMOKERN_ATTENTION=torch_varlen but torch.nn.attention.varlen is missing")
+            raise RuntimeError(
+                "NEMOKERN_ATTENTION=torch_varlen but torch.nn.attention.varlen is missing"
+            )
         return _call_varlen(varlen, q, k, v, cu_seqlens, max_seqlen)
     # Exact fallback: one SDPA call per segment (no cross-segment scores are ever computed).
     bounds = cu_seqlens.tolist()
@@ -136,8 +148,10 @@ def _call_varlen(varlen, q, k, v, cu_seqlens, max_seqlen):
     elif "is_causal" in params:
         kwargs["is_causal"] = True
     else:
-        raise RuntimeError("torch.nn.attention.varlen.varlen_attn takes neither window_size nor "
-                           "is_causal; set NEMOKERN_ATTENTION=sdpa")
+        raise RuntimeError(
+            "torch.nn.attention.varlen.varlen_attn takes neither window_size nor "
+            "is_causal; set NEMOKERN_ATTENTION=sdpa"
+        )
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         if "enable_gqa" in params:
@@ -171,7 +185,10 @@ def _cached(q, k, v, ctx, layer):
         # Prefill: CUDA's memory-efficient SDPA takes a mask but not enable_gqa, and the math
         # fallback would materialise [B, Hq, T, T] scores; repeating the KV heads (the size of q)
         # keeps prefill on the fused kernel. Decoding (t == 1) scores only [B, Hq, 1, T].
-        keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+        keys, values = (
+            keys.repeat_interleave(groups, dim=1),
+            values.repeat_interleave(groups, dim=1),
+        )
         groups = 1
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), keys, values, attn_mask=ctx.cache_mask, enable_gqa=groups > 1

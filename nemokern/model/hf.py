@@ -3,9 +3,10 @@
 Names: HF's "model.<name>" is nemokern's "<name>", "lm_head.weight" is the same in both. With
 tie_word_embeddings the LM head is the embedding and the checkpoint stores it once.
 Loading reads safetensors only and never unpickles (no *.bin). Every problem raises
-CheckpointError naming the file and tensor.
-Must never import nemokern.data, train or cli.
+CheckpointError naming the file and tensor, including a tensor holding nan/inf (a corrupted
+payload would otherwise load silently and give NaN logits; check_finite=False skips that check).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,7 +48,9 @@ def resolve_dtype(dtype, config: LlamaConfig) -> torch.dtype:
             raise ValueError(f"dtype={dtype!r} is not supported; use one of {sorted(_DTYPES)}")
         return _DTYPES[dtype.removeprefix("torch.")]
     if dtype not in _DTYPES.values():
-        raise ValueError(f"dtype={dtype} is not supported; use torch.float32, torch.bfloat16 or torch.float16")
+        raise ValueError(
+            f"dtype={dtype} is not supported; use torch.float32, torch.bfloat16 or torch.float16"
+        )
     return dtype
 
 
@@ -59,26 +62,35 @@ def weight_files(path: Path) -> dict[str, Path | None]:
         try:
             weight_map = json.loads((path / INDEX).read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{path / INDEX}: not a safetensors index with a weight_map ({e!r})") from None
+            raise CheckpointError(
+                f"{path / INDEX}: not a safetensors index with a weight_map ({e!r})"
+            ) from None
         files = sorted(set(weight_map.values()))
         for f in files:
             if not (path / f).is_file():
-                raise CheckpointError(f"{path / INDEX} lists shard {f}, which is missing from {path}")
+                raise CheckpointError(
+                    f"{path / INDEX} lists shard {f}, which is missing from {path}"
+                )
         return {name: path / f for name, f in weight_map.items()}
     pickled = sorted(p.name for p in path.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
     if pickled:
         raise CheckpointError(
-            f"{path} holds only pickled weights ({', '.join(pickled)}); nemokern loads safetensors only "
+            f"{path} holds only pickled weights ({', '.join(pickled)}); nemokern loads safetensors "
+            "only "
             "because unpickling can execute code. Convert them (e.g. transformers' "
             "save_pretrained(..., safe_serialization=True)) on a machine you trust."
         )
     raise CheckpointError(f"{path} has neither {SINGLE} nor {INDEX}")
 
 
-def load_pretrained(cls, path, *, dtype=None, device=None, activation_checkpointing=False):
+def load_pretrained(
+    cls, path, *, dtype=None, device=None, activation_checkpointing=False, check_finite=True
+):
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"{path} is not a directory; from_pretrained wants a local HF model directory")
+        raise CheckpointError(
+            f"{path} is not a directory; from_pretrained wants a local HF model directory"
+        )
     config = LlamaConfig.from_json_file(path / "config.json")
     dtype = resolve_dtype(dtype, config)
     device = torch.device("cpu" if device is None else device)
@@ -103,7 +115,7 @@ def load_pretrained(cls, path, *, dtype=None, device=None, activation_checkpoint
                     tied_head = (file, tensor)
                     continue
                 if _DERIVED_BUFFER.fullmatch(name):
-                    continue  # older transformers saved RoPE's inv_freq; it follows from config.json
+                    continue  # RoPE's inv_freq (older transformers): follows from config.json
                 if name not in expected:
                     raise CheckpointError(
                         f"{file}: unexpected tensor {name!r} for this config.json "
@@ -113,20 +125,39 @@ def load_pretrained(cls, path, *, dtype=None, device=None, activation_checkpoint
                 target = expected[name]
                 if tuple(tensor.shape) != tuple(target.shape):
                     raise CheckpointError(
-                        f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, config.json implies "
+                        f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, config.json "
+                        "implies "
                         f"{tuple(target.shape)}"
                     )
+                if check_finite:
+                    _check_finite(file, name, tensor)
                 target.copy_(tensor)
                 loaded.add(name)
     missing = sorted(set(expected) - loaded)
     if missing:
         where = {str(assigned.get(n, assigned.get(None))) for n in missing}
-        raise CheckpointError(f"{path}: tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''} "
-                              f"missing (looked in {sorted(where)})")
-    if tied_head is not None and not torch.equal(tied_head[1].to(dtype).to(device), model.lm_head.weight):
-        raise CheckpointError(f"{tied_head[0]}: lm_head.weight differs from model.embed_tokens.weight although "
-                              "config.json has tie_word_embeddings=true; set it to false to load both")
+        raise CheckpointError(
+            f"{path}: tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''} "
+            f"missing (looked in {sorted(where)})"
+        )
+    if tied_head is not None and not torch.equal(
+        tied_head[1].to(dtype).to(device), model.lm_head.weight
+    ):
+        raise CheckpointError(
+            f"{tied_head[0]}: lm_head.weight differs from model.embed_tokens.weight although "
+            "config.json has tie_word_embeddings=true; set it to false to load both"
+        )
     return model
+
+
+def _check_finite(file: Path, name: str, tensor: torch.Tensor):
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise CheckpointError(
+            f"{file}: tensor {name!r} holds {bad} nan/inf value(s) of "
+            f"{tensor.numel()}; the file is corrupted or the model diverged "
+            "(check_finite=False loads it anyway)"
+        )
 
 
 def _read(file: Path, assigned):
@@ -134,11 +165,15 @@ def _read(file: Path, assigned):
     try:
         handle = safe_open(str(file), framework="pt", device="cpu")
     except Exception as e:  # safetensors raises its own error type for truncated/garbled headers
-        raise CheckpointError(f"{file}: not a readable safetensors file ({e}); re-download or re-save it") from None
+        raise CheckpointError(
+            f"{file}: not a readable safetensors file ({e}); re-download or re-save it"
+        ) from None
     with handle as f:
         for name in f.keys():
             if None not in assigned and assigned.get(name) != file:
-                raise CheckpointError(f"{file}: tensor {name!r} is not assigned to this shard in {INDEX}")
+                raise CheckpointError(
+                    f"{file}: tensor {name!r} is not assigned to this shard in {INDEX}"
+                )
             try:
                 tensor = f.get_tensor(name)
             except Exception as e:
@@ -147,14 +182,22 @@ def _read(file: Path, assigned):
 
 
 def parse_size(size: int | str) -> int:
-    """Bytes from an int or a string like "5GB", "200MB", "50KB" (decimal units, as transformers)."""
+    """Bytes from an int or a string like "5GB", "200MB", "50KB" (decimal, as transformers)."""
     if isinstance(size, int):
         return size
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", str(size), flags=re.IGNORECASE)
     if not m:
         raise ValueError(f"max_shard_size={size!r} is not a size; use bytes or a string like '5GB'")
     unit = (m.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    scale = {
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+    }[unit]
     return int(float(m.group(1)) * scale)
 
 
@@ -175,9 +218,14 @@ def save_pretrained(model, path, *, max_shard_size: int | str = "5GB") -> None:
         shards[-1].append(name)
         size += nbytes
     for stale in [*path.glob("model*.safetensors"), path / INDEX]:
-        stale.unlink(missing_ok=True)  # an old shard set would otherwise shadow or mix with this one
-    names = [SINGLE] if len(shards) == 1 else [
-        f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+        stale.unlink(
+            missing_ok=True
+        )  # an old shard set would otherwise shadow or mix with this one
+    names = (
+        [SINGLE]
+        if len(shards) == 1
+        else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    )
     for fname, shard in zip(names, shards):
         # One shard at a time on the host: a GPU model never needs all its weights in CPU memory.
         tensors = {n: params[n].detach().to("cpu").contiguous() for n in shard}

@@ -5,8 +5,8 @@ embedding -> N x [RMSNorm -> GQA attention with llama3-scaled RoPE -> residual,
 Parameter names match HF's LlamaForCausalLM without its "model." prefix, so hf.py maps checkpoints
 one to one. The numerics follow transformers (RMSNorm in fp32, cos/sin cast to the activation
 dtype) so logits match LlamaForCausalLM to rounding.
-Must never import nemokern.data, train or cli.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,7 +37,7 @@ def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
     """Inverse RoPE frequencies [D/2] in fp32 on the CPU, with Llama-3.1's frequency rescaling."""
     d = config.head_dim
     exponents = torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d
-    inv_freq = 1.0 / (config.rope_theta ** exponents)
+    inv_freq = 1.0 / (config.rope_theta**exponents)
     s = config.rope_scaling
     if s is None:
         return inv_freq
@@ -124,7 +124,9 @@ class Llama(nn.Module):
         self.config = config
         self.activation_checkpointing = activation_checkpointing
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -144,25 +146,45 @@ class Llama(nn.Module):
 
     def forward(self, input_ids, *, cu_seqlens=None, position_ids=None, cache=None, valid=None):
         """Logits [..., V] for input_ids [B, T] (dense), [1, N] or [N] (packed, with cu_seqlens)."""
-        return self.lm_head(self.hidden_states(input_ids, cu_seqlens=cu_seqlens, position_ids=position_ids,
-                                               cache=cache, valid=valid))
+        return self.lm_head(
+            self.hidden_states(
+                input_ids,
+                cu_seqlens=cu_seqlens,
+                position_ids=position_ids,
+                cache=cache,
+                valid=valid,
+            )
+        )
 
-    def hidden_states(self, input_ids, *, cu_seqlens=None, position_ids=None, cache: KVCache | None = None,
-                      final_norm: bool = True, valid=None):
+    def hidden_states(
+        self,
+        input_ids,
+        *,
+        cu_seqlens=None,
+        position_ids=None,
+        cache: KVCache | None = None,
+        final_norm: bool = True,
+        valid=None,
+    ):
         """Hidden states [..., H] of the last layer, final RMSNorm applied unless final_norm=False.
 
         input_ids [B, T] with no padding, or packed [1, N] / [N] with cu_seqlens [S + 1] (int,
         0 ... N) whose position ids restart per segment unless given. position_ids has the shape
         of input_ids. With a KVCache (generation), `valid` [B, T] bool marks real tokens.
-        The output keeps input_ids' leading shape.
+        The output keeps input_ids' leading shape. Checking the ids against the vocabulary costs one
+        host sync.
         """
         ids, pos, ctx = self._prepare(input_ids, cu_seqlens, position_ids, cache, valid)
         x = self.embed_tokens(ids)
         if self._inv_freq.device != x.device:
             self._inv_freq = self._inv_freq.to(x.device)
         cos, sin = rope_cos_sin(pos, self._inv_freq, x.dtype)
-        recompute = (self.activation_checkpointing and self.training and torch.is_grad_enabled()
-                     and cache is None)
+        recompute = (
+            self.activation_checkpointing
+            and self.training
+            and torch.is_grad_enabled()
+            and cache is None
+        )
         for layer in self.layers:
             if recompute:
                 x = checkpoint(layer, x, cos, sin, ctx, use_reentrant=False)
@@ -176,21 +198,45 @@ class Llama(nn.Module):
 
     def _prepare(self, input_ids, cu_seqlens, position_ids, cache, valid):
         """Validate inputs; return ids [B, T], position ids [B, T] and the AttentionContext."""
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
-            raise TypeError("input_ids must be an int64/int32 tensor of token ids")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (
+            torch.int64,
+            torch.int32,
+        ):
+            got = (
+                input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            )
+            raise TypeError(
+                f"input_ids must be an int64/int32 tensor of token ids, got {got}"
+                + ("; tokenize the text first" if isinstance(input_ids, str) else "")
+            )
         if input_ids.dim() == 1 and cu_seqlens is not None:
             ids = input_ids[None]
         elif input_ids.dim() == 2:
             ids = input_ids
         else:
             raise ValueError(
-                f"input_ids must be [B, T] (or [N] with cu_seqlens); got shape {tuple(input_ids.shape)}")
+                "input_ids must be [B, T] (or [N] with cu_seqlens); got shape "
+                f"{tuple(input_ids.shape)}"
+            )
         b, t = ids.shape
+        if b == 0 or t == 0:
+            raise ValueError(
+                f"input_ids has shape {tuple(input_ids.shape)}: no tokens; pass at "
+                "least one token per row"
+            )
+        lo, hi = (int(x) for x in torch.aminmax(ids))  # one host sync, for a named error
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(
+                f"input_ids hold ids in [{lo}, {hi}], outside the vocabulary "
+                f"[0, vocab_size={self.config.vocab_size})"
+            )
         ctx = AttentionContext(cache=cache)
         if cu_seqlens is not None:
             if cache is not None or b != 1:
-                raise ValueError("packed input (cu_seqlens) needs input_ids [1, N] or [N] and no cache; "
-                                 f"got shape {tuple(input_ids.shape)}")
+                raise ValueError(
+                    "packed input (cu_seqlens) needs input_ids [1, N] or [N] and no cache; "
+                    f"got shape {tuple(input_ids.shape)}"
+                )
             cu, ctx.max_seqlen = _check_cu_seqlens(cu_seqlens, t, ids.device)
             ctx.cu_seqlens, lengths = cu, cu[1:] - cu[:-1]
             if position_ids is None:
@@ -199,37 +245,64 @@ class Llama(nn.Module):
         if position_ids is None:
             start = 0 if cache is None else cache.length
             position_ids = torch.arange(start, start + t, device=ids.device).expand(b, t)
-        if position_ids.numel() != b * t or tuple(position_ids.shape) not in ((b, t), (t,) * (b == 1)):
-            raise ValueError(f"position_ids shape {tuple(position_ids.shape)} must equal input_ids shape "
-                             f"{tuple(input_ids.shape)}")
+        if position_ids.numel() != b * t or tuple(position_ids.shape) not in (
+            (b, t),
+            (t,) * (b == 1),
+        ):
+            raise ValueError(
+                f"position_ids shape {tuple(position_ids.shape)} must equal input_ids shape "
+                f"{tuple(input_ids.shape)}"
+            )
         if cache is not None:
-            valid = torch.ones(b, t, dtype=torch.bool, device=ids.device) if valid is None else valid
+            valid = (
+                torch.ones(b, t, dtype=torch.bool, device=ids.device) if valid is None else valid
+            )
             if valid.shape != (b, t) or valid.dtype != torch.bool:
-                raise ValueError(f"valid must be a bool tensor of shape {(b, t)}; "
-                                 f"got {valid.dtype} {tuple(valid.shape)}")
+                raise ValueError(
+                    f"valid must be a bool tensor of shape {(b, t)}; "
+                    f"got {valid.dtype} {tuple(valid.shape)}"
+                )
             ctx.cache_mask = cache_mask(cache, valid)
         elif valid is not None:
-            raise ValueError("valid marks padding inside a KV cache; without a cache pass unpadded input_ids")
+            raise ValueError(
+                "valid marks padding inside a KV cache; without a cache pass unpadded input_ids"
+            )
         return ids, position_ids.reshape(b, t), ctx
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        """An empty KV cache for `batch` rows of up to `max_len` tokens, in the model's dtype/device."""
+        """An empty KV cache for `batch` rows of up to `max_len` tokens (model dtype and device)."""
         c, p = self.config, self.embed_tokens.weight
-        return KVCache.allocate(c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim,
-                                dtype=p.dtype, device=p.device)
+        return KVCache.allocate(
+            c.num_hidden_layers,
+            batch,
+            c.num_key_value_heads,
+            max_len,
+            c.head_dim,
+            dtype=p.dtype,
+            device=p.device,
+        )
 
     # ---- HF checkpoints (implemented in hf.py) ------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path, *, dtype=None, device=None, activation_checkpointing=False) -> "Llama":
+    def from_pretrained(
+        cls, path, *, dtype=None, device=None, activation_checkpointing=False, check_finite=True
+    ) -> Llama:
         """Load a local HF Llama directory (config.json + *.safetensors, sharded or not).
 
         dtype: torch dtype or name; default the config.json dtype, else float32.
+        check_finite: raise CheckpointError naming the tensor and file if one holds nan/inf.
         """
-        return load_pretrained(cls, path, dtype=dtype, device=device,
-                               activation_checkpointing=activation_checkpointing)
+        return load_pretrained(
+            cls,
+            path,
+            dtype=dtype,
+            device=device,
+            activation_checkpointing=activation_checkpointing,
+            check_finite=check_finite,
+        )
 
     def save_pretrained(self, path, *, max_shard_size: int | str = "5GB") -> None:
-        """Write config.json + safetensors (sharded above max_shard_size) that transformers loads."""
+        """Write config.json + safetensors (sharded above max_shard_size); transformers loads it."""
         save_pretrained(self, path, max_shard_size=max_shard_size)
 
 
@@ -239,11 +312,19 @@ def _check_cu_seqlens(cu_seqlens, n, device):
     One host sync. A CPU cu_seqlens with CUDA input_ids is moved, not refused: it is the natural
     way to build it, and the kernels would otherwise fail with an error that does not name it.
     """
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 \
-            or cu_seqlens.dtype.is_floating_point:
-        raise ValueError("cu_seqlens must be a 1-D integer tensor [S + 1] of segment offsets (0, ..., N)")
+    if (
+        not isinstance(cu_seqlens, torch.Tensor)
+        or cu_seqlens.dim() != 1
+        or cu_seqlens.numel() < 2
+        or cu_seqlens.dtype.is_floating_point
+    ):
+        raise ValueError(
+            "cu_seqlens must be a 1-D integer tensor [S + 1] of segment offsets (0, ..., N)"
+        )
     bounds = cu_seqlens.tolist()
     lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
     if bounds[0] != 0 or bounds[-1] != n or min(lengths) < 0:
-        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at N={n}; got {bounds}")
+        raise ValueError(
+            f"cu_seqlens must start at 0, be non-decreasing and end at N={n}; got {bounds}"
+        )
     return cu_seqlens.to(device=device, dtype=torch.int32), max(lengths)

@@ -6,6 +6,7 @@ On disk: the trunk as an ordinary HF Llama directory (its lm_head kept as it was
 `export_hf` writes the Nemotron-Reward-HF layout instead: a plain Llama whose lm_head row 0 is one
 head row, so that transformers' LlamaForCausalLM gives logits[last, 0] = reward - bias.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,21 @@ from nemokern.model.hf import CheckpointError
 from nemokern.model.llama import Llama
 from nemokern.ops import reward_head
 
-# SteerLM's 9 attributes, in the order of the head's outputs (recipe.md section 1).
-ATTRIBUTES = ("quality", "toxicity", "humor", "creativity", "helpfulness", "correctness",
-              "coherence", "complexity", "verbosity")
+# SteerLM's 9 attributes, in the order of the head's outputs (recipe.md section 1); the one
+# definition that data readers, losses and trainers use.
+ATTRIBUTES = (
+    "quality",
+    "toxicity",
+    "humor",
+    "creativity",
+    "helpfulness",
+    "correctness",
+    "coherence",
+    "complexity",
+    "verbosity",
+)
+HELPFULNESS = ATTRIBUTES.index("helpfulness")  # 4: the column Bradley-Terry losses read
+IGNORE_LABEL = -100  # an attribute without a label
 HEAD_WEIGHTS, HEAD_CONFIG = "reward_head.safetensors", "reward_head.json"
 
 
@@ -33,10 +46,15 @@ class RewardModel(nn.Module):
         self.trunk = trunk
         self.attributes = tuple(attributes)
         p = trunk.embed_tokens.weight
-        self.head = nn.Linear(trunk.config.hidden_size, len(self.attributes), bias=True,
-                              device=p.device, dtype=p.dtype)
+        self.head = nn.Linear(
+            trunk.config.hidden_size,
+            len(self.attributes),
+            bias=True,
+            device=p.device,
+            dtype=p.dtype,
+        )
         with torch.no_grad():
-            self.head.weight.normal_(0.0, trunk.config.hidden_size ** -0.5)
+            self.head.weight.normal_(0.0, trunk.config.hidden_size**-0.5)
             self.head.bias.zero_()
 
     def attribute_index(self, name: str) -> int:
@@ -47,32 +65,38 @@ class RewardModel(nn.Module):
     def forward(self, input_ids, last_index, *, cu_seqlens=None, position_ids=None):
         """Rewards [S, K] float32 for packed input_ids [N] with cu_seqlens [S + 1] (last_index:
         the packed row of each sequence's last token), or dense [B, T] with last_index [B]."""
-        hidden = self.trunk.hidden_states(input_ids, cu_seqlens=cu_seqlens,
-                                          position_ids=position_ids, final_norm=False)
+        hidden = self.trunk.hidden_states(
+            input_ids, cu_seqlens=cu_seqlens, position_ids=position_ids, final_norm=False
+        )
         if cu_seqlens is not None:
             hidden = hidden.reshape(-1, hidden.shape[-1])
         norm = self.trunk.norm
-        return reward_head(hidden, last_index, norm.weight, self.head.weight, self.head.bias,
-                           eps=norm.eps)
+        return reward_head(
+            hidden, last_index, norm.weight, self.head.weight, self.head.bias, eps=norm.eps
+        )
 
     # ---- files --------------------------------------------------------------------------------
     def save_pretrained(self, path) -> None:
         path = Path(path)
         self.trunk.save_pretrained(path)
-        head = {"weight": self.head.weight.detach().cpu().contiguous(),
-                "bias": self.head.bias.detach().cpu().contiguous()}
+        head = {
+            "weight": self.head.weight.detach().cpu().contiguous(),
+            "bias": self.head.bias.detach().cpu().contiguous(),
+        }
         save_file(head, str(path / HEAD_WEIGHTS), metadata={"format": "pt"})
         (path / HEAD_CONFIG).write_text(json.dumps({"attributes": list(self.attributes)}) + "\n")
 
     @classmethod
-    def from_pretrained(cls, path, *, dtype=None, device=None, attributes=None,
-                        activation_checkpointing=False) -> "RewardModel":
+    def from_pretrained(
+        cls, path, *, dtype=None, device=None, attributes=None, activation_checkpointing=False
+    ) -> RewardModel:
         """Load a trunk (any HF Llama directory) and its head when the directory has one; a
         directory without a head (a base or instruct model) gets a fresh head over `attributes`
         (default the 9 SteerLM ones)."""
         path = Path(path)
-        trunk = Llama.from_pretrained(path, dtype=dtype, device=device,
-                                      activation_checkpointing=activation_checkpointing)
+        trunk = Llama.from_pretrained(
+            path, dtype=dtype, device=device, activation_checkpointing=activation_checkpointing
+        )
         if not (path / HEAD_WEIGHTS).exists():
             return cls(trunk, attributes or ATTRIBUTES)
         try:
@@ -80,20 +104,42 @@ class RewardModel(nn.Module):
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{path / HEAD_CONFIG}: unreadable head config ({exc})") from None
         if attributes is not None and tuple(attributes) != tuple(saved):
-            raise CheckpointError(f"{path}: the saved head has attributes {saved}, not "
-                                  f"{list(attributes)}")
+            raise CheckpointError(
+                f"{path}: the saved head has attributes {saved}, not {list(attributes)}"
+            )
         model = cls(trunk, saved)
         tensors = load_file(str(path / HEAD_WEIGHTS))
         expect = {"weight": tuple(model.head.weight.shape), "bias": tuple(model.head.bias.shape)}
         for name, shape in expect.items():
             if name not in tensors or tuple(tensors[name].shape) != shape:
                 got = tuple(tensors[name].shape) if name in tensors else "missing"
-                raise CheckpointError(f"{path / HEAD_WEIGHTS}: tensor {name!r} is {got}, "
-                                      f"expected {shape}")
+                raise CheckpointError(
+                    f"{path / HEAD_WEIGHTS}: tensor {name!r} is {got}, expected {shape}"
+                )
         with torch.no_grad():
             model.head.weight.copy_(tensors["weight"])
             model.head.bias.copy_(tensors["bias"])
         return model
+
+    @classmethod
+    def from_reward_hf(cls, path, *, dtype=None, device=None) -> RewardModel:
+        """A Nemotron-Reward-HF directory (a plain Llama whose reward is logits[last, 0]) as a
+        one-attribute RewardModel: lm_head row 0 is the head, with the bias `export_hf` recorded
+        in config.json (0 when absent, as in NVIDIA's release)."""
+        trunk = Llama.from_pretrained(path, dtype=dtype, device=device)
+        extra = trunk.config.extra
+        model = cls(trunk, (extra.get("nemokern_reward_attribute", "reward"),))
+        with torch.no_grad():
+            model.head.weight.copy_(trunk.lm_head.weight[:1])
+            model.head.bias.fill_(float(extra.get("nemokern_reward_bias", 0.0)))
+        return model
+
+    @classmethod
+    def load_any(cls, path, *, dtype=None, device=None) -> RewardModel:
+        """RewardModel.from_pretrained where the directory has a head, else from_reward_hf."""
+        if (Path(path) / HEAD_WEIGHTS).exists():
+            return cls.from_pretrained(path, dtype=dtype, device=device)
+        return cls.from_reward_hf(path, dtype=dtype, device=device)
 
     @torch.no_grad()
     def export_hf(self, path, attribute: str = "helpfulness") -> float:

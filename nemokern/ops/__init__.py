@@ -1,9 +1,18 @@
-"""Public fused ops: dispatch between Triton kernels and torch references, plus autograd.
+"""Public fused ops: validation, backend dispatch and autograd, one file per op; the math of each
+lives in the kernels/ file of the same name."""
 
-Must never import nemokern.parallel, model, data, train or cli (tp_group arguments are plain
-torch.distributed process groups).
-"""
-from .sequence_kl import sequence_kl  # noqa: F401
-from .logprobs import linear_logprobs, logprobs  # noqa: F401
-from .reward_head import reward_head  # noqa: F401
-from .linear_policy_loss import linear_policy_loss  # noqa: F401
+from ._dispatch import default_backend
+from .linear_logprobs import linear_logprobs
+from .linear_policy_loss import linear_policy_loss
+from .logprobs import logprobs
+from .reward_head import reward_head
+from .sequence_kl import sequence_kl
+
+__all__ = [
+    "default_backend",
+    "linear_logprobs",
+    "linear_policy_loss",
+    "logprobs",
+    "reward_head",
+    "sequence_kl",
+]

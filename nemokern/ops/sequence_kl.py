@@ -1,21 +1,21 @@
 """Public op sequence_kl: per-sequence KL to the reference policy over response tokens.
 
 Validation, backend dispatch and autograd; the math lives in nemokern/kernels/sequence_kl.py.
-Must never import nemokern.parallel, model, data, train or cli.
 """
+
 import torch
 from torch.autograd.function import once_differentiable
 
 from nemokern.kernels import sequence_kl as _k
-from nemokern.ops._dispatch import backend_for, check_tensors, device_guard
+from nemokern.ops import _checks
+from nemokern.ops._dispatch import backend_for, device_guard
 
 REDUCTIONS = ("mean", "sum")
 _MASK_PASSTHROUGH = (torch.bool, torch.uint8, torch.float32, torch.bfloat16, torch.float16)
 _LOGP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def sequence_kl(logprobs, ref_logprobs, mask, *, estimator="k1", reduction="mean",
-                cu_seqlens=None):
+def sequence_kl(logprobs, ref_logprobs, mask, *, estimator="k1", reduction="mean", cu_seqlens=None):
     """KL(policy || reference) per sequence, from per-token log-probs, in one kernel launch.
 
     Args:
@@ -50,16 +50,16 @@ def sequence_kl(logprobs, ref_logprobs, mask, *, estimator="k1", reduction="mean
         mask = mask.float()  # e.g. int64 masks from a tokenizer: a 4-byte/token copy
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(torch.int32).contiguous()
-    return _SequenceKL.apply(logprobs, ref_logprobs.detach(), mask, cu_seqlens, est,
-                             reduction == "mean", backend)
+    return _SequenceKL.apply(
+        logprobs, ref_logprobs.detach(), mask, cu_seqlens, est, reduction == "mean", backend
+    )
 
 
 class _SequenceKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logp, ref, mask, cu_seqlens, estimator, mean, backend):
-        fwd = _k.sequence_kl_forward_triton if backend == "triton" else _k.sequence_kl_forward_torch
         with device_guard(logp.device):
-            kl, scale = fwd(logp, ref, mask, cu_seqlens, estimator, mean)
+            kl, scale = _k.forward(backend, logp, ref, mask, cu_seqlens, estimator, mean)
         ctx.save_for_backward(logp, ref, mask, cu_seqlens, scale)
         ctx.estimator, ctx.backend = estimator, backend
         ctx.mark_non_differentiable(scale)
@@ -69,10 +69,10 @@ class _SequenceKL(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_kl):
         logp, ref, mask, cu_seqlens, scale = ctx.saved_tensors
-        bwd = (_k.sequence_kl_backward_triton if ctx.backend == "triton"
-               else _k.sequence_kl_backward_torch)
         with device_guard(logp.device):
-            grad = bwd(grad_kl, scale, logp, ref, mask, cu_seqlens, ctx.estimator)
+            grad = _k.backward(
+                ctx.backend, grad_kl, scale, logp, ref, mask, cu_seqlens, ctx.estimator
+            )
         return grad, None, None, None, None, None, None
 
 
@@ -86,21 +86,27 @@ def _check_options(estimator, reduction):
 
 def _check_tensors(logprobs, ref_logprobs, mask, cu_seqlens):
     named = {"logprobs": logprobs, "ref_logprobs": ref_logprobs, "mask": mask}
-    check_tensors("sequence_kl", named, _LOGP_DTYPES, ("logprobs", "ref_logprobs"))
+    _checks.tensors("sequence_kl", named, _LOGP_DTYPES, ("logprobs", "ref_logprobs"))
     for name, t in named.items():
         if t.shape != logprobs.shape:
-            raise ValueError(f"sequence_kl: {name} has shape {tuple(t.shape)} but logprobs has "
-                             f"{tuple(logprobs.shape)}; all three must match")
+            raise ValueError(
+                f"sequence_kl: {name} has shape {tuple(t.shape)} but logprobs has "
+                f"{tuple(logprobs.shape)}; all three must match"
+            )
     if mask.is_complex():
         raise TypeError(f"sequence_kl: mask has dtype {mask.dtype}; use bool or a real 0/1 tensor")
     if cu_seqlens is None:
         if logprobs.dim() != 2:
-            raise ValueError(f"sequence_kl: logprobs has shape {tuple(logprobs.shape)}; pass "
-                             "[B, T], or packed [N] together with cu_seqlens=[B+1]")
+            raise ValueError(
+                f"sequence_kl: logprobs has shape {tuple(logprobs.shape)}; pass "
+                "[B, T], or packed [N] together with cu_seqlens=[B+1]"
+            )
         return
     if logprobs.dim() != 1:
-        raise ValueError(f"sequence_kl: with cu_seqlens, logprobs must be packed [N], got shape "
-                         f"{tuple(logprobs.shape)}; flatten it or drop cu_seqlens")
+        raise ValueError(
+            f"sequence_kl: with cu_seqlens, logprobs must be packed [N], got shape "
+            f"{tuple(logprobs.shape)}; flatten it or drop cu_seqlens"
+        )
     _check_cu_seqlens(cu_seqlens, logprobs)
 
 
@@ -110,11 +116,14 @@ def _check_cu_seqlens(cu, logprobs):
     if cu.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"sequence_kl: cu_seqlens has dtype {cu.dtype}; use int32 or int64")
     if cu.device != logprobs.device:
-        raise ValueError(f"sequence_kl: cu_seqlens is on {cu.device} but logprobs is on "
-                         f"{logprobs.device}")
+        raise ValueError(
+            f"sequence_kl: cu_seqlens is on {cu.device} but logprobs is on {logprobs.device}"
+        )
     # one host sync: a bad offset would otherwise read out of bounds inside the kernel
     bad = (cu[0] < 0) | (cu[-1] > logprobs.numel()) | (cu[1:] < cu[:-1]).any()
     if bool(bad):
         shown = cu.tolist() if cu.numel() <= 8 else cu[:8].tolist() + ["..."]
-        raise ValueError(f"sequence_kl: cu_seqlens={shown} must start at >= 0, be "
-                         f"non-decreasing and end at <= logprobs.numel() = {logprobs.numel()}")
+        raise ValueError(
+            f"sequence_kl: cu_seqlens={shown} must start at >= 0, be "
+            f"non-decreasing and end at <= logprobs.numel() = {logprobs.numel()}"
+        )

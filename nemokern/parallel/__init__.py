@@ -1,6 +1,3 @@
-"""Process groups, tensor-parallel layers and the all-reduce front end.
+"""Distributed helpers: the all-reduce front end of the nemokern._C extension."""
 
-Must never import nemokern.model, data, train or cli.
-"""
-
-from .all_reduce import all_reduce  # noqa: E402,F401
+from .all_reduce import all_reduce  # noqa: F401

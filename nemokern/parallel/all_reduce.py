@@ -6,8 +6,15 @@ fixed latency dominate. `all_reduce` sends such messages through the nemokern._C
 dtypes, several hosts, big messages, the extension missing) goes to torch.distributed.all_reduce.
 
 Every rank must take the same path for the same call, so the choice depends only on what all ranks
-share: the group, dtype, device type, byte size and the environment (torchrun gives every rank the
-same one). Non-contiguous tensors are reduced through a contiguous copy, never a different path.
+share: the group, dtype, device type, byte size, whether a CUDA graph is being captured and the
+environment (torchrun gives every rank the same one). Non-contiguous tensors are reduced through a
+contiguous copy, never a different path.
+
+Failures: a peer that does not arrive within NEMOKERN_ALLREDUCE_TIMEOUT raises TimeoutError, and
+ranks passing different sizes or dtypes raise ValueError, on every rank. On the CPU path the call
+itself raises. The CUDA path is asynchronous: its kernel records the failure and traps, which
+leaves the process's CUDA context unusable, so the unfinished result can never be read (every
+later CUDA call fails); the next all_reduce on that group raises the recorded error by name.
 
 Environment (the first two are read at every call, the others when a group's workspace is set
 up, i.e. at its first custom all-reduce; give every rank the same values):
@@ -17,50 +24,34 @@ up, i.e. at its first custom all-reduce; give every rank the same values):
     NEMOKERN_ALLREDUCE_TIMEOUT=S          seconds to wait for a peer before TimeoutError (300)
     NEMOKERN_ALLREDUCE_ONE_SHOT_BYTES=N   one-shot below N bytes, reduce-scatter + all-gather above
     NEMOKERN_SHM_CHUNK_BYTES=N            CPU workspace bytes per rank and parity (4 MiB)
-
-Must never import nemokern.model, data, train or cli.
 """
+
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import socket
+import time
 import warnings
 import weakref
 
 import torch
 import torch.distributed as dist
 
+from nemokern import env
+
 MiB = 1 << 20
-CUDA_MAX_RANKS = 8  # csrc/cuda_allreduce.cu: one node
 SHM_PREFIX = "nemokern_ar_"
-_DEFAULTS = {
-    "NEMOKERN_ALLREDUCE_MAX_BYTES": 16 * MiB,
-    "NEMOKERN_ALLREDUCE_ONE_SHOT_BYTES": 256 * 1024,
-    "NEMOKERN_SHM_CHUNK_BYTES": 4 * MiB,
-}
-
-
-def _env_number(name: str, default: float, cast=int):
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = cast(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number; unset it or give e.g. {default}") from None
-    if value <= 0:
-        raise ValueError(f"{name}={raw!r} must be positive")
-    return value
 
 
 def custom_enabled() -> bool:
-    """False when NEMOKERN_CUSTOM_ALLREDUCE=0 (or false/off/no) turns the fast path off."""
-    return os.environ.get("NEMOKERN_CUSTOM_ALLREDUCE", "1").strip().lower() not in ("0", "false", "off", "no")
+    """False when NEMOKERN_CUSTOM_ALLREDUCE=0 (or false/off) turns the fast path off."""
+    return env.flag("NEMOKERN_CUSTOM_ALLREDUCE")
 
 
 def max_custom_bytes() -> int:
-    return _env_number("NEMOKERN_ALLREDUCE_MAX_BYTES", _DEFAULTS["NEMOKERN_ALLREDUCE_MAX_BYTES"])
+    return env.number("NEMOKERN_ALLREDUCE_MAX_BYTES")
 
 
 def _extension():
@@ -79,12 +70,15 @@ def _dtype_code(dtype: torch.dtype):
     return {torch.float32: ext.DTYPE_FLOAT32, torch.bfloat16: ext.DTYPE_BFLOAT16}.get(dtype)
 
 
-def cleanup_stale_segments(shm_dir: str = "/dev/shm") -> list[str]:
+def cleanup_stale_segments(shm_dir: str = "/dev/shm", min_age_s: float = 10.0) -> list[str]:
     """Unlink workspaces whose creating process is gone (it crashed before all ranks mapped).
 
-    Workspace names carry the creator's pid; a healthy workspace has no name at all once every
-    rank has mapped it, so only a crash between create and unlink leaves one. Returns the names
-    removed.
+    A healthy workspace has no name once every rank has mapped it, so only a crash between
+    create and unlink leaves one. The creator holds an exclusive flock on its workspace until it
+    unlinks the name, and the kernel drops that lock when the creator dies, whatever pid
+    namespace it ran in (a pid in the name would be meaningless across containers). So a name
+    whose lock can be taken is stale, unless it is younger than `min_age_s` seconds (a creator
+    between shm_open and flock). Segments of other users are skipped. Returns the names removed.
     """
     removed = []
     try:
@@ -94,21 +88,24 @@ def cleanup_stale_segments(shm_dir: str = "/dev/shm") -> list[str]:
     for name in names:
         if not name.startswith(SHM_PREFIX):
             continue
+        path = os.path.join(shm_dir, name)
         try:
-            pid = int(name[len(SHM_PREFIX):].split("_")[0])
-            os.kill(pid, 0)
-            continue  # creator alive: its setup is in progress
-        except ValueError:
-            continue  # not a name we wrote
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue  # another user's live process
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue  # gone meanwhile, another user's, or not a plain file
         try:
-            os.unlink(os.path.join(shm_dir, name))
+            if time.time() - os.fstat(fd).st_mtime < min_age_s:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # the creator is alive: its setup is in progress
+            os.unlink(path)
             removed.append(name)
         except FileNotFoundError:
             pass
+        finally:
+            os.close(fd)
     return removed
 
 
@@ -167,21 +164,27 @@ class _GroupState:
                 self._comms[kind] = None
         return self._comms[kind]
 
+    def raise_if_cuda_failed(self):
+        """Raise the failure a CUDA all-reduce kernel of this group recorded before it trapped,
+        ahead of any CUDA call (which would only report the trap as a launch failure)."""
+        comm = self._comms.get("cuda")
+        if comm is not None:
+            comm.raise_if_failed()
+
     def _make_shm(self):
         from nemokern import _C
 
         args = dict(
             rank=self.rank,
             world_size=self.world,
-            chunk_bytes=_env_number("NEMOKERN_SHM_CHUNK_BYTES", _DEFAULTS["NEMOKERN_SHM_CHUNK_BYTES"]),
-            timeout_s=_env_number("NEMOKERN_ALLREDUCE_TIMEOUT", 300.0, float),
-            one_shot_max_bytes=_env_number(
-                "NEMOKERN_ALLREDUCE_ONE_SHOT_BYTES", _DEFAULTS["NEMOKERN_ALLREDUCE_ONE_SHOT_BYTES"]
-            ),
+            chunk_bytes=env.number("NEMOKERN_SHM_CHUNK_BYTES"),
+            timeout_s=env.number("NEMOKERN_ALLREDUCE_TIMEOUT"),
+            one_shot_max_bytes=env.number("NEMOKERN_ALLREDUCE_ONE_SHOT_BYTES"),
         )
         comm, error, box = None, None, [None]
         if self.rank == 0:
             cleanup_stale_segments()
+            # the pid is for people reading /dev/shm; liveness is the creator's flock
             box[0] = f"/{SHM_PREFIX}{os.getpid()}_{secrets.token_hex(6)}"
             try:
                 comm = _C.ShmAllReduce(box[0], create=True, **args)
@@ -212,10 +215,8 @@ class _GroupState:
                 world_size=self.world,
                 device=device.index if device.index is not None else torch.cuda.current_device(),
                 buffer_bytes=max_custom_bytes(),
-                timeout_s=_env_number("NEMOKERN_ALLREDUCE_TIMEOUT", 300.0, float),
-                one_shot_max_bytes=_env_number(
-                    "NEMOKERN_ALLREDUCE_ONE_SHOT_BYTES", _DEFAULTS["NEMOKERN_ALLREDUCE_ONE_SHOT_BYTES"]
-                ),
+                timeout_s=env.number("NEMOKERN_ALLREDUCE_TIMEOUT"),
+                one_shot_max_bytes=env.number("NEMOKERN_ALLREDUCE_ONE_SHOT_BYTES"),
             )
             handle = comm.ipc_handle()
         except Exception as exc:  # noqa: BLE001
@@ -247,21 +248,40 @@ def reset() -> None:
     _STATES.clear()
 
 
+def _capturing() -> bool:
+    """Whether the current CUDA stream is being captured into a CUDA graph."""
+    return torch.cuda.is_current_stream_capturing()
+
+
+def _custom_kind(device: torch.device, dtype: torch.dtype, nbytes: int):
+    """The custom back end ("shm" or "cuda") for a tensor, judged before its group; None means
+    torch.distributed.
+
+    While a CUDA graph is being captured the CUDA path is not taken: its kernels carry step
+    numbers that a replay would repeat, skipping the barriers (and the extension refuses
+    capture). torch.distributed (NCCL) supports capture.
+    """
+    if not custom_enabled() or _dtype_code(dtype) is None or nbytes > max_custom_bytes():
+        return None
+    if device.type == "cpu":
+        return "shm"
+    if device.type == "cuda" and _extension().with_cuda and not _capturing():
+        return "cuda"
+    return None
+
+
 def _custom_comm(tensor: torch.Tensor, group):
     """The extension object that will reduce `tensor`, or None for torch.distributed."""
-    if not custom_enabled() or not dist.is_initialized():
-        return None
-    nbytes = tensor.numel() * tensor.element_size()
-    if _dtype_code(tensor.dtype) is None or nbytes > max_custom_bytes():
-        return None
-    if tensor.device.type == "cpu":
-        kind = "shm"
-    elif tensor.device.type == "cuda" and _extension().with_cuda:
-        kind = "cuda"
-    else:
+    if not dist.is_initialized():
         return None
     st = _state(group)
-    if st.world == 1 or (kind == "cuda" and st.world > CUDA_MAX_RANKS) or not st.single_host():
+    if tensor.is_cuda:
+        st.raise_if_cuda_failed()
+    nbytes = tensor.numel() * tensor.element_size()
+    kind = _custom_kind(tensor.device, tensor.dtype, nbytes)
+    if kind is None:
+        return None
+    if st.world == 1 or st.world > _extension().MAX_RANKS or not st.single_host():
         return None
     comm = st.comm(kind, tensor.device)
     if kind == "cuda" and comm is not None and nbytes > comm.buffer_bytes:
@@ -274,9 +294,10 @@ def all_reduce(tensor: torch.Tensor, group=None) -> torch.Tensor:
 
     fp32/bf16 tensors of at most NEMOKERN_ALLREDUCE_MAX_BYTES on a single-host group take the
     custom path: every rank gets bitwise the same result, the rank-ordered sum
-    ((x_0 + x_1) + x_2) + ... accumulated in fp32. Anything else calls
-    torch.distributed.all_reduce(tensor, SUM, group). Collective: every rank of the group must
-    call it with the same shape and dtype, in the same order relative to other collectives.
+    ((x_0 + x_1) + x_2) + ... accumulated in fp32. Anything else, and CUDA tensors while a
+    CUDA graph is being captured, calls torch.distributed.all_reduce(tensor, SUM, group).
+    Collective: every rank of the group must call it with the same shape and dtype, in the same
+    order relative to other collectives (see the module docstring for what a failure raises).
     """
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"all_reduce: tensor must be a torch.Tensor, got {type(tensor).__name__}")

@@ -1,11 +1,11 @@
 """The embedded default job (`nemokern demo`): one RLOO-style rollout-and-score pass of a tiny
 built-in Llama-3.1 on CPU or GPU, with nothing downloaded.
 
-It exercises every layer the trainers stand on and checks each against its plain counterpart:
+It exercises every layer of the package and checks each against its plain counterpart:
 HF-layout save/load, packed forward vs per-sequence forward, KV-cache sampling of k responses per
 prompt, fused log-probs from hidden states vs log_softmax of the logits, sequence KL to a
 reference policy, the reward head on the last token, and the leave-one-out advantage.
-Must never import nemokern.cli.
+`check_options` validates every argument before any work; the CLI calls it first.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from nemokern.data.tokenizer import ByteTokenizer
 from nemokern.model import Llama, LlamaConfig, generate
 from nemokern.ops import linear_logprobs, logprobs, reward_head, sequence_kl
+from nemokern.train import options
 from nemokern.train.losses import rloo_advantages
 
 PROMPTS = (
@@ -26,6 +27,45 @@ PROMPTS = (
     "What is 17 * 23?",
     "Name three prime numbers.",
 )
+
+
+# The defaults of run_demo and of `nemokern demo` (the CLI reads them from here).
+DEFAULT_SEED, DEFAULT_K, DEFAULT_MAX_NEW_TOKENS, DEFAULT_DEVICE = 0, 4, 96, "cpu"
+
+
+def _setup():
+    """The tokenizer, the tiny model's config and the chat-formatted prompts (cheap, no model)."""
+    tok = ByteTokenizer()
+    cfg = LlamaConfig.tiny(
+        vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=list(tok.eos_ids)
+    )
+    prompts = [
+        tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+        for p in PROMPTS
+    ]
+    return tok, cfg, prompts
+
+
+def check_options(*, seed, k, max_new_tokens, device, out_dir) -> list[str]:
+    """Raise options.OptionError for an argument run_demo cannot run with; return warnings."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise options.OptionError("seed", f"{seed!r} is not allowed; use an integer in [0, 2**63)")
+    options.int_at_least("k", k, 1, "the number of responses sampled per prompt")
+    options.int_at_least("max_new_tokens", max_new_tokens, 1, "the response length limit")
+    _, cfg, prompts = _setup()
+    room = cfg.max_position_embeddings - max(len(p) for p in prompts)
+    if max_new_tokens > room:
+        raise options.OptionError(
+            "max_new_tokens",
+            f"{max_new_tokens} is too many: the longest prompt leaves room for "
+            f"{room} new tokens in the tiny model's {cfg.max_position_embeddings} positions",
+        )
+    options.device("device", device)
+    if out_dir is not None:
+        options.out_dir("out_dir", out_dir)
+    if k == 1:
+        return ["k=1: RLOO needs k >= 2 responses per prompt; every advantage will be 0"]
+    return []
 
 
 @dataclass
@@ -39,24 +79,28 @@ class DemoResult:
 
 def run_demo(
     *,
-    seed: int = 0,
-    k: int = 4,
-    max_new_tokens: int = 24,
-    device: str = "cpu",
+    seed: int = DEFAULT_SEED,
+    k: int = DEFAULT_K,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    device: str = DEFAULT_DEVICE,
     out_dir: str | None = None,
     log=print,
 ) -> DemoResult:
+    """Run the demo; every check's error lands in DemoResult.checks. Bad arguments raise
+    options.OptionError before any work; warnings (k = 1) go to `log`."""
+    for warning in check_options(
+        seed=seed, k=k, max_new_tokens=max_new_tokens, device=device, out_dir=out_dir
+    ):
+        log(f"warning: {warning}")
     t0 = time.perf_counter()
     res = DemoResult()
     torch.manual_seed(seed)
-    tok = ByteTokenizer()
-    cfg = LlamaConfig.tiny(
-        vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=list(tok.eos_ids)
-    )
+    tok, cfg, prompts = _setup()
     policy = Llama(cfg).to(device).eval()
     log(
         f"[1/6] tiny Llama-3.1: {sum(p.numel() for p in policy.parameters()):,} parameters, "
-        f"{cfg.num_hidden_layers} layers, GQA {cfg.num_attention_heads}/{cfg.num_key_value_heads}, vocab {cfg.vocab_size}"
+        f"{cfg.num_hidden_layers} layers, GQA {cfg.num_attention_heads}/{cfg.num_key_value_heads}, "
+        f"vocab {cfg.vocab_size}"
     )
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,14 +113,11 @@ def run_demo(
     with torch.no_grad():
         res.checks["save/load logits"] = (policy(probe) - reloaded(probe)).abs().max().item()
     log(
-        f"[2/6] save_pretrained -> from_pretrained ({'kept in ' + out_dir if out_dir else 'temp dir'}): "
+        "[2/6] save_pretrained -> from_pretrained "
+        f"({'kept in ' + out_dir if out_dir else 'temp dir'}): "
         f"max |dlogits| = {res.checks['save/load logits']:.1e}"
     )
 
-    prompts = [
-        tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
-        for p in PROMPTS
-    ]
     gen = torch.Generator(device=device).manual_seed(seed)
     rollout = generate(
         policy,
@@ -89,7 +130,8 @@ def run_demo(
     valid = rollout.ended_with_eos.view(len(PROMPTS), k)
     log(
         f"[3/6] sampled {k} responses x {len(PROMPTS)} prompts with the KV cache: lengths "
-        f"{rollout.lengths.tolist()}, ended with EOS {int(rollout.ended_with_eos.sum())}/{rollout.lengths.numel()}"
+        f"{rollout.lengths.tolist()}, ended with EOS "
+        f"{int(rollout.ended_with_eos.sum())}/{rollout.lengths.numel()}"
     )
 
     # Pack prompt + response of every rollout into one row: no padding is computed.
@@ -112,7 +154,7 @@ def run_demo(
         f"max |packed - per-sequence| = {res.checks['packed vs per-sequence hidden']:.1e}"
     )
 
-    # Targets: the next token inside each sequence's response; prompt tokens and segment ends ignored.
+    # Targets: the next token inside each response; prompt tokens and segment ends are ignored.
     targets = torch.full_like(ids, -100)
     mask = torch.zeros_like(ids, dtype=torch.bool)
     for i, s in enumerate(seqs):

@@ -1,10 +1,120 @@
-"""Losses and advantage estimators of the recipe (recipe.md sections 1-2). One implementation each;
-the trainers and the demo call these. Must never import nemokern.cli.
+"""Losses and advantage estimators of the recipe One implementation each;
+the trainers and the demo call these.
+
+Reward losses return a `LossValue(loss, count)`: the batch's mean loss and the number of terms
+it averages (valid labels, or counted pairs). A trainer that accumulates micro-batches weighs each
+by its count, so the global loss is the recipe's sum over the global batch / its total count.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
+
+from nemokern.model.reward import ATTRIBUTES, HELPFULNESS, IGNORE_LABEL  # noqa: F401 (re-exported)
+
+BT_KINDS = ("regular", "margin", "scaled")
+
+
+class LossValue(NamedTuple):
+    loss: (
+        torch.Tensor
+    )  # scalar float32, differentiable: the mean over the counted terms (0 if none)
+    count: torch.Tensor  # scalar int64: how many terms the mean is over
+
+
+def regression_loss(
+    rewards: torch.Tensor, labels: torch.Tensor, *, columns=None, ignore_label: float = IGNORE_LABEL
+) -> LossValue:
+    """SteerLM attribute regression: sum(mask * (rewards - labels)^2) / n_valid.
+
+    rewards [B, K] float (the reward head's outputs); labels [B, K] int or float, `ignore_label`
+    (-100) where an attribute is not labelled. columns: a sequence of output columns to train
+    (the helpfulness-only stage is `columns=(HELPFULNESS,)`); the labels of the other columns are
+    ignored. A batch with no valid label gives loss 0 (and zero gradients), not NaN.
+    """
+    if rewards.dim() != 2 or labels.shape != rewards.shape:
+        raise ValueError(
+            f"rewards and labels must both be [B, K]; got {tuple(rewards.shape)} and "
+            f"{tuple(labels.shape)}"
+        )
+    if not rewards.dtype.is_floating_point:
+        raise TypeError(f"rewards must be a float tensor; got {rewards.dtype}")
+    mask = labels != ignore_label
+    if columns is not None:
+        cols = torch.as_tensor(list(columns), dtype=torch.long)
+        if cols.numel() and (cols.min() < 0 or cols.max() >= rewards.shape[1]):
+            raise ValueError(
+                f"columns={list(columns)} out of range for K={rewards.shape[1]} outputs"
+            )
+        keep = torch.zeros(rewards.shape[1], dtype=torch.bool, device=labels.device)
+        keep[cols.to(labels.device)] = True
+        mask = mask & keep
+    out = rewards.float() if rewards.dtype != torch.float64 else rewards
+    # where, not mask * diff: the -100 of a masked label must not reach the square or its gradient
+    diff = torch.where(mask, out - labels.to(out.dtype), torch.zeros_like(out))
+    count = mask.sum()
+    return LossValue(diff.square().sum() / count.clamp(min=1), count)
+
+
+def bradley_terry_loss(
+    r_chosen: torch.Tensor, r_rejected: torch.Tensor, strength=None, *, kind: str = "regular"
+) -> LossValue:
+    """Bradley-Terry pair losses on scalar rewards, averaged over the counted pairs.
+
+    r_chosen, r_rejected [P] float: rewards of the better and the worse response (the caller has
+    already ordered each pair by the sign of its preference strength). strength [P] (-3..3 in
+    HelpSteer2-Preference), of which only m = |strength| is used; None means no strengths
+    (e.g. RewardBench-style pairs), allowed for kind="regular" only.
+      regular: -log sigmoid(r_c - r_r)
+      margin:  -log sigmoid(r_c - r_r - m)
+      scaled:  m * -log sigmoid(r_c - r_r)
+    Ties (strength 0) have no better response: every kind skips them (scaled BT would weigh them
+    0 anyway), so `count` is the number of non-tie pairs and the mean is over those.
+    """
+    if kind not in BT_KINDS:
+        raise ValueError(f"kind={kind!r}; choose one of {BT_KINDS}")
+    if r_chosen.dim() != 1 or r_rejected.shape != r_chosen.shape:
+        raise ValueError(
+            f"r_chosen and r_rejected must both be [P]; got {tuple(r_chosen.shape)} and "
+            f"{tuple(r_rejected.shape)}"
+        )
+    diff = r_chosen - r_rejected
+    diff = diff.float() if diff.dtype != torch.float64 else diff
+    if strength is None:
+        if kind != "regular":
+            raise ValueError(
+                f"kind={kind!r} needs the pairs' preference strengths; got strength=None"
+            )
+        per_pair = -F.logsigmoid(diff)
+        return LossValue(
+            per_pair.sum() / max(diff.numel(), 1), torch.tensor(diff.numel(), device=diff.device)
+        )
+    strength = torch.as_tensor(strength, device=diff.device)
+    if strength.shape != diff.shape:
+        raise ValueError(
+            f"strength must be [P] like the rewards; got {tuple(strength.shape)} for "
+            f"P={diff.numel()}"
+        )
+    m = strength.abs().to(diff.dtype)
+    counted = m != 0
+    per_pair = -F.logsigmoid(diff - m if kind == "margin" else diff)
+    if kind == "scaled":
+        per_pair = m * per_pair
+    count = counted.sum()
+    per_pair = torch.where(counted, per_pair, torch.zeros_like(per_pair))
+    return LossValue(per_pair.sum() / count.clamp(min=1), count)
+
+
+def pair_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """Share of pairs with r_chosen strictly greater than r_rejected (ties count as wrong)."""
+    if r_chosen.shape != r_rejected.shape:
+        raise ValueError(
+            f"r_chosen {tuple(r_chosen.shape)} and r_rejected {tuple(r_rejected.shape)} differ"
+        )
+    return (r_chosen > r_rejected).float().mean()
 
 
 def rloo_advantages(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -17,7 +127,8 @@ def rloo_advantages(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """
     if scores.dim() != 2 or valid.shape != scores.shape:
         raise ValueError(
-            f"scores and valid must both be [P, k]; got {tuple(scores.shape)} and {tuple(valid.shape)}"
+            f"scores and valid must both be [P, k]; got {tuple(scores.shape)} and "
+            f"{tuple(valid.shape)}"
         )
     valid = valid.bool()
     v = valid.to(scores.dtype)

@@ -5,24 +5,40 @@ groups its subsets into four sections; a section score is the example-count-weig
 subsets' accuracies, except Reasoning, where the math subset (math-prm) weighs as much as all the
 code subsets (hep-*) together. The overall score is the plain mean of the sections present.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
 
 SECTIONS = {
-    "Chat": ("alpacaeval-easy", "alpacaeval-length", "alpacaeval-hard", "mt-bench-easy",
-             "mt-bench-med"),
-    "Chat Hard": ("mt-bench-hard", "llmbar-natural", "llmbar-adver-neighbor",
-                  "llmbar-adver-GPTInst", "llmbar-adver-GPTOut", "llmbar-adver-manual"),
-    "Safety": ("refusals-dangerous", "refusals-offensive", "xstest-should-refuse",
-               "xstest-should-respond", "donotanswer"),
-    "Reasoning": ("math-prm", "hep-cpp", "hep-go", "hep-java", "hep-js", "hep-python",
-                  "hep-rust"),
+    "Chat": (
+        "alpacaeval-easy",
+        "alpacaeval-length",
+        "alpacaeval-hard",
+        "mt-bench-easy",
+        "mt-bench-med",
+    ),
+    "Chat Hard": (
+        "mt-bench-hard",
+        "llmbar-natural",
+        "llmbar-adver-neighbor",
+        "llmbar-adver-GPTInst",
+        "llmbar-adver-GPTOut",
+        "llmbar-adver-manual",
+    ),
+    "Safety": (
+        "refusals-dangerous",
+        "refusals-offensive",
+        "xstest-should-refuse",
+        "xstest-should-respond",
+        "donotanswer",
+    ),
+    "Reasoning": ("math-prm", "hep-cpp", "hep-go", "hep-java", "hep-js", "hep-python", "hep-rust"),
 }
 MATH_SUBSET = "math-prm"
 
 
-def pair_accuracy(chosen, rejected, subsets=None) -> dict:
+def accuracy_report(chosen, rejected, subsets=None) -> dict:
     """Accuracy over all pairs and per subset.
 
     chosen, rejected: sequences of floats (a score per pair); subsets: a subset name per pair, or
@@ -41,9 +57,13 @@ def pair_accuracy(chosen, rejected, subsets=None) -> dict:
         right[key] += c > r
         count[key] += 1
     n = len(chosen)
-    result = {"accuracy": sum(right.values()) / n if n else float("nan"), "n": n,
-              "subsets": {k: {"accuracy": right[k] / count[k], "n": count[k]}
-                          for k in sorted(count) if k}}
+    result = {
+        "accuracy": sum(right.values()) / n if n else float("nan"),
+        "n": n,
+        "subsets": {
+            k: {"accuracy": right[k] / count[k], "n": count[k]} for k in sorted(count) if k
+        },
+    }
     sections = section_scores(result["subsets"])
     if sections:
         result["sections"] = sections

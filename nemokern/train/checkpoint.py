@@ -1,0 +1,446 @@
+"""Resumable training checkpoints: written atomically, read back exactly, never unpickled.
+
+A checkpoint is a directory OUT/checkpoints/step-NNNNNNNN/:
+    <part>/                 HF layout (config.json + safetensors) of each module that has
+                            save_pretrained: the model itself ("model/"), or its children by name
+    modules.safetensors     every other parameter and buffer (e.g. a reward head), by state_dict
+                            name
+    optimizer.{json,safetensors}, scheduler.{json,safetensors}, trainer.{json,safetensors}
+                            state dicts: tensors in safetensors, everything else in JSON
+    rng-rankNNNNN.{json,safetensors}   python, numpy, torch CPU and CUDA generator states per
+                                       process
+    manifest.json           written last: the step and every file's size
+It is built in a hidden temp directory, each file fsync'ed, then renamed into place, so a run killed
+mid-save leaves the previous checkpoints intact; a directory without a manifest, or whose files do
+not match it, is incomplete and `load` names the file that is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from nemokern.model.hf import CheckpointError, hf_name, weight_files
+from nemokern.model.llama import Llama
+
+FORMAT = "nemokern-checkpoint-1"
+MANIFEST = "manifest.json"
+STEP_DIR = re.compile(r"step-(\d{8})")
+
+__all__ = [
+    "CheckpointError",
+    "Checkpointer",
+    "decode_state",
+    "encode_state",
+    "get_rng_state",
+    "load_modules",
+    "save_modules",
+    "set_rng_state",
+    "validate",
+]
+
+
+# ---- state dicts as JSON + tensors ---------------------------------------------------------------
+def encode_state(obj, tensors: dict, key: str = "s"):
+    """A JSON-able copy of `obj` in which every tensor is replaced by a reference into `tensors`.
+
+    Tuples, non-string dict keys and numpy arrays are tagged so that decode_state rebuilds them
+    exactly (optimizer state dicts have int keys; RNG states are tuples).
+    """
+    if isinstance(obj, torch.Tensor):
+        if key in tensors:  # a dict key with a dot in it can spell another entry's path
+            key = f"{key}#{len(tensors)}"
+        tensors[key] = obj.detach().to("cpu").contiguous().clone()
+        return {"__tensor__": key}
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: encode_state(v, tensors, f"{key}.{k}") for k, v in obj.items()}
+        return {
+            "__items__": [
+                [encode_state(k, tensors, f"{key}.k{i}"), encode_state(v, tensors, f"{key}.{i}")]
+                for i, (k, v) in enumerate(obj.items())
+            ]
+        }
+    if isinstance(obj, tuple):
+        return {"__tuple__": [encode_state(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [encode_state(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(
+        f"checkpoint state {key}: cannot store a {type(obj).__name__} (only tensors, numbers, "
+        "strings, lists, tuples, dicts and numpy arrays)"
+    )
+
+
+def decode_state(obj, tensors: dict, where: str = "state"):
+    """Inverse of encode_state; `where` names the file in errors."""
+    if isinstance(obj, list):
+        return [decode_state(v, tensors, where) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        if obj["__tensor__"] not in tensors:
+            raise CheckpointError(f"{where}: tensor {obj['__tensor__']!r} is missing")
+        return tensors[obj["__tensor__"]]
+    if "__ndarray__" in obj:
+        return np.asarray(obj["__ndarray__"], dtype=obj["dtype"])
+    if "__tuple__" in obj:
+        return tuple(decode_state(v, tensors, where) for v in obj["__tuple__"])
+    if "__items__" in obj:
+        return {
+            decode_state(k, tensors, where): decode_state(v, tensors, where)
+            for k, v in obj["__items__"]
+        }
+    return {k: decode_state(v, tensors, where) for k, v in obj.items()}
+
+
+def _save_state(obj, directory: Path, name: str) -> None:
+    tensors: dict = {}
+    encoded = encode_state(obj, tensors)
+    (directory / f"{name}.json").write_text(json.dumps(encoded))
+    save_file(tensors, str(directory / f"{name}.safetensors"))
+
+
+def _load_state(directory: Path, name: str):
+    jpath, tpath = directory / f"{name}.json", directory / f"{name}.safetensors"
+    try:
+        encoded = json.loads(jpath.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{jpath} is missing; the checkpoint is incomplete") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{jpath}: not valid JSON ({e}); the checkpoint is corrupt") from None
+    return decode_state(encoded, _read_tensors(tpath), str(jpath))
+
+
+def _read_tensors(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error type for truncated/garbled files
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({e}); the checkpoint is corrupt"
+        ) from None
+
+
+# ---- RNG ----------------------------------------------------------------------------------------
+def get_rng_state() -> dict:
+    """Every generator a training step may draw from: python, numpy, torch CPU, CUDA (if
+    initialised)."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- model weights ------------------------------------------------------------------------------
+def _hf_parts(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The submodules stored in HF layout: the model itself if it is a Llama, else its Llama
+    children (a RewardModel's trunk)."""
+    if isinstance(model, Llama):
+        return {"": model}
+    return {name: child for name, child in model.named_children() if isinstance(child, Llama)}
+
+
+def _rest_state(model: torch.nn.Module, parts: dict) -> dict[str, torch.Tensor]:
+    """State-dict entries that no HF part stores (parameters of heads, any buffers)."""
+    covered = set()
+    for name, part in parts.items():
+        prefix = f"{name}." if name else ""
+        params = {id(p) for p in part.parameters()}
+        covered |= {
+            prefix + k for k, v in part.state_dict(keep_vars=True).items() if id(v) in params
+        }
+    return {k: v for k, v in model.state_dict(keep_vars=True).items() if k not in covered}
+
+
+def save_modules(model: torch.nn.Module, directory) -> None:
+    """Write `model`'s weights: HF layout for the parts with save_pretrained (a Llama, e.g. "model/"
+    or "<child>/"), modules.safetensors for the rest. `model` is the unwrapped module (not DDP)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    parts = _hf_parts(model)
+    for name, part in parts.items():
+        part.save_pretrained(directory / (name or "model"))
+    rest = {
+        k: v.detach().to("cpu").contiguous().clone() for k, v in _rest_state(model, parts).items()
+    }
+    if rest or not parts:
+        save_file(rest, str(directory / "modules.safetensors"))
+
+
+@torch.no_grad()
+def load_modules(model: torch.nn.Module, directory) -> None:
+    """Copy the weights save_modules wrote into `model`'s existing tensors (in place, so an
+    optimizer built on them stays valid). Missing, unexpected or mis-shaped tensors raise
+    CheckpointError."""
+    directory = Path(directory)
+    parts = _hf_parts(model)
+    for name, part in parts.items():
+        sub = directory / (name or "model")
+        expected = {hf_name(n): p for n, p in part.named_parameters()}
+        loaded = set()
+        assigned = weight_files(sub) if sub.is_dir() else None
+        if assigned is None:
+            raise CheckpointError(
+                f"{sub} is missing; the checkpoint has no weights for {name or 'the model'}"
+            )
+        for file in dict.fromkeys(assigned.values()):
+            try:
+                handle = safe_open(str(file), framework="pt", device="cpu")
+            except Exception as e:  # safetensors' own error type for truncated/garbled headers
+                raise CheckpointError(
+                    f"{file}: not a readable safetensors file ({e}); the checkpoint is corrupt"
+                ) from None
+            with handle as f:
+                for key in f.keys():
+                    if key not in expected:
+                        raise CheckpointError(f"{file}: unexpected tensor {key!r} for this model")
+                    _copy(expected[key], f.get_tensor(key), file, key)
+                    loaded.add(key)
+        missing = sorted(set(expected) - loaded)
+        if missing:
+            raise CheckpointError(f"{sub}: tensor(s) {missing[:8]} missing")
+    rest = _rest_state(model, parts)
+    path = directory / "modules.safetensors"
+    if not rest:
+        return
+    stored = _read_tensors(path)
+    if set(stored) != set(rest):
+        raise CheckpointError(
+            f"{path}: holds {sorted(set(stored) - set(rest))[:8]} unexpected and lacks "
+            f"{sorted(set(rest) - set(stored))[:8]}; was it written for another model?"
+        )
+    for key, target in rest.items():
+        _copy(target, stored[key], path, key)
+
+
+def _copy(target: torch.Tensor, source: torch.Tensor, file, key) -> None:
+    if tuple(source.shape) != tuple(target.shape):
+        raise CheckpointError(
+            f"{file}: tensor {key!r} has shape {tuple(source.shape)}, the model has "
+            f"{tuple(target.shape)}"
+        )
+    target.copy_(source)
+
+
+# ---- durability ---------------------------------------------------------------------------------
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    for path in [*(p for p in root.rglob("*") if p.is_dir()), root]:
+        _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _file_sizes(root: Path) -> dict[str, int]:
+    return {
+        p.relative_to(root).as_posix(): p.stat().st_size
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+def validate(path) -> dict:
+    """The manifest of a complete checkpoint; CheckpointError naming the file if it is not one."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a checkpoint directory")
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise CheckpointError(
+            f"{mpath} is missing: the checkpoint is incomplete (a save interrupted before "
+            "it finished); resume from an older one or with resume=auto"
+        )
+    try:
+        manifest = json.loads(mpath.read_text())
+        files, step = manifest["files"], int(manifest["step"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(
+            f"{mpath}: not a nemokern checkpoint manifest ({e!r}); the checkpoint is corrupt"
+        ) from None
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{mpath}: format {manifest.get('format')!r}, this nemokern reads {FORMAT!r}"
+        )
+    for rel, size in files.items():
+        f = path / rel
+        if not f.is_file():
+            raise CheckpointError(
+                f"{f} is missing (listed in {mpath}); the checkpoint is incomplete"
+            )
+        if f.stat().st_size != size:
+            raise CheckpointError(
+                f"{f} has {f.stat().st_size} bytes, {mpath} records {size}: the file is "
+                "truncated or was modified; the checkpoint is corrupt"
+            )
+    manifest["step"] = step
+    return manifest
+
+
+class Checkpointer:
+    """Saves to and finds checkpoints in OUT/checkpoints, keeping the newest `keep_last`.
+
+    Under torch.distributed every process calls save/load: rank 0 writes the shared state
+    (weights, optimizer, scheduler, trainer state) and each rank its own RNG file, with barriers in
+    between, so OUT must be on a file system that all ranks of a node share.
+    """
+
+    def __init__(self, out_dir, *, keep_last: int = 2):
+        if keep_last < 1:
+            raise ValueError(f"keep_last={keep_last} must be at least 1")
+        self.root = Path(out_dir) / "checkpoints"
+        self.keep_last = keep_last
+        dist = torch.distributed
+        self._dist = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self._dist else 0
+        self.world_size = dist.get_world_size() if self._dist else 1
+
+    def _barrier(self):
+        if self._dist:
+            torch.distributed.barrier()
+
+    def path(self, step: int) -> Path:
+        return self.root / f"step-{step:08d}"
+
+    def complete(self) -> list[tuple[int, Path]]:
+        """(step, dir) of the complete checkpoints, oldest first; incomplete ones are skipped."""
+        found = []
+        for d in self.root.glob("step-*") if self.root.is_dir() else []:
+            if STEP_DIR.fullmatch(d.name) and (d / MANIFEST).is_file():
+                found.append((int(d.name[5:]), d))
+        return sorted(found)
+
+    def latest(self) -> Path | None:
+        done = self.complete()
+        return done[-1][1] if done else None
+
+    def resolve(self, resume: str) -> Path | None:
+        """'' -> None; 'auto' -> the newest complete checkpoint or None; a directory -> itself,
+        checked."""
+        if not resume:
+            return None
+        if resume == "auto":
+            return self.latest()
+        path = Path(resume)
+        if (path / "checkpoints").is_dir() and not (path / MANIFEST).exists():
+            latest = Checkpointer(path).latest()
+            if latest is None:
+                raise CheckpointError(f"{path / 'checkpoints'} holds no complete checkpoint")
+            return latest
+        validate(path)
+        return path
+
+    def save(
+        self,
+        step: int,
+        *,
+        model,
+        optimizer=None,
+        scheduler=None,
+        state: dict | None = None,
+        rng: dict | None = None,
+    ) -> Path:
+        """Write checkpoint `step` atomically and prune old ones; returns its directory.
+
+        model: the unwrapped module. state: the trainer's own JSON/tensor state (data position,
+        ...).
+        rng: this process's generator states (default: the current ones).
+        """
+        final, tmp = self.path(step), self.root / f".tmp-step-{step:08d}"
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(".tmp-step-*"):  # left by a run killed mid-save
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        self._barrier()
+        _save_state(get_rng_state() if rng is None else rng, tmp, f"rng-rank{self.rank:05d}")
+        if self.rank == 0:
+            save_modules(model, tmp)
+            if optimizer is not None:
+                _save_state(optimizer.state_dict(), tmp, "optimizer")
+            if scheduler is not None:
+                _save_state(scheduler.state_dict(), tmp, "scheduler")
+            _save_state(
+                {"step": step, "world_size": self.world_size, **(state or {})}, tmp, "trainer"
+            )
+        self._barrier()
+        if self.rank == 0:
+            _fsync_tree(tmp)
+            manifest = {"format": FORMAT, "step": step, "files": _file_sizes(tmp)}
+            with open(tmp / MANIFEST, "w") as f:
+                json.dump(manifest, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_dir(tmp)
+            if final.exists():  # the same step saved again (e.g. after a resume): replace it
+                old = self.root / f".old-step-{step:08d}"
+                shutil.rmtree(old, ignore_errors=True)
+                final.rename(old)
+                tmp.rename(final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(final)
+            _fsync_dir(self.root)
+            for _, old in self.complete()[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        self._barrier()
+        return final
+
+    def load(self, path, *, model, optimizer=None, scheduler=None) -> dict:
+        """Restore a checkpoint into `model` (in place), the optimizer, the scheduler and this
+        process's RNG; returns the trainer state ({"step": ..., "world_size": ..., ...})."""
+        path = Path(path)
+        validate(path)
+        load_modules(model, path)
+        if optimizer is not None:
+            sd = _load_state(path, "optimizer")
+            try:
+                optimizer.load_state_dict(sd)
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(
+                    f"{path / 'optimizer.json'}: does not fit this optimizer ({e})"
+                ) from None
+        if scheduler is not None:
+            scheduler.load_state_dict(_load_state(path, "scheduler"))
+        state = _load_state(path, "trainer")
+        name = f"rng-rank{self.rank:05d}"
+        if not (path / f"{name}.json").is_file():
+            name = "rng-rank00000"  # resumed on more processes than saved: not bit-exact anyway
+        set_rng_state(_load_state(path, name))
+        return state

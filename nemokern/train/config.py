@@ -1,0 +1,298 @@
+"""Training configuration: flat dataclasses, a TOML file, and the command line (which wins).
+
+Every field of a config dataclass is declared with `option(default, help, choices=...)`; from that
+one declaration come the Python default, the `--kebab-case` command-line option with its help text
+and "(default: ...)", and the TOML key (the field name). Precedence: dataclass default < TOML
+file < command line. `TrainConfig` holds what the shared training loop reads; a trainer's config
+subclasses it, adds its own fields and may override defaults (REINFORCE: lr 9e-7, cosine to 9e-8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = None
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix; the message names the key, the file and the fix."""
+
+
+def option(default, help: str, *, choices=None):
+    """A config field: its default, its help text and (optionally) its allowed values.
+    A list default is copied for each instance."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """What the shared training loop reads. Optimizer defaults: recipe.md (NeMo-Aligner's
+    betas/weight decay/clip; the reward recipe's stage-1 lr, constant)."""
+
+    out: str = option("runs/nemokern", "output directory: checkpoints/, metrics.jsonl, final/")
+    seed: int = option(0, "seed of the model init, the data order and every sampler")
+    epochs: int = option(1, "passes over the training data")
+    max_steps: int = option(
+        0, "stop after this many optimizer steps (0: as many as the epochs give)"
+    )
+    grad_accum: int = option(1, "micro-batches per optimizer step on each process")
+    lr: float = option(
+        2e-6, "peak learning rate (recipe: 2e-6 regression, 1e-6 Bradley-Terry, 9e-7 REINFORCE)"
+    )
+    schedule: str = option(
+        "constant", "learning-rate schedule after the warmup", choices=("constant", "cosine")
+    )
+    warmup_steps: int = option(0, "linear warmup from 0 to lr over this many steps")
+    min_lr: float = option(0.0, "final learning rate of the cosine schedule")
+    betas: tuple[float, float] = option((0.9, 0.98), "AdamW betas")
+    eps: float = option(1e-8, "AdamW epsilon")
+    weight_decay: float = option(0.1, "AdamW decoupled weight decay")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0: no clipping)")
+    optimizer_impl: str = option(
+        "auto",
+        "AdamW implementation (auto: fused where the device has it, else foreach)",
+        choices=("auto", "fused", "foreach", "for-loop"),
+    )
+    bf16: bool = option(True, "bf16 autocast on CUDA (ignored on the CPU)")
+    activation_checkpointing: bool = option(False, "recompute each layer in the backward pass")
+    device: str = option(
+        "auto",
+        "cpu, cuda, cuda:N or auto (this process's GPU, cuda:LOCAL_RANK, when CUDA "
+        "is available, else the CPU)",
+    )
+    shuffle: bool = option(True, "shuffle the micro-batch order each epoch (seeded)")
+    save_every: int = option(0, "save a checkpoint every N steps (0: only at the end)")
+    keep_last: int = option(2, "keep the newest K checkpoints")
+    resume: str = option(
+        "",
+        "'' (start fresh), 'auto' (the newest complete checkpoint in OUT, if any) "
+        "or a checkpoint directory",
+    )
+    eval_every: int = option(
+        0, "evaluate every N steps (0: only at the end; needs an evaluation set)"
+    )
+    progress: bool = option(True, "show a progress bar")
+    tensorboard: bool = option(True, "also log to OUT/tensorboard when tensorboard is installed")
+
+    def __post_init__(self):
+        for name in ("epochs", "grad_accum", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} = {getattr(self, name)} must be at least 1")
+        for name in (
+            "max_steps",
+            "warmup_steps",
+            "save_every",
+            "eval_every",
+            "lr",
+            "min_lr",
+            "eps",
+            "weight_decay",
+            "grad_clip",
+        ):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} = {getattr(self, name)} must not be negative")
+        if self.schedule == "cosine" and self.min_lr > self.lr:
+            raise ConfigError(
+                f"min_lr = {self.min_lr} is above lr = {self.lr}; the cosine schedule decays to it"
+            )
+
+
+def config_fields(cls) -> list[dataclasses.Field]:
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        raise TypeError(f"{cls!r} is not a dataclass type")
+    return [f for f in dataclasses.fields(cls) if f.init]
+
+
+def _types(cls) -> dict[str, object]:
+    return typing.get_type_hints(cls)
+
+
+def _describe(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def coerce(name: str, value, tp, choices=None, where: str = ""):
+    """Check `value` (from TOML or Python) against the field's type; return it in that type."""
+    prefix = f"{where}: " if where else ""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return coerce(name, value, inner[0], choices, where)
+    ok = True
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is str:
+        ok = isinstance(value, str)
+    elif origin is tuple:
+        ok = isinstance(value, (list, tuple)) and len(value) == len(args)
+        if ok:
+            value = tuple(
+                coerce(f"{name}[{i}]", v, a, None, where)
+                for i, (v, a) in enumerate(zip(value, args))
+            )
+    elif origin is list:
+        ok = isinstance(value, (list, tuple))
+        if ok:
+            value = [coerce(f"{name}[{i}]", v, args[0], None, where) for i, v in enumerate(value)]
+    if not ok:
+        raise ConfigError(
+            f"{prefix}{name} = {value!r} must be {_describe(tp)}"
+            f"{f' of {len(args)} values' if origin is tuple else ''}"
+        )
+    if choices is not None and value not in choices:
+        raise ConfigError(
+            f"{prefix}{name} = {value!r} is not one of {', '.join(map(str, choices))}"
+        )
+    return value
+
+
+def _unknown(key: str, known, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(
+        f"{where}: unknown key {key!r}{hint}; known keys: {', '.join(sorted(known))}"
+    )
+
+
+def read_toml(cls, path) -> dict:
+    """{field: value} from a flat TOML file, each value type-checked; errors name the key and
+    file."""
+    path = Path(path)
+    if tomllib is None:
+        raise ConfigError(f"{path}: reading TOML needs Python >= 3.11 (tomllib)")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    fields, hints = {f.name: f for f in config_fields(cls)}, _types(cls)
+    values = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            if isinstance(value, dict):
+                raise ConfigError(
+                    f"{path}: [{key}] is a table; config keys are flat, write them at "
+                    "the top of the file"
+                )
+            raise _unknown(key, fields, str(path))
+        values[name] = coerce(
+            key, value, hints[name], fields[name].metadata.get("choices"), str(path)
+        )
+    return values
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls) -> argparse.ArgumentParser:
+    """Add `--config FILE.toml` and one `--kebab-case` option per field of `cls` to `parser`.
+
+    Options carry no argparse default (argparse.SUPPRESS), so `build_config` can tell what the
+    command line set; the help text shows the dataclass default, the one value used.
+    """
+    parser.add_argument(
+        "--config",
+        metavar="FILE.toml",
+        default=argparse.SUPPRESS,
+        help="read options from a flat TOML file (keys = option names with "
+        "underscores); the command line wins",
+    )
+    hints = _types(cls)
+    for f in config_fields(cls):
+        tp, flag = hints[f.name], "--" + f.name.replace("_", "-")
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = " ".join(map(str, default)) if isinstance(default, (tuple, list)) else repr(default)
+        kw = dict(
+            dest=f.name,
+            default=argparse.SUPPRESS,
+            help=f"{f.metadata.get('help', '')} (default: {shown})",
+        )
+        if f.metadata.get("choices"):
+            kw["choices"] = f.metadata["choices"]
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif typing.get_origin(tp) is tuple:
+            args = typing.get_args(tp)
+            parser.add_argument(flag, nargs=len(args), type=args[0], metavar=f.name.upper(), **kw)
+        elif typing.get_origin(tp) is list:
+            parser.add_argument(
+                flag, nargs="*", type=typing.get_args(tp)[0], metavar=f.name.upper(), **kw
+            )
+        else:
+            parser.add_argument(flag, type=tp, **kw)
+    return parser
+
+
+def config_parser(cls, **parser_kwargs) -> argparse.ArgumentParser:
+    """A stand-alone parser for `cls` (what `python -m` scripts and tests use)."""
+    return add_config_arguments(argparse.ArgumentParser(**parser_kwargs), cls)
+
+
+def build_config(cls, args: argparse.Namespace | None = None, *, toml=None, **overrides):
+    """An instance of `cls`: defaults < TOML (`toml`, or args.config) < parsed args < overrides."""
+    values = {}
+    names = {f.name for f in config_fields(cls)}
+    path = toml if toml is not None else getattr(args, "config", None)
+    if path is not None:
+        values.update(read_toml(cls, path))
+    if args is not None:
+        values.update({k: v for k, v in vars(args).items() if k in names})
+    for key in overrides:
+        if key not in names:
+            raise _unknown(key, names, f"{cls.__name__}(...)")
+    values.update(overrides)
+    hints, fields = _types(cls), {f.name: f for f in config_fields(cls)}
+    for key, value in values.items():
+        values[key] = coerce(key, value, hints[key], fields[key].metadata.get("choices"))
+    try:
+        return cls(**values)
+    except ConfigError as e:
+        source = f" (options from {path} and the command line)" if path is not None else ""
+        raise ConfigError(f"{e}{source}") from None
+
+
+def parse_config(cls, argv=None, **parser_kwargs):
+    """Parse a command line (sys.argv[1:] when None) into `cls`, reading --config FILE.toml
+    first."""
+    return build_config(cls, config_parser(cls, **parser_kwargs).parse_args(argv))
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} to TOML")
+
+
+def dump_toml(config, path) -> None:
+    """Write a config as the flat TOML file `--config` reads back (None values are left out)."""
+    lines = [
+        f"{f.name} = {_toml_value(getattr(config, f.name))}"
+        for f in config_fields(type(config))
+        if getattr(config, f.name) is not None
+    ]
+    Path(path).write_text("\n".join(lines) + "\n")

@@ -1,0 +1,477 @@
+"""The training loop every trainer shares; a trainer supplies the model, its micro-batches and a
+step function that turns one micro-batch into a loss.
+
+Per optimizer step: `grad_accum` micro-batches on each of the `world_size` processes (DDP under
+torchrun, gloo on CPUs, NCCL on GPUs), bf16 autocast on CUDA, each micro-batch's loss weighted by
+its `weight` (e.g. the number of labels or pairs it averages) so that the step's loss is the mean
+over the whole global batch; then global-norm clipping, AdamW and the learning-rate schedule.
+A non-finite loss or gradient stops the run before the update, after saving the last good state.
+Checkpoints every `save_every` steps and at the end; `resume` continues exactly where a checkpoint
+left off (same data order, RNG, optimizer and schedule: bit-identical losses on the CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .checkpoint import Checkpointer, CheckpointError, get_rng_state, save_modules
+from .config import TrainConfig, dump_toml
+from .metrics import MetricsLogger, peak_memory_mb
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or gradient became NaN/inf; the message names the step, the rows and the
+    checkpoint."""
+
+
+@dataclass
+class StepOutput:
+    """What a step function returns for one micro-batch."""
+
+    loss: torch.Tensor  # scalar, differentiable: the micro-batch's mean loss
+    weight: float | torch.Tensor = 1.0  # how many terms that mean is over (a LossValue's count)
+    # per-micro-batch means, e.g. accuracy; the same names on every micro-batch and process
+    metrics: dict[str, Any] = field(default_factory=dict)
+    tokens: int | torch.Tensor = 0  # tokens processed (for tokens/s)
+    rows: Sequence | None = None  # the batch's row ids, named if its loss is not finite
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: str = "auto") -> Dist:
+    """Join the torchrun process group (NCCL on GPUs, gloo on CPUs) when WORLD_SIZE > 1; pick the
+    device.
+
+    device: "auto" (this process's GPU, else the CPU), "cpu", "cuda" or "cuda:N".
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda":
+        device = f"cuda:{local_rank}"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device={device!r} but torch sees no CUDA GPU; use device='cpu'")
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    if dist.is_initialized():
+        return Dist(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+    return Dist(0, 1, 0, dev)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lr_factor(
+    step: int, *, total_steps: int, warmup_steps: int, schedule: str, lr: float, min_lr: float
+) -> float:
+    """Multiplier of the peak lr for optimizer step `step` (0-based): linear warmup to 1 over
+    warmup_steps (the first step already moves), then constant or cosine down to min_lr/lr."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant" or lr == 0:
+        return 1.0
+    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+    return (min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))) / lr
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; matrices decay, vectors (norms, biases) do not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no parameter with requires_grad=True; nothing to train")
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    kw = dict(lr=config.lr, betas=tuple(config.betas), eps=config.eps)
+    impl = config.optimizer_impl
+    if impl == "auto":
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kw)
+        except (RuntimeError, ValueError, TypeError):  # a device/dtype without the fused kernel
+            impl = "foreach"
+    return torch.optim.AdamW(groups, fused=impl == "fused" or None, foreach=impl == "foreach", **kw)
+
+
+def build_scheduler(optimizer, config: TrainConfig, total_steps: int):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: lr_factor(
+            s,
+            total_steps=total_steps,
+            warmup_steps=config.warmup_steps,
+            schedule=config.schedule,
+            lr=config.lr,
+            min_lr=config.min_lr,
+        ),
+    )
+
+
+def move_to(batch, device: torch.device):
+    """`batch` with every tensor inside (dicts, lists, tuples, dataclasses) moved to `device`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a NamedTuple
+        return type(batch)(*(move_to(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to(v, device) for v in batch)
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return dataclasses.replace(
+            batch,
+            **{
+                f.name: move_to(getattr(batch, f.name), device)
+                for f in dataclasses.fields(batch)
+                if f.init
+            },
+        )
+    return batch
+
+
+def enable_activation_checkpointing(model: nn.Module) -> int:
+    """Switch on every submodule that has an `activation_checkpointing` flag (a Llama); returns
+    how many."""
+    n = 0
+    for m in model.modules():
+        if hasattr(m, "activation_checkpointing"):
+            m.activation_checkpointing = True
+            n += 1
+    return n
+
+
+StepFn = Callable[[nn.Module, Any], StepOutput]
+
+
+class TrainLoop:
+    """Trains `model` on `data` with `step_fn`; `fit()` runs it and returns the per-step metrics.
+
+    model: the module to train (moved to the run's device; wrapped in DDP under torchrun). A
+        checkpoint stores it with checkpoint.save_modules: HF layout for a Llama, safetensors for
+        the rest (e.g. a reward head).
+    data: a sequence of micro-batches (len + index); the loop owns their order (seeded shuffle
+        per epoch) and position, which is what makes resuming exact. A trailing remainder that does
+        not fill a global step (grad_accum x world_size micro-batches) is left out of that epoch.
+    step_fn(model, batch) -> StepOutput: forward and loss of one micro-batch already moved to the
+        device. It must call `model(...)` (the DDP wrapper's forward) rather than a submodule so
+        that DDP sees the forward pass.
+    evaluate(model) -> dict: optional, run every eval_every steps and at the end, in eval mode
+        without gradients, on every process (its metrics are logged with an "eval_" prefix).
+    find_unused_parameters: passed to DDP, for models with trainable parameters a loss never uses.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        model: nn.Module,
+        data: Sequence,
+        step_fn: StepFn,
+        *,
+        evaluate: Callable[[nn.Module], dict] | None = None,
+        find_unused_parameters: bool = False,
+    ):
+        self.config, self.data, self.step_fn, self.evaluate = config, data, step_fn, evaluate
+        self.dist = setup_distributed(config.device)
+        self.device = self.dist.device
+        self.out = Path(config.out)
+        if config.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        self.model = model.to(self.device)
+        self.ddp = (
+            DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=find_unused_parameters,
+            )
+            if self.dist.active
+            else None
+        )
+        self.per_step = config.grad_accum * self.dist.world_size  # micro-batches per optimizer step
+        if len(data) < self.per_step:
+            raise ValueError(
+                f"{len(data)} micro-batches cannot fill one optimizer step of grad_accum="
+                f"{config.grad_accum} x {self.dist.world_size} process(es); use smaller batches "
+                "or a smaller grad_accum"
+            )
+        self.steps_per_epoch = len(data) // self.per_step
+        self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
+        self.optimizer = build_optimizer(self.model, config)
+        self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
+        self.checkpointer = Checkpointer(self.out, keep_last=config.keep_last)
+        self.step = 0
+        self.last_saved = -1
+        self._epoch_order: tuple[int, list[int]] = (-1, [])
+        self.history: list[dict] = []
+
+    # ---- data order ------------------------------------------------------------------------
+    def _order(self, epoch: int) -> list[int]:
+        if self._epoch_order[0] != epoch:
+            n = len(self.data)
+            g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+            order = (
+                torch.randperm(n, generator=g).tolist() if self.config.shuffle else list(range(n))
+            )
+            self._epoch_order = (epoch, order)
+        return self._epoch_order[1]
+
+    def micro_batch_indices(self, step: int) -> list[int]:
+        """Indices into `data` of this process's micro-batches for optimizer step `step`
+        (0-based)."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = self._order(epoch)[within * self.per_step : (within + 1) * self.per_step]
+        return order[self.dist.rank :: self.dist.world_size]
+
+    def micro_batches(self, step: int) -> list[tuple[Any, Any]]:
+        """(id, micro-batch) pairs this process trains on in optimizer step `step` (0-based); the id
+        names the micro-batch when its step function gives no rows. A trainer whose batches are
+        made during training (REINFORCE's rollouts) overrides this, and extra_state/load_extra_state
+        if what it makes must survive a resume."""
+        return [(f"micro-batch {i}", self.data[i]) for i in self.micro_batch_indices(step)]
+
+    def extra_state(self) -> dict:
+        """A subclass's own resumable state (tensors, numbers, strings, lists, dicts), saved with
+        every checkpoint."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore what extra_state returned."""
+
+    def data_state(self, step: int) -> dict:
+        return {
+            "step": step,
+            "epoch": step // self.steps_per_epoch,
+            "micro_batches": len(self.data),
+            "micro_batches_per_step": self.per_step,
+            "shuffle": self.config.shuffle,
+            "seed": self.config.seed,
+        }
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def save(self, step: int | None = None, rng: dict | None = None) -> Path:
+        step = self.step if step is None else step
+        path = self.checkpointer.save(
+            step,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            state={"data": self.data_state(step), "extra": self.extra_state()},
+            rng=rng,
+        )
+        self.last_saved = step
+        return path
+
+    def export(self, directory=None) -> Path:
+        """Write the model's weights for use outside training (default OUT/final) with
+        checkpoint.save_modules: HF layout for each Llama part, modules.safetensors for the rest."""
+        directory = Path(directory) if directory is not None else self.out / "final"
+        if self.dist.rank == 0:
+            save_modules(self.model, directory)
+        if self.dist.active:
+            dist.barrier()
+        return directory
+
+    def _resume(self) -> None:
+        path = self.checkpointer.resolve(self.config.resume)
+        if path is None:
+            return
+        state = self.checkpointer.load(
+            path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler
+        )
+        saved, now = state["data"], self.data_state(state["step"])
+        for key in ("micro_batches", "micro_batches_per_step", "shuffle", "seed"):
+            if saved.get(key) != now[key]:
+                raise CheckpointError(
+                    f"{path}: saved with {key}={saved.get(key)!r}, this run has {now[key]!r}; an "
+                    "exact resume needs the same data, batching, grad_accum x processes, shuffle "
+                    "and seed"
+                )
+        self.load_extra_state(state.get("extra", {}))
+        self.step = self.last_saved = state["step"]
+
+    # ---- the step ----------------------------------------------------------------------------
+    def _autocast(self):
+        if self.device.type == "cuda" and self.config.bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _reduce(self, values: list[torch.Tensor]) -> list[float]:
+        vec = torch.stack([v.to(self.device, torch.float64) for v in values])
+        if self.dist.active:
+            dist.all_reduce(vec)
+        return vec.tolist()
+
+    def _train_step(self) -> dict:
+        cfg, step = self.config, self.step
+        rng_before = get_rng_state()
+        t0 = time.perf_counter()
+        module = self.ddp or self.model
+        self.model.train()
+        micro = self.micro_batches(step)
+        zero = torch.zeros((), device=self.device, dtype=torch.float64)
+        weight_sum, loss_sum, tokens, finite = zero.clone(), zero.clone(), zero.clone(), []
+        metric_sums: dict[str, torch.Tensor] = {}
+        rows = []
+        for j, (name, batch) in enumerate(micro):
+            batch = move_to(batch, self.device)
+            sync = self.ddp is None or j == len(micro) - 1
+            with nullcontext() if sync else self.ddp.no_sync():
+                with self._autocast():
+                    out = self.step_fn(module, batch)
+                w = torch.as_tensor(out.weight, device=self.device).detach().to(torch.float64)
+                (out.loss * w.to(out.loss.dtype)).backward()
+            loss = out.loss.detach().to(torch.float64)
+            finite.append(torch.isfinite(loss))
+            weight_sum += w
+            loss_sum += loss * w
+            tokens += torch.as_tensor(out.tokens, device=self.device, dtype=torch.float64)
+            for k, v in out.metrics.items():
+                metric_sums[k] = (
+                    metric_sums.get(k, zero) + torch.as_tensor(v, device=self.device).detach() * w
+                )
+            rows.append(list(out.rows) if out.rows is not None else name)
+        bad_local = (~torch.stack(finite)).sum()
+        names = sorted(metric_sums)
+        total_w, total_loss, total_tokens, n_bad, *msums = self._reduce(
+            [weight_sum, loss_sum, tokens, bad_local, *(metric_sums[k] for k in names)]
+        )
+        if n_bad:
+            bad_rows = [r for r, ok in zip(rows, finite) if not ok]
+            self._stop(step, "loss", rng_before, bad_rows)
+        if total_w > 0:
+            # DDP averaged the weighted sums over processes; this makes them the global weighted
+            # mean
+            scale = self.dist.world_size / total_w
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        )
+        grad_norm = float(grad_norm)
+        if not math.isfinite(grad_norm):
+            self._stop(step, f"gradient (norm {grad_norm})", rng_before, rows)
+        lr = self.optimizer.param_groups[0]["lr"]
+        if total_w > 0:
+            self.optimizer.step()
+            self.scheduler.step()
+        else:  # nothing counted (e.g. a global batch of ties): no update, not even weight decay
+            with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": intended
+                warnings.simplefilter("ignore", UserWarning)
+                self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step = step + 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - t0
+        metrics = {
+            "epoch": step // self.steps_per_epoch,
+            "loss": total_loss / total_w if total_w else 0.0,
+            **{k: v / total_w if total_w else 0.0 for k, v in zip(names, msums)},
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "weight": total_w,
+            "tokens": int(total_tokens),
+            "tokens_per_s": total_tokens / seconds,
+            "step_s": seconds,
+            "peak_mem_mb": peak_memory_mb(self.device),
+        }
+        return metrics
+
+    def _stop(self, step: int, what: str, rng_before: dict, rows) -> None:
+        """Keep the state before this step as a checkpoint, then raise NonFiniteError."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.last_saved != step:
+            path = self.save(step, rng=rng_before)  # `step` steps done: the last good state
+        else:
+            path = self.checkpointer.path(step)
+        if self.dist.active:
+            gathered = [None] * self.dist.world_size
+            dist.all_gather_object(gathered, rows)
+            where = "; ".join(f"rank {r}: {g}" for r, g in enumerate(gathered) if g)
+        else:
+            where = f"{rows}"
+        raise NonFiniteError(
+            f"non-finite {what} at step {step + 1} (epoch {step // self.steps_per_epoch}); batch "
+            f"rows: {where}. The last good state (after step {step}) is in {path}: fix the data or "
+            "lower the lr, then resume from it"
+        )
+
+    def _run_eval(self) -> dict:
+        if self.evaluate is None:
+            return {}
+        self.model.eval()
+        with torch.no_grad(), self._autocast():
+            result = self.evaluate(self.model)
+        self.model.train()
+        return {f"eval_{k}": v for k, v in result.items()}
+
+    # ---- the run -----------------------------------------------------------------------------
+    def fit(self) -> list[dict]:
+        """Train to total_steps (resuming first if config.resume says so); returns the step
+        records."""
+        cfg, rank0 = self.config, self.dist.rank == 0
+        seed_everything(cfg.seed + self.dist.rank)
+        self._resume()
+        if rank0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            dump_toml(cfg, self.out / "config.toml")
+        logger = MetricsLogger(
+            self.out,
+            total_steps=self.total_steps,
+            start_step=self.step,
+            enabled=rank0,
+            tensorboard=cfg.tensorboard,
+            progress=cfg.progress,
+        )
+        with logger:
+            while self.step < self.total_steps:
+                metrics = self._train_step()
+                if (
+                    cfg.eval_every
+                    and self.step % cfg.eval_every == 0
+                    and self.step < self.total_steps
+                ):
+                    metrics.update(self._run_eval())
+                if self.step == self.total_steps:
+                    metrics.update(self._run_eval())
+                self.history.append(logger.log(self.step, metrics))
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    self.save()
+            if self.last_saved != self.step:
+                self.save()
+        return self.history

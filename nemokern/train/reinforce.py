@@ -1,0 +1,645 @@
+"""The REINFORCE trainer with a leave-one-out baseline (recipe.md section 2, NeMo-Aligner's RLOO).
+
+One rollout (every `updates_per_rollout` optimizer steps), in four timed phases:
+  generate  k samples per prompt with the KV-cache generate() (temperature, top-p, top-k);
+  score     r per sample: a reward model (reward_head on the last token) and/or a Python
+            function with TRL's signature fn(prompts, completions, **columns) -> list[float],
+            combined with weights;
+  logprobs  response-token log-probs of the policy and of the frozen reference with
+            linear_logprobs on packed sequences under no_grad (no [N, V] logits), the per-sequence
+            KL with sequence_kl, R = r - beta * KL, RLOO advantages over the EOS-ended samples;
+then each optimizer step of the rollout (update) takes its slice of the prompts and minimises the
+masked token mean of -logp_t * (R - b) (no ratio, no clipping) with linear_policy_loss (its
+gradients formed in the forward). The shared TrainLoop does accumulation, clipping, AdamW, the
+cosine schedule, checkpoints and metrics; RolloutLoop makes the batches while training and keeps
+an unfinished rollout in its checkpoints, so a resume inside a rollout continues exactly.
+OUT/final is the policy in HF layout.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nemokern.data.prompts import read_prompts
+from nemokern.data.tokenizer import HFTokenizer, load_tokenizer
+from nemokern.model import Llama, LlamaConfig, RewardModel, generate
+from nemokern.model.reward import HEAD_WEIGHTS
+from nemokern.ops import linear_logprobs, linear_policy_loss, sequence_kl
+from nemokern.train.config import ConfigError, TrainConfig, option
+from nemokern.train.loop import StepOutput, TrainLoop
+from nemokern.train.losses import rloo_advantages
+
+KL_ESTIMATORS = ("k1", "abs", "k2", "k3")
+PHASES = ("generate_s", "score_s", "logprobs_s")
+
+
+@dataclass
+class ReinforceConfig(TrainConfig):
+    """Everything `nemokern train-reinforce` takes. Defaults: recipe.md section 2 (NeMo-Aligner's
+    k = 4, temperature 1, beta 0.01, |k1| masked-mean KL, lr 9e-7 cosine to 9e-8)."""
+
+    lr: float = option(9e-7, "peak learning rate (recipe: 9e-7)")
+    schedule: str = option(
+        "cosine", "learning-rate schedule after the warmup", choices=("constant", "cosine")
+    )
+    min_lr: float = option(9e-8, "final learning rate of the cosine schedule")
+    policy: str = option(
+        "tiny",
+        "the initial policy (and reference): an HF Llama directory, or 'tiny' for "
+        "a small random Llama-3.1",
+    )
+    tokenizer: str = option("byte", "a local HF tokenizer directory, or 'byte' (built in)")
+    prompts: str = option(
+        "",
+        "prompts file: .jsonl, .jsonl.gz or .parquet with a `prompt` column (a string "
+        "or chat turns); other columns go to --reward-fn as keyword lists",
+    )
+    reward_model: str = option(
+        "",
+        "a reward model directory (RewardModel's layout with reward_head.*, or "
+        "the Nemotron-Reward-HF layout: lm_head row 0 on the last token)",
+    )
+    reward_fn: str = option(
+        "",
+        "a Python reward 'module:function' with TRL's signature "
+        "fn(prompts, completions, **columns) -> list[float]",
+    )
+    reward_model_weight: float = option(1.0, "weight of the reward model's score in r")
+    reward_fn_weight: float = option(1.0, "weight of the reward function's score in r")
+    attribute: str = option(
+        "helpfulness",
+        "the reward model's output used as the reward (a head with "
+        "one output, e.g. Nemotron-Reward-HF, has only that one)",
+    )
+    k: int = option(4, "samples per prompt (RLOO needs at least 2)")
+    max_new_tokens: int = option(
+        256, "longest response; a sample that reaches it without EOS is truncated"
+    )
+    temperature: float = option(1.0, "sampling temperature (also used for every log-prob)")
+    top_p: float = option(1.0, "nucleus sampling mass (1: off)")
+    top_k: int = option(0, "sample among the k most likely tokens (0: off)")
+    beta: float = option(0.01, "KL coefficient: R = r - beta * KL")
+    kl_estimator: str = option(
+        "abs", "per-token KL estimate (abs: |logp - logp_ref|, NeMo-Aligner)", choices=KL_ESTIMATORS
+    )
+    kl_reduction: str = option(
+        "mean",
+        "per-sequence KL: masked mean or sum over the response tokens",
+        choices=("mean", "sum"),
+    )
+    truncation_penalty: float | None = option(
+        None,
+        "count truncated samples (no EOS) in the baseline with "
+        "R - this penalty; unset: they are left out (advantage 0)",
+    )
+    prompts_per_step: int = option(
+        8, "prompts per optimizer step (each sampled k times) on all processes"
+    )
+    updates_per_rollout: int = option(
+        1, "optimizer steps each rollout is split into (its prompts are prompts_per_step x this)"
+    )
+    generation_batch_size: int = option(
+        0, "sequences per generate() call (0: the whole rollout at once)"
+    )
+    offload: bool = option(
+        False, "keep the reference and the reward model on the CPU between rollouts (CUDA)"
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("k", "max_new_tokens", "prompts_per_step", "updates_per_rollout"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} = {getattr(self, name)} must be at least 1")
+        for name in ("top_k", "generation_batch_size", "beta"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} = {getattr(self, name)} must not be negative")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ConfigError(
+                f"temperature = {self.temperature} must be > 0 (the log-probs divide by it)"
+            )
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p = {self.top_p} must be in (0, 1]")
+
+
+def _bad(option_name: str, message: str) -> ConfigError:
+    return ConfigError(f"--{option_name.replace('_', '-')}: {message}")
+
+
+# ---- the pieces of a rollout ---------------------------------------------------------------------
+def load_reward_fn(spec: str) -> Callable:
+    """The function named by 'module:function' (the module importable from sys.path)."""
+    module_name, sep, name = spec.partition(":")
+    if not (sep and module_name and name):
+        raise _bad("reward_fn", f"{spec!r} is not 'module:function' (e.g. my_rewards:exact_match)")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise _bad(
+            "reward_fn",
+            f"cannot import module {module_name!r} ({e}); put its directory on "
+            "PYTHONPATH or install it",
+        ) from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise _bad(
+            "reward_fn",
+            f"module {module_name!r} ({getattr(module, '__file__', '?')}) has no function {name!r}",
+        )
+    return fn
+
+
+def load_reward_model(path, attribute: str) -> tuple[RewardModel, int]:
+    """(model, column) for a reward-model directory: RewardModel's layout (the head in
+    reward_head.safetensors, column = `attribute`) or the Nemotron-Reward-HF layout (a plain Llama
+    whose lm_head row 0 is the head, plus config.json's nemokern_reward_bias if any; column 0)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise _bad("reward_model", f"{path} is not a directory")
+    model = RewardModel.load_any(path, dtype=torch.float32)
+    if (path / HEAD_WEIGHTS).exists():
+        if attribute not in model.attributes:
+            raise _bad(
+                "attribute",
+                f"{attribute!r} is not an output of {path}'s head: {list(model.attributes)}",
+            )
+        return model, model.attributes.index(attribute)
+    return model, 0
+
+
+def call_reward_fn(
+    fn: Callable, prompts: list, completions: list[str], columns: dict
+) -> torch.Tensor:
+    """fn(prompts=..., completions=..., **columns) as float64 [n]; errors name the function."""
+    name = getattr(fn, "__qualname__", repr(fn))
+    out = fn(prompts=prompts, completions=completions, **columns)
+    try:
+        values = [float(v) for v in out]
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"reward function {name} must return a list of numbers, one per completion; "
+            f"got {str(out)[:80]}"
+        ) from None
+    if len(values) != len(completions):
+        raise ValueError(
+            f"reward function {name} returned {len(values)} rewards for {len(completions)} "
+            "completions"
+        )
+    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+    if bad:
+        raise ValueError(
+            f"reward function {name} returned a non-finite reward for completion {bad[0]} "
+            f"({values[bad[0]]}): {completions[bad[0]][:80]!r}"
+        )
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def kl_regularised_advantages(rewards, kl, ended, k: int, *, beta: float, truncation_penalty=None):
+    """(R, advantages), both [P * k] float32, for P prompts of k samples (each prompt's k
+    contiguous).
+
+    R = r - beta * KL; a sample that did not end with EOS is left out of the baseline (advantage 0),
+    or with truncation_penalty counts with R - truncation_penalty. Advantages: RLOO
+    (train/losses.rloo_advantages) over the counted samples of each prompt.
+    """
+    scores = rewards.float() - beta * kl.float()
+    valid = ended.bool()
+    if truncation_penalty is not None:
+        scores = torch.where(valid, scores, scores - truncation_penalty)
+        valid = torch.ones_like(valid)
+    adv = rloo_advantages(scores.view(-1, k), valid.view(-1, k)).flatten()
+    return scores, adv
+
+
+def policy_gradient_loss(hidden, weight, targets, coef, *, temperature: float = 1.0):
+    """sum_t coef_t * logp_t of the targets under softmax(hidden @ weight.T / temperature): the
+    REINFORCE update's loss when coef_t = -(R - b)/n_tokens on response tokens (targets -100
+    elsewhere). hidden [N, H], weight [V, H], targets [N], coef [N] float32 -> scalar. Fused:
+    the gradients w.r.t. hidden and weight are formed in the forward, no [N, V] logits."""
+    return linear_policy_loss(hidden, weight, targets, coef, temperature=temperature)
+
+
+def _head(model: Llama, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head's weight in the hidden states' dtype (bf16 under autocast; the cast is
+    differentiable, so the fp32 master weight gets its gradient)."""
+    w = model.lm_head.weight
+    return w if w.dtype == hidden.dtype else w.to(hidden.dtype)
+
+
+class PolicyLoss(nn.Module):
+    """The policy under training; its forward is the update's loss, so DDP sees the whole pass."""
+
+    def __init__(self, policy: Llama, temperature: float = 1.0):
+        super().__init__()
+        self.policy, self.temperature = policy, temperature
+
+    def forward(self, input_ids, cu_seqlens, targets, coef):
+        hidden = self.policy.hidden_states(input_ids, cu_seqlens=cu_seqlens)  # [N, H]
+        return policy_gradient_loss(
+            hidden, _head(self.policy, hidden), targets, coef, temperature=self.temperature
+        )
+
+
+def pack(prompts: list, responses: list[torch.Tensor]) -> dict:
+    """One packed micro-batch: prompt + response of each sample, back to back.
+
+    input_ids [N], cu_seqlens [S + 1] int32, targets [N] (the next token at the positions that
+    predict a response token, -100 elsewhere), last_index [S] (each sequence's last token)."""
+    seqs = [
+        torch.cat([torch.as_tensor(p, dtype=torch.long), r.long().cpu()])
+        for p, r in zip(prompts, responses)
+    ]
+    ids = torch.cat(seqs)
+    cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor([s.numel() for s in seqs]).cumsum(0)
+    targets = torch.full_like(ids, -100)
+    for i, (p, s) in enumerate(zip(prompts, seqs)):
+        start = int(cu[i])
+        targets[start + len(p) - 1 : start + s.numel() - 1] = s[len(p) :]
+    return {"input_ids": ids, "cu_seqlens": cu, "targets": targets, "last_index": cu[1:].long() - 1}
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+class RolloutLoop(TrainLoop):
+    """TrainLoop whose micro-batches come from rollouts: every `updates_per_rollout` steps,
+    `rollout(first_step, groups)` (groups[s][m]: the prompt group of micro-batch m of step
+    first_step + s, as micro_batch_indices orders them) returns
+    {"steps": [[batch, ...] per step], "sums": [{name: float} per step], "seconds": {phase: s}}.
+    An unfinished rollout is saved in every checkpoint (extra_state), so a resume inside it
+    trains on the same samples. Each step's record adds the rollout's statistics of that step's
+    samples (summed over processes) and the seconds per phase (0 on steps that made no rollout)."""
+
+    def __init__(self, config, model, data, step_fn, *, rollout, updates_per_rollout: int):
+        super().__init__(config, model, data, step_fn)
+        self.rollout_fn, self.updates = rollout, updates_per_rollout
+        self.rollout: dict | None = None
+        self.seconds: dict = {}
+
+    def _covers(self, step: int) -> bool:
+        r = self.rollout
+        return r is not None and r["first"] <= step < r["first"] + len(r["steps"])
+
+    def micro_batches(self, step):
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+        if not self._covers(step):
+            end = min((step // self.updates + 1) * self.updates, self.total_steps)
+            groups = [[self.data[i] for i in self.micro_batch_indices(s)] for s in range(step, end)]
+            made = self.rollout_fn(step, groups)
+            self.rollout = {"first": step, "steps": made["steps"], "sums": made["sums"]}
+            self.seconds = made["seconds"]
+        batches = self.rollout["steps"][step - self.rollout["first"]]
+        return [
+            (f"step {step + 1} micro-batch {j} (rollout from step {self.rollout['first'] + 1})", b)
+            for j, b in enumerate(batches)
+        ]
+
+    def extra_state(self) -> dict:
+        # self.step steps are done; keep the rollout while some of its steps are still to come
+        return {"rollout": self.rollout} if self._covers(self.step) else {}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.rollout = state.get("rollout")
+
+    def _train_step(self) -> dict:
+        # TrainLoop has no public hook for adding to a step's record; this wraps its step.
+        step = self.step
+        metrics = super()._train_step()
+        sums = self.rollout["sums"][step - self.rollout["first"]]
+        names = sorted(sums)
+        s = dict(zip(names, self._reduce([torch.tensor(float(sums[k])) for k in names])))
+        n, tok = max(s["samples"], 1.0), max(s["response_tokens"], 1.0)
+
+        def std(total, squares):
+            return math.sqrt(max(squares / n - (total / n) ** 2, 0.0))
+
+        metrics.update(
+            reward_mean=s["reward"] / n,
+            reward_std=std(s["reward"], s["reward_sq"]),
+            kl_mean=s["kl"] / n,
+            score_mean=s["score"] / n,
+            response_len_mean=s["response_tokens"] / n,
+            eos_fraction=s["eos"] / n,
+            entropy=s["entropy"] / tok,
+            advantage_mean=s["advantage"] / n,
+            advantage_std=std(s["advantage"], s["advantage_sq"]),
+            **self.seconds,
+            update_s=max(metrics["step_s"] - sum(self.seconds.values()), 0.0),
+        )
+        return metrics
+
+
+# ---- the trainer ---------------------------------------------------------------------------------
+def build_policy(config: ReinforceConfig, tokenizer) -> Llama:
+    if config.policy == "tiny":
+        torch.manual_seed(config.seed)
+        return Llama(
+            LlamaConfig.tiny(
+                vocab_size=tokenizer.vocab_size,
+                bos_token_id=tokenizer.bos_id,
+                eos_token_id=list(tokenizer.eos_ids),
+            )
+        )
+    if not Path(config.policy).is_dir():
+        raise _bad("policy", f"{config.policy} is not a directory (nor 'tiny')")
+    return Llama.from_pretrained(config.policy, dtype=torch.float32)
+
+
+class ReinforceTrainer:
+    """`ReinforceTrainer(config).fit()`: train the policy, write OUT/final, return the step records.
+
+    Python-API extras: `policy` (a Llama to start from instead of config.policy), `tokenizer`, and
+    `reward_fn` (a callable with TRL's signature instead of config.reward_fn's 'module:function').
+    """
+
+    def __init__(
+        self,
+        config: ReinforceConfig,
+        *,
+        policy: Llama | None = None,
+        tokenizer=None,
+        reward_fn: Callable | None = None,
+    ):
+        if not config.prompts:
+            raise _bad("prompts", "a prompts file is required")
+        if reward_fn is not None and config.reward_fn:
+            raise _bad("reward_fn", "given both as an option and as a Python callable; pass one")
+        if reward_fn is None and not config.reward_fn and not config.reward_model:
+            raise _bad(
+                "reward_model",
+                "no reward source: give --reward-model DIR and/or --reward-fn module:function",
+            )
+        if config.k < 2:
+            warnings.warn(
+                f"k = {config.k}: with one sample per prompt the leave-one-out baseline has "
+                "nothing to compare with, every advantage is 0 and the policy does not learn; "
+                "use k >= 2 (recipe: 4)",
+                UserWarning,
+                stacklevel=2,
+            )
+        self.config = config
+        self.reward_fn = reward_fn or (
+            load_reward_fn(config.reward_fn) if config.reward_fn else None
+        )
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.tokenizer)
+        self.prompts = read_prompts(config.prompts, self.tokenizer)
+        self.columns = sorted({c for p in self.prompts for c in p.columns})
+        self.policy = policy if policy is not None else build_policy(config, self.tokenizer)
+        vocab = self.policy.config.vocab_size
+        for p in self.prompts:
+            if max(p.ids) >= vocab:
+                raise ValueError(
+                    f"{p.where}: prompt token id {max(p.ids)} is outside the policy's vocabulary "
+                    f"({vocab}); use the policy's tokenizer"
+                )
+        self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
+        self.reward_model, self.reward_column = None, 0
+        if config.reward_model:
+            self.reward_model, self.reward_column = load_reward_model(
+                config.reward_model, config.attribute
+            )
+            self.reward_model.eval().requires_grad_(False)
+            if self.reward_model.trunk.config.vocab_size < vocab:
+                raise _bad(
+                    "reward_model",
+                    f"its vocabulary ({self.reward_model.trunk.config.vocab_size}) is "
+                    f"smaller than the policy's ({vocab}); they must share a tokenizer",
+                )
+
+    # ---- one rollout ----------------------------------------------------------------------------
+    def _rollout(self, first_step: int, groups: list[list[list[int]]]) -> dict:
+        """Sample, score and take log-probs for the prompt groups of steps first_step, ...;
+        the batches of each step and the sums of its statistics (see RolloutLoop)."""
+        cfg, loop, tok = self.config, self.loop, self.tokenizer
+        device, k, seconds = loop.device, cfg.k, {}
+        offload = cfg.offload and device.type == "cuda"
+        with loop._autocast():
+            # ---- generate
+            t = time.perf_counter()
+            prompt_ids = [self.prompts[p].ids for step in groups for mb in step for p in mb]
+            # seeded by the rollout's first step and the process: a resumed run draws the same
+            # samples
+            gen = torch.Generator(device).manual_seed(
+                (cfg.seed * 1_000_003 + first_step) * loop.dist.world_size + loop.dist.rank
+            )
+            rows = [ids for ids in prompt_ids for _ in range(k)]
+            chunk = cfg.generation_batch_size or len(rows)
+            responses, ended = [], []
+            for i in range(0, len(rows), chunk):
+                g = generate(
+                    self.policy,
+                    rows[i : i + chunk],
+                    max_new_tokens=cfg.max_new_tokens,
+                    eos_token_id=tok.eos_ids,
+                    temperature=cfg.temperature,
+                    top_k=cfg.top_k or None,
+                    top_p=cfg.top_p,
+                    generator=gen,
+                    pad_id=tok.pad_id,
+                )
+                lengths = g.lengths.tolist()
+                responses += [g.tokens[j, :n].cpu() for j, n in enumerate(lengths)]
+                ended.append(g.ended_with_eos.cpu())
+            ended = torch.cat(ended)
+            seconds["generate_s"] = self._lap(t, device)
+
+            # micro-batch boundaries over the flat sample list
+            spans, start = [], 0
+            for step in groups:
+                spans.append([])
+                for mb in step:
+                    spans[-1].append((start, start + len(mb) * k, mb))
+                    start += len(mb) * k
+            packs = [[pack(rows[a:b], responses[a:b]) for a, b, _ in step] for step in spans]
+
+            # ---- score
+            t = time.perf_counter()
+            rewards = torch.zeros(len(rows), dtype=torch.float64)
+            if self.reward_fn is not None:
+                prompts = [
+                    self.prompts[p] for step in groups for mb in step for p in mb for _ in range(k)
+                ]
+                completions = [tok.decode(r.tolist(), skip_special=True) for r in responses]
+                columns = {c: [p.columns.get(c) for p in prompts] for c in self.columns}
+                rewards += cfg.reward_fn_weight * call_reward_fn(
+                    self.reward_fn, [p.prompt for p in prompts], completions, columns
+                )
+            if self.reward_model is not None:
+                if offload:
+                    self.reward_model.to(device)
+                scores = []
+                with torch.no_grad():
+                    for step in packs:
+                        for b in step:
+                            out = self.reward_model(
+                                b["input_ids"].to(device),
+                                b["last_index"].to(device),
+                                cu_seqlens=b["cu_seqlens"].to(device),
+                            )
+                            scores.append(out[:, self.reward_column].double().cpu())
+                rewards += cfg.reward_model_weight * torch.cat(scores)
+                if offload:
+                    self.reward_model.to("cpu")
+            seconds["score_s"] = self._lap(t, device)
+
+            # ---- log-probs of the policy (with its entropy) and the reference, KL
+            t = time.perf_counter()
+            if offload:
+                self.reference.to(device)
+            kl, entropy = [], []
+            with torch.no_grad():
+                for step in packs:
+                    for b in step:
+                        ids, cu, targets = (
+                            b[n].to(device) for n in ("input_ids", "cu_seqlens", "targets")
+                        )
+                        h = self.policy.hidden_states(ids, cu_seqlens=cu)
+                        lp, ent = linear_logprobs(
+                            h,
+                            _head(self.policy, h),
+                            targets,
+                            temperature=cfg.temperature,
+                            return_entropy=True,
+                        )
+                        h = self.reference.hidden_states(ids, cu_seqlens=cu)
+                        ref = linear_logprobs(
+                            h, _head(self.reference, h), targets, temperature=cfg.temperature
+                        )
+                        mask = targets != -100
+                        kl.append(
+                            sequence_kl(
+                                lp,
+                                ref,
+                                mask,
+                                estimator=cfg.kl_estimator,
+                                reduction=cfg.kl_reduction,
+                                cu_seqlens=cu,
+                            )
+                            .double()
+                            .cpu()
+                        )
+                        seg = torch.repeat_interleave(
+                            torch.arange(cu.numel() - 1, device=device), (cu[1:] - cu[:-1]).long()
+                        )
+                        entropy.append(
+                            torch.zeros(cu.numel() - 1, dtype=torch.float64, device=device)
+                            .index_add_(0, seg, (ent * mask).double())
+                            .cpu()
+                        )
+            if offload:
+                self.reference.to("cpu")
+            kl, entropy = torch.cat(kl), torch.cat(entropy)
+            scores, adv = kl_regularised_advantages(
+                rewards, kl, ended, k, beta=cfg.beta, truncation_penalty=cfg.truncation_penalty
+            )
+            seconds["logprobs_s"] = self._lap(t, device)
+
+        # ---- the update's batches and each step's statistics
+        lengths = torch.tensor([r.numel() for r in responses], dtype=torch.float64)
+        steps, sums = [], []
+        for step_spans, step_packs in zip(spans, packs):
+            batches = []
+            for (a, b, mb), p in zip(step_spans, step_packs):
+                mask = p["targets"] != -100
+                n_tokens = int(mask.sum())
+                seq = torch.repeat_interleave(
+                    torch.arange(b - a), (p["cu_seqlens"][1:] - p["cu_seqlens"][:-1]).long()
+                )
+                coef = torch.where(mask, -adv[a:b][seq] / max(n_tokens, 1), torch.zeros(()))
+                batches.append(
+                    {
+                        "input_ids": p["input_ids"],
+                        "cu_seqlens": p["cu_seqlens"],
+                        "targets": p["targets"],
+                        "coef": coef.float(),
+                        "n_tokens": n_tokens,
+                        "rows": [int(x) for x in mb],
+                    }
+                )
+            steps.append(batches)
+            a, b = step_spans[0][0], step_spans[-1][1]
+            r, a_ = rewards[a:b], adv[a:b].double()
+            sums.append(
+                {
+                    "samples": b - a,
+                    "reward": float(r.sum()),
+                    "reward_sq": float((r * r).sum()),
+                    "kl": float(kl[a:b].sum()),
+                    "score": float(scores[a:b].double().sum()),
+                    "response_tokens": float(lengths[a:b].sum()),
+                    "eos": float(ended[a:b].sum()),
+                    "entropy": float(entropy[a:b].sum()),
+                    "advantage": float(a_.sum()),
+                    "advantage_sq": float((a_ * a_).sum()),
+                }
+            )
+        return {"steps": steps, "sums": sums, "seconds": seconds}
+
+    @staticmethod
+    def _lap(start: float, device) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    # ---- the update -----------------------------------------------------------------------------
+    def _update(self, model, batch) -> StepOutput:
+        loss = model(batch["input_ids"], batch["cu_seqlens"], batch["targets"], batch["coef"])
+        return StepOutput(
+            loss, weight=batch["n_tokens"], tokens=batch["input_ids"].numel(), rows=batch["rows"]
+        )
+
+    def _groups(self, per_micro: int) -> list[list[int]]:
+        n = len(self.prompts) // per_micro
+        if n == 0:
+            raise _bad(
+                "prompts_per_step",
+                f"{self.config.prompts} has {len(self.prompts)} prompts, fewer than one "
+                f"micro-batch ({per_micro}); lower prompts_per_step or add prompts",
+            )
+        return [list(range(i * per_micro, (i + 1) * per_micro)) for i in range(n)]
+
+    def fit(self) -> list[dict]:
+        """Train; write OUT/final (the policy in HF layout, and an HF tokenizer's files) on rank 0;
+        return the per-step records."""
+        cfg = self.config
+        start = time.perf_counter()
+        model = PolicyLoss(self.policy, cfg.temperature)
+        world = int(os.environ.get("WORLD_SIZE", "1"))  # what the loop will join
+        per_step_micro = cfg.grad_accum * world
+        if cfg.prompts_per_step % per_step_micro:
+            raise _bad(
+                "prompts_per_step",
+                f"{cfg.prompts_per_step} prompts do not split into grad_accum x "
+                f"processes = {per_step_micro} equal micro-batches",
+            )
+        groups = self._groups(cfg.prompts_per_step // per_step_micro)
+        self.loop = RolloutLoop(
+            cfg,
+            model,
+            groups,
+            self._update,
+            rollout=self._rollout,
+            updates_per_rollout=cfg.updates_per_rollout,
+        )
+        placement = "cpu" if cfg.offload and self.loop.device.type == "cuda" else self.loop.device
+        for module in filter(None, (self.reference, self.reward_model)):
+            module.to(placement)
+        history = self.loop.fit()
+        if self.loop.dist.rank == 0:
+            final = Path(cfg.out) / "final"
+            self.policy.save_pretrained(final)
+            if isinstance(self.tokenizer, HFTokenizer):
+                self.tokenizer.tok.save_pretrained(final)
+        if self.loop.dist.active:
+            torch.distributed.barrier()
+        self.seconds = time.perf_counter() - start
+        return history

@@ -1,0 +1,313 @@
+"""The reward-model trainer (recipe.md section 1): SteerLM regression (all nine attributes or
+helpfulness only) on HelpSteer2 rows, or regular / margin / scaled Bradley-Terry on preference
+pairs, over a RewardModel (Llama trunk + linear head on the last token through ops.reward_head).
+
+Batches are packed (no padding is computed) and both responses of a pair sit in one micro-batch.
+The shared TrainLoop does the rest (accumulation, clipping, AdamW, checkpoints, exact resume,
+metrics, DDP). The finished model goes to OUT/final in RewardModel's layout (an HF Llama directory
+plus reward_head.safetensors / reward_head.json), which `score`, `export-reward` and `--init` read.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nemokern.data import load_reward_data
+from nemokern.data.tokenizer import load_tokenizer
+from nemokern.model import Llama, LlamaConfig, RewardModel
+from nemokern.train.config import ConfigError, TrainConfig, option
+from nemokern.train.loop import StepOutput, TrainLoop, move_to
+from nemokern.train.losses import HELPFULNESS, bradley_terry_loss, pair_accuracy, regression_loss
+from nemokern.train.rewardbench import accuracy_report
+
+LOSSES = ("regression", "helpfulness", "bt", "margin-bt", "scaled-bt")
+_BT_KIND = {"bt": "regular", "margin-bt": "margin", "scaled-bt": "scaled"}
+
+
+@dataclass
+class RewardConfig(TrainConfig):
+    """Everything `nemokern train-reward` takes. Defaults: recipe.md's stage 1 (lr 2e-6 constant);
+    stage 2 (scaled BT from stage 1's model and head) is `--loss scaled-bt --init DIR --lr 1e-6`."""
+
+    model: str = option(
+        "tiny",
+        "an HF Llama directory (a base/instruct model or a reward model's "
+        "final/), or 'tiny' for a small random Llama-3.1",
+    )
+    tokenizer: str = option("byte", "a local HF tokenizer directory, or 'byte' (built in)")
+    data: str = option("", "training data: .jsonl, .jsonl.gz or .parquet")
+    eval_data: str = option("", "evaluation data (same layouts); scored every eval_every steps")
+    data_format: str = option(
+        "auto",
+        "row layout ('auto' detects it from the columns)",
+        choices=("auto", "helpsteer2", "hs2-preference", "pairs"),
+    )
+    split: str = option("", "keep only rows whose 'split' column has this value (e.g. train)")
+    loss: str = option(
+        "regression",
+        "regression (9 attributes), helpfulness (column 4 only), "
+        "bt, margin-bt or scaled-bt (pairs)",
+        choices=LOSSES,
+    )
+    init: str = option("", "start from this reward model INCLUDING its head (stage 2 from stage 1)")
+    max_length: int = option(
+        4096,
+        "tokens per conversation; longer ones lose prompt tokens on the "
+        "left (counted and reported)",
+    )
+    rows_per_batch: int = option(8, "rows per micro-batch (a row: one conversation, or a pair)")
+    max_tokens_per_batch: int = option(0, "token budget per micro-batch instead of rows (0: off)")
+    skip_bad_rows: bool = option(
+        False, "skip malformed rows (counted per reason) instead of stopping"
+    )
+
+
+def _bad(option_name: str, message: str) -> ConfigError:
+    return ConfigError(f"--{option_name.replace('_', '-')}: {message}")
+
+
+def build_model(config: RewardConfig) -> RewardModel:
+    """The RewardModel `config` asks for: --init (with its head), else --model (a fresh head when
+    the directory has none), else a tiny random Llama-3.1."""
+    if config.init:
+        if not Path(config.init).is_dir():
+            raise _bad("init", f"{config.init} is not a directory")
+        return RewardModel.from_pretrained(config.init, dtype=torch.float32)
+    if config.model == "tiny":
+        torch.manual_seed(config.seed)
+        return RewardModel(Llama(LlamaConfig.tiny()))
+    if not Path(config.model).is_dir():
+        raise _bad("model", f"{config.model} is not a directory (nor 'tiny')")
+    return RewardModel.from_pretrained(config.model, dtype=torch.float32)
+
+
+def check_loss_fits_data(loss: str, kind: str, layout: str, where: str) -> None:
+    if loss in ("regression", "helpfulness") and kind != "regression":
+        raise _bad(
+            "loss",
+            f"{loss} needs attribute labels (HelpSteer2 rows); {where} holds "
+            f"{layout} pairs: use bt, margin-bt or scaled-bt",
+        )
+    if loss in _BT_KIND and kind != "pairs":
+        raise _bad(
+            "loss",
+            f"{loss} needs preference pairs; {where} holds {layout} rows with "
+            "attribute labels: use regression or helpfulness",
+        )
+    if loss in ("margin-bt", "scaled-bt") and layout == "pairs":
+        raise _bad(
+            "loss",
+            f"{loss} needs preference strengths (HelpSteer2-Preference); {where} "
+            "has chosen/rejected pairs without them: use bt",
+        )
+
+
+def reward_loss(loss: str, rewards: torch.Tensor, batch):
+    """(LossValue, metrics) of one packed batch's rewards [S, K] under `loss`."""
+    if loss in ("regression", "helpfulness"):
+        columns = (HELPFULNESS,) if loss == "helpfulness" else None
+        value = regression_loss(rewards, batch.labels, columns=columns)
+        labelled = batch.labels[:, HELPFULNESS] != -100
+        err = (rewards[:, HELPFULNESS] - batch.labels[:, HELPFULNESS]).abs()[labelled]
+        mae = err.mean().detach() if err.numel() else torch.zeros((), device=rewards.device)
+        return value, {"helpfulness_mae": mae}
+    r = rewards[:, HELPFULNESS].view(-1, 2)  # sequence 2p: pair p's chosen, 2p + 1: rejected
+    value = bradley_terry_loss(r[:, 0], r[:, 1], batch.strength, kind=_BT_KIND[loss])
+    return value, {"accuracy": pair_accuracy(r[:, 0].detach(), r[:, 1].detach())}
+
+
+@torch.no_grad()
+def score_batches(model: RewardModel, batches, device, attribute: int = HELPFULNESS):
+    """Rewards of every sequence of `batches` in order: a list of floats (column `attribute`)."""
+    model.eval()
+    out = []
+    for batch in batches:
+        b = move_to(batch, device)
+        rewards = model(
+            b.input_ids, b.last_index, cu_seqlens=b.cu_seqlens, position_ids=b.position_ids
+        )
+        out += rewards[:, attribute].float().cpu().tolist()
+    return out
+
+
+def evaluate_pairs(model, dataset, device, *, max_tokens_per_batch=None, rows_per_batch=None):
+    """accuracy_report of `dataset` (pairs) under `model`: overall, per subset, RewardBench
+    sections."""
+    batches = dataset.batches(
+        max_tokens_per_batch=max_tokens_per_batch or None,
+        rows_per_batch=None if max_tokens_per_batch else rows_per_batch or 8,
+        shuffle=False,
+    )
+    return _pairs_report(model, batches, device, HELPFULNESS)
+
+
+def _pairs_report(model, batches, device, column):
+    scores, subsets = [], []
+    for batch in batches:
+        scores += score_batches(model, [batch], device, column)
+        subsets += list(batch.subsets)
+    return accuracy_report(scores[0::2], scores[1::2], subsets if any(subsets) else None)
+
+
+def score_file(
+    model_dir,
+    data,
+    *,
+    tokenizer="byte",
+    data_format="auto",
+    max_length=4096,
+    max_tokens_per_batch=16384,
+    skip_bad_rows=False,
+    device="cpu",
+    attribute=None,
+):
+    """accuracy_report of a pairs file (preference pairs or RewardBench) under the reward model in
+    `model_dir` (RewardModel layout, or Nemotron-Reward-HF: reward = logits[last, 0]).
+
+    attribute: the head column to compare (default helpfulness where the head has it, else
+    column 0). Returns the report plus "summary" (the data reader's).
+    """
+    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+    dataset = load_reward_data(
+        data, tok, layout=data_format, max_length=max_length, skip_bad_rows=skip_bad_rows
+    )
+    if dataset.kind != "pairs":
+        raise ValueError(
+            f"{data}: score compares chosen/rejected pairs; this file holds {dataset.layout} rows"
+        )
+    model = RewardModel.load_any(model_dir, dtype=torch.float32, device=device)
+    dataset.check_vocab(model.trunk.config.vocab_size)
+    names = model.attributes
+    column = (
+        model.attribute_index(attribute)
+        if attribute
+        else names.index("helpfulness")
+        if "helpfulness" in names
+        else 0
+    )
+    batches = dataset.batches(max_tokens_per_batch=max_tokens_per_batch, shuffle=False)
+    report = _pairs_report(model, batches, torch.device(device), column)
+    report["attribute"] = names[column]
+    report["summary"] = dataset.summary()
+    return report
+
+
+class RewardTrainer:
+    """`RewardTrainer(config).fit()`: train, export OUT/final, return the per-step metrics."""
+
+    def __init__(self, config: RewardConfig, *, model: RewardModel | None = None, tokenizer=None):
+        if not config.data:
+            raise _bad("data", "a training data file is required")
+        if config.rows_per_batch <= 0 and config.max_tokens_per_batch <= 0:
+            raise _bad("rows_per_batch", "give rows_per_batch > 0 or max_tokens_per_batch > 0")
+        self.config = config
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.tokenizer)
+        layout = config.data_format
+        self.train_data = load_reward_data(
+            config.data,
+            self.tokenizer,
+            layout=layout,
+            max_length=config.max_length,
+            skip_bad_rows=config.skip_bad_rows,
+            split=config.split or None,
+        )
+        check_loss_fits_data(config.loss, self.train_data.kind, self.train_data.layout, config.data)
+        self.eval_data = None
+        if config.eval_data:
+            self.eval_data = load_reward_data(
+                config.eval_data,
+                self.tokenizer,
+                layout=layout,
+                max_length=config.max_length,
+                skip_bad_rows=config.skip_bad_rows,
+            )
+        self.model = model if model is not None else build_model(config)
+        vocab = self.model.trunk.config.vocab_size
+        for data in filter(None, (self.train_data, self.eval_data)):
+            data.check_vocab(vocab)
+        # The trunk's lm_head never reaches a reward: frozen, so DDP and AdamW skip it.
+        self.model.trunk.lm_head.weight.requires_grad_(False)
+        tokens = config.max_tokens_per_batch or None
+        plan = self.train_data.batches(
+            max_tokens_per_batch=tokens,
+            rows_per_batch=None if tokens else config.rows_per_batch,
+            shuffle=True,
+            seed=config.seed,
+        )
+        self.micro_batches = [self.train_data.batch(rows) for rows in plan.plan(0)]
+
+    def _step(self, model, batch) -> StepOutput:
+        rewards = model(
+            batch.input_ids,
+            batch.last_index,
+            cu_seqlens=batch.cu_seqlens,
+            position_ids=batch.position_ids,
+        )
+        value, metrics = reward_loss(self.config.loss, rewards, batch)
+        return StepOutput(
+            value.loss,
+            weight=value.count,
+            metrics=metrics,
+            tokens=batch.num_tokens,
+            rows=batch.where,
+        )
+
+    def _evaluate(self, model) -> dict:
+        device = next(model.parameters()).device
+        model = getattr(model, "module", model)  # DDP
+        data, cfg = self.eval_data, self.config
+        if data.kind == "pairs":
+            report = evaluate_pairs(
+                model,
+                data,
+                device,
+                max_tokens_per_batch=cfg.max_tokens_per_batch,
+                rows_per_batch=cfg.rows_per_batch,
+            )
+            out = {"accuracy": report["accuracy"]}
+            out.update(
+                {f"{k.lower().replace(' ', '_')}": v for k, v in report.get("sections", {}).items()}
+            )
+            return out
+        total, count = 0.0, 0
+        batches = data.batches(rows_per_batch=cfg.rows_per_batch or 8, shuffle=False)
+        with torch.no_grad():
+            for batch in batches:
+                b = move_to(batch, device)
+                value, _ = reward_loss(
+                    cfg.loss,
+                    model(
+                        b.input_ids,
+                        b.last_index,
+                        cu_seqlens=b.cu_seqlens,
+                        position_ids=b.position_ids,
+                    ),
+                    b,
+                )
+                total += float(value.loss) * int(value.count)
+                count += int(value.count)
+        return {"loss": total / count if count else math.nan}
+
+    def fit(self) -> list[dict]:
+        """Train; write OUT/final (RewardModel layout) on rank 0; return the per-step records."""
+        start = time.perf_counter()
+        loop = TrainLoop(
+            self.config,
+            self.model,
+            self.micro_batches,
+            self._step,
+            evaluate=self._evaluate if self.eval_data is not None else None,
+        )
+        self.loop = loop
+        history = loop.fit()
+        if loop.dist.rank == 0:
+            self.model.save_pretrained(Path(self.config.out) / "final")
+        if loop.dist.active:
+            torch.distributed.barrier()
+        self.seconds = time.perf_counter() - start
+        return history

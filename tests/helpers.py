@@ -1,0 +1,179 @@
+"""Helpers the test files share: float64 references and the accuracy rule of the log-prob ops,
+tiny random HF Llama models, a published Llama-3.1 config, and peak-memory measurement.
+
+Test files import from here (`from helpers import ...`); no test file imports another.
+"""
+
+import copy
+import gc
+
+import pytest
+import torch
+
+from nemokern.model import Llama, LlamaConfig
+
+IGNORE = -100
+# The Triton interpreter evaluates both sides of tl.where with numpy (0 * inf in the branch that is
+# thrown away): its warnings are noise; NaNs that reach an output still fail the tests.
+INTERPRETER_NOISE = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+
+def reference(logits, targets, temperature=1.0, ignore_index=IGNORE):
+    """(logp, entropy) computed in logits' own dtype with plain PyTorch autograd-able ops.
+
+    With float64 logits this is the reference; with the input dtype it is the "plain" baseline."""
+    lsm = torch.log_softmax(logits / temperature, dim=-1)
+    valid = targets != ignore_index
+    idx = torch.where(valid, targets, 0).unsqueeze(-1)
+    zero = torch.zeros((), dtype=lsm.dtype)
+    logp = torch.where(valid, lsm.gather(-1, idx).squeeze(-1), zero)
+    p = lsm.exp()
+    # p * log p is 0 * -inf at masked logits; keep both the value and its gradient at 0.
+    ent = -(p * torch.where(p > 0, lsm, zero)).sum(-1)
+    return logp, torch.where(valid, ent, zero)
+
+
+def error_vs(ours, plain, ref, what, ulp_floor=2.0**-21):
+    """Assert the 2x rule; return (our error, plain error)."""
+    err = (ours.double() - ref).abs().max().item() if ref.numel() else 0.0
+    err_plain = (plain.double() - ref).abs().max().item() if ref.numel() else 0.0
+    floor = ulp_floor * max(1.0, ref.abs().max().item() if ref.numel() else 0.0)
+    assert err <= 2 * err_plain + floor, (
+        f"{what}: error {err:.3g} vs float64 exceeds 2 x plain-PyTorch error {err_plain:.3g} "
+        f"(+ floor {floor:.2g})"
+    )
+    return err, err_plain
+
+
+# ----------------------------------------------------------------------------- models
+
+# A Llama-3.1-8B config.json as Meta/HF published it (transformers 4.x spelling).
+LLAMA31_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 128000,
+    "eos_token_id": [128001, 128008, 128009],
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "initializer_range": 0.02,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 131072,
+    "mlp_bias": False,
+    "model_type": "llama",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 32,
+    "num_key_value_heads": 8,
+    "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.43.0.dev0",
+    "use_cache": True,
+    "vocab_size": 128256,
+}
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
+
+# The parity matrix: GQA + llama3 rope (untied), tied embeddings, head_dim != hidden/heads,
+# plain rope with multi-head attention. Small enough for 2 CPU cores.
+CASES = {
+    "gqa_llama3_untied": dict(
+        num_attention_heads=4, num_key_value_heads=2, rope_scaling=LLAMA3_ROPE
+    ),
+    "gqa_llama3_tied": dict(
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        rope_scaling=LLAMA3_ROPE,
+        tie_word_embeddings=True,
+    ),
+    "head_dim_32": dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, rope_scaling=LLAMA3_ROPE
+    ),
+    "mha_default_rope": dict(num_attention_heads=4, num_key_value_heads=4, rope_theta=10000.0),
+}
+
+
+def hf_config(**overrides):
+    from transformers import LlamaConfig as HFConfig
+
+    kw = dict(
+        vocab_size=301,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=256,
+        attn_implementation="eager",
+    )
+    kw.update(copy.deepcopy(overrides))  # transformers adds rope_theta to the rope dict in place
+    return HFConfig(**kw)
+
+
+def random_hf_model(seed=0, dtype=torch.float32, **overrides):
+    """A random HF Llama; norm weights randomised too so that a missed norm cannot hide."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(hf_config(**overrides)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    # Randomise in fp32, then convert: one seed gives the same (rounded) weights in every dtype.
+    return model.to(dtype)
+
+
+def nemokern_from_hf(hf, dtype=None) -> Llama:
+    """A nemokern Llama holding the same weights (in memory, no files involved)."""
+    model = Llama(LlamaConfig.from_dict(hf.config.to_dict()))
+    state = {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    return model.to(dtype or hf.dtype).eval()
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_extra_bytes(fn, device="cpu"):
+    """Run fn() once; return (result, peak bytes allocated above the level before the call)."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        return out, torch.cuda.max_memory_allocated() - base
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_kib("VmRSS")
+    out = fn()
+    return out, max(0, _status_kib("VmHWM") - base) * 1024

@@ -1,0 +1,147 @@
+"""The `nemokern` command as a user runs it: every mistake gives one line on stderr naming the
+option, exit status 2 and no traceback. Each case runs in its own process (all at once)."""
+
+import inspect
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import nemokern
+from nemokern.cli import _parser, main
+from nemokern.train.demo import run_demo
+
+ROOT = Path(__file__).parents[1]
+A_FILE = str(ROOT / "README.md")
+ERRORS = {  # name: (arguments, extra environment, what stderr must say)
+    "no command": ([], {}, "choose a command: info, demo, train-reward, score"),
+    "unknown command": (["bogus"], {}, "invalid choice: 'bogus'"),
+    "unknown option": (["demo", "--bogus"], {}, "unrecognized arguments: --bogus"),
+    "k 0": (["demo", "--k", "0"], {}, r"--k 0 is not allowed; .* integer >= 1"),
+    "k -1": (["demo", "--k", "-1"], {}, r"--k -1 is not allowed"),
+    "k not a number": (["demo", "--k", "x"], {}, "argument --k: invalid int value: 'x'"),
+    "max-new-tokens 0": (["demo", "--max-new-tokens", "0"], {}, r"--max-new-tokens 0 is not"),
+    "max-new-tokens 1e9": (
+        ["demo", "--max-new-tokens", "1000000000"],
+        {},
+        r"--max-new-tokens 1000000000 is too many: .* room for \d+",
+    ),
+    "seed -1": (["demo", "--seed", "-1"], {}, r"--seed -1 is not allowed"),
+    "device tpu": (["demo", "--device", "tpu"], {}, "--device 'tpu' is not a device"),
+    "device cuda:99": (["demo", "--device", "cuda:99"], {}, "--device 'cuda:99'"),
+    "out is a file": (["demo", "--out", A_FILE], {}, "--out .* exists and is not a directory"),
+    "out under a file": (["demo", "--out", A_FILE + "/sub"], {}, "--out .* is not a directory"),
+    "bad NEMOKERN_BACKEND": (
+        ["info"],
+        {"NEMOKERN_BACKEND": "cuda"},
+        "NEMOKERN_BACKEND='cuda' is not allowed; use one of auto, triton",
+    ),
+    "bad boolean": (
+        ["info"],
+        {"NEMOKERN_CHECK_TARGETS": "maybe"},
+        "NEMOKERN_CHECK_TARGETS='maybe' is not a boolean; use 0/1",
+    ),
+}
+ERRORS.update(
+    {
+        "train-reward without data": (
+            ["train-reward"],
+            {},
+            "--data: a training data file is required",
+        ),
+        "train-reward missing file": (
+            ["train-reward", "--data", "nope.jsonl"],
+            {},
+            "data file 'nope.jsonl' does not exist",
+        ),
+        "train-reward bad loss": (
+            ["train-reward", "--loss", "mse"],
+            {},
+            "argument --loss: invalid",
+        ),
+        "train-reward unknown toml": (
+            ["train-reward", "--config", "nope.toml"],
+            {},
+            "nope.toml",
+        ),
+        "score bad data format": (
+            ["score", "--model", str(ROOT), "--data", A_FILE],
+            {},
+            "unknown format; expected one of .jsonl",
+        ),
+        "expo alpha not a number": (
+            ["expo", "--init", "a", "--aligned", "b", "--alpha", "abc", "--out", "c"],
+            {},
+            "argument --alpha: invalid float value: 'abc'",
+        ),
+        "train-reinforce without reward": (
+            ["train-reinforce", "--prompts", A_FILE],
+            {},
+            "no reward source",
+        ),
+    }
+)
+if not torch.cuda.is_available():
+    ERRORS["device cuda"] = (["demo", "--device", "cuda"], {}, "--device 'cuda'")
+if Path("/proc").is_dir():
+    ERRORS["out /proc"] = (["demo", "--out", "/proc"], {}, "--out cannot write in '/proc'")
+GOOD = {"version": ["--version"], "info": ["info"]}
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """{case: CompletedProcess-like (returncode, stdout, stderr)}, the processes run in parallel."""
+    cases = {n: (a, e) for n, (a, e, _) in ERRORS.items()} | {n: (a, {}) for n, a in GOOD.items()}
+    procs = {}
+    for name, (args, extra) in cases.items():
+        env = dict(os.environ, PYTHONPATH=str(ROOT), **extra)
+        procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "nemokern.cli", *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    return {name: (*p.communicate(timeout=300), p.returncode) for name, p in procs.items()}
+
+
+@pytest.mark.parametrize("case", sorted(ERRORS))
+def test_user_error_is_one_line_and_status_2(runs, case):
+    out, err, code = runs[case]
+    assert code == 2, (out, err)
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert re.search(ERRORS[case][2], err), err
+
+
+def test_version_and_info(runs):
+    out, err, code = runs["version"]
+    assert code == 0 and out.strip() == f"nemokern {nemokern.__version__}", (out, err)
+    out, err, code = runs["info"]
+    assert code == 0, err
+    for line in (
+        "extension nemokern._C:",
+        "CUDA all-reduce",
+        "kernel back end for",
+        "attention back end for",
+    ):
+        assert line in out, out
+
+
+def test_k_1_warns_that_rloo_needs_2(capsys):
+    assert main(["demo", "--k", "1", "--max-new-tokens", "2"]) == 0
+    assert "RLOO needs k >= 2" in capsys.readouterr().out
+
+
+def test_every_option_has_help_and_the_python_defaults():
+    _, demo = _parser()
+    defaults = {k: p.default for k, p in inspect.signature(run_demo).parameters.items()}
+    for action in demo._actions:
+        if action.dest == "help":
+            continue
+        assert "default" in (action.help or ""), action.dest
+        assert action.default == defaults[action.dest], action.dest

@@ -1,0 +1,27 @@
+"""Test files share code through tests/helpers.py only: none imports another test file or
+loads bench/ by path."""
+
+import ast
+from pathlib import Path
+
+TESTS = Path(__file__).parent
+
+
+def test_no_test_file_imports_another_or_bench():
+    problems = []
+    for path in sorted(set(TESTS.glob("*.py")) - {Path(__file__)}):
+        source = path.read_text()
+        for node in ast.walk(ast.parse(source)):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            problems += [
+                f"{path.name} imports {n}"
+                for n in names
+                if n.split(".")[0].startswith(("test_", "_memory", "bench"))
+            ]
+        if '"bench"' in source or "'bench'" in source or "bench/" in source:
+            problems.append(f"{path.name} names bench/ (load nothing from it)")
+    assert not problems, problems

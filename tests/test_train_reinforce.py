@@ -1,0 +1,340 @@
+"""ReinforceTrainer (RLOO) on a tiny Llama with the byte tokenizer, CPU: the KL-regularised
+reward and leave-one-out advantages by hand, the update's gradient against float64 autograd,
+short runs with a reward function and with a reward-model directory, exact resume inside a
+rollout, option errors."""
+
+import json
+import shutil
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nemokern.data import DataError
+from nemokern.data.tokenizer import ByteTokenizer
+from nemokern.model import Llama, LlamaConfig, RewardModel
+from nemokern.train.config import ConfigError
+from nemokern.train.metrics import read_metrics
+from nemokern.train.reinforce import (
+    PolicyLoss,
+    ReinforceConfig,
+    ReinforceTrainer,
+    kl_regularised_advantages,
+    pack,
+)
+
+TOK = ByteTokenizer()
+STEP_METRICS = (
+    "reward_mean",
+    "reward_std",
+    "kl_mean",
+    "response_len_mean",
+    "eos_fraction",
+    "entropy",
+    "advantage_mean",
+    "advantage_std",
+    "generate_s",
+    "score_s",
+    "logprobs_s",
+    "update_s",
+    "step_s",
+)
+
+
+def tiny_policy(seed=0):
+    torch.manual_seed(seed)
+    return Llama(
+        LlamaConfig.tiny(
+            vocab_size=TOK.vocab_size, bos_token_id=TOK.bos_id, eos_token_id=list(TOK.eos_ids)
+        )
+    )
+
+
+def count_a(prompts, completions, **kw):
+    """Share of the letter 'a' in each completion."""
+    return [c.count("a") / max(len(c), 1) for c in completions]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: a second thread only adds synchronisation (20x slower on a loaded 2-core
+    box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    rows = [
+        {"prompt": "Say a.", "answer": "a"},
+        {
+            "prompt": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Say b."},
+            ],
+            "answer": "b",
+        },
+        {"prompt": "Say c.", "answer": "c"},
+        {"prompt": "Say d.", "answer": "d"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def config(tmp_path, prompts, **kw):
+    base = {
+        "prompts": str(prompts),
+        "out": str(tmp_path / "run"),
+        "max_new_tokens": 6,
+        "prompts_per_step": 2,
+        "k": 3,
+        "lr": 1e-3,
+        "progress": False,
+        "tensorboard": False,
+        "device": "cpu",
+    }
+    base.update(kw)
+    return ReinforceConfig(**base)
+
+
+# ---- the math ------------------------------------------------------------------------------------
+def test_kl_regularised_reward_and_rloo_by_hand():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0])
+    kl = torch.tensor([0.5, 1.0, 0.0, 2.0, 0.0, 1.0, 0.0, 0.0, 0.0])
+    # prompt 0: all ended with EOS; prompt 1: sample 1 truncated; prompt 2: only sample 1 ended
+    ended = torch.tensor([1, 1, 1, 1, 0, 1, 0, 1, 0], dtype=torch.bool)
+    scores, adv = kl_regularised_advantages(rewards, kl, ended, 3, beta=0.1)
+    torch.testing.assert_close(scores, torch.tensor([0.95, 1.9, 3.0, 3.8, 5.0, 5.9, 7.0, 8.0, 9.0]))
+    torch.testing.assert_close(
+        adv,
+        torch.tensor(
+            [0.95 - 2.45, 1.9 - 1.975, 3.0 - 1.425, 3.8 - 5.9, 0.0, 5.9 - 3.8, 0.0, 0.0, 0.0]
+        ),
+    )
+    # with a truncation penalty every sample counts, a truncated one with R - penalty
+    scores, adv = kl_regularised_advantages(rewards, kl, ended, 3, beta=0.1, truncation_penalty=1.0)
+    torch.testing.assert_close(scores, torch.tensor([0.95, 1.9, 3.0, 3.8, 4.0, 5.9, 6.0, 8.0, 8.0]))
+    torch.testing.assert_close(
+        adv[3:], torch.tensor([3.8 - 4.95, 4.0 - 4.85, 5.9 - 3.9, -2.0, 1.0, 1.0])
+    )
+
+
+def test_pack_targets_are_the_response_tokens():
+    b = pack([[1, 2, 3], [4, 5]], [torch.tensor([7, 8]), torch.tensor([9])])
+    assert b["input_ids"].tolist() == [1, 2, 3, 7, 8, 4, 5, 9]
+    assert b["cu_seqlens"].tolist() == [0, 5, 8]
+    assert b["targets"].tolist() == [-100, -100, 7, 8, -100, -100, 9, -100]
+    assert b["last_index"].tolist() == [4, 7]
+
+
+def test_update_gradient_matches_float64_autograd():
+    """PolicyLoss on a packed micro-batch vs the recipe's loss written out in float64 with plain
+    log_softmax on per-sequence logits: mean over response tokens of -logp_t * A_seq, T = 0.7."""
+    policy = tiny_policy(1)
+    prompts = [[TOK.bos_id, 5, 6, 7], [TOK.bos_id, 9, 10], [TOK.bos_id, 11]]
+    responses = [
+        torch.tensor([40, 41, 42, TOK.eot_id]),
+        torch.tensor([43]),
+        torch.tensor([44, 45, 46]),
+    ]
+    adv = torch.tensor([0.7, -1.3, 0.25])
+    b = pack(prompts, responses)
+    mask = b["targets"] != -100
+    seq = torch.repeat_interleave(
+        torch.arange(3), (b["cu_seqlens"][1:] - b["cu_seqlens"][:-1]).long()
+    )
+    coef = torch.where(mask, -adv[seq] / mask.sum(), torch.zeros(()))
+    loss = PolicyLoss(policy, temperature=0.7)(b["input_ids"], b["cu_seqlens"], b["targets"], coef)
+    loss.backward()
+
+    ref = Llama(policy.config).double()
+    ref.load_state_dict({k: v.double() for k, v in policy.state_dict().items()})
+    terms = []
+    for p, r, a in zip(prompts, responses, adv.double()):
+        ids = torch.tensor(p + r.tolist())
+        logp = F.log_softmax(ref(ids[None])[0, :-1] / 0.7, -1).gather(-1, ids[1:, None])[:, 0]
+        terms.append(-logp[len(p) - 1 :] * a)
+    expected = torch.cat(terms).mean()
+    expected.backward()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(policy.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad.double(), q.grad, rtol=2e-4, atol=1e-6, msg=name)
+
+
+# ---- runs ----------------------------------------------------------------------------------------
+def test_run_with_reward_fn_module_writes_metrics_and_a_transformers_model(
+    tmp_path, prompts, monkeypatch
+):
+    (tmp_path / "my_rewards.py").write_text(
+        textwrap.dedent("""
+        def answer_share(prompts, completions, answer, **kw):
+            assert len(prompts) == len(completions) == len(answer)
+            return [c.count(a) / max(len(c), 1) for c, a in zip(completions, answer)]
+    """)
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = config(
+        tmp_path, prompts, reward_fn="my_rewards:answer_share", max_steps=2, truncation_penalty=0.0
+    )
+    trainer = ReinforceTrainer(cfg)
+    history = trainer.fit()
+    assert [h["step"] for h in history] == [1, 2]
+    for h in history:
+        assert all(name in h for name in STEP_METRICS), sorted(h)
+        assert 1 <= h["response_len_mean"] <= 6 and 0 <= h["eos_fraction"] <= 1 and h["entropy"] > 0
+        assert h["kl_mean"] >= 0 and h["generate_s"] > 0 and h["update_s"] > 0
+    assert history[0]["kl_mean"] == 0.0  # the first rollout's policy is the reference
+    assert history[1]["kl_mean"] > 0.0
+    assert [m["step"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "run" / "final").eval()
+    ids = torch.tensor(
+        [TOK.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)]
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, trainer.policy.eval()(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_reward_model_directory_and_weighted_sources(tmp_path, prompts):
+    torch.manual_seed(3)
+    rm = RewardModel(Llama(LlamaConfig.tiny(vocab_size=TOK.vocab_size)))
+    rm.save_pretrained(tmp_path / "rm")
+    # (an HF-layout directory without a head reads as Nemotron-Reward-HF: lm_head row 0)
+    rm.export_hf(tmp_path / "rm-hf", "helpfulness")
+
+    def first_step(name, **kw):
+        return ReinforceTrainer(config(tmp_path / name, prompts, max_steps=1, **kw)).fit()[0][
+            "reward_mean"
+        ]
+
+    with_rm = first_step("rm", reward_model=str(tmp_path / "rm"))
+    assert with_rm != 0.0
+    assert first_step(
+        "rm2", reward_model=str(tmp_path / "rm"), reward_model_weight=2.0
+    ) == pytest.approx(2 * with_rm)
+    assert first_step("hf", reward_model=str(tmp_path / "rm-hf")) == pytest.approx(
+        with_rm, rel=1e-5
+    )
+    only_fn = ReinforceTrainer(
+        config(tmp_path / "fn", prompts, max_steps=1), reward_fn=count_a
+    ).fit()[0]
+    both = ReinforceTrainer(
+        config(
+            tmp_path / "both",
+            prompts,
+            max_steps=1,
+            reward_model=str(tmp_path / "rm"),
+            reward_fn_weight=0.5,
+        ),
+        reward_fn=count_a,
+    ).fit()[0]
+    assert both["reward_mean"] == pytest.approx(with_rm + 0.5 * only_fn["reward_mean"], rel=1e-6)
+
+
+def test_resume_inside_a_rollout_is_exact(tmp_path, prompts):
+    def cfg(**kw):
+        return config(
+            tmp_path,
+            prompts,
+            max_steps=4,
+            updates_per_rollout=2,
+            truncation_penalty=0.0,
+            save_every=1,
+            keep_last=10,
+            **kw,
+        )
+
+    full = ReinforceTrainer(cfg(), reward_fn=count_a).fit()
+    assert any(h["loss"] != 0 for h in full)
+    assert [h["generate_s"] > 0 for h in full] == [True, False, True, False]
+    for step in (2, 3, 4):  # interrupted after step 1, in the middle of the first rollout
+        shutil.rmtree(tmp_path / "run" / "checkpoints" / f"step-{step:08d}")
+    rest = ReinforceTrainer(cfg(resume="auto"), reward_fn=count_a).fit()
+    assert [h["step"] for h in rest] == [2, 3, 4]
+    for name in ("loss", "grad_norm", "reward_mean", "kl_mean", "advantage_std", "entropy"):
+        assert [h[name] for h in rest] == [h[name] for h in full[1:]], name
+
+
+def test_hf_tokenizer_directory_goes_to_final(tmp_path, prompts, hf_dir):
+    from transformers import AutoTokenizer
+
+    cfg = config(tmp_path, prompts, tokenizer=str(hf_dir), max_steps=1)
+    ReinforceTrainer(cfg, reward_fn=count_a).fit()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "run" / "final")
+    assert (
+        tok.convert_tokens_to_ids("<|eot_id|>")
+        == LlamaConfig.from_json_file(tmp_path / "run" / "final" / "config.json").eos_token_id[0]
+    )
+
+
+# ---- errors --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (
+            {"reward_fn": "no_such_module_xyz:fn"},
+            "--reward-fn: cannot import module 'no_such_module_xyz'",
+        ),
+        ({"reward_fn": "json:no_such_fn"}, "module 'json' .* has no function 'no_such_fn'"),
+        ({"reward_fn": "json"}, "is not 'module:function'"),
+        ({}, "no reward source"),
+        ({"reward_model": "/nonexistent/rm"}, "--reward-model: /nonexistent/rm is not a directory"),
+        ({"reward_fn": "json:dumps", "prompts": ""}, "--prompts: a prompts file is required"),
+    ],
+)
+def test_bad_options_are_named(tmp_path, prompts, kw, match):
+    with pytest.raises(ConfigError, match=match):
+        ReinforceTrainer(config(tmp_path, kw.pop("prompts", prompts), **kw))
+
+
+def test_both_a_callable_and_an_option_and_k_below_two(tmp_path, prompts):
+    with pytest.raises(ConfigError, match="given both as an option and as a Python callable"):
+        ReinforceTrainer(config(tmp_path, prompts, reward_fn="json:dumps"), reward_fn=count_a)
+    with pytest.warns(UserWarning, match="k = 1: .*every advantage is 0"):
+        ReinforceTrainer(config(tmp_path, prompts, k=1), reward_fn=count_a)
+    with pytest.raises(ConfigError, match="temperature = 0.0 must be > 0"):
+        config(tmp_path, prompts, temperature=0.0)
+    with pytest.raises(ConfigError, match="k = 0 must be at least 1"):
+        config(tmp_path, prompts, k=0)
+
+
+def test_a_prompt_row_without_a_prompt_is_named(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"question": "no prompt"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: field 'prompt': missing column"):
+        ReinforceTrainer(config(tmp_path, bad), reward_fn=count_a)
+
+
+def test_a_bad_reward_function_result_is_named(tmp_path, prompts):
+    def short(prompts, completions, **kw):
+        return [1.0]
+
+    with pytest.raises(ValueError, match="returned 1 rewards for 6 completions"):
+        ReinforceTrainer(config(tmp_path, prompts, max_steps=1), reward_fn=short).fit()
+
+
+@pytest.mark.slow
+def test_tiny_policy_learns_to_say_a_with_bounded_kl(tmp_path, prompts):
+    cfg = config(
+        tmp_path,
+        prompts,
+        max_new_tokens=8,
+        prompts_per_step=4,
+        k=8,
+        lr=3e-3,
+        min_lr=3e-4,
+        max_steps=40,
+        truncation_penalty=0.0,
+        beta=0.01,
+    )
+    history = ReinforceTrainer(cfg, reward_fn=count_a).fit()
+    first = sum(h["reward_mean"] for h in history[:5]) / 5
+    last = sum(h["reward_mean"] for h in history[-5:]) / 5
+    assert last > first + 0.2, (first, last)
+    assert max(h["kl_mean"] for h in history) < 5.0
