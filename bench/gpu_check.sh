@@ -68,7 +68,7 @@ fi
 # (1) correctness: every kernel and op against float64 at real shapes (multi-process ones later)
 stage gpu-tests 180 "${PYTEST[@]}" tests "${GPU_SEL[@]}" -k "not cuda_ipc"
 # (2) ceilings and nemokern vs eager first; torch.compile (slow to warm up) after
-stage bench 200 "${PYTEST[@]}" bench "${BENCH_SEL[@]}" -k "not compiled" \
+stage benchmarks 200 "${PYTEST[@]}" bench "${BENCH_SEL[@]}" -k "not compiled" \
     --benchmark-json="$OUT/bench.json"
 if [[ "$DRY" != 1 ]]; then
     stage resources 60 python3 -m nemokern.kernels._aot --resources "$OUT/resources.json"

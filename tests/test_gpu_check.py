@@ -20,7 +20,7 @@ def test_gpu_check_dry_run_walks_every_stage(tmp_path):
     log = (tmp_path / "log.txt").read_text() if (tmp_path / "log.txt").exists() else ""
     assert out.returncode == 0, out.stdout + out.stderr + log
     summary = (tmp_path / "summary.md").read_text()
-    for stage in ("versions", "gpu-tests", "bench", "multi-process"):
+    for stage in ("versions", "gpu-tests", "benchmarks", "multi-process"):
         assert f"| {stage} | ok |" in summary, summary + log
     # the GPU tests and benchmarks were collected, not silently empty
     assert "test_cuda_kernel_vs_float64_real_shape" in log and "test_ceiling_copy_bandwidth" in log

@@ -2,6 +2,7 @@
 loads bench/ by path."""
 
 import ast
+import re
 from pathlib import Path
 
 TESTS = Path(__file__).parent
@@ -22,6 +23,8 @@ def test_no_test_file_imports_another_or_bench():
                 for n in names
                 if n.split(".")[0].startswith(("test_", "_memory", "bench"))
             ]
+        # running a bench/ shell script (the GPU check's dry run) loads nothing from bench/
+        source = re.sub(r"""["']bench["'] / ["'][\w.-]+\.sh["']|bench/[\w.-]+\.sh""", "", source)
         if '"bench"' in source or "'bench'" in source or "bench/" in source:
             problems.append(f"{path.name} names bench/ (load nothing from it)")
     assert not problems, problems
