@@ -3,8 +3,13 @@
 CUDA: torch.cuda.max_memory_allocated around the call. CPU: the process's peak resident set
 (VmHWM) is reset through /proc/self/clear_refs (Linux), then read after the call; the difference
 to the resident set before the call is what the call added at its peak. Large CPU tensors are
-mmap'ed and returned to the OS when freed, so this sees temporaries too.
+mmap'ed and returned to the OS when freed, so this sees temporaries too; but glibc raises its
+mmap threshold after such a free, so later large blocks come from the heap and, once freed, stay
+resident: without malloc_trim before the call, a benchmark run after a bigger one in the same
+process would see next to nothing.
 """
+import ctypes
+import ctypes.util
 import gc
 
 import torch
@@ -18,6 +23,14 @@ def _status_kib(field):
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def _release_freed_heap():
+    """Return freed heap memory to the OS (glibc malloc_trim), so that reusing it shows in RSS."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 def peak_extra_bytes(fn, device="cpu"):
     """Run fn() once; return (result, peak bytes allocated above the level before the call)."""
     gc.collect()
@@ -28,6 +41,7 @@ def peak_extra_bytes(fn, device="cpu"):
         out = fn()
         torch.cuda.synchronize()
         return out, torch.cuda.max_memory_allocated() - base
+    _release_freed_heap()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = _status_kib("VmRSS")

@@ -37,35 +37,44 @@ optimizer and AdamW state), then a measured train() of TRL_STEPS steps whose per
 from a TrainerCallback (on_step_begin to on_step_end: training_step, optimizer, scheduler,
 zero_grad; the data loading and collation between steps is outside, as batch building is outside
 for the others); the first TRL_SKIP are dropped, the rest are the benchmark's rounds.
+Group "..., interleaved": the same five, one step of each in turn, ROUNDS times (TRL: a train() of
+one step each time, timed by the callback), so that a shared machine's changing load weighs on all
+alike; time only (the peak memory is the first group's).
 Peak extra memory: bench/_memory.peak_extra_bytes around one step (nemokern, plain) or around the
 whole measured train() (TRL; the AdamW state already exists then, as for the others).
 extra_info: pairs (per step), tokens (real tokens per step), padded_tokens (what the padded
 implementations compute), peak_extra_bytes, device.
 """
-import statistics
 import time
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+# One timing helper for all benchmarks (peak extra memory, device name).
+from _memory import device_name, peak_extra_bytes, run_benchmark
 from transformers import TrainerCallback
 
 from nemokern.data import load_reward_data
 from nemokern.data.synthetic import write_synthetic
-from nemokern.data.tokenizer import (BEGIN_OF_TEXT, EOT, LLAMA3_SPECIAL_TOKENS, PAD, ByteTokenizer)
+from nemokern.data.tokenizer import (
+    BEGIN_OF_TEXT,
+    EOT,
+    LLAMA3_SPECIAL_TOKENS,
+    PAD,
+    ByteTokenizer,
+)
 from nemokern.model import Llama, LlamaConfig, RewardModel
 from nemokern.model.reward import HELPFULNESS
 from nemokern.train.loop import build_optimizer
 from nemokern.train.reward import RewardConfig, reward_loss
-# One timing helper for all benchmarks (peak extra memory, device name).
-from _memory import device_name, peak_extra_bytes, run_benchmark
 
 PAIRS = 16
 LR = 1e-5
 ROUNDS = 10
 TRL_WARMUP_STEPS, TRL_STEPS, TRL_SKIP = 2, 12, 2
-MODEL = dict(vocab_size=512, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-             num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048)
+MODEL = {"vocab_size": 512, "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 4,
+             "num_attention_heads": 8, "num_key_value_heads": 2, "max_position_embeddings": 2048}
 GROUP = (f"reward train step (CPU, {PAIRS} pairs, H={MODEL['hidden_size']} "
          f"L={MODEL['num_hidden_layers']} fp32)")
 
@@ -96,8 +105,8 @@ def setup(tmp_path_factory):
 def _info(setup):
     sequences = [s for e in setup["data"].examples for s in e.sequences]
     longest = max(len(s) for s in sequences)
-    return dict(pairs=PAIRS, tokens=sum(len(s) for s in sequences),
-                padded_tokens=len(sequences) * longest, dtype="float32")
+    return {"pairs": PAIRS, "tokens": sum(len(s) for s in sequences),
+                "padded_tokens": len(sequences) * longest, "dtype": "float32"}
 
 
 def _padded(setup):
@@ -158,36 +167,48 @@ def test_same_start(setup):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.benchmark(group=GROUP)
-def test_nemokern(benchmark, setup):
-    model, b = _nemokern_model(setup), setup["batch"]
-    opt = build_optimizer(model, RewardConfig(lr=LR, weight_decay=0.0, grad_clip=0.0))
-
+def _optimizer_step(loss_fn, opt):
     def step():
-        loss = _nemokern_loss(model, b)
+        loss = loss_fn()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.detach()
+    return step
 
-    run_benchmark(benchmark, step, "cpu", ROUNDS, optimizer=type(opt).__name__, **_info(setup))
+
+def _nemokern_step(setup):
+    model, b = _nemokern_model(setup), setup["batch"]
+    opt = build_optimizer(model, RewardConfig(lr=LR, weight_decay=0.0, grad_clip=0.0))
+    return _optimizer_step(lambda: _nemokern_loss(model, b), opt), bool(opt.defaults.get("fused"))
+
+
+def _plain_step(setup, attn):
+    model = _hf_model(setup, attn)
+    ids, mask = _padded(setup)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    return _optimizer_step(lambda: _plain_loss(model, ids, mask), opt)
+
+
+@pytest.mark.benchmark(group=GROUP)
+def test_nemokern(benchmark, setup):
+    step, fused = _nemokern_step(setup)
+    run_benchmark(benchmark, step, "cpu", ROUNDS, fused_adamw=fused, **_info(setup))
 
 
 @pytest.mark.benchmark(group=GROUP)
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_plain(benchmark, setup, attn):
-    model = _hf_model(setup, attn)
-    ids, mask = _padded(setup)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    run_benchmark(benchmark, _plain_step(setup, attn), "cpu", ROUNDS, attn=attn, **_info(setup))
 
-    def step():
-        loss = _plain_loss(model, ids, mask)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
 
-    run_benchmark(benchmark, step, "cpu", ROUNDS, attn=attn, **_info(setup))
+def _use_times(benchmark, times):
+    """Make `times` (seconds per step, measured by a callback or in turn with the others) the
+    rounds of a benchmark already run once: pytest-benchmark computes median etc. lazily from
+    them. Returns the seconds of that one run."""
+    run = benchmark.stats.stats.data[0]
+    benchmark.stats.stats.data[:] = times
+    return run
 
 
 # ---------------------------------------------------------------- TRL
@@ -224,9 +245,9 @@ class StepTimes(TrainerCallback):
         self.times.append(time.perf_counter() - self._start)
 
 
-@pytest.mark.benchmark(group=GROUP)
-@pytest.mark.parametrize("checkpointing", [True, False], ids=["grad-ckpt", "no-ckpt"])
-def test_trl(benchmark, setup, checkpointing):
+def _trl_trainer(setup, checkpointing, steps):
+    """(trl module, a RewardTrainer over the 16 pairs as conversations, its StepTimes); checks
+    that TRL's token ids are nemokern's."""
     trl = pytest.importorskip("trl")
     from datasets import Dataset
 
@@ -234,18 +255,28 @@ def test_trl(benchmark, setup, checkpointing):
     rows = [{"prompt": list(p.prompt), "chosen": list(p.chosen), "rejected": list(p.rejected)}
             for p in setup["pairs"]]
     timer = StepTimes()
-    model = _hf_model(setup, "sdpa")
     args = trl.RewardConfig(
         output_dir=str(setup["tmp"] / "trl"), per_device_train_batch_size=PAIRS,
-        max_steps=TRL_WARMUP_STEPS, learning_rate=LR, weight_decay=0.0, max_grad_norm=0.0,
+        max_steps=steps, learning_rate=LR, weight_decay=0.0, max_grad_norm=0.0,
         lr_scheduler_type="constant", bf16=False, gradient_checkpointing=checkpointing,
         logging_strategy="no", save_strategy="no", eval_strategy="no", report_to=[],
         disable_tqdm=True, use_cpu=True, dataloader_num_workers=0, max_length=None, seed=0)
-    trainer = trl.RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                                processing_class=tokenizer, callbacks=[timer])
+    trainer = trl.RewardTrainer(model=_hf_model(setup, "sdpa"), args=args,
+                                train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                                callbacks=[timer])
     for row, ex in zip(trainer.train_dataset, setup["data"].examples):
         assert row["chosen_ids"] == ex.sequences[0].tolist()
         assert row["rejected_ids"] == ex.sequences[1].tolist()
+    return trl, trainer, timer
+
+
+CKPT = pytest.mark.parametrize("checkpointing", [True, False], ids=["grad-ckpt", "no-ckpt"])
+
+
+@pytest.mark.benchmark(group=GROUP)
+@CKPT
+def test_trl(benchmark, setup, checkpointing):
+    trl, trainer, timer = _trl_trainer(setup, checkpointing, TRL_WARMUP_STEPS)
     trainer.train()  # creates the AdamW state; the measured train() keeps the optimizer
     optimizer = trainer.optimizer
     trainer.args.max_steps = TRL_STEPS
@@ -254,9 +285,57 @@ def test_trl(benchmark, setup, checkpointing):
     steady = timer.times[TRL_SKIP:]
     assert len(steady) == TRL_STEPS - TRL_SKIP
     assert trainer.optimizer is optimizer
-    total = benchmark.stats.stats.data[0]
-    benchmark.stats.stats.data[:] = steady  # the rounds are the optimizer steps, not train()
+    train_seconds = _use_times(benchmark, steady)
     benchmark.extra_info.update(
-        peak_extra_bytes=peak, device=device_name("cpu"), train_seconds=total,
-        gradient_checkpointing=checkpointing, attn=model.config._attn_implementation,
-        trl=trl.__version__, median_step_s=statistics.median(steady), **_info(setup))
+        peak_extra_bytes=peak, device=device_name("cpu"), train_seconds=train_seconds,
+        gradient_checkpointing=checkpointing,
+        attn=trainer.model.config._attn_implementation, trl=trl.__version__, **_info(setup))
+
+
+# ---------------------------------------------------------------- all of them in turn
+
+IMPLS = ["nemokern", "plain[eager]", "plain[sdpa]", "trl[grad-ckpt]", "trl[no-ckpt]"]
+
+
+@pytest.fixture(scope="module")
+def interleaved(setup):
+    """Seconds per step of every implementation, one step of each in turn, ROUNDS times, so that
+    the load of a shared machine weighs on all of them alike (the groups above run one after the
+    other and may each meet another load). TRL: train() of one step each time, timed by the
+    callback as above."""
+    steps = {"nemokern": _nemokern_step(setup)[0], "plain[eager]": _plain_step(setup, "eager"),
+             "plain[sdpa]": _plain_step(setup, "sdpa")}
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        for checkpointing, name in ((True, "trl[grad-ckpt]"), (False, "trl[no-ckpt]")):
+            _, trainer, timer = _trl_trainer(setup, checkpointing, 1)
+
+            def trl_step(trainer=trainer, timer=timer):
+                trainer.train()
+                return timer.times[-1]
+            steps[name] = trl_step
+    times = {name: [] for name in steps}
+    for step in steps.values():
+        step()  # warm-up, AdamW state
+    for _ in range(ROUNDS):
+        for name, step in steps.items():
+            if name.startswith("trl"):
+                times[name].append(step())
+            else:
+                t = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - t)
+    return times
+
+
+@pytest.mark.benchmark(group=GROUP + ", interleaved")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_interleaved(benchmark, interleaved, setup, impl):
+    if impl not in interleaved:
+        pytest.skip("trl is not installed")
+    benchmark.pedantic(lambda: None, rounds=1)
+    _use_times(benchmark, interleaved[impl])
+    benchmark.extra_info.update(device=device_name("cpu"), **_info(setup))
