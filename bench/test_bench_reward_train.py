@@ -32,7 +32,7 @@ template. The benchmark asserts that TRL's token ids equal nemokern's, row by ro
 nemokern and plain models give the same loss at the start.
 
 Timing: nemokern and plain through bench/_memory.run_benchmark (one step per round, after a
-warm-up step that also creates the AdamW state). TRL: one train() of WARMUP_STEPS (creating its
+warm-up step that also creates the AdamW state). TRL: one train() of TRL_WARMUP_STEPS (creating its
 optimizer and AdamW state), then a measured train() of TRL_STEPS steps whose per-step times come
 from a TrainerCallback (on_step_begin to on_step_end: training_step, optimizer, scheduler,
 zero_grad; the data loading and collation between steps is outside, as batch building is outside
