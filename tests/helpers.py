@@ -5,6 +5,8 @@ Test files import from here (`from helpers import ...`); no test file imports an
 """
 
 import copy
+import ctypes
+import ctypes.util
 import gc
 
 import pytest
@@ -162,6 +164,17 @@ def _status_kib(field):
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def _release_freed_heap():
+    """Return freed heap memory to the OS (glibc malloc_trim). glibc raises its mmap threshold
+    after a large free, so later large blocks come from the heap and stay resident once freed:
+    without this, a call measured after a bigger one in the same process would reuse that
+    memory and show next to no extra."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 def peak_extra_bytes(fn, device="cpu"):
     """Run fn() once; return (result, peak bytes allocated above the level before the call)."""
     gc.collect()
@@ -172,6 +185,7 @@ def peak_extra_bytes(fn, device="cpu"):
         out = fn()
         torch.cuda.synchronize()
         return out, torch.cuda.max_memory_allocated() - base
+    _release_freed_heap()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = _status_kib("VmRSS")
