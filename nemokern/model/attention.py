@@ -124,12 +124,17 @@ def packed_attention(q, k, v, cu_seqlens, max_seqlen: int) -> torch.Tensor:
             )
         return _call_varlen(varlen, q, k, v, cu_seqlens, max_seqlen)
     # Exact fallback: one SDPA call per segment (no cross-segment scores are ever computed).
+    # One split and one cat: per-segment slice assignment would make autograd zero-fill and add
+    # a full-size gradient for every segment. Rows past the last segment come out as zeros.
     bounds = cu_seqlens.tolist()
-    out = torch.empty_like(q)
-    for s, e in zip(bounds[:-1], bounds[1:]):
-        if e > s:
-            out[s:e] = _sdpa(q[None, s:e], k[None, s:e], v[None, s:e])[0]
-    return out
+    lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])] + [q.shape[0] - bounds[-1]]
+    outs = [
+        _sdpa(qs[None], ks[None], vs[None])[0]
+        if i < len(lengths) - 1 and qs.shape[0]
+        else torch.zeros_like(qs)
+        for i, (qs, ks, vs) in enumerate(zip(*(t.split(lengths) for t in (q, k, v))))
+    ]
+    return torch.cat(outs)
 
 
 @functools.cache
