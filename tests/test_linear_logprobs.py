@@ -114,7 +114,9 @@ def test_torch_path_matches_float64(
 
 
 def test_torch_path_token_chunks(torch_backend, monkeypatch):
-    monkeypatch.setattr(L, "_TORCH_CHUNK_ELEMENTS", 4 * 37)  # 4 tokens per chunk, last partial
+    # forward: 4 tokens per chunk, the last partial; backward: 4 vocabulary rows per chunk
+    monkeypatch.setattr(L, "_TORCH_FWD_CHUNK_ELEMENTS", 4 * 37)
+    monkeypatch.setattr(L, "_TORCH_CHUNK_ELEMENTS", 4 * 30)
     inputs = make_inputs((30,), 20, 37, torch.float32, 2.0)
     check_against_float64(*inputs, 1.3, label="torch chunked")
 

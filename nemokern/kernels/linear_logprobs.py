@@ -41,9 +41,11 @@ from .logprobs import (
     row_chunk,
 )
 
-# Logits elements per chunk on the CPU path (32 MB of fp32): big enough that the chunk GEMMs run
-# as fast as one big GEMM (timings: bench/results/2026-11-30-cpu-notes-from-kernel-comments.md).
+# Logits elements per chunk on the CPU path: the backward's 32 MB of fp32 keep its GEMMs as fast
+# as one big GEMM; the forward's GEMM (fewer columns per row) needs ~1000-row chunks for that,
+# 128 MB at V = 32000 (timings: bench/results/2026-11-30-cpu-notes-from-kernel-comments.md).
 _TORCH_CHUNK_ELEMENTS = 1 << 23
+_TORCH_FWD_CHUNK_ELEMENTS = 1 << 25
 _BWD_CHUNK_BYTES = 256 << 20  # d(logits) chunk of the GPU backward
 
 
@@ -63,7 +65,7 @@ def linear_stats_torch(hidden, weight, targets, inv_t, vocab_start=0, with_entro
     """hidden [N, H], weight [Vs, H], targets [N] global ids -> parts [1, N, 4] float32."""
     n, v = hidden.shape[0], weight.shape[0]
     out = torch.empty(n, 4, dtype=torch.float32, device=hidden.device)
-    step = row_chunk(n, v, _TORCH_CHUNK_ELEMENTS)
+    step = row_chunk(n, v, _TORCH_FWD_CHUNK_ELEMENTS)
     scratch = hidden.new_empty(min(n, step) * v)
     for i in range(0, n, step):
         z = _scaled_logits(hidden[i : i + step], weight.t(), inv_t, scratch)
