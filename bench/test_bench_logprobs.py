@@ -161,6 +161,13 @@ def test_linear_logprobs_cpu_all_counted(benchmark, impl):
     )
 
 
+@pytest.mark.benchmark(group="linear_logprobs fwd, no grad (CPU, N=4096 H=1024 V=32000 fp32)")
+@pytest.mark.parametrize("impl", ["nemokern", "eager"])
+def test_linear_logprobs_fwd_cpu(benchmark, impl):
+    """Reference and old-policy log-probs (REINFORCE): no backward follows."""
+    _bench_linear(benchmark, impl, 4096, 1024, 32000, torch.float32, "cpu", 5, backward=False)
+
+
 @pytest.mark.gpu
 @pytest.mark.benchmark(group="linear_logprobs fwd+bwd (GPU, N=16384 H=4096 V=128256 bf16)")
 @pytest.mark.parametrize("impl", IMPLS + ["liger"])
