@@ -184,11 +184,13 @@ def _linear_stats_kernel(
     w_ptr,
     tgt_ptr,
     parts_ptr,
+    z_ptr,
     N,
     V,
     H,
     stride_h,
     stride_w,
+    stride_z,
     inv_t,
     vocab_start,
     tiles_per_split,
@@ -197,8 +199,11 @@ def _linear_stats_kernel(
     BLOCK_H: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
+    STORE_Z: tl.constexpr,
 ):
-    """Program (i, j): tokens [i*BLOCK_N, ...) x vocabulary tiles of split j -> parts[j, rows]."""
+    """Program (i, j): tokens [i*BLOCK_N, ...) x vocabulary tiles of split j -> parts[j, rows].
+    STORE_Z also stores every scaled logits tile into z [N, V] in z's dtype (linear_policy_loss
+    turns that block into its gradient); otherwise z_ptr is never touched."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -230,6 +235,12 @@ def _linear_stats_kernel(
             DOT_PRECISION,
             DOT_UPCAST,
         )
+        if STORE_Z:
+            tl.store(
+                z_ptr + rows[:, None] * stride_z + cols[None, :],
+                cast_to(z, z_ptr.dtype.element_ty),
+                mask=(rows[:, None] < N) & (cols[None, :] < V),
+            )
         m, s, t = online_softmax_step(m, s, t, z, 1)
         zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
     out = parts_ptr + (split * N + rows) * 4
@@ -342,37 +353,46 @@ def linear_stats_triton(hidden, weight, targets, inv_t, vocab_start=0, with_entr
     """hidden [N, H], weight [Vs, H] (both row-contiguous, same dtype), targets [N] int64
     -> parts [S, N, 4] float32, one part per vocabulary split (entropy statistic always)."""
     check_triton_dtype("linear_logprobs", hidden.dtype)
+    return stats_parts(hidden, weight, targets, inv_t, vocab_start)
+
+
+def stats_parts(hidden, weight, targets, inv_t, vocab_start=0, z=None):
+    """_linear_stats_kernel over every token: parts [S, N, 4]; z [N, V] (hidden's dtype) also
+    receives the scaled logits when given (linear_policy_loss)."""
     n, h = hidden.shape
-    v = weight.shape[0]
     bn, bv, bh, warps, stages = _CONFIGS[hidden.dtype]
-    n_tiles, v_tiles = max(1, triton.cdiv(n, bn)), triton.cdiv(v, bv)
+    n_tiles, v_tiles = max(1, triton.cdiv(n, bn)), triton.cdiv(weight.shape[0], bv)
     # Enough programs for two waves over the SMs; each split still walks many vocabulary tiles.
     splits = max(1, min(v_tiles, triton.cdiv(2 * _num_sms(hidden.device), n_tiles)))
     tiles_per_split = triton.cdiv(v_tiles, splits)
     splits = triton.cdiv(v_tiles, tiles_per_split)
     parts = torch.empty(splits, n, 4, dtype=torch.float32, device=hidden.device)
-    if n:
-        _linear_stats_kernel[(n_tiles, splits)](
-            hidden,
-            weight,
-            targets,
-            parts,
-            n,
-            v,
-            h,
-            hidden.stride(0),
-            weight.stride(0),
-            inv_t,
-            vocab_start,
-            tiles_per_split,
-            BLOCK_N=bn,
-            BLOCK_V=bv,
-            BLOCK_H=bh,
-            DOT_PRECISION=_PRECISION[hidden.dtype],
-            DOT_UPCAST=interpreting(),
-            num_warps=warps,
-            num_stages=stages,
-        )
+    if n == 0:
+        return parts
+    _linear_stats_kernel[(n_tiles, splits)](
+        hidden,
+        weight,
+        targets,
+        parts,
+        hidden if z is None else z,  # never touched without STORE_Z
+        n,
+        weight.shape[0],
+        h,
+        hidden.stride(0),
+        weight.stride(0),
+        0 if z is None else z.stride(0),
+        inv_t,
+        vocab_start,
+        tiles_per_split,
+        BLOCK_N=bn,
+        BLOCK_V=bv,
+        BLOCK_H=bh,
+        DOT_PRECISION=_PRECISION[hidden.dtype],
+        DOT_UPCAST=interpreting(),
+        STORE_Z=z is not None,
+        num_warps=warps,
+        num_stages=stages,
+    )
     return parts
 
 
@@ -488,7 +508,7 @@ def _specs():
             "DOT_PRECISION": _PRECISION[dtype],
             "DOT_UPCAST": False,
         }
-        specs.append(
+        specs += [
             (
                 _linear_stats_kernel,
                 {
@@ -496,19 +516,22 @@ def _specs():
                     "w_ptr": f"*{dt}",
                     "tgt_ptr": "*i64",
                     "parts_ptr": "*fp32",
+                    "z_ptr": f"*{dt}",
                     "N": "i32",
                     "V": "i32",
                     "H": "i32",
                     "stride_h": "i32",
                     "stride_w": "i32",
+                    "stride_z": "i32",
                     "inv_t": "fp32",
                     "vocab_start": "i32",
                     "tiles_per_split": "i32",
                 },
-                const,
+                {**const, "STORE_Z": store_z},
                 options,
             )
-        )
+            for store_z in (False, True)
+        ]
         specs.append(
             (
                 _linear_dlogits_kernel,

@@ -35,10 +35,9 @@ the no-gradient forward: one GEMM). The row statistics go through nemokern.kerne
 `combine_stats`, the gradient through its `block_dlogits_torch` / `dlogits_tile`: no formula is
 restated here.
 
-Triton design (GPU), per token chunk: one kernel tiles chunk tokens x vocabulary like
-linear_logprobs' forward (tl.dot logits tiles folded into online statistics, vocabulary ranges
-split across programs) and also stores each scaled logits tile, in the input dtype, into the
-chunk block; after combine_stats a second, elementwise kernel turns the block into d(logits) in
+Triton design (GPU), per token chunk: linear_logprobs' forward kernel with STORE_Z on (tl.dot
+logits tiles folded into online statistics, vocabulary ranges split across programs) also stores
+each scaled logits tile, in the input dtype, into the chunk block; after combine_stats a second, elementwise kernel turns the block into d(logits) in
 place; cuBLAS does the two gradient GEMMs. 16-bit logits are rounded to the input dtype before
 d(logits) is formed, as eager PyTorch's own bf16 logits are; the statistics (logp, entropy, the
 normaliser) come from the fp32 accumulators. Tile configurations: linear_logprobs' `_CONFIGS`.
@@ -54,15 +53,11 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreting
 from . import linear_logprobs as _linear
 from ._rounding import cast_to
 from .linear_logprobs import (
     _CONFIGS,
-    _PRECISION,
-    _logits_tile,
     _mm_fp32,
-    _num_sms,
     _scaled_logits,
     check_triton_dtype,
 )
@@ -71,7 +66,6 @@ from .logprobs import (
     block_stats_torch,
     combine_stats,
     dlogits_tile,
-    online_softmax_step,
     row_chunk,
 )
 
@@ -175,72 +169,6 @@ def linear_policy_grads_torch(
 
 
 @triton.jit
-def _logits_stats_store_kernel(
-    h_ptr,
-    w_ptr,
-    tgt_ptr,
-    parts_ptr,
-    z_ptr,
-    N,
-    V,
-    H,
-    stride_h,
-    stride_w,
-    stride_z,
-    inv_t,
-    tiles_per_split,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    DOT_UPCAST: tl.constexpr,
-):
-    """Program (i, j): chunk tokens [i*BLOCK_N, ...) x vocabulary tiles of split j; stores the
-    scaled logits tiles into z (its dtype) and the split's statistics into parts[j, rows]."""
-    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    split = tl.program_id(1)
-    in_n = rows < N
-    tgt = tl.load(tgt_ptr + rows, mask=in_n, other=-1)
-    m = tl.full((BLOCK_N,), -float("inf"), tl.float32)
-    s = tl.zeros((BLOCK_N,), tl.float32)
-    t = tl.zeros((BLOCK_N,), tl.float32)
-    zt = tl.zeros((BLOCK_N,), tl.float32)
-    v_first = split * tiles_per_split * BLOCK_V
-    v_last = tl.minimum(v_first + tiles_per_split * BLOCK_V, V)
-    for v0 in range(v_first, v_last, BLOCK_V):
-        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
-        z = _logits_tile(
-            h_ptr,
-            w_ptr,
-            rows,
-            cols,
-            N,
-            V,
-            H,
-            stride_h,
-            stride_w,
-            inv_t,
-            BLOCK_N,
-            BLOCK_V,
-            BLOCK_H,
-            DOT_PRECISION,
-            DOT_UPCAST,
-        )
-        tl.store(
-            z_ptr + rows[:, None] * stride_z + cols[None, :],
-            cast_to(z, z_ptr.dtype.element_ty),
-            mask=in_n[:, None] & (cols[None, :] < V),
-        )
-        m, s, t = online_softmax_step(m, s, t, z, 1)
-        zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
-    out = parts_ptr + (split * N + rows) * 4
-    tl.store(out + 0, m, mask=in_n)
-    tl.store(out + 1, s, mask=in_n)
-    tl.store(out + 2, t, mask=in_n)
-    tl.store(out + 3, zt, mask=in_n)
-
-
-@triton.jit
 def _policy_dlogits_kernel(
     z_ptr,
     tgt_ptr,
@@ -278,44 +206,15 @@ def linear_policy_grads_triton(
     about _CHUNK_BYTES."""
     n, h = hidden.shape
     v = weight.shape[0]
-    bn, bv, bh, warps, stages = _CONFIGS[hidden.dtype]
+    bn = _CONFIGS[hidden.dtype][0]
     step = max(bn, _CHUNK_BYTES // (v * hidden.element_size()) // bn * bn)
     z_block = torch.empty(min(n, step), v, dtype=hidden.dtype, device=hidden.device)
     dn, dv, dwarps = _DLOGITS_CONFIG
-    v_tiles = triton.cdiv(v, bv)
 
     def chunk_dlogits(h_c, t_c, c_c):
         c = h_c.shape[0]
         z = z_block[:c]
-        n_tiles = triton.cdiv(c, bn)
-        # two waves over the SMs, as linear_logprobs' forward
-        tiles_per_split = triton.cdiv(
-            v_tiles, max(1, min(v_tiles, triton.cdiv(2 * _num_sms(hidden.device), n_tiles)))
-        )
-        splits = triton.cdiv(v_tiles, tiles_per_split)
-        parts = torch.empty(splits, c, 4, dtype=torch.float32, device=hidden.device)
-        _logits_stats_store_kernel[(n_tiles, splits)](
-            h_c,
-            weight,
-            t_c,
-            parts,
-            z,
-            c,
-            v,
-            h,
-            h_c.stride(0),
-            weight.stride(0),
-            z.stride(0),
-            inv_t,
-            tiles_per_split,
-            BLOCK_N=bn,
-            BLOCK_V=bv,
-            BLOCK_H=bh,
-            DOT_PRECISION=_PRECISION[hidden.dtype],
-            DOT_UPCAST=interpreting(),
-            num_warps=warps,
-            num_stages=stages,
-        )
+        parts = _linear.stats_parts(h_c, weight, t_c, inv_t, 0, z=z)
         logp, norm, entropy = combine_stats(parts, _all_rows(t_c))
         _policy_dlogits_kernel[(triton.cdiv(c, dn), triton.cdiv(v, dv))](
             z, t_c, norm, c_c, c, v, z.stride(0), inv_t, BLOCK_N=dn, BLOCK_V=dv, num_warps=dwarps
@@ -379,34 +278,6 @@ def _specs():
     dn, dv, dwarps = _DLOGITS_CONFIG
     for dtype, dt in names.items():
         bn, bv, bh, warps, stages = _CONFIGS[dtype]
-        specs.append(
-            (
-                _logits_stats_store_kernel,
-                {
-                    "h_ptr": f"*{dt}",
-                    "w_ptr": f"*{dt}",
-                    "tgt_ptr": "*i64",
-                    "parts_ptr": "*fp32",
-                    "z_ptr": f"*{dt}",
-                    "N": "i32",
-                    "V": "i32",
-                    "H": "i32",
-                    "stride_h": "i32",
-                    "stride_w": "i32",
-                    "stride_z": "i32",
-                    "inv_t": "fp32",
-                    "tiles_per_split": "i32",
-                },
-                {
-                    "BLOCK_N": bn,
-                    "BLOCK_V": bv,
-                    "BLOCK_H": bh,
-                    "DOT_PRECISION": _PRECISION[dtype],
-                    "DOT_UPCAST": False,
-                },
-                {"num_warps": warps, "num_stages": stages},
-            )
-        )
         specs.append(
             (
                 _policy_dlogits_kernel,
