@@ -38,10 +38,10 @@ restated here.
 Triton design (GPU), per token chunk: linear_logprobs' forward kernel with STORE_Z on (tl.dot
 logits tiles folded into online statistics, vocabulary ranges split across programs) also stores
 each scaled logits tile, in the input dtype, into the chunk block; after combine_stats a second,
-elementwise kernel turns the block into d(logits) in place; cuBLAS does the two gradient GEMMs. 16-bit logits are rounded to the input dtype before
-d(logits) is formed, as eager PyTorch's own bf16 logits are; the statistics (logp, entropy, the
-normaliser) come from the fp32 accumulators. Tile configurations: linear_logprobs' `_CONFIGS`.
-Speed on a GPU is unmeasured.
+elementwise kernel turns the block into d(logits) in place; cuBLAS does the two gradient GEMMs.
+16-bit logits are rounded to the input dtype before d(logits) is formed, as eager PyTorch's own
+bf16 logits are; the statistics (logp, entropy, the normaliser) come from the fp32 accumulators.
+Tile configurations: linear_logprobs' `_CONFIGS`. Speed on a GPU is unmeasured.
 
 CPU reference, per token chunk: one GEMM into a reused scratch block, statistics from copies of
 a few of its rows at a time (block_stats_torch overwrites its input), d(logits) in place by
