@@ -95,8 +95,8 @@ def test_resume_continues_exactly(tmp_path, files):
     assert [h["loss"] for h in rest] == [h["loss"] for h in full[2:]]
 
 
-@pytest.mark.slow
 def test_tiny_model_learns_the_synthetic_preference_task(tmp_path):
+    # about 5 s on 2 idle cores (2 minutes when the cores are oversubscribed)
     train = write_synthetic(tmp_path / "train.jsonl", 400, "hs2-preference", seed=0)
     held_out = write_synthetic(tmp_path / "eval.jsonl", 100, "hs2-preference", seed=1)
     cfg = config(tmp_path, train, eval_data=held_out, loss="bt", warmup_steps=5)
