@@ -80,9 +80,9 @@ from nemokern.model import Llama, LlamaConfig
 from nemokern.train import ReinforceConfig, ReinforceTrainer
 
 PROMPTS, K, MAX_NEW_TOKENS, TEMPERATURE, BETA, LR, GRAD_CLIP = 8, 4, 32, 1.0, 0.05, 1e-6, 1.0
-STEPS, SKIP = 6, 1
-TRL_WARMUP_STEPS, TRL_STEPS, TRL_SKIP = 1, 6, 1
-ROUNDS = 4
+STEPS, SKIP = 12, 2
+TRL_WARMUP_STEPS, TRL_STEPS, TRL_SKIP = 2, 12, 2
+ROUNDS = 10
 MODEL = {**REWARD_MODEL, "vocab_size": ByteTokenizer().vocab_size}
 PHASES = ("generate_s", "score_s", "logprobs_s", "update_s")
 GROUP = (
