@@ -1,0 +1,55 @@
+"""torch.profiler over steady RLOO steps of test_bench_rloo_step.py's setup: nemokern's
+ReinforceTrainer and TRL's RLOOTrainer (no gradient checkpointing), the top operators by self CPU
+time and the operator-call counts, per implementation.
+
+    PYTHONPATH=$PWD python bench/profile_rloo_step.py [STEPS]
+"""
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+import test_bench_rloo_step as bench  # noqa: E402
+
+
+class _Tmp:
+    def mktemp(self, name):
+        return Path(tempfile.mkdtemp(prefix=name))
+
+
+def _report(name, prof, steps):
+    events = prof.key_averages()
+    calls = sum(e.count for e in events if e.key.startswith("aten::"))
+    total = sum(e.self_cpu_time_total for e in events) / 1e6
+    print(
+        f"\n== {name}: {steps} steps, {total / steps:.3f} s self CPU/step, "
+        f"{calls // steps} aten calls/step"
+    )
+    print(events.table(sort_by="self_cpu_time_total", row_limit=14))
+
+
+def main(steps: int) -> None:
+    setup = bench.setup.__wrapped__(_Tmp())
+    nk = bench._nemokern_trainer(setup, 2, "prof-nemokern")
+    nk.fit()  # warm-up
+    nk.config.max_steps = steps
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        nk.fit()
+    _report("nemokern", prof, steps)
+
+    _, trl, _ = bench._trl_trainer(setup, False, 2, "prof-trl")
+    trl.train()  # warm-up, AdamW state
+    trl.args.max_steps = steps
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        trl.train()
+    _report("trl[no-ckpt]", prof, steps)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 3)

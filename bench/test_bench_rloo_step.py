@@ -1,0 +1,393 @@
+"""Benchmark: one full REINFORCE/RLOO step (generate, score, policy and reference log-probs,
+update) on the CPU, nemokern's ReinforceTrainer against TRL's RLOOTrainer.
+
+    PYTHONPATH=$PWD python -m pytest bench/test_bench_rloo_step.py --benchmark-enable \
+        --benchmark-json=bench/results/<date>-<machine>-rloo-step.json
+
+Both train the SAME Llama-3.1-shaped policy (hidden 256, 4 layers, 8 query / 2 KV heads, FFN 704,
+the byte vocabulary of 262 ids, untied; fp32), saved once in HF layout and loaded by each (TRL
+through LlamaForCausalLM, transformers' default sdpa attention; its reference is a second copy
+loaded from the same directory, nemokern's a deep copy), on the SAME 8 chat prompts (every step
+takes all 8, each sampled K=4 times: 32 completions per step), max 32 new tokens, temperature 1.0,
+top-p 1, top-k off, with the SAME programmatic reward function (TRL's signature, the share of the
+letter "a" in the completion), beta 0.05 (TRL's default), one optimizer step per rollout, AdamW
+(fused in both: TRL's default adamw_torch_fused, nemokern's build_optimizer) at a constant lr
+1e-6, betas (0.9, 0.999), no weight decay, gradient norm clipped to 1.0 (TRL's default).
+
+Equal as far as TRL allows:
+  KL        TRL puts beta * sum_t (logp - logp_ref) (k1, summed per sequence) into the reward;
+            nemokern is run with kl_estimator "k1", kl_reduction "sum" to do the same (its recipe
+            default is |k1| averaged).
+  baseline  TRL counts completions that hit the length limit in the leave-one-out baseline
+            (mask_truncated_completions False); nemokern with truncation_penalty 0.0 does too (by
+            default it leaves them out). A random policy rarely samples EOS, so most are truncated.
+  loss      NOT equal: TRL minimises the mean over sequences of -min(rho * A, clip(rho) * A) with
+            rho = exp(sum_t logp - sum_t logp_old) (PPO-style sequence ratio; rho = 1 at one step
+            per rollout, so the gradient is -A * grad sum_t logp per sequence); nemokern the masked
+            token mean of -logp_t * A (linear_policy_loss, gradients formed in the forward). The
+            same FLOPs up to elementwise work; a different weighting of long and short completions.
+  old logps TRL computes the policy's log-probs without gradient (for rho) and the reference's;
+            nemokern the policy's (for the KL and the entropy metric) and the reference's: two
+            no-grad forwards each.
+  generate  TRL: transformers' generate() on the 32 left-padded prompts (KV cache, runs until
+            every row has ended or 32 tokens); nemokern: its own KV-cache generate(). Both sample
+            from the same distribution but with different random streams, so the completions
+            (and their lengths after EOS) differ.
+  prompts   TRL applies the chat template and tokenizes the prompts on every step; nemokern once
+            when it reads the prompts file. The benchmark asserts the ids are the same.
+  checkpointing  TRL's default is gradient_checkpointing=True (recompute in the backward); run
+            once with it and once without. nemokern does not checkpoint (its default).
+Tokenizer: nemokern's byte tokenizer; for TRL the offline HF tokenizer of
+test_bench_reward_train.py (byte-identical ids, the same Llama-3.1 chat template).
+
+Timing (steady state): nemokern: ReinforceTrainer.fit() of STEPS steps; per step its own records
+step_s (wall, from the start of the rollout to after the optimizer step) and generate_s, score_s,
+logprobs_s, update_s (= step_s minus the three: packing, the forward/backward and AdamW). TRL: one
+train() of TRL_WARMUP_STEPS (creating the optimizer and its state), then a measured train() of
+TRL_STEPS steps timed by a TrainerCallback (on_step_begin to on_step_end: _prepare_inputs, i.e.
+tokenize, generate, decode, log-probs, score, advantages; then the loss forward, backward,
+clipping, optimizer, zero_grad); phases by timing its own methods: generate_s
+(_generate_single_turn), score_s (_calculate_rewards), logprobs_s (the no-grad
+_get_per_token_logps_and_entropies calls), other_s (the rest of _prepare_inputs: chat template,
+tokenize, decode, padding, advantages, metrics), update_s (the step minus _prepare_inputs). The
+first SKIP steps are dropped in both; the rest are the benchmark's rounds (median reported).
+Group "..., interleaved": nemokern, TRL with and without checkpointing, one step each in turn,
+ROUNDS times, so that a shared machine's changing load weighs on all alike (nemokern: fit() of one
+step on the same trainer, i.e. a fresh loop and AdamW whose state is created in that step, 3M
+parameters; TRL: train() of one step with the kept optimizer, timed by the callback).
+Threads: torch's default for both (torch.get_num_threads() is recorded).
+extra_info: per-phase medians (s), completions, response_tokens (median per step), threads,
+peak_extra_bytes (around the whole measured run), device.
+"""
+
+import json
+import statistics
+import time
+from collections import defaultdict
+
+import pytest
+import torch
+
+# One timing helper for all benchmarks (peak extra memory, device name); the TRL pieces (offline
+# HF byte tokenizer, chat template, step-time callback) from the reward-training benchmark.
+from _memory import device_name, peak_extra_bytes
+from test_bench_reward_train import MODEL as REWARD_MODEL
+from test_bench_reward_train import StepTimes, _hf_byte_tokenizer, _use_times
+
+from nemokern.data.prompts import read_prompts
+from nemokern.data.tokenizer import ByteTokenizer
+from nemokern.model import Llama, LlamaConfig
+from nemokern.train import ReinforceConfig, ReinforceTrainer
+
+PROMPTS, K, MAX_NEW_TOKENS, TEMPERATURE, BETA, LR, GRAD_CLIP = 8, 4, 32, 1.0, 0.05, 1e-6, 1.0
+STEPS, SKIP = 12, 2
+TRL_WARMUP_STEPS, TRL_STEPS, TRL_SKIP = 2, 12, 2
+ROUNDS = 10
+MODEL = {**REWARD_MODEL, "vocab_size": ByteTokenizer().vocab_size}
+PHASES = ("generate_s", "score_s", "logprobs_s", "update_s")
+GROUP = (
+    f"RLOO step (CPU, {PROMPTS} prompts x k={K}, {MAX_NEW_TOKENS} new tokens, "
+    f"H={MODEL['hidden_size']} L={MODEL['num_hidden_layers']} fp32)"
+)
+WORDS = ("apple", "banana", "cat", "data", "alpha", "kernel", "llama", "grape")
+
+
+def share_of_a(prompts, completions, **kwargs):
+    """TRL's reward-function signature; completions are strings (nemokern) or assistant turns
+    (TRL, for conversational prompts)."""
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
+    return [t.count("a") / max(len(t), 1) for t in texts]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """The policy in HF layout, the prompts file (chat turns), nemokern's prompt ids."""
+    tmp = tmp_path_factory.mktemp("rloo_step")
+    tok = ByteTokenizer()
+    torch.manual_seed(0)
+    policy = Llama(
+        LlamaConfig.tiny(**MODEL, bos_token_id=tok.bos_id, eos_token_id=list(tok.eos_ids))
+    )
+    policy.save_pretrained(tmp / "policy")
+    turns = [[{"role": "user", "content": f"Write a sentence about {w}."}] for w in WORDS]
+    assert len(turns) == PROMPTS
+    path = tmp / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in turns))
+    ids = [list(p.ids) for p in read_prompts(path, tok)]
+    return {"dir": tmp / "policy", "prompts": path, "turns": turns, "ids": ids, "tmp": tmp}
+
+
+def test_same_policy(setup):
+    """transformers' LlamaForCausalLM and nemokern's Llama give the same next-token log-probs."""
+    from transformers import LlamaForCausalLM
+
+    ids = torch.tensor([setup["ids"][0]])
+    hf = LlamaForCausalLM.from_pretrained(setup["dir"], dtype=torch.float32).eval()
+    nk = Llama.from_pretrained(setup["dir"], dtype=torch.float32).eval()
+    with torch.no_grad():
+        a = hf(input_ids=ids).logits[0].log_softmax(-1)
+        h = nk.hidden_states(ids[0], cu_seqlens=torch.tensor([0, ids.shape[1]], dtype=torch.int32))
+        b = (h @ nk.lm_head.weight.T).log_softmax(-1)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def _median(values):
+    return statistics.median(values) if values else 0.0
+
+
+# ---------------------------------------------------------------- nemokern
+
+
+def _nemokern_trainer(setup, steps, out):
+    config = ReinforceConfig(
+        policy=str(setup["dir"]),
+        tokenizer="byte",
+        prompts=str(setup["prompts"]),
+        out=str(setup["tmp"] / out),
+        k=K,
+        max_new_tokens=MAX_NEW_TOKENS,
+        temperature=TEMPERATURE,
+        beta=BETA,
+        kl_estimator="k1",
+        kl_reduction="sum",
+        truncation_penalty=0.0,
+        prompts_per_step=PROMPTS,
+        max_steps=steps,
+        lr=LR,
+        schedule="constant",
+        weight_decay=0.0,
+        betas=(0.9, 0.999),
+        grad_clip=GRAD_CLIP,
+        device="cpu",
+        progress=False,
+        tensorboard=False,
+        seed=0,
+    )
+    return ReinforceTrainer(config, reward_fn=share_of_a)
+
+
+def _phase_info(records, phases):
+    return {p: _median([r[p] for r in records]) for p in phases}
+
+
+@pytest.mark.benchmark(group=GROUP)
+def test_nemokern(benchmark, setup):
+    trainer = _nemokern_trainer(setup, STEPS, "nemokern")
+    assert [list(p.ids) for p in trainer.prompts] == setup["ids"]
+    history, peak = peak_extra_bytes(lambda: benchmark.pedantic(trainer.fit, rounds=1), "cpu")
+    steady = history[SKIP:]
+    assert len(steady) == STEPS - SKIP
+    fit_seconds = _use_times(benchmark, [r["step_s"] for r in steady])
+    benchmark.extra_info.update(
+        peak_extra_bytes=peak,
+        device=device_name("cpu"),
+        fit_seconds=fit_seconds,
+        completions=PROMPTS * K,
+        response_tokens=_median([r["response_len_mean"] * PROMPTS * K for r in steady]),
+        threads=torch.get_num_threads(),
+        fused_adamw=bool(trainer.loop.optimizer.defaults.get("fused")),
+        reward_mean=[r["reward_mean"] for r in history],
+        kl_mean=[r["kl_mean"] for r in history],
+        step_s=[r["step_s"] for r in history],
+        **_phase_info(steady, PHASES),
+    )
+
+
+# ---------------------------------------------------------------- TRL
+
+
+class PhaseTimes(StepTimes):
+    """StepTimes plus, per optimizer step, the seconds spent in the RLOOTrainer methods that
+    _time_phases wraps (summed into `current`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.current, self.phases = defaultdict(float), []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.current.clear()
+        super().on_step_begin(args, state, control, **kwargs)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        super().on_step_end(args, state, control, **kwargs)
+        c, step = self.current, self.times[-1]
+        inner = c["generate_s"] + c["score_s"] + c["logprobs_s"]
+        self.phases.append(
+            {
+                "generate_s": c["generate_s"],
+                "score_s": c["score_s"],
+                "logprobs_s": c["logprobs_s"],
+                "other_s": c["rollout_s"] - inner,
+                "update_s": step - c["rollout_s"],
+                "response_tokens": c["response_tokens"],
+            }
+        )
+
+
+def _time_phases(trainer, timer):
+    """Wrap the trainer's own methods (instance attributes shadow the class's) to time them."""
+
+    def wrap(name, fn, no_grad_only=False):
+        def timed(*args, **kwargs):
+            if no_grad_only and torch.is_grad_enabled():
+                return fn(*args, **kwargs)
+            t = time.perf_counter()
+            out = fn(*args, **kwargs)
+            timer.current[name] += time.perf_counter() - t
+            if name == "generate_s":  # completion token ids, EOS included
+                timer.current["response_tokens"] += sum(len(c) for c in out)
+            return out
+
+        return timed
+
+    trainer._prepare_inputs = wrap("rollout_s", trainer._prepare_inputs)
+    trainer._generate_single_turn = wrap("generate_s", trainer._generate_single_turn)
+    trainer._calculate_rewards = wrap("score_s", trainer._calculate_rewards)
+    trainer._get_per_token_logps_and_entropies = wrap(
+        "logprobs_s", trainer._get_per_token_logps_and_entropies, no_grad_only=True
+    )
+
+
+def _trl_trainer(setup, checkpointing, steps, name):
+    """(trl module, an RLOOTrainer on the policy, its PhaseTimes); checks that TRL's prompt ids and
+    EOS ids are nemokern's."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import LlamaForCausalLM
+
+    tokenizer = _hf_byte_tokenizer(setup["tmp"] / "hf_tokenizer")
+    timer = PhaseTimes()
+    args = trl.RLOOConfig(
+        output_dir=str(setup["tmp"] / name),
+        per_device_train_batch_size=PROMPTS * K,  # completions per step
+        num_generations=K,
+        max_completion_length=MAX_NEW_TOKENS,
+        temperature=TEMPERATURE,
+        top_p=1.0,
+        top_k=0,
+        beta=BETA,
+        num_iterations=1,
+        use_vllm=False,
+        max_steps=steps,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        max_grad_norm=GRAD_CLIP,
+        bf16=False,
+        gradient_checkpointing=checkpointing,
+        logging_strategy="no",
+        save_strategy="no",
+        eval_strategy="no",
+        log_completions=False,
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    trainer = trl.RLOOTrainer(
+        model=LlamaForCausalLM.from_pretrained(setup["dir"], dtype=torch.float32),
+        reward_funcs=share_of_a,
+        args=args,
+        train_dataset=Dataset.from_list([{"prompt": t} for t in setup["turns"]]),
+        processing_class=tokenizer,
+        callbacks=[timer],
+    )
+    assert trainer._tokenize_prompts(setup["turns"])[0] == setup["ids"]
+    assert set(trainer.eos_token_ids) == set(ByteTokenizer().eos_ids)
+    _time_phases(trainer, timer)
+    return trl, trainer, timer
+
+
+CKPT = pytest.mark.parametrize("checkpointing", [True, False], ids=["grad-ckpt", "no-ckpt"])
+
+
+@pytest.mark.benchmark(group=GROUP)
+@CKPT
+def test_trl(benchmark, setup, checkpointing):
+    name = f"trl-{checkpointing}"
+    trl, trainer, timer = _trl_trainer(setup, checkpointing, TRL_WARMUP_STEPS, name)
+    trainer.train()  # creates the AdamW state; the measured train() keeps the optimizer
+    optimizer = trainer.optimizer
+    trainer.args.max_steps = TRL_STEPS
+    timer.times.clear()
+    timer.phases.clear()
+    _, peak = peak_extra_bytes(lambda: benchmark.pedantic(trainer.train, rounds=1), "cpu")
+    steady = timer.times[TRL_SKIP:]
+    assert len(steady) == TRL_STEPS - TRL_SKIP
+    assert trainer.optimizer is optimizer
+    train_seconds = _use_times(benchmark, steady)
+    benchmark.extra_info.update(
+        peak_extra_bytes=peak,
+        device=device_name("cpu"),
+        train_seconds=train_seconds,
+        completions=PROMPTS * K,
+        response_tokens=_median([p["response_tokens"] for p in timer.phases[TRL_SKIP:]]),
+        threads=torch.get_num_threads(),
+        gradient_checkpointing=bool(trainer.model.is_gradient_checkpointing),
+        optim=str(trainer.args.optim),
+        attn=trainer.model.config._attn_implementation,
+        trl=trl.__version__,
+        step_s=list(timer.times),
+        **_phase_info(timer.phases[TRL_SKIP:], (*PHASES, "other_s")),
+    )
+
+
+# ---------------------------------------------------------------- all of them in turn
+
+IMPLS = ["nemokern", "trl[grad-ckpt]", "trl[no-ckpt]"]
+
+
+@pytest.fixture(scope="module")
+def interleaved(setup):
+    """Seconds per step (and phases) of each implementation, one step of each in turn, ROUNDS
+    times, so that the load of a shared machine weighs on all of them alike."""
+    nemokern = _nemokern_trainer(setup, 1, "nemokern-interleaved")
+
+    def nemokern_step():
+        record = nemokern.fit()[-1]  # a fresh loop and AdamW each time (3M parameters)
+        return record["step_s"], {p: record[p] for p in PHASES}
+
+    steps = {"nemokern": nemokern_step}
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        for checkpointing, name in ((True, "trl[grad-ckpt]"), (False, "trl[no-ckpt]")):
+            _, trainer, timer = _trl_trainer(setup, checkpointing, 1, f"i-{name}")
+
+            def trl_step(trainer=trainer, timer=timer):
+                trainer.train()
+                return timer.times[-1], timer.phases[-1]
+
+            steps[name] = trl_step
+    out = {name: ([], []) for name in steps}
+    for step in steps.values():
+        step()  # warm-up, AdamW state
+    for _ in range(ROUNDS):
+        for name, step in steps.items():
+            seconds, phases = step()
+            out[name][0].append(seconds)
+            out[name][1].append(phases)
+    return out
+
+
+@pytest.mark.benchmark(group=GROUP + ", interleaved")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_interleaved(benchmark, interleaved, setup, impl):
+    if impl not in interleaved:
+        pytest.skip("trl is not installed")
+    times, phases = interleaved[impl]
+    benchmark.pedantic(lambda: None, rounds=1)
+    _use_times(benchmark, times)
+    names = (*PHASES, "other_s") if impl.startswith("trl") else PHASES
+    benchmark.extra_info.update(
+        device=device_name("cpu"),
+        completions=PROMPTS * K,
+        threads=torch.get_num_threads(),
+        step_s=list(times),
+        **_phase_info(phases, names),
+    )
