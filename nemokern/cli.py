@@ -200,25 +200,9 @@ def _demo(args, parser):
     return 0 if worst < 1e-4 else 1
 
 
-def _user_errors():
-    """The exception types that mean the user's input (options, data, files) needs fixing."""
-    from nemokern.data import DataError
-    from nemokern.model import CheckpointError
-    from nemokern.model import ConfigError as ModelConfigError
-    from nemokern.train.config import ConfigError
-    from nemokern.train.options import OptionError
-
-    return (
-        ConfigError,
-        DataError,
-        CheckpointError,
-        ModelConfigError,
-        OptionError,
-        FileNotFoundError,
-        FileExistsError,
-        NotADirectoryError,
-        ValueError,  # the library's checks of values a user passed (alpha, attribute, files)
-    )
+# The errors that mean the user's input (options, data rows, files) needs fixing. Every nemokern
+# error a user can cause (ConfigError, DataError, CheckpointError, OptionError) is a ValueError.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
 
 
 def _train(kind, args):
@@ -322,12 +306,11 @@ def main(argv=None):
         "expo": lambda: _expo(args),
     }[args.cmd]
     try:
-        if args.cmd in ("info", "demo"):
-            return run()
-        try:
-            return run()
-        except _user_errors() as e:
-            parser.exit(2, f"nemokern {args.cmd}: error: {e}\n")
+        return run()
+    except USER_ERRORS as e:
+        if args.cmd in ("info", "demo"):  # their options are checked before any work: a bug
+            raise
+        parser.exit(2, f"nemokern {args.cmd}: error: {e}\n")
     except BrokenPipeError:  # the reader went away (`nemokern demo | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

@@ -26,6 +26,11 @@ class ConfigError(ValueError):
     """A configuration problem a user can fix; the message names the key, the file and the fix."""
 
 
+def option_error(name: str, message: str) -> ConfigError:
+    """A ConfigError about one field, named as its command-line option (--kebab-case)."""
+    return ConfigError(f"--{name.replace('_', '-')}: {message}")
+
+
 def option(default, help: str, *, choices=None):
     """A config field: its default, its help text and (optionally) its allowed values.
     A list default is copied for each instance."""

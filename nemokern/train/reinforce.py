@@ -36,7 +36,7 @@ from nemokern.data.tokenizer import HFTokenizer, load_tokenizer
 from nemokern.model import Llama, LlamaConfig, RewardModel, generate
 from nemokern.model.reward import HEAD_WEIGHTS
 from nemokern.ops import linear_logprobs, linear_policy_loss, sequence_kl
-from nemokern.train.config import ConfigError, TrainConfig, option
+from nemokern.train.config import ConfigError, TrainConfig, option, option_error
 from nemokern.train.loop import StepOutput, TrainLoop
 from nemokern.train.losses import rloo_advantages
 
@@ -132,27 +132,25 @@ class ReinforceConfig(TrainConfig):
             raise ConfigError(f"top_p = {self.top_p} must be in (0, 1]")
 
 
-def _bad(option_name: str, message: str) -> ConfigError:
-    return ConfigError(f"--{option_name.replace('_', '-')}: {message}")
-
-
 # ---- the pieces of a rollout ---------------------------------------------------------------------
 def load_reward_fn(spec: str) -> Callable:
     """The function named by 'module:function' (the module importable from sys.path)."""
     module_name, sep, name = spec.partition(":")
     if not (sep and module_name and name):
-        raise _bad("reward_fn", f"{spec!r} is not 'module:function' (e.g. my_rewards:exact_match)")
+        raise option_error(
+            "reward_fn", f"{spec!r} is not 'module:function' (e.g. my_rewards:exact_match)"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise _bad(
+        raise option_error(
             "reward_fn",
             f"cannot import module {module_name!r} ({e}); put its directory on "
             "PYTHONPATH or install it",
         ) from None
     fn = getattr(module, name, None)
     if not callable(fn):
-        raise _bad(
+        raise option_error(
             "reward_fn",
             f"module {module_name!r} ({getattr(module, '__file__', '?')}) has no function {name!r}",
         )
@@ -165,11 +163,11 @@ def load_reward_model(path, attribute: str) -> tuple[RewardModel, int]:
     whose lm_head row 0 is the head, plus config.json's nemokern_reward_bias if any; column 0)."""
     path = Path(path)
     if not path.is_dir():
-        raise _bad("reward_model", f"{path} is not a directory")
+        raise option_error("reward_model", f"{path} is not a directory")
     model = RewardModel.load_any(path, dtype=torch.float32)
     if (path / HEAD_WEIGHTS).exists():
         if attribute not in model.attributes:
-            raise _bad(
+            raise option_error(
                 "attribute",
                 f"{attribute!r} is not an output of {path}'s head: {list(model.attributes)}",
             )
@@ -350,7 +348,7 @@ def build_policy(config: ReinforceConfig, tokenizer) -> Llama:
             )
         )
     if not Path(config.policy).is_dir():
-        raise _bad("policy", f"{config.policy} is not a directory (nor 'tiny')")
+        raise option_error("policy", f"{config.policy} is not a directory (nor 'tiny')")
     return Llama.from_pretrained(config.policy, dtype=torch.float32)
 
 
@@ -370,11 +368,13 @@ class ReinforceTrainer:
         reward_fn: Callable | None = None,
     ):
         if not config.prompts:
-            raise _bad("prompts", "a prompts file is required")
+            raise option_error("prompts", "a prompts file is required")
         if reward_fn is not None and config.reward_fn:
-            raise _bad("reward_fn", "given both as an option and as a Python callable; pass one")
+            raise option_error(
+                "reward_fn", "given both as an option and as a Python callable; pass one"
+            )
         if reward_fn is None and not config.reward_fn and not config.reward_model:
-            raise _bad(
+            raise option_error(
                 "reward_model",
                 "no reward source: give --reward-model DIR and/or --reward-fn module:function",
             )
@@ -409,7 +409,7 @@ class ReinforceTrainer:
             )
             self.reward_model.eval().requires_grad_(False)
             if self.reward_model.trunk.config.vocab_size < vocab:
-                raise _bad(
+                raise option_error(
                     "reward_model",
                     f"its vocabulary ({self.reward_model.trunk.config.vocab_size}) is "
                     f"smaller than the policy's ({vocab}); they must share a tokenizer",
@@ -600,7 +600,7 @@ class ReinforceTrainer:
     def _groups(self, per_micro: int) -> list[list[int]]:
         n = len(self.prompts) // per_micro
         if n == 0:
-            raise _bad(
+            raise option_error(
                 "prompts_per_step",
                 f"{self.config.prompts} has {len(self.prompts)} prompts, fewer than one "
                 f"micro-batch ({per_micro}); lower prompts_per_step or add prompts",
@@ -616,7 +616,7 @@ class ReinforceTrainer:
         world = int(os.environ.get("WORLD_SIZE", "1"))  # what the loop will join
         per_step_micro = cfg.grad_accum * world
         if cfg.prompts_per_step % per_step_micro:
-            raise _bad(
+            raise option_error(
                 "prompts_per_step",
                 f"{cfg.prompts_per_step} prompts do not split into grad_accum x "
                 f"processes = {per_step_micro} equal micro-batches",

@@ -20,7 +20,7 @@ import torch
 from nemokern.data import load_reward_data
 from nemokern.data.tokenizer import load_tokenizer
 from nemokern.model import Llama, LlamaConfig, RewardModel
-from nemokern.train.config import ConfigError, TrainConfig, option
+from nemokern.train.config import TrainConfig, option, option_error
 from nemokern.train.loop import StepOutput, TrainLoop, move_to
 from nemokern.train.losses import HELPFULNESS, bradley_terry_loss, pair_accuracy, regression_loss
 from nemokern.train.rewardbench import accuracy_report
@@ -67,40 +67,36 @@ class RewardConfig(TrainConfig):
     )
 
 
-def _bad(option_name: str, message: str) -> ConfigError:
-    return ConfigError(f"--{option_name.replace('_', '-')}: {message}")
-
-
 def build_model(config: RewardConfig) -> RewardModel:
     """The RewardModel `config` asks for: --init (with its head), else --model (a fresh head when
     the directory has none), else a tiny random Llama-3.1."""
     if config.init:
         if not Path(config.init).is_dir():
-            raise _bad("init", f"{config.init} is not a directory")
+            raise option_error("init", f"{config.init} is not a directory")
         return RewardModel.from_pretrained(config.init, dtype=torch.float32)
     if config.model == "tiny":
         torch.manual_seed(config.seed)
         return RewardModel(Llama(LlamaConfig.tiny()))
     if not Path(config.model).is_dir():
-        raise _bad("model", f"{config.model} is not a directory (nor 'tiny')")
+        raise option_error("model", f"{config.model} is not a directory (nor 'tiny')")
     return RewardModel.from_pretrained(config.model, dtype=torch.float32)
 
 
 def check_loss_fits_data(loss: str, kind: str, layout: str, where: str) -> None:
     if loss in ("regression", "helpfulness") and kind != "regression":
-        raise _bad(
+        raise option_error(
             "loss",
             f"{loss} needs attribute labels (HelpSteer2 rows); {where} holds "
             f"{layout} pairs: use bt, margin-bt or scaled-bt",
         )
     if loss in _BT_KIND and kind != "pairs":
-        raise _bad(
+        raise option_error(
             "loss",
             f"{loss} needs preference pairs; {where} holds {layout} rows with "
             "attribute labels: use regression or helpfulness",
         )
     if loss in ("margin-bt", "scaled-bt") and layout == "pairs":
-        raise _bad(
+        raise option_error(
             "loss",
             f"{loss} needs preference strengths (HelpSteer2-Preference); {where} "
             "has chosen/rejected pairs without them: use bt",
@@ -121,18 +117,14 @@ def reward_loss(loss: str, rewards: torch.Tensor, batch):
     return value, {"accuracy": pair_accuracy(r[:, 0].detach(), r[:, 1].detach())}
 
 
-@torch.no_grad()
-def score_batches(model: RewardModel, batches, device, attribute: int = HELPFULNESS):
-    """Rewards of every sequence of `batches` in order: a list of floats (column `attribute`)."""
-    model.eval()
-    out = []
-    for batch in batches:
-        b = move_to(batch, device)
-        rewards = model(
-            b.input_ids, b.last_index, cu_seqlens=b.cu_seqlens, position_ids=b.position_ids
-        )
-        out += rewards[:, attribute].float().cpu().tolist()
-    return out
+def batch_rewards(model: RewardModel, batch):
+    """Rewards [S, K] of a packed RewardBatch (already on the model's device)."""
+    return model(
+        batch.input_ids,
+        batch.last_index,
+        cu_seqlens=batch.cu_seqlens,
+        position_ids=batch.position_ids,
+    )
 
 
 def evaluate_pairs(model, dataset, device, *, max_tokens_per_batch=None, rows_per_batch=None):
@@ -146,11 +138,12 @@ def evaluate_pairs(model, dataset, device, *, max_tokens_per_batch=None, rows_pe
     return _pairs_report(model, batches, device, HELPFULNESS)
 
 
+@torch.no_grad()
 def _pairs_report(model, batches, device, column):
     scores, subsets = [], []
     for batch in batches:
-        scores += score_batches(model, [batch], device, column)
-        subsets += list(batch.subsets)
+        scores += batch_rewards(model, move_to(batch, device))[:, column].float().cpu().tolist()
+        subsets += batch.subsets
     return accuracy_report(scores[0::2], scores[1::2], subsets if any(subsets) else None)
 
 
@@ -180,7 +173,7 @@ def score_file(
         raise ValueError(
             f"{data}: score compares chosen/rejected pairs; this file holds {dataset.layout} rows"
         )
-    model = RewardModel.load_any(model_dir, dtype=torch.float32, device=device)
+    model = RewardModel.load_any(model_dir, dtype=torch.float32, device=device).eval()
     dataset.check_vocab(model.trunk.config.vocab_size)
     names = model.attributes
     column = (
@@ -202,9 +195,11 @@ class RewardTrainer:
 
     def __init__(self, config: RewardConfig, *, model: RewardModel | None = None, tokenizer=None):
         if not config.data:
-            raise _bad("data", "a training data file is required")
+            raise option_error("data", "a training data file is required")
         if config.rows_per_batch <= 0 and config.max_tokens_per_batch <= 0:
-            raise _bad("rows_per_batch", "give rows_per_batch > 0 or max_tokens_per_batch > 0")
+            raise option_error(
+                "rows_per_batch", "give rows_per_batch > 0 or max_tokens_per_batch > 0"
+            )
         self.config = config
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.tokenizer)
         layout = config.data_format
@@ -242,13 +237,8 @@ class RewardTrainer:
         self.micro_batches = [self.train_data.batch(rows) for rows in plan.plan(0)]
 
     def _step(self, model, batch) -> StepOutput:
-        rewards = model(
-            batch.input_ids,
-            batch.last_index,
-            cu_seqlens=batch.cu_seqlens,
-            position_ids=batch.position_ids,
-        )
-        value, metrics = reward_loss(self.config.loss, rewards, batch)
+        # model is the DDP wrapper under torchrun: batch_rewards calls it, so DDP sees the forward
+        value, metrics = reward_loss(self.config.loss, batch_rewards(model, batch), batch)
         return StepOutput(
             value.loss,
             weight=value.count,
@@ -279,16 +269,7 @@ class RewardTrainer:
         with torch.no_grad():
             for batch in batches:
                 b = move_to(batch, device)
-                value, _ = reward_loss(
-                    cfg.loss,
-                    model(
-                        b.input_ids,
-                        b.last_index,
-                        cu_seqlens=b.cu_seqlens,
-                        position_ids=b.position_ids,
-                    ),
-                    b,
-                )
+                value, _ = reward_loss(cfg.loss, batch_rewards(model, b), b)
                 total += float(value.loss) * int(value.count)
                 count += int(value.count)
         return {"loss": total / count if count else math.nan}
