@@ -238,6 +238,21 @@ def _use_times(benchmark, times):
 # ---------------------------------------------------------------- TRL
 
 
+def time_trl_steps(benchmark, trainer, timer):
+    """A first train() of the warm-up steps creates the AdamW state; the measured train() of
+    TRL_STEPS steps keeps that optimizer. Its steps after the first TRL_SKIP, as `timer` measured
+    them, become the benchmark's rounds. Returns (peak extra bytes, seconds of the measured run)."""
+    trainer.train()
+    optimizer = trainer.optimizer
+    trainer.args.max_steps = TRL_STEPS
+    timer.clear()
+    _, peak = peak_extra_bytes(lambda: benchmark.pedantic(trainer.train, rounds=1), "cpu")
+    steady = timer.times[TRL_SKIP:]
+    assert len(steady) == TRL_STEPS - TRL_SKIP
+    assert trainer.optimizer is optimizer
+    return peak, _use_times(benchmark, steady)
+
+
 def _hf_byte_tokenizer(path):
     """A PreTrainedTokenizerFast with nemokern's byte-tokenizer ids: byte b -> id b (byte-level
     BPE without merges over the byte alphabet in byte order), then the Llama-3.1 special tokens."""
@@ -263,6 +278,9 @@ class StepTimes(TrainerCallback):
 
     def __init__(self):
         self.times, self._start = [], None
+
+    def clear(self):
+        self.times.clear()
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._start = time.perf_counter()
@@ -323,15 +341,7 @@ CKPT = pytest.mark.parametrize("checkpointing", [True, False], ids=["grad-ckpt",
 @CKPT
 def test_trl(benchmark, setup, checkpointing):
     trl, trainer, timer = _trl_trainer(setup, checkpointing, TRL_WARMUP_STEPS)
-    trainer.train()  # creates the AdamW state; the measured train() keeps the optimizer
-    optimizer = trainer.optimizer
-    trainer.args.max_steps = TRL_STEPS
-    timer.times.clear()
-    _, peak = peak_extra_bytes(lambda: benchmark.pedantic(trainer.train, rounds=1), "cpu")
-    steady = timer.times[TRL_SKIP:]
-    assert len(steady) == TRL_STEPS - TRL_SKIP
-    assert trainer.optimizer is optimizer
-    train_seconds = _use_times(benchmark, steady)
+    peak, train_seconds = time_trl_steps(benchmark, trainer, timer)
     benchmark.extra_info.update(
         peak_extra_bytes=peak,
         device=device_name("cpu"),

@@ -72,7 +72,14 @@ import torch
 # HF byte tokenizer, chat template, step-time callback) from the reward-training benchmark.
 from _memory import device_name, peak_extra_bytes
 from test_bench_reward_train import MODEL as REWARD_MODEL
-from test_bench_reward_train import StepTimes, _hf_byte_tokenizer, _use_times
+from test_bench_reward_train import (
+    TRL_SKIP,
+    TRL_WARMUP_STEPS,
+    StepTimes,
+    _hf_byte_tokenizer,
+    _use_times,
+    time_trl_steps,
+)
 
 from nemokern.data.prompts import read_prompts
 from nemokern.data.tokenizer import ByteTokenizer
@@ -81,7 +88,6 @@ from nemokern.train import ReinforceConfig, ReinforceTrainer
 
 PROMPTS, K, MAX_NEW_TOKENS, TEMPERATURE, BETA, LR, GRAD_CLIP = 8, 4, 32, 1.0, 0.05, 1e-6, 1.0
 STEPS, SKIP = 12, 2
-TRL_WARMUP_STEPS, TRL_STEPS, TRL_SKIP = 2, 12, 2
 ROUNDS = 10
 MODEL = {**REWARD_MODEL, "vocab_size": ByteTokenizer().vocab_size}
 PHASES = ("generate_s", "score_s", "logprobs_s", "update_s")
@@ -204,6 +210,10 @@ class PhaseTimes(StepTimes):
         super().__init__()
         self.current, self.phases = defaultdict(float), []
 
+    def clear(self):
+        super().clear()
+        self.phases.clear()
+
     def on_step_begin(self, args, state, control, **kwargs):
         self.current.clear()
         super().on_step_begin(args, state, control, **kwargs)
@@ -309,16 +319,7 @@ CKPT = pytest.mark.parametrize("checkpointing", [True, False], ids=["grad-ckpt",
 def test_trl(benchmark, setup, checkpointing):
     name = f"trl-{checkpointing}"
     trl, trainer, timer = _trl_trainer(setup, checkpointing, TRL_WARMUP_STEPS, name)
-    trainer.train()  # creates the AdamW state; the measured train() keeps the optimizer
-    optimizer = trainer.optimizer
-    trainer.args.max_steps = TRL_STEPS
-    timer.times.clear()
-    timer.phases.clear()
-    _, peak = peak_extra_bytes(lambda: benchmark.pedantic(trainer.train, rounds=1), "cpu")
-    steady = timer.times[TRL_SKIP:]
-    assert len(steady) == TRL_STEPS - TRL_SKIP
-    assert trainer.optimizer is optimizer
-    train_seconds = _use_times(benchmark, steady)
+    peak, train_seconds = time_trl_steps(benchmark, trainer, timer)
     benchmark.extra_info.update(
         peak_extra_bytes=peak,
         device=device_name("cpu"),
