@@ -191,3 +191,25 @@ def peak_extra_bytes(fn, device="cpu"):
     base = _status_kib("VmRSS")
     out = fn()
     return out, max(0, _status_kib("VmHWM") - base) * 1024
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def run_ranks(worker, world, *args):
+    """Run worker(rank, world, init_file, *args) in `world` spawned processes (any failure raises
+    here); the worker joins gloo with `join_gloo`."""
+    import os
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(worker, args=(world, os.path.join(d, "store"), *args), nprocs=world, join=True)
+
+
+def join_gloo(rank, world, init_file):
+    """This process as rank `rank` of a gloo group of `world` (file rendezvous)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)

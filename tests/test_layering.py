@@ -126,3 +126,41 @@ def test_downward_and_same_layer_imports_pass():
 def test_no_docstring_restates_the_layering():
     said = [str(p) for _, p, _ in package_modules() if "ust never import" in p.read_text()]
     assert not said, f"the layering test says it once; drop the sentence from {said}"
+
+
+COLLECTIVES = {
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "broadcast",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "all_to_all",
+    "all_to_all_single",
+    "gather",
+    "scatter",
+}
+
+
+def tensor_collectives(source: str):
+    """(line, name) of each torch.distributed tensor collective called as `dist.<name>(...)` or
+    `torch.distributed.<name>(...)` in `source`."""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            owner = ast.unparse(node.func.value)
+            if node.func.attr in COLLECTIVES and owner in ("dist", "torch.distributed"):
+                yield node.lineno, node.func.attr
+
+
+def test_collectives_go_through_nemokern_parallel():
+    """One way to do a collective: outside nemokern.parallel every tensor collective is its
+    all_reduce / all_gather / broadcast (object collectives and barriers are not tensor traffic)."""
+    found = [
+        f"{name} (line {line}) calls torch.distributed.{what}; use nemokern.parallel's"
+        for name, path, _ in package_modules()
+        if not name.startswith("nemokern.parallel")
+        for line, what in tensor_collectives(path.read_text())
+    ]
+    assert not found, "\n".join(found)
+    assert list(tensor_collectives("import torch.distributed as dist\ndist.all_reduce(x)\n"))

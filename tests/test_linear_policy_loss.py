@@ -301,7 +301,6 @@ def test_second_backward_raises_instead_of_a_wrong_answer(torch_backend):
 COLLECTIVES = (
     "all_gather",
     "all_gather_into_tensor",
-    "all_reduce",
     "broadcast",
     "reduce_scatter",
     "reduce_scatter_tensor",
@@ -330,9 +329,13 @@ def _tp_worker(rank, world, init_file, backend, dtype):
             grad_scale=0.5,
         )
         with contextlib.ExitStack() as stack:
+            # sums are counted at nemokern.parallel.all_reduce, the op's one way to sum
             spies = {
-                name: stack.enter_context(mock.patch.object(dist, name, wraps=getattr(dist, name)))
-                for name in COLLECTIVES
+                name: stack.enter_context(
+                    mock.patch.object(module, name, wraps=getattr(module, name))
+                )
+                for module, name in [(dist, n) for n in COLLECTIVES]
+                + [(sys.modules["nemokern.ops.linear_policy_loss"], "all_reduce")]
             }
 
             def count_calls():
@@ -484,7 +487,7 @@ def test_launches_under_the_device_guard(triton_backend, monkeypatch, tp):
         monkeypatch.setattr(op_module, "gather_parts", lambda parts, *a, **k: parts)
         monkeypatch.setattr(dist, "is_initialized", lambda: True)
         monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
-        monkeypatch.setattr(dist, "all_reduce", lambda t, group=None: t)
+        monkeypatch.setattr(op_module, "all_reduce", lambda t, group=None: t)
         kwargs["tp_group"] = object()
     h, w = torch.randn(2, 4, requires_grad=True), torch.randn(5, 4, requires_grad=True)
     linear_policy_loss(h, w, torch.tensor([1, 3]), torch.ones(2), **kwargs).backward()

@@ -7,6 +7,7 @@ one in backward (all_reduce of dhidden). Mismatched ranks raise ValueError on ev
 import datetime
 import os
 import re
+import sys
 import tempfile
 
 import pytest
@@ -18,23 +19,27 @@ IGNORE = -100
 
 
 def _count_collectives(counts):
-    """Wrap torch.distributed collectives so the worker can count the calls the op makes."""
-    for name in (
-        "all_gather",
-        "all_gather_into_tensor",
-        "all_reduce",
-        "broadcast",
-        "reduce_scatter",
-        "reduce_scatter_tensor",
-        "all_to_all",
+    """Wrap torch.distributed collectives so the worker can count the calls the op makes; sums
+    are counted at nemokern.parallel.all_reduce (the op's one way to sum, which may not reach
+    torch.distributed at all)."""
+    op_module = sys.modules["nemokern.ops.linear_logprobs"]  # the package exports the function
+
+    for module, name in (
+        (dist, "all_gather"),
+        (dist, "all_gather_into_tensor"),
+        (op_module, "all_reduce"),
+        (dist, "broadcast"),
+        (dist, "reduce_scatter"),
+        (dist, "reduce_scatter_tensor"),
+        (dist, "all_to_all"),
     ):
-        fn = getattr(dist, name)
+        fn = getattr(module, name)
 
         def counted(*args, _fn=fn, _name=name, **kwargs):
             counts[_name] = counts.get(_name, 0) + 1
             return _fn(*args, **kwargs)
 
-        setattr(dist, name, counted)
+        setattr(module, name, counted)
 
 
 def _worker(rank, world, init_file, backend, dtype):

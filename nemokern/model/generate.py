@@ -112,6 +112,7 @@ def generate(
                 top_p=top_p,
                 generator=generator,
             )
+            tok = model.same_token(tok)  # tensor parallel: every rank continues with one token
             tok = torch.where(done, pad_id, tok)
             out[:, step] = tok
             lengths += (~done).long()

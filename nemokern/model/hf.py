@@ -2,9 +2,11 @@
 
 Names: HF's "model.<name>" is nemokern's "<name>", "lm_head.weight" is the same in both. With
 tie_word_embeddings the LM head is the embedding and the checkpoint stores it once.
-Loading reads safetensors only and never unpickles (no *.bin). Every problem raises
-CheckpointError naming the file and tensor, including a tensor holding nan/inf (a corrupted
-payload would otherwise load silently and give NaN logits; check_finite=False skips that check).
+Loading reads safetensors only and never unpickles (no *.bin); under tensor parallelism each rank
+reads only its slices of the memory-mapped files, and saving gathers them for one writer. Every
+problem raises CheckpointError naming the file and tensor, including a tensor holding nan/inf (a
+corrupted payload would otherwise load silently and give NaN logits; check_finite=False skips
+that check).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..parallel import rank_and_size
 from .config import LlamaConfig
 
 SINGLE = "model.safetensors"
@@ -83,8 +86,24 @@ def weight_files(path: Path) -> dict[str, Path | None]:
     raise CheckpointError(f"{path} has neither {SINGLE} nor {INDEX}")
 
 
+def shards_by_name(model) -> dict:
+    """{HF tensor name: the Shard of this rank} for every tensor-parallel weight of `model`."""
+    return {
+        hf_name(f"{name}.weight"): m.shard
+        for name, m in model.named_modules()
+        if getattr(m, "tp_group", None) is not None and hasattr(m, "shard")
+    }
+
+
 def load_pretrained(
-    cls, path, *, dtype=None, device=None, activation_checkpointing=False, check_finite=True
+    cls,
+    path,
+    *,
+    dtype=None,
+    device=None,
+    tp_group=None,
+    activation_checkpointing=False,
+    check_finite=True,
 ):
     path = Path(path)
     if not path.is_dir():
@@ -97,38 +116,42 @@ def load_pretrained(
     assigned = weight_files(path)
     # Build on the meta device: no time spent on a random init that the checkpoint overwrites.
     with torch.device("meta"):
-        model = cls(config, activation_checkpointing=activation_checkpointing)
+        model = cls(config, tp_group=tp_group, activation_checkpointing=activation_checkpointing)
     model = model.to(dtype).to_empty(device=device)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight  # to_empty makes new Parameters
     expected = {hf_name(n): p for n, p in model.named_parameters()}  # tied head listed once
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
+    shards = shards_by_name(model)
     tied_head = None
     loaded: set[str] = set()
     with torch.no_grad():
         for file in dict.fromkeys(assigned.values()):
-            for name, tensor in _read(file, assigned):
+            for name, stored in _read(file, assigned):
                 if name in loaded:
                     raise CheckpointError(f"{file}: tensor {name!r} appears in more than one shard")
-                if name == "lm_head.weight" and config.tie_word_embeddings:
-                    tied_head = (file, tensor)
-                    continue
                 if _DERIVED_BUFFER.fullmatch(name):
                     continue  # RoPE's inv_freq (older transformers): follows from config.json
+                if name == "lm_head.weight" and config.tie_word_embeddings:
+                    tied_head = (file, _slice(file, name, stored, shards.get(name)))
+                    continue
                 if name not in expected:
                     raise CheckpointError(
                         f"{file}: unexpected tensor {name!r} for this config.json "
                         f"(num_hidden_layers={config.num_hidden_layers}, tie_word_embeddings="
                         f"{config.tie_word_embeddings}); is the config from another model?"
                     )
-                target = expected[name]
-                if tuple(tensor.shape) != tuple(target.shape):
+                target, shard = expected[name], shards.get(name)
+                implied = list(target.shape)
+                if shard is not None:
+                    implied[shard.dim] = shard.full
+                if tuple(stored.get_shape()) != tuple(implied):
                     raise CheckpointError(
-                        f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, config.json "
-                        "implies "
-                        f"{tuple(target.shape)}"
+                        f"{file}: tensor {name!r} has shape {tuple(stored.get_shape())}, "
+                        f"config.json implies {tuple(implied)}"
                     )
+                tensor = _slice(file, name, stored, shard)
                 if check_finite:
                     _check_finite(file, name, tensor)
                 target.copy_(tensor)
@@ -160,8 +183,17 @@ def _check_finite(file: Path, name: str, tensor: torch.Tensor):
         )
 
 
+def _slice(file: Path, name: str, stored, shard) -> torch.Tensor:
+    """The tensor behind a safetensors slice handle, or only this rank's `shard` of it."""
+    try:
+        return stored[:] if shard is None else shard.read(stored)
+    except Exception as e:
+        raise CheckpointError(f"{file}: tensor {name!r} cannot be read ({e})") from None
+
+
 def _read(file: Path, assigned):
-    """Yield (name, cpu tensor) from one safetensors file, with errors that name the file."""
+    """Yield (name, safetensors slice handle) from one memory-mapped safetensors file, with errors
+    that name the file; nothing is read until the handle is sliced."""
     try:
         handle = safe_open(str(file), framework="pt", device="cpu")
     except Exception as e:  # safetensors raises its own error type for truncated/garbled headers
@@ -175,10 +207,10 @@ def _read(file: Path, assigned):
                     f"{file}: tensor {name!r} is not assigned to this shard in {INDEX}"
                 )
             try:
-                tensor = f.get_tensor(name)
+                stored = f.get_slice(name)
             except Exception as e:
                 raise CheckpointError(f"{file}: tensor {name!r} cannot be read ({e})") from None
-            yield name, tensor
+            yield name, stored
 
 
 def parse_size(size: int | str) -> int:
@@ -202,22 +234,36 @@ def parse_size(size: int | str) -> int:
 
 
 def save_pretrained(model, path, *, max_shard_size: int | str = "5GB") -> None:
+    """Collective over model.tp_group when it has one: its rank 0 writes, the others gather."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    writer = rank_and_size(model.tp_group)[0] == 0
     limit = parse_size(max_shard_size)
     params = {hf_name(n): p for n, p in model.named_parameters()}  # lists a tied weight once
-    dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
-    dataclasses.replace(model.config, dtype=dtype).to_json_file(path / "config.json")
+    slices = shards_by_name(model)
+
+    def full(name):
+        shard = slices.get(name)
+        p = params[name].detach()
+        return p if shard is None else shard.full_tensor(p, model.tp_group)
+
+    def full_bytes(name):
+        p, shard = params[name], slices.get(name)
+        return p.numel() * p.element_size() * (1 if shard is None else shard.full // shard.size)
+
+    if writer:
+        path.mkdir(parents=True, exist_ok=True)
+        dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+        dataclasses.replace(model.config, dtype=dtype).to_json_file(path / "config.json")
 
     shards, size = [[]], 0
-    for name, p in params.items():
-        nbytes = p.numel() * p.element_size()
+    for name in params:
+        nbytes = full_bytes(name)
         if shards[-1] and size + nbytes > limit:
             shards.append([])
             size = 0
         shards[-1].append(name)
         size += nbytes
-    for stale in [*path.glob("model*.safetensors"), path / INDEX]:
+    for stale in [*path.glob("model*.safetensors"), path / INDEX] if writer else []:
         stale.unlink(
             missing_ok=True
         )  # an old shard set would otherwise shadow or mix with this one
@@ -228,10 +274,11 @@ def save_pretrained(model, path, *, max_shard_size: int | str = "5GB") -> None:
     )
     for fname, shard in zip(names, shards):
         # One shard at a time on the host: a GPU model never needs all its weights in CPU memory.
-        tensors = {n: params[n].detach().to("cpu").contiguous() for n in shard}
-        save_file(tensors, str(path / fname), metadata={"format": "pt"})
-    if len(shards) > 1:
+        tensors = {n: full(n).to("cpu").contiguous() for n in shard}
+        if writer:
+            save_file(tensors, str(path / fname), metadata={"format": "pt"})
+    if len(shards) > 1 and writer:
         weight_map = {n: fname for fname, shard in zip(names, shards) for n in shard}
-        total = sum(p.numel() * p.element_size() for p in params.values())
+        total = sum(full_bytes(n) for n in params)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (path / INDEX).write_text(json.dumps(index, indent=2) + "\n")

@@ -3,7 +3,10 @@
 embedding -> N x [RMSNorm -> GQA attention with llama3-scaled RoPE -> residual,
                   RMSNorm -> SwiGLU MLP -> residual] -> final RMSNorm -> LM head.
 Parameter names match HF's LlamaForCausalLM without its "model." prefix, so hf.py maps checkpoints
-one to one. The numerics follow transformers (RMSNorm in fp32, cos/sin cast to the activation
+one to one. With a tp_group (Megatron-style tensor parallelism) every rank holds a slice of each
+projection: q/k/v and gate/up split by output (heads), o and down by input, the embedding and the
+LM head by vocabulary; activations between blocks are replicated on all ranks.
+The numerics follow transformers (RMSNorm in fp32, cos/sin cast to the activation
 dtype) so logits match LlamaForCausalLM to rounding.
 """
 
@@ -17,6 +20,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..kernels import rms_norm
+from ..parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    Shard,
+    VocabParallelEmbedding,
+    broadcast,
+    copy_to_tp,
+    rank_and_size,
+)
 from .attention import AttentionContext, KVCache, attention, cache_mask
 from .config import LlamaConfig
 from .hf import load_pretrained, save_pretrained
@@ -68,18 +80,42 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def head_shards(config: LlamaConfig, tp_group) -> tuple[Shard, Shard]:
+    """This rank's rows of q_proj and of k_proj/v_proj: nq/tp query heads, and the KV heads they
+    read (nkv/tp of them, or one KV head replicated on tp/nkv ranks when nkv < tp)."""
+    rank, tp = rank_and_size(tp_group)
+    nq, nkv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    if nq % tp:
+        raise ValueError(
+            f"num_attention_heads={nq} is not divisible by the tensor-parallel size {tp}; "
+            "choose a tp size that divides it"
+        )
+    if nkv % tp and tp % nkv:
+        raise ValueError(
+            f"num_key_value_heads={nkv} and the tensor-parallel size {tp}: one must divide the "
+            "other (KV heads are split, or replicated when fewer than ranks)"
+        )
+    return Shard(0, nq * d, nq // tp * d, rank, tp), Shard(
+        0, nkv * d, max(nkv // tp, 1) * d, rank, tp
+    )
+
+
 class Attention(nn.Module):
-    def __init__(self, config: LlamaConfig, layer: int):
+    def __init__(self, config: LlamaConfig, layer: int, tp_group=None):
         super().__init__()
-        self.layer, self.head_dim = layer, config.head_dim
+        self.layer, self.head_dim, self.tp_group = layer, config.head_dim, tp_group
         h, nq, nkv = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
-        self.q_proj = nn.Linear(h, nq * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(h, nkv * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(h, nkv * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(nq * self.head_dim, h, bias=False)
+        q_rows, kv_rows = head_shards(config, tp_group)
+        # x passes copy_to_tp once in forward: one gradient all-reduce for q, k and v together
+        col = dict(tp_group=tp_group, reduce_input_grad=False)
+        self.q_proj = ColumnParallelLinear(h, nq * self.head_dim, shard=q_rows, **col)
+        self.k_proj = ColumnParallelLinear(h, nkv * self.head_dim, shard=kv_rows, **col)
+        self.v_proj = ColumnParallelLinear(h, nkv * self.head_dim, shard=kv_rows, **col)
+        self.o_proj = RowParallelLinear(nq * self.head_dim, h, tp_group)
 
     def forward(self, x, cos, sin, ctx: AttentionContext):
         b, t, _ = x.shape
+        x = copy_to_tp(x, self.tp_group)
         q = self.q_proj(x).view(b, t, -1, self.head_dim)
         k = self.k_proj(x).view(b, t, -1, self.head_dim)
         v = self.v_proj(x).view(b, t, -1, self.head_dim)
@@ -89,24 +125,26 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, tp_group=None):
         super().__init__()
-        h, i = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(h, i, bias=False)
-        self.up_proj = nn.Linear(h, i, bias=False)
-        self.down_proj = nn.Linear(i, h, bias=False)
+        h, i, self.tp_group = config.hidden_size, config.intermediate_size, tp_group
+        col = dict(tp_group=tp_group, reduce_input_grad=False, what="intermediate_size")
+        self.gate_proj = ColumnParallelLinear(h, i, **col)
+        self.up_proj = ColumnParallelLinear(h, i, **col)
+        self.down_proj = RowParallelLinear(i, h, tp_group, what="intermediate_size")
 
     def forward(self, x):
+        x = copy_to_tp(x, self.tp_group)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: LlamaConfig, layer: int):
+    def __init__(self, config: LlamaConfig, layer: int, tp_group=None):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer)
+        self.self_attn = Attention(config, layer, tp_group)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, tp_group)
 
     def forward(self, x, cos, sin, ctx: AttentionContext):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx)
@@ -117,18 +155,25 @@ class Llama(nn.Module):
     """Llama-3.x causal LM.
 
     `activation_checkpointing = True` recomputes each layer in the backward pass (training only).
+    tp_group: a torch.distributed group (e.g. `init_parallel(tp).get_group("tp")`) over which the
+    weights are split; every rank of it runs the same calls on the same input_ids. `model(ids)`
+    returns the full logits on every rank (gathered); trainers take `hidden_states` and this
+    rank's vocabulary shard `lm_head.weight` to `linear_logprobs(..., tp_group=model.tp_group)`.
     """
 
-    def __init__(self, config: LlamaConfig, *, activation_checkpointing: bool = False):
+    def __init__(
+        self, config: LlamaConfig, *, tp_group=None, activation_checkpointing: bool = False
+    ):
         super().__init__()
-        self.config = config
+        self.config, self.tp_group = config, tp_group
         self.activation_checkpointing = activation_checkpointing
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        h, v = config.hidden_size, config.vocab_size
+        self.embed_tokens = VocabParallelEmbedding(v, h, tp_group)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i) for i in range(config.num_hidden_layers)
+            DecoderLayer(config, i, tp_group) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ColumnParallelLinear(h, v, tp_group, gather_output=True, what="vocab_size")
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # Kept out of the buffers so that model.to(bfloat16) never rounds the frequencies.
@@ -275,7 +320,7 @@ class Llama(nn.Module):
         return KVCache.allocate(
             c.num_hidden_layers,
             batch,
-            c.num_key_value_heads,
+            self.layers[0].self_attn.k_proj.out_features // c.head_dim,  # this rank's KV heads
             max_len,
             c.head_dim,
             dtype=p.dtype,
@@ -284,26 +329,27 @@ class Llama(nn.Module):
 
     # ---- HF checkpoints (implemented in hf.py) ------------------------------------------------
     @classmethod
-    def from_pretrained(
-        cls, path, *, dtype=None, device=None, activation_checkpointing=False, check_finite=True
-    ) -> Llama:
+    def from_pretrained(cls, path, **options) -> Llama:
         """Load a local HF Llama directory (config.json + *.safetensors, sharded or not).
 
-        dtype: torch dtype or name; default the config.json dtype, else float32.
-        check_finite: raise CheckpointError naming the tensor and file if one holds nan/inf.
+        Options (keywords): dtype (torch dtype or name; default the config.json dtype, else
+        float32), device, tp_group (split the model over this group; each rank reads only its
+        slices of the memory-mapped files), activation_checkpointing, check_finite (raise
+        CheckpointError naming the tensor and file if one holds nan/inf; default True).
         """
-        return load_pretrained(
-            cls,
-            path,
-            dtype=dtype,
-            device=device,
-            activation_checkpointing=activation_checkpointing,
-            check_finite=check_finite,
-        )
+        return load_pretrained(cls, path, **options)
 
     def save_pretrained(self, path, *, max_shard_size: int | str = "5GB") -> None:
-        """Write config.json + safetensors (sharded above max_shard_size); transformers loads it."""
+        """Write config.json + safetensors (sharded above max_shard_size); transformers loads it.
+
+        Under tensor parallelism every rank of tp_group calls it (the slices are gathered one
+        tensor at a time) and the group's rank 0 writes one ordinary, unsharded-model checkpoint.
+        """
         save_pretrained(self, path, max_shard_size=max_shard_size)
+
+    def same_token(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens sampled on tp rank 0, on every rank of tp_group (all continue alike)."""
+        return broadcast(tokens, self.tp_group)
 
 
 def _check_cu_seqlens(cu_seqlens, n, device):

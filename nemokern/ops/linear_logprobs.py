@@ -5,7 +5,7 @@ Validation, dispatch, the vocab-parallel exchange and autograd; the math lives i
 nemokern/kernels/linear_logprobs.py, the conventions (ignore_index, entropy, nan rows, target
 checks) are those of ops/logprobs.py. The GEMMs run on the counted rows only (one host sync to
 find them), so ignored prompt tokens cost no FLOPs and nan/inf hidden states there touch nothing.
-tp_group is a plain torch.distributed process group.
+tp_group is a plain torch.distributed process group; the collectives are nemokern.parallel's.
 """
 
 import torch
@@ -14,6 +14,7 @@ from torch.autograd.function import once_differentiable
 
 from ..kernels import linear_logprobs as _k
 from ..kernels.logprobs import combine_stats, merge_parts
+from ..parallel import all_gather, all_reduce
 from . import _checks
 from ._dispatch import backend_for, device_guard
 from .logprobs import upstream
@@ -63,9 +64,7 @@ def _check_same_call(targets, n_kept, group, shard, op=OP):
     header = torch.tensor(
         [shard, n, n_kept, _targets_fingerprint(targets)], dtype=torch.int64, device=targets.device
     )
-    headers = [torch.empty_like(header) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(headers, header, group=group)
-    sizes, ns, kept, prints = torch.stack(headers).cpu().T.tolist()
+    sizes, ns, kept, prints = all_gather(header, group).cpu().T.tolist()
     if any(x != n for x in ns):
         raise ValueError(
             f"{op}: the ranks of tp_group passed different numbers of tokens {ns} (this rank, "
@@ -98,9 +97,7 @@ def gather_parts(parts, rows, targets, group, shard, op=OP):
     if _checks.targets_checked():
         _check_same_call(targets, n if rows is None else rows.numel(), group, shard, op)
     local = scatter_rows(merge_parts(parts), rows, n).contiguous()
-    bufs = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(bufs, local, group=group)
-    gathered = torch.stack(bufs)
+    gathered = all_gather(local, group)
     return gathered if rows is None else gathered[:, rows]
 
 
@@ -163,7 +160,7 @@ class _LinearLogProbs(torch.autograd.Function):
         if ctx.tp_group is not None and dh is not None:
             # hidden is replicated across the group and each shard saw only its vocabulary:
             # the full dhidden is the sum over shards (Megatron's column-parallel input grad).
-            dist.all_reduce(dh, group=ctx.tp_group)
+            all_reduce(dh, ctx.tp_group)
         if dh is not None:
             dh = scatter_rows(dh, rows, hidden.shape[0])
         return dh, dw, None, None, None, None, None, None

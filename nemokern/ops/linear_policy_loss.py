@@ -9,11 +9,11 @@ checks (_checks.lm_head), its kept-row handling and its vocab-parallel exchange.
 """
 
 import torch
-import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from ..kernels import linear_policy_loss as _k
 from ..kernels.logprobs import combine_stats
+from ..parallel import all_reduce
 from . import _checks
 from ._dispatch import backend_for, device_guard
 from .linear_logprobs import gather_parts, kept_rows, scatter_rows
@@ -98,7 +98,7 @@ class _LinearPolicyLoss(torch.autograd.Function):
         if ctx.tp_group is not None and dh is not None:
             # hidden is replicated across the group and each shard saw only its vocabulary:
             # the full dhidden is the sum over shards (Megatron's column-parallel input grad).
-            dist.all_reduce(dh, group=ctx.tp_group)
+            all_reduce(dh, ctx.tp_group)
         # In place, by a 0-dim fp32 factor: computed in fp32 and rounded once into the
         # gradient's dtype (exact when g_loss = 1, the usual case).
         g = g_loss.float()

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..parallel import all_reduce
 from .checkpoint import Checkpointer, CheckpointError, get_rng_state, save_modules
 from .config import TrainConfig, dump_toml
 from .metrics import MetricsLogger, peak_memory_mb
@@ -331,7 +332,7 @@ class TrainLoop:
     def _reduce(self, values: list[torch.Tensor]) -> list[float]:
         vec = torch.stack([v.to(self.device, torch.float64) for v in values])
         if self.dist.active:
-            dist.all_reduce(vec)
+            all_reduce(vec)
         return vec.tolist()
 
     def _train_step(self) -> dict:
