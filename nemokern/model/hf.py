@@ -191,21 +191,31 @@ def _slice(file: Path, name: str, stored, shard) -> torch.Tensor:
         raise CheckpointError(f"{file}: tensor {name!r} cannot be read ({e})") from None
 
 
-def _read(file: Path, assigned):
-    """Yield (name, safetensors slice handle) from one memory-mapped safetensors file, with errors
-    that name the file; nothing is read until the handle is sliced."""
+def _open(file: Path):
     try:
-        handle = safe_open(str(file), framework="pt", device="cpu")
+        return safe_open(str(file), framework="pt", device="cpu")
     except Exception as e:  # safetensors raises its own error type for truncated/garbled headers
         raise CheckpointError(
             f"{file}: not a readable safetensors file ({e}); re-download or re-save it"
         ) from None
-    with handle as f:
-        for name in f.keys():
-            if None not in assigned and assigned.get(name) != file:
-                raise CheckpointError(
-                    f"{file}: tensor {name!r} is not assigned to this shard in {INDEX}"
-                )
+
+
+def _read(file: Path, assigned):
+    """Yield (name, safetensors slice handle) from one memory-mapped safetensors file, with errors
+    that name the file; nothing is read until the handle is sliced.
+
+    The file is mapped anew for each tensor and unmapped before the next: the pages a slice
+    touches count in the process's resident set while mapped (a row-parallel slice touches
+    nearly every page of its tensor), so a whole shard file never stays resident per rank.
+    """
+    with _open(file) as f:
+        names = list(f.keys())
+    for name in names:
+        if None not in assigned and assigned.get(name) != file:
+            raise CheckpointError(
+                f"{file}: tensor {name!r} is not assigned to this shard in {INDEX}"
+            )
+        with _open(file) as f:
             try:
                 stored = f.get_slice(name)
             except Exception as e:
