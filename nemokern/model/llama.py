@@ -103,7 +103,7 @@ def head_shards(config: LlamaConfig, tp_group) -> tuple[Shard, Shard]:
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig, layer: int, tp_group=None):
         super().__init__()
-        self.layer, self.head_dim, self.tp_group = layer, config.head_dim, tp_group
+        self.layer, self.head_dim = layer, config.head_dim
         h, nq, nkv = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
         q_rows, kv_rows = head_shards(config, tp_group)
         # x passes copy_to_tp once in forward: one gradient all-reduce for q, k and v together
@@ -115,7 +115,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, ctx: AttentionContext):
         b, t, _ = x.shape
-        x = copy_to_tp(x, self.tp_group)
+        x = copy_to_tp(x, self.q_proj.tp_group)
         q = self.q_proj(x).view(b, t, -1, self.head_dim)
         k = self.k_proj(x).view(b, t, -1, self.head_dim)
         v = self.v_proj(x).view(b, t, -1, self.head_dim)
@@ -127,14 +127,14 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: LlamaConfig, tp_group=None):
         super().__init__()
-        h, i, self.tp_group = config.hidden_size, config.intermediate_size, tp_group
+        h, i = config.hidden_size, config.intermediate_size
         col = dict(tp_group=tp_group, reduce_input_grad=False, what="intermediate_size")
         self.gate_proj = ColumnParallelLinear(h, i, **col)
         self.up_proj = ColumnParallelLinear(h, i, **col)
         self.down_proj = RowParallelLinear(i, h, tp_group, what="intermediate_size")
 
     def forward(self, x):
-        x = copy_to_tp(x, self.tp_group)
+        x = copy_to_tp(x, self.gate_proj.tp_group)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -165,7 +165,7 @@ class Llama(nn.Module):
         self, config: LlamaConfig, *, tp_group=None, activation_checkpointing: bool = False
     ):
         super().__init__()
-        self.config, self.tp_group = config, tp_group
+        self.config = config
         self.activation_checkpointing = activation_checkpointing
         h, v = config.hidden_size, config.vocab_size
         self.embed_tokens = VocabParallelEmbedding(v, h, tp_group)
@@ -346,6 +346,11 @@ class Llama(nn.Module):
         tensor at a time) and the group's rank 0 writes one ordinary, unsharded-model checkpoint.
         """
         save_pretrained(self, path, max_shard_size=max_shard_size)
+
+    @property
+    def tp_group(self):
+        """The tensor-parallel process group (None: the whole model on this process)."""
+        return self.embed_tokens.tp_group
 
     def same_token(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens sampled on tp rank 0, on every rank of tp_group (all continue alike)."""

@@ -19,6 +19,7 @@ from torch import nn
 from nemokern.model.hf import CheckpointError
 from nemokern.model.llama import Llama
 from nemokern.ops import reward_head
+from nemokern.parallel import broadcast, rank_and_size
 
 # SteerLM's 9 attributes, in the order of the head's outputs (recipe.md section 1); the one
 # definition that data readers, losses and trainers use.
@@ -78,7 +79,9 @@ class RewardModel(nn.Module):
     # ---- files --------------------------------------------------------------------------------
     def save_pretrained(self, path) -> None:
         path = Path(path)
-        self.trunk.save_pretrained(path)
+        self.trunk.save_pretrained(path)  # under tensor parallelism: collective, tp rank 0 writes
+        if rank_and_size(self.trunk.tp_group)[0]:
+            return
         head = {
             "weight": self.head.weight.detach().cpu().contiguous(),
             "bias": self.head.bias.detach().cpu().contiguous(),
@@ -88,14 +91,25 @@ class RewardModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path, *, dtype=None, device=None, attributes=None, activation_checkpointing=False
+        cls,
+        path,
+        *,
+        dtype=None,
+        device=None,
+        attributes=None,
+        activation_checkpointing=False,
+        tp_group=None,
     ) -> RewardModel:
         """Load a trunk (any HF Llama directory) and its head when the directory has one; a
         directory without a head (a base or instruct model) gets a fresh head over `attributes`
-        (default the 9 SteerLM ones)."""
+        (default the 9 SteerLM ones). tp_group: the trunk split as Llama.from_pretrained does."""
         path = Path(path)
         trunk = Llama.from_pretrained(
-            path, dtype=dtype, device=device, activation_checkpointing=activation_checkpointing
+            path,
+            dtype=dtype,
+            device=device,
+            activation_checkpointing=activation_checkpointing,
+            tp_group=tp_group,
         )
         if not (path / HEAD_WEIGHTS).exists():
             return cls(trunk, attributes or ATTRIBUTES)
@@ -122,24 +136,24 @@ class RewardModel(nn.Module):
         return model
 
     @classmethod
-    def from_reward_hf(cls, path, *, dtype=None, device=None) -> RewardModel:
+    def from_reward_hf(cls, path, *, dtype=None, device=None, tp_group=None) -> RewardModel:
         """A Nemotron-Reward-HF directory (a plain Llama whose reward is logits[last, 0]) as a
         one-attribute RewardModel: lm_head row 0 is the head, with the bias `export_hf` recorded
         in config.json (0 when absent, as in NVIDIA's release)."""
-        trunk = Llama.from_pretrained(path, dtype=dtype, device=device)
+        trunk = Llama.from_pretrained(path, dtype=dtype, device=device, tp_group=tp_group)
         extra = trunk.config.extra
         model = cls(trunk, (extra.get("nemokern_reward_attribute", "reward"),))
         with torch.no_grad():
-            model.head.weight.copy_(trunk.lm_head.weight[:1])
+            # vocabulary row 0 is in tp rank 0's shard
+            model.head.weight.copy_(broadcast(trunk.lm_head.weight[:1].clone(), tp_group))
             model.head.bias.fill_(float(extra.get("nemokern_reward_bias", 0.0)))
         return model
 
     @classmethod
-    def load_any(cls, path, *, dtype=None, device=None) -> RewardModel:
+    def load_any(cls, path, *, dtype=None, device=None, tp_group=None) -> RewardModel:
         """RewardModel.from_pretrained where the directory has a head, else from_reward_hf."""
-        if (Path(path) / HEAD_WEIGHTS).exists():
-            return cls.from_pretrained(path, dtype=dtype, device=device)
-        return cls.from_reward_hf(path, dtype=dtype, device=device)
+        load = cls.from_pretrained if (Path(path) / HEAD_WEIGHTS).exists() else cls.from_reward_hf
+        return load(path, dtype=dtype, device=device, tp_group=tp_group)
 
     @torch.no_grad()
     def export_hf(self, path, attribute: str = "helpfulness") -> float:

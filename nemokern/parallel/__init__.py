@@ -15,5 +15,6 @@ from .layers import (  # noqa: F401
     RowParallelLinear,
     Shard,
     VocabParallelEmbedding,
+    grad_norm_tp,
 )
 from .mesh import init_parallel  # noqa: F401

@@ -71,6 +71,26 @@ class Shard:
         return local if group is None else self.assemble(all_gather(local, group))
 
 
+class _GroupRef:
+    """A process group held by a module; deep copies of the module share it (a ProcessGroup is a
+    handle to a communicator and cannot be copied, and a copied model, e.g. a frozen reference
+    policy, runs on the same ranks)."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class _Sharded:
+    """What the three layers share: `shard` (this rank's Shard) and `tp_group`."""
+
+    @property
+    def tp_group(self):
+        return self._tp.group
+
+
 class _SumReplicaGrads(torch.autograd.Function):
     """Identity on a replicated weight shard; backward sums its gradient over the replicas (each
     replica saw only its own ranks' queries), through one all-reduce of a full-size buffer."""
@@ -91,7 +111,7 @@ class _SumReplicaGrads(torch.autograd.Function):
         return buf.narrow(s.dim, s.start(), s.size).contiguous(), None, None
 
 
-class ColumnParallelLinear(nn.Linear):
+class ColumnParallelLinear(_Sharded, nn.Linear):
     """y[..., shard] = x @ W[shard].T for a replicated x [..., in]; no bias.
 
     reduce_input_grad=False when the caller already passed x through `copy_to_tp` once for
@@ -112,7 +132,7 @@ class ColumnParallelLinear(nn.Linear):
     ):
         shard = shard or Shard.even(0, out_features, tp_group, what)
         super().__init__(in_features, shard.size, bias=False)
-        self.shard, self.tp_group = shard, tp_group
+        self.shard, self._tp = shard, _GroupRef(tp_group)
         self.reduce_input_grad, self.gather_output = reduce_input_grad, gather_output
 
     def forward(self, x):
@@ -127,27 +147,27 @@ class ColumnParallelLinear(nn.Linear):
         return gather_from_tp(y, self.tp_group) if self.gather_output else y
 
 
-class RowParallelLinear(nn.Linear):
+class RowParallelLinear(_Sharded, nn.Linear):
     """y = sum over ranks of x[..., shard] @ W[:, shard].T (x split as the previous column layer
     left it); the sum is `nemokern.parallel.all_reduce`. No bias."""
 
     def __init__(self, in_features: int, out_features: int, tp_group=None, *, what="in_features"):
         shard = Shard.even(1, in_features, tp_group, what)
         super().__init__(shard.size, out_features, bias=False)
-        self.shard, self.tp_group = shard, tp_group
+        self.shard, self._tp = shard, _GroupRef(tp_group)
 
     def forward(self, x):
         return reduce_from_tp(F.linear(x, self.weight), self.tp_group)
 
 
-class VocabParallelEmbedding(nn.Embedding):
+class VocabParallelEmbedding(_Sharded, nn.Embedding):
     """Embedding whose rows (the vocabulary) are split across ranks: each rank looks up the ids in
     its range, zeros elsewhere, and the all-reduce completes every row."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, tp_group=None):
         shard = Shard.even(0, num_embeddings, tp_group, "vocab_size")
         super().__init__(shard.size, embedding_dim)
-        self.shard, self.tp_group = shard, tp_group
+        self.shard, self._tp = shard, _GroupRef(tp_group)
 
     def forward(self, ids):
         if self.tp_group is None:
@@ -156,3 +176,24 @@ class VocabParallelEmbedding(nn.Embedding):
         outside = (local < 0) | (local >= self.shard.size)
         x = F.embedding(local.masked_fill(outside, 0), self.weight)
         return reduce_from_tp(x.masked_fill(outside[..., None], 0.0), self.tp_group)
+
+
+def grad_norm_tp(model: nn.Module, group) -> torch.Tensor:
+    """The global L2 norm [] (float64) of `model`'s gradients when its tensor-parallel weights are
+    split over `group`: shards summed over the ranks (a replicated shard counted once), every
+    other parameter (replicated on all ranks, same gradient) once. Collective over `group`."""
+    replicas = {
+        id(m.weight): m.shard.replicas
+        for m in model.modules()
+        if isinstance(m, _Sharded) and m.tp_group is not None
+    }
+    grads = [p for p in model.parameters() if p.grad is not None]
+    device = grads[0].grad.device if grads else torch.device("cpu")
+    sharded, replicated = (torch.zeros((), dtype=torch.float64, device=device) for _ in "ab")
+    for p in grads:
+        sq = torch.linalg.vector_norm(p.grad, dtype=torch.float64) ** 2
+        if id(p) in replicas:
+            sharded += sq / replicas[id(p)]
+        else:
+            replicated += sq
+    return (all_reduce(sharded, group) + replicated).sqrt()

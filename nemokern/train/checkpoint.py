@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from nemokern.model.hf import CheckpointError, hf_name, weight_files
 from nemokern.model.llama import Llama
+from nemokern.parallel import rank_and_size
 
 FORMAT = "nemokern-checkpoint-1"
 MANIFEST = "manifest.json"
@@ -182,7 +183,8 @@ def _rest_state(model: torch.nn.Module, parts: dict) -> dict[str, torch.Tensor]:
 
 def save_modules(model: torch.nn.Module, directory) -> None:
     """Write `model`'s weights: HF layout for the parts with save_pretrained (a Llama, e.g. "model/"
-    or "<child>/"), modules.safetensors for the rest. `model` is the unwrapped module (not DDP)."""
+    or "<child>/"), modules.safetensors for the rest. `model` is the unwrapped module (not DDP).
+    Under tensor parallelism every rank of the tp group calls it and its rank 0 writes."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     parts = _hf_parts(model)
@@ -191,7 +193,8 @@ def save_modules(model: torch.nn.Module, directory) -> None:
     rest = {
         k: v.detach().to("cpu").contiguous().clone() for k, v in _rest_state(model, parts).items()
     }
-    if rest or not parts:
+    writer = all(rank_and_size(part.tp_group)[0] == 0 for part in parts.values())
+    if (rest or not parts) and writer:
         save_file(rest, str(directory / "modules.safetensors"))
 
 

@@ -87,11 +87,17 @@ class TrainConfig:
     eval_every: int = option(
         0, "evaluate every N steps (0: only at the end; needs an evaluation set)"
     )
+    tp: int = option(
+        1,
+        "tensor-parallel size under torchrun: each model is split over groups of tp consecutive "
+        "ranks (one node), data parallelism runs across the groups; tp must divide "
+        "--nproc-per-node. No resumable checkpoints with tp > 1 (OUT/final is written)",
+    )
     progress: bool = option(True, "show a progress bar")
     tensorboard: bool = option(True, "also log to OUT/tensorboard when tensorboard is installed")
 
     def __post_init__(self):
-        for name in ("epochs", "grad_accum", "keep_last"):
+        for name in ("epochs", "grad_accum", "keep_last", "tp"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} = {getattr(self, name)} must be at least 1")
         for name in (
@@ -107,6 +113,13 @@ class TrainConfig:
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} = {getattr(self, name)} must not be negative")
+        if self.tp > 1 and (self.save_every or self.resume):
+            name = "save_every" if self.save_every else "resume"
+            raise option_error(
+                name,
+                f"resumable checkpoints are not written with tp = {self.tp}; drop --{name} "
+                "(OUT/final still holds the trained model) or train with --tp 1",
+            )
         if self.schedule == "cosine" and self.min_lr > self.lr:
             raise ConfigError(
                 f"min_lr = {self.min_lr} is above lr = {self.lr}; the cosine schedule decays to it"

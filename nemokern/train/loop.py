@@ -1,10 +1,12 @@
 """The training loop every trainer shares; a trainer supplies the model, its micro-batches and a
 step function that turns one micro-batch into a loss.
 
-Per optimizer step: `grad_accum` micro-batches on each of the `world_size` processes (DDP under
-torchrun, gloo on CPUs, NCCL on GPUs), bf16 autocast on CUDA, each micro-batch's loss weighted by
-its `weight` (e.g. the number of labels or pairs it averages) so that the step's loss is the mean
-over the whole global batch; then global-norm clipping, AdamW and the learning-rate schedule.
+Per optimizer step: `grad_accum` micro-batches on each of the data-parallel processes (DDP under
+torchrun, gloo on CPUs, NCCL on GPUs; with `tp` > 1 the ranks form a (dp, tp) mesh, the model is
+split over each tp group and DDP runs over the dp groups), bf16 autocast on CUDA, each
+micro-batch's loss weighted by its `weight` (e.g. the number of labels or pairs it averages) so
+that the step's loss is the mean over the whole global batch; then global-norm clipping, AdamW
+and the learning-rate schedule.
 A non-finite loss or gradient stops the run before the update, after saving the last good state.
 Checkpoints every `save_every` steps and at the end; `resume` continues exactly where a checkpoint
 left off (same data order, RNG, optimizer and schedule: bit-identical losses on the CPU).
@@ -30,9 +32,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..parallel import all_reduce
+from ..parallel import all_reduce, grad_norm_tp, init_parallel
 from .checkpoint import Checkpointer, CheckpointError, get_rng_state, save_modules
-from .config import TrainConfig, dump_toml
+from .config import TrainConfig, dump_toml, option_error
 from .metrics import MetricsLogger, peak_memory_mb
 
 
@@ -59,15 +61,21 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    # the (dp, tp) layout: tp_group None without tensor parallelism, dp_group None = every rank
+    tp_group: Any = None
+    dp_group: Any = None
+    dp_rank: int = 0
+    dp_size: int = 1
 
     @property
     def active(self) -> bool:
         return self.world_size > 1
 
 
-def setup_distributed(device: str = "auto") -> Dist:
+def setup_distributed(device: str = "auto", tp: int = 1) -> Dist:
     """Join the torchrun process group (NCCL on GPUs, gloo on CPUs) when WORLD_SIZE > 1; pick the
-    device.
+    device; with tp > 1 lay the ranks out as init_parallel's (dp, tp) mesh (the same groups on
+    every call).
 
     device: "auto" (this process's GPU, else the CPU), "cpu", "cuda" or "cuda:N".
     """
@@ -84,9 +92,35 @@ def setup_distributed(device: str = "auto") -> Dist:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    if tp > 1:
+        if world % tp:
+            raise option_error(
+                "tp",
+                f"{tp} needs a multiple of {tp} processes (torchrun --nproc-per-node); this run "
+                f"has WORLD_SIZE={world}",
+            )
+        mesh = init_parallel(tp, dev.type)
+        dp = mesh.get_group("dp")
+        return Dist(
+            dist.get_rank(),
+            dist.get_world_size(),
+            local_rank,
+            dev,
+            tp_group=mesh.get_group("tp"),
+            dp_group=dp,
+            dp_rank=dist.get_rank(dp),
+            dp_size=dist.get_world_size(dp),
+        )
     if dist.is_initialized():
-        return Dist(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        return Dist(rank, world, local_rank, dev, dp_rank=rank, dp_size=world)
     return Dist(0, 1, 0, dev)
+
+
+def tp_group_for(config: TrainConfig):
+    """The tensor-parallel group a run's models are split over (None when config.tp is 1). Joins
+    the torchrun process group; the TrainLoop built later gets the same groups."""
+    return setup_distributed(config.device, config.tp).tp_group if config.tp > 1 else None
 
 
 def seed_everything(seed: int) -> None:
@@ -206,7 +240,7 @@ class TrainLoop:
         find_unused_parameters: bool = False,
     ):
         self.config, self.data, self.step_fn, self.evaluate = config, data, step_fn, evaluate
-        self.dist = setup_distributed(config.device)
+        self.dist = setup_distributed(config.device, config.tp)
         self.device = self.dist.device
         self.out = Path(config.out)
         if config.activation_checkpointing:
@@ -217,15 +251,17 @@ class TrainLoop:
                 self.model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=find_unused_parameters,
+                process_group=self.dist.dp_group,
             )
-            if self.dist.active
+            if self.dist.dp_size > 1
             else None
         )
-        self.per_step = config.grad_accum * self.dist.world_size  # micro-batches per optimizer step
+        self.per_step = config.grad_accum * self.dist.dp_size  # micro-batches per optimizer step
         if len(data) < self.per_step:
             raise ValueError(
                 f"{len(data)} micro-batches cannot fill one optimizer step of grad_accum="
-                f"{config.grad_accum} x {self.dist.world_size} process(es); use smaller batches "
+                f"{config.grad_accum} x {self.dist.dp_size} data-parallel process(es); use "
+                "smaller batches "
                 "or a smaller grad_accum"
             )
         self.steps_per_epoch = len(data) // self.per_step
@@ -254,7 +290,7 @@ class TrainLoop:
         (0-based)."""
         epoch, within = divmod(step, self.steps_per_epoch)
         order = self._order(epoch)[within * self.per_step : (within + 1) * self.per_step]
-        return order[self.dist.rank :: self.dist.world_size]
+        return order[self.dist.dp_rank :: self.dist.dp_size]
 
     def micro_batches(self, step: int) -> list[tuple[Any, Any]]:
         """(id, micro-batch) pairs this process trains on in optimizer step `step` (0-based); the id
@@ -299,7 +335,7 @@ class TrainLoop:
         """Write the model's weights for use outside training (default OUT/final) with
         checkpoint.save_modules: HF layout for each Llama part, modules.safetensors for the rest."""
         directory = Path(directory) if directory is not None else self.out / "final"
-        if self.dist.rank == 0:
+        if self.dist.dp_rank == 0:  # under tp, a collective of the tp group
             save_modules(self.model, directory)
         if self.dist.active:
             dist.barrier()
@@ -331,8 +367,8 @@ class TrainLoop:
 
     def _reduce(self, values: list[torch.Tensor]) -> list[float]:
         vec = torch.stack([v.to(self.device, torch.float64) for v in values])
-        if self.dist.active:
-            all_reduce(vec)
+        if self.dist.dp_size > 1:  # the ranks of a tp group hold the same values
+            all_reduce(vec, self.dist.dp_group)
         return vec.tolist()
 
     def _train_step(self) -> dict:
@@ -375,15 +411,18 @@ class TrainLoop:
         if total_w > 0:
             # DDP averaged the weighted sums over processes; this makes them the global weighted
             # mean
-            scale = self.dist.world_size / total_w
+            scale = self.dist.dp_size / total_w
             for p in self.model.parameters():
                 if p.grad is not None:
                     p.grad.mul_(scale)
         params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        )
-        grad_norm = float(grad_norm)
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        if self.dist.tp_group is None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        else:
+            norm = grad_norm_tp(self.model, self.dist.tp_group)
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+            grad_norm = float(norm)
         if not math.isfinite(grad_norm):
             self._stop(step, f"gradient (norm {grad_norm})", rng_before, rows)
         lr = self.optimizer.param_groups[0]["lr"]
@@ -416,7 +455,9 @@ class TrainLoop:
     def _stop(self, step: int, what: str, rng_before: dict, rows) -> None:
         """Keep the state before this step as a checkpoint, then raise NonFiniteError."""
         self.optimizer.zero_grad(set_to_none=True)
-        if self.last_saved != step:
+        if self.dist.tp_group is not None:
+            path = "no checkpoint (--tp > 1 writes none)"
+        elif self.last_saved != step:
             path = self.save(step, rng=rng_before)  # `step` steps done: the last good state
         else:
             path = self.checkpointer.path(step)
@@ -446,7 +487,7 @@ class TrainLoop:
         """Train to total_steps (resuming first if config.resume says so); returns the step
         records."""
         cfg, rank0 = self.config, self.dist.rank == 0
-        seed_everything(cfg.seed + self.dist.rank)
+        seed_everything(cfg.seed + self.dist.dp_rank)
         self._resume()
         if rank0:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -473,6 +514,6 @@ class TrainLoop:
                 self.history.append(logger.log(self.step, metrics))
                 if cfg.save_every and self.step % cfg.save_every == 0:
                     self.save()
-            if self.last_saved != self.step:
-                self.save()
+            if self.last_saved != self.step and self.dist.tp_group is None:
+                self.save()  # no resumable checkpoint under tensor parallelism (TrainConfig.tp)
         return self.history

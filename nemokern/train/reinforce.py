@@ -37,7 +37,7 @@ from nemokern.model import Llama, LlamaConfig, RewardModel, generate
 from nemokern.model.reward import HEAD_WEIGHTS
 from nemokern.ops import linear_logprobs, linear_policy_loss, sequence_kl
 from nemokern.train.config import ConfigError, TrainConfig, option, option_error
-from nemokern.train.loop import StepOutput, TrainLoop
+from nemokern.train.loop import StepOutput, TrainLoop, tp_group_for
 from nemokern.train.losses import rloo_advantages
 
 KL_ESTIMATORS = ("k1", "abs", "k2", "k3")
@@ -157,14 +157,14 @@ def load_reward_fn(spec: str) -> Callable:
     return fn
 
 
-def load_reward_model(path, attribute: str) -> tuple[RewardModel, int]:
+def load_reward_model(path, attribute: str, tp_group=None) -> tuple[RewardModel, int]:
     """(model, column) for a reward-model directory: RewardModel's layout (the head in
     reward_head.safetensors, column = `attribute`) or the Nemotron-Reward-HF layout (a plain Llama
     whose lm_head row 0 is the head, plus config.json's nemokern_reward_bias if any; column 0)."""
     path = Path(path)
     if not path.is_dir():
         raise option_error("reward_model", f"{path} is not a directory")
-    model = RewardModel.load_any(path, dtype=torch.float32)
+    model = RewardModel.load_any(path, dtype=torch.float32, tp_group=tp_group)
     if (path / HEAD_WEIGHTS).exists():
         if attribute not in model.attributes:
             raise option_error(
@@ -219,12 +219,15 @@ def kl_regularised_advantages(rewards, kl, ended, k: int, *, beta: float, trunca
     return scores, adv
 
 
-def policy_gradient_loss(hidden, weight, targets, coef, *, temperature: float = 1.0):
+def policy_gradient_loss(hidden, weight, targets, coef, *, temperature: float = 1.0, tp_group=None):
     """sum_t coef_t * logp_t of the targets under softmax(hidden @ weight.T / temperature): the
     REINFORCE update's loss when coef_t = -(R - b)/n_tokens on response tokens (targets -100
     elsewhere). hidden [N, H], weight [V, H], targets [N], coef [N] float32 -> scalar. Fused:
-    the gradients w.r.t. hidden and weight are formed in the forward, no [N, V] logits."""
-    return linear_policy_loss(hidden, weight, targets, coef, temperature=temperature)
+    the gradients w.r.t. hidden and weight are formed in the forward, no [N, V] logits. With
+    tp_group, weight is this rank's vocabulary shard."""
+    return linear_policy_loss(
+        hidden, weight, targets, coef, temperature=temperature, tp_group=tp_group
+    )
 
 
 def _head(model: Llama, hidden: torch.Tensor) -> torch.Tensor:
@@ -244,7 +247,12 @@ class PolicyLoss(nn.Module):
     def forward(self, input_ids, cu_seqlens, targets, coef):
         hidden = self.policy.hidden_states(input_ids, cu_seqlens=cu_seqlens)  # [N, H]
         return policy_gradient_loss(
-            hidden, _head(self.policy, hidden), targets, coef, temperature=self.temperature
+            hidden,
+            _head(self.policy, hidden),
+            targets,
+            coef,
+            temperature=self.temperature,
+            tp_group=self.policy.tp_group,
         )
 
 
@@ -338,6 +346,11 @@ class RolloutLoop(TrainLoop):
 
 # ---- the trainer ---------------------------------------------------------------------------------
 def build_policy(config: ReinforceConfig, tokenizer) -> Llama:
+    """The policy config.policy names, split over the --tp group (a tiny one initialised per
+    shard)."""
+    if config.policy != "tiny" and not Path(config.policy).is_dir():
+        raise option_error("policy", f"{config.policy} is not a directory (nor 'tiny')")
+    tp_group = tp_group_for(config)
     if config.policy == "tiny":
         torch.manual_seed(config.seed)
         return Llama(
@@ -345,11 +358,10 @@ def build_policy(config: ReinforceConfig, tokenizer) -> Llama:
                 vocab_size=tokenizer.vocab_size,
                 bos_token_id=tokenizer.bos_id,
                 eos_token_id=list(tokenizer.eos_ids),
-            )
+            ),
+            tp_group=tp_group,
         )
-    if not Path(config.policy).is_dir():
-        raise option_error("policy", f"{config.policy} is not a directory (nor 'tiny')")
-    return Llama.from_pretrained(config.policy, dtype=torch.float32)
+    return Llama.from_pretrained(config.policy, dtype=torch.float32, tp_group=tp_group)
 
 
 class ReinforceTrainer:
@@ -405,7 +417,7 @@ class ReinforceTrainer:
         self.reward_model, self.reward_column = None, 0
         if config.reward_model:
             self.reward_model, self.reward_column = load_reward_model(
-                config.reward_model, config.attribute
+                config.reward_model, config.attribute, self.policy.tp_group
             )
             self.reward_model.eval().requires_grad_(False)
             if self.reward_model.trunk.config.vocab_size < vocab:
@@ -509,10 +521,15 @@ class ReinforceTrainer:
                             targets,
                             temperature=cfg.temperature,
                             return_entropy=True,
+                            tp_group=self.policy.tp_group,
                         )
                         h = self.reference.hidden_states(ids, cu_seqlens=cu)
                         ref = linear_logprobs(
-                            h, _head(self.reference, h), targets, temperature=cfg.temperature
+                            h,
+                            _head(self.reference, h),
+                            targets,
+                            temperature=cfg.temperature,
+                            tp_group=self.reference.tp_group,
                         )
                         mask = targets != -100
                         kl.append(
@@ -613,7 +630,7 @@ class ReinforceTrainer:
         cfg = self.config
         start = time.perf_counter()
         model = PolicyLoss(self.policy, cfg.temperature)
-        world = int(os.environ.get("WORLD_SIZE", "1"))  # what the loop will join
+        world = int(os.environ.get("WORLD_SIZE", "1")) // cfg.tp  # the loop's data parallelism
         per_step_micro = cfg.grad_accum * world
         if cfg.prompts_per_step % per_step_micro:
             raise option_error(
@@ -634,9 +651,10 @@ class ReinforceTrainer:
         for module in filter(None, (self.reference, self.reward_model)):
             module.to(placement)
         history = self.loop.fit()
-        if self.loop.dist.rank == 0:
-            final = Path(cfg.out) / "final"
+        final = Path(cfg.out) / "final"
+        if self.loop.dist.dp_rank == 0:  # under --tp a collective of the tp group
             self.policy.save_pretrained(final)
+        if self.loop.dist.rank == 0:
             if isinstance(self.tokenizer, HFTokenizer):
                 self.tokenizer.tok.save_pretrained(final)
         if self.loop.dist.active:

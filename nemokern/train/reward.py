@@ -21,7 +21,7 @@ from nemokern.data import load_reward_data
 from nemokern.data.tokenizer import load_tokenizer
 from nemokern.model import Llama, LlamaConfig, RewardModel
 from nemokern.train.config import TrainConfig, option, option_error
-from nemokern.train.loop import StepOutput, TrainLoop, move_to
+from nemokern.train.loop import StepOutput, TrainLoop, move_to, tp_group_for
 from nemokern.train.losses import HELPFULNESS, bradley_terry_loss, pair_accuracy, regression_loss
 from nemokern.train.rewardbench import accuracy_report
 
@@ -69,17 +69,18 @@ class RewardConfig(TrainConfig):
 
 def build_model(config: RewardConfig) -> RewardModel:
     """The RewardModel `config` asks for: --init (with its head), else --model (a fresh head when
-    the directory has none), else a tiny random Llama-3.1."""
-    if config.init:
-        if not Path(config.init).is_dir():
-            raise option_error("init", f"{config.init} is not a directory")
-        return RewardModel.from_pretrained(config.init, dtype=torch.float32)
-    if config.model == "tiny":
+    the directory has none), else a tiny random Llama-3.1. With --tp the trunk is split (a tiny
+    one is initialised per shard)."""
+    name = "init" if config.init else "model"
+    path = getattr(config, name)
+    tiny = name == "model" and path == "tiny"
+    if not tiny and not Path(path).is_dir():
+        raise option_error(name, f"{path} is not a directory" + " (nor 'tiny')" * (name == "model"))
+    tp_group = tp_group_for(config)
+    if tiny:
         torch.manual_seed(config.seed)
-        return RewardModel(Llama(LlamaConfig.tiny()))
-    if not Path(config.model).is_dir():
-        raise option_error("model", f"{config.model} is not a directory (nor 'tiny')")
-    return RewardModel.from_pretrained(config.model, dtype=torch.float32)
+        return RewardModel(Llama(LlamaConfig.tiny(), tp_group=tp_group))
+    return RewardModel.from_pretrained(path, dtype=torch.float32, tp_group=tp_group)
 
 
 def check_loss_fits_data(loss: str, kind: str, layout: str, where: str) -> None:
@@ -286,7 +287,7 @@ class RewardTrainer:
         )
         self.loop = loop
         history = loop.fit()
-        if loop.dist.rank == 0:
+        if loop.dist.dp_rank == 0:  # under --tp a collective of the tp group; its rank 0 writes
             self.model.save_pretrained(Path(self.config.out) / "final")
         if loop.dist.active:
             torch.distributed.barrier()

@@ -1,0 +1,152 @@
+"""The trainers under --tp 2 on 4 gloo processes (TP = 2 x DP = 2) take the same optimizer step
+as one process (TP = 1, DP = 1) on the same global batch: one reward-model step (RewardTrainer,
+Bradley-Terry pairs, its OUT/final export) and one REINFORCE update (the policy-gradient loss of
+ReinforceTrainer on fixed rollout batches). Loss, gradient norm and the updated weights agree to
+fp32 rounding. Also: --tp that does not divide the processes, and --tp with resumable
+checkpoints, are refused by name.
+"""
+
+import functools
+import json
+import os
+
+import pytest
+import torch
+
+from helpers import join_gloo, run_ranks
+from nemokern.data.synthetic import write_synthetic
+from nemokern.model import Llama, LlamaConfig, RewardModel
+from nemokern.train.config import ConfigError
+from nemokern.train.loop import TrainLoop, setup_distributed, tp_group_for
+from nemokern.train.reinforce import PolicyLoss, ReinforceConfig, ReinforceTrainer, pack
+from nemokern.train.reward import RewardConfig, RewardTrainer
+
+# AdamW's first move is lr * g / (|g| + eps): with eps = 1 it is ~g (with the usual 1e-8 it is
+# ~sign(g), which turns rounding in near-zero gradients into whole moves)
+COMMON = dict(max_steps=1, lr=1.0, eps=1.0, progress=False, tensorboard=False, device="cpu", seed=3)
+WORLD, TP = 4, 2  # 2 data-parallel replicas of a 2-way tensor-parallel model
+
+
+def _accum(global_batch, tp):
+    """grad_accum giving `global_batch` micro-batches per step: one process at tp 1, WORLD // tp
+    data-parallel replicas otherwise."""
+    return global_batch if tp == 1 else global_batch // (WORLD // tp)
+
+
+def _reward_config(root, tp):
+    return RewardConfig(
+        out=os.path.join(root, f"reward_tp{tp}"),
+        data=os.path.join(root, "pref.jsonl"),
+        loss="scaled-bt",
+        rows_per_batch=2,
+        grad_accum=_accum(2, tp),
+        tp=tp,
+        **COMMON,
+    )
+
+
+def _policy_batches():
+    """4 micro-batches of fixed rollouts: packed prompt + response, per-token coefficients."""
+    g = torch.Generator().manual_seed(11)
+    batches = []
+    for j in range(4):
+        prompts = [torch.randint(3, 300, (int(n),), generator=g).tolist() for n in (4, 6)]
+        responses = [torch.randint(3, 300, (int(n),), generator=g) for n in (5, 3 + j)]
+        b = pack(prompts, responses)
+        mask = b["targets"] != -100
+        n = int(mask.sum())
+        b["coef"] = torch.where(mask, torch.randn(mask.shape, generator=g) / n, 0.0).float()
+        b.update(n_tokens=n, rows=[j])
+        batches.append(b)
+    return batches
+
+
+def _reinforce_config(root, tp):
+    return ReinforceConfig(
+        out=os.path.join(root, f"reinforce_tp{tp}"), grad_accum=_accum(4, tp), tp=tp, **COMMON
+    )
+
+
+def _update_policy(root, tp):
+    """One update of the policy in root/policy on _policy_batches; returns (policy, history)."""
+    cfg = _reinforce_config(root, tp)
+    policy = Llama.from_pretrained(os.path.join(root, "policy"), tp_group=tp_group_for(cfg))
+    update = functools.partial(ReinforceTrainer._update, None)
+    loop = TrainLoop(cfg, PolicyLoss(policy), _policy_batches(), update)
+    return policy, loop.fit(), loop.dist
+
+
+def _worker(rank, world, init_file, root):
+    os.environ["WORLD_SIZE"] = str(world)
+    join_gloo(rank, world, init_file)
+    try:
+        with pytest.raises(ConfigError, match="--tp: 3 needs a multiple of 3 processes"):
+            setup_distributed("cpu", 3)
+        cfg = _reward_config(root, TP)
+        model = RewardModel.from_pretrained(
+            os.path.join(root, "reward"), tp_group=tp_group_for(cfg)
+        )
+        reward_history = RewardTrainer(cfg, model=model).fit()
+        policy, history, dist_ = _update_policy(root, TP)
+        if dist_.dp_rank == 0:  # collective over the tp group
+            policy.save_pretrained(os.path.join(root, "policy_tp"))
+        if rank == 0:
+            with open(os.path.join(root, "histories.json"), "w") as f:
+                json.dump({"reward": reward_history, "reinforce": history}, f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _assert_step_equal(ours, ref, what):
+    for key in ("loss", "grad_norm", "weight"):
+        assert ours[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), (what, key, ours, ref)
+
+
+def _assert_weights_equal(ours: dict, ref: dict, start: dict, what):
+    worst = 0.0
+    for name, w in ref.items():
+        # after one AdamW step each weight moved by ~ its clipped gradient: compare the moves
+        moved = ref[name] - start[name]
+        torch.testing.assert_close(
+            ours[name] - start[name], moved, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
+        )
+        worst = max(worst, (ours[name] - w).abs().max().item())
+    print(f"PARITY {what}: max |weight(TP2xDP2) - weight(TP1)| = {worst:.2e}")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_reward_step_and_reinforce_update_at_tp2_dp2_equal_one_process(tmp_path):
+    root = str(tmp_path)
+    write_synthetic(tmp_path / "pref.jsonl", 16, "hs2-preference", seed=0)
+    torch.manual_seed(0)
+    start_reward = RewardModel(Llama(LlamaConfig.tiny()))
+    start_reward.save_pretrained(tmp_path / "reward")
+    torch.manual_seed(1)
+    Llama(LlamaConfig.tiny()).save_pretrained(tmp_path / "policy")
+
+    ref_reward = RewardTrainer(
+        _reward_config(root, 1), model=RewardModel.from_pretrained(tmp_path / "reward")
+    )
+    ref_reward_history = ref_reward.fit()
+    ref_policy, ref_history, _ = _update_policy(root, 1)
+
+    run_ranks(_worker, WORLD, root)
+
+    histories = json.loads((tmp_path / "histories.json").read_text())
+    _assert_step_equal(histories["reward"][0], ref_reward_history[0], "reward step")
+    _assert_step_equal(histories["reinforce"][0], ref_history[0], "REINFORCE update")
+    ours = RewardModel.from_pretrained(tmp_path / "reward_tp2" / "final").state_dict()
+    _assert_weights_equal(
+        ours, ref_reward.model.state_dict(), start_reward.state_dict(), "reward step"
+    )
+    start_policy = Llama.from_pretrained(tmp_path / "policy").state_dict()
+    ours = Llama.from_pretrained(tmp_path / "policy_tp").state_dict()
+    _assert_weights_equal(ours, ref_policy.state_dict(), start_policy, "REINFORCE update")
+
+
+def test_tp_with_resumable_checkpoints_is_refused():
+    with pytest.raises(ConfigError, match="--save-every: resumable checkpoints are not written"):
+        RewardConfig(tp=2, save_every=5)
+    with pytest.raises(ConfigError, match="--resume"):
+        ReinforceConfig(tp=2, resume="auto")
