@@ -117,7 +117,8 @@ class TrainConfig:
             name = "save_every" if self.save_every else "resume"
             raise option_error(
                 name,
-                f"resumable checkpoints are not written with tp = {self.tp}; drop --{name} "
+                f"resumable checkpoints are not written with tp = {self.tp}; drop "
+                f"--{name.replace('_', '-')} "
                 "(OUT/final still holds the trained model) or train with --tp 1",
             )
         if self.schedule == "cosine" and self.min_lr > self.lr:
