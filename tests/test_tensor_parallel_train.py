@@ -2,8 +2,8 @@
 as one process (TP = 1, DP = 1) on the same global batch: one reward-model step (RewardTrainer,
 Bradley-Terry pairs, its OUT/final export) and one REINFORCE update (the policy-gradient loss of
 ReinforceTrainer on fixed rollout batches). Loss, gradient norm and the updated weights agree to
-fp32 rounding. Also: --tp that does not divide the processes, and --tp with resumable
-checkpoints, are refused by name.
+fp32 rounding. Also: init_parallel's (dp, tp) mesh; --tp that does not divide the processes, and
+--tp with resumable checkpoints, are refused by name.
 """
 
 import functools
@@ -16,6 +16,7 @@ import torch
 from helpers import join_gloo, run_ranks
 from nemokern.data.synthetic import write_synthetic
 from nemokern.model import Llama, LlamaConfig, RewardModel
+from nemokern.parallel import init_parallel
 from nemokern.train.config import ConfigError
 from nemokern.train.loop import TrainLoop, setup_distributed, tp_group_for
 from nemokern.train.reinforce import PolicyLoss, ReinforceConfig, ReinforceTrainer, pack
@@ -82,6 +83,13 @@ def _worker(rank, world, init_file, root):
     try:
         with pytest.raises(ConfigError, match="--tp: 3 needs a multiple of 3 processes"):
             setup_distributed("cpu", 3)
+        with pytest.raises(ValueError, match=r"tp_size=3 does not divide the 4 process\(es\)"):
+            init_parallel(3)
+        mesh = init_parallel(TP)  # the layout the trainers get: (dp, tp), tp ranks consecutive
+        assert mesh.mesh_dim_names == ("dp", "tp") and tuple(mesh.mesh.shape) == (2, 2)
+        ranks = torch.distributed.get_process_group_ranks
+        assert ranks(mesh.get_group("tp")) == [rank // 2 * 2, rank // 2 * 2 + 1]
+        assert ranks(mesh.get_group("dp")) == [rank % 2, rank % 2 + 2]
         cfg = _reward_config(root, TP)
         model = RewardModel.from_pretrained(
             os.path.join(root, "reward"), tp_group=tp_group_for(cfg)
