@@ -244,7 +244,8 @@ def parse_size(size: int | str) -> int:
 
 
 def save_pretrained(model, path, *, max_shard_size: int | str = "5GB") -> None:
-    """Collective over model.tp_group when it has one: its rank 0 writes, the others gather."""
+    """Collective over model.tp_group when it has one: every rank joins the gathers, its rank 0
+    writes; the others return without waiting for the files (barrier before reading them)."""
     path = Path(path)
     writer = rank_and_size(model.tp_group)[0] == 0
     limit = parse_size(max_shard_size)
@@ -284,7 +285,11 @@ def save_pretrained(model, path, *, max_shard_size: int | str = "5GB") -> None:
     )
     for fname, shard in zip(names, shards):
         # One shard at a time on the host: a GPU model never needs all its weights in CPU memory.
-        tensors = {n: full(n).to("cpu").contiguous() for n in shard}
+        tensors = {}
+        for n in shard:  # every rank joins each gather; only the writer keeps the result
+            t = full(n)
+            if writer:
+                tensors[n] = t.to("cpu").contiguous()
         if writer:
             save_file(tensors, str(path / fname), metadata={"format": "pt"})
     if len(shards) > 1 and writer:

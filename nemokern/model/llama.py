@@ -5,9 +5,9 @@ embedding -> N x [RMSNorm -> GQA attention with llama3-scaled RoPE -> residual,
 Parameter names match HF's LlamaForCausalLM without its "model." prefix, so hf.py maps checkpoints
 one to one. With a tp_group (Megatron-style tensor parallelism) every rank holds a slice of each
 projection: q/k/v and gate/up split by output (heads), o and down by input, the embedding and the
-LM head by vocabulary; activations between blocks are replicated on all ranks.
-The numerics follow transformers (RMSNorm in fp32, cos/sin cast to the activation
-dtype) so logits match LlamaForCausalLM to rounding.
+LM head by vocabulary; activations between blocks are replicated on all ranks. The numerics
+follow transformers (RMSNorm in fp32, cos/sin cast to the activation dtype) so logits match
+LlamaForCausalLM to rounding.
 """
 
 from __future__ import annotations
@@ -95,9 +95,9 @@ def head_shards(config: LlamaConfig, tp_group) -> tuple[Shard, Shard]:
             f"num_key_value_heads={nkv} and the tensor-parallel size {tp}: one must divide the "
             "other (KV heads are split, or replicated when fewer than ranks)"
         )
-    return Shard(0, nq * d, nq // tp * d, rank, tp), Shard(
-        0, nkv * d, max(nkv // tp, 1) * d, rank, tp
-    )
+    q = Shard(0, nq * d, nq // tp * d, rank, tp)
+    kv = Shard(0, nkv * d, max(nkv // tp, 1) * d, rank, tp)
+    return q, kv
 
 
 class Attention(nn.Module):
