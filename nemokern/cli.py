@@ -69,14 +69,30 @@ def _parser():
     return parser, p
 
 
-COMMANDS = ("info", "demo", "train-reward", "score", "export-reward", "train-reinforce", "expo")
+COMMANDS = (
+    "info",
+    "demo",
+    "train-sft",
+    "train-reward",
+    "score",
+    "export-reward",
+    "train-reinforce",
+    "expo",
+)
 
 
 def _training_parsers(sub):
     from nemokern.train.config import add_config_arguments
     from nemokern.train.reinforce import ReinforceConfig
     from nemokern.train.reward import RewardConfig
+    from nemokern.train.sft import SFTConfig
 
+    p = sub.add_parser(
+        "train-sft",
+        help="supervised fine-tuning on prompt/response rows (loss on the response tokens); "
+        "OUT/final is the policy",
+    )
+    add_config_arguments(p, SFTConfig)
     p = sub.add_parser(
         "train-reward",
         help="train a reward model (SteerLM regression or Bradley-Terry); OUT/final is the model",
@@ -212,6 +228,7 @@ def _train(kind, args):
     trainer_cls, config_cls = {
         "reward": (train.RewardTrainer, train.RewardConfig),
         "reinforce": (train.ReinforceTrainer, train.ReinforceConfig),
+        "sft": (train.SFTTrainer, train.SFTConfig),
     }[kind]
     trainer = trainer_cls(build_config(config_cls, args))
     rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun, one process reports
@@ -299,6 +316,7 @@ def main(argv=None):
     run = {
         "info": lambda: _info() or 0,
         "demo": lambda: _demo(args, demo_parser),
+        "train-sft": lambda: _train("sft", args),
         "train-reward": lambda: _train("reward", args),
         "train-reinforce": lambda: _train("reinforce", args),
         "score": lambda: _score(args),

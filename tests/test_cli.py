@@ -18,7 +18,7 @@ from nemokern.train.demo import run_demo
 ROOT = Path(__file__).parents[1]
 A_FILE = str(ROOT / "README.md")
 ERRORS = {  # name: (arguments, extra environment, what stderr must say)
-    "no command": ([], {}, "choose a command: info, demo, train-reward, score"),
+    "no command": ([], {}, "choose a command: info, demo, .*train-sft, train-reward, score"),
     "unknown command": (["bogus"], {}, "invalid choice: 'bogus'"),
     "unknown option": (["demo", "--bogus"], {}, "unrecognized arguments: --bogus"),
     "k 0": (["demo", "--k", "0"], {}, r"--k 0 is not allowed; .* integer >= 1"),
@@ -48,6 +48,12 @@ ERRORS = {  # name: (arguments, extra environment, what stderr must say)
 }
 ERRORS.update(
     {
+        "train-sft without data": (["train-sft"], {}, "--data: a training data file is required"),
+        "train-sft bad max-length": (
+            ["train-sft", "--data", A_FILE, "--max-length", "x"],
+            {},
+            "argument --max-length: invalid int value",
+        ),
         "train-reward without data": (
             ["train-reward"],
             {},

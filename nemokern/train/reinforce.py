@@ -337,8 +337,22 @@ class RolloutLoop(TrainLoop):
 
 
 # ---- the trainer ---------------------------------------------------------------------------------
-def build_policy(config: ReinforceConfig, tokenizer) -> Llama:
-    if config.policy == "tiny":
+def export_policy(loop: TrainLoop, policy: Llama, tokenizer) -> None:
+    """OUT/final on rank 0: the policy in HF layout, with an HF tokenizer's files."""
+    if loop.dist.rank == 0:
+        final = Path(loop.config.out) / "final"
+        policy.save_pretrained(final)
+        if isinstance(tokenizer, HFTokenizer):
+            tokenizer.tok.save_pretrained(final)
+    if loop.dist.active:
+        torch.distributed.barrier()
+
+
+def build_policy(config: TrainConfig, tokenizer, field: str = "policy") -> Llama:
+    """The Llama `config.<field>` names: an HF directory, or 'tiny' (random, seeded by
+    config.seed, sized for `tokenizer`)."""
+    name = getattr(config, field)
+    if name == "tiny":
         torch.manual_seed(config.seed)
         return Llama(
             LlamaConfig.tiny(
@@ -347,9 +361,9 @@ def build_policy(config: ReinforceConfig, tokenizer) -> Llama:
                 eos_token_id=list(tokenizer.eos_ids),
             )
         )
-    if not Path(config.policy).is_dir():
-        raise option_error("policy", f"{config.policy} is not a directory (nor 'tiny')")
-    return Llama.from_pretrained(config.policy, dtype=torch.float32)
+    if not Path(name).is_dir():
+        raise option_error(field, f"{name} is not a directory (nor 'tiny')")
+    return Llama.from_pretrained(name, dtype=torch.float32)
 
 
 class ReinforceTrainer:
@@ -634,12 +648,6 @@ class ReinforceTrainer:
         for module in filter(None, (self.reference, self.reward_model)):
             module.to(placement)
         history = self.loop.fit()
-        if self.loop.dist.rank == 0:
-            final = Path(cfg.out) / "final"
-            self.policy.save_pretrained(final)
-            if isinstance(self.tokenizer, HFTokenizer):
-                self.tokenizer.tok.save_pretrained(final)
-        if self.loop.dist.active:
-            torch.distributed.barrier()
+        export_policy(self.loop, self.policy, self.tokenizer)
         self.seconds = time.perf_counter() - start
         return history
