@@ -18,7 +18,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser():
-    from nemokern.train import demo
+    from nemokern.train import selfcheck
 
     parser = _Parser(prog="nemokern", description="Fused RLHF kernels and a minimal Llama-3.1.")
     parser.add_argument("--version", action="version", version=f"nemokern {nemokern.__version__}")
@@ -29,32 +29,34 @@ def _parser():
         "info", help="print versions, the extension's parts and the back ends that would be used"
     )
     p = sub.add_parser(
-        "demo", help="the embedded default job: rollout + scoring with a tiny built-in Llama"
+        "selfcheck",
+        help="one rollout-and-score pass of a tiny built-in Llama, each fused path checked "
+        "against its plain counterpart",
     )
     p.add_argument(
         "--seed",
         type=int,
-        default=demo.DEFAULT_SEED,
+        default=selfcheck.DEFAULT_SEED,
         metavar="N",
         help="random seed, >= 0 (default: %(default)s)",
     )
     p.add_argument(
         "--k",
         type=int,
-        default=demo.DEFAULT_K,
+        default=selfcheck.DEFAULT_K,
         metavar="N",
         help="responses sampled per prompt; RLOO needs >= 2 (default: %(default)s)",
     )
     p.add_argument(
         "--max-new-tokens",
         type=int,
-        default=demo.DEFAULT_MAX_NEW_TOKENS,
+        default=selfcheck.DEFAULT_MAX_NEW_TOKENS,
         metavar="N",
         help="longest response in tokens, >= 1 (default: %(default)s)",
     )
     p.add_argument(
         "--device",
-        default=demo.DEFAULT_DEVICE,
+        default=selfcheck.DEFAULT_DEVICE,
         help="cpu, cuda or cuda:N (default: %(default)s)",
     )
     p.add_argument(
@@ -65,13 +67,14 @@ def _parser():
         help="keep the tiny model's HF checkpoint in this directory (default: a temporary "
         "directory, deleted at the end)",
     )
+    commands = {"selfcheck": p}
     _training_parsers(sub)
-    return parser, p
+    return parser, commands
 
 
 COMMANDS = (
     "info",
-    "demo",
+    "selfcheck",
     "train-sft",
     "train-reward",
     "score",
@@ -191,9 +194,15 @@ def _info():
     )
 
 
-def _demo(args, parser):
-    from nemokern.train.demo import check_options, run_demo
+def _option_error(parser, e):
+    """Exit with one line naming the command-line flag of an options.OptionError."""
+    flag = next(a.option_strings[0] for a in parser._actions if a.dest == e.option)
+    parser.error(f"{flag} {e.message}")
+
+
+def _selfcheck(args, parser):
     from nemokern.train.options import OptionError
+    from nemokern.train.selfcheck import check_options, run_selfcheck
 
     kwargs = dict(
         seed=args.seed,
@@ -205,12 +214,11 @@ def _demo(args, parser):
     try:
         check_options(**kwargs)
     except OptionError as e:
-        flag = next(a.option_strings[0] for a in parser._actions if a.dest == e.option)
-        parser.error(f"{flag} {e.message}")
-    res = run_demo(**kwargs)
+        _option_error(parser, e)
+    res = run_selfcheck(**kwargs)
     worst = max(res.checks.values())
     print(
-        f"demo finished in {res.seconds:.1f} s; largest check error {worst:.1e} "
+        f"selfcheck finished in {res.seconds:.1f} s; largest check error {worst:.1e} "
         f"({'OK' if worst < 1e-4 else 'MISMATCH'})"
     )
     return 0 if worst < 1e-4 else 1
@@ -305,7 +313,7 @@ def _expo(args):
 
 
 def main(argv=None):
-    parser, demo_parser = _parser()
+    parser, commands = _parser()
     args = parser.parse_args(argv)
     if args.cmd is None:
         parser.error(f"choose a command: {', '.join(COMMANDS)}")
@@ -315,7 +323,7 @@ def main(argv=None):
         parser.exit(2, f"nemokern: error: {e}\n")
     run = {
         "info": lambda: _info() or 0,
-        "demo": lambda: _demo(args, demo_parser),
+        "selfcheck": lambda: _selfcheck(args, commands["selfcheck"]),
         "train-sft": lambda: _train("sft", args),
         "train-reward": lambda: _train("reward", args),
         "train-reinforce": lambda: _train("reinforce", args),
@@ -326,7 +334,11 @@ def main(argv=None):
     try:
         return run()
     except USER_ERRORS as e:
-        if args.cmd in ("info", "demo"):  # their options are checked before any work: a bug
+        if args.cmd in (
+            "info",
+            "demo",
+            "selfcheck",
+        ):  # their options are checked before any work: a bug
             raise
         parser.exit(2, f"nemokern {args.cmd}: error: {e}\n")
     except BrokenPipeError:  # the reader went away (`nemokern demo | head`): stop quietly

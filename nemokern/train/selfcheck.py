@@ -1,11 +1,12 @@
-"""The embedded default job (`nemokern demo`): one RLOO-style rollout-and-score pass of a tiny
-built-in Llama-3.1 on CPU or GPU, with nothing downloaded.
+"""`nemokern selfcheck`: one RLOO-style rollout-and-score pass of a tiny built-in Llama-3.1 on CPU
+or GPU, with nothing downloaded.
 
 It exercises every layer of the package and checks each against its plain counterpart:
 HF-layout save/load, packed forward vs per-sequence forward, KV-cache sampling of k responses per
 prompt, fused log-probs from hidden states vs log_softmax of the logits, sequence KL to a
 reference policy, the reward head on the last token, and the leave-one-out advantage.
-`check_options` validates every argument before any work; the CLI calls it first.
+`check_options` validates every argument before any work; the CLI calls it first. (The recipe
+itself, trained end to end, is `nemokern demo`: train/demo.py.)
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ PROMPTS = (
 )
 
 
-# The defaults of run_demo and of `nemokern demo` (the CLI reads them from here).
+# The defaults of run_selfcheck and of `nemokern selfcheck` (the CLI reads them from here).
 DEFAULT_SEED, DEFAULT_K, DEFAULT_MAX_NEW_TOKENS, DEFAULT_DEVICE = 0, 4, 96, "cpu"
 
 
@@ -47,7 +48,8 @@ def _setup():
 
 
 def check_options(*, seed, k, max_new_tokens, device, out_dir) -> list[str]:
-    """Raise options.OptionError for an argument run_demo cannot run with; return warnings."""
+    """Raise options.OptionError for an argument run_selfcheck cannot run with; return
+    warnings."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise options.OptionError("seed", f"{seed!r} is not allowed; use an integer in [0, 2**63)")
     options.int_at_least("k", k, 1, "the number of responses sampled per prompt")
@@ -69,7 +71,7 @@ def check_options(*, seed, k, max_new_tokens, device, out_dir) -> list[str]:
 
 
 @dataclass
-class DemoResult:
+class SelfcheckResult:
     checks: dict[str, float] = field(default_factory=dict)  # name -> max abs error
     rewards: list[float] = field(default_factory=list)
     kl: list[float] = field(default_factory=list)
@@ -77,7 +79,7 @@ class DemoResult:
     seconds: float = 0.0
 
 
-def run_demo(
+def run_selfcheck(
     *,
     seed: int = DEFAULT_SEED,
     k: int = DEFAULT_K,
@@ -85,15 +87,15 @@ def run_demo(
     device: str = DEFAULT_DEVICE,
     out_dir: str | None = None,
     log=print,
-) -> DemoResult:
-    """Run the demo; every check's error lands in DemoResult.checks. Bad arguments raise
+) -> SelfcheckResult:
+    """Run the checks; every check's error lands in SelfcheckResult.checks. Bad arguments raise
     options.OptionError before any work; warnings (k = 1) go to `log`."""
     for warning in check_options(
         seed=seed, k=k, max_new_tokens=max_new_tokens, device=device, out_dir=out_dir
     ):
         log(f"warning: {warning}")
     t0 = time.perf_counter()
-    res = DemoResult()
+    res = SelfcheckResult()
     torch.manual_seed(seed)
     tok, cfg, prompts = _setup()
     policy = Llama(cfg).to(device).eval()
