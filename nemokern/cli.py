@@ -17,8 +17,21 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
 
 
+def _device_and_out(p, default_device, kept):
+    p.add_argument(
+        "--device", default=default_device, help="cpu, cuda or cuda:N (default: %(default)s)"
+    )
+    p.add_argument(
+        "--out",
+        dest="out_dir",
+        default=None,
+        metavar="DIR",
+        help=f"{kept} in this directory (default: a temporary directory, deleted at the end)",
+    )
+
+
 def _parser():
-    from nemokern.train import selfcheck
+    from nemokern.train import demo, selfcheck
 
     parser = _Parser(prog="nemokern", description="Fused RLHF kernels and a minimal Llama-3.1.")
     parser.add_argument("--version", action="version", version=f"nemokern {nemokern.__version__}")
@@ -28,6 +41,29 @@ def _parser():
     sub.add_parser(
         "info", help="print versions, the extension's parts and the back ends that would be used"
     )
+    p = sub.add_parser(
+        "demo",
+        help="the whole recipe on a small-sums task with a tiny Llama, on the CPU in minutes: SFT, "
+        "reward model (regression, scaled BT), REINFORCE (RLOO), ExPO",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=demo.DEFAULT_SEED,
+        metavar="N",
+        help="random seed of the data, models and sampling (default: %(default)s)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a sub-minute smoke run with small stages (default: off)",
+    )
+    _device_and_out(
+        p,
+        demo.DEFAULT_DEVICE,
+        "keep the data, checkpoints (HF layout), metrics.jsonl per stage, summary.json and plots",
+    )
+    commands = {"demo": p}
     p = sub.add_parser(
         "selfcheck",
         help="one rollout-and-score pass of a tiny built-in Llama, each fused path checked "
@@ -54,26 +90,15 @@ def _parser():
         metavar="N",
         help="longest response in tokens, >= 1 (default: %(default)s)",
     )
-    p.add_argument(
-        "--device",
-        default=selfcheck.DEFAULT_DEVICE,
-        help="cpu, cuda or cuda:N (default: %(default)s)",
-    )
-    p.add_argument(
-        "--out",
-        dest="out_dir",
-        default=None,
-        metavar="DIR",
-        help="keep the tiny model's HF checkpoint in this directory (default: a temporary "
-        "directory, deleted at the end)",
-    )
-    commands = {"selfcheck": p}
+    _device_and_out(p, selfcheck.DEFAULT_DEVICE, "keep the tiny model's HF checkpoint")
+    commands["selfcheck"] = p
     _training_parsers(sub)
     return parser, commands
 
 
 COMMANDS = (
     "info",
+    "demo",
     "selfcheck",
     "train-sft",
     "train-reward",
@@ -200,6 +225,19 @@ def _option_error(parser, e):
     parser.error(f"{flag} {e.message}")
 
 
+def _demo(args, parser):
+    from nemokern.train.demo import check_options, run_demo
+    from nemokern.train.options import OptionError
+
+    kwargs = dict(seed=args.seed, quick=args.quick, device=args.device, out_dir=args.out_dir)
+    try:
+        check_options(**kwargs)
+    except OptionError as e:
+        _option_error(parser, e)
+    run_demo(**kwargs)
+    return 0
+
+
 def _selfcheck(args, parser):
     from nemokern.train.options import OptionError
     from nemokern.train.selfcheck import check_options, run_selfcheck
@@ -323,6 +361,7 @@ def main(argv=None):
         parser.exit(2, f"nemokern: error: {e}\n")
     run = {
         "info": lambda: _info() or 0,
+        "demo": lambda: _demo(args, commands["demo"]),
         "selfcheck": lambda: _selfcheck(args, commands["selfcheck"]),
         "train-sft": lambda: _train("sft", args),
         "train-reward": lambda: _train("reward", args),

@@ -13,6 +13,7 @@ import torch
 
 import nemokern
 from nemokern.cli import _parser, main
+from nemokern.train.demo import run_demo
 from nemokern.train.selfcheck import run_selfcheck
 
 ROOT = Path(__file__).parents[1]
@@ -39,6 +40,10 @@ ERRORS = {  # name: (arguments, extra environment, what stderr must say)
         {},
         "--out .* is not a directory",
     ),
+    "demo seed -1": (["demo", "--seed", "-1"], {}, r"--seed -1 is not allowed"),
+    "demo device tpu": (["demo", "--device", "tpu"], {}, "--device 'tpu' is not a device"),
+    "demo out is a file": (["demo", "--out", A_FILE], {}, "--out .* exists and is not a dir"),
+    "demo quick takes no value": (["demo", "--quick=1"], {}, "ignored explicit argument"),
     "bad NEMOKERN_BACKEND": (
         ["info"],
         {"NEMOKERN_BACKEND": "cuda"},
@@ -147,10 +152,11 @@ def test_k_1_warns_that_rloo_needs_2(capsys):
     assert "RLOO needs k >= 2" in capsys.readouterr().out
 
 
-def test_every_option_has_help_and_the_python_defaults():
+@pytest.mark.parametrize("command, fn", [("selfcheck", run_selfcheck), ("demo", run_demo)])
+def test_every_option_has_help_and_the_python_defaults(command, fn):
     _, commands = _parser()
-    defaults = {k: p.default for k, p in inspect.signature(run_selfcheck).parameters.items()}
-    for action in commands["selfcheck"]._actions:
+    defaults = {k: p.default for k, p in inspect.signature(fn).parameters.items()}
+    for action in commands[command]._actions:
         if action.dest == "help":
             continue
         assert "default" in (action.help or ""), action.dest
