@@ -106,6 +106,7 @@ COMMANDS = (
     "export-reward",
     "train-reinforce",
     "expo",
+    "bench",
 )
 
 
@@ -189,6 +190,25 @@ def _training_parsers(sub):
     p.add_argument(
         "--max-shard-size", default="5GB", help="largest output shard (default: %(default)s)"
     )
+    p = sub.add_parser(
+        "bench",
+        help="run the kernel benchmarks of a source checkout on this device: markdown table, "
+        "PNG plots (time, peak memory vs vocabulary and tokens)",
+    )
+    p.add_argument(
+        "--out",
+        default="bench-results",
+        metavar="DIR",
+        help="writes bench.json, bench.md and plots/ here (default: %(default)s)",
+    )
+    p.add_argument("--quick", action="store_true", help="the smallest sizes only (default: off)")
+    p.add_argument(
+        "--bench-dir",
+        default=None,
+        metavar="DIR",
+        help="the checkout's bench/ directory (default: the one next to this nemokern package)",
+    )
+    p.add_argument("-k", dest="select", default=None, help="pytest -k expression (default: all)")
 
 
 def _info():
@@ -350,6 +370,58 @@ def _expo(args):
     return 0
 
 
+def _bench(args):
+    import subprocess
+    from pathlib import Path
+
+    import torch
+
+    root = Path(nemokern.__file__).resolve().parents[1]
+    bench = Path(args.bench_dir) if args.bench_dir else root / "bench"
+    sweep = bench / "test_bench_sweep.py"
+    if not sweep.is_file():
+        raise FileNotFoundError(
+            f"--bench-dir {bench}: no test_bench_sweep.py there; `nemokern bench` runs the "
+            "benchmarks of a source checkout (clone the repository and `pip install -e .` in it, "
+            "or pass --bench-dir CHECKOUT/bench)"
+        )
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    gpu = torch.cuda.is_available()
+    files = [str(sweep)] + ([str(bench / "test_bench_ceilings.py")] if gpu else [])
+    cmd = [sys.executable, "-m", "pytest", *files, "--benchmark-enable", "-q"]
+    cmd += ["-p", "no:cacheprovider", f"--benchmark-json={out / 'bench.json'}"]
+    cmd += ["-m", "gpu" if gpu else "not gpu", "--sweep", "quick" if args.quick else "full"]
+    cmd += ["-k", args.select] if args.select else []
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
+    )
+    print(f"running {' '.join(cmd[1:])} in {bench.parent}", flush=True)
+    code = subprocess.run(cmd, cwd=bench.parent, env=env).returncode
+    if code != 0:
+        print(f"nemokern bench: pytest exited with status {code}", file=sys.stderr)
+        return code
+    report = subprocess.run(
+        [
+            sys.executable,
+            str(bench / "report.py"),
+            "--plots",
+            str(out / "plots"),
+            str(out / "bench.json"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    (out / "bench.md").write_text(report.stdout)
+    print(report.stdout + report.stderr, end="")
+    print(
+        f"wrote {out / 'bench.md'}, {out / 'bench.json'}"
+        + (", plots/" if "![" in report.stdout else "")
+    )
+    return 0
+
+
 def main(argv=None):
     parser, commands = _parser()
     args = parser.parse_args(argv)
@@ -369,6 +441,7 @@ def main(argv=None):
         "score": lambda: _score(args),
         "export-reward": lambda: _export_reward(args),
         "expo": lambda: _expo(args),
+        "bench": lambda: _bench(args),
     }[args.cmd]
     try:
         return run()

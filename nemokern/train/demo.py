@@ -374,8 +374,8 @@ def write_plots(out: Path, log) -> list[str]:
 
     curves = {
         "sft": ("loss",),
-        "rm_regression": ("loss",),
-        "rm_scaled_bt": ("loss", "accuracy"),
+        "rm_regression": ("loss", "eval_accuracy"),
+        "rm_scaled_bt": ("loss", "eval_accuracy"),
         "reinforce": ("reward_mean", "kl_mean"),
     }
     (out / "plots").mkdir(exist_ok=True)
@@ -384,9 +384,10 @@ def write_plots(out: Path, log) -> list[str]:
         records = read_metrics(out / stage / METRICS_FILE)
         fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.2), squeeze=False)
         for ax, key in zip(axes[0], keys):
-            ax.plot([r["step"] for r in records], [r[key] for r in records])
+            points = [(r["step"], r[key]) for r in records if key in r]
+            ax.plot(*zip(*points), marker="o" if len(points) < 20 else None)
             ax.set_xlabel("step")
-            ax.set_title(f"{stage}: {key}")
+            ax.set_title(f"{stage}: {'held-out pair accuracy' if key == 'eval_accuracy' else key}")
         fig.tight_layout()
         path = out / "plots" / f"{stage}.png"
         fig.savefig(path, dpi=100)
