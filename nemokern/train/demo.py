@@ -100,7 +100,7 @@ def write_data(root: Path, sizes: Sizes, seed: int) -> dict[str, str]:
     d.mkdir(parents=True, exist_ok=True)
     task = dict(max_a=MAX_A, max_b=MAX_B)
     files = {
-        "sft": (sum_rows(sizes.sft_rows, "sft", seed=seed * 8 + 1, correct=SFT_CORRECT, **task)),
+        "sft": sum_rows(sizes.sft_rows, "sft", seed=seed * 8 + 1, correct=SFT_CORRECT, **task),
         "rm_regression": sum_rows(sizes.rm_rows, "helpsteer2", seed=seed * 8 + 2, **task),
         "rm_pairs": sum_rows(sizes.rm_pairs, "hs2-preference", seed=seed * 8 + 3, **task),
         "rm_heldout": sum_rows(sizes.heldout_pairs, "pairs", seed=seed * 8 + 4, **task),
@@ -223,7 +223,9 @@ def _run(seed, sizes: Sizes, device, out: Path, log, keep) -> dict:
     rm_common = dict(
         rows_per_batch=16,
         warmup_steps=5,
-        lr=3e-3,
+        lr=1e-3,
+        schedule="cosine",
+        min_lr=1e-4,
         eval_data=data["rm_heldout"],
         eval_every=sizes.rm_eval_every,
         **common,
@@ -245,7 +247,7 @@ def _run(seed, sizes: Sizes, device, out: Path, log, keep) -> dict:
             loss="scaled-bt",
             init=str(out / "rm_regression" / "final"),
             out=str(out / "rm_scaled_bt"),
-            **rm_common | {"lr": 1.5e-3},
+            **rm_common | {"lr": 5e-4, "min_lr": 5e-5},
         ),
         tokenizer=tok,
     ).fit()
