@@ -11,3 +11,12 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 # tests/helpers.py: the peak-memory measurement the benchmarks share with the tests
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--sweep",
+        default="full",
+        choices=("full", "quick"),
+        help="sizes of bench/test_bench_sweep.py: full, or quick (the smallest, a smoke run)",
+    )

@@ -1,6 +1,9 @@
-"""Turn pytest-benchmark JSON files into a markdown table.
+"""Turn pytest-benchmark JSON files into a markdown table (and, for the sweep of
+test_bench_sweep.py, a table per axis and PNG plots: time and peak memory against the vocabulary
+size and the token count, one line per implementation; plots need matplotlib).
 
     python bench/report.py bench/results/<run>.json [...] > bench/results/<run>.md
+    python bench/report.py --plots DIR <run>.json [...]      # also writes DIR/sweep-{V,N}.png
 
 Convention: a benchmark may put in extra_info `bytes` (bytes it must move) or `flops` (FLOPs it
 must do), `peak_extra_bytes` (bench/_memory.py) and `device`. The ceiling benchmarks
@@ -8,6 +11,7 @@ must do), `peak_extra_bytes` (bench/_memory.py) and `device`. The ceiling benchm
 """
 
 import json
+import os
 import sys
 
 
@@ -34,6 +38,25 @@ def fmt_rate(x, unit):
     return f"{x / 1e12:.2f} T{unit}/s" if x >= 1e12 else f"{x / 1e9:.2f} G{unit}/s"
 
 
+def rate_and_fraction(r, roof):
+    """(rate, fraction of the roofline) of one benchmark as text ("" where unknown)."""
+    info, med = r.get("extra_info", {}), r["stats"]["median"]
+    for kind, unit in (("flops", "FLOP"), ("bytes", "B")):
+        if kind in info:
+            frac = ""
+            if kind in roof and not info.get("ceiling"):
+                frac = f"{info[kind] / med / roof[kind]:.0%}"
+            return fmt_rate(info[kind] / med, unit), frac
+    if "tokens" in info:
+        return f"{info['tokens'] / med / 1e3:.1f} k tokens/s", ""
+    return "", ""
+
+
+def _mib(info):
+    mem = info.get("peak_extra_bytes")
+    return f"{mem / 2**20:.1f}" if mem is not None else ""
+
+
 def table(rows):
     roof = ceilings(rows)
     lines = [
@@ -42,24 +65,103 @@ def table(rows):
     ]
     for r in sorted(rows, key=lambda r: (r.get("group") or "", r["name"])):
         info, med = r.get("extra_info", {}), r["stats"]["median"]
-        rate = frac = ""
-        for kind, unit in (("flops", "FLOP"), ("bytes", "B")):
-            if kind in info:
-                rate = fmt_rate(info[kind] / med, unit)
-                if kind in roof and not info.get("ceiling"):
-                    frac = f"{info[kind] / med / roof[kind]:.0%}"
-                break
-        if not rate and "tokens" in info:
-            rate = f"{info['tokens'] / med / 1e3:.1f} k tokens/s"
-        mem = info.get("peak_extra_bytes")
-        mem = f"{mem / 2**20:.1f}" if mem is not None else ""
+        rate, frac = rate_and_fraction(r, roof)
+        mem = _mib(info)
         lines.append(
             f"| {r.get('group') or ''} | {r['name']} | {med * 1e3:.3f} | {rate} | {frac} | {mem} |"
         )
     return "\n".join(lines)
 
 
+AXES = {"V": "vocabulary size V", "N": "tokens N"}
+
+
+def sweep(rows):
+    """{axis: {impl: [(x, median s, peak extra MiB or None, row)] sorted by x}} of the sweep."""
+    out = {}
+    for r in rows:
+        s = r.get("extra_info", {}).get("sweep")
+        if s:
+            mem = r["extra_info"].get("peak_extra_bytes")
+            point = (s[s["axis"]], r["stats"]["median"], None if mem is None else mem / 2**20, r)
+            out.setdefault(s["axis"], {}).setdefault(s["impl"], []).append(point)
+    for impls in out.values():
+        for points in impls.values():
+            points.sort(key=lambda p: p[0])
+    return out
+
+
+def sweep_tables(rows):
+    """One markdown table per sweep axis: a row per size, median ms / peak MiB per impl."""
+    roof, lines = ceilings(rows), []
+    for axis, impls in sorted(sweep(rows).items(), reverse=True):
+        first = next(iter(impls.values()))[0][3]["extra_info"]["sweep"]
+        fixed = {k: v for k, v in first.items() if k in ("N", "H", "V") and k != axis}
+        names = sorted(impls)
+        lines += [
+            f"\nlinear_logprobs fwd+bwd against {AXES[axis]} "
+            f"({', '.join(f'{k}={v}' for k, v in fixed.items())}): median ms, peak extra MiB"
+            + (", fraction of the bf16 matmul roofline" if "flops" in roof else ""),
+            "",
+            f"| {axis} | " + " | ".join(names) + " |",
+            "|---:|" + "---:|" * len(names),
+        ]
+        xs = sorted({p[0] for points in impls.values() for p in points})
+        for x in xs:
+            cells = []
+            for name in names:
+                p = next((p for p in impls[name] if p[0] == x), None)
+                if p is None:
+                    cells.append("")
+                    continue
+                frac = rate_and_fraction(p[3], roof)[1]
+                mem = "" if p[2] is None else f", {p[2]:.1f} MiB"
+                cells.append(f"{p[1] * 1e3:.2f} ms{mem}" + (f", {frac}" if frac else ""))
+            lines.append(f"| {x} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plots(rows, directory):
+    """DIR/sweep-<axis>.png: time and peak memory against the axis, one line per implementation.
+    Returns the files written; [] when matplotlib is missing or there is no sweep."""
+    data = sweep(rows)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plots skipped: matplotlib is not installed", file=sys.stderr)
+        return []
+    os.makedirs(directory, exist_ok=True)
+    written = []
+    for axis, impls in data.items():
+        fig, (t_ax, m_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+        for name, points in sorted(impls.items()):
+            xs = [p[0] for p in points]
+            t_ax.plot(xs, [p[1] * 1e3 for p in points], marker="o", label=name)
+            if all(p[2] is not None for p in points):
+                m_ax.plot(xs, [p[2] for p in points], marker="o", label=name)
+        for ax, what in ((t_ax, "median time (ms)"), (m_ax, "peak extra memory (MiB)")):
+            ax.set_xlabel(AXES[axis])
+            ax.set_ylabel(what)
+            ax.set_xscale("log", base=2)
+            ax.grid(alpha=0.3)
+            ax.legend()
+        device = next(iter(impls.values()))[0][3]["extra_info"].get("device", "")
+        fig.suptitle(f"linear_logprobs forward + backward, {device}")
+        fig.tight_layout()
+        path = os.path.join(directory, f"sweep-{axis}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
 def main(paths):
+    plot_dir = None
+    if paths[:1] == ["--plots"]:
+        plot_dir, paths = paths[1], paths[2:]
     rows, machine = load(paths)
     cpu = machine.get("cpu", {}).get("brand_raw", "")
     devices = sorted({r.get("extra_info", {}).get("device", "") for r in rows} - {""})
@@ -68,6 +170,11 @@ def main(paths):
         f"{machine.get('python_version', '')}\n"
     )
     print(table(rows))
+    if sweep(rows):
+        print(sweep_tables(rows))
+    if plot_dir is not None:
+        for path in plots(rows, plot_dir):
+            print(f"\n![{os.path.basename(path)}]({os.path.relpath(path, plot_dir)})")
 
 
 if __name__ == "__main__":

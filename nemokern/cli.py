@@ -17,8 +17,21 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
 
 
+def _device_and_out(p, default_device, kept):
+    p.add_argument(
+        "--device", default=default_device, help="cpu, cuda or cuda:N (default: %(default)s)"
+    )
+    p.add_argument(
+        "--out",
+        dest="out_dir",
+        default=None,
+        metavar="DIR",
+        help=f"{kept} in this directory (default: a temporary directory, deleted at the end)",
+    )
+
+
 def _parser():
-    from nemokern.train import demo
+    from nemokern.train import demo, selfcheck
 
     parser = _Parser(prog="nemokern", description="Fused RLHF kernels and a minimal Llama-3.1.")
     parser.add_argument("--version", action="version", version=f"nemokern {nemokern.__version__}")
@@ -29,54 +42,86 @@ def _parser():
         "info", help="print versions, the extension's parts and the back ends that would be used"
     )
     p = sub.add_parser(
-        "demo", help="the embedded default job: rollout + scoring with a tiny built-in Llama"
+        "demo",
+        help="the whole recipe on a small-sums task with a tiny Llama, on the CPU in minutes: SFT, "
+        "reward model (regression, scaled BT), REINFORCE (RLOO), ExPO",
     )
     p.add_argument(
         "--seed",
         type=int,
         default=demo.DEFAULT_SEED,
         metavar="N",
+        help="random seed of the data, models and sampling (default: %(default)s)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a sub-minute smoke run with small stages (default: off)",
+    )
+    _device_and_out(
+        p,
+        demo.DEFAULT_DEVICE,
+        "keep the data, checkpoints (HF layout), metrics.jsonl per stage, summary.json and plots",
+    )
+    commands = {"demo": p}
+    p = sub.add_parser(
+        "selfcheck",
+        help="one rollout-and-score pass of a tiny built-in Llama, each fused path checked "
+        "against its plain counterpart",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=selfcheck.DEFAULT_SEED,
+        metavar="N",
         help="random seed, >= 0 (default: %(default)s)",
     )
     p.add_argument(
         "--k",
         type=int,
-        default=demo.DEFAULT_K,
+        default=selfcheck.DEFAULT_K,
         metavar="N",
         help="responses sampled per prompt; RLOO needs >= 2 (default: %(default)s)",
     )
     p.add_argument(
         "--max-new-tokens",
         type=int,
-        default=demo.DEFAULT_MAX_NEW_TOKENS,
+        default=selfcheck.DEFAULT_MAX_NEW_TOKENS,
         metavar="N",
         help="longest response in tokens, >= 1 (default: %(default)s)",
     )
-    p.add_argument(
-        "--device",
-        default=demo.DEFAULT_DEVICE,
-        help="cpu, cuda or cuda:N (default: %(default)s)",
-    )
-    p.add_argument(
-        "--out",
-        dest="out_dir",
-        default=None,
-        metavar="DIR",
-        help="keep the tiny model's HF checkpoint in this directory (default: a temporary "
-        "directory, deleted at the end)",
-    )
+    _device_and_out(p, selfcheck.DEFAULT_DEVICE, "keep the tiny model's HF checkpoint")
+    commands["selfcheck"] = p
     _training_parsers(sub)
-    return parser, p
+    return parser, commands
 
 
-COMMANDS = ("info", "demo", "train-reward", "score", "export-reward", "train-reinforce", "expo")
+COMMANDS = (
+    "info",
+    "demo",
+    "selfcheck",
+    "train-sft",
+    "train-reward",
+    "score",
+    "export-reward",
+    "train-reinforce",
+    "expo",
+    "bench",
+)
 
 
 def _training_parsers(sub):
     from nemokern.train.config import add_config_arguments
     from nemokern.train.reinforce import ReinforceConfig
     from nemokern.train.reward import RewardConfig
+    from nemokern.train.sft import SFTConfig
 
+    p = sub.add_parser(
+        "train-sft",
+        help="supervised fine-tuning on prompt/response rows (loss on the response tokens); "
+        "OUT/final is the policy",
+    )
+    add_config_arguments(p, SFTConfig)
     p = sub.add_parser(
         "train-reward",
         help="train a reward model (SteerLM regression or Bradley-Terry); OUT/final is the model",
@@ -145,6 +190,25 @@ def _training_parsers(sub):
     p.add_argument(
         "--max-shard-size", default="5GB", help="largest output shard (default: %(default)s)"
     )
+    p = sub.add_parser(
+        "bench",
+        help="run the kernel benchmarks of a source checkout on this device: markdown table, "
+        "PNG plots (time, peak memory vs vocabulary and tokens)",
+    )
+    p.add_argument(
+        "--out",
+        default="bench-results",
+        metavar="DIR",
+        help="writes bench.json, bench.md and plots/ here (default: %(default)s)",
+    )
+    p.add_argument("--quick", action="store_true", help="the smallest sizes only (default: off)")
+    p.add_argument(
+        "--bench-dir",
+        default=None,
+        metavar="DIR",
+        help="the checkout's bench/ directory (default: the one next to this nemokern package)",
+    )
+    p.add_argument("-k", dest="select", default=None, help="pytest -k expression (default: all)")
 
 
 def _info():
@@ -175,9 +239,28 @@ def _info():
     )
 
 
+def _option_error(parser, e):
+    """Exit with one line naming the command-line flag of an options.OptionError."""
+    flag = next(a.option_strings[0] for a in parser._actions if a.dest == e.option)
+    parser.error(f"{flag} {e.message}")
+
+
 def _demo(args, parser):
     from nemokern.train.demo import check_options, run_demo
     from nemokern.train.options import OptionError
+
+    kwargs = dict(seed=args.seed, quick=args.quick, device=args.device, out_dir=args.out_dir)
+    try:
+        check_options(**kwargs)
+    except OptionError as e:
+        _option_error(parser, e)
+    run_demo(**kwargs)
+    return 0
+
+
+def _selfcheck(args, parser):
+    from nemokern.train.options import OptionError
+    from nemokern.train.selfcheck import check_options, run_selfcheck
 
     kwargs = dict(
         seed=args.seed,
@@ -189,12 +272,11 @@ def _demo(args, parser):
     try:
         check_options(**kwargs)
     except OptionError as e:
-        flag = next(a.option_strings[0] for a in parser._actions if a.dest == e.option)
-        parser.error(f"{flag} {e.message}")
-    res = run_demo(**kwargs)
+        _option_error(parser, e)
+    res = run_selfcheck(**kwargs)
     worst = max(res.checks.values())
     print(
-        f"demo finished in {res.seconds:.1f} s; largest check error {worst:.1e} "
+        f"selfcheck finished in {res.seconds:.1f} s; largest check error {worst:.1e} "
         f"({'OK' if worst < 1e-4 else 'MISMATCH'})"
     )
     return 0 if worst < 1e-4 else 1
@@ -212,6 +294,7 @@ def _train(kind, args):
     trainer_cls, config_cls = {
         "reward": (train.RewardTrainer, train.RewardConfig),
         "reinforce": (train.ReinforceTrainer, train.ReinforceConfig),
+        "sft": (train.SFTTrainer, train.SFTConfig),
     }[kind]
     trainer = trainer_cls(build_config(config_cls, args))
     rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun, one process reports
@@ -287,8 +370,60 @@ def _expo(args):
     return 0
 
 
+def _bench(args):
+    import subprocess
+    from pathlib import Path
+
+    import torch
+
+    root = Path(nemokern.__file__).resolve().parents[1]
+    bench = Path(args.bench_dir) if args.bench_dir else root / "bench"
+    sweep = bench / "test_bench_sweep.py"
+    if not sweep.is_file():
+        raise FileNotFoundError(
+            f"--bench-dir {bench}: no test_bench_sweep.py there; `nemokern bench` runs the "
+            "benchmarks of a source checkout (clone the repository and `pip install -e .` in it, "
+            "or pass --bench-dir CHECKOUT/bench)"
+        )
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    gpu = torch.cuda.is_available()
+    files = [str(sweep)] + ([str(bench / "test_bench_ceilings.py")] if gpu else [])
+    cmd = [sys.executable, "-m", "pytest", *files, "--benchmark-enable", "-q"]
+    cmd += ["-p", "no:cacheprovider", f"--benchmark-json={out / 'bench.json'}"]
+    cmd += ["-m", "gpu" if gpu else "not gpu", "--sweep", "quick" if args.quick else "full"]
+    cmd += ["-k", args.select] if args.select else []
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
+    )
+    print(f"running {' '.join(cmd[1:])} in {bench.parent}", flush=True)
+    code = subprocess.run(cmd, cwd=bench.parent, env=env).returncode
+    if code != 0:
+        print(f"nemokern bench: pytest exited with status {code}", file=sys.stderr)
+        return code
+    report = subprocess.run(
+        [
+            sys.executable,
+            str(bench / "report.py"),
+            "--plots",
+            str(out / "plots"),
+            str(out / "bench.json"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    (out / "bench.md").write_text(report.stdout)
+    print(report.stdout + report.stderr, end="")
+    print(
+        f"wrote {out / 'bench.md'}, {out / 'bench.json'}"
+        + (", plots/" if "![" in report.stdout else "")
+    )
+    return 0
+
+
 def main(argv=None):
-    parser, demo_parser = _parser()
+    parser, commands = _parser()
     args = parser.parse_args(argv)
     if args.cmd is None:
         parser.error(f"choose a command: {', '.join(COMMANDS)}")
@@ -298,17 +433,24 @@ def main(argv=None):
         parser.exit(2, f"nemokern: error: {e}\n")
     run = {
         "info": lambda: _info() or 0,
-        "demo": lambda: _demo(args, demo_parser),
+        "demo": lambda: _demo(args, commands["demo"]),
+        "selfcheck": lambda: _selfcheck(args, commands["selfcheck"]),
+        "train-sft": lambda: _train("sft", args),
         "train-reward": lambda: _train("reward", args),
         "train-reinforce": lambda: _train("reinforce", args),
         "score": lambda: _score(args),
         "export-reward": lambda: _export_reward(args),
         "expo": lambda: _expo(args),
+        "bench": lambda: _bench(args),
     }[args.cmd]
     try:
         return run()
     except USER_ERRORS as e:
-        if args.cmd in ("info", "demo"):  # their options are checked before any work: a bug
+        if args.cmd in (
+            "info",
+            "demo",
+            "selfcheck",
+        ):  # their options are checked before any work: a bug
             raise
         parser.exit(2, f"nemokern {args.cmd}: error: {e}\n")
     except BrokenPipeError:  # the reader went away (`nemokern demo | head`): stop quietly

@@ -25,6 +25,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: a second thread only adds synchronisation (20x slower on a loaded 2-core
+    box). A module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def triton_backend(monkeypatch):
     """Force the Triton kernels (interpreted on the CPU) for the duration of a test."""

@@ -14,27 +14,36 @@ import torch
 import nemokern
 from nemokern.cli import _parser, main
 from nemokern.train.demo import run_demo
+from nemokern.train.selfcheck import run_selfcheck
 
 ROOT = Path(__file__).parents[1]
 A_FILE = str(ROOT / "README.md")
 ERRORS = {  # name: (arguments, extra environment, what stderr must say)
-    "no command": ([], {}, "choose a command: info, demo, train-reward, score"),
+    "no command": ([], {}, "choose a command: info, .*selfcheck, train-sft, train-reward, score"),
     "unknown command": (["bogus"], {}, "invalid choice: 'bogus'"),
-    "unknown option": (["demo", "--bogus"], {}, "unrecognized arguments: --bogus"),
-    "k 0": (["demo", "--k", "0"], {}, r"--k 0 is not allowed; .* integer >= 1"),
-    "k -1": (["demo", "--k", "-1"], {}, r"--k -1 is not allowed"),
-    "k not a number": (["demo", "--k", "x"], {}, "argument --k: invalid int value: 'x'"),
-    "max-new-tokens 0": (["demo", "--max-new-tokens", "0"], {}, r"--max-new-tokens 0 is not"),
+    "unknown option": (["selfcheck", "--bogus"], {}, "unrecognized arguments: --bogus"),
+    "k 0": (["selfcheck", "--k", "0"], {}, r"--k 0 is not allowed; .* integer >= 1"),
+    "k -1": (["selfcheck", "--k", "-1"], {}, r"--k -1 is not allowed"),
+    "k not a number": (["selfcheck", "--k", "x"], {}, "argument --k: invalid int value: 'x'"),
+    "max-new-tokens 0": (["selfcheck", "--max-new-tokens", "0"], {}, r"--max-new-tokens 0 is not"),
     "max-new-tokens 1e9": (
-        ["demo", "--max-new-tokens", "1000000000"],
+        ["selfcheck", "--max-new-tokens", "1000000000"],
         {},
         r"--max-new-tokens 1000000000 is too many: .* room for \d+",
     ),
-    "seed -1": (["demo", "--seed", "-1"], {}, r"--seed -1 is not allowed"),
-    "device tpu": (["demo", "--device", "tpu"], {}, "--device 'tpu' is not a device"),
-    "device cuda:99": (["demo", "--device", "cuda:99"], {}, "--device 'cuda:99'"),
-    "out is a file": (["demo", "--out", A_FILE], {}, "--out .* exists and is not a directory"),
-    "out under a file": (["demo", "--out", A_FILE + "/sub"], {}, "--out .* is not a directory"),
+    "seed -1": (["selfcheck", "--seed", "-1"], {}, r"--seed -1 is not allowed"),
+    "device tpu": (["selfcheck", "--device", "tpu"], {}, "--device 'tpu' is not a device"),
+    "device cuda:99": (["selfcheck", "--device", "cuda:99"], {}, "--device 'cuda:99'"),
+    "out is a file": (["selfcheck", "--out", A_FILE], {}, "--out .* exists and is not a directory"),
+    "out under a file": (
+        ["selfcheck", "--out", A_FILE + "/sub"],
+        {},
+        "--out .* is not a directory",
+    ),
+    "demo seed -1": (["demo", "--seed", "-1"], {}, r"--seed -1 is not allowed"),
+    "demo device tpu": (["demo", "--device", "tpu"], {}, "--device 'tpu' is not a device"),
+    "demo out is a file": (["demo", "--out", A_FILE], {}, "--out .* exists and is not a dir"),
+    "demo quick takes no value": (["demo", "--quick=1"], {}, "ignored explicit argument"),
     "bad NEMOKERN_BACKEND": (
         ["info"],
         {"NEMOKERN_BACKEND": "cuda"},
@@ -48,6 +57,12 @@ ERRORS = {  # name: (arguments, extra environment, what stderr must say)
 }
 ERRORS.update(
     {
+        "train-sft without data": (["train-sft"], {}, "--data: a training data file is required"),
+        "train-sft bad max-length": (
+            ["train-sft", "--data", A_FILE, "--max-length", "x"],
+            {},
+            "argument --max-length: invalid int value",
+        ),
         "train-reward without data": (
             ["train-reward"],
             {},
@@ -86,9 +101,9 @@ ERRORS.update(
     }
 )
 if not torch.cuda.is_available():
-    ERRORS["device cuda"] = (["demo", "--device", "cuda"], {}, "--device 'cuda'")
+    ERRORS["device cuda"] = (["selfcheck", "--device", "cuda"], {}, "--device 'cuda'")
 if Path("/proc").is_dir():
-    ERRORS["out /proc"] = (["demo", "--out", "/proc"], {}, "--out cannot write in '/proc'")
+    ERRORS["out /proc"] = (["selfcheck", "--out", "/proc"], {}, "--out cannot write in '/proc'")
 GOOD = {"version": ["--version"], "info": ["info"]}
 
 
@@ -133,14 +148,15 @@ def test_version_and_info(runs):
 
 
 def test_k_1_warns_that_rloo_needs_2(capsys):
-    assert main(["demo", "--k", "1", "--max-new-tokens", "2"]) == 0
+    assert main(["selfcheck", "--k", "1", "--max-new-tokens", "2"]) == 0
     assert "RLOO needs k >= 2" in capsys.readouterr().out
 
 
-def test_every_option_has_help_and_the_python_defaults():
-    _, demo = _parser()
-    defaults = {k: p.default for k, p in inspect.signature(run_demo).parameters.items()}
-    for action in demo._actions:
+@pytest.mark.parametrize("command, fn", [("selfcheck", run_selfcheck), ("demo", run_demo)])
+def test_every_option_has_help_and_the_python_defaults(command, fn):
+    _, commands = _parser()
+    defaults = {k: p.default for k, p in inspect.signature(fn).parameters.items()}
+    for action in commands[command]._actions:
         if action.dest == "help":
             continue
         assert "default" in (action.help or ""), action.dest

@@ -49,15 +49,15 @@ def test_rloo_rejects_bad_shapes():
         rloo_advantages(torch.zeros(4), torch.ones(4, dtype=torch.bool))
 
 
-def test_demo_runs_and_checks_pass(capsys):
-    assert main(["demo", "--max-new-tokens", "12", "--k", "2"]) == 0
+def test_selfcheck_runs_and_checks_pass(capsys):
+    assert main(["selfcheck", "--max-new-tokens", "12", "--k", "2"]) == 0
     out = capsys.readouterr().out
     assert "[6/6]" in out and "OK" in out
 
 
-def test_demo_keeps_checkpoint(tmp_path):
+def test_selfcheck_keeps_checkpoint(tmp_path):
     from nemokern.model import Llama
 
-    assert main(["demo", "--max-new-tokens", "4", "--k", "2", "--out", str(tmp_path)]) == 0
+    assert main(["selfcheck", "--max-new-tokens", "4", "--k", "2", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "config.json").exists()
     Llama.from_pretrained(tmp_path)

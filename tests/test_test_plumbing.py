@@ -25,6 +25,8 @@ def test_no_test_file_imports_another_or_bench():
             ]
         # running a bench/ shell script (the GPU check's dry run) loads nothing from bench/
         source = re.sub(r"""["']bench["'] / ["'][\w.-]+\.sh["']|bench/[\w.-]+\.sh""", "", source)
+        # nor does the `nemokern bench` command pointed at a directory of the test's own
+        source = source.replace('["bench", "--bench-dir", str(tmp_path)', "")
         if '"bench"' in source or "'bench'" in source or "bench/" in source:
             problems.append(f"{path.name} names bench/ (load nothing from it)")
     assert not problems, problems

@@ -56,14 +56,7 @@ def count_a(prompts, completions, **kw):
     return [c.count("a") / max(len(c), 1) for c in completions]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: a second thread only adds synchronisation (20x slower on a loaded 2-core
-    box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""A synthetic reward task for tests and the demo, deterministic from a seed, in the real layouts.
+"""Synthetic tasks for tests and the demo, deterministic from a seed, in the real layouts: a
+preference task on graded words (below) and small sums (sum_rows, the demo's task).
 
 Every response holds exactly four graded words, each from GOOD_WORDS or BAD_WORDS, shuffled with
 zero to three FILLER_WORDS. Its helpfulness is the number of good words (0..4), so the better
@@ -138,3 +139,101 @@ def write_synthetic(
     """Write synthetic_rows(n, layout, **kwargs) to a .jsonl, .jsonl.gz or .parquet file."""
     write_rows(synthetic_rows(n, layout, **kwargs), path)
     return os.fspath(path)
+
+
+# ---- small sums: the demo's task -----------------------------------------------------------------
+# A prompt asks for the sum of two digits ("3+5="); an answer is a number. A policy can be
+# warm-started on noisy demonstrations (some answers wrong), a reward model learns which answers
+# are right, and REINFORCE is rewarded for exact answers: a task whose progress a person can read.
+
+
+def sum_prompt(a: int, b: int) -> str:
+    return f"{a}+{b}="
+
+
+def sum_answer(prompt: str) -> int:
+    """The right answer to a sum_prompt."""
+    a, b = prompt.rstrip("=").split("+")
+    return int(a) + int(b)
+
+
+def sum_helpfulness(prompt: str, response: str) -> int:
+    """4 for the right answer, one less per unit of distance from it, 0 for a non-number."""
+    try:
+        value = int(response.strip())
+    except ValueError:
+        return 0
+    return max(0, 4 - abs(value - sum_answer(prompt)))
+
+
+def sum_reward(prompts, completions, **columns) -> list[float]:
+    """The task's reward function, in TRL's signature: 1.0 for an exact answer, else 0.0."""
+    return [float(sum_helpfulness(_user_text(p), c) == 4) for p, c in zip(prompts, completions)]
+
+
+def _user_text(prompt) -> str:
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+
+def _wrong_answer(rng: random.Random, right: int, spread: int) -> int:
+    while True:
+        value = right + rng.randint(-spread, spread)
+        if value != right and value >= 0:
+            return value
+
+
+def sum_rows(
+    n: int,
+    layout: str,
+    *,
+    seed: int = 0,
+    correct: float = 0.5,
+    spread: int = 3,
+    max_a: int = 9,
+    max_b: int = 9,
+):
+    """n rows of the small-sums task, deterministic from `seed`.
+
+    layout "sft": prompt + response (the right answer with probability `correct`, else one within
+    `spread` of it); "helpsteer2": one answer (right or wrong, as for sft) with sum_helpfulness as
+    helpfulness (and correctness), the other attributes fixed; "hs2-preference": a right and a
+    wrong answer, or two wrong ones at different distances, strength = their helpfulness
+    difference (capped at 3); "pairs": chosen = the right answer, rejected = a wrong one.
+    """
+    if layout not in ("sft", "helpsteer2", "hs2-preference", "pairs"):
+        raise ValueError(
+            f"unknown layout {layout!r}; expected sft, helpsteer2, hs2-preference or pairs"
+        )
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, max_a), rng.randint(0, max_b)
+        prompt, right = sum_prompt(a, b), a + b
+        if layout in ("sft", "helpsteer2"):
+            value = right if rng.random() < correct else _wrong_answer(rng, right, spread)
+            row = {"prompt": prompt, "response": str(value)}
+            if layout == "helpsteer2":
+                h = sum_helpfulness(prompt, str(value))
+                row.update(helpfulness=h, correctness=h, coherence=4, complexity=0, verbosity=0)
+            rows.append(row)
+            continue
+        if layout == "pairs":
+            rejected = _wrong_answer(rng, right, spread)
+            rows.append({"prompt": prompt, "chosen": str(right), "rejected": str(rejected)})
+            continue
+        first = right if rng.random() < 0.7 else _wrong_answer(rng, right, spread)
+        second = _wrong_answer(rng, right, spread)
+        while sum_helpfulness(prompt, str(second)) == sum_helpfulness(prompt, str(first)):
+            second = _wrong_answer(rng, right, spread)
+        if rng.random() < 0.5:
+            first, second = second, first
+        h1, h2 = (sum_helpfulness(prompt, str(v)) for v in (first, second))
+        rows.append(
+            {
+                "prompt": prompt,
+                "response_1": str(first),
+                "response_2": str(second),
+                "preference_strength": max(-3, min(3, h2 - h1)),
+            }
+        )
+    return rows

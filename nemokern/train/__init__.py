@@ -1,7 +1,8 @@
-"""Training: the reward trainer (reward.py), the REINFORCE/RLOO trainer (reinforce.py), ExPO
-(expo.py), the embedded demo (demo.py), the recipe's losses (losses.py), RewardBench scoring
-(rewardbench.py), checks of run options (options.py) and the infrastructure the trainers share:
-config (config.py), checkpoints (checkpoint.py), metrics (metrics.py) and the loop (loop.py)."""
+"""Training: the supervised fine-tuning trainer (sft.py), the reward trainer (reward.py), the
+REINFORCE/RLOO trainer (reinforce.py), ExPO (expo.py), the embedded demo (demo.py), the recipe's
+losses (losses.py), RewardBench scoring (rewardbench.py), checks of run options (options.py) and
+the infrastructure the trainers share: config (config.py), checkpoints (checkpoint.py), metrics
+(metrics.py) and the loop (loop.py)."""
 
 from .checkpoint import Checkpointer, load_modules, save_modules
 from .config import ConfigError, TrainConfig, build_config, option, parse_config
@@ -9,6 +10,7 @@ from .loop import NonFiniteError, StepOutput, TrainLoop
 from .metrics import MetricsLogger
 from .reinforce import ReinforceConfig, ReinforceTrainer
 from .reward import RewardConfig, RewardTrainer
+from .sft import SFTConfig, SFTTrainer
 
 __all__ = [
     "Checkpointer",
@@ -19,6 +21,8 @@ __all__ = [
     "ReinforceTrainer",
     "RewardConfig",
     "RewardTrainer",
+    "SFTConfig",
+    "SFTTrainer",
     "StepOutput",
     "TrainConfig",
     "TrainLoop",

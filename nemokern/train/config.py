@@ -31,6 +31,15 @@ def option_error(name: str, message: str) -> ConfigError:
     return ConfigError(f"--{name.replace('_', '-')}: {message}")
 
 
+def check_data_and_batching(config) -> None:
+    """The checks a trainer reading packed rows makes first: a data file, and a batch size (rows or
+    a token budget)."""
+    if not config.data:
+        raise option_error("data", "a training data file is required")
+    if config.rows_per_batch <= 0 and config.max_tokens_per_batch <= 0:
+        raise option_error("rows_per_batch", "give rows_per_batch > 0 or max_tokens_per_batch > 0")
+
+
 def option(default, help: str, *, choices=None):
     """A config field: its default, its help text and (optionally) its allowed values.
     A list default is copied for each instance."""

@@ -345,13 +345,27 @@ class RolloutLoop(TrainLoop):
 
 
 # ---- the trainer ---------------------------------------------------------------------------------
-def build_policy(config: ReinforceConfig, tokenizer) -> Llama:
-    """The policy config.policy names, split over the --tp group (a tiny one initialised per
-    shard)."""
-    if config.policy != "tiny" and not Path(config.policy).is_dir():
-        raise option_error("policy", f"{config.policy} is not a directory (nor 'tiny')")
+def export_policy(loop: TrainLoop, policy: Llama, tokenizer) -> None:
+    """OUT/final: the policy in HF layout (under --tp a collective of each tp group, whose rank 0
+    writes), with an HF tokenizer's files."""
+    final = Path(loop.config.out) / "final"
+    if loop.dist.dp_rank == 0:
+        policy.save_pretrained(final)
+    if loop.dist.rank == 0 and isinstance(tokenizer, HFTokenizer):
+        tokenizer.tok.save_pretrained(final)
+    if loop.dist.active:
+        torch.distributed.barrier()
+
+
+def build_policy(config: TrainConfig, tokenizer, field: str = "policy") -> Llama:
+    """The Llama `config.<field>` names: an HF directory, or 'tiny' (random, seeded by
+    config.seed, sized for `tokenizer`; initialised per shard under --tp), split over the --tp
+    group."""
+    name = getattr(config, field)
+    if name != "tiny" and not Path(name).is_dir():
+        raise option_error(field, f"{name} is not a directory (nor 'tiny')")
     tp_group = tp_group_for(config)
-    if config.policy == "tiny":
+    if name == "tiny":
         torch.manual_seed(config.seed)
         return Llama(
             LlamaConfig.tiny(
@@ -361,7 +375,7 @@ def build_policy(config: ReinforceConfig, tokenizer) -> Llama:
             ),
             tp_group=tp_group,
         )
-    return Llama.from_pretrained(config.policy, dtype=torch.float32, tp_group=tp_group)
+    return Llama.from_pretrained(name, dtype=torch.float32, tp_group=tp_group)
 
 
 class ReinforceTrainer:
@@ -651,13 +665,6 @@ class ReinforceTrainer:
         for module in filter(None, (self.reference, self.reward_model)):
             module.to(placement)
         history = self.loop.fit()
-        final = Path(cfg.out) / "final"
-        if self.loop.dist.dp_rank == 0:  # under --tp a collective of the tp group
-            self.policy.save_pretrained(final)
-        if self.loop.dist.rank == 0:
-            if isinstance(self.tokenizer, HFTokenizer):
-                self.tokenizer.tok.save_pretrained(final)
-        if self.loop.dist.active:
-            torch.distributed.barrier()
+        export_policy(self.loop, self.policy, self.tokenizer)
         self.seconds = time.perf_counter() - start
         return history

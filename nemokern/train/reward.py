@@ -20,7 +20,7 @@ import torch
 from nemokern.data import load_reward_data
 from nemokern.data.tokenizer import load_tokenizer
 from nemokern.model import Llama, LlamaConfig, RewardModel
-from nemokern.train.config import TrainConfig, option, option_error
+from nemokern.train.config import TrainConfig, check_data_and_batching, option, option_error
 from nemokern.train.loop import StepOutput, TrainLoop, move_to, tp_group_for
 from nemokern.train.losses import HELPFULNESS, bradley_terry_loss, pair_accuracy, regression_loss
 from nemokern.train.rewardbench import accuracy_report
@@ -195,12 +195,7 @@ class RewardTrainer:
     """`RewardTrainer(config).fit()`: train, export OUT/final, return the per-step metrics."""
 
     def __init__(self, config: RewardConfig, *, model: RewardModel | None = None, tokenizer=None):
-        if not config.data:
-            raise option_error("data", "a training data file is required")
-        if config.rows_per_batch <= 0 and config.max_tokens_per_batch <= 0:
-            raise option_error(
-                "rows_per_batch", "give rows_per_batch > 0 or max_tokens_per_batch > 0"
-            )
+        check_data_and_batching(config)
         self.config = config
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.tokenizer)
         layout = config.data_format
