@@ -2,8 +2,8 @@
 as one process (TP = 1, DP = 1) on the same global batch: one reward-model step (RewardTrainer,
 Bradley-Terry pairs, its OUT/final export) and one REINFORCE update (the policy-gradient loss of
 ReinforceTrainer on fixed rollout batches). Loss, gradient norm and the updated weights agree to
-fp32 rounding. Also: init_parallel's (dp, tp) mesh; --tp that does not divide the processes, and
---tp with resumable checkpoints, are refused by name.
+fp32 rounding. Also: init_parallel's (dp, tp) mesh; --tp that does not divide the processes is
+refused by name.
 """
 
 import functools
@@ -151,13 +151,6 @@ def test_reward_step_and_reinforce_update_at_tp2_dp2_equal_one_process(tmp_path)
     start_policy = Llama.from_pretrained(tmp_path / "policy").state_dict()
     ours = Llama.from_pretrained(tmp_path / "policy_tp").state_dict()
     _assert_weights_equal(ours, ref_policy.state_dict(), start_policy, "REINFORCE update")
-
-
-def test_tp_with_resumable_checkpoints_is_refused():
-    with pytest.raises(ConfigError, match="--save-every: .* not written .* drop --save-every"):
-        RewardConfig(tp=2, save_every=5)
-    with pytest.raises(ConfigError, match="--resume"):
-        ReinforceConfig(tp=2, resume="auto")
 
 
 def _rollout_worker(rank, world, init_file, root):
