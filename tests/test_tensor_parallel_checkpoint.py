@@ -125,11 +125,11 @@ def _char_reward(prompts, completions, **columns):
     return [float(sum(map(ord, c)) % 7) for c in completions]
 
 
-def _reinforce(root, run, **kw):
+def _reinforce(root, run, tp, **kw):
     cfg = ReinforceConfig(
         prompts=os.path.join(root, "prompts.jsonl"),
         out=os.path.join(root, run),
-        tp=TP,
+        tp=tp,
         lr=1e-3,
         schedule="constant",  # the same lr whether the run is told 2 or 4 steps
         truncation_penalty=0.0,  # responses without EOS count: advantages are not all 0
@@ -144,15 +144,15 @@ def _reinforce(root, run, **kw):
     return ReinforceTrainer(cfg, reward_fn=_char_reward).fit()
 
 
-def _reinforce_worker(rank, world, init_file, root):
+def _reinforce_worker(rank, world, init_file, root, tp):
     os.environ["WORLD_SIZE"] = str(world)
     join_gloo(rank, world, init_file)
     try:
-        full = _reinforce(root, "full", max_steps=STEPS)
-        _reinforce(root, "half", max_steps=STEPS // 2, save_every=1)
+        full = _reinforce(root, "full", tp, max_steps=STEPS)
+        _reinforce(root, "half", tp, max_steps=STEPS // 2, save_every=1)
         # step 1 is inside the first rollout (2 updates): the resume must train on its samples
         step1 = os.path.join(root, "half", "checkpoints", f"step-{1:08d}")
-        rest = _reinforce(root, "half", max_steps=STEPS, resume=step1)
+        rest = _reinforce(root, "half", tp, max_steps=STEPS, resume=step1)
         if rank == 0:
             with open(os.path.join(root, "histories.json"), "w") as f:
                 json.dump({"full": full, "rest": rest}, f)
@@ -161,15 +161,18 @@ def _reinforce_worker(rank, world, init_file, root):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_reinforce_run_at_tp2_resumes_inside_a_rollout_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("tp", [TP, 1], ids=["tp2", "dp2"])
+def test_reinforce_run_resumes_inside_a_rollout_bit_for_bit(tmp_path, tp):
+    """At --tp 2, and at --tp 1 on 2 processes (data parallel: each process's own rollout)."""
     rows = [{"prompt": f"Say {c}."} for c in "abcdefgh"]
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    run_ranks(_reinforce_worker, TP, str(tmp_path))
+    run_ranks(_reinforce_worker, 2, str(tmp_path), tp)
 
     histories = json.loads((tmp_path / "histories.json").read_text())
     assert [h["step"] for h in histories["rest"]] == [2, 3, 4]
     assert all(h["grad_norm"] > 0 for h in histories["full"]), histories["full"]
     for key in ("loss", "grad_norm", "response_len_mean"):
         assert [h[key] for h in histories["rest"]] == [h[key] for h in histories["full"][1:]], key
-    _assert_same_shards(tmp_path / "half", tmp_path / "full")
+    if tp > 1:
+        _assert_same_shards(tmp_path / "half", tmp_path / "full")

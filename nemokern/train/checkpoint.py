@@ -9,6 +9,8 @@ A checkpoint is a directory OUT/checkpoints/step-NNNNNNNN/:
                             state dicts: tensors in safetensors, everything else in JSON
     rng-rankNNNNN.{json,safetensors}   python, numpy, torch CPU and CUDA generator states per
                                        process
+    local-rankNNNNN.{json,safetensors} a process's own trainer state (e.g. the rollout it made),
+                                       when the trainer gives one
     manifest.json           written last: the step, the tensor-parallel size and every file's
                             size
 Under tensor parallelism (tp > 1) the weights and the optimizer are stored as shards instead:
@@ -426,12 +428,15 @@ class Checkpointer:
         scheduler=None,
         state: dict | None = None,
         rng: dict | None = None,
+        local: dict | None = None,
     ) -> Path:
         """Write checkpoint `step` atomically and prune old ones; returns its directory.
 
         model: the unwrapped module. state: the trainer's own JSON/tensor state (data position,
-        ...).
+        ...), the same on every process (rank 0 writes it).
         rng: this process's generator states (default: the current ones).
+        local: this process's own state (each process writes its own), given back by load as
+        state["local"].
         """
         final, tmp = self.path(step), self.root / f".tmp-step-{step:08d}"
         if self.rank == 0:
@@ -441,6 +446,8 @@ class Checkpointer:
             tmp.mkdir()
         self._barrier()
         _save_state(get_rng_state() if rng is None else rng, tmp, f"rng-rank{self.rank:05d}")
+        if local is not None:
+            _save_state(local, tmp, f"local-rank{self.rank:05d}")
         if self.tp_size > 1 and self.shard_writer:
             save_shard(model, tmp / f"{self._shard('model')}.safetensors")
             if optimizer is not None:
@@ -485,7 +492,8 @@ class Checkpointer:
 
     def load(self, path, *, model, optimizer=None, scheduler=None) -> dict:
         """Restore a checkpoint into `model` (in place), the optimizer, the scheduler and this
-        process's RNG; returns the trainer state ({"step": ..., "world_size": ..., ...}).
+        process's RNG; returns the trainer state ({"step": ..., "world_size": ..., ...}, and
+        "local": this process's `local` state if the save had one).
         A checkpoint written at another tensor-parallel size raises CheckpointError naming both."""
         path = Path(path)
         saved_tp = validate(path).get("tp", 1)
@@ -512,8 +520,10 @@ class Checkpointer:
         if scheduler is not None:
             scheduler.load_state_dict(_load_state(path, "scheduler"))
         state = _load_state(path, "trainer")
-        name = f"rng-rank{self.rank:05d}"
-        if not (path / f"{name}.json").is_file():
-            name = "rng-rank00000"  # resumed on more processes than saved: not bit-exact anyway
-        set_rng_state(_load_state(path, name))
+        own = f"rank{self.rank:05d}"
+        if not (path / f"rng-{own}.json").is_file():
+            own = "rank00000"  # resumed on more processes than saved: not bit-exact anyway
+        set_rng_state(_load_state(path, f"rng-{own}"))
+        if (path / f"local-{own}.json").is_file():
+            state["local"] = _load_state(path, f"local-{own}")
         return state

@@ -303,7 +303,8 @@ class TrainLoop:
 
     def extra_state(self) -> dict:
         """A subclass's own resumable state (tensors, numbers, strings, lists, dicts), saved with
-        every checkpoint."""
+        every checkpoint by each process (each process gets its own back: under data
+        parallelism, e.g. the rollout it made)."""
         return {}
 
     def load_extra_state(self, state: dict) -> None:
@@ -327,8 +328,9 @@ class TrainLoop:
             model=self.model,
             optimizer=self.optimizer,
             scheduler=self.scheduler,
-            state={"data": self.data_state(step), "extra": self.extra_state()},
+            state={"data": self.data_state(step)},
             rng=rng,
+            local={"extra": self.extra_state()},
         )
         self.last_saved = step
         return path
@@ -358,7 +360,8 @@ class TrainLoop:
                     "exact resume needs the same data, batching, grad_accum x processes, shuffle "
                     "and seed"
                 )
-        self.load_extra_state(state.get("extra", {}))
+        # "extra" sat in the shared trainer state before it was kept per process
+        self.load_extra_state(state.get("local", state).get("extra", {}))
         self.step = self.last_saved = state["step"]
 
     # ---- the step ----------------------------------------------------------------------------
