@@ -1,8 +1,9 @@
 """Resumable checkpoints under --tp 2 (2 gloo processes, tiny models): each tp rank writes its
-shard of the weights and the optimizer into the one atomically renamed checkpoint; a run of 4
-steps equals a run of 2 steps resumed for 2 more, bit for bit (losses, weights, optimizer state);
-a checkpoint written at another tp size, or with a shard file missing or garbled, is refused by
-name."""
+shard of the weights and the optimizer into the one atomically renamed checkpoint. A reward run of
+4 steps equals a run of 2 steps resumed for 2 more, and a REINFORCE run of 4 steps one resumed
+after step 1 (inside a rollout), bit for bit (losses, weight and optimizer shards); the REINFORCE
+case also at --tp 1 on 2 data-parallel processes, each with its own rollout. A checkpoint written
+at another tp size, or with a shard file missing or garbled, is refused by name."""
 
 import json
 import os
