@@ -360,10 +360,10 @@ class Checkpointer:
     """Saves to and finds checkpoints in OUT/checkpoints, keeping the newest `keep_last`.
 
     Under torch.distributed every process calls save/load: rank 0 writes the shared state
-    (weights, optimizer, scheduler, trainer state) and each rank its own RNG file, with barriers in
-    between, so OUT must be on a file system that all ranks of a node share. With a `tp_group`
-    (tensor parallelism) the ranks of global rank 0's tp group each write their shard of the
-    weights and the optimizer instead, and every rank loads its tp rank's shards.
+    (weights, optimizer, scheduler, trainer state) and each rank its own RNG and `local` files,
+    with barriers in between, so OUT must be on a file system that all ranks of a node share.
+    With a `tp_group` (tensor parallelism) the ranks of global rank 0's tp group each write their
+    shard of the weights and the optimizer instead, and every rank loads its tp rank's shards.
     """
 
     def __init__(self, out_dir, *, keep_last: int = 2, tp_group=None):
