@@ -1,9 +1,9 @@
 """The trainers under --tp 2 on 4 gloo processes (TP = 2 x DP = 2) take the same optimizer step
 as one process (TP = 1, DP = 1) on the same global batch: one reward-model step (RewardTrainer,
-Bradley-Terry pairs, its OUT/final export) and one REINFORCE update (the policy-gradient loss of
-ReinforceTrainer on fixed rollout batches). Loss, gradient norm and the updated weights agree to
-fp32 rounding. Also: init_parallel's (dp, tp) mesh; --tp that does not divide the processes, and
---tp with resumable checkpoints, are refused by name.
+Bradley-Terry pairs, its OUT/final export, its checkpoint's shard files) and one REINFORCE
+update (the policy-gradient loss of ReinforceTrainer on fixed rollout batches). Loss, gradient
+norm and the updated weights agree to fp32 rounding. Also: init_parallel's (dp, tp) mesh; --tp
+that does not divide the processes is refused by name.
 """
 
 import functools
@@ -105,6 +105,9 @@ def _worker(rank, world, init_file, root):
         torch.distributed.destroy_process_group()
 
 
+_SHARD_FILES = [("model", "safetensors"), ("optimizer", "json"), ("optimizer", "safetensors")]
+
+
 def _assert_step_equal(ours, ref, what):
     for key in ("loss", "grad_norm", "weight"):
         assert ours[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), (what, key, ours, ref)
@@ -144,6 +147,12 @@ def test_reward_step_and_reinforce_update_at_tp2_dp2_equal_one_process(tmp_path)
     histories = json.loads((tmp_path / "histories.json").read_text())
     _assert_step_equal(histories["reward"][0], ref_reward_history[0], "reward step")
     _assert_step_equal(histories["reinforce"][0], ref_history[0], "REINFORCE update")
+    # the end-of-run checkpoint: one shard per tp rank (from dp rank 0), an RNG file per process
+    ckpt = tmp_path / "reward_tp2" / "checkpoints" / "step-00000001"
+    assert sorted(p.name for p in ckpt.iterdir() if ".tp" in p.name or "rng" in p.name) == sorted(
+        [f"{kind}.tp{r}-of-2.{ext}" for r in (0, 1) for kind, ext in _SHARD_FILES]
+        + [f"rng-rank{r:05d}.{ext}" for r in range(WORLD) for ext in ("json", "safetensors")]
+    )
     ours = RewardModel.from_pretrained(tmp_path / "reward_tp2" / "final").state_dict()
     _assert_weights_equal(
         ours, ref_reward.model.state_dict(), start_reward.state_dict(), "reward step"
@@ -151,13 +160,6 @@ def test_reward_step_and_reinforce_update_at_tp2_dp2_equal_one_process(tmp_path)
     start_policy = Llama.from_pretrained(tmp_path / "policy").state_dict()
     ours = Llama.from_pretrained(tmp_path / "policy_tp").state_dict()
     _assert_weights_equal(ours, ref_policy.state_dict(), start_policy, "REINFORCE update")
-
-
-def test_tp_with_resumable_checkpoints_is_refused():
-    with pytest.raises(ConfigError, match="--save-every: .* not written .* drop --save-every"):
-        RewardConfig(tp=2, save_every=5)
-    with pytest.raises(ConfigError, match="--resume"):
-        ReinforceConfig(tp=2, resume="auto")
 
 
 def _rollout_worker(rank, world, init_file, root):

@@ -9,7 +9,16 @@ A checkpoint is a directory OUT/checkpoints/step-NNNNNNNN/:
                             state dicts: tensors in safetensors, everything else in JSON
     rng-rankNNNNN.{json,safetensors}   python, numpy, torch CPU and CUDA generator states per
                                        process
-    manifest.json           written last: the step and every file's size
+    local-rankNNNNN.{json,safetensors} a process's own trainer state (e.g. the rollout it made),
+                                       when the trainer gives one
+    manifest.json           written last: the step, the tensor-parallel size and every file's
+                            size
+Under tensor parallelism (tp > 1) the weights and the optimizer are stored as shards instead:
+    model.tpR-of-N.safetensors, optimizer.tpR-of-N.{json,safetensors}
+                            what tp rank R of N holds (its slices under the unsharded model's
+                            names, replicated tensors in every shard), written by the N ranks of
+                            the tp group of global rank 0 (the other data-parallel replicas hold
+                            the same); a resume needs the same N
 It is built in a hidden temp directory, each file fsync'ed, then renamed into place, so a run killed
 mid-save leaves the previous checkpoints intact; a directory without a manifest, or whose files do
 not match it, is incomplete and `load` names the file that is wrong.
@@ -44,7 +53,9 @@ __all__ = [
     "encode_state",
     "get_rng_state",
     "load_modules",
+    "load_shard",
     "save_modules",
+    "save_shard",
     "set_rng_state",
     "validate",
 ]
@@ -231,16 +242,19 @@ def load_modules(model: torch.nn.Module, directory) -> None:
         if missing:
             raise CheckpointError(f"{sub}: tensor(s) {missing[:8]} missing")
     rest = _rest_state(model, parts)
-    path = directory / "modules.safetensors"
-    if not rest:
-        return
+    if rest:
+        _copy_file(rest, directory / "modules.safetensors")
+
+
+def _copy_file(targets: dict[str, torch.Tensor], path: Path) -> None:
+    """Copy the safetensors file `path` into `targets` (name -> tensor), which it must match."""
     stored = _read_tensors(path)
-    if set(stored) != set(rest):
+    if set(stored) != set(targets):
         raise CheckpointError(
-            f"{path}: holds {sorted(set(stored) - set(rest))[:8]} unexpected and lacks "
-            f"{sorted(set(rest) - set(stored))[:8]}; was it written for another model?"
+            f"{path}: holds {sorted(set(stored) - set(targets))[:8]} unexpected and lacks "
+            f"{sorted(set(targets) - set(stored))[:8]}; was it written for another model?"
         )
-    for key, target in rest.items():
+    for key, target in targets.items():
         _copy(target, stored[key], path, key)
 
 
@@ -251,6 +265,32 @@ def _copy(target: torch.Tensor, source: torch.Tensor, file, key) -> None:
             f"{tuple(target.shape)}"
         )
     target.copy_(source)
+
+
+def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """model.state_dict() with each tensor once, under its first name (tied weights)."""
+    seen, out = set(), {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        if id(v) not in seen:
+            seen.add(id(v))
+            out[k] = v
+    return out
+
+
+def save_shard(model: torch.nn.Module, path) -> None:
+    """Write this rank's own tensors of `model` (the unwrapped module; under tensor parallelism
+    its slices) to the safetensors file `path`, by state_dict name."""
+    tensors = {
+        k: v.detach().to("cpu").contiguous().clone() for k, v in _unique_state(model).items()
+    }
+    save_file(tensors, str(path))
+
+
+@torch.no_grad()
+def load_shard(model: torch.nn.Module, path) -> None:
+    """Copy what save_shard wrote into `model`'s tensors in place; CheckpointError naming the file
+    if it is missing, unreadable, or holds other names or shapes."""
+    _copy_file(_unique_state(model), Path(path))
 
 
 # ---- durability ---------------------------------------------------------------------------------
@@ -320,11 +360,13 @@ class Checkpointer:
     """Saves to and finds checkpoints in OUT/checkpoints, keeping the newest `keep_last`.
 
     Under torch.distributed every process calls save/load: rank 0 writes the shared state
-    (weights, optimizer, scheduler, trainer state) and each rank its own RNG file, with barriers in
-    between, so OUT must be on a file system that all ranks of a node share.
+    (weights, optimizer, scheduler, trainer state) and each rank its own RNG and `local` files,
+    with barriers in between, so OUT must be on a file system that all ranks of a node share.
+    With a `tp_group` (tensor parallelism) the ranks of global rank 0's tp group each write their
+    shard of the weights and the optimizer instead, and every rank loads its tp rank's shards.
     """
 
-    def __init__(self, out_dir, *, keep_last: int = 2):
+    def __init__(self, out_dir, *, keep_last: int = 2, tp_group=None):
         if keep_last < 1:
             raise ValueError(f"keep_last={keep_last} must be at least 1")
         self.root = Path(out_dir) / "checkpoints"
@@ -333,6 +375,14 @@ class Checkpointer:
         self._dist = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self._dist else 0
         self.world_size = dist.get_world_size() if self._dist else 1
+        self.tp_rank, self.tp_size = rank_and_size(tp_group)
+        self.shard_writer = (
+            self.rank == 0 if tp_group is None else 0 in dist.get_process_group_ranks(tp_group)
+        )
+
+    def _shard(self, kind: str) -> str:
+        """The name of this rank's shard of `kind` ("model", "optimizer") under tp > 1."""
+        return f"{kind}.tp{self.tp_rank}-of-{self.tp_size}"
 
     def _barrier(self):
         if self._dist:
@@ -378,12 +428,15 @@ class Checkpointer:
         scheduler=None,
         state: dict | None = None,
         rng: dict | None = None,
+        local: dict | None = None,
     ) -> Path:
         """Write checkpoint `step` atomically and prune old ones; returns its directory.
 
         model: the unwrapped module. state: the trainer's own JSON/tensor state (data position,
-        ...).
+        ...), the same on every process (rank 0 writes it).
         rng: this process's generator states (default: the current ones).
+        local: this process's own state (each process writes its own), given back by load as
+        state["local"].
         """
         final, tmp = self.path(step), self.root / f".tmp-step-{step:08d}"
         if self.rank == 0:
@@ -393,10 +446,17 @@ class Checkpointer:
             tmp.mkdir()
         self._barrier()
         _save_state(get_rng_state() if rng is None else rng, tmp, f"rng-rank{self.rank:05d}")
-        if self.rank == 0:
-            save_modules(model, tmp)
+        if local is not None:
+            _save_state(local, tmp, f"local-rank{self.rank:05d}")
+        if self.tp_size > 1 and self.shard_writer:
+            save_shard(model, tmp / f"{self._shard('model')}.safetensors")
             if optimizer is not None:
-                _save_state(optimizer.state_dict(), tmp, "optimizer")
+                _save_state(optimizer.state_dict(), tmp, self._shard("optimizer"))
+        if self.rank == 0:
+            if self.tp_size == 1:
+                save_modules(model, tmp)
+                if optimizer is not None:
+                    _save_state(optimizer.state_dict(), tmp, "optimizer")
             if scheduler is not None:
                 _save_state(scheduler.state_dict(), tmp, "scheduler")
             _save_state(
@@ -405,7 +465,12 @@ class Checkpointer:
         self._barrier()
         if self.rank == 0:
             _fsync_tree(tmp)
-            manifest = {"format": FORMAT, "step": step, "files": _file_sizes(tmp)}
+            manifest = {
+                "format": FORMAT,
+                "step": step,
+                "tp": self.tp_size,
+                "files": _file_sizes(tmp),
+            }
             with open(tmp / MANIFEST, "w") as f:
                 json.dump(manifest, f, indent=1)
                 f.flush()
@@ -427,23 +492,38 @@ class Checkpointer:
 
     def load(self, path, *, model, optimizer=None, scheduler=None) -> dict:
         """Restore a checkpoint into `model` (in place), the optimizer, the scheduler and this
-        process's RNG; returns the trainer state ({"step": ..., "world_size": ..., ...})."""
+        process's RNG; returns the trainer state ({"step": ..., "world_size": ..., ...}, and
+        "local": this process's `local` state if the save had one).
+        A checkpoint written at another tensor-parallel size raises CheckpointError naming both."""
         path = Path(path)
-        validate(path)
-        load_modules(model, path)
+        saved_tp = validate(path).get("tp", 1)
+        if saved_tp != self.tp_size:
+            raise CheckpointError(
+                f"{path}: written with --tp {saved_tp}, this run has --tp {self.tp_size}; the "
+                f"weights and optimizer are stored as {saved_tp} tensor-parallel shard(s), so "
+                f"resume with --tp {saved_tp}"
+            )
+        optimizer_name = "optimizer"
+        if self.tp_size > 1:
+            load_shard(model, path / f"{self._shard('model')}.safetensors")
+            optimizer_name = self._shard("optimizer")
+        else:
+            load_modules(model, path)
         if optimizer is not None:
-            sd = _load_state(path, "optimizer")
+            sd = _load_state(path, optimizer_name)
             try:
                 optimizer.load_state_dict(sd)
             except (ValueError, KeyError) as e:
                 raise CheckpointError(
-                    f"{path / 'optimizer.json'}: does not fit this optimizer ({e})"
+                    f"{path / optimizer_name}.json: does not fit this optimizer ({e})"
                 ) from None
         if scheduler is not None:
             scheduler.load_state_dict(_load_state(path, "scheduler"))
         state = _load_state(path, "trainer")
-        name = f"rng-rank{self.rank:05d}"
-        if not (path / f"{name}.json").is_file():
-            name = "rng-rank00000"  # resumed on more processes than saved: not bit-exact anyway
-        set_rng_state(_load_state(path, name))
+        own = f"rank{self.rank:05d}"
+        if not (path / f"rng-{own}.json").is_file():
+            own = "rank00000"  # resumed on more processes than saved: not bit-exact anyway
+        set_rng_state(_load_state(path, f"rng-{own}"))
+        if (path / f"local-{own}.json").is_file():
+            state["local"] = _load_state(path, f"local-{own}")
         return state

@@ -100,7 +100,7 @@ class TrainConfig:
         1,
         "tensor-parallel size under torchrun: each model is split over groups of tp consecutive "
         "ranks (one node), data parallelism runs across the groups; tp must divide "
-        "--nproc-per-node. No resumable checkpoints with tp > 1 (OUT/final is written)",
+        "--nproc-per-node. Checkpoints hold each tp rank's shard; --resume needs the same tp",
     )
     progress: bool = option(True, "show a progress bar")
     tensorboard: bool = option(True, "also log to OUT/tensorboard when tensorboard is installed")
@@ -122,14 +122,6 @@ class TrainConfig:
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} = {getattr(self, name)} must not be negative")
-        if self.tp > 1 and (self.save_every or self.resume):
-            name = "save_every" if self.save_every else "resume"
-            raise option_error(
-                name,
-                f"resumable checkpoints are not written with tp = {self.tp}; drop "
-                f"--{name.replace('_', '-')} "
-                "(OUT/final still holds the trained model) or train with --tp 1",
-            )
         if self.schedule == "cosine" and self.min_lr > self.lr:
             raise ConfigError(
                 f"min_lr = {self.min_lr} is above lr = {self.lr}; the cosine schedule decays to it"

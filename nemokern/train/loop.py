@@ -217,7 +217,7 @@ class TrainLoop:
 
     model: the module to train (moved to the run's device; wrapped in DDP under torchrun). A
         checkpoint stores it with checkpoint.save_modules: HF layout for a Llama, safetensors for
-        the rest (e.g. a reward head).
+        the rest (e.g. a reward head); under tp > 1 each tp rank's shard (checkpoint.save_shard).
     data: a sequence of micro-batches (len + index); the loop owns their order (seeded shuffle
         per epoch) and position, which is what makes resuming exact. A trailing remainder that does
         not fill a global step (grad_accum x world_size micro-batches) is left out of that epoch.
@@ -268,7 +268,9 @@ class TrainLoop:
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
-        self.checkpointer = Checkpointer(self.out, keep_last=config.keep_last)
+        self.checkpointer = Checkpointer(
+            self.out, keep_last=config.keep_last, tp_group=self.dist.tp_group
+        )
         self.step = 0
         self.last_saved = -1
         self._epoch_order: tuple[int, list[int]] = (-1, [])
@@ -301,7 +303,8 @@ class TrainLoop:
 
     def extra_state(self) -> dict:
         """A subclass's own resumable state (tensors, numbers, strings, lists, dicts), saved with
-        every checkpoint."""
+        every checkpoint by each process (each process gets its own back: under data
+        parallelism, e.g. the rollout it made)."""
         return {}
 
     def load_extra_state(self, state: dict) -> None:
@@ -325,8 +328,9 @@ class TrainLoop:
             model=self.model,
             optimizer=self.optimizer,
             scheduler=self.scheduler,
-            state={"data": self.data_state(step), "extra": self.extra_state()},
+            state={"data": self.data_state(step)},
             rng=rng,
+            local={"extra": self.extra_state()},
         )
         self.last_saved = step
         return path
@@ -356,7 +360,8 @@ class TrainLoop:
                     "exact resume needs the same data, batching, grad_accum x processes, shuffle "
                     "and seed"
                 )
-        self.load_extra_state(state.get("extra", {}))
+        # "extra" sat in the shared trainer state before it was kept per process
+        self.load_extra_state(state.get("local", state).get("extra", {}))
         self.step = self.last_saved = state["step"]
 
     # ---- the step ----------------------------------------------------------------------------
@@ -455,9 +460,7 @@ class TrainLoop:
     def _stop(self, step: int, what: str, rng_before: dict, rows) -> None:
         """Keep the state before this step as a checkpoint, then raise NonFiniteError."""
         self.optimizer.zero_grad(set_to_none=True)
-        if self.dist.tp_group is not None:
-            path = "no checkpoint (--tp > 1 writes none)"
-        elif self.last_saved != step:
+        if self.last_saved != step:
             path = self.save(step, rng=rng_before)  # `step` steps done: the last good state
         else:
             path = self.checkpointer.path(step)
@@ -514,6 +517,6 @@ class TrainLoop:
                 self.history.append(logger.log(self.step, metrics))
                 if cfg.save_every and self.step % cfg.save_every == 0:
                     self.save()
-            if self.last_saved != self.step and self.dist.tp_group is None:
-                self.save()  # no resumable checkpoint under tensor parallelism (TrainConfig.tp)
+            if self.last_saved != self.step:
+                self.save()
         return self.history

@@ -1,0 +1,179 @@
+"""Resumable checkpoints under --tp 2 (2 gloo processes, tiny models): each tp rank writes its
+shard of the weights and the optimizer into the one atomically renamed checkpoint. A reward run of
+4 steps equals a run of 2 steps resumed for 2 more, and a REINFORCE run of 4 steps one resumed
+after step 1 (inside a rollout), bit for bit (losses, weight and optimizer shards); the REINFORCE
+case also at --tp 1 on 2 data-parallel processes, each with its own rollout. A checkpoint written
+at another tp size, or with a shard file missing or garbled, is refused by name."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import join_gloo, run_ranks
+from nemokern.data.synthetic import write_synthetic
+from nemokern.model import Llama, LlamaConfig, RewardModel
+from nemokern.train.checkpoint import Checkpointer, CheckpointError
+from nemokern.train.loop import tp_group_for
+from nemokern.train.reinforce import ReinforceConfig, ReinforceTrainer
+from nemokern.train.reward import RewardConfig, RewardTrainer
+
+TP, STEPS = 2, 4
+QUIET = dict(progress=False, tensorboard=False, device="cpu")
+
+
+def _config(root, run, **kw):
+    return RewardConfig(
+        out=os.path.join(root, run),
+        data=os.path.join(root, "pref.jsonl"),
+        loss="bt",
+        rows_per_batch=2,
+        lr=3e-3,
+        seed=5,
+        **QUIET,
+        **kw,
+    )
+
+
+def _fit(root, run, **kw):
+    cfg = _config(root, run, **kw)
+    tp_group = tp_group_for(cfg) if cfg.tp > 1 else None
+    model = RewardModel.from_pretrained(os.path.join(root, "reward"), tp_group=tp_group)
+    return RewardTrainer(cfg, model=model).fit()
+
+
+def _worker(rank, world, init_file, root):
+    os.environ["WORLD_SIZE"] = str(world)
+    join_gloo(rank, world, init_file)
+    try:
+        full = _fit(root, "full", tp=TP, max_steps=STEPS)
+        _fit(root, "half", tp=TP, max_steps=STEPS // 2, save_every=1)
+        rest = _fit(root, "half", tp=TP, max_steps=STEPS, resume="auto")
+        # a garbled shard (same size, so the manifest's sizes still match): each rank names its own
+        bad = os.path.join(root, "bad", f"rank{rank}")
+        shutil.copytree(os.path.join(root, "half", "checkpoints", f"step-{STEPS:08d}"), bad)
+        shard = os.path.join(bad, f"model.tp{rank}-of-{TP}.safetensors")
+        with open(shard, "r+b") as f:
+            f.write(b"\xff" * 16)
+        cfg = _config(root, "bad", tp=TP)
+        model = RewardModel.from_pretrained(
+            os.path.join(root, "reward"), tp_group=tp_group_for(cfg)
+        )
+        ckpt = Checkpointer(root, tp_group=model.trunk.tp_group)
+        with pytest.raises(
+            CheckpointError, match=f"model.tp{rank}-of-2.safetensors: not a readable"
+        ):
+            ckpt.load(bad, model=model)
+        if rank == 0:
+            with open(os.path.join(root, "histories.json"), "w") as f:
+                json.dump({"full": full, "rest": rest}, f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _assert_same_shards(resumed, straight):
+    """The last checkpoints of two runs hold bit-identical weight and optimizer shards; returns
+    the resumed run's checkpoint and the shard file names."""
+    last = f"checkpoints/step-{STEPS:08d}"
+    ours, ref = resumed / last, straight / last
+    shards = [f"{kind}.tp{r}-of-2.safetensors" for kind in ("model", "optimizer") for r in (0, 1)]
+    assert set(shards) <= {p.name for p in ours.iterdir()}
+    assert json.loads((ours / "manifest.json").read_text())["tp"] == TP
+    for name in shards:
+        a, b = load_file(ours / name), load_file(ref / name)
+        assert a.keys() == b.keys() and a, name
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
+    return ours, shards
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_reward_run_at_tp2_resumes_bit_for_bit_and_refuses_another_tp(tmp_path):
+    root = str(tmp_path)
+    write_synthetic(tmp_path / "pref.jsonl", 16, "hs2-preference", seed=0)
+    torch.manual_seed(0)
+    RewardModel(Llama(LlamaConfig.tiny())).save_pretrained(tmp_path / "reward")
+
+    run_ranks(_worker, TP, root)
+
+    histories = json.loads((tmp_path / "histories.json").read_text())
+    assert [h["step"] for h in histories["rest"]] == [3, 4]
+    assert [h["loss"] for h in histories["rest"]] == [h["loss"] for h in histories["full"][2:]]
+    assert [h["grad_norm"] for h in histories["rest"]] == [
+        h["grad_norm"] for h in histories["full"][2:]
+    ]
+    assert sorted(p.name for p in (tmp_path / "half" / "checkpoints").iterdir()) == [
+        f"step-{STEPS // 2:08d}",
+        f"step-{STEPS:08d}",
+    ]  # keep_last = 2: step 1 pruned
+    ours, shards = _assert_same_shards(tmp_path / "half", tmp_path / "full")
+    assert not (ours / "trunk").exists() and not (ours / "optimizer.json").exists()
+    # the shards differ: each holds its rank's slices of the split weights
+    m0, m1 = load_file(ours / shards[0]), load_file(ours / shards[1])
+    assert not torch.equal(m0["trunk.lm_head.weight"], m1["trunk.lm_head.weight"])
+
+    with pytest.raises(CheckpointError, match="written with --tp 2, this run has --tp 1; .*--tp 2"):
+        _fit(root, "half", max_steps=STEPS + 1, resume="auto")
+    (ours / shards[1]).unlink()
+    with pytest.raises(CheckpointError, match=r"model\.tp1-of-2\.safetensors is missing"):
+        _fit(root, "half", max_steps=STEPS + 1, resume="auto")
+
+
+def _char_reward(prompts, completions, **columns):
+    return [float(sum(map(ord, c)) % 7) for c in completions]
+
+
+def _reinforce(root, run, tp, **kw):
+    cfg = ReinforceConfig(
+        prompts=os.path.join(root, "prompts.jsonl"),
+        out=os.path.join(root, run),
+        tp=tp,
+        lr=1e-3,
+        schedule="constant",  # the same lr whether the run is told 2 or 4 steps
+        truncation_penalty=0.0,  # responses without EOS count: advantages are not all 0
+        max_new_tokens=4,
+        prompts_per_step=2,
+        k=2,
+        updates_per_rollout=2,
+        seed=7,
+        **QUIET,
+        **kw,
+    )
+    return ReinforceTrainer(cfg, reward_fn=_char_reward).fit()
+
+
+def _reinforce_worker(rank, world, init_file, root, tp):
+    os.environ["WORLD_SIZE"] = str(world)
+    join_gloo(rank, world, init_file)
+    try:
+        full = _reinforce(root, "full", tp, max_steps=STEPS)
+        _reinforce(root, "half", tp, max_steps=STEPS // 2, save_every=1)
+        # step 1 is inside the first rollout (2 updates): the resume must train on its samples
+        step1 = os.path.join(root, "half", "checkpoints", f"step-{1:08d}")
+        rest = _reinforce(root, "half", tp, max_steps=STEPS, resume=step1)
+        if rank == 0:
+            with open(os.path.join(root, "histories.json"), "w") as f:
+                json.dump({"full": full, "rest": rest}, f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("tp", [TP, 1], ids=["tp2", "dp2"])
+def test_reinforce_run_resumes_inside_a_rollout_bit_for_bit(tmp_path, tp):
+    """At --tp 2, and at --tp 1 on 2 processes (data parallel: each process's own rollout)."""
+    rows = [{"prompt": f"Say {c}."} for c in "abcdefgh"]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    run_ranks(_reinforce_worker, 2, str(tmp_path), tp)
+
+    histories = json.loads((tmp_path / "histories.json").read_text())
+    assert [h["step"] for h in histories["rest"]] == [2, 3, 4]
+    assert all(h["grad_norm"] > 0 for h in histories["full"]), histories["full"]
+    for key in ("loss", "grad_norm", "response_len_mean"):
+        assert [h[key] for h in histories["rest"]] == [h[key] for h in histories["full"][1:]], key
+    if tp > 1:
+        _assert_same_shards(tmp_path / "half", tmp_path / "full")
