@@ -294,3 +294,24 @@ def test_compiled_generation_equals_eager_and_follows_weight_updates():
     assert counters["stats"]["unique_graphs"] - graphs == 2  # same graphs, new weights read
     assert not torch.equal(updated, compiled)
     assert torch.equal(updated, run(False))
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_generation_equals_eager_and_follows_weight_updates():
+    # compile=None on CUDA means torch.compile with CUDA graphs; sampling is on the device.
+    torch.manual_seed(5)
+    m = _sharp(Llama(LlamaConfig.tiny(vocab_size=257))).cuda().eval()
+
+    def run(compile, **kw):
+        return generate(m, PROMPTS, max_new_tokens=20, eos_token_id=[], compile=compile, **kw)
+
+    graphs = run(None, greedy=True).tokens
+    assert torch.equal(graphs, run(False, greedy=True).tokens)
+    sampled = [
+        run(c, num_samples=4, generator=torch.Generator("cuda").manual_seed(1)).tokens
+        for c in (None, False)
+    ]
+    assert sampled[0].shape == (12, 20) and torch.equal(*sampled)
+    _perturb(m)
+    assert not torch.equal(run(None, greedy=True).tokens, graphs)
+    assert torch.equal(run(None, greedy=True).tokens, run(False, greedy=True).tokens)

@@ -19,7 +19,6 @@ allocated.
 from __future__ import annotations
 
 import functools
-import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -130,9 +129,8 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        cache = _cache_for(
-            model, n, plen + max_new_tokens, static=compile and device.type == "cuda"
-        )
+        graphs = compile and device.type == "cuda"
+        cache = _new_cache(model, n, plen + max_new_tokens, graphs=graphs)
         # Prefill the first sample row of each prompt (rows 0, k, 2k, ...), then copy its
         # prompt keys/values into the other k - 1 rows.
         first = KVCache(
@@ -173,6 +171,8 @@ def generate(
                 break
             # Finished rows keep stepping (the batch stays rectangular) on a harmless token 0.
             feed = torch.where(done, 0, tok)[:, None]
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are used up
             logits = forward(model, feed, next_pos, slot, cache, new_valid)
             next_pos, slot = next_pos + 1, slot + 1
     finally:
@@ -199,29 +199,14 @@ def _compiled(device_type: str):
     return torch.compile(_forward, fullgraph=True, dynamic=False, mode=mode)
 
 
-# CUDA graphs replay fixed addresses, so the compiled CUDA path keeps one cache per model and
-# reuses it while the shape fits (torch._dynamo.mark_static_address tells the graphs it stays).
-_STATIC_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _cache_for(model, batch: int, max_len: int, *, static: bool) -> KVCache:
-    if not static:
-        return model.new_cache(batch, max_len)
-    cache = _STATIC_CACHES.get(model)
-    p = model.embed_tokens.weight
-    if (
-        cache is None
-        or cache.k[0].shape[0] != batch
-        or cache.max_len != max_len
-        or cache.k[0].dtype != p.dtype
-        or cache.k[0].device != p.device
-    ):
-        _STATIC_CACHES.pop(model, None)
-        cache = model.new_cache(batch, max_len)
+def _new_cache(model, batch: int, max_len: int, *, graphs: bool) -> KVCache:
+    cache = model.new_cache(batch, max_len)
+    if graphs:
+        # CUDA graphs replay fixed addresses: a static (unguarded) address lets the graphs write
+        # the cache in place instead of copying it in and out at every step; a new cache at the
+        # next call makes them re-record once, not recompile.
         for t in (*cache.k, *cache.v, cache.key_valid):
             torch._dynamo.mark_static_address(t)
-        _STATIC_CACHES[model] = cache
-    cache.key_valid.zero_()
     return cache
 
 
