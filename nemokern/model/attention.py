@@ -3,7 +3,8 @@
 Three input forms, all with q [B, T, Hq, D] and k, v [B, T, Hkv, D] (Hq a multiple of Hkv):
   dense   B rows of T real tokens, plain causal attention;
   packed  B == 1, several sequences concatenated, segment boundaries in cu_seqlens [S + 1];
-          no token attends across a boundary, no padding is computed;
+          no token attends across a boundary, no padding is computed; with a cache and
+          cache_index, the keys/values are also written into the cache (a packed prefill);
   cached  generation: new keys/values are written into a preallocated KVCache at given slots and
           the queries attend to every valid cache slot up to their own; the static form
           (static_cache_context) attends over the whole cache with a mask, so a decode step has
@@ -67,14 +68,21 @@ class AttentionContext:
     cache_mask: torch.Tensor | None = None
     # cached form: [T] int64 cache slots the new keys/values go to (default: the next T)
     slots: torch.Tensor | None = None
+    # packed form only, prefilling a cache: (rows [N], slots [N]) int64, where each packed
+    # token's key/value goes
+    cache_index: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def attention(q, k, v, ctx: AttentionContext, layer: int) -> torch.Tensor:
     """Causal attention; q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq, D] in q's dtype."""
+    if ctx.cu_seqlens is not None:
+        if ctx.cache is not None:
+            rows, slots = ctx.cache_index
+            ctx.cache.k[layer][rows, :, slots] = k[0]
+            ctx.cache.v[layer][rows, :, slots] = v[0]
+        return packed_attention(q[0], k[0], v[0], ctx.cu_seqlens, ctx.max_seqlen).unsqueeze(0)
     if ctx.cache is not None:
         return _cached(q, k, v, ctx, layer)
-    if ctx.cu_seqlens is not None:
-        return packed_attention(q[0], k[0], v[0], ctx.cu_seqlens, ctx.max_seqlen).unsqueeze(0)
     return _sdpa(q, k, v)
 
 

@@ -5,15 +5,15 @@ real token) and never attends to padding, so a padded prompt generates what it w
 Sampling: greedy, or temperature -> top-k -> top-p (nucleus) on the fp32 logits, drawn on the
 logits' device with an optional seeded torch.Generator. Each row stops at its first EOS.
 
-Speed: the prompt length is rounded up to a bucket (a power of two, at least 16) and every forward
-pass attends over the whole cache with a mask, so a decode step has the same shapes at every
-position and no per-token host sync (EOS is tracked on the device; the loop asks the host whether
-every row has ended once every STOP_CHECK_EVERY steps). That step is what `compile=True`
-captures with torch.compile (mode "reduce-overhead", i.e. CUDA graphs, on a GPU): one graph per
-(batch, cache length) and one per prompt bucket. `num_samples=k` prefills each prompt once and
-copies its keys/values into its k rows. The model's parameters are read as they are at each call:
-no copy of the weights is made or kept. Every argument is checked before the KV cache is
-allocated.
+Speed: the prompts are prefilled packed (no padding computed) into a cache whose prompt part is
+rounded up to a bucket (a power of two, at least 16). Every decode step attends over the whole
+cache with a mask, so it has the same shapes at every position and no host sync (EOS is tracked
+on the device; the loop asks the host whether every row has ended once every STOP_CHECK_EVERY
+steps). That step is what `compile=True` captures with torch.compile (mode "reduce-overhead",
+i.e. CUDA graphs, on a GPU): one graph per (rows, bucket + max_new_tokens). `num_samples=k`
+prefills each prompt once and copies its keys/values into its k rows. The model's parameters are
+read as they are at each call: no copy of the weights is made or kept. Every argument is checked
+before the KV cache is allocated.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import KVCache, static_cache_context
+from .attention import AttentionContext, KVCache, static_cache_context
 from .llama import rope_cos_sin
 
 
@@ -88,7 +88,7 @@ def generate(
     temperature 0 or greedy=True picks the argmax.
     num_samples=k: k samples per prompt; row i * k + j of the result is sample j of prompt i. Each
     prompt is prefilled once and its keys/values copied into its k rows.
-    compile: run the forward passes through torch.compile (None: only on CUDA, where it pays;
+    compile: run the decode step through torch.compile (None: only on CUDA, where it pays;
     on the CPU it did not, see README "Generation speed"). Greedy results are the same either way.
     """
     _check_options(prompts, max_new_tokens, temperature, top_k, top_p, num_samples)
@@ -112,16 +112,11 @@ def generate(
     if compile is None:
         compile = device.type == "cuda"
     forward = _compiled(device.type) if compile else _forward
-    # Left padding to the bucket: padding slots are never attended to, so the bucket changes
-    # shapes (and so the number of compiled graphs), not results.
+    # The prompts go into the cache right-aligned at slots [plen - len, plen) (decoding then
+    # writes the same slot in every row); the bucket changes the cache length, and so the number
+    # of compiled decode graphs, not results: empty slots are never attended to.
     plen = max(_MIN_BUCKET, 1 << (plen - 1).bit_length())
-    ids = torch.zeros(b, plen, dtype=torch.long)  # token 0, never attended to
-    valid = torch.zeros(b, plen, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        ids[i, plen - r.numel() :] = r
-        valid[i, plen - r.numel() :] = True
-    ids, valid = ids.to(device), valid.to(device)
-    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    prompt_lengths = torch.tensor([r.numel() for r in rows])
     if model._inv_freq.device != device:
         model._inv_freq = model._inv_freq.to(device)
 
@@ -131,22 +126,18 @@ def generate(
     try:
         graphs = compile and device.type == "cuda"
         cache = _new_cache(model, n, plen + max_new_tokens, graphs=graphs)
-        # Prefill the first sample row of each prompt (rows 0, k, 2k, ...), then copy its
-        # prompt keys/values into the other k - 1 rows.
-        first = KVCache(
-            k=[t[::k, :, :plen] for t in cache.k],
-            v=[t[::k, :, :plen] for t in cache.v],
-            key_valid=cache.key_valid[::k, :plen],
+        # Prefill each prompt once, packed (no padding computed), into the first of its k rows,
+        # then copy its keys/values into the other k - 1.
+        logits = _prefill(
+            model, rows, prompt_lengths, cache, first_rows=torch.arange(b) * k, end=plen
         )
-        slots = torch.arange(plen, device=device)
-        logits = forward(model, ids, positions, slots, first, valid)
         if k > 1:
             prompt_part = [t[:, :, :plen] for t in cache.k + cache.v] + [cache.key_valid[:, :plen]]
             for t in prompt_part:
                 shared = t.unflatten(0, (b, k))  # a view: rows i * k + j of prompt i
                 shared[:, 1:] = shared[:, :1]
             logits = logits.repeat_interleave(k, dim=0)
-        next_pos = positions[:, -1:].repeat_interleave(k, dim=0) + 1
+        next_pos = prompt_lengths.to(device).repeat_interleave(k)[:, None]
         slot = torch.tensor([plen], device=device)
         new_valid = torch.ones(n, 1, dtype=torch.bool, device=device)
         out = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -180,15 +171,41 @@ def generate(
     return Generation(tokens=out[:, : int(lengths.max())], lengths=lengths, ended_with_eos=done)
 
 
+def _prefill(model, rows, lengths, cache, *, first_rows, end):
+    """Logits [b, V] after the last token of each prompt in rows (b 1-D id tensors, lengths [b]),
+    whose keys/values go to cache rows first_rows [b] at slots [end - length, end)."""
+    device = cache.key_valid.device
+    positions = torch.cat([torch.arange(int(n)) for n in lengths])
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    index = (
+        first_rows.repeat_interleave(lengths).to(device),
+        (positions + end - lengths.repeat_interleave(lengths)).to(device),
+    )
+    cache.key_valid[index] = True
+    ctx = AttentionContext(
+        cu_seqlens=cu.to(device, torch.int32),
+        max_seqlen=int(lengths.max()),
+        cache=cache,
+        cache_index=index,
+    )
+    x = _layers(model, torch.cat(rows).to(device)[None], positions.to(device)[None], ctx)
+    return model.lm_head(model.norm(x[0, cu[1:].to(device) - 1]))
+
+
 def _forward(model, ids, positions, slots, cache, valid):
     """Logits [B, V] of the last position after writing ids [B, T] (positions [B, T], validity
     valid [B, T]) into cache slots [T]. No host sync and no shape that depends on the slots."""
     ctx = static_cache_context(cache, slots, valid)
+    return model.lm_head(model.norm(_layers(model, ids, positions, ctx)[:, -1]))
+
+
+def _layers(model, ids, positions, ctx):
+    """The decoder layers' output [B, T, H] for ids, positions [B, T] (before the final norm)."""
     x = model.embed_tokens(ids)
     cos, sin = rope_cos_sin(positions, model._inv_freq, x.dtype)
     for layer in model.layers:
         x = layer(x, cos, sin, ctx)
-    return model.lm_head(model.norm(x[:, -1]))
+    return x
 
 
 @functools.cache
