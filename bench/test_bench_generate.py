@@ -25,23 +25,14 @@ from helpers import nemokern_from_hf, random_hf_model
 from nemokern.model import generate
 
 PROMPTS, NEW_TOKENS = 16, 32
+
+
+# hidden, layers, query heads, KV heads, FFN, vocab
+KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+KEYS += ("intermediate_size", "vocab_size")
 SHAPES = {
-    "tiny": dict(
-        hidden_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        intermediate_size=704,
-        vocab_size=262,
-    ),
-    "mid": dict(
-        hidden_size=1024,
-        num_hidden_layers=8,
-        num_attention_heads=16,
-        num_key_value_heads=4,
-        intermediate_size=2816,
-        vocab_size=32000,
-    ),
+    "tiny": dict(zip(KEYS, (256, 4, 8, 2, 704, 262))),
+    "mid": dict(zip(KEYS, (1024, 8, 16, 4, 2816, 32000))),
 }
 ROUNDS = {"tiny": 10, "mid": 3}
 
