@@ -10,16 +10,19 @@ checked to have 32 tokens), fp32, torch's default thread count, transformers' de
 (DynamicCache) and SDPA attention. Shapes: Llama-3.1-shaped, untied,
   tiny  hidden 256, 4 layers, 8 query / 2 KV heads, FFN 704, vocab 262 (the RLOO benchmark's policy)
   mid   hidden 1024, 8 layers, 16 query / 4 KV heads, FFN 2816, vocab 32000.
-extra_info: tokens (generated, so bench/report.py shows tokens/s), threads; for the compiled run
-compile_s, the first call's time with torch.compile's caches off (compiling one prefill and one
-decode graph) minus a steady call's.
+The three run in turn, one call each, ROUNDS times (a shared machine's changing load then weighs
+on all alike); the benchmark's rounds are those calls. extra_info: tokens (generated, so
+bench/report.py shows tokens/s), threads, seconds (every round); for the compiled run compile_s,
+the first call's time with torch.compile's caches off (compiling the decode step) minus the
+fastest steady call.
 """
 
 import time
 
 import pytest
 import torch
-from _memory import run_benchmark
+from _memory import device_name
+from test_bench_reward_train import _use_times
 
 from helpers import nemokern_from_hf, random_hf_model
 from nemokern.model import generate
@@ -87,22 +90,43 @@ def _nemokern(model, prompts, compile):
     return run
 
 
-@pytest.mark.benchmark(group="generate: 16 prompts x 32 new tokens, greedy, fp32, CPU")
-@pytest.mark.parametrize("impl", ["nemokern", "nemokern-compile", "transformers"])
-def test_generate_tokens_per_second(benchmark, shape, impl):
+@pytest.fixture(scope="module")
+def interleaved(shape):
+    """Seconds per call of each implementation, one call of each in turn, ROUNDS times, so that
+    the load of the shared machine weighs on all of them alike; and the compile time."""
     name, hf, ours, prompts = shape
-    info = {"tokens": PROMPTS * NEW_TOKENS, "threads": torch.get_num_threads(), "shape": name}
-    if impl == "transformers":
-        fn = _transformers(hf, prompts)
-    else:
-        fn = _nemokern(ours, prompts, compile=impl == "nemokern-compile")
-    if impl == "nemokern-compile":
-        torch._dynamo.reset()
-        with torch._inductor.config.patch(force_disable_caches=True):
-            start = time.perf_counter()
-            fn()
-            first = time.perf_counter() - start
+    calls = {
+        "nemokern": _nemokern(ours, prompts, compile=False),
+        "nemokern-compile": _nemokern(ours, prompts, compile=True),
+        "transformers": _transformers(hf, prompts),
+    }
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(force_disable_caches=True):
         start = time.perf_counter()
-        fn()
-        info["compile_s"] = first - (time.perf_counter() - start)
-    run_benchmark(benchmark, fn, "cpu", ROUNDS[name], **info)
+        calls["nemokern-compile"]()
+        first = time.perf_counter() - start
+    for call in calls.values():
+        call()  # warm-up
+    times = {impl: [] for impl in calls}
+    for _ in range(ROUNDS[name]):
+        for impl, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[impl].append(time.perf_counter() - start)
+    return times, first - min(times["nemokern-compile"])
+
+
+@pytest.mark.benchmark(group="generate: 16 prompts x 32 new tokens, greedy, fp32, CPU, interleaved")
+@pytest.mark.parametrize("impl", ["nemokern", "nemokern-compile", "transformers"])
+def test_generate_tokens_per_second(benchmark, shape, interleaved, impl):
+    times, compile_s = interleaved
+    benchmark.pedantic(lambda: None, rounds=1)
+    _use_times(benchmark, times[impl])
+    benchmark.extra_info.update(
+        device=device_name("cpu"),
+        shape=shape[0],
+        tokens=PROMPTS * NEW_TOKENS,
+        threads=torch.get_num_threads(),
+        seconds=times[impl],
+        **({"compile_s": compile_s} if impl == "nemokern-compile" else {}),
+    )
