@@ -89,7 +89,7 @@ def generate(
     num_samples=k: k samples per prompt; row i * k + j of the result is sample j of prompt i. Each
     prompt is prefilled once and its keys/values copied into its k rows.
     compile: run the decode step through torch.compile (None: on CUDA, with CUDA graphs; not on
-    the CPU, where compiling took 26-46 s for a 10-25% gain, see README "Generation speed").
+    the CPU, where compiling took 26-46 s for a 3-25% gain, see README "Generation speed").
     Greedy results are the same either way.
     """
     _check_options(prompts, max_new_tokens, temperature, top_k, top_p, num_samples)
