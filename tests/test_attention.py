@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from nemokern.model import KVCache, packed_attention, packed_backend
-from nemokern.model.attention import AttentionContext, attention, cache_mask
+from nemokern.model.attention import (
+    AttentionContext,
+    attention,
+    cache_mask,
+    static_cache_context,
+)
 
 LENGTHS = [7, 1, 0, 23, 12]  # awkward: a single token, an empty segment
 
@@ -103,6 +108,21 @@ def test_cache_mask_hides_padding_and_future():
     cache.length = 6
     with pytest.raises(ValueError, match="KV cache overflow"):
         cache_mask(cache, torch.ones(2, 1, dtype=torch.bool))
+
+
+def test_static_cache_mask_spans_the_whole_cache_and_equals_the_eager_one():
+    eager = KVCache.allocate(1, 2, 1, 6, 4, dtype=torch.float32, device="cpu")
+    static = KVCache.allocate(1, 2, 1, 6, 4, dtype=torch.float32, device="cpu")
+    valid = torch.tensor([[False, True, True], [True, True, True]])
+    want = cache_mask(eager, valid)
+    ctx = static_cache_context(static, torch.arange(3), valid)
+    assert ctx.cache_mask.shape == (2, 1, 3, 6)  # every step the same shape: all 6 slots
+    assert torch.equal(ctx.cache_mask[..., :3], want) and not ctx.cache_mask[..., 3:].any()
+    eager.length = 3
+    want = cache_mask(eager, torch.ones(2, 1, dtype=torch.bool))
+    ctx = static_cache_context(static, torch.tensor([3]), torch.ones(2, 1, dtype=torch.bool))
+    assert torch.equal(ctx.cache_mask[..., :4], want) and not ctx.cache_mask[..., 4:].any()
+    assert torch.equal(static.key_valid, eager.key_valid)
 
 
 def _cuda_inputs(dtype):

@@ -5,6 +5,7 @@ import torch
 
 from helpers import CASES, nemokern_from_hf, random_hf_model
 from nemokern.model import Llama, LlamaConfig, generate, sample_next
+from nemokern.model.generate import STOP_CHECK_EVERY
 
 PROMPTS = [[5, 9, 2, 77, 31], [8], [100, 3, 3, 250, 17, 6, 90, 12, 44]]
 
@@ -157,6 +158,7 @@ def test_generate_restores_training_mode(model):
         (dict(temperature=-1.0), "temperature"),
         (dict(top_k=0), "top_k"),
         (dict(top_p=0.0), "top_p"),
+        (dict(num_samples=0), "num_samples"),
     ],
 )
 def test_bad_options_raise(model, kwargs, match):
@@ -197,3 +199,120 @@ def test_bf16_greedy_with_cache_equals_full_forward_argmax(model):
     res = generate(bf16, PROMPTS, max_new_tokens=6, greedy=True, eos_token_id=[])
     for i, p in enumerate(PROMPTS):
         assert res.tokens[i].tolist() == _greedy_without_cache(bf16, p, 6), i
+
+
+def _repeated(prompts, k):
+    return [p for p in prompts for _ in range(k)]
+
+
+def test_num_samples_greedy_equals_separate_prefills(model):
+    shared = generate(model, PROMPTS, max_new_tokens=8, greedy=True, num_samples=3, eos_token_id=[])
+    alone = generate(model, _repeated(PROMPTS, 3), max_new_tokens=8, greedy=True, eos_token_id=[])
+    assert shared.tokens.shape == (9, 8) and torch.equal(shared.tokens, alone.tokens)
+
+
+def test_num_samples_seeded_sampling_equals_separate_prefills(model):
+    # The same generator draws for the same [B, V] logits whether the prompt's keys/values were
+    # copied or computed per row, so the two runs agree sample by sample; rows of one prompt
+    # differ from each other (they are independent samples).
+    def run(prompts, k):
+        return generate(
+            model,
+            prompts,
+            max_new_tokens=12,
+            temperature=1.3,
+            top_k=50,
+            top_p=0.95,
+            num_samples=k,
+            generator=torch.Generator().manual_seed(7),
+            eos_token_id=[],
+        ).tokens
+
+    shared = run(PROMPTS, 4)
+    assert torch.equal(shared, run(_repeated(PROMPTS, 4), 1))
+    assert len({tuple(r) for r in shared[:4].tolist()}) > 1
+
+
+def test_num_samples_prefills_each_prompt_once(model):
+    rows = []
+    hook = model.embed_tokens.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape))
+    try:
+        generate(model, PROMPTS, max_new_tokens=3, greedy=True, num_samples=5, eos_token_id=[])
+    finally:
+        hook.remove()
+    # one packed prefill of the 15 prompt tokens (no padding, no copy per sample), then 15 rows
+    assert rows[0] == (1, 15) and all(r == (15, 1) for r in rows[1:]), rows
+
+
+def test_the_loop_stops_within_a_few_steps_once_every_row_has_ended(model):
+    firsts = generate(model, PROMPTS, max_new_tokens=1, greedy=True).tokens[:, 0].tolist()
+    calls = []
+    hook = model.embed_tokens.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        res = generate(model, PROMPTS, max_new_tokens=100, greedy=True, eos_token_id=firsts)
+    finally:
+        hook.remove()
+    assert res.lengths.tolist() == [1, 1, 1]
+    assert 1 < len(calls) <= 1 + STOP_CHECK_EVERY  # prefill + decode steps until the check
+
+
+def _perturb(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.add_(torch.randn_like(p) * 0.2)
+
+
+def test_generate_reads_the_live_parameters():
+    torch.manual_seed(3)
+    m = _sharp(Llama(LlamaConfig.tiny(vocab_size=257))).eval()
+    before = generate(m, PROMPTS, max_new_tokens=6, greedy=True, eos_token_id=[]).tokens
+    _perturb(m)  # an optimizer step updates the parameters in place, as here
+    after = generate(m, PROMPTS, max_new_tokens=6, greedy=True, eos_token_id=[]).tokens
+    assert not torch.equal(before, after)
+    for i, p in enumerate(PROMPTS):
+        assert after[i].tolist() == _greedy_without_cache(m, p, 6), i
+
+
+def test_compiled_generation_equals_eager_and_follows_weight_updates():
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(4)
+    m = _sharp(Llama(LlamaConfig.tiny(vocab_size=257, num_hidden_layers=1))).eval()
+
+    def run(compile):
+        return generate(
+            m, PROMPTS, max_new_tokens=6, greedy=True, eos_token_id=[], compile=compile
+        ).tokens
+
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = run(True)
+    # one decode graph, the same at every position (the packed prefill runs eagerly)
+    assert counters["stats"]["unique_graphs"] - graphs == 1
+    assert torch.equal(compiled, run(False))
+    _perturb(m)
+    updated = run(True)
+    assert counters["stats"]["unique_graphs"] - graphs == 1  # same graph, new weights read
+    assert not torch.equal(updated, compiled)
+    assert torch.equal(updated, run(False))
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_generation_equals_eager_and_follows_weight_updates():
+    # compile=None on CUDA means torch.compile with CUDA graphs; sampling is on the device.
+    torch.manual_seed(5)
+    m = _sharp(Llama(LlamaConfig.tiny(vocab_size=257))).cuda().eval()
+
+    def run(compile, **kw):
+        return generate(m, PROMPTS, max_new_tokens=20, eos_token_id=[], compile=compile, **kw)
+
+    graphs = run(None, greedy=True).tokens
+    assert torch.equal(graphs, run(False, greedy=True).tokens)
+    sampled = [
+        run(c, num_samples=4, generator=torch.Generator("cuda").manual_seed(1)).tokens
+        for c in (None, False)
+    ]
+    assert sampled[0].shape == (12, 20) and torch.equal(*sampled)
+    _perturb(m)
+    assert not torch.equal(run(None, greedy=True).tokens, graphs)
+    assert torch.equal(run(None, greedy=True).tokens, run(False, greedy=True).tokens)

@@ -3,9 +3,12 @@
 Three input forms, all with q [B, T, Hq, D] and k, v [B, T, Hkv, D] (Hq a multiple of Hkv):
   dense   B rows of T real tokens, plain causal attention;
   packed  B == 1, several sequences concatenated, segment boundaries in cu_seqlens [S + 1];
-          no token attends across a boundary, no padding is computed;
-  cached  generation: new keys/values are written into a preallocated KVCache and the queries
-          attend to every valid cache slot up to their own.
+          no token attends across a boundary, no padding is computed; with a cache and
+          cache_index, the keys/values are also written into the cache (a packed prefill);
+  cached  generation: new keys/values are written into a preallocated KVCache at given slots and
+          the queries attend to every valid cache slot up to their own; the static form
+          (static_cache_context) attends over the whole cache with a mask, so a decode step has
+          the same shapes at every position and torch.compile captures it once.
 Packed backend, chosen automatically: flash_attn's varlen kernel (installed + CUDA + half
 precision), else torch.nn.attention.varlen (CUDA + half precision), else exact per-segment SDPA.
 """
@@ -60,16 +63,26 @@ class AttentionContext:
     cu_seqlens: torch.Tensor | None = None  # [S + 1] int32, packed form only
     max_seqlen: int = 0
     cache: KVCache | None = None
-    # cached form: [B, 1, T, cache.length + T] bool, True where query t may attend to slot j
+    # cached form: [B, 1, T, S] bool, True where query t may attend to slot j; S is
+    # cache.length + T (eager) or cache.max_len (static)
     cache_mask: torch.Tensor | None = None
+    # cached form: [T] int64 cache slots the new keys/values go to (default: the next T)
+    slots: torch.Tensor | None = None
+    # packed form only, prefilling a cache: (rows [N], slots [N]) int64, where each packed
+    # token's key/value goes
+    cache_index: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def attention(q, k, v, ctx: AttentionContext, layer: int) -> torch.Tensor:
     """Causal attention; q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq, D] in q's dtype."""
+    if ctx.cu_seqlens is not None:
+        if ctx.cache is not None:
+            rows, slots = ctx.cache_index
+            ctx.cache.k[layer][rows, :, slots] = k[0]
+            ctx.cache.v[layer][rows, :, slots] = v[0]
+        return packed_attention(q[0], k[0], v[0], ctx.cu_seqlens, ctx.max_seqlen).unsqueeze(0)
     if ctx.cache is not None:
         return _cached(q, k, v, ctx, layer)
-    if ctx.cu_seqlens is not None:
-        return packed_attention(q[0], k[0], v[0], ctx.cu_seqlens, ctx.max_seqlen).unsqueeze(0)
     return _sdpa(q, k, v)
 
 
@@ -181,9 +194,14 @@ def _torch_varlen():
 
 def _cached(q, k, v, ctx, layer):
     cache, t = ctx.cache, q.shape[1]
-    start, end = cache.length, cache.length + t
-    cache.k[layer][:, :, start:end] = k.transpose(1, 2)
-    cache.v[layer][:, :, start:end] = v.transpose(1, 2)
+    slots = ctx.slots
+    if slots is None:
+        slots = torch.arange(cache.length, cache.length + t, device=q.device)
+    # index_copy_ with a tensor of slots: no Python int per position, so a compiled decode step
+    # is the same graph at every position.
+    cache.k[layer].index_copy_(2, slots, k.transpose(1, 2))
+    cache.v[layer].index_copy_(2, slots, v.transpose(1, 2))
+    end = ctx.cache_mask.shape[-1]
     keys, values = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
     groups = q.shape[2] // k.shape[2]
     if t > 1 and groups > 1:
@@ -202,18 +220,30 @@ def _cached(q, k, v, ctx, layer):
 
 
 def cache_mask(cache: KVCache, new_valid: torch.Tensor) -> torch.Tensor:
-    """Mark the next T slots valid per new_valid [B, T] and return the mask for attending to them.
-
-    Query t sees slots j <= length + t that are valid; it always sees its own slot, so a padding
-    query has one finite score (all-masked rows would give NaN that later layers would read).
-    """
+    """Mark the next T slots valid per new_valid [B, T] and return the [B, 1, T, length + T]
+    mask for attending to them (the eager form: one more key per step)."""
     b, t = new_valid.shape
     start, end = cache.length, cache.length + t
     if end > cache.max_len:
         raise ValueError(f"KV cache overflow: {end} slots needed, cache holds {cache.max_len}")
     cache.key_valid[:, start:end] = new_valid
-    slots = torch.arange(end, device=new_valid.device)
-    query_slot = torch.arange(start, end, device=new_valid.device)[:, None]
-    mask = (slots[None, :] <= query_slot) & cache.key_valid[:, None, :end]
-    mask |= slots[None, :] == query_slot
+    return _slot_mask(cache.key_valid[:, :end], torch.arange(start, end, device=new_valid.device))
+
+
+def static_cache_context(cache: KVCache, slots: torch.Tensor, new_valid: torch.Tensor):
+    """The AttentionContext for writing T new tokens at `slots` [T] (int64, on the cache's device)
+    with validity new_valid [B, T], attending over the whole cache: every shape depends on B, T
+    and cache.max_len only, never on the position, and nothing syncs with the host. The caller
+    keeps the slots inside the cache."""
+    cache.key_valid.index_copy_(1, slots, new_valid)
+    return AttentionContext(cache=cache, cache_mask=_slot_mask(cache.key_valid, slots), slots=slots)
+
+
+def _slot_mask(key_valid, slots):
+    """[B, 1, T, S] mask: query t (in slot slots[t]) sees the valid slots j <= slots[t] of
+    key_valid [B, S]. It always sees its own slot, so a padding query has one finite score
+    (all-masked rows would give NaN that later layers would read)."""
+    j = torch.arange(key_valid.shape[1], device=key_valid.device)
+    mask = (j <= slots[:, None]) & key_valid[:, None, :]
+    mask |= j == slots[:, None]
     return mask[:, None]

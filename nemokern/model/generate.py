@@ -1,18 +1,31 @@
-"""Batched sampling from a Llama with a preallocated KV cache.
+"""Batched sampling from a Llama with a static, preallocated KV cache.
 
 Prompts of different lengths are left-padded; each row gets its own position ids (0 at its first
 real token) and never attends to padding, so a padded prompt generates what it would alone.
-Sampling: greedy, or temperature -> top-k -> top-p (nucleus) on the fp32 logits, drawn with an
-optional seeded torch.Generator. Each row stops at its first EOS. Every argument is checked before
-the KV cache is allocated.
+Sampling: greedy, or temperature -> top-k -> top-p (nucleus) on the fp32 logits, drawn on the
+logits' device with an optional seeded torch.Generator. Each row stops at its first EOS.
+
+Speed: the prompts are prefilled packed (no padding computed) into a cache whose prompt part is
+rounded up to a bucket (a power of two, at least 16). Every decode step attends over the whole
+cache with a mask, so it has the same shapes at every position and no host sync (EOS is tracked
+on the device; the loop asks the host whether every row has ended once every STOP_CHECK_EVERY
+steps). That step is what `compile=True` captures with torch.compile (mode "reduce-overhead",
+i.e. CUDA graphs, on a GPU): one graph per (rows, bucket + max_new_tokens). `num_samples=k`
+prefills each prompt once and copies its keys/values into its k rows. The model's parameters are
+read as they are at each call: no copy of the weights is made or kept. Every argument is checked
+before the KV cache is allocated.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from .attention import AttentionContext, KVCache, static_cache_context
+from .llama import rope_cos_sin
 
 
 @dataclass
@@ -42,8 +55,15 @@ def sample_next(logits, *, greedy=False, temperature=1.0, top_k=None, top_p=1.0,
         drop = probs.cumsum(-1) - probs >= top_p
         drop[:, 0] = False
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    # argmax(p / E) with E ~ Exp(1) draws from p (the exponential race) with no host sync, which
+    # torch.multinomial may need on CUDA; the clamp keeps a zero draw from winning with p = 0.
     probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    race = torch.empty_like(probs).exponential_(generator=generator).clamp_min_(1e-30)
+    return (probs / race).argmax(-1)
+
+
+STOP_CHECK_EVERY = 8  # decode steps between host checks of "has every row ended?"
+_MIN_BUCKET = 16
 
 
 @torch.no_grad()
@@ -59,13 +79,20 @@ def generate(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     pad_id: int = 0,
+    num_samples: int = 1,
+    compile: bool | None = None,
 ) -> Generation:
     """Sample up to max_new_tokens after each prompt (lists of token ids or 1-D tensors).
 
     eos_token_id: an id or a set of ids ending a row (default: the config's eos ids, or none).
     temperature 0 or greedy=True picks the argmax.
+    num_samples=k: k samples per prompt; row i * k + j of the result is sample j of prompt i. Each
+    prompt is prefilled once and its keys/values copied into its k rows.
+    compile: run the decode step through torch.compile (None: on CUDA, with CUDA graphs; not on
+    the CPU, where compiling took 26-46 s for a 3-25% gain, see README "Generation speed").
+    Greedy results are the same either way.
     """
-    _check_options(prompts, max_new_tokens, temperature, top_k, top_p)
+    _check_options(prompts, max_new_tokens, temperature, top_k, top_p, num_samples)
     device = model.embed_tokens.weight.device
     if eos_token_id is None:
         eos_token_id = model.config.eos_token_ids
@@ -83,26 +110,40 @@ def generate(
             f"exceeds the model's max_position_embeddings={limit}; shorten the "
             f"prompt or lower max_new_tokens to at most {max(0, limit - plen)}"
         )
-    ids = torch.zeros(b, plen, dtype=torch.long)  # left padding: token 0, never attended to
-    valid = torch.zeros(b, plen, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        ids[i, plen - r.numel() :] = r
-        valid[i, plen - r.numel() :] = True
-    ids, valid = ids.to(device), valid.to(device)
-    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+    if compile is None:
+        compile = device.type == "cuda"
+    forward = _compiled(device.type) if compile else _forward
+    # The prompts go into the cache right-aligned at slots [plen - len, plen) (decoding then
+    # writes the same slot in every row); the bucket changes the cache length, and so the number
+    # of compiled decode graphs, not results: empty slots are never attended to.
+    plen = max(_MIN_BUCKET, 1 << (plen - 1).bit_length())
+    prompt_lengths = torch.tensor([r.numel() for r in rows])
+    if model._inv_freq.device != device:
+        model._inv_freq = model._inv_freq.to(device)
 
+    k, n = num_samples, b * num_samples
     was_training = model.training
     model.eval()
     try:
-        cache = model.new_cache(b, plen + max_new_tokens)
-        # LM head on the last prompt position only: [B, T, V] prompt logits are never needed.
-        hidden = model.hidden_states(ids, position_ids=positions, cache=cache, valid=valid)
-        logits = model.lm_head(hidden[:, -1])
-        next_pos = positions[:, -1:] + 1
-        out = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)
-        done = torch.zeros(b, dtype=torch.bool, device=device)
-        ended = torch.zeros(b, dtype=torch.bool, device=device)
-        lengths = torch.zeros(b, dtype=torch.long, device=device)
+        graphs = compile and device.type == "cuda"
+        cache = _new_cache(model, n, plen + max_new_tokens, graphs=graphs)
+        # Prefill each prompt once, packed (no padding computed), into the first of its k rows,
+        # then copy its keys/values into the other k - 1.
+        logits = _prefill(
+            model, rows, prompt_lengths, cache, first_rows=torch.arange(b) * k, end=plen
+        )
+        if k > 1:
+            prompt_part = [t[:, :, :plen] for t in cache.k + cache.v] + [cache.key_valid[:, :plen]]
+            for t in prompt_part:
+                shared = t.unflatten(0, (b, k))  # a view: rows i * k + j of prompt i
+                shared[:, 1:] = shared[:, :1]
+            logits = logits.repeat_interleave(k, dim=0)
+        next_pos = prompt_lengths.to(device).repeat_interleave(k)[:, None]
+        slot = torch.tensor([plen], device=device)
+        new_valid = torch.ones(n, 1, dtype=torch.bool, device=device)
+        out = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)
+        done = torch.zeros(n, dtype=torch.bool, device=device)
+        lengths = torch.zeros(n, dtype=torch.long, device=device)
         for step in range(max_new_tokens):
             tok = sample_next(
                 logits,
@@ -116,19 +157,76 @@ def generate(
             tok = torch.where(done, pad_id, tok)
             out[:, step] = tok
             lengths += (~done).long()
-            hit = ~done & torch.isin(tok, eos)
-            ended |= hit
-            done |= hit
-            # One host sync per step: stop early once every row has ended.
-            if step + 1 == max_new_tokens or bool(done.all()):
+            done |= ~done & torch.isin(tok, eos)
+            if step + 1 == max_new_tokens or (
+                (step + 1) % STOP_CHECK_EVERY == 0 and bool(done.all())
+            ):
                 break
             # Finished rows keep stepping (the batch stays rectangular) on a harmless token 0.
-            feed = torch.where(done, 0, tok)
-            logits = model(feed[:, None], position_ids=next_pos, cache=cache)[:, -1]
-            next_pos = next_pos + 1
+            feed = torch.where(done, 0, tok)[:, None]
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are used up
+            logits = forward(model, feed, next_pos, slot, cache, new_valid)
+            next_pos, slot = next_pos + 1, slot + 1
     finally:
         model.train(was_training)
-    return Generation(tokens=out[:, : int(lengths.max())], lengths=lengths, ended_with_eos=ended)
+    return Generation(tokens=out[:, : int(lengths.max())], lengths=lengths, ended_with_eos=done)
+
+
+def _prefill(model, rows, lengths, cache, *, first_rows, end):
+    """Logits [b, V] after the last token of each prompt in rows (b 1-D id tensors, lengths [b]),
+    whose keys/values go to cache rows first_rows [b] at slots [end - length, end)."""
+    device = cache.key_valid.device
+    positions = torch.cat([torch.arange(int(n)) for n in lengths])
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    index = (
+        first_rows.repeat_interleave(lengths).to(device),
+        (positions + end - lengths.repeat_interleave(lengths)).to(device),
+    )
+    cache.key_valid[index] = True
+    ctx = AttentionContext(
+        cu_seqlens=cu.to(device, torch.int32),
+        max_seqlen=int(lengths.max()),
+        cache=cache,
+        cache_index=index,
+    )
+    x = _layers(model, torch.cat(rows).to(device)[None], positions.to(device)[None], ctx)
+    return model.lm_head(model.norm(x[0, cu[1:].to(device) - 1]))
+
+
+def _forward(model, ids, positions, slots, cache, valid):
+    """Logits [B, V] of the last position after writing ids [B, T] (positions [B, T], validity
+    valid [B, T]) into cache slots [T]. No host sync and no shape that depends on the slots."""
+    ctx = static_cache_context(cache, slots, valid)
+    return model.lm_head(model.norm(_layers(model, ids, positions, ctx)[:, -1]))
+
+
+def _layers(model, ids, positions, ctx):
+    """The decoder layers' output [B, T, H] for ids, positions [B, T] (before the final norm)."""
+    x = model.embed_tokens(ids)
+    cos, sin = rope_cos_sin(positions, model._inv_freq, x.dtype)
+    for layer in model.layers:
+        x = layer(x, cos, sin, ctx)
+    return x
+
+
+@functools.cache
+def _compiled(device_type: str):
+    # dynamic=False: one graph per shape; the prompt buckets and a fixed max_new_tokens keep the
+    # shapes few. CUDA graphs remove the per-kernel launch cost that dominates a decode step.
+    mode = "reduce-overhead" if device_type == "cuda" else None
+    return torch.compile(_forward, fullgraph=True, dynamic=False, mode=mode)
+
+
+def _new_cache(model, batch: int, max_len: int, *, graphs: bool) -> KVCache:
+    cache = model.new_cache(batch, max_len)
+    if graphs:
+        # CUDA graphs replay fixed addresses: a static (unguarded) address lets the graphs write
+        # the cache in place instead of copying it in and out at every step; a new cache at the
+        # next call makes them re-record once, not recompile.
+        for t in (*cache.k, *cache.v, cache.key_valid):
+            torch._dynamo.mark_static_address(t)
+    return cache
 
 
 def _prompt_ids(i, prompt, vocab_size) -> torch.Tensor:
@@ -154,7 +252,7 @@ def _prompt_ids(i, prompt, vocab_size) -> torch.Tensor:
     return ids.to(torch.long)
 
 
-def _check_options(prompts, max_new_tokens, temperature, top_k, top_p):
+def _check_options(prompts, max_new_tokens, temperature, top_k, top_p, num_samples):
     if isinstance(prompts, (str, bytes)) or isinstance(prompts, torch.Tensor) and prompts.dim() < 2:
         raise TypeError(
             "prompts must be a list of prompts, each a list or 1-D tensor of token "
@@ -175,3 +273,7 @@ def _check_options(prompts, max_new_tokens, temperature, top_k, top_p):
         raise ValueError(f"top_k={top_k!r} must be a positive integer or None (off)")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p} must be in (0, 1]")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(
+            f"num_samples={num_samples!r} must be a positive integer (samples per prompt)"
+        )

@@ -110,7 +110,9 @@ class ReinforceConfig(TrainConfig):
         1, "optimizer steps each rollout is split into (its prompts are prompts_per_step x this)"
     )
     generation_batch_size: int = option(
-        0, "sequences per generate() call (0: the whole rollout at once)"
+        0,
+        "sequences per generate() call, rounded down to whole prompts' k samples (0: the "
+        "whole rollout at once)",
     )
     offload: bool = option(
         False, "keep the reference and the reward model on the CPU between rollouts (CUDA)"
@@ -458,12 +460,14 @@ class ReinforceTrainer:
                 (cfg.seed * 1_000_003 + first_step) * loop.dist.world_size + loop.dist.rank
             )
             rows = [ids for ids in prompt_ids for _ in range(k)]
-            chunk = cfg.generation_batch_size or len(rows)
+            # whole prompts per call: each is prefilled once for its k samples (num_samples)
+            chunk = max(1, (cfg.generation_batch_size or len(rows)) // k)
             responses, ended = [], []
-            for i in range(0, len(rows), chunk):
+            for i in range(0, len(prompt_ids), chunk):
                 g = generate(
                     self.policy,
-                    rows[i : i + chunk],
+                    prompt_ids[i : i + chunk],
+                    num_samples=k,
                     max_new_tokens=cfg.max_new_tokens,
                     eos_token_id=tok.eos_ids,
                     temperature=cfg.temperature,
