@@ -20,3 +20,10 @@ def pytest_addoption(parser):
         choices=("full", "quick"),
         help="sizes of bench/test_bench_sweep.py: full, or quick (the smallest, a smoke run)",
     )
+    parser.addoption(
+        "--generate-shape",
+        default="8b",
+        choices=("8b", "tiny"),
+        help="model of bench/test_bench_generate_gpu.py: 8b (Llama-3.1-8B-shaped, needs a GPU), or "
+        "tiny (a smoke run, on the CPU when there is no GPU)",
+    )

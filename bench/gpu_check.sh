@@ -11,7 +11,8 @@
 #
 # Assumes python3 with CUDA torch, triton, pybind11, setuptools, transformers, safetensors, pytest
 # and pytest-benchmark; downloads nothing. Files in OUTDIR: log.txt (everything, with versions),
-# tests.xml, bench.json, bench-compiled.json, resources.json, all-reduce-cuda.json, summary.md.
+# tests.xml, bench.json, bench-compiled.json, resources.json, all-reduce-cuda.json, generate.json,
+# summary.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-bench/results/gpu_check}"
@@ -68,7 +69,7 @@ fi
 # (1) correctness: every kernel and op against float64 at real shapes (multi-process ones later)
 stage gpu-tests 180 "${PYTEST[@]}" tests "${GPU_SEL[@]}" -k "not cuda_ipc"
 # (2) ceilings and nemokern vs eager first; torch.compile (slow to warm up) after
-stage benchmarks 200 "${PYTEST[@]}" bench "${BENCH_SEL[@]}" -k "not compiled" \
+stage benchmarks 200 "${PYTEST[@]}" bench "${BENCH_SEL[@]}" -k "not compiled and not generate_gpu" \
     --benchmark-json="$OUT/bench.json"
 if [[ "$DRY" != 1 ]]; then
     stage resources 60 python3 -m nemokern.kernels._aot --resources "$OUT/resources.json"
@@ -84,9 +85,12 @@ else
     stage all-reduce-bench 90 python3 bench/bench_all_reduce.py --device cuda --worlds 2 \
         --rounds 5 --sizes 4096 65536 1048576 16777216 --machine "$(python3 -c \
         'import torch; print(torch.cuda.get_device_name())')" --out "$OUT/all-reduce-cuda"
-    stage bench-compiled 240 "${PYTEST[@]}" bench "${BENCH_SEL[@]}" -k "compiled or ceiling" \
-        --benchmark-json="$OUT/bench-compiled.json"
+    stage bench-compiled 240 "${PYTEST[@]}" bench "${BENCH_SEL[@]}" \
+        -k "(compiled or ceiling) and not generate_gpu" --benchmark-json="$OUT/bench-compiled.json"
 fi
+# (4) decoding an 8B-shaped model at batch 1-256 against the bandwidth bound (last: the slowest)
+stage generate 300 "${PYTEST[@]}" bench/test_bench_generate_gpu.py "${BENCH_SEL[@]}" \
+    --benchmark-json="$OUT/generate.json"
 
 {
     echo "# gpu_check summary ($(date -u +%Y-%m-%d\ %H:%M) UTC, $((SECONDS - START)) s)"
