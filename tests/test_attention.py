@@ -2,10 +2,13 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from helpers import error_vs
 from nemokern.model import KVCache, packed_attention, packed_backend
 from nemokern.model.attention import (
     AttentionContext,
+    _decode_cpu,
     attention,
     cache_mask,
     static_cache_context,
@@ -179,3 +182,27 @@ def test_torch_varlen_without_a_causal_argument_is_refused(monkeypatch):
     monkeypatch.setenv("NEMOKERN_ATTENTION", "torch_varlen")
     with pytest.raises(RuntimeError, match="NEMOKERN_ATTENTION=sdpa"):
         packed_attention(*_inputs(torch.float32)[:3], _inputs(torch.float32)[3], max(LENGTHS))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads", [(6, 2), (5, 5), (4, 1)])
+def test_cpu_decode_step_within_2x_of_sdpa_error(dtype, heads):
+    """The CPU's one-query decode attention (grouped fp32 matmuls) against float64, at most 2x
+    the error of SDPA in the same dtype, over a mask with holes (padding, the future)."""
+    hq, hkv = heads
+    g = torch.Generator().manual_seed(hq)
+    b, s, d = 7, 37, 24
+    q = torch.randn(b, 1, hq, d, generator=g).to(dtype)
+    keys, values = (torch.randn(b, hkv, s, d, generator=g).to(dtype) for _ in range(2))
+    mask = torch.rand(b, 1, 1, s, generator=g) > 0.3
+    mask[..., 0] = True
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(
+            q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=hq != hkv
+        ).transpose(1, 2)
+
+    ours = _decode_cpu(q, keys, values, mask)
+    assert ours.shape == q.shape and ours.dtype == dtype
+    ref = sdpa(q.double(), keys.double(), values.double())
+    error_vs(ours, sdpa(q, keys, values), ref, f"decode {dtype} heads {heads}")

@@ -204,6 +204,8 @@ def _cached(q, k, v, ctx, layer):
     end = ctx.cache_mask.shape[-1]
     keys, values = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
     groups = q.shape[2] // k.shape[2]
+    if t == 1 and q.device.type == "cpu":
+        return _decode_cpu(q, keys, values, ctx.cache_mask)
     if t > 1 and groups > 1:
         # Prefill: CUDA's memory-efficient SDPA takes a mask but not enable_gqa, and the math
         # fallback would materialise [B, Hq, T, T] scores; repeating the KV heads (the size of q)
@@ -217,6 +219,20 @@ def _cached(q, k, v, ctx, layer):
         q.transpose(1, 2), keys, values, attn_mask=ctx.cache_mask, enable_gqa=groups > 1
     )
     return out.transpose(1, 2)
+
+
+def _decode_cpu(q, keys, values, mask):
+    """One query per row on the CPU: q [B, 1, Hq, D], keys/values [B, Hkv, S, D], mask
+    [B, 1, 1, S] bool -> [B, 1, Hq, D]. Plain fp32 matmuls over the query heads grouped per KV
+    head: the CPU's fused SDPA kernel is built for blocks of queries and takes ~4x as long for
+    one bf16 query (2.9 vs 0.74 ms at B = 64, 8 query / 2 KV heads, 192 keys, 2 threads; fp32:
+    0.71 vs 0.63 ms), at the same error against float64."""
+    b, _, hq, d = q.shape
+    hkv = keys.shape[1]
+    qg = q.reshape(b, hkv, hq // hkv, d).float()  # query head h reads KV head h // G
+    scores = torch.matmul(qg, keys.float().transpose(-1, -2)).mul_(d**-0.5)  # [B, Hkv, G, S]
+    probs = torch.softmax(scores.masked_fill_(~mask, float("-inf")), dim=-1)
+    return torch.matmul(probs, values.float()).view(b, 1, hq, d).to(q.dtype)
 
 
 def cache_mask(cache: KVCache, new_valid: torch.Tensor) -> torch.Tensor:
