@@ -254,6 +254,49 @@ def test_resume_inside_a_rollout_is_exact(tmp_path, prompts):
         assert [h[name] for h in rest] == [h[name] for h in full[1:]], name
 
 
+def test_policy_logprobs_from_the_update_forward_are_bit_exact(tmp_path, prompts, monkeypatch):
+    """One update per rollout: the KL's policy log-probs come from the update's forward instead
+    of a no-grad forward in the rollout; every metric and weight equals the rollout path's,
+    with the reference a different model so that the KL is not 0, with two micro-batches."""
+
+    def run(name, defer):
+        monkeypatch.setattr(ReinforceTrainer, "defer_policy_logprobs", defer)
+        trainer = ReinforceTrainer(
+            config(
+                tmp_path / name, prompts, max_steps=3, grad_accum=2, beta=0.5, kl_estimator="k3"
+            ),
+            policy=tiny_policy(),
+            reward_fn=count_a,
+        )
+        trainer.reference = tiny_policy(seed=1)
+        calls = []
+        real = trainer.policy.hidden_states
+        trainer.policy.hidden_states = lambda *a, **kw: (
+            calls.append(torch.is_grad_enabled()) or (real(*a, **kw))
+        )
+        history = trainer.fit()
+        return history, trainer.policy.state_dict(), calls
+
+    deferred, weights, calls = run("deferred", True)
+    rollout, weights_ref, calls_ref = run("rollout", False)
+    assert False not in calls and False in calls_ref  # no no-grad policy forward when deferred
+    assert any(h["kl_mean"] != 0 for h in deferred)
+    for name in (
+        "loss",
+        "grad_norm",
+        "reward_mean",
+        "kl_mean",
+        "score_mean",
+        "entropy",
+        "advantage_mean",
+        "advantage_std",
+        "response_len_mean",
+    ):
+        assert [h[name] for h in deferred] == [h[name] for h in rollout], name
+    for k, v in weights.items():
+        assert torch.equal(v, weights_ref[k]), k
+
+
 def test_hf_tokenizer_directory_goes_to_final(tmp_path, prompts, hf_dir):
     from transformers import AutoTokenizer
 

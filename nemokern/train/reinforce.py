@@ -5,9 +5,12 @@ One rollout (every `updates_per_rollout` optimizer steps), in four timed phases:
   score     r per sample: a reward model (reward_head on the last token) and/or a Python
             function with TRL's signature fn(prompts, completions, **columns) -> list[float],
             combined with weights;
-  logprobs  response-token log-probs of the policy and of the frozen reference with
-            linear_logprobs on packed sequences under no_grad (no [N, V] logits), the per-sequence
-            KL with sequence_kl, R = r - beta * KL, RLOO advantages over the EOS-ended samples;
+  logprobs  response-token log-probs of the frozen reference (and, when a rollout feeds several
+            optimizer steps, of the policy) with linear_logprobs on packed sequences under
+            no_grad (no [N, V] logits); with one step per rollout the policy's come from the
+            update's own forward (PolicyLoss), detached. Then per micro-batch
+            (micro_batch_terms) the per-sequence KL with sequence_kl, R = r - beta * KL, RLOO
+            advantages over the EOS-ended samples;
 then each optimizer step of the rollout (update) takes its slice of the prompts and minimises the
 masked token mean of -logp_t * (R - b) (no ratio, no clipping) with linear_policy_loss (its
 gradients formed in the forward). The shared TrainLoop does accumulation, clipping, AdamW, the
@@ -42,6 +45,7 @@ from nemokern.train.losses import rloo_advantages
 
 KL_ESTIMATORS = ("k1", "abs", "k2", "k3")
 PHASES = ("generate_s", "score_s", "logprobs_s")
+DEFERRED_SUMS = ("kl", "score", "entropy", "advantage", "advantage_sq")  # micro_batch_terms
 
 
 @dataclass
@@ -221,6 +225,41 @@ def kl_regularised_advantages(rewards, kl, ended, k: int, *, beta: float, trunca
     return scores, adv
 
 
+def micro_batch_terms(logprobs, entropy, ref_logprobs, targets, cu_seqlens, rewards, ended, cfg):
+    """One packed micro-batch of whole prompts (k samples each): the update's coefficients
+    coef [N] float32 = -(R - b)/n_tokens on response tokens (0 elsewhere) and the sums of its
+    statistics (kl, score, entropy, advantage, advantage_sq). logprobs/entropy [N] of the policy,
+    ref_logprobs [N] of the reference, targets [N] (-100 off the responses), cu_seqlens [S + 1],
+    rewards [S] float64 and ended [S] bool per sample."""
+    mask = targets != -100
+    kl = sequence_kl(
+        logprobs,
+        ref_logprobs,
+        mask,
+        estimator=cfg.kl_estimator,
+        reduction=cfg.kl_reduction,
+        cu_seqlens=cu_seqlens,
+    ).double()
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
+    per_seq_entropy = torch.zeros(lengths.numel(), dtype=torch.float64, device=lengths.device)
+    per_seq_entropy.index_add_(0, seq, (entropy * mask).double())
+    scores, adv = kl_regularised_advantages(
+        rewards, kl, ended, cfg.k, beta=cfg.beta, truncation_penalty=cfg.truncation_penalty
+    )
+    n_tokens = max(int(mask.sum()), 1)
+    coef = torch.where(mask, -adv[seq] / n_tokens, torch.zeros((), device=adv.device)).float()
+    a = adv.double()
+    stats = {
+        "kl": float(kl.sum()),
+        "score": float(scores.double().sum()),
+        "entropy": float(per_seq_entropy.sum()),
+        "advantage": float(a.sum()),
+        "advantage_sq": float((a * a).sum()),
+    }
+    return coef, stats
+
+
 def policy_gradient_loss(hidden, weight, targets, coef, *, temperature: float = 1.0, tp_group=None):
     """sum_t coef_t * logp_t of the targets under softmax(hidden @ weight.T / temperature): the
     REINFORCE update's loss when coef_t = -(R - b)/n_tokens on response tokens (targets -100
@@ -242,19 +281,36 @@ def _head(model: Llama, hidden: torch.Tensor) -> torch.Tensor:
 class PolicyLoss(nn.Module):
     """The policy under training; its forward is the update's loss, so DDP sees the whole pass."""
 
-    def __init__(self, policy: Llama, temperature: float = 1.0):
+    def __init__(self, policy: Llama, temperature: float = 1.0, config=None):
         super().__init__()
-        self.policy, self.temperature = policy, temperature
+        self.policy, self.temperature, self.config = policy, temperature, config
+        self.stats: dict = {}
 
-    def forward(self, input_ids, cu_seqlens, targets, coef):
+    def forward(
+        self, input_ids, cu_seqlens, targets, coef=None, ref_logprobs=None, rewards=None, ended=None
+    ):
+        """The loss for given coef; or, with coef None, coef from this very forward's
+        (detached) log-probs of the targets and the rollout's ref_logprobs, rewards and ended
+        (micro_batch_terms; its statistics are left in self.stats): the policy log-probs that
+        the KL needs, taken from the update's forward instead of a no-grad forward of their own."""
         hidden = self.policy.hidden_states(input_ids, cu_seqlens=cu_seqlens)  # [N, H]
+        weight = _head(self.policy, hidden)
+        tp_group = self.policy.tp_group
+        if coef is None:
+            with torch.no_grad():
+                lp, ent = linear_logprobs(
+                    hidden.detach(),
+                    weight.detach(),
+                    targets,
+                    temperature=self.temperature,
+                    return_entropy=True,
+                    tp_group=tp_group,
+                )
+                coef, self.stats = micro_batch_terms(
+                    lp, ent, ref_logprobs, targets, cu_seqlens, rewards, ended, self.config
+                )
         return policy_gradient_loss(
-            hidden,
-            _head(self.policy, hidden),
-            targets,
-            coef,
-            temperature=self.temperature,
-            tp_group=self.policy.tp_group,
+            hidden, weight, targets, coef, temperature=self.temperature, tp_group=tp_group
         )
 
 
@@ -386,6 +442,12 @@ class ReinforceTrainer:
     Python-API extras: `policy` (a Llama to start from instead of config.policy), `tokenizer`, and
     `reward_fn` (a callable with TRL's signature instead of config.reward_fn's 'module:function').
     """
+
+    # With one optimizer step per rollout the policy is unchanged between sampling and its
+    # update, so the log-probs the KL needs come from the update's own forward (PolicyLoss) and
+    # the rollout skips a no-grad forward of the policy; the results are the same bit for bit.
+    # False keeps that forward in the rollout (the path taken when updates_per_rollout > 1).
+    defer_policy_logprobs = True
 
     def __init__(
         self,
@@ -521,25 +583,40 @@ class ReinforceTrainer:
                     self.reward_model.to("cpu")
             seconds["score_s"] = self._lap(t, device)
 
-            # ---- log-probs of the policy (with its entropy) and the reference, KL
+            # ---- log-probs of the reference (and of the policy, unless the update takes them)
             t = time.perf_counter()
             if offload:
                 self.reference.to(device)
-            kl, entropy = [], []
+            defer = self.defer_policy_logprobs and cfg.updates_per_rollout == 1
+            lengths = torch.tensor([r.numel() for r in responses], dtype=torch.float64)
+            steps, sums = [], []
             with torch.no_grad():
-                for step in packs:
-                    for b in step:
+                for step_spans, step_packs in zip(spans, packs):
+                    a, b = step_spans[0][0], step_spans[-1][1]
+                    r = rewards[a:b]
+                    sums.append(
+                        {
+                            "samples": b - a,
+                            "reward": float(r.sum()),
+                            "reward_sq": float((r * r).sum()),
+                            "response_tokens": float(lengths[a:b].sum()),
+                            "eos": float(ended[a:b].sum()),
+                            **dict.fromkeys(DEFERRED_SUMS, 0.0),
+                        }
+                    )
+                    batches = []
+                    for (a, b, mb), p in zip(step_spans, step_packs):
+                        batch = {
+                            "input_ids": p["input_ids"],
+                            "cu_seqlens": p["cu_seqlens"],
+                            "targets": p["targets"],
+                            "n_tokens": int((p["targets"] != -100).sum()),
+                            "rows": [int(x) for x in mb],
+                            "rewards": rewards[a:b],
+                            "ended": ended[a:b],
+                        }
                         ids, cu, targets = (
-                            b[n].to(device) for n in ("input_ids", "cu_seqlens", "targets")
-                        )
-                        h = self.policy.hidden_states(ids, cu_seqlens=cu)
-                        lp, ent = linear_logprobs(
-                            h,
-                            _head(self.policy, h),
-                            targets,
-                            temperature=cfg.temperature,
-                            return_entropy=True,
-                            tp_group=self.policy.tp_group,
+                            p[n].to(device) for n in ("input_ids", "cu_seqlens", "targets")
                         )
                         h = self.reference.hidden_states(ids, cu_seqlens=cu)
                         ref = linear_logprobs(
@@ -549,74 +626,36 @@ class ReinforceTrainer:
                             temperature=cfg.temperature,
                             tp_group=self.reference.tp_group,
                         )
-                        mask = targets != -100
-                        kl.append(
-                            sequence_kl(
-                                lp,
-                                ref,
-                                mask,
-                                estimator=cfg.kl_estimator,
-                                reduction=cfg.kl_reduction,
-                                cu_seqlens=cu,
+                        if defer:
+                            batch["ref_logprobs"] = ref.cpu()
+                        else:
+                            h = self.policy.hidden_states(ids, cu_seqlens=cu)
+                            lp, ent = linear_logprobs(
+                                h,
+                                _head(self.policy, h),
+                                targets,
+                                temperature=cfg.temperature,
+                                return_entropy=True,
+                                tp_group=self.policy.tp_group,
                             )
-                            .double()
-                            .cpu()
-                        )
-                        seg = torch.repeat_interleave(
-                            torch.arange(cu.numel() - 1, device=device), (cu[1:] - cu[:-1]).long()
-                        )
-                        entropy.append(
-                            torch.zeros(cu.numel() - 1, dtype=torch.float64, device=device)
-                            .index_add_(0, seg, (ent * mask).double())
-                            .cpu()
-                        )
+                            coef, stats = micro_batch_terms(
+                                lp,
+                                ent,
+                                ref,
+                                targets,
+                                cu,
+                                batch["rewards"].to(device),
+                                batch["ended"].to(device),
+                                cfg,
+                            )
+                            batch["coef"] = coef.cpu()
+                            for name, value in stats.items():
+                                sums[-1][name] += value
+                        batches.append(batch)
+                    steps.append(batches)
             if offload:
                 self.reference.to("cpu")
-            kl, entropy = torch.cat(kl), torch.cat(entropy)
-            scores, adv = kl_regularised_advantages(
-                rewards, kl, ended, k, beta=cfg.beta, truncation_penalty=cfg.truncation_penalty
-            )
             seconds["logprobs_s"] = self._lap(t, device)
-
-        # ---- the update's batches and each step's statistics
-        lengths = torch.tensor([r.numel() for r in responses], dtype=torch.float64)
-        steps, sums = [], []
-        for step_spans, step_packs in zip(spans, packs):
-            batches = []
-            for (a, b, mb), p in zip(step_spans, step_packs):
-                mask = p["targets"] != -100
-                n_tokens = int(mask.sum())
-                seq = torch.repeat_interleave(
-                    torch.arange(b - a), (p["cu_seqlens"][1:] - p["cu_seqlens"][:-1]).long()
-                )
-                coef = torch.where(mask, -adv[a:b][seq] / max(n_tokens, 1), torch.zeros(()))
-                batches.append(
-                    {
-                        "input_ids": p["input_ids"],
-                        "cu_seqlens": p["cu_seqlens"],
-                        "targets": p["targets"],
-                        "coef": coef.float(),
-                        "n_tokens": n_tokens,
-                        "rows": [int(x) for x in mb],
-                    }
-                )
-            steps.append(batches)
-            a, b = step_spans[0][0], step_spans[-1][1]
-            r, a_ = rewards[a:b], adv[a:b].double()
-            sums.append(
-                {
-                    "samples": b - a,
-                    "reward": float(r.sum()),
-                    "reward_sq": float((r * r).sum()),
-                    "kl": float(kl[a:b].sum()),
-                    "score": float(scores[a:b].double().sum()),
-                    "response_tokens": float(lengths[a:b].sum()),
-                    "eos": float(ended[a:b].sum()),
-                    "entropy": float(entropy[a:b].sum()),
-                    "advantage": float(a_.sum()),
-                    "advantage_sq": float((a_ * a_).sum()),
-                }
-            )
         return {"steps": steps, "sums": sums, "seconds": seconds}
 
     @staticmethod
@@ -627,7 +666,21 @@ class ReinforceTrainer:
 
     # ---- the update -----------------------------------------------------------------------------
     def _update(self, model, batch) -> StepOutput:
-        loss = model(batch["input_ids"], batch["cu_seqlens"], batch["targets"], batch["coef"])
+        if "coef" in batch:
+            loss = model(batch["input_ids"], batch["cu_seqlens"], batch["targets"], batch["coef"])
+        else:  # the policy's log-probs come from this forward (PolicyLoss)
+            loss = model(
+                batch["input_ids"],
+                batch["cu_seqlens"],
+                batch["targets"],
+                ref_logprobs=batch["ref_logprobs"],
+                rewards=batch["rewards"],
+                ended=batch["ended"],
+            )
+            loop = self.loop
+            sums = loop.rollout["sums"][loop.step - loop.rollout["first"]]
+            for name, value in getattr(model, "module", model).stats.items():
+                sums[name] += value
         return StepOutput(
             loss, weight=batch["n_tokens"], tokens=batch["input_ids"].numel(), rows=batch["rows"]
         )
@@ -647,7 +700,7 @@ class ReinforceTrainer:
         return the per-step records."""
         cfg = self.config
         start = time.perf_counter()
-        model = PolicyLoss(self.policy, cfg.temperature)
+        model = PolicyLoss(self.policy, cfg.temperature, cfg)
         world = int(os.environ.get("WORLD_SIZE", "1")) // cfg.tp  # the loop's data parallelism
         per_step_micro = cfg.grad_accum * world
         if cfg.prompts_per_step % per_step_micro:
