@@ -19,8 +19,9 @@ from nemokern.model import Llama, LlamaConfig, RewardModel
 from nemokern.parallel import init_parallel
 from nemokern.train.config import ConfigError
 from nemokern.train.loop import TrainLoop, setup_distributed, tp_group_for
-from nemokern.train.reinforce import PolicyLoss, ReinforceConfig, ReinforceTrainer, pack
+from nemokern.train.reinforce import ReinforceConfig, ReinforceTrainer
 from nemokern.train.reward import RewardConfig, RewardTrainer
+from nemokern.train.rollout import PolicyLoss, pack
 
 # AdamW's first move is lr * g / (|g| + eps): with eps = 1 it is ~g (with the usual 1e-8 it is
 # ~sign(g), which turns rounding in near-zero gradients into whole moves)

@@ -16,13 +16,8 @@ from nemokern.data.tokenizer import ByteTokenizer
 from nemokern.model import Llama, LlamaConfig, RewardModel
 from nemokern.train.config import ConfigError
 from nemokern.train.metrics import read_metrics
-from nemokern.train.reinforce import (
-    PolicyLoss,
-    ReinforceConfig,
-    ReinforceTrainer,
-    kl_regularised_advantages,
-    pack,
-)
+from nemokern.train.reinforce import ReinforceConfig, ReinforceTrainer
+from nemokern.train.rollout import PolicyLoss, kl_regularised_advantages, pack
 
 TOK = ByteTokenizer()
 STEP_METRICS = (

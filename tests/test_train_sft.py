@@ -14,7 +14,8 @@ from nemokern.data.tokenizer import ByteTokenizer
 from nemokern.model import Llama
 from nemokern.train.config import ConfigError
 from nemokern.train.metrics import read_metrics
-from nemokern.train.reinforce import PolicyLoss, build_policy
+from nemokern.train.reinforce import build_policy
+from nemokern.train.rollout import PolicyLoss
 from nemokern.train.sft import SFTConfig, SFTTrainer, sft_batches, sft_step
 
 TOK = ByteTokenizer()

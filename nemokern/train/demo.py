@@ -35,8 +35,9 @@ from nemokern.data.tokenizer import ByteTokenizer
 from nemokern.model import Llama, RewardModel, generate
 from nemokern.train import options
 from nemokern.train.expo import expo
-from nemokern.train.reinforce import ReinforceConfig, ReinforceTrainer, pack
+from nemokern.train.reinforce import ReinforceConfig, ReinforceTrainer
 from nemokern.train.reward import RewardConfig, RewardTrainer, score_file
+from nemokern.train.rollout import pack
 from nemokern.train.sft import SFTConfig, SFTTrainer
 
 DEFAULT_SEED, DEFAULT_DEVICE = 0, "cpu"

@@ -22,7 +22,6 @@ OUT/final is the policy in HF layout.
 from __future__ import annotations
 
 import copy
-import importlib
 import math
 import os
 import time
@@ -32,20 +31,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from nemokern.data.prompts import read_prompts
 from nemokern.data.tokenizer import HFTokenizer, load_tokenizer
-from nemokern.model import Llama, LlamaConfig, RewardModel, generate
-from nemokern.model.reward import HEAD_WEIGHTS
-from nemokern.ops import linear_logprobs, linear_policy_loss, sequence_kl
+from nemokern.model import Llama, LlamaConfig, generate
+from nemokern.ops import linear_logprobs
 from nemokern.train.config import ConfigError, TrainConfig, option, option_error
 from nemokern.train.loop import StepOutput, TrainLoop, tp_group_for
-from nemokern.train.losses import rloo_advantages
+from nemokern.train.rollout import (
+    DEFERRED_SUMS,
+    PolicyLoss,
+    RolloutLoop,
+    _head,
+    call_reward_fn,
+    load_reward_fn,
+    load_reward_model,
+    micro_batch_terms,
+    pack,
+)
 
 KL_ESTIMATORS = ("k1", "abs", "k2", "k3")
-PHASES = ("generate_s", "score_s", "logprobs_s")
-DEFERRED_SUMS = ("kl", "score", "entropy", "advantage", "advantage_sq")  # micro_batch_terms
 
 
 @dataclass
@@ -136,270 +141,6 @@ class ReinforceConfig(TrainConfig):
             )
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p = {self.top_p} must be in (0, 1]")
-
-
-# ---- the pieces of a rollout ---------------------------------------------------------------------
-def load_reward_fn(spec: str) -> Callable:
-    """The function named by 'module:function' (the module importable from sys.path)."""
-    module_name, sep, name = spec.partition(":")
-    if not (sep and module_name and name):
-        raise option_error(
-            "reward_fn", f"{spec!r} is not 'module:function' (e.g. my_rewards:exact_match)"
-        )
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise option_error(
-            "reward_fn",
-            f"cannot import module {module_name!r} ({e}); put its directory on "
-            "PYTHONPATH or install it",
-        ) from None
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise option_error(
-            "reward_fn",
-            f"module {module_name!r} ({getattr(module, '__file__', '?')}) has no function {name!r}",
-        )
-    return fn
-
-
-def load_reward_model(path, attribute: str, tp_group=None) -> tuple[RewardModel, int]:
-    """(model, column) for a reward-model directory: RewardModel's layout (the head in
-    reward_head.safetensors, column = `attribute`) or the Nemotron-Reward-HF layout (a plain Llama
-    whose lm_head row 0 is the head, plus config.json's nemokern_reward_bias if any; column 0)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise option_error("reward_model", f"{path} is not a directory")
-    model = RewardModel.load_any(path, dtype=torch.float32, tp_group=tp_group)
-    if (path / HEAD_WEIGHTS).exists():
-        if attribute not in model.attributes:
-            raise option_error(
-                "attribute",
-                f"{attribute!r} is not an output of {path}'s head: {list(model.attributes)}",
-            )
-        return model, model.attributes.index(attribute)
-    return model, 0
-
-
-def call_reward_fn(
-    fn: Callable, prompts: list, completions: list[str], columns: dict
-) -> torch.Tensor:
-    """fn(prompts=..., completions=..., **columns) as float64 [n]; errors name the function."""
-    name = getattr(fn, "__qualname__", repr(fn))
-    out = fn(prompts=prompts, completions=completions, **columns)
-    try:
-        values = [float(v) for v in out]
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"reward function {name} must return a list of numbers, one per completion; "
-            f"got {str(out)[:80]}"
-        ) from None
-    if len(values) != len(completions):
-        raise ValueError(
-            f"reward function {name} returned {len(values)} rewards for {len(completions)} "
-            "completions"
-        )
-    bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
-    if bad:
-        raise ValueError(
-            f"reward function {name} returned a non-finite reward for completion {bad[0]} "
-            f"({values[bad[0]]}): {completions[bad[0]][:80]!r}"
-        )
-    return torch.tensor(values, dtype=torch.float64)
-
-
-def kl_regularised_advantages(rewards, kl, ended, k: int, *, beta: float, truncation_penalty=None):
-    """(R, advantages), both [P * k] float32, for P prompts of k samples (each prompt's k
-    contiguous).
-
-    R = r - beta * KL; a sample that did not end with EOS is left out of the baseline (advantage 0),
-    or with truncation_penalty counts with R - truncation_penalty. Advantages: RLOO
-    (train/losses.rloo_advantages) over the counted samples of each prompt.
-    """
-    scores = rewards.float() - beta * kl.float()
-    valid = ended.bool()
-    if truncation_penalty is not None:
-        scores = torch.where(valid, scores, scores - truncation_penalty)
-        valid = torch.ones_like(valid)
-    adv = rloo_advantages(scores.view(-1, k), valid.view(-1, k)).flatten()
-    return scores, adv
-
-
-def micro_batch_terms(logprobs, entropy, ref_logprobs, targets, cu_seqlens, rewards, ended, cfg):
-    """One packed micro-batch of whole prompts (k samples each): the update's coefficients
-    coef [N] float32 = -(R - b)/n_tokens on response tokens (0 elsewhere) and the sums of its
-    statistics (kl, score, entropy, advantage, advantage_sq). logprobs/entropy [N] of the policy,
-    ref_logprobs [N] of the reference, targets [N] (-100 off the responses), cu_seqlens [S + 1],
-    rewards [S] float64 and ended [S] bool per sample."""
-    mask = targets != -100
-    kl = sequence_kl(
-        logprobs,
-        ref_logprobs,
-        mask,
-        estimator=cfg.kl_estimator,
-        reduction=cfg.kl_reduction,
-        cu_seqlens=cu_seqlens,
-    ).double()
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
-    per_seq_entropy = torch.zeros(lengths.numel(), dtype=torch.float64, device=lengths.device)
-    per_seq_entropy.index_add_(0, seq, (entropy * mask).double())
-    scores, adv = kl_regularised_advantages(
-        rewards, kl, ended, cfg.k, beta=cfg.beta, truncation_penalty=cfg.truncation_penalty
-    )
-    n_tokens = max(int(mask.sum()), 1)
-    coef = torch.where(mask, -adv[seq] / n_tokens, torch.zeros((), device=adv.device)).float()
-    a = adv.double()
-    stats = {
-        "kl": float(kl.sum()),
-        "score": float(scores.double().sum()),
-        "entropy": float(per_seq_entropy.sum()),
-        "advantage": float(a.sum()),
-        "advantage_sq": float((a * a).sum()),
-    }
-    return coef, stats
-
-
-def policy_gradient_loss(hidden, weight, targets, coef, *, temperature: float = 1.0, tp_group=None):
-    """sum_t coef_t * logp_t of the targets under softmax(hidden @ weight.T / temperature): the
-    REINFORCE update's loss when coef_t = -(R - b)/n_tokens on response tokens (targets -100
-    elsewhere). hidden [N, H], weight [V, H], targets [N], coef [N] float32 -> scalar. Fused:
-    the gradients w.r.t. hidden and weight are formed in the forward, no [N, V] logits. With
-    tp_group, weight is this rank's vocabulary shard."""
-    return linear_policy_loss(
-        hidden, weight, targets, coef, temperature=temperature, tp_group=tp_group
-    )
-
-
-def _head(model: Llama, hidden: torch.Tensor) -> torch.Tensor:
-    """The LM head's weight in the hidden states' dtype (bf16 under autocast; the cast is
-    differentiable, so the fp32 master weight gets its gradient)."""
-    w = model.lm_head.weight
-    return w if w.dtype == hidden.dtype else w.to(hidden.dtype)
-
-
-class PolicyLoss(nn.Module):
-    """The policy under training; its forward is the update's loss, so DDP sees the whole pass."""
-
-    def __init__(self, policy: Llama, temperature: float = 1.0, config=None):
-        super().__init__()
-        self.policy, self.temperature, self.config = policy, temperature, config
-        self.stats: dict = {}
-
-    def forward(
-        self, input_ids, cu_seqlens, targets, coef=None, ref_logprobs=None, rewards=None, ended=None
-    ):
-        """The loss for given coef; or, with coef None, coef from this very forward's
-        (detached) log-probs of the targets and the rollout's ref_logprobs, rewards and ended
-        (micro_batch_terms; its statistics are left in self.stats): the policy log-probs that
-        the KL needs, taken from the update's forward instead of a no-grad forward of their own."""
-        hidden = self.policy.hidden_states(input_ids, cu_seqlens=cu_seqlens)  # [N, H]
-        weight = _head(self.policy, hidden)
-        tp_group = self.policy.tp_group
-        if coef is None:
-            with torch.no_grad():
-                lp, ent = linear_logprobs(
-                    hidden.detach(),
-                    weight.detach(),
-                    targets,
-                    temperature=self.temperature,
-                    return_entropy=True,
-                    tp_group=tp_group,
-                )
-                coef, self.stats = micro_batch_terms(
-                    lp, ent, ref_logprobs, targets, cu_seqlens, rewards, ended, self.config
-                )
-        return policy_gradient_loss(
-            hidden, weight, targets, coef, temperature=self.temperature, tp_group=tp_group
-        )
-
-
-def pack(prompts: list, responses: list[torch.Tensor]) -> dict:
-    """One packed micro-batch: prompt + response of each sample, back to back.
-
-    input_ids [N], cu_seqlens [S + 1] int32, targets [N] (the next token at the positions that
-    predict a response token, -100 elsewhere), last_index [S] (each sequence's last token)."""
-    seqs = [
-        torch.cat([torch.as_tensor(p, dtype=torch.long), r.long().cpu()])
-        for p, r in zip(prompts, responses)
-    ]
-    ids = torch.cat(seqs)
-    cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor([s.numel() for s in seqs]).cumsum(0)
-    targets = torch.full_like(ids, -100)
-    for i, (p, s) in enumerate(zip(prompts, seqs)):
-        start = int(cu[i])
-        targets[start + len(p) - 1 : start + s.numel() - 1] = s[len(p) :]
-    return {"input_ids": ids, "cu_seqlens": cu, "targets": targets, "last_index": cu[1:].long() - 1}
-
-
-# ---- the loop ------------------------------------------------------------------------------------
-class RolloutLoop(TrainLoop):
-    """TrainLoop whose micro-batches come from rollouts: every `updates_per_rollout` steps,
-    `rollout(first_step, groups)` (groups[s][m]: the prompt group of micro-batch m of step
-    first_step + s, as micro_batch_indices orders them) returns
-    {"steps": [[batch, ...] per step], "sums": [{name: float} per step], "seconds": {phase: s}}.
-    An unfinished rollout is saved in every checkpoint (extra_state), so a resume inside it
-    trains on the same samples. Each step's record adds the rollout's statistics of that step's
-    samples (summed over processes) and the seconds per phase (0 on steps that made no rollout)."""
-
-    def __init__(self, config, model, data, step_fn, *, rollout, updates_per_rollout: int):
-        super().__init__(config, model, data, step_fn)
-        self.rollout_fn, self.updates = rollout, updates_per_rollout
-        self.rollout: dict | None = None
-        self.seconds: dict = {}
-
-    def _covers(self, step: int) -> bool:
-        r = self.rollout
-        return r is not None and r["first"] <= step < r["first"] + len(r["steps"])
-
-    def micro_batches(self, step):
-        self.seconds = dict.fromkeys(PHASES, 0.0)
-        if not self._covers(step):
-            end = min((step // self.updates + 1) * self.updates, self.total_steps)
-            groups = [[self.data[i] for i in self.micro_batch_indices(s)] for s in range(step, end)]
-            made = self.rollout_fn(step, groups)
-            self.rollout = {"first": step, "steps": made["steps"], "sums": made["sums"]}
-            self.seconds = made["seconds"]
-        batches = self.rollout["steps"][step - self.rollout["first"]]
-        return [
-            (f"step {step + 1} micro-batch {j} (rollout from step {self.rollout['first'] + 1})", b)
-            for j, b in enumerate(batches)
-        ]
-
-    def extra_state(self) -> dict:
-        # self.step steps are done; keep the rollout while some of its steps are still to come
-        return {"rollout": self.rollout} if self._covers(self.step) else {}
-
-    def load_extra_state(self, state: dict) -> None:
-        self.rollout = state.get("rollout")
-
-    def _train_step(self) -> dict:
-        # TrainLoop has no public hook for adding to a step's record; this wraps its step.
-        step = self.step
-        metrics = super()._train_step()
-        sums = self.rollout["sums"][step - self.rollout["first"]]
-        names = sorted(sums)
-        s = dict(zip(names, self._reduce([torch.tensor(float(sums[k])) for k in names])))
-        n, tok = max(s["samples"], 1.0), max(s["response_tokens"], 1.0)
-
-        def std(total, squares):
-            return math.sqrt(max(squares / n - (total / n) ** 2, 0.0))
-
-        metrics.update(
-            reward_mean=s["reward"] / n,
-            reward_std=std(s["reward"], s["reward_sq"]),
-            kl_mean=s["kl"] / n,
-            score_mean=s["score"] / n,
-            response_len_mean=s["response_tokens"] / n,
-            eos_fraction=s["eos"] / n,
-            entropy=s["entropy"] / tok,
-            advantage_mean=s["advantage"] / n,
-            advantage_std=std(s["advantage"], s["advantage_sq"]),
-            **self.seconds,
-            update_s=max(metrics["step_s"] - sum(self.seconds.values()), 0.0),
-        )
-        return metrics
 
 
 # ---- the trainer ---------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ from nemokern.data.tokenizer import load_tokenizer
 from nemokern.model import Llama
 from nemokern.train.config import TrainConfig, check_data_and_batching, option
 from nemokern.train.loop import StepOutput, TrainLoop, move_to
-from nemokern.train.reinforce import PolicyLoss, build_policy, export_policy, pack
+from nemokern.train.reinforce import build_policy, export_policy
+from nemokern.train.rollout import PolicyLoss, pack
 
 
 @dataclass
