@@ -11,8 +11,8 @@
 #
 # Assumes python3 with CUDA torch, triton, pybind11, setuptools, transformers, safetensors, pytest
 # and pytest-benchmark; downloads nothing. Files in OUTDIR: log.txt (everything, with versions),
-# tests.xml, bench.json, bench-compiled.json, resources.json, all-reduce-cuda.json, generate.json,
-# summary.md.
+# tests.xml, tests-trainers.xml, bench.json, bench-compiled.json, resources.json,
+# all-reduce-cuda.json, generate.json, summary.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-bench/results/gpu_check}"
@@ -50,9 +50,11 @@ stage() {
 PYTEST=(python3 -m pytest -p no:cacheprovider -o addopts= --timeout=300)
 if [[ "$DRY" == 1 ]]; then
     GPU_SEL=(-m gpu --collect-only -q)
+    TRAIN_SEL=("${GPU_SEL[@]}")
     BENCH_SEL=(-m gpu --collect-only -q)
 else
     GPU_SEL=(-m gpu -q -rA --junitxml="$OUT/tests.xml")
+    TRAIN_SEL=(-m gpu -q -rA --junitxml="$OUT/tests-trainers.xml")
     BENCH_SEL=(-m gpu -q --benchmark-enable)
 fi
 
@@ -67,7 +69,7 @@ if [[ "$DRY" != 1 ]]; then
         python3 -m pip install --no-build-isolation --no-deps -e .
 fi
 # (1) correctness: every kernel and op against float64 at real shapes (multi-process ones later)
-stage gpu-tests 180 "${PYTEST[@]}" tests "${GPU_SEL[@]}" -k "not cuda_ipc"
+stage gpu-tests 180 "${PYTEST[@]}" tests "${GPU_SEL[@]}" -k "not cuda_ipc and not demo_on_cuda"
 # (2) ceilings and nemokern vs eager first; torch.compile (slow to warm up) after
 stage benchmarks 200 "${PYTEST[@]}" bench "${BENCH_SEL[@]}" -k "not compiled and not generate_gpu" \
     --benchmark-json="$OUT/bench.json"
@@ -85,6 +87,9 @@ else
     stage all-reduce-bench 90 python3 bench/bench_all_reduce.py --device cuda --worlds 2 \
         --rounds 5 --sizes 4096 65536 1048576 16777216 --machine "$(python3 -c \
         'import torch; print(torch.cuda.get_device_name())')" --out "$OUT/all-reduce-cuda"
+    # the trainers end to end on the GPU (`nemokern demo --quick --device cuda`): compiles decode
+    # graphs, so it runs after the cheaper checks
+    stage trainers 240 "${PYTEST[@]}" tests/test_demo.py "${TRAIN_SEL[@]}" -k demo_on_cuda
     stage bench-compiled 240 "${PYTEST[@]}" bench "${BENCH_SEL[@]}" \
         -k "(compiled or ceiling) and not generate_gpu" --benchmark-json="$OUT/bench-compiled.json"
 fi
@@ -103,7 +108,7 @@ stage generate 300 "${PYTEST[@]}" bench/test_bench_generate_gpu.py "${BENCH_SEL[
     echo
     echo "Test outcomes:"
     grep -E "^(FAILED|ERROR) |^[0-9]+ (passed|failed|tests? collected)|(passed|failed|error).* in [0-9.]+s" "$LOG" || true
-    for j in "$OUT"/bench*.json; do
+    for j in "$OUT"/bench*.json "$OUT"/generate.json; do
         [[ -s "$j" ]] && { echo; python3 bench/report.py "$j"; }
     done
     [[ -s "$OUT/all-reduce-cuda.md" ]] && { echo; cat "$OUT/all-reduce-cuda.md"; }

@@ -93,3 +93,18 @@ def test_the_command_runs_it_again_with_the_same_numbers(quick_run, tmp_path, ca
     first = json.loads((quick_run[0] / "summary.json").read_text())
     again = json.loads((tmp_path / "summary.json").read_text())
     assert numbers(first) == numbers(again)
+
+
+@pytest.mark.gpu
+def test_quick_demo_on_cuda(tmp_path):
+    """The whole recipe on a GPU: every trainer with bf16 autocast and the Triton kernels, the
+    REINFORCE rollout through generate()'s compiled (CUDA-graph) decode step."""
+    lines = []
+    summary = run_demo(quick=True, seed=1, device="cuda", out_dir=str(tmp_path), log=lines.append)
+    assert "| 3 REINFORCE (RLOO)" in "\n".join(lines)
+    rl = summary["reinforce"]
+    assert rl["steps"] == summary["sizes"]["rl_steps"] and rl["kl_last"] >= 0
+    assert 0 <= rl["task_accuracy_after"] <= 1
+    assert 0 <= summary["reward_model"]["scaled_bt_pair_accuracy"] <= 1
+    Llama.from_pretrained(tmp_path / "reinforce" / "final")
+    RewardModel.from_pretrained(tmp_path / "rm_scaled_bt" / "final")
