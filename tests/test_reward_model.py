@@ -93,3 +93,13 @@ def test_exported_layout_scores_like_the_model_it_came_from(tmp_path):
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+def test_export_under_tensor_parallelism_is_refused_by_name(tmp_path, monkeypatch):
+    import nemokern.model.reward as reward
+
+    model = tiny_reward_model()
+    monkeypatch.setattr(reward, "rank_and_size", lambda group: (0, 2))
+    with pytest.raises(ValueError, match="split over 2 tensor-parallel ranks: save_pretrained"):
+        model.export_hf(tmp_path / "hf", "helpfulness")
+    assert not (tmp_path / "hf").exists()

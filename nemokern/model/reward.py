@@ -162,6 +162,13 @@ class RewardModel(nn.Module):
         changes no ranking)."""
         i = self.attribute_index(attribute)
         trunk = self.trunk
+        tp_size = rank_and_size(trunk.tp_group)[1]
+        if tp_size > 1:
+            raise ValueError(
+                f"export_hf on a reward model split over {tp_size} tensor-parallel ranks: "
+                "save_pretrained it, load that directory at --tp 1 (RewardModel.from_pretrained) "
+                "and export from there"
+            )
         head = trunk.lm_head.weight.detach().clone()
         head[0] = self.head.weight[i].to(head.dtype)
         tied = trunk.config.tie_word_embeddings
