@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import torch
 
 from .attention import AttentionContext, KVCache, static_cache_context
-from .llama import rope_cos_sin
 
 
 @dataclass
@@ -118,8 +117,6 @@ def generate(
     # of compiled decode graphs, not results: empty slots are never attended to.
     plen = max(_MIN_BUCKET, 1 << (plen - 1).bit_length())
     prompt_lengths = torch.tensor([r.numel() for r in rows])
-    if model._inv_freq.device != device:
-        model._inv_freq = model._inv_freq.to(device)
 
     k, n = num_samples, b * num_samples
     was_training = model.training
@@ -190,7 +187,7 @@ def _prefill(model, rows, lengths, cache, *, first_rows, end):
         cache=cache,
         cache_index=index,
     )
-    x = _layers(model, torch.cat(rows).to(device)[None], positions.to(device)[None], ctx)
+    x = model.decoder(torch.cat(rows).to(device)[None], positions.to(device)[None], ctx)
     return model.lm_head(model.norm(x[0, cu[1:].to(device) - 1]))
 
 
@@ -198,16 +195,7 @@ def _forward(model, ids, positions, slots, cache, valid):
     """Logits [B, V] of the last position after writing ids [B, T] (positions [B, T], validity
     valid [B, T]) into cache slots [T]. No host sync and no shape that depends on the slots."""
     ctx = static_cache_context(cache, slots, valid)
-    return model.lm_head(model.norm(_layers(model, ids, positions, ctx)[:, -1]))
-
-
-def _layers(model, ids, positions, ctx):
-    """The decoder layers' output [B, T, H] for ids, positions [B, T] (before the final norm)."""
-    x = model.embed_tokens(ids)
-    cos, sin = rope_cos_sin(positions, model._inv_freq, x.dtype)
-    for layer in model.layers:
-        x = layer(x, cos, sin, ctx)
-    return x
+    return model.lm_head(model.norm(model.decoder(ids, positions, ctx)[:, -1]))
 
 
 @functools.cache

@@ -220,26 +220,33 @@ class Llama(nn.Module):
         host sync.
         """
         ids, pos, ctx = self._prepare(input_ids, cu_seqlens, position_ids, cache, valid)
+        x = self.decoder(ids, pos, ctx)
+        if cache is not None:
+            cache.length += ids.shape[1]
+        if final_norm:
+            x = self.norm(x)
+        return x.view(*input_ids.shape, -1)
+
+    def decoder(self, ids, positions, ctx: AttentionContext):
+        """The decoder layers' output [B, T, H] (before the final norm) for ids and positions
+        [B, T] under `ctx`, with no checks and no host sync: what hidden_states runs once its
+        inputs are validated, and what generate() runs for prefill and each decode step."""
         x = self.embed_tokens(ids)
         if self._inv_freq.device != x.device:
             self._inv_freq = self._inv_freq.to(x.device)
-        cos, sin = rope_cos_sin(pos, self._inv_freq, x.dtype)
+        cos, sin = rope_cos_sin(positions, self._inv_freq, x.dtype)
         recompute = (
             self.activation_checkpointing
             and self.training
             and torch.is_grad_enabled()
-            and cache is None
+            and ctx.cache is None
         )
         for layer in self.layers:
             if recompute:
                 x = checkpoint(layer, x, cos, sin, ctx, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, ctx)
-        if cache is not None:
-            cache.length += ids.shape[1]
-        if final_norm:
-            x = self.norm(x)
-        return x.view(*input_ids.shape, -1)
+        return x
 
     def _prepare(self, input_ids, cu_seqlens, position_ids, cache, valid):
         """Validate inputs; return ids [B, T], position ids [B, T] and the AttentionContext."""
