@@ -43,11 +43,12 @@ from nemokern.train.rollout import (
     PolicyLoss,
     RolloutLoop,
     _head,
+    add_sums,
     call_reward_fn,
     load_reward_fn,
     load_reward_model,
-    micro_batch_terms,
     pack,
+    policy_terms,
 )
 
 KL_ESTIMATORS = ("k1", "abs", "k2", "k3")
@@ -353,8 +354,6 @@ class ReinforceTrainer:
                             "targets": p["targets"],
                             "n_tokens": int((p["targets"] != -100).sum()),
                             "rows": [int(x) for x in mb],
-                            "rewards": rewards[a:b],
-                            "ended": ended[a:b],
                         }
                         ids, cu, targets = (
                             p[n].to(device) for n in ("input_ids", "cu_seqlens", "targets")
@@ -368,30 +367,23 @@ class ReinforceTrainer:
                             tp_group=self.reference.tp_group,
                         )
                         if defer:
-                            batch["ref_logprobs"] = ref.cpu()
+                            batch.update(
+                                ref_logprobs=ref.cpu(), rewards=rewards[a:b], ended=ended[a:b]
+                            )
                         else:
                             h = self.policy.hidden_states(ids, cu_seqlens=cu)
-                            lp, ent = linear_logprobs(
+                            coef, stats = policy_terms(
+                                self.policy,
                                 h,
-                                _head(self.policy, h),
-                                targets,
-                                temperature=cfg.temperature,
-                                return_entropy=True,
-                                tp_group=self.policy.tp_group,
-                            )
-                            coef, stats = micro_batch_terms(
-                                lp,
-                                ent,
-                                ref,
                                 targets,
                                 cu,
-                                batch["rewards"].to(device),
-                                batch["ended"].to(device),
+                                ref,
+                                rewards[a:b].to(device),
+                                ended[a:b].to(device),
                                 cfg,
                             )
                             batch["coef"] = coef.cpu()
-                            for name, value in stats.items():
-                                sums[-1][name] += value
+                            add_sums(sums[-1], stats)
                         batches.append(batch)
                     steps.append(batches)
             if offload:
@@ -418,10 +410,7 @@ class ReinforceTrainer:
                 rewards=batch["rewards"],
                 ended=batch["ended"],
             )
-            loop = self.loop
-            sums = loop.rollout["sums"][loop.step - loop.rollout["first"]]
-            for name, value in getattr(model, "module", model).stats.items():
-                sums[name] += value
+            self.loop.add_to_step(getattr(model, "module", model).stats)
         return StepOutput(
             loss, weight=batch["n_tokens"], tokens=batch["input_ids"].numel(), rows=batch["rows"]
         )

@@ -166,6 +166,28 @@ def _head(model: Llama, hidden: torch.Tensor) -> torch.Tensor:
     return w if w.dtype == hidden.dtype else w.to(hidden.dtype)
 
 
+def policy_terms(policy, hidden, targets, cu_seqlens, ref_logprobs, rewards, ended, cfg):
+    """micro_batch_terms from the policy's hidden states [N, H] (detached: the coefficients carry
+    no gradient): its log-probs and entropy of the targets at cfg.temperature, through the LM
+    head (this rank's vocabulary shard under tensor parallelism)."""
+    with torch.no_grad():
+        lp, ent = linear_logprobs(
+            hidden.detach(),
+            _head(policy, hidden).detach(),
+            targets,
+            temperature=cfg.temperature,
+            return_entropy=True,
+            tp_group=policy.tp_group,
+        )
+        return micro_batch_terms(lp, ent, ref_logprobs, targets, cu_seqlens, rewards, ended, cfg)
+
+
+def add_sums(into: dict, stats: dict) -> None:
+    """Add a micro-batch's statistics (micro_batch_terms) to its step's sums."""
+    for name, value in stats.items():
+        into[name] += value
+
+
 class PolicyLoss(nn.Module):
     """The policy under training; its forward is the update's loss, so DDP sees the whole pass."""
 
@@ -182,23 +204,17 @@ class PolicyLoss(nn.Module):
         (micro_batch_terms; its statistics are left in self.stats): the policy log-probs that
         the KL needs, taken from the update's forward instead of a no-grad forward of their own."""
         hidden = self.policy.hidden_states(input_ids, cu_seqlens=cu_seqlens)  # [N, H]
-        weight = _head(self.policy, hidden)
-        tp_group = self.policy.tp_group
         if coef is None:
-            with torch.no_grad():
-                lp, ent = linear_logprobs(
-                    hidden.detach(),
-                    weight.detach(),
-                    targets,
-                    temperature=self.temperature,
-                    return_entropy=True,
-                    tp_group=tp_group,
-                )
-                coef, self.stats = micro_batch_terms(
-                    lp, ent, ref_logprobs, targets, cu_seqlens, rewards, ended, self.config
-                )
+            coef, self.stats = policy_terms(
+                self.policy, hidden, targets, cu_seqlens, ref_logprobs, rewards, ended, self.config
+            )
         return policy_gradient_loss(
-            hidden, weight, targets, coef, temperature=self.temperature, tp_group=tp_group
+            hidden,
+            _head(self.policy, hidden),
+            targets,
+            coef,
+            temperature=self.temperature,
+            tp_group=self.policy.tp_group,
         )
 
 
@@ -261,6 +277,10 @@ class RolloutLoop(TrainLoop):
 
     def load_extra_state(self, state: dict) -> None:
         self.rollout = state.get("rollout")
+
+    def add_to_step(self, stats: dict) -> None:
+        """Add statistics formed during the update (micro_batch_terms) to the current step's."""
+        add_sums(self.rollout["sums"][self.step - self.rollout["first"]], stats)
 
     def _train_step(self) -> dict:
         # TrainLoop has no public hook for adding to a step's record; this wraps its step.
