@@ -22,6 +22,7 @@ import time
 import pytest
 import torch
 from _memory import device_name
+from test_bench_generate import KEYS  # hidden, layers, query heads, KV heads, FFN, vocab
 from test_bench_reward_train import _use_times
 
 from helpers import hf_config
@@ -29,9 +30,6 @@ from nemokern.model import Llama, LlamaConfig, generate
 
 pytestmark = pytest.mark.gpu
 
-# hidden, layers, query heads, KV heads, FFN, vocab
-KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
-KEYS += ("intermediate_size", "vocab_size")
 SHAPES = {
     "8b": dict(zip(KEYS, (4096, 32, 32, 8, 14336, 128256))),  # Llama-3.1-8B
     "tiny": dict(zip(KEYS, (256, 2, 8, 2, 704, 1000))),
