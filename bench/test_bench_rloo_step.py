@@ -37,6 +37,11 @@ Equal as far as TRL allows:
             when it reads the prompts file. The benchmark asserts the ids are the same.
   checkpointing  TRL's default is gradient_checkpointing=True (recompute in the backward); run
             once with it and once without. nemokern does not checkpoint (its default).
+  packing   NOT equal: nemokern (shared_prompt, its default) packs each prompt once for its K
+            samples in the reference and update forwards (the K responses attend to that one
+            copy); TRL runs K padded copies. Both do the arithmetic of the same math; nemokern
+            less of it. test_nemokern[full-copies] (shared_prompt=False) packs K full copies,
+            like TRL, to show what the sharing gains.
 Tokenizer: nemokern's byte tokenizer; for TRL the offline HF tokenizer of
 test_bench_reward_train.py (byte-identical ids, the same Llama-3.1 chat template).
 
@@ -51,7 +56,8 @@ clipping, optimizer, zero_grad); phases by timing its own methods: generate_s
 _get_per_token_logps_and_entropies calls), other_s (the rest of _prepare_inputs: chat template,
 tokenize, decode, padding, advantages, metrics), update_s (the step minus _prepare_inputs). The
 first SKIP steps are dropped in both; the rest are the benchmark's rounds (median reported).
-Group "..., interleaved": nemokern, TRL with and without checkpointing, one step each in turn,
+Group "..., interleaved": nemokern (shared prompts and full copies), TRL with and without
+checkpointing, one step each in turn,
 ROUNDS times, so that a shared machine's changing load weighs on all alike (nemokern: fit() of one
 step on the same trainer, i.e. a fresh loop and AdamW whose state is created in that step, 3M
 parameters; TRL: train() of one step with the kept optimizer, timed by the callback).
@@ -144,8 +150,9 @@ def _median(values):
 # ---------------------------------------------------------------- nemokern
 
 
-def _nemokern_trainer(setup, steps, out):
+def _nemokern_trainer(setup, steps, out, shared_prompt=True):
     config = ReinforceConfig(
+        shared_prompt=shared_prompt,
         policy=str(setup["dir"]),
         tokenizer="byte",
         prompts=str(setup["prompts"]),
@@ -177,8 +184,9 @@ def _phase_info(records, phases):
 
 
 @pytest.mark.benchmark(group=GROUP)
-def test_nemokern(benchmark, setup):
-    trainer = _nemokern_trainer(setup, STEPS, "nemokern")
+@pytest.mark.parametrize("packing", ["shared-prompt", "full-copies"])
+def test_nemokern(benchmark, setup, packing):
+    trainer = _nemokern_trainer(setup, STEPS, f"nemokern-{packing}", packing == "shared-prompt")
     assert [list(p.ids) for p in trainer.prompts] == setup["ids"]
     history, peak = peak_extra_bytes(lambda: benchmark.pedantic(trainer.fit, rounds=1), "cpu")
     steady = history[SKIP:]
@@ -338,20 +346,22 @@ def test_trl(benchmark, setup, checkpointing):
 
 # ---------------------------------------------------------------- all of them in turn
 
-IMPLS = ["nemokern", "trl[grad-ckpt]", "trl[no-ckpt]"]
+IMPLS = ["nemokern", "nemokern[full-copies]", "trl[grad-ckpt]", "trl[no-ckpt]"]
 
 
 @pytest.fixture(scope="module")
 def interleaved(setup):
     """Seconds per step (and phases) of each implementation, one step of each in turn, ROUNDS
     times, so that the load of a shared machine weighs on all of them alike."""
-    nemokern = _nemokern_trainer(setup, 1, "nemokern-interleaved")
+    steps = {}
+    for shared, name in ((True, "nemokern"), (False, "nemokern[full-copies]")):
+        trainer = _nemokern_trainer(setup, 1, f"i-{name}", shared)
 
-    def nemokern_step():
-        record = nemokern.fit()[-1]  # a fresh loop and AdamW each time (3M parameters)
-        return record["step_s"], {p: record[p] for p in PHASES}
+        def nemokern_step(trainer=trainer):
+            record = trainer.fit()[-1]  # a fresh loop and AdamW each time (3M parameters)
+            return record["step_s"], {p: record[p] for p in PHASES}
 
-    steps = {"nemokern": nemokern_step}
+        steps[name] = nemokern_step
     try:
         import trl  # noqa: F401
     except ImportError:

@@ -5,6 +5,9 @@ Three input forms, all with q [B, T, Hq, D] and k, v [B, T, Hkv, D] (Hq a multip
   packed  B == 1, several sequences concatenated, segment boundaries in cu_seqlens [S + 1];
           no token attends across a boundary, no padding is computed; with a cache and
           cache_index, the keys/values are also written into the cache (a packed prefill);
+          with `shared` (SharedPrefix), a segment may continue another one: its tokens attend
+          to all of that segment's tokens, then causally to their own (k responses after one
+          copy of their prompt);
   cached  generation: new keys/values are written into a preallocated KVCache at given slots and
           the queries attend to every valid cache slot up to their own; the static form
           (static_cache_context) attends over the whole cache with a mask, so a decode step has
@@ -57,6 +60,21 @@ class KVCache:
 
 
 @dataclass
+class SharedPrefix:
+    """The keys each packed segment attends to when segments may continue others.
+
+    Segment s's key list is its parent's tokens (if it has one) followed by its own; kv_index
+    [sum of key lengths] int64 lists those packed rows, segment by segment, with offsets
+    cu_seqlens_k [S + 1] int32 and longest list max_seqlen_k. Queries keep the packed
+    cu_seqlens; causality is aligned at the end of each key list (the last query sees every
+    key of its list)."""
+
+    kv_index: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_k: int
+
+
+@dataclass
 class AttentionContext:
     """How the tokens of one forward pass relate to each other (shared by all layers)."""
 
@@ -71,6 +89,7 @@ class AttentionContext:
     # packed form only, prefilling a cache: (rows [N], slots [N]) int64, where each packed
     # token's key/value goes
     cache_index: tuple[torch.Tensor, torch.Tensor] | None = None
+    shared: SharedPrefix | None = None  # packed form only: segments that continue others
 
 
 def attention(q, k, v, ctx: AttentionContext, layer: int) -> torch.Tensor:
@@ -80,7 +99,9 @@ def attention(q, k, v, ctx: AttentionContext, layer: int) -> torch.Tensor:
             rows, slots = ctx.cache_index
             ctx.cache.k[layer][rows, :, slots] = k[0]
             ctx.cache.v[layer][rows, :, slots] = v[0]
-        return packed_attention(q[0], k[0], v[0], ctx.cu_seqlens, ctx.max_seqlen).unsqueeze(0)
+        return packed_attention(
+            q[0], k[0], v[0], ctx.cu_seqlens, ctx.max_seqlen, shared=ctx.shared
+        ).unsqueeze(0)
     if ctx.cache is not None:
         return _cached(q, k, v, ctx, layer)
     return _sdpa(q, k, v)
@@ -117,37 +138,59 @@ def packed_backend_for(device, dtype) -> str:
     return "sdpa"
 
 
-def packed_attention(q, k, v, cu_seqlens, max_seqlen: int) -> torch.Tensor:
+def packed_attention(q, k, v, cu_seqlens, max_seqlen: int, *, shared=None) -> torch.Tensor:
     """Causal attention within each packed segment.
 
     q [N, Hq, D], k/v [N, Hkv, D], cu_seqlens [S + 1] int32 (0, ..., N) -> [N, Hq, D].
+    With shared (SharedPrefix), segment s attends to the keys shared.kv_index lists for it (its
+    parent's tokens, then its own), causally aligned at the end of that list.
     """
     backend = packed_backend(q)
+    cu_k, max_k = cu_seqlens, max_seqlen
+    if shared is not None:
+        # one gather per layer of the keys/values each segment sees; its backward sums the
+        # gradients of a shared prefix's keys/values over the segments that read them
+        k, v = k.index_select(0, shared.kv_index), v.index_select(0, shared.kv_index)
+        cu_k, max_k = shared.cu_seqlens_k, shared.max_seqlen_k
     if backend == "flash_attn":
         from flash_attn import flash_attn_varlen_func
 
-        return flash_attn_varlen_func(
-            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True
-        )
+        # causal=True aligns the mask at the bottom-right when a key list is longer
+        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_k, max_seqlen, max_k, causal=True)
     if backend == "torch_varlen":
         varlen = _torch_varlen()
         if varlen is None:
             raise RuntimeError(
                 "NEMOKERN_ATTENTION=torch_varlen but torch.nn.attention.varlen is missing"
             )
-        return _call_varlen(varlen, q, k, v, cu_seqlens, max_seqlen)
+        return _call_varlen(varlen, q, k, v, cu_seqlens, cu_k, max_seqlen, max_k)
     # Exact fallback: one SDPA call per segment (no cross-segment scores are ever computed).
     # One split and one cat: per-segment slice assignment would make autograd zero-fill and add
     # a full-size gradient for every segment. Rows past the last segment come out as zeros.
     bounds = cu_seqlens.tolist()
-    lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])] + [q.shape[0] - bounds[-1]]
+    lengths = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+    q_parts = q.split(lengths + [q.shape[0] - bounds[-1]])
+    if shared is None:
+        k_lengths = lengths + [q.shape[0] - bounds[-1]]
+    else:
+        kb = cu_k.tolist()
+        k_lengths = [e - s for s, e in zip(kb[:-1], kb[1:])] + [k.shape[0] - kb[-1]]
     outs = [
-        _sdpa(qs[None], ks[None], vs[None])[0]
-        if i < len(lengths) - 1 and qs.shape[0]
+        _sdpa(qs[None], ks[None], vs[None], _lower_right(qs.shape[0], ks.shape[0], q.device))[0]
+        if i < len(lengths) and qs.shape[0]
         else torch.zeros_like(qs)
-        for i, (qs, ks, vs) in enumerate(zip(*(t.split(lengths) for t in (q, k, v))))
+        for i, (qs, ks, vs) in enumerate(zip(q_parts, k.split(k_lengths), v.split(k_lengths)))
     ]
     return torch.cat(outs)
+
+
+def _lower_right(n_q: int, n_k: int, device):
+    """None (plain causal) when n_q == n_k, else the [n_q, n_k] bool mask of causal attention
+    aligned at the last key: query i sees keys j <= i + n_k - n_q."""
+    if n_q == n_k:
+        return None
+    j = torch.arange(n_k, device=device)
+    return j <= torch.arange(n_k - n_q, n_k, device=device)[:, None]
 
 
 @functools.cache
@@ -155,7 +198,7 @@ def _flash_attn_installed() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def _call_varlen(varlen, q, k, v, cu_seqlens, max_seqlen):
+def _call_varlen(varlen, q, k, v, cu_q, cu_k, max_q, max_k):
     """torch's varlen_attn, causal, across its signatures: torch 2.13 takes window_size and
     enable_gqa; torch 2.11 has no enable_gqa (the KV heads are then repeated to q's count) and
     older ones say is_causal instead of window_size."""
@@ -176,7 +219,7 @@ def _call_varlen(varlen, q, k, v, cu_seqlens, max_seqlen):
             kwargs["enable_gqa"] = True
         else:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    return varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+    return varlen(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
 
 
 @functools.cache

@@ -29,7 +29,7 @@ from ..parallel import (
     copy_to_tp,
     rank_and_size,
 )
-from .attention import AttentionContext, KVCache, attention, cache_mask
+from .attention import AttentionContext, KVCache, SharedPrefix, attention, cache_mask
 from .config import LlamaConfig
 from .hf import load_pretrained, save_pretrained
 
@@ -189,12 +189,16 @@ class Llama(nn.Module):
             elif isinstance(m, RMSNorm):
                 m.weight.fill_(1.0)
 
-    def forward(self, input_ids, *, cu_seqlens=None, position_ids=None, cache=None, valid=None):
-        """Logits [..., V] for input_ids [B, T] (dense), [1, N] or [N] (packed, with cu_seqlens)."""
+    def forward(
+        self, input_ids, *, cu_seqlens=None, parents=None, position_ids=None, cache=None, valid=None
+    ):
+        """Logits [..., V] for input_ids [B, T] (dense), [1, N] or [N] (packed, with cu_seqlens
+        and optionally parents; see hidden_states)."""
         return self.lm_head(
             self.hidden_states(
                 input_ids,
                 cu_seqlens=cu_seqlens,
+                parents=parents,
                 position_ids=position_ids,
                 cache=cache,
                 valid=valid,
@@ -206,6 +210,7 @@ class Llama(nn.Module):
         input_ids,
         *,
         cu_seqlens=None,
+        parents=None,
         position_ids=None,
         cache: KVCache | None = None,
         final_norm: bool = True,
@@ -216,10 +221,16 @@ class Llama(nn.Module):
         input_ids [B, T] with no padding, or packed [1, N] / [N] with cu_seqlens [S + 1] (int,
         0 ... N) whose position ids restart per segment unless given. position_ids has the shape
         of input_ids. With a KVCache (generation), `valid` [B, T] bool marks real tokens.
+        parents [S] (int, packed only; -1 = none): segment s continues segment parents[s], which
+        comes before it and has no parent itself: its tokens attend to all of the parent's
+        tokens and then causally to their own, and their positions go on from the parent's
+        length. So k responses packed after one copy of their prompt give each the hidden states
+        of prompt + response, with the prompt computed once (shared_prefix_pack builds such
+        batches).
         The output keeps input_ids' leading shape. Checking the ids against the vocabulary costs one
         host sync.
         """
-        ids, pos, ctx = self._prepare(input_ids, cu_seqlens, position_ids, cache, valid)
+        ids, pos, ctx = self._prepare(input_ids, cu_seqlens, position_ids, cache, valid, parents)
         x = self.decoder(ids, pos, ctx)
         if cache is not None:
             cache.length += ids.shape[1]
@@ -248,7 +259,7 @@ class Llama(nn.Module):
                 x = layer(x, cos, sin, ctx)
         return x
 
-    def _prepare(self, input_ids, cu_seqlens, position_ids, cache, valid):
+    def _prepare(self, input_ids, cu_seqlens, position_ids, cache, valid, parents=None):
         """Validate inputs; return ids [B, T], position ids [B, T] and the AttentionContext."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (
             torch.int64,
@@ -291,9 +302,18 @@ class Llama(nn.Module):
                 )
             cu, ctx.max_seqlen = _check_cu_seqlens(cu_seqlens, t, ids.device)
             ctx.cu_seqlens, lengths = cu, cu[1:] - cu[:-1]
+            offsets = None
+            if parents is not None:
+                ctx.shared, offsets = _shared_prefix(cu, parents)
             if position_ids is None:
                 starts = torch.repeat_interleave(cu[:-1].long(), lengths.long(), output_size=t)
+                if offsets is not None:  # a continuing segment's positions follow its parent's
+                    starts = starts - torch.repeat_interleave(
+                        offsets, lengths.long(), output_size=t
+                    )
                 position_ids = torch.arange(t, device=ids.device) - starts
+        elif parents is not None:
+            raise ValueError("parents describes packed segments; pass it with cu_seqlens")
         if position_ids is None:
             start = 0 if cache is None else cache.length
             position_ids = torch.arange(start, start + t, device=ids.device).expand(b, t)
@@ -362,6 +382,48 @@ class Llama(nn.Module):
     def same_token(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens sampled on tp rank 0, on every rank of tp_group (all continue alike)."""
         return broadcast(tokens, self.tp_group)
+
+
+def _shared_prefix(cu, parents) -> tuple[SharedPrefix, torch.Tensor]:
+    """The SharedPrefix for packed segments cu [S + 1] (int32, checked) whose segment s
+    continues segment parents[s] (-1: none), and each segment's position offset [S] int64 (its
+    parent's length, else 0). Errors name the segment. One host sync."""
+    s = cu.numel() - 1
+    if (
+        not isinstance(parents, torch.Tensor)
+        or parents.dtype.is_floating_point
+        or tuple(parents.shape) != (s,)
+    ):
+        got = tuple(parents.shape) if isinstance(parents, torch.Tensor) else type(parents).__name__
+        raise ValueError(
+            f"parents must be an integer tensor [S] = [{s}] (one per segment); got {got}"
+        )
+    par = parents.to(device=cu.device, dtype=torch.int64)
+    listed = par.tolist()
+    for i, p in enumerate(listed):
+        if p != -1 and not (0 <= p < i):
+            raise ValueError(
+                f"parents[{i}] = {p}: a segment continues an earlier segment (0 ... {i - 1}) or "
+                "none (-1)"
+            )
+        if p != -1 and listed[p] != -1:
+            raise ValueError(
+                f"parents[{i}] = {p}, but segment {p} continues segment {listed[p]} itself; "
+                "only one level of shared prefix is supported"
+            )
+    start, own = cu[:-1].long(), (cu[1:] - cu[:-1]).long()
+    has = par >= 0
+    p = par.clamp(min=0)
+    offset = torch.where(has, own[p], 0)  # keys of the parent, before each segment's own
+    n_keys = offset + own
+    cu_k = torch.zeros(s + 1, dtype=torch.int64, device=cu.device)
+    cu_k[1:] = n_keys.cumsum(0)
+    total = int(cu_k[-1])
+    seg = torch.repeat_interleave(torch.arange(s, device=cu.device), n_keys, output_size=total)
+    j = torch.arange(total, device=cu.device) - cu_k[seg]
+    kv_index = torch.where(j < offset[seg], start[p][seg] + j, start[seg] + j - offset[seg])
+    shared = SharedPrefix(kv_index, cu_k.to(torch.int32), int(n_keys.max()) if s else 0)
+    return shared, offset
 
 
 def _check_cu_seqlens(cu_seqlens, n, device):

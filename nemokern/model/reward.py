@@ -63,11 +63,16 @@ class RewardModel(nn.Module):
             raise ValueError(f"attribute {name!r} is not one of the head's {list(self.attributes)}")
         return self.attributes.index(name)
 
-    def forward(self, input_ids, last_index, *, cu_seqlens=None, position_ids=None):
+    def forward(self, input_ids, last_index, *, cu_seqlens=None, parents=None, position_ids=None):
         """Rewards [S, K] float32 for packed input_ids [N] with cu_seqlens [S + 1] (last_index:
-        the packed row of each sequence's last token), or dense [B, T] with last_index [B]."""
+        the packed row of each sequence's last token; parents: segments that continue others,
+        as in Llama.hidden_states), or dense [B, T] with last_index [B]."""
         hidden = self.trunk.hidden_states(
-            input_ids, cu_seqlens=cu_seqlens, position_ids=position_ids, final_norm=False
+            input_ids,
+            cu_seqlens=cu_seqlens,
+            parents=parents,
+            position_ids=position_ids,
+            final_norm=False,
         )
         if cu_seqlens is not None:
             hidden = hidden.reshape(-1, hidden.shape[-1])

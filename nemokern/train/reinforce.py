@@ -127,6 +127,11 @@ class ReinforceConfig(TrainConfig):
     offload: bool = option(
         False, "keep the reference and the reward model on the CPU between rollouts (CUDA)"
     )
+    shared_prompt: bool = option(
+        True,
+        "pack each prompt once for its k samples in the reward-model, reference and update "
+        "forwards (its k responses attend to that one copy); off: k full copies",
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -293,7 +298,8 @@ class ReinforceTrainer:
                 for mb in step:
                     spans[-1].append((start, start + len(mb) * k, mb))
                     start += len(mb) * k
-            packs = [[pack(rows[a:b], responses[a:b]) for a, b, _ in step] for step in spans]
+            share = k if cfg.shared_prompt else None
+            packs = [[pack(rows[a:b], responses[a:b], share) for a, b, _ in step] for step in spans]
 
             # ---- score
             t = time.perf_counter()
@@ -318,6 +324,7 @@ class ReinforceTrainer:
                                 b["input_ids"].to(device),
                                 b["last_index"].to(device),
                                 cu_seqlens=b["cu_seqlens"].to(device),
+                                parents=b.get("parents"),
                             )
                             scores.append(out[:, self.reward_column].double().cpu())
                 rewards += cfg.reward_model_weight * torch.cat(scores)
@@ -352,13 +359,18 @@ class ReinforceTrainer:
                             "input_ids": p["input_ids"],
                             "cu_seqlens": p["cu_seqlens"],
                             "targets": p["targets"],
+                            "sample_cu": p["sample_cu"],
                             "n_tokens": int((p["targets"] != -100).sum()),
                             "rows": [int(x) for x in mb],
                         }
-                        ids, cu, targets = (
-                            p[n].to(device) for n in ("input_ids", "cu_seqlens", "targets")
+                        if "parents" in p:
+                            batch["parents"] = p["parents"]
+                        ids, cu, targets, sample_cu = (
+                            p[n].to(device)
+                            for n in ("input_ids", "cu_seqlens", "targets", "sample_cu")
                         )
-                        h = self.reference.hidden_states(ids, cu_seqlens=cu)
+                        parents = p.get("parents")
+                        h = self.reference.hidden_states(ids, cu_seqlens=cu, parents=parents)
                         ref = linear_logprobs(
                             h,
                             _head(self.reference, h),
@@ -371,12 +383,12 @@ class ReinforceTrainer:
                                 ref_logprobs=ref.cpu(), rewards=rewards[a:b], ended=ended[a:b]
                             )
                         else:
-                            h = self.policy.hidden_states(ids, cu_seqlens=cu)
+                            h = self.policy.hidden_states(ids, cu_seqlens=cu, parents=parents)
                             coef, stats = policy_terms(
                                 self.policy,
                                 h,
                                 targets,
-                                cu,
+                                sample_cu,
                                 ref,
                                 rewards[a:b].to(device),
                                 ended[a:b].to(device),
@@ -399,8 +411,16 @@ class ReinforceTrainer:
 
     # ---- the update -----------------------------------------------------------------------------
     def _update(self, model, batch) -> StepOutput:
+        # parents and sample_cu: absent from rollouts saved before prompts were shared
+        shared = {"parents": batch.get("parents"), "sample_cu": batch.get("sample_cu")}
         if "coef" in batch:
-            loss = model(batch["input_ids"], batch["cu_seqlens"], batch["targets"], batch["coef"])
+            loss = model(
+                batch["input_ids"],
+                batch["cu_seqlens"],
+                batch["targets"],
+                batch["coef"],
+                parents=shared["parents"],
+            )
         else:  # the policy's log-probs come from this forward (PolicyLoss)
             loss = model(
                 batch["input_ids"],
@@ -409,6 +429,7 @@ class ReinforceTrainer:
                 ref_logprobs=batch["ref_logprobs"],
                 rewards=batch["rewards"],
                 ended=batch["ended"],
+                **shared,
             )
             self.loop.add_to_step(getattr(model, "module", model).stats)
         return StepOutput(

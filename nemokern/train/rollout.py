@@ -113,12 +113,12 @@ def kl_regularised_advantages(rewards, kl, ended, k: int, *, beta: float, trunca
     return scores, adv
 
 
-def micro_batch_terms(logprobs, entropy, ref_logprobs, targets, cu_seqlens, rewards, ended, cfg):
+def micro_batch_terms(logprobs, entropy, ref_logprobs, targets, sample_cu, rewards, ended, cfg):
     """One packed micro-batch of whole prompts (k samples each): the update's coefficients
     coef [N] float32 = -(R - b)/n_tokens on response tokens (0 elsewhere) and the sums of its
     statistics (kl, score, entropy, advantage, advantage_sq). logprobs/entropy [N] of the policy,
-    ref_logprobs [N] of the reference, targets [N] (-100 off the responses), cu_seqlens [S + 1],
-    rewards [S] float64 and ended [S] bool per sample."""
+    ref_logprobs [N] of the reference, targets [N] (-100 off the responses), sample_cu [S + 1]
+    (sample s's rows, as pack() gives them), rewards [S] float64 and ended [S] bool per sample."""
     mask = targets != -100
     kl = sequence_kl(
         logprobs,
@@ -126,9 +126,9 @@ def micro_batch_terms(logprobs, entropy, ref_logprobs, targets, cu_seqlens, rewa
         mask,
         estimator=cfg.kl_estimator,
         reduction=cfg.kl_reduction,
-        cu_seqlens=cu_seqlens,
+        cu_seqlens=sample_cu,
     ).double()
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    lengths = (sample_cu[1:] - sample_cu[:-1]).long()
     seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
     per_seq_entropy = torch.zeros(lengths.numel(), dtype=torch.float64, device=lengths.device)
     per_seq_entropy.index_add_(0, seq, (entropy * mask).double())
@@ -166,7 +166,7 @@ def _head(model: Llama, hidden: torch.Tensor) -> torch.Tensor:
     return w if w.dtype == hidden.dtype else w.to(hidden.dtype)
 
 
-def policy_terms(policy, hidden, targets, cu_seqlens, ref_logprobs, rewards, ended, cfg):
+def policy_terms(policy, hidden, targets, sample_cu, ref_logprobs, rewards, ended, cfg):
     """micro_batch_terms from the policy's hidden states [N, H] (detached: the coefficients carry
     no gradient): its log-probs and entropy of the targets at cfg.temperature, through the LM
     head (this rank's vocabulary shard under tensor parallelism)."""
@@ -179,7 +179,7 @@ def policy_terms(policy, hidden, targets, cu_seqlens, ref_logprobs, rewards, end
             return_entropy=True,
             tp_group=policy.tp_group,
         )
-        return micro_batch_terms(lp, ent, ref_logprobs, targets, cu_seqlens, rewards, ended, cfg)
+        return micro_batch_terms(lp, ent, ref_logprobs, targets, sample_cu, rewards, ended, cfg)
 
 
 def add_sums(into: dict, stats: dict) -> None:
@@ -197,16 +197,33 @@ class PolicyLoss(nn.Module):
         self.stats: dict = {}
 
     def forward(
-        self, input_ids, cu_seqlens, targets, coef=None, ref_logprobs=None, rewards=None, ended=None
+        self,
+        input_ids,
+        cu_seqlens,
+        targets,
+        coef=None,
+        ref_logprobs=None,
+        rewards=None,
+        ended=None,
+        parents=None,
+        sample_cu=None,
     ):
         """The loss for given coef; or, with coef None, coef from this very forward's
         (detached) log-probs of the targets and the rollout's ref_logprobs, rewards and ended
-        (micro_batch_terms; its statistics are left in self.stats): the policy log-probs that
-        the KL needs, taken from the update's forward instead of a no-grad forward of their own."""
-        hidden = self.policy.hidden_states(input_ids, cu_seqlens=cu_seqlens)  # [N, H]
+        (micro_batch_terms over the samples sample_cu delimits; its statistics are left in
+        self.stats): the policy log-probs that the KL needs, taken from the update's forward
+        instead of a no-grad forward of their own. parents: pack()'s shared prompts."""
+        hidden = self.policy.hidden_states(input_ids, cu_seqlens=cu_seqlens, parents=parents)
         if coef is None:
             coef, self.stats = policy_terms(
-                self.policy, hidden, targets, cu_seqlens, ref_logprobs, rewards, ended, self.config
+                self.policy,
+                hidden,
+                targets,
+                cu_seqlens if sample_cu is None else sample_cu,
+                ref_logprobs,
+                rewards,
+                ended,
+                self.config,
             )
         return policy_gradient_loss(
             hidden,
@@ -218,23 +235,72 @@ class PolicyLoss(nn.Module):
         )
 
 
-def pack(prompts: list, responses: list[torch.Tensor]) -> dict:
-    """One packed micro-batch: prompt + response of each sample, back to back.
+def pack(prompts: list, responses: list[torch.Tensor], k: int | None = None) -> dict:
+    """One packed micro-batch of samples (prompt + response each).
 
-    input_ids [N], cu_seqlens [S + 1] int32, targets [N] (the next token at the positions that
-    predict a response token, -100 elsewhere), last_index [S] (each sequence's last token)."""
-    seqs = [
-        torch.cat([torch.as_tensor(p, dtype=torch.long), r.long().cpu()])
-        for p, r in zip(prompts, responses)
-    ]
-    ids = torch.cat(seqs)
-    cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor([s.numel() for s in seqs]).cumsum(0)
-    targets = torch.full_like(ids, -100)
-    for i, (p, s) in enumerate(zip(prompts, seqs)):
-        start = int(cu[i])
-        targets[start + len(p) - 1 : start + s.numel() - 1] = s[len(p) :]
-    return {"input_ids": ids, "cu_seqlens": cu, "targets": targets, "last_index": cu[1:].long() - 1}
+    input_ids [N], cu_seqlens [S + 1] int32 (the model's segments), targets [N] (the next token
+    at the positions that predict a response token, -100 elsewhere), last_index [n] (each
+    sample's last token), sample_cu [n + 1] int64 (sample i's rows are
+    sample_cu[i]:sample_cu[i + 1]; every response row falls in its own sample's range).
+
+    k None: the samples back to back (S = n segments, sample_cu = cu_seqlens). k given: every k
+    consecutive samples share their prompt, which is packed once: a segment with the prompt but
+    its last token, then k segments of [last prompt token, response] that continue it (parents
+    [S] int64, -1 for the prompt segments; Llama.hidden_states(..., parents=...)). A group's
+    first sample's rows also hold the prompt segment (whose targets are all -100)."""
+    if k is None:
+        seqs = [
+            torch.cat([torch.as_tensor(p, dtype=torch.long), r.long().cpu()])
+            for p, r in zip(prompts, responses)
+        ]
+        ids = torch.cat(seqs)
+        cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+        cu[1:] = torch.tensor([s.numel() for s in seqs]).cumsum(0)
+        targets = torch.full_like(ids, -100)
+        for i, (p, s) in enumerate(zip(prompts, seqs)):
+            start = int(cu[i])
+            targets[start + len(p) - 1 : start + s.numel() - 1] = s[len(p) :]
+        return {
+            "input_ids": ids,
+            "cu_seqlens": cu,
+            "targets": targets,
+            "last_index": cu[1:].long() - 1,
+            "sample_cu": cu.long(),
+        }
+    if len(prompts) % k:
+        raise ValueError(f"{len(prompts)} samples are not whole groups of k = {k}")
+    segments, parents, targets, sample_ends = [], [], [], []
+    n = 0
+    for g in range(0, len(prompts), k):
+        prompt = torch.as_tensor(prompts[g], dtype=torch.long)
+        if any(list(prompts[g + j]) != list(prompts[g]) for j in range(1, k)):
+            raise ValueError(f"samples {g} ... {g + k - 1} do not share one prompt")
+        root = -1
+        if prompt.numel() > 1:
+            root = len(segments)
+            segments.append(prompt[:-1])
+            parents.append(-1)
+            targets.append(torch.full((prompt.numel() - 1,), -100, dtype=torch.long))
+            n += prompt.numel() - 1
+        for r in responses[g : g + k]:
+            r = r.long().cpu()
+            segments.append(torch.cat([prompt[-1:], r]))
+            parents.append(root)
+            targets.append(torch.cat([r, torch.tensor([-100])]))
+            n += r.numel() + 1
+            sample_ends.append(n)
+    lengths = torch.tensor([s.numel() for s in segments])
+    cu = torch.zeros(len(segments) + 1, dtype=torch.int32)
+    cu[1:] = lengths.cumsum(0)
+    sample_cu = torch.tensor([0] + sample_ends, dtype=torch.long)
+    return {
+        "input_ids": torch.cat(segments),
+        "cu_seqlens": cu,
+        "parents": torch.tensor(parents, dtype=torch.long),
+        "targets": torch.cat(targets),
+        "last_index": sample_cu[1:] - 1,
+        "sample_cu": sample_cu,
+    }
 
 
 # ---- the loop ------------------------------------------------------------------------------------
