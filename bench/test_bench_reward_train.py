@@ -9,10 +9,12 @@ All three train the SAME Llama-3.1-shaped model (hidden 256, 4 layers, 8 query /
 (nemokern.data.synthetic, hs2-preference layout, no ties), loss -log sigmoid(r_chosen - r_rejected)
 averaged over the 16 pairs, AdamW at lr 1e-5, no gradient clipping:
 
-  nemokern  RewardModel on the packed batch of load_reward_data (32 sequences back to back, no
-            padding computed; per-segment SDPA on the CPU), the fused reward_head (final norm and
-            head on the 32 last tokens only), nemokern.train.reward.reward_loss("bt"), the AdamW of
-            nemokern.train.loop.build_optimizer (fused where available).
+  nemokern  RewardModel on the packed batch of load_reward_data (no padding computed;
+            per-segment SDPA on the CPU): by default each pair's common prefix (the prompt) is
+            packed once and its two responses continue it; test_nemokern[whole-pairs] packs the
+            32 sequences whole, back to back (data.shared_prefix = False); the fused reward_head
+            (final norm and head on the 32 last tokens only), nemokern.train.reward.reward_loss
+            ("bt"), the AdamW of nemokern.train.loop.build_optimizer (fused where available).
   plain     transformers LlamaForSequenceClassification(num_labels=1, pad_token_id set) on the
             same 32 sequences right-padded to the longest ([32, T], chosen first, then rejected),
             attn_implementation "eager" (and "sdpa"), score on every position, the reward read at
@@ -103,13 +105,23 @@ def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reward_train")
     path = write_synthetic(tmp / "pairs.jsonl", PAIRS, "hs2-preference", seed=0)
     data = load_reward_data(path, ByteTokenizer())
-    batch = data.batch(list(range(PAIRS)))
+    batch = data.batch(list(range(PAIRS)))  # each pair's common prefix packed once (the default)
+    data.shared_prefix = False
+    whole = data.batch(list(range(PAIRS)))  # both conversations of each pair whole
+    data.shared_prefix = True
     torch.manual_seed(0)
     model = RewardModel(Llama(LlamaConfig.tiny(**MODEL)))
     data.check_vocab(model.trunk.config.vocab_size)
     model.save_pretrained(tmp / "model")  # HF Llama directory + reward_head.safetensors
     pairs = data.read.examples
-    return {"dir": tmp / "model", "batch": batch, "data": data, "pairs": pairs, "tmp": tmp}
+    return {
+        "dir": tmp / "model",
+        "batch": batch,
+        "whole": whole,
+        "data": data,
+        "pairs": pairs,
+        "tmp": tmp,
+    }
 
 
 def _info(setup):
@@ -171,7 +183,13 @@ def _nemokern_model(setup):
 
 
 def _nemokern_loss(model, b):
-    rewards = model(b.input_ids, b.last_index, cu_seqlens=b.cu_seqlens, position_ids=b.position_ids)
+    rewards = model(
+        b.input_ids,
+        b.last_index,
+        cu_seqlens=b.cu_seqlens,
+        parents=b.parents,
+        position_ids=b.position_ids,
+    )
     return reward_loss("bt", rewards, b)[0].loss
 
 
@@ -183,11 +201,14 @@ def _plain_loss(model, ids, mask):
 
 
 def test_same_start(setup):
-    """Same weights, same pairs: nemokern's packed loss equals the padded transformers loss."""
+    """Same weights, same pairs: nemokern's packed loss (shared prefixes, and whole pairs) equals
+    the padded transformers loss."""
     with torch.no_grad():
-        a = _nemokern_loss(_nemokern_model(setup), setup["batch"])
         b = _plain_loss(_hf_model(setup, "eager"), *_padded(setup))
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        for batch in (setup["batch"], setup["whole"]):
+            a = _nemokern_loss(_nemokern_model(setup), batch)
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert setup["batch"].num_tokens < setup["whole"].num_tokens
 
 
 def _optimizer_step(loss_fn, opt):
@@ -201,8 +222,8 @@ def _optimizer_step(loss_fn, opt):
     return step
 
 
-def _nemokern_step(setup):
-    model, b = _nemokern_model(setup), setup["batch"]
+def _nemokern_step(setup, batch="batch"):
+    model, b = _nemokern_model(setup), setup[batch]
     opt = build_optimizer(model, RewardConfig(lr=LR, weight_decay=0.0, grad_clip=0.0))
     return _optimizer_step(lambda: _nemokern_loss(model, b), opt), bool(opt.defaults.get("fused"))
 
@@ -215,9 +236,19 @@ def _plain_step(setup, attn):
 
 
 @pytest.mark.benchmark(group=GROUP)
-def test_nemokern(benchmark, setup):
-    step, fused = _nemokern_step(setup)
-    run_benchmark(benchmark, step, "cpu", ROUNDS, fused_adamw=fused, **_info(setup))
+@pytest.mark.parametrize("packing", ["shared-prompt", "whole-pairs"])
+def test_nemokern(benchmark, setup, packing):
+    step, fused = _nemokern_step(setup, "batch" if packing == "shared-prompt" else "whole")
+    batch = setup["batch" if packing == "shared-prompt" else "whole"]
+    run_benchmark(
+        benchmark,
+        step,
+        "cpu",
+        ROUNDS,
+        fused_adamw=fused,
+        packed_tokens=batch.num_tokens,
+        **_info(setup),
+    )
 
 
 @pytest.mark.benchmark(group=GROUP)
@@ -355,7 +386,14 @@ def test_trl(benchmark, setup, checkpointing):
 
 # ---------------------------------------------------------------- all of them in turn
 
-IMPLS = ["nemokern", "plain[eager]", "plain[sdpa]", "trl[grad-ckpt]", "trl[no-ckpt]"]
+IMPLS = [
+    "nemokern",
+    "nemokern[whole-pairs]",
+    "plain[eager]",
+    "plain[sdpa]",
+    "trl[grad-ckpt]",
+    "trl[no-ckpt]",
+]
 
 
 @pytest.fixture(scope="module")
@@ -366,6 +404,7 @@ def interleaved(setup):
     callback as above."""
     steps = {
         "nemokern": _nemokern_step(setup)[0],
+        "nemokern[whole-pairs]": _nemokern_step(setup, "whole")[0],
         "plain[eager]": _plain_step(setup, "eager"),
         "plain[sdpa]": _plain_step(setup, "sdpa"),
     }

@@ -1,4 +1,4 @@
-import itertools
+import copy
 
 import pytest
 import torch
@@ -21,9 +21,16 @@ def regression():
     return load_reward_data(synthetic_rows(30, "helpsteer2", seed=2), TOK)
 
 
+def _unshared(dataset):
+    """The dataset with shared_prefix off (both sequences of a pair packed whole)."""
+    dataset = copy.copy(dataset)
+    dataset.shared_prefix = False
+    return dataset
+
+
 def _segments(batch):
-    cu = batch.cu_seqlens.tolist()
-    return [batch.input_ids[a:b].tolist() for a, b in itertools.pairwise(cu)]
+    """Each sequence's ids (a pair's shared prefix included)."""
+    return [batch.sequence(s).tolist() for s in range(batch.num_sequences)]
 
 
 def test_regression_batch_layout(regression):
@@ -244,15 +251,22 @@ def test_packed_batch_drives_the_model_like_separate_sequences(pairs):
         num_key_value_heads=2,
     )
     model = Llama(cfg).eval()
-    batch = pairs.batch([0, 3])
-    with torch.no_grad():
-        packed = model.hidden_states(
-            batch.input_ids, cu_seqlens=batch.cu_seqlens, position_ids=batch.position_ids
-        ).reshape(-1, cfg.hidden_size)
-        last = packed[batch.last_index]
-        for s, seg in enumerate(_segments(batch)):
-            alone = model.hidden_states(torch.tensor([seg]))[0, -1]
-            torch.testing.assert_close(last[s], alone, rtol=1e-4, atol=1e-5)
+    whole = _unshared(pairs).batch([0, 3])
+    shared = pairs.batch([0, 3])
+    assert whole.parents is None and shared.parents is not None
+    assert shared.num_tokens < whole.num_tokens  # each pair's prompt packed once
+    for batch in (whole, shared):
+        with torch.no_grad():
+            packed = model.hidden_states(
+                batch.input_ids,
+                cu_seqlens=batch.cu_seqlens,
+                parents=batch.parents,
+                position_ids=batch.position_ids,
+            ).reshape(-1, cfg.hidden_size)
+            last = packed[batch.last_index]
+            for s, seg in enumerate(_segments(batch)):
+                alone = model.hidden_states(torch.tensor([seg]))[0, -1]
+                torch.testing.assert_close(last[s], alone, rtol=1e-4, atol=1e-5)
 
 
 def test_dataset_errors():
@@ -260,3 +274,43 @@ def test_dataset_errors():
         RewardDataset([], "pairs")
     with pytest.raises(ValueError, match="kind must be"):
         RewardDataset([], "sft")
+
+
+def test_pair_common_prefix_is_packed_once():
+    """By hand: the longest common prefix of chosen and rejected, each keeping its last token;
+    no shared segment when the pair differs at the first token; whole sequences back from
+    sequence() and select()."""
+    import numpy as np
+
+    from nemokern.data.packing import RewardDataset, TokenizedExample
+
+    def ex(a, b):
+        seqs = (np.array(a, dtype=np.int32), np.array(b, dtype=np.int32))
+        return TokenizedExample(seqs, "x", strength=1.0)
+
+    data = RewardDataset(
+        [ex([1, 2, 3, 4], [1, 2, 3, 5, 6]), ex([7, 8], [9]), ex([4, 4], [4, 4])], "pairs"
+    )
+    b = data.batch([0, 1, 2])
+    # [1 2 3] [4] [5 6] | [7 8] [9] | [4] [4] [4]
+    assert b.input_ids.tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 4, 4, 4]
+    assert b.cu_seqlens.tolist() == [0, 3, 4, 6, 8, 9, 10, 11, 12]
+    assert b.parents.tolist() == [-1, 0, 0, -1, -1, -1, 5, 5]
+    assert b.position_ids.tolist() == [0, 1, 2, 3, 3, 4, 0, 1, 0, 0, 1, 1]
+    assert b.last_index.tolist() == [3, 5, 7, 8, 10, 11]
+    assert [b.sequence(s).tolist() for s in range(6)] == [
+        [1, 2, 3, 4],
+        [1, 2, 3, 5, 6],
+        [7, 8],
+        [9],
+        [4, 4],
+        [4, 4],
+    ]
+    sub = b.select([2, 0])
+    assert [sub.sequence(s).tolist() for s in range(4)] == [
+        [4, 4],
+        [4, 4],
+        [1, 2, 3, 4],
+        [1, 2, 3, 5, 6],
+    ]
+    assert sub.parents is not None and sub.rows == [2, 0]

@@ -118,3 +118,38 @@ def test_score_file_reads_the_final_model_and_its_export(tmp_path, files):
     assert exported["accuracy"] == report["accuracy"]
     with pytest.raises(ValueError, match="compares chosen/rejected pairs"):
         score_file(final, files["rows"])
+
+
+def test_shared_prompt_pairs_train_like_whole_pairs(tmp_path, files):
+    """Pairs packed with their common prefix once (the default) and whole: fewer tokens, the same
+    losses, gradient norms and evaluation up to fp32 rounding (a small lr: AdamW's normalised
+    step would turn rounding-level gradient differences into lr-sized weight differences)."""
+
+    def run(shared):
+        torch.manual_seed(0)
+        cfg = config(
+            tmp_path / str(shared),
+            files["pairs"],
+            loss="scaled-bt",
+            lr=1e-5,
+            max_steps=4,
+            shared_prompt=shared,
+            eval_data=files["rb"],
+            eval_every=4,
+        )
+        return RewardTrainer(cfg).fit()
+
+    shared, whole = run(True), run(False)
+    assert all(s["tokens"] < w["tokens"] for s, w in zip(shared, whole))
+    for name in ("loss", "accuracy", "grad_norm"):
+        torch.testing.assert_close(
+            torch.tensor([h[name] for h in shared]),
+            torch.tensor([h[name] for h in whole]),
+            rtol=1e-5,
+            atol=1e-6,
+            msg=name,
+        )
+    evals = [[k for k in h if k.startswith("eval")] for h in (shared[-1], whole[-1])]
+    assert evals[0] and evals[0] == evals[1]
+    for k in evals[0]:
+        assert shared[-1][k] == pytest.approx(whole[-1][k], rel=1e-5, abs=1e-6), k

@@ -108,9 +108,13 @@ def tokenize_example(example, tokenizer, max_length: int) -> TokenizedExample:
 class RewardBatch:
     """A packed batch of S sequences, N tokens in all, on the CPU.
 
-    input_ids     [N] int64   the sequences back to back, no padding
-    cu_seqlens    [S + 1] int64  segment offsets 0 ... N (Llama.hidden_states(cu_seqlens=...))
-    position_ids  [N] int64   0 ... len - 1 within each sequence
+    input_ids     [N] int64   the sequences back to back, no padding; or, with parents, each
+                              pair's common prefix once and then the rest of either sequence
+    cu_seqlens    [G + 1] int64  segment offsets 0 ... N (Llama.hidden_states(cu_seqlens=...));
+                              G = S segments, one per sequence, unless parents is set
+    parents       [G] int64   or None: segment g continues segment parents[g] (-1: none), as
+                              Llama.hidden_states(parents=...) takes it
+    position_ids  [N] int64   each token's position in its own sequence
     last_index    [S] int64   index into N of each sequence's last token (the scored one)
     labels        [S, 9] float32  regression: attributes in ATTRIBUTES order, -100 where missing
     pair_index    [S] int64   pairs: the pair of each sequence; sequence 2p is pair p's chosen
@@ -130,6 +134,7 @@ class RewardBatch:
     labels: torch.Tensor | None = None
     pair_index: torch.Tensor | None = None
     strength: torch.Tensor | None = None
+    parents: torch.Tensor | None = None
 
     @property
     def kind(self) -> str:
@@ -167,8 +172,7 @@ class RewardBatch:
         (e.g. range(rank, num_rows, world_size))."""
         per_row = 1 if self.labels is not None else 2
         seqs = [r * per_row + j for r in rows for j in range(per_row)]
-        cu = self.cu_seqlens.tolist()
-        pieces = [self.input_ids[cu[s] : cu[s + 1]].cpu().numpy() for s in seqs]
+        pieces = [self.sequence(s) for s in seqs]
         labels = self.labels[seqs].cpu() if self.labels is not None else None
         strength = self.strength[list(rows)].cpu() if self.strength is not None else None
         return _pack(
@@ -178,7 +182,18 @@ class RewardBatch:
             [self.subsets[r] for r in rows],
             labels,
             strength,
+            shared_prefix=self.parents is not None,
         )
+
+    def sequence(self, s: int) -> np.ndarray:
+        """The token ids of sequence s (its shared prefix included)."""
+        cu = self.cu_seqlens.cpu().numpy()
+        own = int(np.searchsorted(cu, int(self.last_index[s]), side="right")) - 1
+        parts = [self.input_ids[cu[own] : cu[own + 1]]]
+        parent = -1 if self.parents is None else int(self.parents[own])
+        if parent >= 0:
+            parts.insert(0, self.input_ids[cu[parent] : cu[parent + 1]])
+        return torch.cat(parts).cpu().numpy()
 
 
 _TENSORS = (
@@ -189,23 +204,52 @@ _TENSORS = (
     "labels",
     "pair_index",
     "strength",
+    "parents",
 )
 
 
-def _pack(pieces, rows, where, subsets, labels, strength) -> RewardBatch:
-    lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
-    cu = np.zeros(len(pieces) + 1, dtype=np.int64)
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """Length of the longest common prefix of a and b, leaving each at least its last token."""
+    n = min(len(a), len(b)) - 1
+    if n <= 0:
+        return 0
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if differ.size else n
+
+
+def _pack(pieces, rows, where, subsets, labels, strength, shared_prefix=False) -> RewardBatch:
+    # segments: (ids, parent segment or -1, first position); sequence s ends segment ends[s]
+    segments, ends = [], []
+    if shared_prefix and strength is not None:
+        for a, b in zip(pieces[0::2], pieces[1::2]):
+            n = _common_prefix(a, b)
+            root = -1
+            if n:
+                root = len(segments)
+                segments.append((a[:n], -1, 0))
+            for seq in (a, b):
+                segments.append((seq[n:], root, n))
+                ends.append(len(segments) - 1)
+    else:
+        segments = [(p, -1, 0) for p in pieces]
+        ends = list(range(len(pieces)))
+    lengths = np.fromiter((len(g[0]) for g in segments), dtype=np.int64, count=len(segments))
+    cu = np.zeros(len(segments) + 1, dtype=np.int64)
     np.cumsum(lengths, out=cu[1:])
     n = int(cu[-1])
-    position = np.arange(n, dtype=np.int64) - np.repeat(cu[:-1], lengths)
+    first = np.fromiter((g[2] for g in segments), dtype=np.int64, count=len(segments))
+    position = np.arange(n, dtype=np.int64) - np.repeat(cu[:-1] - first, lengths)
+    parents = None
+    if len(segments) != len(pieces):
+        parents = torch.tensor([g[1] for g in segments], dtype=torch.int64)
     pair_index = None
     if strength is not None:
         pair_index = torch.arange(len(pieces), dtype=torch.int64) // 2
     return RewardBatch(
-        input_ids=torch.from_numpy(np.concatenate(pieces).astype(np.int64)),
+        input_ids=torch.from_numpy(np.concatenate([g[0] for g in segments]).astype(np.int64)),
         cu_seqlens=torch.from_numpy(cu),
         position_ids=torch.from_numpy(position),
-        last_index=torch.from_numpy(cu[1:] - 1),
+        last_index=torch.from_numpy(cu[1:][ends] - 1),
         rows=list(rows),
         where=list(where),
         subsets=list(subsets),
@@ -213,11 +257,19 @@ def _pack(pieces, rows, where, subsets, labels, strength) -> RewardBatch:
         labels=labels,
         pair_index=pair_index,
         strength=strength,
+        parents=parents,
     )
 
 
 class RewardDataset:
-    """Tokenized examples of one kind ("regression" or "pairs") and how they were read."""
+    """Tokenized examples of one kind ("regression" or "pairs") and how they were read.
+
+    shared_prefix (pairs): each batch packs the common prefix of a pair's chosen and rejected
+    sequences (the prompt, at least) once, the two continuing it (RewardBatch.parents); False
+    packs both sequences whole. The rewards are the same up to rounding.
+    """
+
+    shared_prefix = True
 
     def __init__(
         self,
@@ -282,7 +334,13 @@ class RewardDataset:
         else:
             strength = torch.tensor([e.strength for e in exs], dtype=torch.float32)
         return _pack(
-            pieces, list(indices), [e.where for e in exs], [e.subset for e in exs], labels, strength
+            pieces,
+            list(indices),
+            [e.where for e in exs],
+            [e.subset for e in exs],
+            labels,
+            strength,
+            shared_prefix=self.shared_prefix,
         )
 
     def batches(

@@ -65,6 +65,11 @@ class RewardConfig(TrainConfig):
     skip_bad_rows: bool = option(
         False, "skip malformed rows (counted per reason) instead of stopping"
     )
+    shared_prompt: bool = option(
+        True,
+        "pairs: pack the common prefix of chosen and rejected (the prompt) once, both "
+        "responses attending to it; off: both conversations whole",
+    )
 
 
 def build_model(config: RewardConfig) -> RewardModel:
@@ -124,6 +129,7 @@ def batch_rewards(model: RewardModel, batch):
         batch.input_ids,
         batch.last_index,
         cu_seqlens=batch.cu_seqlens,
+        parents=batch.parents,
         position_ids=batch.position_ids,
     )
 
@@ -221,6 +227,7 @@ class RewardTrainer:
         vocab = self.model.trunk.config.vocab_size
         for data in filter(None, (self.train_data, self.eval_data)):
             data.check_vocab(vocab)
+            data.shared_prefix = config.shared_prompt
         # The trunk's lm_head never reaches a reward: frozen, so DDP and AdamW skip it.
         self.model.trunk.lm_head.weight.requires_grad_(False)
         tokens = config.max_tokens_per_batch or None
