@@ -64,8 +64,14 @@ def _policy_batches():
 
 
 def _reinforce_config(root, tp):
+    # under TP2 x DP2 the AdamW state is also sharded over the dp pairs (--shard-optimizer; a
+    # no-op on one process)
     return ReinforceConfig(
-        out=os.path.join(root, f"reinforce_tp{tp}"), grad_accum=_accum(4, tp), tp=tp, **COMMON
+        out=os.path.join(root, f"reinforce_tp{tp}"),
+        grad_accum=_accum(4, tp),
+        tp=tp,
+        shard_optimizer=tp > 1,
+        **COMMON,
     )
 
 
@@ -158,6 +164,10 @@ def test_reward_step_and_reinforce_update_at_tp2_dp2_equal_one_process(tmp_path)
     _assert_weights_equal(
         ours, ref_reward.model.state_dict(), start_reward.state_dict(), "reward step"
     )
+    ckpt = tmp_path / "reinforce_tp2" / "checkpoints" / "step-00000001"
+    assert sorted(p.name for p in ckpt.glob("optimizer*.json")) == [
+        f"optimizer.rank{r:05d}.json" for r in range(WORLD)
+    ]
     start_policy = Llama.from_pretrained(tmp_path / "policy").state_dict()
     ours = Llama.from_pretrained(tmp_path / "policy_tp").state_dict()
     _assert_weights_equal(ours, ref_policy.state_dict(), start_policy, "REINFORCE update")

@@ -19,6 +19,9 @@ Under tensor parallelism (tp > 1) the weights and the optimizer are stored as sh
                             names, replicated tensors in every shard), written by the N ranks of
                             the tp group of global rank 0 (the other data-parallel replicas hold
                             the same); a resume needs the same N
+With a sharded optimizer (ZeroRedundancyOptimizer, --shard-optimizer) every process writes the
+AdamW state of its own share instead of optimizer.{json,safetensors}:
+    optimizer.rankNNNNN.{json,safetensors}   a resume needs the same number of processes
 It is built in a hidden temp directory, each file fsync'ed, then renamed into place, so a run killed
 mid-save leaves the previous checkpoints intact; a directory without a manifest, or whose files do
 not match it, is incomplete and `load` names the file that is wrong.
@@ -37,6 +40,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from nemokern.model.hf import CheckpointError, hf_name, weight_files
 from nemokern.model.llama import Llama
@@ -448,6 +452,15 @@ class Checkpointer:
         _save_state(get_rng_state() if rng is None else rng, tmp, f"rng-rank{self.rank:05d}")
         if local is not None:
             _save_state(local, tmp, f"local-rank{self.rank:05d}")
+        sharded = isinstance(optimizer, ZeroRedundancyOptimizer)
+        if sharded:  # every process its own share (its tp shard's, under tp)
+            own = optimizer.optim.state_dict()
+            # the wrapper holds the current lr etc. (the scheduler sets them there; its share's
+            # optimizer gets them only at the next step)
+            for group, current in zip(own["param_groups"], optimizer.param_groups):
+                group.update({k: v for k, v in current.items() if k != "params"})
+            _save_state(own, tmp, f"optimizer.rank{self.rank:05d}")
+            optimizer = None
         if self.tp_size > 1 and self.shard_writer:
             save_shard(model, tmp / f"{self._shard('model')}.safetensors")
             if optimizer is not None:
@@ -471,6 +484,8 @@ class Checkpointer:
                 "tp": self.tp_size,
                 "files": _file_sizes(tmp),
             }
+            if sharded:
+                manifest["sharded_optimizer"] = self.world_size
             with open(tmp / MANIFEST, "w") as f:
                 json.dump(manifest, f, indent=1)
                 f.flush()
@@ -496,7 +511,8 @@ class Checkpointer:
         "local": this process's `local` state if the save had one).
         A checkpoint written at another tensor-parallel size raises CheckpointError naming both."""
         path = Path(path)
-        saved_tp = validate(path).get("tp", 1)
+        manifest = validate(path)
+        saved_tp = manifest.get("tp", 1)
         if saved_tp != self.tp_size:
             raise CheckpointError(
                 f"{path}: written with --tp {saved_tp}, this run has --tp {self.tp_size}; the "
@@ -510,13 +526,7 @@ class Checkpointer:
         else:
             load_modules(model, path)
         if optimizer is not None:
-            sd = _load_state(path, optimizer_name)
-            try:
-                optimizer.load_state_dict(sd)
-            except (ValueError, KeyError) as e:
-                raise CheckpointError(
-                    f"{path / optimizer_name}.json: does not fit this optimizer ({e})"
-                ) from None
+            self._load_optimizer(path, manifest, optimizer, optimizer_name)
         if scheduler is not None:
             scheduler.load_state_dict(_load_state(path, "scheduler"))
         state = _load_state(path, "trainer")
@@ -527,3 +537,27 @@ class Checkpointer:
         if (path / f"local-{own}.json").is_file():
             state["local"] = _load_state(path, f"local-{own}")
         return state
+
+    def _load_optimizer(self, path: Path, manifest: dict, optimizer, name: str) -> None:
+        saved = manifest.get("sharded_optimizer")
+        sharded = isinstance(optimizer, ZeroRedundancyOptimizer)
+        if saved and (not sharded or saved != self.world_size):
+            now = f"{self.world_size} processes" + ("" if sharded else " without it")
+            raise CheckpointError(
+                f"{path}: its optimizer state is sharded over {saved} processes "
+                f"(--shard-optimizer); this run has {now}; resume with --shard-optimizer on "
+                f"{saved} processes"
+            )
+        # a whole state into a sharded optimizer: ZeroRedundancyOptimizer takes its own share
+        target = optimizer.optim if saved else optimizer
+        if saved:
+            name = f"optimizer.rank{self.rank:05d}"
+        try:
+            target.load_state_dict(_load_state(path, name))
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(
+                f"{path / name}.json: does not fit this optimizer ({e})"
+            ) from None
+        if saved:  # the wrapper's lr etc. from the local optimizer's, as its step expects
+            for local, group in zip(target.param_groups, optimizer.param_groups):
+                group.update({k: v for k, v in local.items() if k != "params"})

@@ -78,6 +78,12 @@ class TrainConfig:
         "AdamW implementation (auto: fused where the device has it, else foreach)",
         choices=("auto", "fused", "foreach", "for-loop"),
     )
+    shard_optimizer: bool = option(
+        False,
+        "under torchrun: shard the AdamW state over the data-parallel processes (ZeRO stage 1, "
+        "torch's ZeroRedundancyOptimizer), each keeping about 1/dp of it; checkpoints then "
+        "hold one optimizer file per process and --resume needs the same process count",
+    )
     bf16: bool = option(True, "bf16 autocast on CUDA (ignored on the CPU)")
     activation_checkpointing: bool = option(False, "recompute each layer in the backward pass")
     device: str = option(

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
 from ..parallel import all_reduce, grad_norm_tp, init_parallel
@@ -142,8 +143,13 @@ def lr_factor(
     return (min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))) / lr
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; matrices decay, vectors (norms, biases) do not."""
+def build_optimizer(model: nn.Module, config: TrainConfig, dp_group=None) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; matrices decay, vectors (norms, biases) do not.
+
+    With config.shard_optimizer and a data-parallel group of more than one process, a
+    ZeroRedundancyOptimizer over that group: each process keeps the AdamW state of its share of
+    the parameters (whole tensors, balanced by size), steps them, and broadcasts them to the
+    others; the result is the same AdamW step."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no parameter with requires_grad=True; nothing to train")
@@ -153,13 +159,26 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     ]
     groups = [g for g in groups if g["params"]]
     kw = dict(lr=config.lr, betas=tuple(config.betas), eps=config.eps)
+    shard = config.shard_optimizer and dist.is_initialized() and dist.get_world_size(dp_group) > 1
+
+    def adamw(**impl_kw):
+        if shard:
+            return ZeroRedundancyOptimizer(
+                groups,
+                optimizer_class=torch.optim.AdamW,
+                process_group=dp_group,
+                **kw,
+                **impl_kw,
+            )
+        return torch.optim.AdamW(groups, **kw, **impl_kw)
+
     impl = config.optimizer_impl
     if impl == "auto":
         try:
-            return torch.optim.AdamW(groups, fused=True, **kw)
+            return adamw(fused=True)
         except (RuntimeError, ValueError, TypeError):  # a device/dtype without the fused kernel
             impl = "foreach"
-    return torch.optim.AdamW(groups, fused=impl == "fused" or None, foreach=impl == "foreach", **kw)
+    return adamw(fused=impl == "fused" or None, foreach=impl == "foreach")
 
 
 def build_scheduler(optimizer, config: TrainConfig, total_steps: int):
@@ -266,7 +285,7 @@ class TrainLoop:
             )
         self.steps_per_epoch = len(data) // self.per_step
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
-        self.optimizer = build_optimizer(self.model, config)
+        self.optimizer = build_optimizer(self.model, config, self.dist.dp_group)
         self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
         self.checkpointer = Checkpointer(
             self.out, keep_last=config.keep_last, tp_group=self.dist.tp_group
