@@ -3,7 +3,7 @@ as one process (TP = 1, DP = 1) on the same global batch: one reward-model step 
 Bradley-Terry pairs, its OUT/final export, its checkpoint's shard files) and one REINFORCE
 update (the policy-gradient loss of ReinforceTrainer on fixed rollout batches). Loss, gradient
 norm and the updated weights agree to fp32 rounding. Also: init_parallel's (dp, tp) mesh; --tp
-that does not divide the processes is refused by name.
+that does not divide the processes is refused by name; the 'tiny' models are the same at TP = 2.
 """
 
 import functools
@@ -12,15 +12,18 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from helpers import join_gloo, run_ranks
 from nemokern.data.synthetic import write_synthetic
+from nemokern.data.tokenizer import ByteTokenizer
 from nemokern.model import Llama, LlamaConfig, RewardModel
 from nemokern.parallel import init_parallel
 from nemokern.train.config import ConfigError
 from nemokern.train.loop import TrainLoop, setup_distributed, tp_group_for
-from nemokern.train.reinforce import ReinforceConfig, ReinforceTrainer
+from nemokern.train.reinforce import ReinforceConfig, ReinforceTrainer, build_policy
 from nemokern.train.reward import RewardConfig, RewardTrainer
+from nemokern.train.reward import build_model as build_reward_model
 from nemokern.train.rollout import PolicyLoss, pack
 
 # AdamW's first move is lr * g / (|g| + eps): with eps = 1 it is ~g (with the usual 1e-8 it is
@@ -207,3 +210,37 @@ def test_reinforce_trainer_runs_whole_steps_at_tp2(tmp_path):
     RewardModel(Llama(LlamaConfig.tiny())).save_pretrained(tmp_path / "reward")
     run_ranks(_rollout_worker, 2, str(tmp_path))
     Llama.from_pretrained(tmp_path / "run" / "final")
+
+
+def _tiny_worker(rank, world, init_file, root):
+    """--policy tiny / --model tiny at --tp 2: the split of the TP = 1 model (logits, rewards)."""
+    os.environ["WORLD_SIZE"] = str(world)
+    join_gloo(rank, world, init_file)
+    try:
+        tok = ByteTokenizer()
+        ids = torch.tensor([[tok.bos_id, 72, 105, 33, 10, 200]])
+        policy = build_policy(ReinforceConfig(tp=2, seed=5, device="cpu"), tok)
+        reward = build_reward_model(RewardConfig(tp=2, seed=5, device="cpu"))
+        with torch.no_grad():
+            out = {
+                "logits": policy(ids),
+                "rewards": reward(ids, torch.tensor([ids.shape[1] - 1])),
+            }
+        if rank == 0:
+            save_file(out, os.path.join(root, "tp2.safetensors"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_tiny_models_are_the_same_at_every_tp(tmp_path):
+    tok = ByteTokenizer()
+    ids = torch.tensor([[tok.bos_id, 72, 105, 33, 10, 200]])
+    policy = build_policy(ReinforceConfig(seed=5, device="cpu"), tok)
+    reward = build_reward_model(RewardConfig(seed=5, device="cpu"))
+    run_ranks(_tiny_worker, 2, str(tmp_path))
+    split = load_file(tmp_path / "tp2.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(split["logits"], policy(ids), rtol=1e-5, atol=1e-6)
+        rewards = reward(ids, torch.tensor([ids.shape[1] - 1]))
+        torch.testing.assert_close(split["rewards"], rewards, rtol=1e-5, atol=1e-6)
+    assert rewards.abs().max() > 0

@@ -95,6 +95,30 @@ def shards_by_name(model) -> dict:
     }
 
 
+def split_from(cls, full, tp_group):
+    """This rank's part of the unsplit model `full` under tp_group: what from_pretrained(...,
+    tp_group=tp_group) would read from full's saved files (the same slices, in full's dtype and
+    on its device), with no random init and no files."""
+    if tp_group is None:
+        return full
+    weight = full.embed_tokens.weight
+    with torch.device("meta"):
+        model = cls(
+            full.config,
+            tp_group=tp_group,
+            activation_checkpointing=full.activation_checkpointing,
+        )
+    model = model.to(weight.dtype).to_empty(device=weight.device)
+    if full.config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight  # to_empty makes new Parameters
+    shards = shards_by_name(model)
+    with torch.no_grad():
+        for name, target in model.named_parameters():  # a tied head is listed once
+            source, shard = full.get_parameter(name), shards.get(hf_name(name))
+            target.copy_(source if shard is None else shard.take(source))
+    return model
+
+
 def load_pretrained(
     cls,
     path,

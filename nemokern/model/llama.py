@@ -31,7 +31,7 @@ from ..parallel import (
 )
 from .attention import AttentionContext, KVCache, SharedPrefix, attention, cache_mask
 from .config import LlamaConfig
-from .hf import load_pretrained, save_pretrained
+from .hf import load_pretrained, save_pretrained, split_from
 
 
 class RMSNorm(nn.Module):
@@ -365,6 +365,14 @@ class Llama(nn.Module):
         CheckpointError naming the tensor and file if one holds nan/inf; default True).
         """
         return load_pretrained(cls, path, **options)
+
+    @classmethod
+    def split_from(cls, full: Llama, tp_group) -> Llama:
+        """This rank's tensor-parallel part of `full`, an unsplit Llama (e.g. a random one built
+        from a seed on every rank): each weight sliced as from_pretrained(..., tp_group=...)
+        would read it from full's files, so the split model computes what `full` does. `full`
+        itself when tp_group is None."""
+        return split_from(cls, full, tp_group)
 
     def save_pretrained(self, path, *, max_shard_size: int | str = "5GB") -> None:
         """Write config.json + safetensors (sharded above max_shard_size); transformers loads it.

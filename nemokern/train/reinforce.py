@@ -164,22 +164,22 @@ def export_policy(loop: TrainLoop, policy: Llama, tokenizer) -> None:
 
 def build_policy(config: TrainConfig, tokenizer, field: str = "policy") -> Llama:
     """The Llama `config.<field>` names: an HF directory, or 'tiny' (random, seeded by
-    config.seed, sized for `tokenizer`; initialised per shard under --tp), split over the --tp
-    group."""
+    config.seed, sized for `tokenizer`; under --tp built whole on every rank and split, so it is
+    the same model at every tp), split over the --tp group."""
     name = getattr(config, field)
     if name != "tiny" and not Path(name).is_dir():
         raise option_error(field, f"{name} is not a directory (nor 'tiny')")
     tp_group = tp_group_for(config)
     if name == "tiny":
         torch.manual_seed(config.seed)
-        return Llama(
+        full = Llama(
             LlamaConfig.tiny(
                 vocab_size=tokenizer.vocab_size,
                 bos_token_id=tokenizer.bos_id,
                 eos_token_id=list(tokenizer.eos_ids),
-            ),
-            tp_group=tp_group,
+            )
         )
+        return Llama.split_from(full, tp_group)
     return Llama.from_pretrained(name, dtype=torch.float32, tp_group=tp_group)
 
 

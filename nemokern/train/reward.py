@@ -75,7 +75,7 @@ class RewardConfig(TrainConfig):
 def build_model(config: RewardConfig) -> RewardModel:
     """The RewardModel `config` asks for: --init (with its head), else --model (a fresh head when
     the directory has none), else a tiny random Llama-3.1. With --tp the trunk is split (a tiny
-    one is initialised per shard)."""
+    one is built whole on every rank and split, so it is the same model at every tp)."""
     name = "init" if config.init else "model"
     path = getattr(config, name)
     tiny = name == "model" and path == "tiny"
@@ -84,7 +84,7 @@ def build_model(config: RewardConfig) -> RewardModel:
     tp_group = tp_group_for(config)
     if tiny:
         torch.manual_seed(config.seed)
-        return RewardModel(Llama(LlamaConfig.tiny(), tp_group=tp_group))
+        return RewardModel(Llama.split_from(Llama(LlamaConfig.tiny()), tp_group))
     return RewardModel.from_pretrained(path, dtype=torch.float32, tp_group=tp_group)
 
 
