@@ -273,7 +273,11 @@ def pack(prompts: list, responses: list[torch.Tensor], k: int | None = None) -> 
     n = 0
     for g in range(0, len(prompts), k):
         prompt = torch.as_tensor(prompts[g], dtype=torch.long)
-        if any(list(prompts[g + j]) != list(prompts[g]) for j in range(1, k)):
+        if any(
+            prompts[g + j] is not prompts[g]
+            and not torch.equal(torch.as_tensor(prompts[g + j], dtype=torch.long), prompt)
+            for j in range(1, k)
+        ):
             raise ValueError(f"samples {g} ... {g + k - 1} do not share one prompt")
         root = -1
         if prompt.numel() > 1:
