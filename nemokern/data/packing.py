@@ -265,7 +265,8 @@ class RewardDataset:
     """Tokenized examples of one kind ("regression" or "pairs") and how they were read.
 
     shared_prefix (pairs): each batch packs the common prefix of a pair's chosen and rejected
-    sequences (the prompt, at least) once, the two continuing it (RewardBatch.parents); False
+    sequences (the prompt, unless max_length cut the two differently) once, the two continuing
+    it (RewardBatch.parents); False
     packs both sequences whole. The rewards are the same up to rounding.
     """
 
