@@ -22,6 +22,7 @@ from nemokern.model import Llama, LlamaConfig, generate
 from nemokern.ops import linear_logprobs, logprobs, reward_head, sequence_kl
 from nemokern.train import options
 from nemokern.train.losses import rloo_advantages
+from nemokern.train.rollout import pack
 
 PROMPTS = (
     "Write a haiku about GPUs.",
@@ -151,9 +152,31 @@ def run_selfcheck(
         hidden = policy.hidden_states(ids, cu_seqlens=cu, final_norm=False)  # [N, H]
         alone = torch.cat([policy.hidden_states(s[None], final_norm=False)[0] for s in seqs])
     res.checks["packed vs per-sequence hidden"] = (hidden - alone).abs().max().item()
+    # The trainers' packing: each prompt once, its k responses continuing it (parents).
+    shared = pack(
+        [prompts[i // k] for i in range(len(seqs))],
+        [rollout.tokens[i, : rollout.lengths[i]] for i in range(len(seqs))],
+        k,
+    )
+    with torch.no_grad():
+        h_shared = policy.hidden_states(
+            shared["input_ids"].to(device),
+            cu_seqlens=shared["cu_seqlens"].to(device),
+            parents=shared["parents"].to(device),
+            final_norm=False,
+        )
+    predicts = shared["targets"].to(device) != -100  # the rows that predict a response token
+    h_alone = torch.cat(
+        [a[len(prompts[i // k]) - 1 : -1] for i, a in enumerate(alone.split(lengths.tolist()))]
+    )
+    res.checks["shared-prompt vs per-sequence hidden"] = (
+        (h_shared[predicts] - h_alone).abs().max().item()
+    )
     log(
         f"[4/6] packed forward of {ids.numel()} tokens in {len(seqs)} segments: "
-        f"max |packed - per-sequence| = {res.checks['packed vs per-sequence hidden']:.1e}"
+        f"max |packed - per-sequence| = {res.checks['packed vs per-sequence hidden']:.1e}; "
+        f"each prompt once ({shared['input_ids'].numel()} tokens): max |shared - per-sequence| "
+        f"= {res.checks['shared-prompt vs per-sequence hidden']:.1e}"
     )
 
     # Targets: the next token inside each response; prompt tokens and segment ends are ignored.
