@@ -208,6 +208,44 @@ def run_ranks(worker, world, *args):
         mp.spawn(worker, args=(world, os.path.join(d, "store"), *args), nprocs=world, join=True)
 
 
+def launch_script(script, world, *args, timeout=180):
+    """Run `script *args` as `world` ranks the way torchrun does (env:// rendezvous on a free
+    local port, one thread each); raise with every rank's output if one fails."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tests = Path(__file__).parent
+    procs = []
+    for rank in range(world):
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(world),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+            PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests)]),
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(script), *map(str, args)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+
+
 def join_gloo(rank, world, init_file):
     """This process as rank `rank` of a gloo group of `world` (file rendezvous)."""
     import torch.distributed as dist

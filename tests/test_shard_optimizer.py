@@ -4,10 +4,6 @@ AdamW state; checkpoints with one optimizer file per process that resume exactly
 (unsharded) checkpoint resumed sharded; a sharded one refused without the flag."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,40 +11,16 @@ import torch
 from safetensors.torch import load_file
 from train_tiny import TinyReward, batches, config, step_fn
 
+from helpers import launch_script
 from nemokern.train.checkpoint import CheckpointError
 from nemokern.train.loop import TrainLoop
 
 WORKER = Path(__file__).with_name("zero_worker.py")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train(out, shard, resume=""):
     """Two ranks of zero_worker.py; (rank 0's weights, [each rank's json])."""
-    port, procs = _free_port(), []
-    for rank in range(2):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE="2",
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            OMP_NUM_THREADS="1",
-            PYTHONPATH=os.pathsep.join([str(WORKER.parents[1]), str(WORKER.parent)]),
-        )
-        cmd = [sys.executable, str(WORKER), str(out), "1" if shard else "0", str(resume)]
-        procs.append(
-            subprocess.Popen(
-                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-            )
-        )
-    outputs = [p.communicate(timeout=180)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outputs
+    launch_script(WORKER, 2, out, "1" if shard else "0", resume)
     ranks = [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(2)]
     return load_file(Path(out) / "weights.safetensors"), ranks
 

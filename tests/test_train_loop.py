@@ -2,11 +2,7 @@
 
 import dataclasses
 import json
-import os
 import random
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +10,7 @@ import pytest
 import torch
 from train_tiny import TinyReward, batches, config, step_fn
 
+from helpers import launch_script
 from nemokern.train.checkpoint import Checkpointer
 from nemokern.train.loop import NonFiniteError, TrainLoop, lr_factor, move_to
 from nemokern.train.metrics import read_metrics
@@ -189,40 +186,8 @@ def test_too_little_data_for_one_step(tmp_path):
         TrainLoop(config(tmp_path, grad_accum=4), TinyReward(), batches(3), step_fn)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_processes_match_one_on_the_same_global_batch(tmp_path):
-    worker = Path(__file__).with_name("train_tiny.py")
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE="2",
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            OMP_NUM_THREADS="1",
-            PYTHONPATH=os.pathsep.join(
-                [str(Path(__file__).parents[1]), str(Path(__file__).parent)]
-            ),
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(worker), str(tmp_path / "ddp"), "1"],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    outputs = [p.communicate(timeout=120)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outputs
+    launch_script(Path(__file__).with_name("train_tiny.py"), 2, tmp_path / "ddp", 1, timeout=120)
     two = json.loads((tmp_path / "ddp" / "losses.json").read_text())
     one = TrainLoop(
         config(tmp_path / "one", grad_accum=2), TinyReward(tie=True), batches(12), step_fn
