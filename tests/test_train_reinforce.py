@@ -369,3 +369,36 @@ def test_tiny_policy_learns_to_say_a_with_bounded_kl(tmp_path, prompts):
     last = sum(h["reward_mean"] for h in history[-5:]) / 5
     assert last > first + 0.2, (first, last)
     assert max(h["kl_mean"] for h in history) < 5.0
+
+
+def test_bf16_frozen_reference_and_reward_model(tmp_path, prompts):
+    """frozen_dtype bfloat16: the reference and the reward model are held in bf16 (half their
+    memory); the run's rewards and KL stay close to the fp32 run's on the same samples."""
+    torch.manual_seed(0)
+    RewardModel(tiny_policy(2)).save_pretrained(tmp_path / "rm")
+
+    def run(dtype):
+        trainer = ReinforceTrainer(
+            config(
+                tmp_path / dtype,
+                prompts,
+                reward_model=str(tmp_path / "rm"),
+                frozen_dtype=dtype,
+                max_steps=2,
+                lr=1e-6,
+            ),
+            policy=tiny_policy(),
+        )
+        history = trainer.fit()
+        return trainer, history
+
+    bf16, h16 = run("bfloat16")
+    fp32, h32 = run("float32")
+    for module in (bf16.reference, bf16.reward_model):
+        assert {p.dtype for p in module.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in fp32.reference.parameters()} == {torch.float32}
+    assert {p.dtype for p in bf16.policy.parameters()} == {torch.float32}
+    for a, b in zip(h16, h32):
+        assert a["response_len_mean"] == b["response_len_mean"]  # the same samples
+        assert a["reward_mean"] == pytest.approx(b["reward_mean"], abs=0.01)
+        assert a["kl_mean"] == pytest.approx(b["kl_mean"], abs=0.005)

@@ -127,6 +127,13 @@ class ReinforceConfig(TrainConfig):
     offload: bool = option(
         False, "keep the reference and the reward model on the CPU between rollouts (CUDA)"
     )
+    frozen_dtype: str = option(
+        "float32",
+        "dtype of the frozen reference and reward model: bfloat16 halves their memory (under "
+        "CUDA's bf16 autocast their matmuls read the same bf16 weights either way; the "
+        "residual stream and norms then run in bf16 too)",
+        choices=("float32", "bfloat16"),
+    )
     shared_prompt: bool = option(
         True,
         "pack each prompt once for its k samples in the reward-model, reference and update "
@@ -181,6 +188,24 @@ def build_policy(config: TrainConfig, tokenizer, field: str = "policy") -> Llama
         )
         return Llama.split_from(full, tp_group)
     return Llama.from_pretrained(name, dtype=torch.float32, tp_group=tp_group)
+
+
+def frozen_copy(policy: Llama, dtype: torch.dtype) -> Llama:
+    """An eval-mode copy of `policy` (this rank's shard under TP) in `dtype` with no gradients:
+    the reference. Built empty and filled tensor by tensor, so a bf16 copy of an fp32 policy
+    never holds a second fp32 one."""
+    weight = policy.embed_tokens.weight
+    if weight.dtype == dtype:
+        return copy.deepcopy(policy).eval().requires_grad_(False)
+    with torch.device("meta"):
+        ref = Llama(policy.config, tp_group=policy.tp_group)
+    ref = ref.to(dtype).to_empty(device=weight.device)
+    if policy.config.tie_word_embeddings:
+        ref.lm_head.weight = ref.embed_tokens.weight
+    with torch.no_grad():
+        for name, target in ref.named_parameters():
+            target.copy_(policy.get_parameter(name))
+    return ref.eval().requires_grad_(False)
 
 
 class ReinforceTrainer:
@@ -238,11 +263,12 @@ class ReinforceTrainer:
                     f"{p.where}: prompt token id {max(p.ids)} is outside the policy's vocabulary "
                     f"({vocab}); use the policy's tokenizer"
                 )
-        self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
+        frozen = getattr(torch, config.frozen_dtype)
+        self.reference = frozen_copy(self.policy, frozen)
         self.reward_model, self.reward_column = None, 0
         if config.reward_model:
             self.reward_model, self.reward_column = load_reward_model(
-                config.reward_model, config.attribute, self.policy.tp_group
+                config.reward_model, config.attribute, self.policy.tp_group, dtype=frozen
             )
             self.reward_model.eval().requires_grad_(False)
             if self.reward_model.trunk.config.vocab_size < vocab:
