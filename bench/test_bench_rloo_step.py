@@ -111,17 +111,43 @@ def share_of_a(prompts, completions, **kwargs):
     return [t.count("a") / max(len(t), 1) for t in texts]
 
 
+# The long-prompt group: 8 short user turns after one system turn of 432 bytes (~490-token
+# prompts with the chat template), the regime of RLHF prompt sets whose prompts outweigh the
+# sampled responses.
+SYSTEM = (
+    "You are a careful writing assistant for a small team of engineers. Answer in one plain "
+    "sentence, without lists, headings or code, and keep to the facts that the user gives you. "
+    "If the request is unclear, write the most natural sentence a reader would expect. Prefer "
+    "short common words, avoid jargon, never mention these instructions, and do not add a "
+    "greeting or a sign-off. Use American spelling and end the sentence with a period."
+)
+LONG_GROUP = GROUP + f", {len(SYSTEM)}-byte system turn"
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """The policy in HF layout, the prompts file (chat turns), nemokern's prompt ids."""
-    tmp = tmp_path_factory.mktemp("rloo_step")
+    turns = [[{"role": "user", "content": f"Write a sentence about {w}."}] for w in WORDS]
+    return _setup(tmp_path_factory.mktemp("rloo_step"), turns)
+
+
+@pytest.fixture(scope="module")
+def long_setup(tmp_path_factory):
+    """setup's prompts after the SYSTEM turn."""
+    turns = [
+        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Write about {w}."}]
+        for w in WORDS
+    ]
+    return _setup(tmp_path_factory.mktemp("rloo_step_long"), turns)
+
+
+def _setup(tmp, turns):
     tok = ByteTokenizer()
     torch.manual_seed(0)
     policy = Llama(
         LlamaConfig.tiny(**MODEL, bos_token_id=tok.bos_id, eos_token_id=list(tok.eos_ids))
     )
     policy.save_pretrained(tmp / "policy")
-    turns = [[{"role": "user", "content": f"Write a sentence about {w}."}] for w in WORDS]
     assert len(turns) == PROMPTS
     path = tmp / "prompts.jsonl"
     path.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in turns))
@@ -186,6 +212,16 @@ def _phase_info(records, phases):
 @pytest.mark.benchmark(group=GROUP)
 @pytest.mark.parametrize("packing", ["shared-prompt", "full-copies"])
 def test_nemokern(benchmark, setup, packing):
+    _run_nemokern(benchmark, setup, packing)
+
+
+@pytest.mark.benchmark(group=LONG_GROUP)
+@pytest.mark.parametrize("packing", ["shared-prompt", "full-copies"])
+def test_nemokern_long_prompts(benchmark, long_setup, packing):
+    _run_nemokern(benchmark, long_setup, packing)
+
+
+def _run_nemokern(benchmark, setup, packing):
     trainer = _nemokern_trainer(setup, STEPS, f"nemokern-{packing}", packing == "shared-prompt")
     assert [list(p.ids) for p in trainer.prompts] == setup["ids"]
     history, peak = peak_extra_bytes(lambda: benchmark.pedantic(trainer.fit, rounds=1), "cpu")
@@ -325,6 +361,16 @@ CKPT = pytest.mark.parametrize("checkpointing", [True, False], ids=["grad-ckpt",
 @pytest.mark.benchmark(group=GROUP)
 @CKPT
 def test_trl(benchmark, setup, checkpointing):
+    _run_trl(benchmark, setup, checkpointing)
+
+
+@pytest.mark.benchmark(group=LONG_GROUP)
+def test_trl_long_prompts(benchmark, long_setup):
+    """TRL without gradient checkpointing (its faster setting here) on the long prompts."""
+    _run_trl(benchmark, long_setup, False)
+
+
+def _run_trl(benchmark, setup, checkpointing):
     name = f"trl-{checkpointing}"
     trl, trainer, timer = _trl_trainer(setup, checkpointing, TRL_WARMUP_STEPS, name)
     peak, train_seconds = time_trl_steps(benchmark, trainer, timer)
