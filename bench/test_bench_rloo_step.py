@@ -56,6 +56,8 @@ clipping, optimizer, zero_grad); phases by timing its own methods: generate_s
 _get_per_token_logps_and_entropies calls), other_s (the rest of _prepare_inputs: chat template,
 tokenize, decode, padding, advantages, metrics), update_s (the step minus _prepare_inputs). The
 first SKIP steps are dropped in both; the rest are the benchmark's rounds (median reported).
+Group "..., 432-byte system turn": the same prompts after one long system turn (SYSTEM, ~483
+tokens each), nemokern (shared prompts, full copies) and TRL without checkpointing.
 Group "..., interleaved": nemokern (shared prompts and full copies), TRL with and without
 checkpointing, one step each in turn,
 ROUNDS times, so that a shared machine's changing load weighs on all alike (nemokern: fit() of one
