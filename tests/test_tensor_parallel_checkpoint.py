@@ -3,7 +3,8 @@ shard of the weights and the optimizer into the one atomically renamed checkpoin
 4 steps equals a run of 2 steps resumed for 2 more, and a REINFORCE run of 4 steps one resumed
 after step 1 (inside a rollout), bit for bit (losses, weight and optimizer shards); the REINFORCE
 case also at --tp 1 on 2 data-parallel processes, each with its own rollout. A checkpoint written
-at another tp size, or with a shard file missing or garbled, is refused by name."""
+with a shard file missing or garbled is refused by name; one written at --tp 2 continues at
+--tp 1 and one written at --tp 1 at --tp 2 (resharded) as the uninterrupted runs do."""
 
 import json
 import os
@@ -67,9 +68,17 @@ def _worker(rank, world, init_file, root):
             CheckpointError, match=f"model.tp{rank}-of-2.safetensors: not a readable"
         ):
             ckpt.load(bad, model=model)
+        # resharded: the --tp 1 run's step-2 checkpoint continued at --tp 2
+        from_tp1 = _fit(
+            root,
+            "tp1_to_tp2",
+            tp=TP,
+            max_steps=STEPS,
+            resume=os.path.join(root, "tp1", "checkpoints", f"step-{STEPS // 2:08d}"),
+        )
         if rank == 0:
             with open(os.path.join(root, "histories.json"), "w") as f:
-                json.dump({"full": full, "rest": rest}, f)
+                json.dump({"full": full, "rest": rest, "from_tp1": from_tp1}, f)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -91,12 +100,13 @@ def _assert_same_shards(resumed, straight):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_reward_run_at_tp2_resumes_bit_for_bit_and_refuses_another_tp(tmp_path):
+def test_reward_run_at_tp2_resumes_bit_for_bit_and_at_another_tp(tmp_path):
     root = str(tmp_path)
     write_synthetic(tmp_path / "pref.jsonl", 16, "hs2-preference", seed=0)
     torch.manual_seed(0)
     RewardModel(Llama(LlamaConfig.tiny())).save_pretrained(tmp_path / "reward")
 
+    tp1 = _fit(root, "tp1", max_steps=STEPS, save_every=1, keep_last=STEPS)
     run_ranks(_worker, TP, root)
 
     histories = json.loads((tmp_path / "histories.json").read_text())
@@ -115,8 +125,16 @@ def test_reward_run_at_tp2_resumes_bit_for_bit_and_refuses_another_tp(tmp_path):
     m0, m1 = load_file(ours / shards[0]), load_file(ours / shards[1])
     assert not torch.equal(m0["trunk.lm_head.weight"], m1["trunk.lm_head.weight"])
 
-    with pytest.raises(CheckpointError, match="written with --tp 2, this run has --tp 1; .*--tp 2"):
-        _fit(root, "half", max_steps=STEPS + 1, resume="auto")
+    # another tp size: each weight and AdamW moment rebuilt from the pieces, then sliced (here
+    # whole); the steps after it equal the uninterrupted runs' to fp32 rounding, both ways
+    step2 = tmp_path / "half" / "checkpoints" / f"step-{STEPS // 2:08d}"
+    to_tp1 = _fit(root, "tp2_to_tp1", max_steps=STEPS, resume=str(step2))
+    for resumed, straight in ((to_tp1, histories["full"]), (histories["from_tp1"], tp1)):
+        assert [h["step"] for h in resumed] == [3, 4]
+        for key in ("loss", "grad_norm"):
+            assert [h[key] for h in resumed] == pytest.approx(
+                [h[key] for h in straight[2:]], rel=1e-5, abs=1e-7
+            ), key
     (ours / shards[1]).unlink()
     with pytest.raises(CheckpointError, match=r"model\.tp1-of-2\.safetensors is missing"):
         _fit(root, "half", max_steps=STEPS + 1, resume="auto")

@@ -18,7 +18,8 @@ Under tensor parallelism (tp > 1) the weights and the optimizer are stored as sh
                             what tp rank R of N holds (its slices under the unsharded model's
                             names, replicated tensors in every shard), written by the N ranks of
                             the tp group of global rank 0 (the other data-parallel replicas hold
-                            the same); a resume needs the same N
+                            the same); a resume at another tp size M rebuilds each tensor
+                            from the N pieces and keeps its slice (train/reshard.py)
 With a sharded optimizer (ZeroRedundancyOptimizer, --shard-optimizer) every process writes the
 AdamW state of its own share instead of optimizer.{json,safetensors}:
     optimizer.rankNNNNN.{json,safetensors}   a resume needs the same number of processes
@@ -45,6 +46,7 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from nemokern.model.hf import CheckpointError, hf_name, weight_files
 from nemokern.model.llama import Llama
 from nemokern.parallel import rank_and_size
+from nemokern.train.reshard import load_resharded
 
 FORMAT = "nemokern-checkpoint-1"
 MANIFEST = "manifest.json"
@@ -509,24 +511,23 @@ class Checkpointer:
         """Restore a checkpoint into `model` (in place), the optimizer, the scheduler and this
         process's RNG; returns the trainer state ({"step": ..., "world_size": ..., ...}, and
         "local": this process's `local` state if the save had one).
-        A checkpoint written at another tensor-parallel size raises CheckpointError naming both."""
+        A checkpoint written at another tensor-parallel size is resharded (train/reshard.py),
+        unless its optimizer state is sharded (--shard-optimizer) or it was saved inside a
+        rollout: those raise CheckpointError naming both sizes."""
         path = Path(path)
         manifest = validate(path)
         saved_tp = manifest.get("tp", 1)
         if saved_tp != self.tp_size:
-            raise CheckpointError(
-                f"{path}: written with --tp {saved_tp}, this run has --tp {self.tp_size}; the "
-                f"weights and optimizer are stored as {saved_tp} tensor-parallel shard(s), so "
-                f"resume with --tp {saved_tp}"
-            )
-        optimizer_name = "optimizer"
-        if self.tp_size > 1:
+            self._check_reshard(path, manifest, saved_tp)
+            load_resharded(path, saved_tp, _unique_state(model), model, optimizer)
+            optimizer = None  # loaded
+        elif self.tp_size > 1:
             load_shard(model, path / f"{self._shard('model')}.safetensors")
-            optimizer_name = self._shard("optimizer")
         else:
             load_modules(model, path)
         if optimizer is not None:
-            self._load_optimizer(path, manifest, optimizer, optimizer_name)
+            name = self._shard("optimizer") if self.tp_size > 1 else "optimizer"
+            self._load_optimizer(path, manifest, optimizer, name)
         if scheduler is not None:
             scheduler.load_state_dict(_load_state(path, "scheduler"))
         state = _load_state(path, "trainer")
@@ -536,7 +537,22 @@ class Checkpointer:
         set_rng_state(_load_state(path, f"rng-{own}"))
         if (path / f"local-{own}.json").is_file():
             state["local"] = _load_state(path, f"local-{own}")
+            if saved_tp != self.tp_size and any(state["local"].get("extra", {}).values()):
+                raise CheckpointError(
+                    f"{path}: saved inside a rollout (each data-parallel group's own), which "
+                    f"another --tp regroups; resume it with --tp {saved_tp}, or from a "
+                    "checkpoint at a rollout's end"
+                )
         return state
+
+    def _check_reshard(self, path: Path, manifest: dict, saved_tp: int) -> None:
+        """Refuse what a resume at another tp size cannot continue."""
+        if manifest.get("sharded_optimizer"):
+            raise CheckpointError(
+                f"{path}: written with --tp {saved_tp} and --shard-optimizer, this run has --tp "
+                f"{self.tp_size}; a sharded optimizer state resumes only at the same --tp and "
+                "process count"
+            )
 
     def _load_optimizer(self, path: Path, manifest: dict, optimizer, name: str) -> None:
         saved = manifest.get("sharded_optimizer")

@@ -1,0 +1,157 @@
+"""Resuming a checkpoint at another tensor-parallel size.
+
+A checkpoint written at --tp N holds each weight and each optimizer-state tensor as N pieces (one
+file per tp rank, consecutive equal pieces where a KV head was replicated) or, at N = 1, whole.
+A run at --tp M takes, one tensor at a time, the full tensor from those pieces and keeps its own
+slice: the same slice `from_pretrained(..., tp_group=...)` would read, so the model and AdamW's
+moments continue where they were, at most one full tensor held at a time. Tensors that are not
+split (norms, heads, AdamW's step counts) are taken from the first piece.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from nemokern.model.hf import CheckpointError, hf_name, weight_files
+from nemokern.model.llama import Llama
+
+
+def shards_of(model: torch.nn.Module) -> dict[int, object]:
+    """{id(weight): this rank's Shard} for every tensor-parallel weight of `model` (its layers
+    carry a Shard at every tp size, 1 included)."""
+    return {
+        id(m.weight): m.shard
+        for m in model.modules()
+        if getattr(m, "shard", None) is not None
+        and isinstance(getattr(m, "weight", None), torch.Tensor)
+    }
+
+
+def reshard(pieces: list[torch.Tensor], shard, where: str) -> torch.Tensor:
+    """This rank's part of a tensor saved as `pieces` (one per saved tp rank, in rank order):
+    the first piece when the tensor is not split (shard None, or a 0-dim state), else the full
+    tensor rebuilt along shard.dim (consecutive equal pieces are replicas) and sliced by shard."""
+    first = pieces[0]
+    if shard is None or first.dim() == 0:
+        return first
+    size, n = first.shape[shard.dim], len(pieces)
+    if size * n < shard.full or (size * n) % shard.full:
+        raise CheckpointError(
+            f"{where}: {n} saved piece(s) of {size} along dim {shard.dim} do not make the "
+            f"{shard.full} this model has there; was it written for another model?"
+        )
+    full = torch.cat(pieces[:: size * n // shard.full], dim=shard.dim)
+    if full.shape[shard.dim] != shard.full:
+        raise CheckpointError(f"{where}: rebuilt {tuple(full.shape)}, expected {shard.full}")
+    return shard.take(full).clone()
+
+
+def _open(stack: ExitStack, file: Path):
+    try:
+        return stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{file} is missing; the checkpoint is incomplete") from None
+    except Exception as e:  # safetensors' own error type for truncated/garbled headers
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def _get(handle, key: str, file: Path) -> torch.Tensor:
+    try:
+        return handle.get_tensor(key)
+    except Exception:
+        raise CheckpointError(f"{file}: tensor {key!r} is missing") from None
+
+
+def _model_reader(stack: ExitStack, path: Path, saved_tp: int, model) -> Callable:
+    """name -> the pieces of state-dict tensor `name` in the checkpoint at `path`."""
+    if saved_tp > 1:
+        files = [path / f"model.tp{r}-of-{saved_tp}.safetensors" for r in range(saved_tp)]
+        handles = [_open(stack, f) for f in files]
+        return lambda name: [_get(h, name, f) for h, f in zip(handles, files)]
+    # --tp 1: HF layout per Llama part ("model/" or a child's name), modules.safetensors the rest
+    where: dict[str, tuple[Path, str]] = {}
+    parts = (
+        {"": model}
+        if isinstance(model, Llama)
+        else {n: c for n, c in model.named_children() if isinstance(c, Llama)}
+    )
+    for part_name, part in parts.items():
+        assigned = weight_files(path / (part_name or "model"))
+        prefix = f"{part_name}." if part_name else ""
+        for n, _ in part.named_parameters():
+            key = hf_name(n)
+            where[prefix + n] = (assigned.get(key, assigned.get(None)), key)
+    opened: dict[Path, object] = {}
+
+    def read(name):
+        file, key = where.get(name, (path / "modules.safetensors", name))
+        if file not in opened:
+            opened[file] = _open(stack, file)
+        return [_get(opened[file], key, file)]
+
+    return read
+
+
+class _Key(str):
+    """A tensor's key in an optimizer file, standing in for the tensor while its JSON is decoded."""
+
+
+class _Keys(dict):
+    def __contains__(self, key):
+        return True
+
+    def __getitem__(self, key):
+        return _Key(key)
+
+
+@torch.no_grad()
+def load_resharded(path: Path, saved_tp: int, targets: dict, model, optimizer=None) -> None:
+    """Fill `targets` (state-dict name -> this rank's tensor of `model`, each once) and the
+    optimizer's state from the checkpoint at `path`, written at --tp saved_tp."""
+    from nemokern.train.checkpoint import decode_state  # the JSON + tensors format's decoder
+
+    shards = shards_of(model)
+    with ExitStack() as stack:
+        read = _model_reader(stack, path, saved_tp, model)
+        for name, target in targets.items():
+            piece = reshard(read(name), shards.get(id(target)), f"{path}: {name}")
+            if tuple(piece.shape) != tuple(target.shape):
+                raise CheckpointError(
+                    f"{path}: {name} becomes {tuple(piece.shape)} at this tp size, the model has "
+                    f"{tuple(target.shape)}"
+                )
+            target.copy_(piece)
+        if optimizer is None:
+            return
+        names = (
+            [f"optimizer.tp{r}-of-{saved_tp}" for r in range(saved_tp)]
+            if saved_tp > 1
+            else ["optimizer"]
+        )
+        try:
+            encoded = json.loads((path / f"{names[0]}.json").read_text())
+        except FileNotFoundError:
+            raise CheckpointError(f"{path / names[0]}.json is missing") from None
+        state = decode_state(encoded, _Keys(), str(path / f"{names[0]}.json"))
+        files = [path / f"{n}.safetensors" for n in names]
+        handles = [_open(stack, f) for f in files]
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        for index, entries in state.get("state", {}).items():
+            if not 0 <= index < len(params):
+                raise CheckpointError(f"{path / names[0]}.json: state for parameter {index}")
+            for key, value in entries.items():
+                if isinstance(value, _Key):
+                    pieces = [_get(h, value, f) for h, f in zip(handles, files)]
+                    entries[key] = reshard(
+                        pieces, shards.get(id(params[index])), f"{path}: optimizer {value}"
+                    )
+        try:
+            optimizer.load_state_dict(state)
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{path}: the optimizer state does not fit ({e})") from None
