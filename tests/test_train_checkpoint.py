@@ -182,3 +182,22 @@ def test_nothing_is_unpickled(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "load", no_pickle)
     Checkpointer(tmp_path).load(path, model=model, optimizer=opt, scheduler=sched)
     assert not [p for p in path.rglob("*") if p.suffix in (".pt", ".bin", ".pkl", ".pth")]
+
+
+def test_reshard_rebuilds_replicated_and_split_pieces():
+    """train/reshard.reshard: 4 saved pieces of a 2-head KV projection (each head replicated on 2
+    ranks) become rank 1's slice at tp 2 (head 1), and the whole tensor at tp 1; an unsplit or
+    0-dim tensor is the first piece; pieces that cannot make the model's size are refused."""
+    from nemokern.parallel.layers import Shard
+    from nemokern.train.reshard import reshard
+
+    full = torch.arange(4 * 3.0).view(4, 3)  # 2 heads of 2 rows
+    pieces = [full[:2], full[:2], full[2:], full[2:]]  # tp 4: ranks 0-1 head 0, ranks 2-3 head 1
+    assert torch.equal(reshard(pieces, Shard(0, 4, 2, rank=1, world=2), "w"), full[2:])
+    assert torch.equal(reshard(pieces, Shard(0, 4, 4, rank=0, world=1), "w"), full)
+    rows = [full[:, :1], full[:, 1:2], full[:, 2:]]  # split by input at tp 3 (dim 1)
+    assert torch.equal(reshard(rows, Shard(1, 3, 3), "w"), full)
+    assert torch.equal(reshard([full, full + 1], None, "norm"), full)
+    assert reshard([torch.tensor(5.0), torch.tensor(5.0)], Shard(0, 4, 2), "step") == 5.0
+    with pytest.raises(CheckpointError, match="w: 2 saved piece"):
+        reshard([full[:1], full[1:2]], Shard(0, 4, 4), "w")
