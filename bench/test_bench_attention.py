@@ -4,7 +4,11 @@ transformers' LlamaForCausalLM with SDPA attention on the same weights, padded t
 
     python -m pytest -m gpu bench/test_bench_attention.py --benchmark-enable
 
-extra_info["tokens"] is the count of real tokens, so bench/report.py shows tokens/s.
+test_trunk_shared_prompt_gpu times the trunk work of a REINFORCE micro-batch with each prompt packed
+once for its k responses (parents) against k full copies.
+
+extra_info["tokens"] is the count of real tokens (for the rollout: prompt + response of every
+sample, as if each were whole), so bench/report.py shows comparable tokens/s.
 """
 
 import pytest
@@ -86,4 +90,54 @@ def test_trunk_packed_vs_padded_gpu(benchmark, models, impl):
         10,
         tokens=sum(lengths),
         shape=f"{len(lengths)} seqs, {sum(lengths)} tokens, padded to {max(lengths)}",
+    )
+
+
+def _rollout_batch(device, prompts=8, k=4, prompt_len=1024, response=(128, 512), vocab=VOCAB):
+    """A REINFORCE micro-batch: `prompts` prompts of prompt_len tokens, k responses each of
+    uneven length; pack()'s two layouts ({"shared-prompt": ..., "full-copies": ...})."""
+    from nemokern.train.rollout import pack
+
+    g = torch.Generator().manual_seed(2)
+    rows = [torch.randint(0, vocab, (prompt_len,), generator=g).tolist() for _ in range(prompts)]
+    rows = [r for r in rows for _ in range(k)]
+    responses = [
+        torch.randint(0, vocab, (int(n),), generator=g)
+        for n in torch.randint(*response, (len(rows),), generator=g)
+    ]
+    out = {}
+    for name, share in (("shared-prompt", k), ("full-copies", None)):
+        b = pack(rows, responses, share)
+        out[name] = {key: v.to(device) for key, v in b.items()}
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.benchmark(
+    group=f"trunk fwd+bwd of a rollout (GPU, {LAYERS} layers H={HIDDEN}, 8 prompts of 1024 "
+    "tokens x k=4 responses of 128-512, bf16)"
+)
+@pytest.mark.parametrize("layout", ["shared-prompt", "full-copies"])
+def test_trunk_shared_prompt_gpu(benchmark, models, layout):
+    """The REINFORCE update's trunk work with each prompt packed once for its k responses
+    (parents) against k full copies; the loss reads the response rows only, as the update's."""
+    model = models["nemokern-packed"]
+    batches = _rollout_batch(DEVICE)
+    b = batches[layout]
+    rows = b["targets"] != -100
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        h = model.hidden_states(
+            b["input_ids"], cu_seqlens=b["cu_seqlens"], parents=b.get("parents")
+        )
+        h[rows].float().sum().backward()
+
+    _run(
+        benchmark,
+        step,
+        DEVICE,
+        10,
+        tokens=int(batches["full-copies"]["input_ids"].numel()),
+        shape=f"{b['input_ids'].numel()} tokens packed, {int(rows.sum())} response rows",
     )
