@@ -106,7 +106,8 @@ class TrainConfig:
         1,
         "tensor-parallel size under torchrun: each model is split over groups of tp consecutive "
         "ranks (one node), data parallelism runs across the groups; tp must divide "
-        "--nproc-per-node. Checkpoints hold each tp rank's shard; --resume needs the same tp",
+        "--nproc-per-node. Checkpoints hold each tp rank's shard; --resume at another tp "
+        "reshards them (keep grad_accum x data-parallel processes the same)",
     )
     progress: bool = option(True, "show a progress bar")
     tensorboard: bool = option(True, "also log to OUT/tensorboard when tensorboard is installed")
