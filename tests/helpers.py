@@ -208,23 +208,30 @@ def run_ranks(worker, world, *args):
         mp.spawn(worker, args=(world, os.path.join(d, "store"), *args), nprocs=world, join=True)
 
 
-def launch_script(script, world, *args, timeout=180):
-    """Run `script *args` as `world` ranks the way torchrun does (env:// rendezvous on a free
-    local port, one thread each); raise with every rank's output if one fails."""
-    import os
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for MASTER_PORT)."""
     import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_script_ranks(script, world, *args, env=None, timeout=180):
+    """Run `script *args` as `world` ranks the way torchrun does (env:// rendezvous on a free local
+    port, one thread each, the repository and tests/ on PYTHONPATH) over the environment `env`
+    (default os.environ); [(returncode, output)] by rank. A rank still running at `timeout` is
+    killed (and the wait raises)."""
+    import os
     import subprocess
     import sys
     from pathlib import Path
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    tests = Path(__file__).parent
+    port, tests = free_port(), Path(__file__).parent
     procs = []
     for rank in range(world):
-        env = dict(
-            os.environ,
+        rank_env = dict(
+            os.environ if env is None else env,
             RANK=str(rank),
             LOCAL_RANK=str(rank),
             WORLD_SIZE=str(world),
@@ -236,14 +243,29 @@ def launch_script(script, world, *args, timeout=180):
         procs.append(
             subprocess.Popen(
                 [sys.executable, str(script), *map(str, args)],
-                env=env,
+                env=rank_env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
             )
         )
-    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outputs
+    results = []
+    try:
+        for p in procs:
+            out = p.communicate(timeout=timeout)[0]
+            results.append((p.returncode, out))
+        return results
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def launch_script(script, world, *args, timeout=180):
+    """run_script_ranks, raising with every rank's output if one fails."""
+    results = run_script_ranks(script, world, *args, timeout=timeout)
+    assert all(rc == 0 for rc, _ in results), [out for _, out in results]
 
 
 def join_gloo(rank, world, init_file):

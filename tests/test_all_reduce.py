@@ -7,7 +7,6 @@ costs seconds. Also: every test checks that no /dev/shm workspace is left behind
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import free_port, run_script_ranks
 from nemokern import _C
 from nemokern.parallel import all_reduce as _front  # noqa: F401 (the function; module below)
 from nemokern.parallel.all_reduce import SHM_PREFIX, cleanup_stale_segments
@@ -25,12 +25,6 @@ ar = sys.modules["nemokern.parallel.all_reduce"]
 
 WORKER = Path(__file__).with_name("all_reduce_worker.py")
 SHM = Path("/dev/shm")
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _segments():
@@ -47,36 +41,7 @@ def _env(**extra):
 def run_ranks(world, scenario, timeout=240, **env):
     """Start `world` ranks of the worker; return [(returncode, output)] by rank."""
     before = _segments()
-    port = _free_port()
-    procs = []
-    for rank in range(world):
-        e = _env(
-            RANK=rank,
-            LOCAL_RANK=rank,
-            WORLD_SIZE=world,
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=port,
-            **env,
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(WORKER), scenario],
-                env=e,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    results = []
-    try:
-        for p in procs:
-            out, _ = p.communicate(timeout=timeout)
-            results.append((p.returncode, out))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    results = run_script_ranks(WORKER, world, scenario, env=_env(**env), timeout=timeout)
     leftover = _segments() - before
     assert not leftover, f"/dev/shm segments left behind: {sorted(leftover)}"
     return results
@@ -96,7 +61,7 @@ def test_shm_all_reduce_matches_fixed_order_sum_and_gloo(world):
 
 
 def test_works_under_torchrun():
-    port = _free_port()
+    port = free_port()
     before = _segments()
     cmd = [
         sys.executable,
