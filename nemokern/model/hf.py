@@ -95,6 +95,17 @@ def shards_by_name(model) -> dict:
     }
 
 
+def empty(cls, config, *, dtype, device, tp_group=None, activation_checkpointing=False):
+    """A model whose tensors are allocated but not initialised (built on the meta device: no time
+    spent on a random init that is overwritten next), tied head included."""
+    with torch.device("meta"):
+        model = cls(config, tp_group=tp_group, activation_checkpointing=activation_checkpointing)
+    model = model.to(dtype).to_empty(device=device)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight  # to_empty makes new Parameters
+    return model
+
+
 def split_from(cls, full, tp_group):
     """This rank's part of the unsplit model `full` under tp_group: what from_pretrained(...,
     tp_group=tp_group) would read from full's saved files (the same slices, in full's dtype and
@@ -102,15 +113,14 @@ def split_from(cls, full, tp_group):
     if tp_group is None:
         return full
     weight = full.embed_tokens.weight
-    with torch.device("meta"):
-        model = cls(
-            full.config,
-            tp_group=tp_group,
-            activation_checkpointing=full.activation_checkpointing,
-        )
-    model = model.to(weight.dtype).to_empty(device=weight.device)
-    if full.config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight  # to_empty makes new Parameters
+    model = empty(
+        cls,
+        full.config,
+        dtype=weight.dtype,
+        device=weight.device,
+        tp_group=tp_group,
+        activation_checkpointing=full.activation_checkpointing,
+    )
     shards = shards_by_name(model)
     with torch.no_grad():
         for name, target in model.named_parameters():  # a tied head is listed once
@@ -138,12 +148,14 @@ def load_pretrained(
     dtype = resolve_dtype(dtype, config)
     device = torch.device("cpu" if device is None else device)
     assigned = weight_files(path)
-    # Build on the meta device: no time spent on a random init that the checkpoint overwrites.
-    with torch.device("meta"):
-        model = cls(config, tp_group=tp_group, activation_checkpointing=activation_checkpointing)
-    model = model.to(dtype).to_empty(device=device)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight  # to_empty makes new Parameters
+    model = empty(
+        cls,
+        config,
+        dtype=dtype,
+        device=device,
+        tp_group=tp_group,
+        activation_checkpointing=activation_checkpointing,
+    )
     expected = {hf_name(n): p for n, p in model.named_parameters()}  # tied head listed once
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)

@@ -31,7 +31,7 @@ from ..parallel import (
 )
 from .attention import AttentionContext, KVCache, SharedPrefix, attention, cache_mask
 from .config import LlamaConfig
-from .hf import load_pretrained, save_pretrained, split_from
+from .hf import empty, load_pretrained, save_pretrained, split_from
 
 
 class RMSNorm(nn.Module):
@@ -366,6 +366,12 @@ class Llama(nn.Module):
         CheckpointError naming the tensor and file if one holds nan/inf; default True).
         """
         return load_pretrained(cls, path, **options)
+
+    @classmethod
+    def empty(cls, config: LlamaConfig, *, dtype, device, tp_group=None) -> Llama:
+        """A Llama whose tensors are allocated on `device` in `dtype` but not initialised, to be
+        filled from a checkpoint or another model (no random init spent)."""
+        return empty(cls, config, dtype=dtype, device=device, tp_group=tp_group)
 
     @classmethod
     def split_from(cls, full: Llama, tp_group) -> Llama:

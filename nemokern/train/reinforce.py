@@ -197,11 +197,7 @@ def frozen_copy(policy: Llama, dtype: torch.dtype) -> Llama:
     weight = policy.embed_tokens.weight
     if weight.dtype == dtype:
         return copy.deepcopy(policy).eval().requires_grad_(False)
-    with torch.device("meta"):
-        ref = Llama(policy.config, tp_group=policy.tp_group)
-    ref = ref.to(dtype).to_empty(device=weight.device)
-    if policy.config.tie_word_embeddings:
-        ref.lm_head.weight = ref.embed_tokens.weight
+    ref = Llama.empty(policy.config, dtype=dtype, device=weight.device, tp_group=policy.tp_group)
     with torch.no_grad():
         for name, target in ref.named_parameters():
             target.copy_(policy.get_parameter(name))
