@@ -19,7 +19,6 @@ import torch
 from safetensors import safe_open
 
 from nemokern.model.hf import CheckpointError, hf_name, weight_files
-from nemokern.model.llama import Llama
 
 
 def shards_of(model: torch.nn.Module) -> dict[int, object]:
@@ -75,13 +74,10 @@ def _model_reader(stack: ExitStack, path: Path, saved_tp: int, model) -> Callabl
         handles = [_open(stack, f) for f in files]
         return lambda name: [_get(h, name, f) for h, f in zip(handles, files)]
     # --tp 1: HF layout per Llama part ("model/" or a child's name), modules.safetensors the rest
+    from nemokern.train.checkpoint import _hf_parts  # the layout's writer decides the parts
+
     where: dict[str, tuple[Path, str]] = {}
-    parts = (
-        {"": model}
-        if isinstance(model, Llama)
-        else {n: c for n, c in model.named_children() if isinstance(c, Llama)}
-    )
-    for part_name, part in parts.items():
+    for part_name, part in _hf_parts(model).items():
         assigned = weight_files(path / (part_name or "model"))
         prefix = f"{part_name}." if part_name else ""
         for n, _ in part.named_parameters():
