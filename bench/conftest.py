@@ -5,8 +5,11 @@ Not part of the default test run (testpaths = tests). Each benchmark records its
 in benchmark.extra_info["peak_extra_bytes"] and the device in extra_info["device"].
 """
 
+import json
 import os
 import sys
+
+import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 # tests/helpers.py: the peak-memory measurement the benchmarks share with the tests
@@ -27,3 +30,17 @@ def pytest_addoption(parser):
         help="model of bench/test_bench_generate_gpu.py: 8b (Llama-3.1-8B-shaped, needs a GPU), or "
         "tiny (a smoke run, on the CPU when there is no GPU)",
     )
+
+
+@pytest.fixture(autouse=True)
+def _progress_log(request):
+    """With NEMOKERN_BENCH_LOG=FILE, append each benchmark's record (the entry --benchmark-json
+    would hold) to FILE as one JSON line as soon as it has run: a run cut short (gpu_check.sh's
+    stage time limits) keeps what finished, where --benchmark-json writes only at the end."""
+    yield
+    path = os.environ.get("NEMOKERN_BENCH_LOG")
+    bench = request.node.funcargs.get("benchmark") if path else None
+    if bench is None or getattr(bench, "stats", None) is None:
+        return
+    with open(path, "a") as f:
+        f.write(json.dumps(bench.stats.as_dict(), default=str) + "\n")

@@ -12,7 +12,12 @@
 # Assumes python3 with CUDA torch, triton, pybind11, setuptools, transformers, safetensors, pytest
 # and pytest-benchmark; downloads nothing. Files in OUTDIR: log.txt (everything, with versions),
 # tests.xml, tests-trainers.xml, bench.json, bench-compiled.json, resources.json,
-# all-reduce-cuda.json, generate.json, summary.md.
+# all-reduce-cuda.json, generate.json, bench-progress.jsonl (every benchmark's record as soon as it
+# has run: what a stage cut short by its limit had finished), summary.md.
+#
+# Order: correctness, then what no run has measured yet (the policy-loss kernels in `benchmarks`,
+# the trainers on the GPU, decoding against the bandwidth bound), then re-measurements of what
+# run 3 (bench/results/2026-11-30-h200.md) already has: multi-process, resources, compiled.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-bench/results/gpu_check}"
@@ -22,6 +27,8 @@ mkdir -p "$OUT"
 LOG="$OUT/log.txt"
 : > "$LOG"
 export PYTHONUNBUFFERED=1
+export NEMOKERN_BENCH_LOG="$OUT/bench-progress.jsonl"
+: > "$NEMOKERN_BENCH_LOG"
 START=$SECONDS
 declare -a SUMMARY=()
 
@@ -74,9 +81,14 @@ stage gpu-tests 180 "${PYTEST[@]}" tests "${GPU_SEL[@]}" -k "not cuda_ipc and no
 stage benchmarks 200 "${PYTEST[@]}" bench "${BENCH_SEL[@]}" -k "not compiled and not generate_gpu" \
     --benchmark-json="$OUT/bench.json"
 if [[ "$DRY" != 1 ]]; then
-    stage resources 60 python3 -m nemokern.kernels._aot --resources "$OUT/resources.json"
+    # (3) the trainers end to end on the GPU (`nemokern demo --quick --device cuda`): every
+    # trainer, the kernels under autocast, the CUDA-graph decode step
+    stage trainers 240 "${PYTEST[@]}" tests/test_demo.py "${TRAIN_SEL[@]}" -k demo_on_cuda
 fi
-# (3) multi-process: 2 ranks sharing the one GPU (correctness; one GPU cannot show speed-up)
+# (4) decoding an 8B-shaped model at batch 1-256 against the bandwidth bound
+stage generate 300 "${PYTEST[@]}" bench/test_bench_generate_gpu.py "${BENCH_SEL[@]}" \
+    --benchmark-json="$OUT/generate.json"
+# (5) multi-process: 2 ranks sharing the one GPU (correctness; one GPU cannot show speed-up)
 if [[ "$DRY" == 1 ]]; then
     stage multi-process 120 python3 bench/bench_all_reduce.py --worlds 2 --rounds 1 \
         --sizes 4096 --out "$OUT/all-reduce-cpu"
@@ -87,15 +99,10 @@ else
     stage all-reduce-bench 90 python3 bench/bench_all_reduce.py --device cuda --worlds 2 \
         --rounds 5 --sizes 4096 65536 1048576 16777216 --machine "$(python3 -c \
         'import torch; print(torch.cuda.get_device_name())')" --out "$OUT/all-reduce-cuda"
-    # the trainers end to end on the GPU (`nemokern demo --quick --device cuda`): compiles decode
-    # graphs, so it runs after the cheaper checks
-    stage trainers 240 "${PYTEST[@]}" tests/test_demo.py "${TRAIN_SEL[@]}" -k demo_on_cuda
+    stage resources 60 python3 -m nemokern.kernels._aot --resources "$OUT/resources.json"
     stage bench-compiled 240 "${PYTEST[@]}" bench "${BENCH_SEL[@]}" \
         -k "(compiled or ceiling) and not generate_gpu" --benchmark-json="$OUT/bench-compiled.json"
 fi
-# (4) decoding an 8B-shaped model at batch 1-256 against the bandwidth bound (last: the slowest)
-stage generate 300 "${PYTEST[@]}" bench/test_bench_generate_gpu.py "${BENCH_SEL[@]}" \
-    --benchmark-json="$OUT/generate.json"
 
 {
     echo "# gpu_check summary ($(date -u +%Y-%m-%d\ %H:%M) UTC, $((SECONDS - START)) s)"
@@ -111,6 +118,11 @@ stage generate 300 "${PYTEST[@]}" bench/test_bench_generate_gpu.py "${BENCH_SEL[
     for j in "$OUT"/bench*.json "$OUT"/generate.json; do
         [[ -s "$j" ]] && { echo; python3 bench/report.py "$j"; }
     done
+    if grep -q "TIMED OUT" <<< "${SUMMARY[*]}" && [[ -s "$NEMOKERN_BENCH_LOG" ]]; then
+        echo
+        echo "A stage timed out; every benchmark that finished, as it finished:"
+        python3 bench/report.py "$NEMOKERN_BENCH_LOG"
+    fi
     [[ -s "$OUT/all-reduce-cuda.md" ]] && { echo; cat "$OUT/all-reduce-cuda.md"; }
 } > "$OUT/summary.md" 2>&1
 cat "$OUT/summary.md"

@@ -4,6 +4,7 @@ size and the token count, one line per implementation; plots need matplotlib).
 
     python bench/report.py bench/results/<run>.json [...] > bench/results/<run>.md
     python bench/report.py --plots DIR <run>.json [...]      # also writes DIR/sweep-{V,N}.png
+    python bench/report.py <log>.jsonl                       # NEMOKERN_BENCH_LOG's records
 
 Convention: a benchmark may put in extra_info `bytes` (bytes it must move) or `flops` (FLOPs it
 must do), `peak_extra_bytes` (bench/_memory.py) and `device`. The ceiling benchmarks
@@ -19,6 +20,9 @@ def load(paths):
     rows, machine = [], {}
     for p in paths:
         with open(p) as f:
+            if p.endswith(".jsonl"):  # NEMOKERN_BENCH_LOG's records, one benchmark per line
+                rows += [json.loads(line) for line in f if line.strip()]
+                continue
             data = json.load(f)
         machine = data.get("machine_info", machine)
         rows += data["benchmarks"]
@@ -165,10 +169,9 @@ def main(paths):
     rows, machine = load(paths)
     cpu = machine.get("cpu", {}).get("brand_raw", "")
     devices = sorted({r.get("extra_info", {}).get("device", "") for r in rows} - {""})
-    print(
-        f"Machine: {', '.join(devices) or 'CPU'}; host CPU {cpu}; python "
-        f"{machine.get('python_version', '')}\n"
-    )
+    host = [f"host CPU {cpu}"] if cpu else []
+    host += [f"python {machine['python_version']}"] if machine.get("python_version") else []
+    print(f"Machine: {'; '.join([', '.join(devices) or 'CPU', *host])}\n")
     print(table(rows))
     if sweep(rows):
         print(sweep_tables(rows))
