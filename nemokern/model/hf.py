@@ -227,13 +227,16 @@ def _slice(file: Path, name: str, stored, shard) -> torch.Tensor:
         raise CheckpointError(f"{file}: tensor {name!r} cannot be read ({e})") from None
 
 
-def _open(file: Path):
+def open_safetensors(file: Path | str, fix: str = "re-download or re-save it"):
+    """safe_open(file) on the CPU: a context manager over the memory-mapped file (nothing is read
+    until a tensor is asked for). A missing file or an unreadable header raises CheckpointError
+    naming the file, followed by `fix` (what the reader should do about it)."""
+    if not Path(file).is_file():
+        raise CheckpointError(f"{file} is missing; {fix}")
     try:
         return safe_open(str(file), framework="pt", device="cpu")
     except Exception as e:  # safetensors raises its own error type for truncated/garbled headers
-        raise CheckpointError(
-            f"{file}: not a readable safetensors file ({e}); re-download or re-save it"
-        ) from None
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e}); {fix}") from None
 
 
 def _read(file: Path, assigned):
@@ -244,14 +247,14 @@ def _read(file: Path, assigned):
     touches count in the process's resident set while mapped (a row-parallel slice touches
     nearly every page of its tensor), so a whole shard file never stays resident per rank.
     """
-    with _open(file) as f:
+    with open_safetensors(file) as f:
         names = list(f.keys())
     for name in names:
         if None not in assigned and assigned.get(name) != file:
             raise CheckpointError(
                 f"{file}: tensor {name!r} is not assigned to this shard in {INDEX}"
             )
-        with _open(file) as f:
+        with open_safetensors(file) as f:
             try:
                 stored = f.get_slice(name)
             except Exception as e:

@@ -39,11 +39,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
-from nemokern.model.hf import CheckpointError, hf_name, weight_files
+from nemokern.model.hf import CheckpointError, hf_name, open_safetensors, weight_files
 from nemokern.model.llama import Llama
 from nemokern.parallel import rank_and_size
 from nemokern.train.reshard import load_resharded
@@ -144,15 +143,15 @@ def _load_state(directory: Path, name: str):
     return decode_state(encoded, _read_tensors(tpath), str(jpath))
 
 
+_DAMAGED = "the checkpoint is incomplete or corrupt"
+
+
 def _read_tensors(path: Path) -> dict:
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete")
-    try:
-        return load_file(str(path))
-    except Exception as e:  # safetensors raises its own error type for truncated/garbled files
-        raise CheckpointError(
-            f"{path}: not a readable safetensors file ({e}); the checkpoint is corrupt"
-        ) from None
+    with open_safetensors(path, _DAMAGED) as f:
+        try:
+            return {name: f.get_tensor(name) for name in f.keys()}
+        except Exception as e:  # a header promising more bytes than the file holds
+            raise CheckpointError(f"{path}: a tensor cannot be read ({e}); {_DAMAGED}") from None
 
 
 # ---- RNG ----------------------------------------------------------------------------------------
@@ -232,13 +231,7 @@ def load_modules(model: torch.nn.Module, directory) -> None:
                 f"{sub} is missing; the checkpoint has no weights for {name or 'the model'}"
             )
         for file in dict.fromkeys(assigned.values()):
-            try:
-                handle = safe_open(str(file), framework="pt", device="cpu")
-            except Exception as e:  # safetensors' own error type for truncated/garbled headers
-                raise CheckpointError(
-                    f"{file}: not a readable safetensors file ({e}); the checkpoint is corrupt"
-                ) from None
-            with handle as f:
+            with open_safetensors(file, _DAMAGED) as f:
                 for key in f.keys():
                     if key not in expected:
                         raise CheckpointError(f"{file}: unexpected tensor {key!r} for this model")

@@ -32,13 +32,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from nemokern.model.hf import (
     _DERIVED_BUFFER,
     INDEX,
     SINGLE,
     CheckpointError,
+    open_safetensors,
     parse_size,
     weight_files,
 )
@@ -196,14 +196,9 @@ def _tied(path: Path) -> bool:
 
 def _header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """{name: (safetensors dtype, shape)} from a safetensors header, without reading any data."""
-    try:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            entries = {name: f.get_slice(name) for name in f.keys()}
-            header = {name: (s.get_dtype(), tuple(s.get_shape())) for name, s in entries.items()}
-    except Exception as e:  # safetensors raises its own error type for truncated/garbled headers
-        raise CheckpointError(
-            f"{file}: not a readable safetensors file ({e}); re-download or re-save it"
-        ) from None
+    with open_safetensors(file) as f:
+        entries = {name: f.get_slice(name) for name in f.keys()}
+        header = {name: (s.get_dtype(), tuple(s.get_shape())) for name, s in entries.items()}
     for name, (dtype, _) in header.items():
         if dtype not in _DTYPES:
             raise CheckpointError(
@@ -321,9 +316,7 @@ class _Inputs(contextlib.ExitStack):
 
     def slice(self, file: Path, name: str):
         if file not in self.handles:
-            self.handles[file] = self.enter_context(
-                safe_open(str(file), framework="pt", device="cpu")
-            )
+            self.handles[file] = self.enter_context(open_safetensors(file))
         return self.handles[file].get_slice(name)
 
 

@@ -16,9 +16,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from nemokern.model.hf import CheckpointError, hf_name, weight_files
+from nemokern.model.hf import CheckpointError, hf_name, open_safetensors, weight_files
 
 
 def shards_of(model: torch.nn.Module) -> dict[int, object]:
@@ -52,12 +51,7 @@ def reshard(pieces: list[torch.Tensor], shard, where: str) -> torch.Tensor:
 
 
 def _open(stack: ExitStack, file: Path):
-    try:
-        return stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{file} is missing; the checkpoint is incomplete") from None
-    except Exception as e:  # safetensors' own error type for truncated/garbled headers
-        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+    return stack.enter_context(open_safetensors(file, "the checkpoint is incomplete or corrupt"))
 
 
 def _get(handle, key: str, file: Path) -> torch.Tensor:
