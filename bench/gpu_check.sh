@@ -7,7 +7,8 @@
 #   bash bench/gpu_check.sh [OUTDIR]      OUTDIR defaults to bench/results/gpu_check
 #   GPU_CHECK_BUDGET=480                  seconds for the whole run (stages past it are skipped)
 #   GPU_CHECK_DRY=1                       CPU dry run: no install, collect every GPU test and
-#                                         benchmark, run the CPU all-reduce bench tiny, summarise
+#                                         benchmark, run two CPU benchmarks and the CPU all-reduce
+#                                         bench tiny, summarise
 #
 # Assumes python3 with CUDA torch, triton, pybind11, setuptools, transformers, safetensors, pytest
 # and pytest-benchmark; downloads nothing. Files in OUTDIR: log.txt (everything, with versions),
@@ -90,6 +91,9 @@ stage generate 300 "${PYTEST[@]}" bench/test_bench_generate_gpu.py "${BENCH_SEL[
     --benchmark-json="$OUT/generate.json"
 # (5) multi-process: 2 ranks sharing the one GPU (correctness; one GPU cannot show speed-up)
 if [[ "$DRY" == 1 ]]; then
+    # two small CPU benchmarks for real: their records reach bench-progress.jsonl as they finish
+    stage bench-log 120 "${PYTEST[@]}" bench/test_bench_kl_reward.py -q --benchmark-enable \
+        -k "sequence_kl_cpu and eager"
     stage multi-process 120 python3 bench/bench_all_reduce.py --worlds 2 --rounds 1 \
         --sizes 4096 --out "$OUT/all-reduce-cpu"
 else
@@ -118,9 +122,9 @@ fi
     for j in "$OUT"/bench*.json "$OUT"/generate.json; do
         [[ -s "$j" ]] && { echo; python3 bench/report.py "$j"; }
     done
-    if grep -q "TIMED OUT" <<< "${SUMMARY[*]}" && [[ -s "$NEMOKERN_BENCH_LOG" ]]; then
+    if [[ -s "$NEMOKERN_BENCH_LOG" ]] && { [[ "$DRY" == 1 ]] || grep -q "TIMED OUT" <<< "${SUMMARY[*]}"; }; then
         echo
-        echo "A stage timed out; every benchmark that finished, as it finished:"
+        echo "Every benchmark that finished, as it finished (a stage timed out, or a dry run):"
         python3 bench/report.py "$NEMOKERN_BENCH_LOG"
     fi
     [[ -s "$OUT/all-reduce-cuda.md" ]] && { echo; cat "$OUT/all-reduce-cuda.md"; }

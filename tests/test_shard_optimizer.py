@@ -3,26 +3,18 @@ the same weights as DDP with a whole AdamW, bit for bit; each process holding ab
 AdamW state; checkpoints with one optimizer file per process that resume exactly; a whole
 (unsharded) checkpoint resumed sharded; a sharded one refused without the flag."""
 
-import json
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from train_tiny import TinyReward, batches, config, step_fn
 
-from helpers import launch_script
+from helpers import train_tiny_ranks
 from nemokern.train.checkpoint import CheckpointError
 from nemokern.train.loop import TrainLoop
 
-WORKER = Path(__file__).with_name("zero_worker.py")
-
 
 def train(out, shard, resume=""):
-    """Two ranks of zero_worker.py; (rank 0's weights, [each rank's json])."""
-    launch_script(WORKER, 2, out, "1" if shard else "0", resume)
-    ranks = [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(2)]
-    return load_file(Path(out) / "weights.safetensors"), ranks
+    return train_tiny_ranks(out, "zero" if shard else "ddp", resume)
 
 
 def assert_same(a, b):

@@ -1,8 +1,8 @@
-"""One data-parallel rank of tests/test_shard_optimizer.py (env:// like torchrun):
-`zero_worker.py OUT SHARD RESUME` trains train_tiny's reward model for 6 steps (a checkpoint
-every 3), SHARD 1 with --shard-optimizer, RESUME '' or a checkpoint; each rank writes
-OUT/rank<R>.json (the losses and how many AdamW state elements it holds), rank 0
-OUT/weights.safetensors.
+"""One data-parallel rank of tests/test_shard_optimizer.py and tests/test_fsdp.py (env:// like
+torchrun): `zero_worker.py OUT MODE RESUME [GRAD_ACCUM]` trains train_tiny's reward model for 6
+steps (a checkpoint every 3), MODE ddp, zero (--shard-optimizer) or fsdp (--fsdp), RESUME '' or a
+checkpoint; each rank writes OUT/rank<R>.json (the losses and how many AdamW state elements it
+holds), rank 0 OUT/weights.safetensors (whole tensors).
 """
 
 import json
@@ -12,31 +12,32 @@ import torch
 from safetensors.torch import save_file
 from train_tiny import TinyReward, batches, config, step_fn
 
+from nemokern.parallel.fsdp import full_tensor, local_part
 from nemokern.train.loop import TrainLoop
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    out, shard, resume = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
+    out, mode, resume = sys.argv[1], sys.argv[2], sys.argv[3]
+    grad_accum = int(sys.argv[4]) if len(sys.argv) > 4 else 1
     cfg = config(
         out,
-        grad_accum=1,
+        grad_accum=grad_accum,
         max_steps=6,
         save_every=3,
         keep_last=5,
-        shard_optimizer=shard,
+        shard_optimizer=mode == "zero",
+        fsdp=mode == "fsdp",
         resume=resume,
         optimizer_impl="foreach",
     )
-    loop = TrainLoop(cfg, TinyReward(tie=True), batches(12), step_fn)
+    loop = TrainLoop(cfg, TinyReward(tie=True), batches(12 * grad_accum), step_fn)
     history = loop.fit()
     opt = getattr(loop.optimizer, "optim", loop.optimizer)  # a ZeroRedundancyOptimizer's own share
-    held = sum(t.numel() for s in opt.state.values() for t in s.values() if t.dim() > 0)
+    held = sum(local_part(t).numel() for s in opt.state.values() for t in s.values() if t.dim() > 0)
     rank = torch.distributed.get_rank()
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump({"losses": [r["loss"] for r in history], "state_elements": held}, f)
+    whole = {k: full_tensor(v).clone() for k, v in loop.model.state_dict().items()}
     if rank == 0:
-        save_file(
-            {k: v.clone() for k, v in loop.model.state_dict().items()},
-            f"{out}/weights.safetensors",
-        )
+        save_file(whole, f"{out}/weights.safetensors")
     torch.distributed.destroy_process_group()

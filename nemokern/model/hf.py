@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..parallel import rank_and_size
+from ..parallel.fsdp import first_holder, full_tensor
 from .config import LlamaConfig
 
 SINGLE = "model.safetensors"
@@ -283,17 +284,19 @@ def parse_size(size: int | str) -> int:
 
 
 def save_pretrained(model, path, *, max_shard_size: int | str = "5GB") -> None:
-    """Collective over model.tp_group when it has one: every rank joins the gathers, its rank 0
+    """Collective over model.tp_group when it has one, or over the data-parallel processes when
+    FSDP shards the model: every rank joins the gathers (one tensor at a time), the first one
     writes; the others return without waiting for the files (barrier before reading them)."""
     path = Path(path)
-    writer = rank_and_size(model.tp_group)[0] == 0
     limit = parse_size(max_shard_size)
     params = {hf_name(n): p for n, p in model.named_parameters()}  # lists a tied weight once
+    # sharded by FSDP: every process joins each gather, the first one writes
+    writer = rank_and_size(model.tp_group)[0] == 0 and first_holder(params.values())
     slices = shards_by_name(model)
 
     def full(name):
         shard = slices.get(name)
-        p = params[name].detach()
+        p = full_tensor(params[name].detach())
         return p if shard is None else shard.full_tensor(p, model.tp_group)
 
     def full_bytes(name):

@@ -20,6 +20,7 @@ from nemokern.model.hf import CheckpointError
 from nemokern.model.llama import Llama
 from nemokern.ops import reward_head
 from nemokern.parallel import broadcast, rank_and_size
+from nemokern.parallel.fsdp import first_holder, full_tensor
 
 # SteerLM's 9 attributes, in the order of the head's outputs (recipe.md section 1); the one
 # definition that data readers, losses and trainers use.
@@ -84,13 +85,12 @@ class RewardModel(nn.Module):
     # ---- files --------------------------------------------------------------------------------
     def save_pretrained(self, path) -> None:
         path = Path(path)
-        self.trunk.save_pretrained(path)  # under tensor parallelism: collective, tp rank 0 writes
-        if rank_and_size(self.trunk.tp_group)[0]:
+        # under tensor parallelism or FSDP a collective: the first process writes
+        self.trunk.save_pretrained(path)
+        head = {name: full_tensor(p.detach()) for name, p in self.head.named_parameters()}
+        if rank_and_size(self.trunk.tp_group)[0] or not first_holder(self.head.parameters()):
             return
-        head = {
-            "weight": self.head.weight.detach().cpu().contiguous(),
-            "bias": self.head.bias.detach().cpu().contiguous(),
-        }
+        head = {name: t.cpu().contiguous() for name, t in head.items()}
         save_file(head, str(path / HEAD_WEIGHTS), metadata={"format": "pt"})
         (path / HEAD_CONFIG).write_text(json.dumps({"attributes": list(self.attributes)}) + "\n")
 

@@ -45,6 +45,14 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from nemokern.model.hf import CheckpointError, hf_name, open_safetensors, weight_files
 from nemokern.model.llama import Llama
 from nemokern.parallel import rank_and_size
+from nemokern.parallel.fsdp import (
+    copy_into,
+    first_holder,
+    full_tensor,
+    is_sharded,
+    like,
+    local_part,
+)
 from nemokern.train.reshard import load_resharded
 
 FORMAT = "nemokern-checkpoint-1"
@@ -200,16 +208,19 @@ def _rest_state(model: torch.nn.Module, parts: dict) -> dict[str, torch.Tensor]:
 def save_modules(model: torch.nn.Module, directory) -> None:
     """Write `model`'s weights: HF layout for the parts with save_pretrained (a Llama, e.g. "model/"
     or "<child>/"), modules.safetensors for the rest. `model` is the unwrapped module (not DDP).
-    Under tensor parallelism every rank of the tp group calls it and its rank 0 writes."""
+    Under tensor parallelism every rank of the tp group calls it and its rank 0 writes; a model
+    FSDP shards, every process (the first writes)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     parts = _hf_parts(model)
     for name, part in parts.items():
         part.save_pretrained(directory / (name or "model"))
     rest = {
-        k: v.detach().to("cpu").contiguous().clone() for k, v in _rest_state(model, parts).items()
+        k: full_tensor(v.detach()).to("cpu").contiguous().clone()
+        for k, v in _rest_state(model, parts).items()
     }
     writer = all(rank_and_size(part.tp_group)[0] == 0 for part in parts.values())
+    writer = writer and first_holder(model.parameters())  # under fsdp: a collective
     if (rest or not parts) and writer:
         save_file(rest, str(directory / "modules.safetensors"))
 
@@ -263,7 +274,7 @@ def _copy(target: torch.Tensor, source: torch.Tensor, file, key) -> None:
             f"{file}: tensor {key!r} has shape {tuple(source.shape)}, the model has "
             f"{tuple(target.shape)}"
         )
-    target.copy_(source)
+    copy_into(target, source)  # an FSDP-sharded parameter keeps its own rows
 
 
 def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -447,8 +458,16 @@ class Checkpointer:
         _save_state(get_rng_state() if rng is None else rng, tmp, f"rng-rank{self.rank:05d}")
         if local is not None:
             _save_state(local, tmp, f"local-rank{self.rank:05d}")
-        sharded = isinstance(optimizer, ZeroRedundancyOptimizer)
-        if sharded:  # every process its own share (its tp shard's, under tp)
+        fsdp = is_sharded(model)
+        sharded = isinstance(optimizer, ZeroRedundancyOptimizer) or (fsdp and optimizer is not None)
+        if sharded and fsdp:  # every process the AdamW state of its rows
+            own = optimizer.state_dict()
+            own["state"] = {
+                i: {k: local_part(v) for k, v in st.items()} for i, st in own["state"].items()
+            }
+            _save_state(own, tmp, f"optimizer.rank{self.rank:05d}")
+            optimizer = None
+        elif sharded:  # every process its own share (its tp shard's, under tp)
             own = optimizer.optim.state_dict()
             # the wrapper holds the current lr etc. (the scheduler sets them there; its share's
             # optimizer gets them only at the next step)
@@ -456,13 +475,16 @@ class Checkpointer:
                 group.update({k: v for k, v in current.items() if k != "params"})
             _save_state(own, tmp, f"optimizer.rank{self.rank:05d}")
             optimizer = None
+        if fsdp and self.tp_size == 1:  # gathered tensor by tensor by all; rank 0 writes
+            save_modules(model, tmp)
         if self.tp_size > 1 and self.shard_writer:
             save_shard(model, tmp / f"{self._shard('model')}.safetensors")
             if optimizer is not None:
                 _save_state(optimizer.state_dict(), tmp, self._shard("optimizer"))
         if self.rank == 0:
             if self.tp_size == 1:
-                save_modules(model, tmp)
+                if not fsdp:
+                    save_modules(model, tmp)
                 if optimizer is not None:
                     _save_state(optimizer.state_dict(), tmp, "optimizer")
             if scheduler is not None:
@@ -481,6 +503,7 @@ class Checkpointer:
             }
             if sharded:
                 manifest["sharded_optimizer"] = self.world_size
+                manifest["optimizer_sharding"] = "fsdp" if fsdp else "zero"
             with open(tmp / MANIFEST, "w") as f:
                 json.dump(manifest, f, indent=1)
                 f.flush()
@@ -510,6 +533,11 @@ class Checkpointer:
         path = Path(path)
         manifest = validate(path)
         saved_tp = manifest.get("tp", 1)
+        fsdp = is_sharded(model)
+        if fsdp and saved_tp != 1:
+            raise CheckpointError(
+                f"{path}: written with --tp {saved_tp}; --fsdp resumes --tp 1 checkpoints only"
+            )
         if saved_tp != self.tp_size:
             self._check_reshard(path, manifest, saved_tp)
             load_resharded(path, saved_tp, _unique_state(model), model, optimizer)
@@ -518,7 +546,9 @@ class Checkpointer:
             load_shard(model, path / f"{self._shard('model')}.safetensors")
         else:
             load_modules(model, path)
-        if optimizer is not None:
+        if optimizer is not None and (fsdp or manifest.get("optimizer_sharding") == "fsdp"):
+            self._load_fsdp_optimizer(path, manifest, optimizer, fsdp)
+        elif optimizer is not None:
             name = self._shard("optimizer") if self.tp_size > 1 else "optimizer"
             self._load_optimizer(path, manifest, optimizer, name)
         if scheduler is not None:
@@ -546,6 +576,33 @@ class Checkpointer:
                 f"{self.tp_size}; a sharded optimizer state resumes only at the same --tp and "
                 "process count"
             )
+
+    def _load_fsdp_optimizer(self, path: Path, manifest: dict, optimizer, fsdp: bool) -> None:
+        """The AdamW state of an FSDP run from each process's own file, or from a whole one (a
+        run without sharding: each process keeps its rows of it)."""
+        saved = manifest.get("sharded_optimizer")
+        kind = manifest.get("optimizer_sharding", "zero" if saved else None)
+        if not fsdp or kind == "zero" or (kind == "fsdp" and saved != self.world_size):
+            how = "--fsdp" if kind == "fsdp" else "--shard-optimizer"
+            was = f"sharded over {saved} processes ({how})"
+            now = f"--fsdp on {self.world_size} processes" if fsdp else "no --fsdp"
+            raise CheckpointError(
+                f"{path}: its optimizer state is {was}, this run has {now}; resume it as it was "
+                "saved (a whole optimizer state, from a run without either, resumes under --fsdp)"
+            )
+        name = f"optimizer.rank{self.rank:05d}" if kind == "fsdp" else "optimizer"
+        state = _load_state(path, name)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        try:
+            state["state"] = {
+                i: {k: like(v, params[int(i)], whole=kind is None) for k, v in st.items()}
+                for i, st in state["state"].items()
+            }
+            optimizer.load_state_dict(state)
+        except (ValueError, KeyError, IndexError, RuntimeError) as e:
+            raise CheckpointError(
+                f"{path / name}.json: does not fit this optimizer ({e})"
+            ) from None
 
     def _load_optimizer(self, path: Path, manifest: dict, optimizer, name: str) -> None:
         saved = manifest.get("sharded_optimizer")

@@ -84,6 +84,13 @@ class TrainConfig:
         "torch's ZeroRedundancyOptimizer), each keeping about 1/dp of it; checkpoints then "
         "hold one optimizer file per process and --resume needs the same process count",
     )
+    fsdp: bool = option(
+        False,
+        "under torchrun: shard the trained model's parameters, gradients and AdamW state over "
+        "the data-parallel processes (torch FSDP2, one unit per decoder layer), each keeping "
+        "about 1/dp of them; checkpoints then hold one optimizer file per process and --resume "
+        "needs the same process count. Needs --tp 1",
+    )
     bf16: bool = option(True, "bf16 autocast on CUDA (ignored on the CPU)")
     activation_checkpointing: bool = option(False, "recompute each layer in the backward pass")
     device: str = option(
@@ -129,6 +136,18 @@ class TrainConfig:
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} = {getattr(self, name)} must not be negative")
+        if self.fsdp and self.shard_optimizer:
+            raise option_error(
+                "fsdp",
+                "cannot be combined with --shard-optimizer: both shard the AdamW state (--fsdp "
+                "the parameters and gradients too); use one of them",
+            )
+        if self.fsdp and self.tp > 1:
+            raise option_error(
+                "fsdp",
+                f"cannot be combined with --tp {self.tp}: it shards over data parallelism only; "
+                "use --tp with --shard-optimizer, or --fsdp with --tp 1",
+            )
         if self.schedule == "cosine" and self.min_lr > self.lr:
             raise ConfigError(
                 f"min_lr = {self.min_lr} is above lr = {self.lr}; the cosine schedule decays to it"

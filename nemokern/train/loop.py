@@ -3,7 +3,8 @@ step function that turns one micro-batch into a loss.
 
 Per optimizer step: `grad_accum` micro-batches on each of the data-parallel processes (DDP under
 torchrun, gloo on CPUs, NCCL on GPUs; with `tp` > 1 the ranks form a (dp, tp) mesh, the model is
-split over each tp group and DDP runs over the dp groups), bf16 autocast on CUDA, each
+split over each tp group and DDP runs over the dp groups; with `fsdp` FSDP2 shards the model over
+the data-parallel processes instead of DDP), bf16 autocast on CUDA, each
 micro-batch's loss weighted by its `weight` (e.g. the number of labels or pairs it averages) so
 that the step's loss is the mean over the whole global batch; then global-norm clipping, AdamW
 and the learning-rate schedule.
@@ -33,7 +34,9 @@ from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
+from ..model.llama import DecoderLayer
 from ..parallel import all_reduce, grad_norm_tp, init_parallel
+from ..parallel.fsdp import full_tensor, full_weights, shard
 from .checkpoint import Checkpointer, CheckpointError, get_rng_state, save_modules
 from .config import TrainConfig, dump_toml, option_error
 from .metrics import MetricsLogger, peak_memory_mb
@@ -234,7 +237,9 @@ StepFn = Callable[[nn.Module, Any], StepOutput]
 class TrainLoop:
     """Trains `model` on `data` with `step_fn`; `fit()` runs it and returns the per-step metrics.
 
-    model: the module to train (moved to the run's device; wrapped in DDP under torchrun). A
+    model: the module to train (moved to the run's device; wrapped in DDP under torchrun, or
+        sharded in place with FSDP2 under config.fsdp: each DecoderLayer a unit, the model the
+        root; parallel.fsdp.full_weights(model) makes it whole for code that calls its parts). A
         checkpoint stores it with checkpoint.save_modules: HF layout for a Llama, safetensors for
         the rest (e.g. a reward head); under tp > 1 each tp rank's shard (checkpoint.save_shard).
     data: a sequence of micro-batches (len + index); the loop owns their order (seeded shuffle
@@ -265,6 +270,10 @@ class TrainLoop:
         if config.activation_checkpointing:
             enable_activation_checkpointing(model)
         self.model = model.to(self.device)
+        # --fsdp on one data-parallel process has nothing to shard over: a plain run
+        self.fsdp = config.fsdp and self.dist.dp_size > 1
+        if self.fsdp:
+            shard(self.model, init_parallel(config.tp, self.device.type)["dp"], (DecoderLayer,))
         self.ddp = (
             DistributedDataParallel(
                 self.model,
@@ -272,7 +281,7 @@ class TrainLoop:
                 find_unused_parameters=find_unused_parameters,
                 process_group=self.dist.dp_group,
             )
-            if self.dist.dp_size > 1
+            if self.dist.dp_size > 1 and not self.fsdp
             else None
         )
         self.per_step = config.grad_accum * self.dist.dp_size  # micro-batches per optimizer step
@@ -358,7 +367,7 @@ class TrainLoop:
         """Write the model's weights for use outside training (default OUT/final) with
         checkpoint.save_modules: HF layout for each Llama part, modules.safetensors for the rest."""
         directory = Path(directory) if directory is not None else self.out / "final"
-        if self.dist.dp_rank == 0:  # under tp, a collective of the tp group
+        if self.dist.dp_rank == 0 or self.fsdp:  # a collective of the tp group / of all (fsdp)
             save_modules(self.model, directory)
         if self.dist.active:
             dist.barrier()
@@ -409,7 +418,10 @@ class TrainLoop:
         for j, (name, batch) in enumerate(micro):
             batch = move_to(batch, self.device)
             sync = self.ddp is None or j == len(micro) - 1
-            with nullcontext() if sync else self.ddp.no_sync():
+            if self.fsdp:  # reduce-scatter the gradients after the last micro-batch only
+                sync = j == len(micro) - 1
+                self.model.set_requires_gradient_sync(sync)
+            with nullcontext() if sync or self.fsdp else self.ddp.no_sync():
                 with self._autocast():
                     out = self.step_fn(module, batch)
                 w = torch.as_tensor(out.weight, device=self.device).detach().to(torch.float64)
@@ -441,8 +453,8 @@ class TrainLoop:
                     p.grad.mul_(scale)
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        if self.dist.tp_group is None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if self.dist.tp_group is None:  # under fsdp a DTensor: the norm over every shard
+            grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm)))
         else:
             norm = grad_norm_tp(self.model, self.dist.tp_group)
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
@@ -499,7 +511,8 @@ class TrainLoop:
         if self.evaluate is None:
             return {}
         self.model.eval()
-        with torch.no_grad(), self._autocast():
+        # whole weights under fsdp: an evaluation may call the model's parts directly
+        with torch.no_grad(), self._autocast(), full_weights(self.model):
             result = self.evaluate(self.model)
         self.model.train()
         return {f"eval_{k}": v for k, v in result.items()}

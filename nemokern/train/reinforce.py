@@ -36,6 +36,7 @@ from nemokern.data.prompts import read_prompts
 from nemokern.data.tokenizer import HFTokenizer, load_tokenizer
 from nemokern.model import Llama, LlamaConfig, generate
 from nemokern.ops import linear_logprobs
+from nemokern.parallel.fsdp import full_weights
 from nemokern.train.config import ConfigError, TrainConfig, option, option_error
 from nemokern.train.loop import StepOutput, TrainLoop, tp_group_for
 from nemokern.train.rollout import (
@@ -159,9 +160,9 @@ class ReinforceConfig(TrainConfig):
 # ---- the trainer ---------------------------------------------------------------------------------
 def export_policy(loop: TrainLoop, policy: Llama, tokenizer) -> None:
     """OUT/final: the policy in HF layout (under --tp a collective of each tp group, whose rank 0
-    writes), with an HF tokenizer's files."""
+    writes; under --fsdp of all processes), with an HF tokenizer's files."""
     final = Path(loop.config.out) / "final"
-    if loop.dist.dp_rank == 0:
+    if loop.dist.dp_rank == 0 or loop.fsdp:  # under --fsdp a collective of every process
         policy.save_pretrained(final)
     if loop.dist.rank == 0 and isinstance(tokenizer, HFTokenizer):
         tokenizer.tok.save_pretrained(final)
@@ -281,7 +282,8 @@ class ReinforceTrainer:
         cfg, loop, tok = self.config, self.loop, self.tokenizer
         device, k, seconds = loop.device, cfg.k, {}
         offload = cfg.offload and device.type == "cuda"
-        with loop._autocast():
+        # under --fsdp the policy is gathered whole for the rollout (generation calls its parts)
+        with loop._autocast(), full_weights(loop.model):
             # ---- generate
             t = time.perf_counter()
             prompt_ids = [self.prompts[p].ids for step in groups for mb in step for p in mb]

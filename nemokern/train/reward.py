@@ -289,7 +289,9 @@ class RewardTrainer:
         )
         self.loop = loop
         history = loop.fit()
-        if loop.dist.dp_rank == 0:  # under --tp a collective of the tp group; its rank 0 writes
+        if (
+            loop.dist.dp_rank == 0 or loop.fsdp
+        ):  # --tp: a collective of the tp group; --fsdp: of all
             self.model.save_pretrained(Path(self.config.out) / "final")
         if loop.dist.active:
             torch.distributed.barrier()

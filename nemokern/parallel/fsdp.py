@@ -1,0 +1,119 @@
+"""Fully sharded data parallelism (FSDP2, `torch.distributed.fsdp.fully_shard`) for the trainers'
+models, and what the rest of nemokern needs to read and write sharded parameters.
+
+`shard(model, mesh, unit_types)`: each submodule of one of `unit_types` (the decoder layers)
+becomes its own FSDP unit, the model the root one; every parameter is then a DTensor holding
+1/dp of its rows on each process, and so are its gradient and its AdamW state. A unit's
+parameters are all-gathered just before its forward (and backward) and freed after it.
+`full_weights(model)`: every parameter whole on every process for a block of code that calls the
+model other than through its own forward (generation, scoring), freed again at its end.
+`full_tensor` / `copy_into`: a parameter as a whole tensor (a collective for a DTensor, one
+tensor at a time) and a whole tensor into a parameter (each process keeps its rows; no
+communication). Plain tensors pass through both, so callers need not know which they hold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+
+def shard(model: nn.Module, mesh: DeviceMesh, unit_types: tuple[type, ...]) -> None:
+    """fully_shard each submodule of `unit_types`, then `model` (the root), over the 1-D `mesh`;
+    in place (the parameters become DTensors). The root is initialised at once, so that code
+    calling a unit directly before the first forward of the root (generation) finds it set up."""
+    for module in list(model.modules()):
+        if isinstance(module, unit_types):
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    # FSDP2 takes the first module to run forward for the root; the root's lazy initialisation
+    # is otherwise done in its first forward.
+    model._get_fsdp_state()._lazy_init()
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `model` (or a submodule) was given to fully_shard."""
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+@contextmanager
+def full_weights(model: nn.Module) -> Iterator[None]:
+    """Inside the block every parameter of `model` is a whole, plain tensor on every process
+    (all-gathered once, kept across forwards); at its end they are sharded again. A no-op for a
+    model that is not sharded. The gathered copies are read-only views of the training state:
+    what the block writes into them is lost."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not units:
+        yield
+        return
+    root = units[0]  # model.modules() lists the model first
+    root.set_reshard_after_forward(False)
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        root.set_reshard_after_forward(True)
+        root.set_reshard_after_forward(False, recurse=False)  # FSDP2's own setting for the root
+        for unit in units:
+            unit.reshard()
+
+
+def first_holder(tensors) -> bool:
+    """False on every process but the first of the mesh of the first DTensor among `tensors`
+    (the one that writes what all of them gathered); True when none is a DTensor."""
+    for t in tensors:
+        if isinstance(t, DTensor):
+            coordinate = t.device_mesh.get_coordinate()  # a list or a tuple, by torch version
+            return coordinate is not None and not any(coordinate)
+    return True
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """`t` whole: a DTensor's all-gather (a collective: every process of its mesh calls it), any
+    other tensor itself."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def local_part(t):
+    """This process's rows of a DTensor; any other value itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+@torch.no_grad()
+def copy_into(target: torch.Tensor, source: torch.Tensor) -> None:
+    """target.copy_(source) for a whole `source`; a DTensor `target` takes only its own rows (each
+    process reads the whole source and keeps its share: no communication)."""
+    if not isinstance(target, DTensor):
+        target.copy_(source)
+        return
+    mine = distribute_tensor(
+        source.to(target.device), target.device_mesh, target.placements, src_data_rank=None
+    )
+    target.to_local().copy_(mine.to_local())
+
+
+def like(value: torch.Tensor, param: torch.Tensor, *, whole: bool) -> torch.Tensor:
+    """A saved state tensor of `param` (an AdamW moment) as a DTensor laid out like the DTensor
+    `param`: `value` is either this process's piece of it (whole=False, as an FSDP run saves it)
+    or the whole tensor (whole=True, as an unsharded run saves it). A 0-dim value (AdamW's step)
+    or a plain `param` gives `value` unchanged."""
+    if not isinstance(param, DTensor) or value.dim() == 0:
+        return value
+    value = value.to(param.device)
+    if whole:
+        return distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+    return DTensor.from_local(
+        value,
+        param.device_mesh,
+        param.placements,
+        run_check=False,
+        shape=param.shape,
+        stride=param.stride(),
+    )

@@ -1,0 +1,184 @@
+"""--fsdp (torch FSDP2 over the data-parallel processes) on 2 gloo processes: the weights and losses
+of DDP with a whole AdamW; each process holding about half the AdamW state; checkpoints with whole
+weights (HF layout) and one optimizer file per process that resume exactly; a whole (DDP)
+checkpoint resumed under --fsdp; an FSDP checkpoint refused without the flag; gradient
+accumulation; the option's conflicts; both trainers end to end against DDP."""
+
+import json
+import os
+
+import pytest
+import torch
+from train_tiny import TinyReward, batches, config, step_fn
+
+from helpers import join_gloo, run_ranks, train_tiny_ranks
+from nemokern.data.synthetic import write_synthetic
+from nemokern.model import Llama, LlamaConfig, RewardModel
+from nemokern.train.checkpoint import CheckpointError, load_modules
+from nemokern.train.config import ConfigError
+from nemokern.train.loop import TrainLoop
+from nemokern.train.reinforce import ReinforceConfig, ReinforceTrainer
+from nemokern.train.reward import RewardConfig, RewardTrainer
+
+train = train_tiny_ranks
+
+
+def assert_close(a, b):
+    """The same weights up to the order of a sum: the gradient norm that clipping divides by is
+    summed per shard under FSDP."""
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp")
+    return root, train(root / "ddp", "ddp"), train(root / "fsdp", "fsdp")
+
+
+def test_fsdp_trains_like_ddp_with_half_the_state_each(runs):
+    _, (w_ddp, r_ddp), (w_fsdp, r_fsdp) = runs
+    assert_close(w_fsdp, w_ddp)
+    torch.testing.assert_close(r_fsdp[0]["losses"], r_ddp[0]["losses"], rtol=1e-5, atol=0)
+    assert len(r_fsdp[0]["losses"]) == 6 and r_fsdp[0]["losses"] == r_fsdp[1]["losses"]
+    whole = r_ddp[0]["state_elements"]
+    held = [r["state_elements"] for r in r_fsdp]
+    assert sum(held) == whole and max(held) < 0.6 * whole, (held, whole)
+
+
+def test_fsdp_checkpoint_holds_whole_weights_and_resumes_exactly(runs):
+    root, _, (w_fsdp, r_fsdp) = runs
+    step3 = root / "fsdp" / "checkpoints" / "step-00000003"
+    assert sorted(p.name for p in step3.glob("optimizer*.json")) == [
+        "optimizer.rank00000.json",
+        "optimizer.rank00001.json",
+    ]
+    manifest = json.loads((step3 / "manifest.json").read_text())
+    assert manifest["optimizer_sharding"] == "fsdp" and manifest["sharded_optimizer"] == 2
+    model = TinyReward(seed=7, tie=True)  # other weights: the load must overwrite every one
+    load_modules(model, root / "fsdp" / "checkpoints" / "step-00000006")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, w_fsdp[k]), k
+    w, ranks = train(root / "fsdp-resumed", "fsdp", step3)
+    for k in w:
+        assert torch.equal(w[k], w_fsdp[k]), k
+    assert ranks[0]["losses"] == r_fsdp[0]["losses"][3:]
+
+
+def test_whole_checkpoint_resumes_under_fsdp(runs):
+    root, (w_ddp, r_ddp), _ = runs
+    w, ranks = train(root / "ddp-to-fsdp", "fsdp", root / "ddp" / "checkpoints" / "step-00000003")
+    assert_close(w, w_ddp)
+    torch.testing.assert_close(ranks[0]["losses"], r_ddp[0]["losses"][3:], rtol=1e-5, atol=0)
+
+
+def test_fsdp_gradient_accumulation_matches_ddp(tmp_path):
+    w_ddp, r_ddp = train(tmp_path / "ddp", "ddp", grad_accum=2)
+    w_fsdp, r_fsdp = train(tmp_path / "fsdp", "fsdp", grad_accum=2)
+    assert_close(w_fsdp, w_ddp)
+    torch.testing.assert_close(r_fsdp[0]["losses"], r_ddp[0]["losses"], rtol=1e-5, atol=0)
+
+
+def test_fsdp_checkpoint_needs_the_flag(runs, tmp_path):
+    root, _, _ = runs
+    step3 = root / "fsdp" / "checkpoints" / "step-00000003"
+    loop = TrainLoop(
+        config(tmp_path, resume=str(step3)), TinyReward(tie=True), batches(12), step_fn
+    )
+    with pytest.raises(CheckpointError, match=r"sharded over 2 processes \(--fsdp\), this run"):
+        loop.fit()
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        ({"shard_optimizer": True}, "--fsdp: cannot be combined with --shard-optimizer"),
+        ({"tp": 2}, "--fsdp: cannot be combined with --tp 2"),
+    ],
+)
+def test_fsdp_conflicts_are_named(tmp_path, extra, match):
+    with pytest.raises(ConfigError, match=match):
+        config(tmp_path, fsdp=True, **extra)
+
+
+# ---- the trainers under --fsdp ------------------------------------------------------------------
+def _trainers_worker(rank, world, init_file, root, mode):
+    """RewardTrainer and ReinforceTrainer for 2 steps (a checkpoint after each) on 2 processes,
+    `mode` ddp or fsdp; rank 0 writes root/<mode>.json with both histories."""
+    os.environ["WORLD_SIZE"] = str(world)
+    join_gloo(rank, world, init_file)
+    try:
+        common = dict(
+            max_steps=2,
+            save_every=1,
+            lr=1e-3,
+            fsdp=mode == "fsdp",
+            activation_checkpointing=mode == "fsdp",  # recomputed layers are FSDP units too
+            progress=False,
+            tensorboard=False,
+            device="cpu",
+            seed=3,
+        )
+        reward = RewardTrainer(
+            RewardConfig(
+                out=os.path.join(root, f"reward_{mode}"),
+                data=os.path.join(root, "pref.jsonl"),
+                model=os.path.join(root, "reward"),
+                loss="scaled-bt",
+                rows_per_batch=2,
+                **common,
+            )
+        ).fit()
+        policy = ReinforceTrainer(
+            ReinforceConfig(
+                out=os.path.join(root, f"policy_{mode}"),
+                policy=os.path.join(root, "policy"),
+                prompts=os.path.join(root, "prompts.jsonl"),
+                reward_model=os.path.join(root, "reward"),
+                max_new_tokens=5,
+                prompts_per_step=2,
+                k=2,
+                **common,
+            )
+        ).fit()
+        if rank == 0:
+            with open(os.path.join(root, f"{mode}.json"), "w") as f:
+                json.dump({"reward": reward, "reinforce": policy}, f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_reward_and_reinforce_trainers_under_fsdp_match_ddp(tmp_path):
+    """Both trainers end to end (the REINFORCE rollout generates from the gathered policy; the
+    FSDP run recomputes its layers in backward): the step records and OUT/final of --fsdp agree
+    with DDP's to fp32 rounding."""
+    write_synthetic(tmp_path / "pref.jsonl", 8, "hs2-preference", seed=0)
+    rows = [{"prompt": f"Say {c}."} for c in "abcd"]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    torch.manual_seed(0)
+    RewardModel(Llama(LlamaConfig.tiny())).save_pretrained(tmp_path / "reward")
+    torch.manual_seed(1)
+    Llama(LlamaConfig.tiny()).save_pretrained(tmp_path / "policy")
+    for mode in ("ddp", "fsdp"):
+        run_ranks(_trainers_worker, 2, str(tmp_path), mode)
+    ddp, fsdp = (json.loads((tmp_path / f"{m}.json").read_text()) for m in ("ddp", "fsdp"))
+    for trainer, keys in (
+        ("reward", ("loss", "grad_norm")),
+        ("reinforce", ("loss", "grad_norm", "reward_mean", "kl_mean", "response_len_mean")),
+    ):
+        assert len(fsdp[trainer]) == 2
+        for ours, ref in zip(fsdp[trainer], ddp[trainer]):
+            for key in keys:
+                assert ours[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), (trainer, key)
+    for load, name in ((RewardModel.from_pretrained, "reward"), (Llama.from_pretrained, "policy")):
+        manifest = tmp_path / f"{name}_fsdp" / "checkpoints" / "step-00000002" / "manifest.json"
+        assert json.loads(manifest.read_text())["optimizer_sharding"] == "fsdp"
+        ours = load(tmp_path / f"{name}_fsdp" / "final").state_dict()
+        ref = load(tmp_path / f"{name}_ddp" / "final").state_dict()
+        start = load(tmp_path / name).state_dict()
+        assert ours.keys() == ref.keys()
+        assert sum(not torch.equal(ref[k], start[k]) for k in ref) > len(ref) // 2  # trained
+        for k in ref:
+            torch.testing.assert_close(ours[k], ref[k], rtol=1e-4, atol=1e-6, msg=k)
