@@ -3,7 +3,6 @@ the same weights as DDP with a whole AdamW, bit for bit; each process holding ab
 AdamW state; checkpoints with one optimizer file per process that resume exactly; a whole
 (unsharded) checkpoint resumed sharded; a sharded one refused without the flag."""
 
-
 import pytest
 import torch
 from train_tiny import TinyReward, batches, config, step_fn

@@ -269,11 +269,13 @@ class TrainLoop:
         self.out = Path(config.out)
         if config.activation_checkpointing:
             enable_activation_checkpointing(model)
-        self.model = model.to(self.device)
         # --fsdp on one data-parallel process has nothing to shard over: a plain run
         self.fsdp = config.fsdp and self.dist.dp_size > 1
         if self.fsdp:
-            shard(self.model, init_parallel(config.tp, self.device.type)["dp"], (DecoderLayer,))
+            # sharded where it is (the CPU, as loaded): fully_shard moves one unit at a time to
+            # the mesh's device and shards it there, so the device never holds the whole model
+            shard(model, init_parallel(config.tp, self.device.type)["dp"], (DecoderLayer,))
+        self.model = model.to(self.device)
         self.ddp = (
             DistributedDataParallel(
                 self.model,
@@ -417,11 +419,10 @@ class TrainLoop:
         rows = []
         for j, (name, batch) in enumerate(micro):
             batch = move_to(batch, self.device)
+            # FSDP reduce-scatters after every micro-batch: its gradients stay 1/dp (accumulating
+            # unsynchronised would hold them whole until the step's last micro-batch)
             sync = self.ddp is None or j == len(micro) - 1
-            if self.fsdp:  # reduce-scatter the gradients after the last micro-batch only
-                sync = j == len(micro) - 1
-                self.model.set_requires_gradient_sync(sync)
-            with nullcontext() if sync or self.fsdp else self.ddp.no_sync():
+            with nullcontext() if sync else self.ddp.no_sync():
                 with self._autocast():
                     out = self.step_fn(module, batch)
                 w = torch.as_tensor(out.weight, device=self.device).detach().to(torch.float64)
