@@ -182,3 +182,72 @@ def test_reward_and_reinforce_trainers_under_fsdp_match_ddp(tmp_path):
         assert sum(not torch.equal(ref[k], start[k]) for k in ref) > len(ref) // 2  # trained
         for k in ref:
             torch.testing.assert_close(ours[k], ref[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+# ---- on a GPU (gpu_check's gpu-tests stage) -----------------------------------------------------
+class _LogpLoss(torch.nn.Module):
+    """The mean negative log-prob of a sequence, through the root forward (as a trainer's)."""
+
+    def __init__(self, llama):
+        super().__init__()
+        self.llama = llama
+
+    def forward(self, ids):
+        from nemokern.ops import linear_logprobs
+
+        h = self.llama.hidden_states(ids)[0, :-1]
+        return -linear_logprobs(h, self.llama.lm_head.weight.to(h.dtype), ids[0, 1:]).mean()
+
+
+def _one_process_worker(rank, world, init_file, root, device):
+    """FSDP2 over a 1-process mesh (on a GPU: NCCL refuses two processes on one GPU): a CPU model
+    sharded unit by unit onto `device`, a step (on CUDA under bf16 autocast, through the Triton
+    log-probs) whose gradients match the unsharded model's, generation inside full_weights, and
+    the HF-layout save of the sharded model."""
+    import torch.distributed as dist
+
+    from nemokern.model import generate
+    from nemokern.model.llama import DecoderLayer
+    from nemokern.parallel import init_parallel
+    from nemokern.parallel.fsdp import full_weights, shard
+    from nemokern.train.checkpoint import save_modules
+
+    backend = "nccl" if device == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        if device == "cuda":
+            torch.cuda.set_device(0)
+        torch.manual_seed(0)
+        whole = _LogpLoss(Llama(LlamaConfig.tiny()))
+        model = _LogpLoss(Llama(LlamaConfig.tiny()))
+        model.load_state_dict(whole.state_dict())
+        shard(model, init_parallel(1, device)["dp"], (DecoderLayer,))
+        whole = whole.to(device)
+        assert all(
+            p.device.type == device and hasattr(p, "device_mesh") for p in model.parameters()
+        )
+        prompts = [[1, 2, 3], [4, 5]]
+        with full_weights(model):
+            ours = generate(model.llama, prompts, max_new_tokens=6, greedy=True, eos_token_id=[])
+        ref = generate(whole.llama, prompts, max_new_tokens=6, greedy=True, eos_token_id=[])
+        assert torch.equal(ours.tokens, ref.tokens)
+        ids = torch.randint(3, 200, (1, 40), device=device)
+        for m in (model, whole):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+                loss = m(ids)
+            loss.backward()
+        grad = model.llama.layers[0].mlp.up_proj.weight.grad.full_tensor()
+        torch.testing.assert_close(grad, whole.llama.layers[0].mlp.up_proj.weight.grad)
+        save_modules(model.llama, os.path.join(root, "saved"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_fsdp_one_process_mesh(tmp_path, device):
+    torch.manual_seed(0)
+    expected = Llama(LlamaConfig.tiny()).state_dict()
+    run_ranks(_one_process_worker, 1, str(tmp_path), device)
+    saved = Llama.from_pretrained(tmp_path / "saved" / "model").state_dict()
+    for k, v in expected.items():
+        assert torch.equal(saved[k], v), k
