@@ -227,10 +227,20 @@ def _one_process_worker(rank, world, init_file, root, device):
             p.device.type == device and hasattr(p, "device_mesh") for p in model.parameters()
         )
         prompts = [[1, 2, 3], [4, 5]]
+        ref = generate(whole.llama, prompts, max_new_tokens=6, greedy=True, eos_token_id=[])
         with full_weights(model):
             ours = generate(model.llama, prompts, max_new_tokens=6, greedy=True, eos_token_id=[])
-        ref = generate(whole.llama, prompts, max_new_tokens=6, greedy=True, eos_token_id=[])
-        assert torch.equal(ours.tokens, ref.tokens)
+            assert torch.equal(ours.tokens, ref.tokens)
+            if device == "cuda":  # the decode step as a CUDA graph over the gathered units
+                ours = generate(
+                    model.llama,
+                    prompts,
+                    max_new_tokens=6,
+                    greedy=True,
+                    eos_token_id=[],
+                    compile=True,
+                )
+                assert torch.equal(ours.tokens, ref.tokens)
         ids = torch.randint(3, 200, (1, 40), device=device)
         for m in (model, whole):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):

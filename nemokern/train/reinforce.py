@@ -308,6 +308,9 @@ class ReinforceTrainer:
                     top_p=cfg.top_p,
                     generator=gen,
                     pad_id=tok.pad_id,
+                    # FSDP's units keep their hooks while gathered: eager decoding (CUDA graphs
+                    # over them are unverified)
+                    compile=False if loop.fsdp else None,
                 )
                 lengths = g.lengths.tolist()
                 responses += [g.tokens[j, :n].cpu() for j, n in enumerate(lengths)]
