@@ -2,7 +2,8 @@
 shard of the weights and the optimizer into the one atomically renamed checkpoint. A reward run of
 4 steps equals a run of 2 steps resumed for 2 more, and a REINFORCE run of 4 steps one resumed
 after step 1 (inside a rollout), bit for bit (losses, weight and optimizer shards); the REINFORCE
-case also at --tp 1 on 2 data-parallel processes, each with its own rollout. A checkpoint written
+case also at --tp 1 on 2 data-parallel processes, each with its own rollout (with DDP and with
+--fsdp). A checkpoint written
 with a shard file missing or garbled is refused by name; one written at --tp 2 continues at
 --tp 1 and one written at --tp 1 at --tp 2 (resharded) as the uninterrupted runs do."""
 
@@ -166,15 +167,15 @@ def _reinforce(root, run, tp, **kw):
     return ReinforceTrainer(cfg, reward_fn=_char_reward).fit()
 
 
-def _reinforce_worker(rank, world, init_file, root, tp):
+def _reinforce_worker(rank, world, init_file, root, tp, fsdp):
     os.environ["WORLD_SIZE"] = str(world)
     join_gloo(rank, world, init_file)
     try:
-        full = _reinforce(root, "full", tp, max_steps=STEPS)
-        _reinforce(root, "half", tp, max_steps=STEPS // 2, save_every=1)
+        full = _reinforce(root, "full", tp, max_steps=STEPS, fsdp=fsdp)
+        _reinforce(root, "half", tp, max_steps=STEPS // 2, save_every=1, fsdp=fsdp)
         # step 1 is inside the first rollout (2 updates): the resume must train on its samples
         step1 = os.path.join(root, "half", "checkpoints", f"step-{1:08d}")
-        rest = _reinforce(root, "half", tp, max_steps=STEPS, resume=step1)
+        rest = _reinforce(root, "half", tp, max_steps=STEPS, resume=step1, fsdp=fsdp)
         if rank == 0:
             with open(os.path.join(root, "histories.json"), "w") as f:
                 json.dump({"full": full, "rest": rest}, f)
@@ -183,13 +184,17 @@ def _reinforce_worker(rank, world, init_file, root, tp):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.parametrize("tp", [TP, 1], ids=["tp2", "dp2"])
-def test_reinforce_run_resumes_inside_a_rollout_bit_for_bit(tmp_path, tp):
-    """At --tp 2, and at --tp 1 on 2 processes (data parallel: each process's own rollout)."""
+@pytest.mark.parametrize(
+    "tp, fsdp", [(TP, False), (1, False), (1, True)], ids=["tp2", "dp2", "fsdp2"]
+)
+def test_reinforce_run_resumes_inside_a_rollout_bit_for_bit(tmp_path, tp, fsdp):
+    """At --tp 2, and at --tp 1 on 2 processes (data parallel: each process's own rollout), with
+    DDP and with --fsdp (the rollout generating from the gathered policy, each process resuming
+    its own AdamW rows)."""
     rows = [{"prompt": f"Say {c}."} for c in "abcdefgh"]
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    run_ranks(_reinforce_worker, 2, str(tmp_path), tp)
+    run_ranks(_reinforce_worker, 2, str(tmp_path), tp, fsdp)
 
     histories = json.loads((tmp_path / "histories.json").read_text())
     assert [h["step"] for h in histories["rest"]] == [2, 3, 4]
@@ -198,3 +203,5 @@ def test_reinforce_run_resumes_inside_a_rollout_bit_for_bit(tmp_path, tp):
         assert [h[key] for h in histories["rest"]] == [h[key] for h in histories["full"][1:]], key
     if tp > 1:
         _assert_same_shards(tmp_path / "half", tmp_path / "full")
+    manifest = tmp_path / "half" / "checkpoints" / f"step-{STEPS:08d}" / "manifest.json"
+    assert json.loads(manifest.read_text()).get("optimizer_sharding") == ("fsdp" if fsdp else None)

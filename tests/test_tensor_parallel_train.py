@@ -38,9 +38,11 @@ def _accum(global_batch, tp):
     return global_batch if tp == 1 else global_batch // (WORLD // tp)
 
 
-def _reward_config(root, tp):
+def _reward_config(root, tp, mode="zero"):
+    """mode (at tp > 1): "zero" (DDP over the dp pairs) or "fsdp" (--fsdp over them)."""
     return RewardConfig(
-        out=os.path.join(root, f"reward_tp{tp}"),
+        out=os.path.join(root, f"reward_tp{tp}" + (f"_{mode}" if tp > 1 else "")),
+        fsdp=tp > 1 and mode == "fsdp",
         data=os.path.join(root, "pref.jsonl"),
         loss="scaled-bt",
         rows_per_batch=2,
@@ -66,28 +68,29 @@ def _policy_batches():
     return batches
 
 
-def _reinforce_config(root, tp):
-    # under TP2 x DP2 the AdamW state is also sharded over the dp pairs (--shard-optimizer; a
-    # no-op on one process)
+def _reinforce_config(root, tp, mode="zero"):
+    # under TP2 x DP2 the AdamW state is also sharded over the dp pairs (--shard-optimizer), or
+    # the weights, gradients and state all are (--fsdp); no-ops on one process
     return ReinforceConfig(
-        out=os.path.join(root, f"reinforce_tp{tp}"),
+        out=os.path.join(root, f"reinforce_tp{tp}" + (f"_{mode}" if tp > 1 else "")),
         grad_accum=_accum(4, tp),
         tp=tp,
-        shard_optimizer=tp > 1,
+        shard_optimizer=tp > 1 and mode == "zero",
+        fsdp=tp > 1 and mode == "fsdp",
         **COMMON,
     )
 
 
-def _update_policy(root, tp):
+def _update_policy(root, tp, mode="zero"):
     """One update of the policy in root/policy on _policy_batches; returns (policy, history)."""
-    cfg = _reinforce_config(root, tp)
+    cfg = _reinforce_config(root, tp, mode)
     policy = Llama.from_pretrained(os.path.join(root, "policy"), tp_group=tp_group_for(cfg))
     update = functools.partial(ReinforceTrainer._update, None)
     loop = TrainLoop(cfg, PolicyLoss(policy), _policy_batches(), update)
-    return policy, loop.fit(), loop.dist
+    return policy, loop.fit(), loop
 
 
-def _worker(rank, world, init_file, root):
+def _worker(rank, world, init_file, root, mode):
     os.environ["WORLD_SIZE"] = str(world)
     join_gloo(rank, world, init_file)
     try:
@@ -100,16 +103,16 @@ def _worker(rank, world, init_file, root):
         ranks = torch.distributed.get_process_group_ranks
         assert ranks(mesh.get_group("tp")) == [rank // 2 * 2, rank // 2 * 2 + 1]
         assert ranks(mesh.get_group("dp")) == [rank % 2, rank % 2 + 2]
-        cfg = _reward_config(root, TP)
+        cfg = _reward_config(root, TP, mode)
         model = RewardModel.from_pretrained(
             os.path.join(root, "reward"), tp_group=tp_group_for(cfg)
         )
         reward_history = RewardTrainer(cfg, model=model).fit()
-        policy, history, dist_ = _update_policy(root, TP)
-        if dist_.dp_rank == 0:  # collective over the tp group
-            policy.save_pretrained(os.path.join(root, "policy_tp"))
+        policy, history, loop = _update_policy(root, TP, mode)
+        if loop.dist.dp_rank == 0 or loop.fsdp:  # collective over the tp group (fsdp: all)
+            policy.save_pretrained(os.path.join(root, f"policy_tp_{mode}"))
         if rank == 0:
-            with open(os.path.join(root, "histories.json"), "w") as f:
+            with open(os.path.join(root, f"histories_{mode}.json"), "w") as f:
                 json.dump({"reward": reward_history, "reinforce": history}, f)
     finally:
         torch.distributed.destroy_process_group()
@@ -137,7 +140,8 @@ def _assert_weights_equal(ours: dict, ref: dict, start: dict, what):
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_reward_step_and_reinforce_update_at_tp2_dp2_equal_one_process(tmp_path):
+@pytest.mark.parametrize("mode", ["zero", "fsdp"])
+def test_reward_step_and_reinforce_update_at_tp2_dp2_equal_one_process(tmp_path, mode):
     root = str(tmp_path)
     write_synthetic(tmp_path / "pref.jsonl", 16, "hs2-preference", seed=0)
     torch.manual_seed(0)
@@ -152,27 +156,36 @@ def test_reward_step_and_reinforce_update_at_tp2_dp2_equal_one_process(tmp_path)
     ref_reward_history = ref_reward.fit()
     ref_policy, ref_history, _ = _update_policy(root, 1)
 
-    run_ranks(_worker, WORLD, root)
+    run_ranks(_worker, WORLD, root, mode)
 
-    histories = json.loads((tmp_path / "histories.json").read_text())
+    histories = json.loads((tmp_path / f"histories_{mode}.json").read_text())
     _assert_step_equal(histories["reward"][0], ref_reward_history[0], "reward step")
     _assert_step_equal(histories["reinforce"][0], ref_history[0], "REINFORCE update")
-    # the end-of-run checkpoint: one shard per tp rank (from dp rank 0), an RNG file per process
-    ckpt = tmp_path / "reward_tp2" / "checkpoints" / "step-00000001"
-    assert sorted(p.name for p in ckpt.iterdir() if ".tp" in p.name or "rng" in p.name) == sorted(
-        [f"{kind}.tp{r}-of-2.{ext}" for r in (0, 1) for kind, ext in _SHARD_FILES]
-        + [f"rng-rank{r:05d}.{ext}" for r in range(WORLD) for ext in ("json", "safetensors")]
+    # the end-of-run checkpoint: one shard per tp rank (from dp rank 0), an RNG file per process;
+    # under fsdp one optimizer file per process instead of per tp rank
+    ckpt = tmp_path / f"reward_tp2_{mode}" / "checkpoints" / "step-00000001"
+    kept = (".tp", "rng") if mode == "zero" else (".tp", "rng", "optimizer")
+    shard_files = _SHARD_FILES if mode == "zero" else _SHARD_FILES[:1]
+    per_process = ("rng",) if mode == "zero" else ("rng", "optimizer.")
+    assert sorted(p.name for p in ckpt.iterdir() if any(k in p.name for k in kept)) == sorted(
+        [f"{kind}.tp{r}-of-2.{ext}" for r in (0, 1) for kind, ext in shard_files]
+        + [
+            f"{kind}{'-' if kind == 'rng' else ''}rank{r:05d}.{ext}"
+            for kind in per_process
+            for r in range(WORLD)
+            for ext in ("json", "safetensors")
+        ]
     )
-    ours = RewardModel.from_pretrained(tmp_path / "reward_tp2" / "final").state_dict()
+    ours = RewardModel.from_pretrained(tmp_path / f"reward_tp2_{mode}" / "final").state_dict()
     _assert_weights_equal(
         ours, ref_reward.model.state_dict(), start_reward.state_dict(), "reward step"
     )
-    ckpt = tmp_path / "reinforce_tp2" / "checkpoints" / "step-00000001"
+    ckpt = tmp_path / f"reinforce_tp2_{mode}" / "checkpoints" / "step-00000001"
     assert sorted(p.name for p in ckpt.glob("optimizer*.json")) == [
         f"optimizer.rank{r:05d}.json" for r in range(WORLD)
     ]
     start_policy = Llama.from_pretrained(tmp_path / "policy").state_dict()
-    ours = Llama.from_pretrained(tmp_path / "policy_tp").state_dict()
+    ours = Llama.from_pretrained(tmp_path / f"policy_tp_{mode}").state_dict()
     _assert_weights_equal(ours, ref_policy.state_dict(), start_policy, "REINFORCE update")
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .all_reduce import all_reduce
 from .collectives import all_gather, copy_to_tp, gather_from_tp, rank_and_size, reduce_from_tp
@@ -181,7 +182,9 @@ class VocabParallelEmbedding(_Sharded, nn.Embedding):
 def grad_norm_tp(model: nn.Module, group) -> torch.Tensor:
     """The global L2 norm [] (float64) of `model`'s gradients when its tensor-parallel weights are
     split over `group`: shards summed over the ranks (a replicated shard counted once), every
-    other parameter (replicated on all ranks, same gradient) once. Collective over `group`."""
+    other parameter (replicated on all ranks, same gradient) once. Collective over `group`; with
+    FSDP also sharding them over the data-parallel processes (DTensor gradients, each process
+    holding some rows), summed over those too."""
     replicas = {
         id(m.weight): m.shard.replicas
         for m in model.modules()
@@ -190,10 +193,15 @@ def grad_norm_tp(model: nn.Module, group) -> torch.Tensor:
     grads = [p for p in model.parameters() if p.grad is not None]
     device = grads[0].grad.device if grads else torch.device("cpu")
     sharded, replicated = (torch.zeros((), dtype=torch.float64, device=device) for _ in "ab")
+    rows_group = None  # FSDP's group, when the gradients are sharded by rows too
     for p in grads:
-        sq = torch.linalg.vector_norm(p.grad, dtype=torch.float64) ** 2
+        grad = p.grad
+        if isinstance(grad, DTensor):
+            rows_group, grad = grad.device_mesh.get_group(), grad.to_local()
+        sq = torch.linalg.vector_norm(grad, dtype=torch.float64) ** 2
         if id(p) in replicas:
             sharded += sq / replicas[id(p)]
         else:
             replicated += sq
-    return (all_reduce(sharded, group) + replicated).sqrt()
+    total = all_reduce(sharded, group) + replicated
+    return (total if rows_group is None else all_reduce(total, rows_group)).sqrt()

@@ -287,13 +287,17 @@ def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_shard(model: torch.nn.Module, path) -> None:
+def save_shard(model: torch.nn.Module, path, write: bool = True) -> None:
     """Write this rank's own tensors of `model` (the unwrapped module; under tensor parallelism
-    its slices) to the safetensors file `path`, by state_dict name."""
+    its slices) to the safetensors file `path`, by state_dict name. Under FSDP those slices are
+    gathered from the data-parallel processes first, a collective: each calls it, and those
+    with write=False only join the gathers."""
     tensors = {
-        k: v.detach().to("cpu").contiguous().clone() for k, v in _unique_state(model).items()
+        k: full_tensor(v.detach()).to("cpu").contiguous().clone()
+        for k, v in _unique_state(model).items()
     }
-    save_file(tensors, str(path))
+    if write:
+        save_file(tensors, str(path))
 
 
 @torch.no_grad()
@@ -477,8 +481,8 @@ class Checkpointer:
             optimizer = None
         if fsdp and self.tp_size == 1:  # gathered tensor by tensor by all; rank 0 writes
             save_modules(model, tmp)
-        if self.tp_size > 1 and self.shard_writer:
-            save_shard(model, tmp / f"{self._shard('model')}.safetensors")
+        if self.tp_size > 1 and (self.shard_writer or fsdp):  # fsdp: every process gathers
+            save_shard(model, tmp / f"{self._shard('model')}.safetensors", self.shard_writer)
             if optimizer is not None:
                 _save_state(optimizer.state_dict(), tmp, self._shard("optimizer"))
         if self.rank == 0:
@@ -534,9 +538,10 @@ class Checkpointer:
         manifest = validate(path)
         saved_tp = manifest.get("tp", 1)
         fsdp = is_sharded(model)
-        if fsdp and saved_tp != 1:
+        if fsdp and saved_tp != self.tp_size:
             raise CheckpointError(
-                f"{path}: written with --tp {saved_tp}; --fsdp resumes --tp 1 checkpoints only"
+                f"{path}: written with --tp {saved_tp}, this run has --tp {self.tp_size}; under "
+                "--fsdp a checkpoint resumes at the --tp it was written with"
             )
         if saved_tp != self.tp_size:
             self._check_reshard(path, manifest, saved_tp)

@@ -89,7 +89,8 @@ class TrainConfig:
         "under torchrun: shard the trained model's parameters, gradients and AdamW state over "
         "the data-parallel processes (torch FSDP2, one unit per decoder layer), each keeping "
         "about 1/dp of them; checkpoints then hold one optimizer file per process and --resume "
-        "needs the same process count. Needs --tp 1",
+        "needs the same process count and --tp. With --tp, the tensor-parallel shards are "
+        "sharded further over the data-parallel groups",
     )
     bf16: bool = option(True, "bf16 autocast on CUDA (ignored on the CPU)")
     activation_checkpointing: bool = option(False, "recompute each layer in the backward pass")
@@ -141,12 +142,6 @@ class TrainConfig:
                 "fsdp",
                 "cannot be combined with --shard-optimizer: both shard the AdamW state (--fsdp "
                 "the parameters and gradients too); use one of them",
-            )
-        if self.fsdp and self.tp > 1:
-            raise option_error(
-                "fsdp",
-                f"cannot be combined with --tp {self.tp}: it shards over data parallelism only; "
-                "use --tp with --shard-optimizer, or --fsdp with --tp 1",
             )
         if self.schedule == "cosine" and self.min_lr > self.lr:
             raise ConfigError(
