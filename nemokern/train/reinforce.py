@@ -282,8 +282,7 @@ class ReinforceTrainer:
         cfg, loop, tok = self.config, self.loop, self.tokenizer
         device, k, seconds = loop.device, cfg.k, {}
         offload = cfg.offload and device.type == "cuda"
-        # under --fsdp the policy is gathered whole for the rollout (generation calls its parts)
-        with loop._autocast(), full_weights(loop.model):
+        with loop._autocast():
             # ---- generate
             t = time.perf_counter()
             prompt_ids = [self.prompts[p].ids for step in groups for mb in step for p in mb]
@@ -296,25 +295,28 @@ class ReinforceTrainer:
             # whole prompts per call: each is prefilled once for its k samples (num_samples)
             chunk = max(1, (cfg.generation_batch_size or len(rows)) // k)
             responses, ended = [], []
-            for i in range(0, len(prompt_ids), chunk):
-                g = generate(
-                    self.policy,
-                    prompt_ids[i : i + chunk],
-                    num_samples=k,
-                    max_new_tokens=cfg.max_new_tokens,
-                    eos_token_id=tok.eos_ids,
-                    temperature=cfg.temperature,
-                    top_k=cfg.top_k or None,
-                    top_p=cfg.top_p,
-                    generator=gen,
-                    pad_id=tok.pad_id,
-                    # FSDP's units keep their hooks while gathered: eager decoding (CUDA graphs
-                    # over them are unverified)
-                    compile=False if loop.fsdp else None,
-                )
-                lengths = g.lengths.tolist()
-                responses += [g.tokens[j, :n].cpu() for j, n in enumerate(lengths)]
-                ended.append(g.ended_with_eos.cpu())
+            # under --fsdp the policy is gathered whole while it generates, and only then: the
+            # scoring and reference forwards that follow find it sharded again
+            with full_weights(loop.model):
+                for i in range(0, len(prompt_ids), chunk):
+                    g = generate(
+                        self.policy,
+                        prompt_ids[i : i + chunk],
+                        num_samples=k,
+                        max_new_tokens=cfg.max_new_tokens,
+                        eos_token_id=tok.eos_ids,
+                        temperature=cfg.temperature,
+                        top_k=cfg.top_k or None,
+                        top_p=cfg.top_p,
+                        generator=gen,
+                        pad_id=tok.pad_id,
+                        # FSDP's units keep their hooks while gathered: eager decoding (CUDA graphs
+                        # over them are unverified)
+                        compile=False if loop.fsdp else None,
+                    )
+                    lengths = g.lengths.tolist()
+                    responses += [g.tokens[j, :n].cpu() for j, n in enumerate(lengths)]
+                    ended.append(g.ended_with_eos.cpu())
             ended = torch.cat(ended)
             seconds["generate_s"] = self._lap(t, device)
 
@@ -410,17 +412,18 @@ class ReinforceTrainer:
                                 ref_logprobs=ref.cpu(), rewards=rewards[a:b], ended=ended[a:b]
                             )
                         else:
-                            h = self.policy.hidden_states(ids, cu_seqlens=cu, parents=parents)
-                            coef, stats = policy_terms(
-                                self.policy,
-                                h,
-                                targets,
-                                sample_cu,
-                                ref,
-                                rewards[a:b].to(device),
-                                ended[a:b].to(device),
-                                cfg,
-                            )
+                            with full_weights(loop.model):  # --fsdp: gathered for this forward
+                                h = self.policy.hidden_states(ids, cu_seqlens=cu, parents=parents)
+                                coef, stats = policy_terms(
+                                    self.policy,
+                                    h,
+                                    targets,
+                                    sample_cu,
+                                    ref,
+                                    rewards[a:b].to(device),
+                                    ended[a:b].to(device),
+                                    cfg,
+                                )
                             batch["coef"] = coef.cpu()
                             add_sums(sums[-1], stats)
                         batches.append(batch)
