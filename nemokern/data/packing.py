@@ -172,7 +172,8 @@ class RewardBatch:
         (e.g. range(rank, num_rows, world_size))."""
         per_row = 1 if self.labels is not None else 2
         seqs = [r * per_row + j for r in rows for j in range(per_row)]
-        pieces = [self.sequence(s) for s in seqs]
+        cu = self.cu_seqlens.cpu().numpy()
+        pieces = [self.sequence(s, cu) for s in seqs]
         labels = self.labels[seqs].cpu() if self.labels is not None else None
         strength = self.strength[list(rows)].cpu() if self.strength is not None else None
         return _pack(
@@ -185,9 +186,10 @@ class RewardBatch:
             shared_prefix=self.parents is not None,
         )
 
-    def sequence(self, s: int) -> np.ndarray:
-        """The token ids of sequence s (its shared prefix included)."""
-        cu = self.cu_seqlens.cpu().numpy()
+    def sequence(self, s: int, cu: np.ndarray | None = None) -> np.ndarray:
+        """The token ids of sequence s (its shared prefix included); cu: cu_seqlens as numpy,
+        when the caller already has it (select asks for every sequence)."""
+        cu = self.cu_seqlens.cpu().numpy() if cu is None else cu
         own = int(np.searchsorted(cu, int(self.last_index[s]), side="right")) - 1
         parts = [self.input_ids[cu[own] : cu[own + 1]]]
         parent = -1 if self.parents is None else int(self.parents[own])

@@ -33,8 +33,14 @@ def shard(model: nn.Module, mesh: DeviceMesh, unit_types: tuple[type, ...]) -> N
             fully_shard(module, mesh=mesh)
     fully_shard(model, mesh=mesh)
     # FSDP2 takes the first module to run forward for the root; the root's lazy initialisation
-    # is otherwise done in its first forward.
-    model._get_fsdp_state()._lazy_init()
+    # is otherwise done in its first forward. (A private method, present from torch 2.4 on.)
+    state = model._get_fsdp_state()
+    if not hasattr(state, "_lazy_init"):
+        raise RuntimeError(
+            f"--fsdp: torch {torch.__version__} has no FSDPState._lazy_init, which nemokern calls "
+            "so that a rollout may generate before the first forward; use torch 2.4 or newer"
+        )
+    state._lazy_init()
 
 
 def is_sharded(model: nn.Module) -> bool:
