@@ -115,6 +115,11 @@ def main():
                 }
             )
         )
+    # DDP's reducer holds the process group: dropped first, so that the group is destroyed inside
+    # destroy_process_group (which lets go of the GIL) rather than in the reducer's destructor at
+    # exit, where gloo's worker thread, finishing all_gather_object, waits for the GIL that the
+    # destructor holds (a hang seen here)
+    del loop
     dist.destroy_process_group()
 
 
