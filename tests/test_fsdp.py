@@ -2,7 +2,8 @@
 of DDP with a whole AdamW; each process holding about half the AdamW state; checkpoints with whole
 weights (HF layout) and one optimizer file per process that resume exactly; a whole (DDP)
 checkpoint resumed under --fsdp; an FSDP checkpoint refused without the flag; gradient
-accumulation; --shard-optimizer refused with it; both trainers end to end against DDP."""
+accumulation; --shard-optimizer refused with it; both trainers end to end against DDP; the
+non-finite guard stopping every process (DDP and FSDP)."""
 
 import json
 import os
@@ -14,9 +15,9 @@ from train_tiny import TinyReward, batches, config, step_fn
 from helpers import join_gloo, run_ranks, train_tiny_ranks
 from nemokern.data.synthetic import write_synthetic
 from nemokern.model import Llama, LlamaConfig, RewardModel
-from nemokern.train.checkpoint import CheckpointError, load_modules
+from nemokern.train.checkpoint import Checkpointer, CheckpointError, load_modules
 from nemokern.train.config import ConfigError
-from nemokern.train.loop import TrainLoop
+from nemokern.train.loop import NonFiniteError, TrainLoop
 from nemokern.train.reinforce import ReinforceConfig, ReinforceTrainer
 from nemokern.train.reward import RewardConfig, RewardTrainer
 
@@ -254,3 +255,29 @@ def test_fsdp_one_process_mesh(tmp_path, device):
     saved = Llama.from_pretrained(tmp_path / "saved" / "model").state_dict()
     for k, v in expected.items():
         assert torch.equal(saved[k], v), k
+
+
+def _non_finite_worker(rank, world, init_file, root, mode):
+    """One poisoned micro-batch (on rank 1's share) under DDP or --fsdp: both processes stop."""
+    os.environ["WORLD_SIZE"] = str(world)
+    join_gloo(rank, world, init_file)
+    try:
+        cfg = config(root, grad_accum=1, shuffle=False, fsdp=mode == "fsdp")
+        loop = TrainLoop(cfg, TinyReward(tie=True), batches(12, poison=5), step_fn)
+        with pytest.raises(NonFiniteError, match=r"loss at step 3 .*rank 1: \[\[500, 501") as err:
+            loop.fit()
+        assert "step-00000002" in str(err.value)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_non_finite_loss_stops_every_process(tmp_path, mode):
+    """Micro-batch 5 is rank 1's in step 3 (2 processes, 1 micro-batch each per step): every
+    process raises naming rank 1's rows, after the last good state (step 2) was saved whole."""
+    run_ranks(_non_finite_worker, 2, str(tmp_path), mode)
+    ckpt = Checkpointer(tmp_path).latest()
+    assert ckpt.name == "step-00000002"
+    model = TinyReward(seed=9, tie=True)
+    Checkpointer(tmp_path).load(ckpt, model=model)
+    assert all(torch.isfinite(p).all() for p in model.parameters())

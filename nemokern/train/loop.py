@@ -499,6 +499,9 @@ class TrainLoop:
         if self.dist.active:
             gathered = [None] * self.dist.world_size
             dist.all_gather_object(gathered, rows)
+            # gloo's worker thread releases that gather's Python tensors once it has moved on;
+            # a barrier makes sure it has before the error unwinds the process group
+            dist.barrier()
             where = "; ".join(f"rank {r}: {g}" for r, g in enumerate(gathered) if g)
         else:
             where = f"{rows}"
