@@ -120,6 +120,7 @@ def main():
     # exit, where gloo's worker thread, finishing all_gather_object, waits for the GIL that the
     # destructor holds (a hang seen here)
     del loop
+    dist.barrier()
     dist.destroy_process_group()
 
 

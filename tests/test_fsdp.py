@@ -243,6 +243,7 @@ def _one_process_worker(rank, world, init_file, root, device):
         grad = model.llama.layers[0].mlp.up_proj.weight.grad.full_tensor()
         torch.testing.assert_close(grad, whole.llama.layers[0].mlp.up_proj.weight.grad)
         save_modules(model.llama, os.path.join(root, "saved"))
+        dist.barrier()  # the gathers' tensors released before the group goes (see zero_worker)
     finally:
         dist.destroy_process_group()
 

@@ -114,6 +114,7 @@ def _worker(rank, world, init_file, root, mode):
         if rank == 0:
             with open(os.path.join(root, f"histories_{mode}.json"), "w") as f:
                 json.dump({"reward": reward_history, "reinforce": history}, f)
+        torch.distributed.barrier()  # the save's gathers released before the group goes
     finally:
         torch.distributed.destroy_process_group()
 

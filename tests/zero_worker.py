@@ -40,4 +40,8 @@ if __name__ == "__main__":
     whole = {k: full_tensor(v).clone() for k, v in loop.model.state_dict().items()}
     if rank == 0:
         save_file(whole, f"{out}/weights.safetensors")
+    # gloo's worker thread still holds the gathers' tensors for a moment; destroying the group
+    # before it lets go aborts the process now and then ("terminate called without an active
+    # exception"): a barrier first
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
