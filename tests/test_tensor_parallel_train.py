@@ -109,7 +109,7 @@ def _worker(rank, world, init_file, root, mode):
         )
         reward_history = RewardTrainer(cfg, model=model).fit()
         policy, history, loop = _update_policy(root, TP, mode)
-        if loop.dist.dp_rank == 0 or loop.fsdp:  # collective over the tp group (fsdp: all)
+        if loop.writes_weights:  # a collective of the tp group (under fsdp, of all)
             policy.save_pretrained(os.path.join(root, f"policy_tp_{mode}"))
         if rank == 0:
             with open(os.path.join(root, f"histories_{mode}.json"), "w") as f:

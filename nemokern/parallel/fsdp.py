@@ -92,6 +92,14 @@ def local_part(t):
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def _laid_out_like(whole: torch.Tensor, target: DTensor) -> DTensor:
+    """`whole` as a DTensor laid out like `target`: each process keeps its own rows of the whole
+    tensor it holds (no communication)."""
+    return distribute_tensor(
+        whole.to(target.device), target.device_mesh, target.placements, src_data_rank=None
+    )
+
+
 @torch.no_grad()
 def copy_into(target: torch.Tensor, source: torch.Tensor) -> None:
     """target.copy_(source) for a whole `source`; a DTensor `target` takes only its own rows (each
@@ -99,10 +107,7 @@ def copy_into(target: torch.Tensor, source: torch.Tensor) -> None:
     if not isinstance(target, DTensor):
         target.copy_(source)
         return
-    mine = distribute_tensor(
-        source.to(target.device), target.device_mesh, target.placements, src_data_rank=None
-    )
-    target.to_local().copy_(mine.to_local())
+    target.to_local().copy_(_laid_out_like(source, target).to_local())
 
 
 def like(value: torch.Tensor, param: torch.Tensor, *, whole: bool) -> torch.Tensor:
@@ -112,11 +117,10 @@ def like(value: torch.Tensor, param: torch.Tensor, *, whole: bool) -> torch.Tens
     or a plain `param` gives `value` unchanged."""
     if not isinstance(param, DTensor) or value.dim() == 0:
         return value
-    value = value.to(param.device)
     if whole:
-        return distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+        return _laid_out_like(value, param)
     return DTensor.from_local(
-        value,
+        value.to(param.device),
         param.device_mesh,
         param.placements,
         run_check=False,

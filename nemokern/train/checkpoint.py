@@ -464,33 +464,31 @@ class Checkpointer:
             _save_state(local, tmp, f"local-rank{self.rank:05d}")
         fsdp = is_sharded(model)
         sharded = isinstance(optimizer, ZeroRedundancyOptimizer) or (fsdp and optimizer is not None)
-        if sharded and fsdp:  # every process the AdamW state of its rows
-            own = optimizer.state_dict()
-            own["state"] = {
-                i: {k: local_part(v) for k, v in st.items()} for i, st in own["state"].items()
-            }
+        if sharded:  # every process its own share (its tp shard's, under tp)
+            if fsdp:  # the AdamW state of this process's rows
+                own = optimizer.state_dict()
+                own["state"] = {
+                    i: {k: local_part(v) for k, v in st.items()} for i, st in own["state"].items()
+                }
+            else:
+                own = optimizer.optim.state_dict()
+                # the wrapper holds the current lr etc. (the scheduler sets them there; its
+                # share's optimizer gets them only at the next step)
+                for group, current in zip(own["param_groups"], optimizer.param_groups):
+                    group.update({k: v for k, v in current.items() if k != "params"})
             _save_state(own, tmp, f"optimizer.rank{self.rank:05d}")
             optimizer = None
-        elif sharded:  # every process its own share (its tp shard's, under tp)
-            own = optimizer.optim.state_dict()
-            # the wrapper holds the current lr etc. (the scheduler sets them there; its share's
-            # optimizer gets them only at the next step)
-            for group, current in zip(own["param_groups"], optimizer.param_groups):
-                group.update({k: v for k, v in current.items() if k != "params"})
-            _save_state(own, tmp, f"optimizer.rank{self.rank:05d}")
-            optimizer = None
-        if fsdp and self.tp_size == 1:  # gathered tensor by tensor by all; rank 0 writes
-            save_modules(model, tmp)
-        if self.tp_size > 1 and (self.shard_writer or fsdp):  # fsdp: every process gathers
-            save_shard(model, tmp / f"{self._shard('model')}.safetensors", self.shard_writer)
-            if optimizer is not None:
+        # the weights; under fsdp every process joins the gathers, one writes
+        if self.tp_size > 1:
+            if self.shard_writer or fsdp:
+                save_shard(model, tmp / f"{self._shard('model')}.safetensors", self.shard_writer)
+            if self.shard_writer and optimizer is not None:
                 _save_state(optimizer.state_dict(), tmp, self._shard("optimizer"))
+        elif self.rank == 0 or fsdp:
+            save_modules(model, tmp)
         if self.rank == 0:
-            if self.tp_size == 1:
-                if not fsdp:
-                    save_modules(model, tmp)
-                if optimizer is not None:
-                    _save_state(optimizer.state_dict(), tmp, "optimizer")
+            if self.tp_size == 1 and optimizer is not None:
+                _save_state(optimizer.state_dict(), tmp, "optimizer")
             if scheduler is not None:
                 _save_state(scheduler.state_dict(), tmp, "scheduler")
             _save_state(

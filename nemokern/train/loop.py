@@ -351,6 +351,13 @@ class TrainLoop:
         }
 
     # ---- checkpoints -------------------------------------------------------------------------
+    @property
+    def writes_weights(self) -> bool:
+        """Whether this process joins writing the whole model (OUT/final): data-parallel rank 0
+        (under tp a collective of its tp group, whose rank 0 writes), or every process under
+        fsdp (each tensor gathered from all; the first writes)."""
+        return self.dist.dp_rank == 0 or self.fsdp
+
     def save(self, step: int | None = None, rng: dict | None = None) -> Path:
         step = self.step if step is None else step
         path = self.checkpointer.save(
@@ -369,7 +376,7 @@ class TrainLoop:
         """Write the model's weights for use outside training (default OUT/final) with
         checkpoint.save_modules: HF layout for each Llama part, modules.safetensors for the rest."""
         directory = Path(directory) if directory is not None else self.out / "final"
-        if self.dist.dp_rank == 0 or self.fsdp:  # a collective of the tp group / of all (fsdp)
+        if self.writes_weights:
             save_modules(self.model, directory)
         if self.dist.active:
             dist.barrier()

@@ -162,7 +162,7 @@ def export_policy(loop: TrainLoop, policy: Llama, tokenizer) -> None:
     """OUT/final: the policy in HF layout (under --tp a collective of each tp group, whose rank 0
     writes; under --fsdp of all processes), with an HF tokenizer's files."""
     final = Path(loop.config.out) / "final"
-    if loop.dist.dp_rank == 0 or loop.fsdp:  # under --fsdp a collective of every process
+    if loop.writes_weights:
         policy.save_pretrained(final)
     if loop.dist.rank == 0 and isinstance(tokenizer, HFTokenizer):
         tokenizer.tok.save_pretrained(final)

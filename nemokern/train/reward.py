@@ -289,9 +289,7 @@ class RewardTrainer:
         )
         self.loop = loop
         history = loop.fit()
-        if (
-            loop.dist.dp_rank == 0 or loop.fsdp
-        ):  # --tp: a collective of the tp group; --fsdp: of all
+        if loop.writes_weights:
             self.model.save_pretrained(Path(self.config.out) / "final")
         if loop.dist.active:
             torch.distributed.barrier()
