@@ -5,6 +5,7 @@ checkpoint resumed under --fsdp; an FSDP checkpoint refused without the flag; gr
 accumulation; --shard-optimizer refused with it; both trainers end to end against DDP; the
 non-finite guard stopping every process (DDP and FSDP)."""
 
+import copy
 import json
 import os
 
@@ -15,6 +16,7 @@ from train_tiny import TinyReward, batches, config, step_fn
 from helpers import join_gloo, run_ranks, train_tiny_ranks
 from nemokern.data.synthetic import write_synthetic
 from nemokern.model import Llama, LlamaConfig, RewardModel
+from nemokern.parallel.fsdp import local_part
 from nemokern.train.checkpoint import Checkpointer, CheckpointError, load_modules
 from nemokern.train.config import ConfigError
 from nemokern.train.loop import NonFiniteError, TrainLoop
@@ -124,7 +126,7 @@ def _trainers_worker(rank, world, init_file, root, mode):
                 **common,
             )
         ).fit()
-        policy = ReinforceTrainer(
+        trainer = ReinforceTrainer(
             ReinforceConfig(
                 out=os.path.join(root, f"policy_{mode}"),
                 policy=os.path.join(root, "policy"),
@@ -135,19 +137,23 @@ def _trainers_worker(rank, world, init_file, root, mode):
                 k=2,
                 **common,
             )
-        ).fit()
+        )
+        policy = trainer.fit()
+        # what this process holds of the frozen reference and reward model
+        frozen = [*trainer.reference.parameters(), *trainer.reward_model.parameters()]
+        held = sum(local_part(p).numel() for p in frozen)
         if rank == 0:
             with open(os.path.join(root, f"{mode}.json"), "w") as f:
-                json.dump({"reward": reward, "reinforce": policy}, f)
+                json.dump({"reward": reward, "reinforce": policy, "frozen_held": held}, f)
     finally:
         torch.distributed.destroy_process_group()
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_reward_and_reinforce_trainers_under_fsdp_match_ddp(tmp_path):
-    """Both trainers end to end (the REINFORCE rollout generates from the gathered policy; the
-    FSDP run recomputes its layers in backward): the step records and OUT/final of --fsdp agree
-    with DDP's to fp32 rounding."""
+    """Both trainers end to end (the REINFORCE rollout generates from the gathered policy and
+    scores with a sharded reference and reward model; the FSDP run recomputes its layers in
+    backward): the step records and OUT/final of --fsdp agree with DDP's to fp32 rounding."""
     write_synthetic(tmp_path / "pref.jsonl", 8, "hs2-preference", seed=0)
     rows = [{"prompt": f"Say {c}."} for c in "abcd"]
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -158,6 +164,9 @@ def test_reward_and_reinforce_trainers_under_fsdp_match_ddp(tmp_path):
     for mode in ("ddp", "fsdp"):
         run_ranks(_trainers_worker, 2, str(tmp_path), mode)
     ddp, fsdp = (json.loads((tmp_path / f"{m}.json").read_text()) for m in ("ddp", "fsdp"))
+    # under --fsdp the reference and the reward model are sharded too (rows split 2 ways; the
+    # reward head's 9 rows unevenly)
+    assert fsdp["frozen_held"] <= ddp["frozen_held"] // 2 + 64
     for trainer, keys in (
         ("reward", ("loss", "grad_norm")),
         ("reinforce", ("loss", "grad_norm", "reward_mean", "kl_mean", "response_len_mean")),
@@ -197,14 +206,17 @@ def _one_process_worker(rank, world, init_file, root, device):
     """FSDP2 over a 1-process mesh (on a GPU: NCCL refuses two processes on one GPU): a CPU model
     sharded unit by unit onto `device`, a step (on CUDA under bf16 autocast, through the Triton
     log-probs) whose gradients match the unsharded model's, generation inside full_weights, and
-    the HF-layout save of the sharded model."""
+    the HF-layout save of the sharded model; a frozen model sharded with its root resharded
+    after each forward (and its shards in host memory on CUDA)."""
     import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
 
     from nemokern.model import generate
     from nemokern.model.llama import DecoderLayer
     from nemokern.parallel import init_parallel
     from nemokern.parallel.fsdp import full_weights, shard
     from nemokern.train.checkpoint import save_modules
+    from nemokern.train.rollout import TokenLogprobs
 
     backend = "nccl" if device == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -215,7 +227,8 @@ def _one_process_worker(rank, world, init_file, root, device):
         whole = _LogpLoss(Llama(LlamaConfig.tiny()))
         model = _LogpLoss(Llama(LlamaConfig.tiny()))
         model.load_state_dict(whole.state_dict())
-        shard(model, init_parallel(1, device)["dp"], (DecoderLayer,))
+        dp = init_parallel(1, device)["dp"]
+        shard(model, dp, (DecoderLayer,))
         whole = whole.to(device)
         assert all(
             p.device.type == device and hasattr(p, "device_mesh") for p in model.parameters()
@@ -243,6 +256,19 @@ def _one_process_worker(rank, world, init_file, root, device):
         grad = model.llama.layers[0].mlp.up_proj.weight.grad.full_tensor()
         torch.testing.assert_close(grad, whole.llama.layers[0].mlp.up_proj.weight.grad)
         save_modules(model.llama, os.path.join(root, "saved"))
+        # a frozen model (the REINFORCE reference): resharded after its forward, root included;
+        # on CUDA its shards stay in host memory between forwards (offload)
+        frozen = TokenLogprobs(copy.deepcopy(whole.llama).requires_grad_(False).cpu())
+        shard(frozen, dp, (DecoderLayer,), frozen=True, offload=device == "cuda")
+        targets = ids[0, 1:].clone()
+        targets[:5] = -100
+        cu = torch.tensor([0, 17, 39], dtype=torch.int32, device=device)
+        with torch.no_grad():
+            ours = frozen(ids[0, :-1], cu, targets)
+            expected = TokenLogprobs(whole.llama)(ids[0, :-1], cu, targets)
+        torch.testing.assert_close(ours, expected)
+        weight = frozen.model.embed_tokens.weight  # the root unit's: a shard again
+        assert isinstance(weight, DTensor) and weight.to_local().device.type == "cpu"
         dist.barrier()  # the gathers' tensors released before the group goes (see zero_worker)
     finally:
         dist.destroy_process_group()

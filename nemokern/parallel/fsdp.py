@@ -5,6 +5,10 @@ models, and what the rest of nemokern needs to read and write sharded parameters
 becomes its own FSDP unit, the model the root one; every parameter is then a DTensor holding
 1/dp of its rows on each process, and so are its gradient and its AdamW state. A unit's
 parameters are all-gathered just before its forward (and backward) and freed after it.
+`shard(..., frozen=True)`: the same for a model that only runs forward without gradients (the
+REINFORCE reference and reward model): its root reshards after every forward too, so between calls
+each process holds 1/dp of it; `offload` keeps those shards in host memory (FSDP2's
+CPUOffloadPolicy), each unit copied to the device for its forward.
 `full_weights(model)`: every parameter whole on every process for a block of code that calls the
 model other than through its own forward (generation, scoring), freed again at its end.
 `full_tensor` / `copy_into`: a parameter as a whole tensor (a collective for a DTensor, one
@@ -20,18 +24,33 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 
-def shard(model: nn.Module, mesh: DeviceMesh, unit_types: tuple[type, ...]) -> None:
+def shard(
+    model: nn.Module,
+    mesh: DeviceMesh,
+    unit_types: tuple[type, ...],
+    *,
+    frozen: bool = False,
+    offload: bool = False,
+) -> None:
     """fully_shard each submodule of `unit_types`, then `model` (the root), over the 1-D `mesh`;
     in place (the parameters become DTensors). The root is initialised at once, so that code
-    calling a unit directly before the first forward of the root (generation) finds it set up."""
+    calling a unit directly before the first forward of the root (generation) finds it set up.
+    frozen: the model is only called forward without gradients, its root reshards after it
+    too (a trained root keeps its parameters gathered for the backward that follows).
+    offload (with frozen): the shards stay in pinned host memory (CPUOffloadPolicy)."""
+    if offload and not frozen:
+        raise ValueError("shard: offload applies to frozen models only")
+    kwargs = {"reshard_after_forward": True} if frozen else {}
+    if offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
     for module in list(model.modules()):
         if isinstance(module, unit_types):
-            fully_shard(module, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+            fully_shard(module, mesh=mesh, **kwargs)
+    fully_shard(model, mesh=mesh, **kwargs)
     # FSDP2 takes the first module to run forward for the root; the root's lazy initialisation
     # is otherwise done in its first forward. (A private method, present from torch 2.4 on.)
     state = model._get_fsdp_state()

@@ -274,7 +274,8 @@ class TrainLoop:
         if self.fsdp:
             # sharded where it is (the CPU, as loaded): fully_shard moves one unit at a time to
             # the mesh's device and shards it there, so the device never holds the whole model
-            shard(model, init_parallel(config.tp, self.device.type)["dp"], (DecoderLayer,))
+            self.dp_mesh = init_parallel(config.tp, self.device.type)["dp"]
+            shard(model, self.dp_mesh, (DecoderLayer,))
         self.model = model.to(self.device)
         self.ddp = (
             DistributedDataParallel(
@@ -349,6 +350,18 @@ class TrainLoop:
             "shuffle": self.config.shuffle,
             "seed": self.config.seed,
         }
+
+    def place_frozen(self, module: nn.Module, *, offload: bool = False) -> None:
+        """Put a module the run calls without training it (REINFORCE's reference and reward
+        model) where its forwards run: under fsdp sharded over the data-parallel processes like
+        the model (each DecoderLayer a unit, resharded after every forward; with `offload` on
+        CUDA the shards stay in pinned host memory), otherwise whole on the device, or with
+        `offload` on CUDA on the CPU (its caller moves it to the device for each use)."""
+        cuda = self.device.type == "cuda"
+        if self.fsdp:
+            shard(module, self.dp_mesh, (DecoderLayer,), frozen=True, offload=offload and cuda)
+        else:
+            module.to("cpu" if offload and cuda else self.device)
 
     # ---- checkpoints -------------------------------------------------------------------------
     @property

@@ -35,7 +35,6 @@ import torch
 from nemokern.data.prompts import read_prompts
 from nemokern.data.tokenizer import HFTokenizer, load_tokenizer
 from nemokern.model import Llama, LlamaConfig, generate
-from nemokern.ops import linear_logprobs
 from nemokern.parallel.fsdp import full_weights
 from nemokern.train.config import ConfigError, TrainConfig, option, option_error
 from nemokern.train.loop import StepOutput, TrainLoop, tp_group_for
@@ -43,7 +42,7 @@ from nemokern.train.rollout import (
     DEFERRED_SUMS,
     PolicyLoss,
     RolloutLoop,
-    _head,
+    TokenLogprobs,
     add_sums,
     call_reward_fn,
     load_reward_fn,
@@ -281,7 +280,8 @@ class ReinforceTrainer:
         the batches of each step and the sums of its statistics (see RolloutLoop)."""
         cfg, loop, tok = self.config, self.loop, self.tokenizer
         device, k, seconds = loop.device, cfg.k, {}
-        offload = cfg.offload and device.type == "cuda"
+        # moved for each use; under --fsdp the shards are placed once (TrainLoop.place_frozen)
+        offload = cfg.offload and device.type == "cuda" and not loop.fsdp
         with loop._autocast():
             # ---- generate
             t = time.perf_counter()
@@ -399,14 +399,7 @@ class ReinforceTrainer:
                             for n in ("input_ids", "cu_seqlens", "targets", "sample_cu")
                         )
                         parents = p.get("parents")
-                        h = self.reference.hidden_states(ids, cu_seqlens=cu, parents=parents)
-                        ref = linear_logprobs(
-                            h,
-                            _head(self.reference, h),
-                            targets,
-                            temperature=cfg.temperature,
-                            tp_group=self.reference.tp_group,
-                        )
+                        ref = self.reference_logprobs(ids, cu, targets, parents)
                         if defer:
                             batch.update(
                                 ref_logprobs=ref.cpu(), rewards=rewards[a:b], ended=ended[a:b]
@@ -499,9 +492,9 @@ class ReinforceTrainer:
             rollout=self._rollout,
             updates_per_rollout=cfg.updates_per_rollout,
         )
-        placement = "cpu" if cfg.offload and self.loop.device.type == "cuda" else self.loop.device
-        for module in filter(None, (self.reference, self.reward_model)):
-            module.to(placement)
+        self.reference_logprobs = TokenLogprobs(self.reference, cfg.temperature)
+        for module in filter(None, (self.reference_logprobs, self.reward_model)):
+            self.loop.place_frozen(module, offload=cfg.offload)
         history = self.loop.fit()
         export_policy(self.loop, self.policy, self.tokenizer)
         self.seconds = time.perf_counter() - start

@@ -190,6 +190,26 @@ def add_sums(into: dict, stats: dict) -> None:
         into[name] += value
 
 
+class TokenLogprobs(nn.Module):
+    """A frozen Llama's log-probs [N] of packed targets at `temperature` (the rollout's reference
+    log-probs): its trunk and LM head in one forward, so that under --fsdp the root's parameters
+    (embedding, final norm, LM head) are gathered for the whole of it."""
+
+    def __init__(self, model: Llama, temperature: float = 1.0):
+        super().__init__()
+        self.model, self.temperature = model, temperature
+
+    def forward(self, input_ids, cu_seqlens, targets, parents=None):
+        hidden = self.model.hidden_states(input_ids, cu_seqlens=cu_seqlens, parents=parents)
+        return linear_logprobs(
+            hidden,
+            _head(self.model, hidden),
+            targets,
+            temperature=self.temperature,
+            tp_group=self.model.tp_group,
+        )
+
+
 class PolicyLoss(nn.Module):
     """The policy under training; its forward is the update's loss, so DDP sees the whole pass."""
 
