@@ -287,9 +287,19 @@ def _selfcheck(args, parser):
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
 
 
+def _leave_process_group():
+    """End a torchrun run's process group after training (every process calls it)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()  # no collective of another process still in flight
+        dist.destroy_process_group()
+
+
 def _train(kind, args):
     import nemokern.train as train
     from nemokern.train.config import build_config
+    from nemokern.train.loop import NonFiniteError
 
     trainer_cls, config_cls = {
         "reward": (train.RewardTrainer, train.RewardConfig),
@@ -301,7 +311,14 @@ def _train(kind, args):
     data = getattr(trainer, "train_data", None)
     if data is not None and rank0:
         print(data.summary())
-    history = trainer.fit()
+    try:
+        history = trainer.fit()
+    except NonFiniteError as e:  # every process stops with it (the loop gathers their rows)
+        _leave_process_group()
+        if rank0:
+            print(f"nemokern {args.cmd}: stopped: {e}", file=sys.stderr)
+        return 1
+    _leave_process_group()
     if not rank0:
         return 0
     last = history[-1] if history else {}

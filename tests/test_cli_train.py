@@ -70,3 +70,54 @@ def test_reward_recipe_from_the_command_line(tmp_path):
         "expo",
         cwd=tmp_path,
     )
+
+
+def test_a_diverging_run_stops_with_one_line_and_keeps_its_last_good_checkpoint(tmp_path):
+    """lr 1e30 makes step 2's loss non-finite: exit status 1, one line naming the step, the
+    rows and the checkpoint to resume from (no traceback); that checkpoint is on disk."""
+    write_synthetic(tmp_path / "hs2.jsonl", 16, "helpsteer2", seed=0)
+    out = subprocess.run(
+        [sys.executable, "-m", "nemokern.cli", "train-reward", "--data", "hs2.jsonl"]
+        + ["--loss", "helpfulness", "--out", "o", "--no-progress", "--no-tensorboard"]
+        + ["--lr", "1e30", "--max-steps", "3"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 1, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert lines[0].startswith("nemokern train-reward: stopped: non-finite loss at step 2")
+    assert "hs2.jsonl:" in lines[0] and "o/checkpoints/step-00000001" in lines[0]
+    assert (tmp_path / "o" / "checkpoints" / "step-00000001" / "manifest.json").is_file()
+
+
+def test_train_reward_under_torchrun_with_fsdp(tmp_path):
+    """The README's scale-out line on 2 CPU processes: `torchrun ... -m nemokern.cli
+    train-reward --fsdp` trains and writes OUT/final; a diverging run stops every process with
+    exit status 1 and one line from rank 0 naming both ranks' rows."""
+    write_synthetic(tmp_path / "pref.jsonl", 16, "hs2-preference", seed=0)
+
+    def torchrun(out, *extra):
+        return subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+            + ["2", "-m", "nemokern.cli", "train-reward", "--data", "pref.jsonl", "--loss"]
+            + ["scaled-bt", "--out", out, "--no-progress", "--no-tensorboard", "--device", "cpu"]
+            + list(extra),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    ok = torchrun("o", "--fsdp", "--max-steps", "2")
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.count("final model: o/final") == 1  # one process reports
+    assert (tmp_path / "o" / "final" / "model.safetensors").is_file()
+    bad = torchrun("bad", "--lr", "1e30", "--max-steps", "3")
+    assert bad.returncode != 0
+    ours = [line for line in bad.stderr.splitlines() if line.startswith("nemokern ")]
+    assert len(ours) == 1 and "stopped: non-finite" in ours[0], bad.stderr
+    assert "rank 0:" in ours[0] and "rank 1:" in ours[0]
+    assert "nemokern/train/loop.py" not in bad.stderr  # torchrun's traceback only, not ours
