@@ -16,6 +16,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from helpers import leave_group
 from nemokern.parallel import all_reduce
 
 # the package exports the function under the module's name: fetch the module itself
@@ -340,7 +341,7 @@ def main():
     rank, world = dist.get_rank(), dist.get_world_size()
     globals()[f"scenario_{scenario}"](rank, world)
     ar.reset()
-    dist.destroy_process_group()
+    leave_group()
 
 
 if __name__ == "__main__":

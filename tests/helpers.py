@@ -196,16 +196,35 @@ def peak_extra_bytes(fn, device="cpu"):
 # ----------------------------------------------------------------------------- processes
 
 
+def leave_group():
+    """How every multi-process test's process leaves its process group once its work is done: a
+    barrier (no process still has a collective in flight, and gloo's worker thread has let go of
+    the last one's tensors: without it a process sometimes aborted, 'terminate called without an
+    active exception'), then destroy_process_group. A process that fails skips it and exits."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _spawned(rank, worker, world, init_file, *args):
+    worker(rank, world, init_file, *args)
+    leave_group()
+
+
 def run_ranks(worker, world, *args):
     """Run worker(rank, world, init_file, *args) in `world` spawned processes (any failure raises
-    here); the worker joins gloo with `join_gloo`."""
+    here); the worker joins gloo with `join_gloo` and returns without leaving the group (each
+    process leaves through `leave_group` after it)."""
     import os
     import tempfile
 
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(worker, args=(world, os.path.join(d, "store"), *args), nprocs=world, join=True)
+        init_file = os.path.join(d, "store")
+        mp.spawn(_spawned, args=(worker, world, init_file, *args), nprocs=world, join=True)
 
 
 def free_port() -> int:

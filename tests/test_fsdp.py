@@ -104,49 +104,46 @@ def _trainers_worker(rank, world, init_file, root, mode):
     `mode` ddp or fsdp; rank 0 writes root/<mode>.json with both histories."""
     os.environ["WORLD_SIZE"] = str(world)
     join_gloo(rank, world, init_file)
-    try:
-        common = dict(
-            max_steps=2,
-            save_every=1,
-            lr=1e-3,
-            fsdp=mode == "fsdp",
-            activation_checkpointing=mode == "fsdp",  # recomputed layers are FSDP units too
-            progress=False,
-            tensorboard=False,
-            device="cpu",
-            seed=3,
+    common = dict(
+        max_steps=2,
+        save_every=1,
+        lr=1e-3,
+        fsdp=mode == "fsdp",
+        activation_checkpointing=mode == "fsdp",  # recomputed layers are FSDP units too
+        progress=False,
+        tensorboard=False,
+        device="cpu",
+        seed=3,
+    )
+    reward = RewardTrainer(
+        RewardConfig(
+            out=os.path.join(root, f"reward_{mode}"),
+            data=os.path.join(root, "pref.jsonl"),
+            model=os.path.join(root, "reward"),
+            loss="scaled-bt",
+            rows_per_batch=2,
+            **common,
         )
-        reward = RewardTrainer(
-            RewardConfig(
-                out=os.path.join(root, f"reward_{mode}"),
-                data=os.path.join(root, "pref.jsonl"),
-                model=os.path.join(root, "reward"),
-                loss="scaled-bt",
-                rows_per_batch=2,
-                **common,
-            )
-        ).fit()
-        trainer = ReinforceTrainer(
-            ReinforceConfig(
-                out=os.path.join(root, f"policy_{mode}"),
-                policy=os.path.join(root, "policy"),
-                prompts=os.path.join(root, "prompts.jsonl"),
-                reward_model=os.path.join(root, "reward"),
-                max_new_tokens=5,
-                prompts_per_step=2,
-                k=2,
-                **common,
-            )
+    ).fit()
+    trainer = ReinforceTrainer(
+        ReinforceConfig(
+            out=os.path.join(root, f"policy_{mode}"),
+            policy=os.path.join(root, "policy"),
+            prompts=os.path.join(root, "prompts.jsonl"),
+            reward_model=os.path.join(root, "reward"),
+            max_new_tokens=5,
+            prompts_per_step=2,
+            k=2,
+            **common,
         )
-        policy = trainer.fit()
-        # what this process holds of the frozen reference and reward model
-        frozen = [*trainer.reference.parameters(), *trainer.reward_model.parameters()]
-        held = sum(local_part(p).numel() for p in frozen)
-        if rank == 0:
-            with open(os.path.join(root, f"{mode}.json"), "w") as f:
-                json.dump({"reward": reward, "reinforce": policy, "frozen_held": held}, f)
-    finally:
-        torch.distributed.destroy_process_group()
+    )
+    policy = trainer.fit()
+    # what this process holds of the frozen reference and reward model
+    frozen = [*trainer.reference.parameters(), *trainer.reward_model.parameters()]
+    held = sum(local_part(p).numel() for p in frozen)
+    if rank == 0:
+        with open(os.path.join(root, f"{mode}.json"), "w") as f:
+            json.dump({"reward": reward, "reinforce": policy, "frozen_held": held}, f)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -220,58 +217,52 @@ def _one_process_worker(rank, world, init_file, root, device):
 
     backend = "nccl" if device == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        if device == "cuda":
-            torch.cuda.set_device(0)
-        torch.manual_seed(0)
-        whole = _LogpLoss(Llama(LlamaConfig.tiny()))
-        model = _LogpLoss(Llama(LlamaConfig.tiny()))
-        model.load_state_dict(whole.state_dict())
-        dp = init_parallel(1, device)["dp"]
-        shard(model, dp, (DecoderLayer,))
-        whole = whole.to(device)
-        assert all(
-            p.device.type == device and hasattr(p, "device_mesh") for p in model.parameters()
-        )
-        prompts = [[1, 2, 3], [4, 5]]
-        ref = generate(whole.llama, prompts, max_new_tokens=6, greedy=True, eos_token_id=[])
-        with full_weights(model):
-            ours = generate(model.llama, prompts, max_new_tokens=6, greedy=True, eos_token_id=[])
+    if device == "cuda":
+        torch.cuda.set_device(0)
+    torch.manual_seed(0)
+    whole = _LogpLoss(Llama(LlamaConfig.tiny()))
+    model = _LogpLoss(Llama(LlamaConfig.tiny()))
+    model.load_state_dict(whole.state_dict())
+    dp = init_parallel(1, device)["dp"]
+    shard(model, dp, (DecoderLayer,))
+    whole = whole.to(device)
+    assert all(p.device.type == device and hasattr(p, "device_mesh") for p in model.parameters())
+    prompts = [[1, 2, 3], [4, 5]]
+    ref = generate(whole.llama, prompts, max_new_tokens=6, greedy=True, eos_token_id=[])
+    with full_weights(model):
+        ours = generate(model.llama, prompts, max_new_tokens=6, greedy=True, eos_token_id=[])
+        assert torch.equal(ours.tokens, ref.tokens)
+        if device == "cuda":  # the decode step as a CUDA graph over the gathered units
+            ours = generate(
+                model.llama,
+                prompts,
+                max_new_tokens=6,
+                greedy=True,
+                eos_token_id=[],
+                compile=True,
+            )
             assert torch.equal(ours.tokens, ref.tokens)
-            if device == "cuda":  # the decode step as a CUDA graph over the gathered units
-                ours = generate(
-                    model.llama,
-                    prompts,
-                    max_new_tokens=6,
-                    greedy=True,
-                    eos_token_id=[],
-                    compile=True,
-                )
-                assert torch.equal(ours.tokens, ref.tokens)
-        ids = torch.randint(3, 200, (1, 40), device=device)
-        for m in (model, whole):
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
-                loss = m(ids)
-            loss.backward()
-        grad = model.llama.layers[0].mlp.up_proj.weight.grad.full_tensor()
-        torch.testing.assert_close(grad, whole.llama.layers[0].mlp.up_proj.weight.grad)
-        save_modules(model.llama, os.path.join(root, "saved"))
-        # a frozen model (the REINFORCE reference): resharded after its forward, root included;
-        # on CUDA its shards stay in host memory between forwards (offload)
-        frozen = TokenLogprobs(copy.deepcopy(whole.llama).requires_grad_(False).cpu())
-        shard(frozen, dp, (DecoderLayer,), frozen=True, offload=device == "cuda")
-        targets = ids[0, 1:].clone()
-        targets[:5] = -100
-        cu = torch.tensor([0, 17, 39], dtype=torch.int32, device=device)
-        with torch.no_grad():
-            ours = frozen(ids[0, :-1], cu, targets)
-            expected = TokenLogprobs(whole.llama)(ids[0, :-1], cu, targets)
-        torch.testing.assert_close(ours, expected)
-        weight = frozen.model.embed_tokens.weight  # the root unit's: a shard again
-        assert isinstance(weight, DTensor) and weight.to_local().device.type == "cpu"
-        dist.barrier()  # the gathers' tensors released before the group goes (see zero_worker)
-    finally:
-        dist.destroy_process_group()
+    ids = torch.randint(3, 200, (1, 40), device=device)
+    for m in (model, whole):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = m(ids)
+        loss.backward()
+    grad = model.llama.layers[0].mlp.up_proj.weight.grad.full_tensor()
+    torch.testing.assert_close(grad, whole.llama.layers[0].mlp.up_proj.weight.grad)
+    save_modules(model.llama, os.path.join(root, "saved"))
+    # a frozen model (the REINFORCE reference): resharded after its forward, root included;
+    # on CUDA its shards stay in host memory between forwards (offload)
+    frozen = TokenLogprobs(copy.deepcopy(whole.llama).requires_grad_(False).cpu())
+    shard(frozen, dp, (DecoderLayer,), frozen=True, offload=device == "cuda")
+    targets = ids[0, 1:].clone()
+    targets[:5] = -100
+    cu = torch.tensor([0, 17, 39], dtype=torch.int32, device=device)
+    with torch.no_grad():
+        ours = frozen(ids[0, :-1], cu, targets)
+        expected = TokenLogprobs(whole.llama)(ids[0, :-1], cu, targets)
+    torch.testing.assert_close(ours, expected)
+    weight = frozen.model.embed_tokens.weight  # the root unit's: a shard again
+    assert isinstance(weight, DTensor) and weight.to_local().device.type == "cpu"
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -288,14 +279,11 @@ def _non_finite_worker(rank, world, init_file, root, mode):
     """One poisoned micro-batch (on rank 1's share) under DDP or --fsdp: both processes stop."""
     os.environ["WORLD_SIZE"] = str(world)
     join_gloo(rank, world, init_file)
-    try:
-        cfg = config(root, grad_accum=1, shuffle=False, fsdp=mode == "fsdp")
-        loop = TrainLoop(cfg, TinyReward(tie=True), batches(12, poison=5), step_fn)
-        with pytest.raises(NonFiniteError, match=r"loss at step 3 .*rank 1: \[\[500, 501") as err:
-            loop.fit()
-        assert "step-00000002" in str(err.value)
-    finally:
-        torch.distributed.destroy_process_group()
+    cfg = config(root, grad_accum=1, shuffle=False, fsdp=mode == "fsdp")
+    loop = TrainLoop(cfg, TinyReward(tie=True), batches(12, poison=5), step_fn)
+    with pytest.raises(NonFiniteError, match=r"loss at step 3 .*rank 1: \[\[500, 501") as err:
+        loop.fit()
+    assert "step-00000002" in str(err.value)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])

@@ -313,67 +313,56 @@ def _tp_worker(rank, world, init_file, backend, dtype):
     for dt in (torch.float32, torch.bfloat16):
         L._CONFIGS[dt] = (16, 32, 16, 4, 1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        group = dist.new_group(list(range(world)))
-        shard, hs = 13, 24  # vocabulary 13 * world, odd sizes
-        hidden, weight, targets, coef = make_inputs(
-            (3, 5), hs, shard * world, dtype, 3.0, seed=1234
-        )
-        targets[1, 0], targets[1, 1] = 0, shard * world - 1  # first and last shard hit
-        full = run(
-            hidden,
-            weight,
-            lambda h, w: linear_policy_loss(
-                h, w, targets, coef, temperature=0.7, return_entropy=True
-            ),
-            grad_scale=0.5,
-        )
-        with contextlib.ExitStack() as stack:
-            # sums are counted at nemokern.parallel.all_reduce, the op's one way to sum
-            spies = {
-                name: stack.enter_context(
-                    mock.patch.object(module, name, wraps=getattr(module, name))
-                )
-                for module, name in [(dist, n) for n in COLLECTIVES]
-                + [(sys.modules["nemokern.ops.linear_policy_loss"], "all_reduce")]
-            }
+    group = dist.new_group(list(range(world)))
+    shard, hs = 13, 24  # vocabulary 13 * world, odd sizes
+    hidden, weight, targets, coef = make_inputs((3, 5), hs, shard * world, dtype, 3.0, seed=1234)
+    targets[1, 0], targets[1, 1] = 0, shard * world - 1  # first and last shard hit
+    full = run(
+        hidden,
+        weight,
+        lambda h, w: linear_policy_loss(h, w, targets, coef, temperature=0.7, return_entropy=True),
+        grad_scale=0.5,
+    )
+    with contextlib.ExitStack() as stack:
+        # sums are counted at nemokern.parallel.all_reduce, the op's one way to sum
+        spies = {
+            name: stack.enter_context(mock.patch.object(module, name, wraps=getattr(module, name)))
+            for module, name in [(dist, n) for n in COLLECTIVES]
+            + [(sys.modules["nemokern.ops.linear_policy_loss"], "all_reduce")]
+        }
 
-            def count_calls():
-                return {name: spy.call_count for name, spy in spies.items() if spy.call_count}
+        def count_calls():
+            return {name: spy.call_count for name, spy in spies.items() if spy.call_count}
 
-            def sharded(h, w):
-                out = linear_policy_loss(
-                    h, w, targets, coef, temperature=0.7, return_entropy=True, tp_group=group
-                )
-                fwd.update(count_calls())
-                return out
-
-            fwd = {}
-            part = run(hidden, weight[rank * shard : (rank + 1) * shard], sharded, grad_scale=0.5)
-            total = count_calls()
-        # linear_logprobs' exchange: the fixed-size header, then the statistics
-        assert fwd == {"all_gather": 2}, f"forward collectives: {fwd}"
-        assert total == {"all_gather": 2, "all_reduce": 1}, f"fwd+bwd collectives: {total}"
-        tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-        for name, a, b in zip(("loss", "entropy", "dhidden"), part[:3], full[:3]):
-            torch.testing.assert_close(
-                a, b, **tol, msg=lambda m, name=name: f"rank {rank} {name}: {m}"
+        def sharded(h, w):
+            out = linear_policy_loss(
+                h, w, targets, coef, temperature=0.7, return_entropy=True, tp_group=group
             )
-        torch.testing.assert_close(
-            part[3],
-            full[3][rank * shard : (rank + 1) * shard],
-            **tol,
-            msg=lambda m: f"rank {rank} dweight shard: {m}",
+            fwd.update(count_calls())
+            return out
+
+        fwd = {}
+        part = run(hidden, weight[rank * shard : (rank + 1) * shard], sharded, grad_scale=0.5)
+        total = count_calls()
+    # linear_logprobs' exchange: the fixed-size header, then the statistics
+    assert fwd == {"all_gather": 2}, f"forward collectives: {fwd}"
+    assert total == {"all_gather": 2, "all_reduce": 1}, f"fwd+bwd collectives: {total}"
+    tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for name, a, b in zip(("loss", "entropy", "dhidden"), part[:3], full[:3]):
+        torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"rank {rank} {name}: {m}")
+    torch.testing.assert_close(
+        part[3],
+        full[3][rank * shard : (rank + 1) * shard],
+        **tol,
+        msg=lambda m: f"rank {rank} dweight shard: {m}",
+    )
+    # ranks that disagree on the targets raise on every rank, naming this op
+    other = targets.clone()
+    other[0, 0] = (other[0, 0] + rank) % (shard * world)
+    with pytest.raises(ValueError, match="^linear_policy_loss: .*different targets"):
+        linear_policy_loss(
+            hidden, weight[rank * shard : (rank + 1) * shard], other, coef, tp_group=group
         )
-        # ranks that disagree on the targets raise on every rank, naming this op
-        other = targets.clone()
-        other[0, 0] = (other[0, 0] + rank) % (shard * world)
-        with pytest.raises(ValueError, match="^linear_policy_loss: .*different targets"):
-            linear_policy_loss(
-                hidden, weight[rank * shard : (rank + 1) * shard], other, coef, tp_group=group
-            )
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")

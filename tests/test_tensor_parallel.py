@@ -63,68 +63,63 @@ def _max_err(a, b):
 
 def _worker(rank, world, init_file, root):
     join_gloo(rank, world, init_file)
-    try:
-        group = dist.new_group(list(range(world)))
-        for name in CONFIGS:
-            path = os.path.join(root, name)
-            ref = Llama.from_pretrained(path)
-            tp = Llama.from_pretrained(path, tp_group=group)
-            ids, targets, weights = _inputs(ref.config)
-            want, got = (
-                _run(ref, ids, targets, weights, None),
-                _run(tp, ids, targets, weights, group),
+    group = dist.new_group(list(range(world)))
+    for name in CONFIGS:
+        path = os.path.join(root, name)
+        ref = Llama.from_pretrained(path)
+        tp = Llama.from_pretrained(path, tp_group=group)
+        ids, targets, weights = _inputs(ref.config)
+        want, got = (
+            _run(ref, ids, targets, weights, None),
+            _run(tp, ids, targets, weights, group),
+        )
+        for what, a, b in zip(("logits", "logprobs", "policy loss"), got[:3], want[:3]):
+            torch.testing.assert_close(a, b, **TOL, msg=lambda m, w=what, c=name: f"{c} {w}: {m}")
+        shards = {n: m.shard for n, m in tp.named_modules() if hasattr(m, "shard")}
+        worst = 0.0
+        for pname, grad in got[3].items():
+            shard = shards.get(pname.removesuffix(".weight"))
+            expect = want[3][pname] if shard is None else shard.take(want[3][pname])
+            torch.testing.assert_close(grad, expect, **TOL, msg=lambda m, p=pname: f"{p}: {m}")
+            worst = max(worst, _max_err(grad, expect))
+        if rank == 0:
+            print(
+                f"PARITY tp={world} {name}: logits {_max_err(got[0], want[0]):.2e} "
+                f"logprobs {_max_err(got[1], want[1]):.2e} grads {worst:.2e}"
             )
-            for what, a, b in zip(("logits", "logprobs", "policy loss"), got[:3], want[:3]):
-                torch.testing.assert_close(
-                    a, b, **TOL, msg=lambda m, w=what, c=name: f"{c} {w}: {m}"
-                )
-            shards = {n: m.shard for n, m in tp.named_modules() if hasattr(m, "shard")}
-            worst = 0.0
-            for pname, grad in got[3].items():
-                shard = shards.get(pname.removesuffix(".weight"))
-                expect = want[3][pname] if shard is None else shard.take(want[3][pname])
-                torch.testing.assert_close(grad, expect, **TOL, msg=lambda m, p=pname: f"{p}: {m}")
-                worst = max(worst, _max_err(grad, expect))
-            if rank == 0:
-                print(
-                    f"PARITY tp={world} {name}: logits {_max_err(got[0], want[0]):.2e} "
-                    f"logprobs {_max_err(got[1], want[1]):.2e} grads {worst:.2e}"
-                )
 
-            # generation: greedy equals TP = 1; sampling with a different seed per rank still
-            # gives every rank rank 0's tokens
-            prompts = [ids[0, :5].tolist(), ids[1, :3].tolist()]
-            greedy = generate(tp, prompts, max_new_tokens=6, greedy=True, eos_token_id=[])
-            alone = generate(ref, prompts, max_new_tokens=6, greedy=True, eos_token_id=[])
-            assert torch.equal(greedy.tokens, alone.tokens), (greedy.tokens, alone.tokens)
-            sampled = generate(
-                tp, prompts, max_new_tokens=6, generator=torch.Generator().manual_seed(rank)
-            ).tokens
-            every = all_gather(sampled, group)
-            assert all(torch.equal(t, sampled) for t in every), every
+        # generation: greedy equals TP = 1; sampling with a different seed per rank still
+        # gives every rank rank 0's tokens
+        prompts = [ids[0, :5].tolist(), ids[1, :3].tolist()]
+        greedy = generate(tp, prompts, max_new_tokens=6, greedy=True, eos_token_id=[])
+        alone = generate(ref, prompts, max_new_tokens=6, greedy=True, eos_token_id=[])
+        assert torch.equal(greedy.tokens, alone.tokens), (greedy.tokens, alone.tokens)
+        sampled = generate(
+            tp, prompts, max_new_tokens=6, generator=torch.Generator().manual_seed(rank)
+        ).tokens
+        every = all_gather(sampled, group)
+        assert all(torch.equal(t, sampled) for t in every), every
 
-            # TP = 1 -> TP = N -> TP = 1, bit for bit; transformers reads the TP = N save
-            out = os.path.join(root, f"{name}_saved_tp{world}")
-            tp.save_pretrained(out, max_shard_size="100KB")  # several shards: the index path
-            dist.barrier()
-            if rank == 0:
-                back = Llama.from_pretrained(out)
-                for (n, a), b in zip(back.state_dict().items(), ref.state_dict().values()):
-                    assert torch.equal(a, b), n
-                from transformers import LlamaForCausalLM
+        # TP = 1 -> TP = N -> TP = 1, bit for bit; transformers reads the TP = N save
+        out = os.path.join(root, f"{name}_saved_tp{world}")
+        tp.save_pretrained(out, max_shard_size="100KB")  # several shards: the index path
+        dist.barrier()
+        if rank == 0:
+            back = Llama.from_pretrained(out)
+            for (n, a), b in zip(back.state_dict().items(), ref.state_dict().values()):
+                assert torch.equal(a, b), n
+            from transformers import LlamaForCausalLM
 
-                hf = LlamaForCausalLM.from_pretrained(out).eval()
-                with torch.no_grad():
-                    torch.testing.assert_close(hf(ids).logits, want[0], rtol=1e-5, atol=1e-5)
-            dist.barrier()
-        if world == 4:
-            with pytest.raises(ValueError, match="num_key_value_heads=3 and the tensor-parallel"):
-                Llama(
-                    LlamaConfig.tiny(num_attention_heads=12, num_key_value_heads=3, head_dim=16),
-                    tp_group=group,
-                )
-    finally:
-        dist.destroy_process_group()
+            hf = LlamaForCausalLM.from_pretrained(out).eval()
+            with torch.no_grad():
+                torch.testing.assert_close(hf(ids).logits, want[0], rtol=1e-5, atol=1e-5)
+        dist.barrier()
+    if world == 4:
+        with pytest.raises(ValueError, match="num_key_value_heads=3 and the tensor-parallel"):
+            Llama(
+                LlamaConfig.tiny(num_attention_heads=12, num_key_value_heads=3, head_dim=16),
+                tp_group=group,
+            )
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")

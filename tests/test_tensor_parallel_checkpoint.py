@@ -53,38 +53,31 @@ def _fit(root, run, **kw):
 def _worker(rank, world, init_file, root):
     os.environ["WORLD_SIZE"] = str(world)
     join_gloo(rank, world, init_file)
-    try:
-        full = _fit(root, "full", tp=TP, max_steps=STEPS)
-        _fit(root, "half", tp=TP, max_steps=STEPS // 2, save_every=1)
-        rest = _fit(root, "half", tp=TP, max_steps=STEPS, resume="auto")
-        # a garbled shard (same size, so the manifest's sizes still match): each rank names its own
-        bad = os.path.join(root, "bad", f"rank{rank}")
-        shutil.copytree(os.path.join(root, "half", "checkpoints", f"step-{STEPS:08d}"), bad)
-        shard = os.path.join(bad, f"model.tp{rank}-of-{TP}.safetensors")
-        with open(shard, "r+b") as f:
-            f.write(b"\xff" * 16)
-        cfg = _config(root, "bad", tp=TP)
-        model = RewardModel.from_pretrained(
-            os.path.join(root, "reward"), tp_group=tp_group_for(cfg)
-        )
-        ckpt = Checkpointer(root, tp_group=model.trunk.tp_group)
-        with pytest.raises(
-            CheckpointError, match=f"model.tp{rank}-of-2.safetensors: not a readable"
-        ):
-            ckpt.load(bad, model=model)
-        # resharded: the --tp 1 run's step-2 checkpoint continued at --tp 2
-        from_tp1 = _fit(
-            root,
-            "tp1_to_tp2",
-            tp=TP,
-            max_steps=STEPS,
-            resume=os.path.join(root, "tp1", "checkpoints", f"step-{STEPS // 2:08d}"),
-        )
-        if rank == 0:
-            with open(os.path.join(root, "histories.json"), "w") as f:
-                json.dump({"full": full, "rest": rest, "from_tp1": from_tp1}, f)
-    finally:
-        torch.distributed.destroy_process_group()
+    full = _fit(root, "full", tp=TP, max_steps=STEPS)
+    _fit(root, "half", tp=TP, max_steps=STEPS // 2, save_every=1)
+    rest = _fit(root, "half", tp=TP, max_steps=STEPS, resume="auto")
+    # a garbled shard (same size, so the manifest's sizes still match): each rank names its own
+    bad = os.path.join(root, "bad", f"rank{rank}")
+    shutil.copytree(os.path.join(root, "half", "checkpoints", f"step-{STEPS:08d}"), bad)
+    shard = os.path.join(bad, f"model.tp{rank}-of-{TP}.safetensors")
+    with open(shard, "r+b") as f:
+        f.write(b"\xff" * 16)
+    cfg = _config(root, "bad", tp=TP)
+    model = RewardModel.from_pretrained(os.path.join(root, "reward"), tp_group=tp_group_for(cfg))
+    ckpt = Checkpointer(root, tp_group=model.trunk.tp_group)
+    with pytest.raises(CheckpointError, match=f"model.tp{rank}-of-2.safetensors: not a readable"):
+        ckpt.load(bad, model=model)
+    # resharded: the --tp 1 run's step-2 checkpoint continued at --tp 2
+    from_tp1 = _fit(
+        root,
+        "tp1_to_tp2",
+        tp=TP,
+        max_steps=STEPS,
+        resume=os.path.join(root, "tp1", "checkpoints", f"step-{STEPS // 2:08d}"),
+    )
+    if rank == 0:
+        with open(os.path.join(root, "histories.json"), "w") as f:
+            json.dump({"full": full, "rest": rest, "from_tp1": from_tp1}, f)
 
 
 def _assert_same_shards(resumed, straight):
@@ -170,17 +163,14 @@ def _reinforce(root, run, tp, **kw):
 def _reinforce_worker(rank, world, init_file, root, tp, fsdp):
     os.environ["WORLD_SIZE"] = str(world)
     join_gloo(rank, world, init_file)
-    try:
-        full = _reinforce(root, "full", tp, max_steps=STEPS, fsdp=fsdp)
-        _reinforce(root, "half", tp, max_steps=STEPS // 2, save_every=1, fsdp=fsdp)
-        # step 1 is inside the first rollout (2 updates): the resume must train on its samples
-        step1 = os.path.join(root, "half", "checkpoints", f"step-{1:08d}")
-        rest = _reinforce(root, "half", tp, max_steps=STEPS, resume=step1, fsdp=fsdp)
-        if rank == 0:
-            with open(os.path.join(root, "histories.json"), "w") as f:
-                json.dump({"full": full, "rest": rest}, f)
-    finally:
-        torch.distributed.destroy_process_group()
+    full = _reinforce(root, "full", tp, max_steps=STEPS, fsdp=fsdp)
+    _reinforce(root, "half", tp, max_steps=STEPS // 2, save_every=1, fsdp=fsdp)
+    # step 1 is inside the first rollout (2 updates): the resume must train on its samples
+    step1 = os.path.join(root, "half", "checkpoints", f"step-{1:08d}")
+    rest = _reinforce(root, "half", tp, max_steps=STEPS, resume=step1, fsdp=fsdp)
+    if rank == 0:
+        with open(os.path.join(root, "histories.json"), "w") as f:
+            json.dump({"full": full, "rest": rest}, f)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

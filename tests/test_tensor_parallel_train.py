@@ -93,30 +93,24 @@ def _update_policy(root, tp, mode="zero"):
 def _worker(rank, world, init_file, root, mode):
     os.environ["WORLD_SIZE"] = str(world)
     join_gloo(rank, world, init_file)
-    try:
-        with pytest.raises(ConfigError, match="--tp: 3 needs a multiple of 3 processes"):
-            setup_distributed("cpu", 3)
-        with pytest.raises(ValueError, match=r"tp_size=3 does not divide the 4 process\(es\)"):
-            init_parallel(3)
-        mesh = init_parallel(TP)  # the layout the trainers get: (dp, tp), tp ranks consecutive
-        assert mesh.mesh_dim_names == ("dp", "tp") and tuple(mesh.mesh.shape) == (2, 2)
-        ranks = torch.distributed.get_process_group_ranks
-        assert ranks(mesh.get_group("tp")) == [rank // 2 * 2, rank // 2 * 2 + 1]
-        assert ranks(mesh.get_group("dp")) == [rank % 2, rank % 2 + 2]
-        cfg = _reward_config(root, TP, mode)
-        model = RewardModel.from_pretrained(
-            os.path.join(root, "reward"), tp_group=tp_group_for(cfg)
-        )
-        reward_history = RewardTrainer(cfg, model=model).fit()
-        policy, history, loop = _update_policy(root, TP, mode)
-        if loop.writes_weights:  # a collective of the tp group (under fsdp, of all)
-            policy.save_pretrained(os.path.join(root, f"policy_tp_{mode}"))
-        if rank == 0:
-            with open(os.path.join(root, f"histories_{mode}.json"), "w") as f:
-                json.dump({"reward": reward_history, "reinforce": history}, f)
-        torch.distributed.barrier()  # the save's gathers released before the group goes
-    finally:
-        torch.distributed.destroy_process_group()
+    with pytest.raises(ConfigError, match="--tp: 3 needs a multiple of 3 processes"):
+        setup_distributed("cpu", 3)
+    with pytest.raises(ValueError, match=r"tp_size=3 does not divide the 4 process\(es\)"):
+        init_parallel(3)
+    mesh = init_parallel(TP)  # the layout the trainers get: (dp, tp), tp ranks consecutive
+    assert mesh.mesh_dim_names == ("dp", "tp") and tuple(mesh.mesh.shape) == (2, 2)
+    ranks = torch.distributed.get_process_group_ranks
+    assert ranks(mesh.get_group("tp")) == [rank // 2 * 2, rank // 2 * 2 + 1]
+    assert ranks(mesh.get_group("dp")) == [rank % 2, rank % 2 + 2]
+    cfg = _reward_config(root, TP, mode)
+    model = RewardModel.from_pretrained(os.path.join(root, "reward"), tp_group=tp_group_for(cfg))
+    reward_history = RewardTrainer(cfg, model=model).fit()
+    policy, history, loop = _update_policy(root, TP, mode)
+    if loop.writes_weights:  # a collective of the tp group (under fsdp, of all)
+        policy.save_pretrained(os.path.join(root, f"policy_tp_{mode}"))
+    if rank == 0:
+        with open(os.path.join(root, f"histories_{mode}.json"), "w") as f:
+            json.dump({"reward": reward_history, "reinforce": history}, f)
 
 
 _SHARD_FILES = [("model", "safetensors"), ("optimizer", "json"), ("optimizer", "safetensors")]
@@ -193,24 +187,21 @@ def test_reward_step_and_reinforce_update_at_tp2_dp2_equal_one_process(tmp_path,
 def _rollout_worker(rank, world, init_file, root):
     os.environ["WORLD_SIZE"] = str(world)
     join_gloo(rank, world, init_file)
-    try:
-        cfg = ReinforceConfig(
-            prompts=os.path.join(root, "prompts.jsonl"),
-            reward_model=os.path.join(root, "reward"),
-            out=os.path.join(root, "run"),
-            max_new_tokens=5,
-            prompts_per_step=2,
-            k=2,
-            tp=2,
-            max_steps=1,
-            progress=False,
-            tensorboard=False,
-            device="cpu",
-        )
-        history = ReinforceTrainer(cfg).fit()
-        assert len(history) == 1 and history[0]["response_len_mean"] >= 1, history
-    finally:
-        torch.distributed.destroy_process_group()
+    cfg = ReinforceConfig(
+        prompts=os.path.join(root, "prompts.jsonl"),
+        reward_model=os.path.join(root, "reward"),
+        out=os.path.join(root, "run"),
+        max_new_tokens=5,
+        prompts_per_step=2,
+        k=2,
+        tp=2,
+        max_steps=1,
+        progress=False,
+        tensorboard=False,
+        device="cpu",
+    )
+    history = ReinforceTrainer(cfg).fit()
+    assert len(history) == 1 and history[0]["response_len_mean"] >= 1, history
 
 
 @pytest.mark.slow
@@ -230,20 +221,17 @@ def _tiny_worker(rank, world, init_file, root):
     """--policy tiny / --model tiny at --tp 2: the split of the TP = 1 model (logits, rewards)."""
     os.environ["WORLD_SIZE"] = str(world)
     join_gloo(rank, world, init_file)
-    try:
-        tok = ByteTokenizer()
-        ids = torch.tensor([[tok.bos_id, 72, 105, 33, 10, 200]])
-        policy = build_policy(ReinforceConfig(tp=2, seed=5, device="cpu"), tok)
-        reward = build_reward_model(RewardConfig(tp=2, seed=5, device="cpu"))
-        with torch.no_grad():
-            out = {
-                "logits": policy(ids),
-                "rewards": reward(ids, torch.tensor([ids.shape[1] - 1])),
-            }
-        if rank == 0:
-            save_file(out, os.path.join(root, "tp2.safetensors"))
-    finally:
-        torch.distributed.destroy_process_group()
+    tok = ByteTokenizer()
+    ids = torch.tensor([[tok.bos_id, 72, 105, 33, 10, 200]])
+    policy = build_policy(ReinforceConfig(tp=2, seed=5, device="cpu"), tok)
+    reward = build_reward_model(RewardConfig(tp=2, seed=5, device="cpu"))
+    with torch.no_grad():
+        out = {
+            "logits": policy(ids),
+            "rewards": reward(ids, torch.tensor([ids.shape[1] - 1])),
+        }
+    if rank == 0:
+        save_file(out, os.path.join(root, "tp2.safetensors"))
 
 
 def test_tiny_models_are_the_same_at_every_tp(tmp_path):

@@ -30,3 +30,15 @@ def test_no_test_file_imports_another_or_bench():
         if '"bench"' in source or "'bench'" in source or "bench/" in source:
             problems.append(f"{path.name} names bench/ (load nothing from it)")
     assert not problems, problems
+
+
+def test_test_processes_leave_their_group_one_way():
+    """Every multi-process test leaves its process group through helpers.leave_group (a barrier,
+    then destroy): a bare destroy_process_group once aborted a gloo process whose worker thread
+    still held a collective's tensors."""
+    problems = [
+        path.name
+        for path in sorted(set(TESTS.glob("*.py")) - {Path(__file__), TESTS / "helpers.py"})
+        if "destroy_process_group(" in path.read_text()
+    ]
+    assert not problems, f"call helpers.leave_group instead of destroy_process_group: {problems}"

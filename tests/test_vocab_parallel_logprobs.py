@@ -47,49 +47,44 @@ def _worker(rank, world, init_file, backend, dtype):
     from nemokern.ops import linear_logprobs
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        group = dist.new_group(list(range(world)))
-        shard, hs = 13, 24  # vocabulary 13 * world, odd sizes
-        vocab = shard * world
-        g = torch.Generator().manual_seed(1234)  # identical inputs on every rank
-        hidden = torch.randn(3, 5, hs, generator=g).to(dtype)
-        weight = (torch.randn(vocab, hs, generator=g) / hs**0.5 * 3).to(dtype)
-        targets = torch.randint(0, vocab, (3, 5), generator=g)
-        targets[0, 1] = targets[2, 2] = IGNORE
-        targets[1, 0], targets[1, 1] = 0, vocab - 1  # first and last shard hit
-        g_lp, g_ent = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+    group = dist.new_group(list(range(world)))
+    shard, hs = 13, 24  # vocabulary 13 * world, odd sizes
+    vocab = shard * world
+    g = torch.Generator().manual_seed(1234)  # identical inputs on every rank
+    hidden = torch.randn(3, 5, hs, generator=g).to(dtype)
+    weight = (torch.randn(vocab, hs, generator=g) / hs**0.5 * 3).to(dtype)
+    targets = torch.randint(0, vocab, (3, 5), generator=g)
+    targets[0, 1] = targets[2, 2] = IGNORE
+    targets[1, 0], targets[1, 1] = 0, vocab - 1  # first and last shard hit
+    g_lp, g_ent = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
 
-        def run(w, tp_group):
-            h = hidden.clone().requires_grad_(True)
-            w = w.clone().requires_grad_(True)
-            logp, ent = linear_logprobs(
-                h, w, targets, temperature=0.7, return_entropy=True, tp_group=tp_group
-            )
-            counts_fwd = dict(counts)
-            (g_lp * logp + g_ent * ent).sum().backward()
-            return logp.detach(), ent.detach(), h.grad, w.grad, counts_fwd
-
-        counts = {}
-        full = run(weight, None)
-        _count_collectives(counts)
-        sharded = run(weight[rank * shard : (rank + 1) * shard], group)
-        # forward: the fixed-size header check, then the per-token statistics
-        assert sharded[4] == {"all_gather": 2}, f"forward collectives: {sharded[4]}"
-        assert counts == {"all_gather": 2, "all_reduce": 1}, f"fwd+bwd collectives: {counts}"
-        tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-        names = ("logp", "entropy", "dhidden")
-        for name, a, b in zip(names, sharded[:3], full[:3]):
-            torch.testing.assert_close(
-                a, b, **tol, msg=lambda m, name=name: f"rank {rank} {name}: {m}"
-            )
-        torch.testing.assert_close(
-            sharded[3],
-            full[3][rank * shard : (rank + 1) * shard],
-            **tol,
-            msg=lambda m: f"rank {rank} dweight shard: {m}",
+    def run(w, tp_group):
+        h = hidden.clone().requires_grad_(True)
+        w = w.clone().requires_grad_(True)
+        logp, ent = linear_logprobs(
+            h, w, targets, temperature=0.7, return_entropy=True, tp_group=tp_group
         )
-    finally:
-        dist.destroy_process_group()
+        counts_fwd = dict(counts)
+        (g_lp * logp + g_ent * ent).sum().backward()
+        return logp.detach(), ent.detach(), h.grad, w.grad, counts_fwd
+
+    counts = {}
+    full = run(weight, None)
+    _count_collectives(counts)
+    sharded = run(weight[rank * shard : (rank + 1) * shard], group)
+    # forward: the fixed-size header check, then the per-token statistics
+    assert sharded[4] == {"all_gather": 2}, f"forward collectives: {sharded[4]}"
+    assert counts == {"all_gather": 2, "all_reduce": 1}, f"fwd+bwd collectives: {counts}"
+    tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    names = ("logp", "entropy", "dhidden")
+    for name, a, b in zip(names, sharded[:3], full[:3]):
+        torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"rank {rank} {name}: {m}")
+    torch.testing.assert_close(
+        sharded[3],
+        full[3][rank * shard : (rank + 1) * shard],
+        **tol,
+        msg=lambda m: f"rank {rank} dweight shard: {m}",
+    )
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -110,16 +105,13 @@ def _unequal_worker(rank, world, init_file):
     from nemokern.ops import linear_logprobs
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        # torch.tensor_split of a 25-row head: shards of 13 and 12 rows. Rank 1's ids start at
-        # 13, not at rank * shard = 12: every one of its targets would hit the wrong column.
-        weight = torch.randn(25, 8, generator=torch.Generator().manual_seed(0))
-        shard = weight.tensor_split(world)[rank]
-        hidden = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
-        with pytest.raises(ValueError, match=r"shards of sizes \[13, 12\]"):
-            linear_logprobs(hidden, shard, torch.tensor([0, 12, 13, 24]), tp_group=dist.group.WORLD)
-    finally:
-        dist.destroy_process_group()
+    # torch.tensor_split of a 25-row head: shards of 13 and 12 rows. Rank 1's ids start at
+    # 13, not at rank * shard = 12: every one of its targets would hit the wrong column.
+    weight = torch.randn(25, 8, generator=torch.Generator().manual_seed(0))
+    shard = weight.tensor_split(world)[rank]
+    hidden = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match=r"shards of sizes \[13, 12\]"):
+        linear_logprobs(hidden, shard, torch.tensor([0, 12, 13, 24]), tp_group=dist.group.WORLD)
 
 
 def test_unequal_vocab_shards_raise():
@@ -132,20 +124,17 @@ def _mismatch_worker(rank, world, init_file, ignore_differs):
     from nemokern.ops import linear_logprobs
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        g = torch.Generator().manual_seed(0)
-        weight, hidden = torch.randn(10, 8, generator=g), torch.randn(5, 8, generator=g)
-        targets = torch.tensor([0, 3, 7, 19, IGNORE])
-        if rank == 1:  # a data-loader bug: rank 1 got another batch's targets
-            targets = (
-                torch.tensor([0, 3, IGNORE, 19, IGNORE])
-                if ignore_differs
-                else torch.tensor([0, 3, 8, 19, IGNORE])
-            )
-        with pytest.raises(ValueError, match="ranks of tp_group passed different targets"):
-            linear_logprobs(hidden, weight, targets, tp_group=dist.group.WORLD)
-    finally:
-        dist.destroy_process_group()
+    g = torch.Generator().manual_seed(0)
+    weight, hidden = torch.randn(10, 8, generator=g), torch.randn(5, 8, generator=g)
+    targets = torch.tensor([0, 3, 7, 19, IGNORE])
+    if rank == 1:  # a data-loader bug: rank 1 got another batch's targets
+        targets = (
+            torch.tensor([0, 3, IGNORE, 19, IGNORE])
+            if ignore_differs
+            else torch.tensor([0, 3, 8, 19, IGNORE])
+        )
+    with pytest.raises(ValueError, match="ranks of tp_group passed different targets"):
+        linear_logprobs(hidden, weight, targets, tp_group=dist.group.WORLD)
 
 
 @pytest.mark.parametrize("ignore_differs", [False, True])
@@ -173,17 +162,14 @@ def _token_count_worker(rank, world, init_file):
         world_size=world,
         timeout=datetime.timedelta(seconds=60),
     )
-    try:
-        n = 6 if rank == 1 else 5
-        g = torch.Generator().manual_seed(0)
-        h, w = torch.randn(n, 8, generator=g), torch.randn(10, 8, generator=g)
-        targets = torch.tensor([0, 3, 7, 19, IGNORE, 2][:n])
-        counts = [6 if r == 1 else 5 for r in range(world)]
-        with pytest.raises(ValueError, match=re.escape(f"different numbers of tokens {counts}")):
-            linear_logprobs(h, w, targets, tp_group=dist.group.WORLD)
-        dist.barrier()  # the group still works: nobody is stuck inside a mismatched collective
-    finally:
-        dist.destroy_process_group()
+    n = 6 if rank == 1 else 5
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(n, 8, generator=g), torch.randn(10, 8, generator=g)
+    targets = torch.tensor([0, 3, 7, 19, IGNORE, 2][:n])
+    counts = [6 if r == 1 else 5 for r in range(world)]
+    with pytest.raises(ValueError, match=re.escape(f"different numbers of tokens {counts}")):
+        linear_logprobs(h, w, targets, tp_group=dist.group.WORLD)
+    dist.barrier()  # the group still works: nobody is stuck inside a mismatched collective
 
 
 @pytest.mark.parametrize("world", [2, 3])

@@ -103,4 +103,6 @@ if __name__ == "__main__":
     if torch.distributed.get_rank() == 0:
         with open(f"{out}/losses.json", "w") as f:
             json.dump([r["loss"] for r in history], f)
-    torch.distributed.destroy_process_group()
+    from helpers import leave_group
+
+    leave_group()

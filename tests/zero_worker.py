@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 from train_tiny import TinyReward, batches, config, step_fn
 
+from helpers import leave_group
 from nemokern.parallel.fsdp import full_tensor, local_part
 from nemokern.train.loop import TrainLoop
 
@@ -40,8 +41,4 @@ if __name__ == "__main__":
     whole = {k: full_tensor(v).clone() for k, v in loop.model.state_dict().items()}
     if rank == 0:
         save_file(whole, f"{out}/weights.safetensors")
-    # gloo's worker thread still holds the gathers' tensors for a moment; destroying the group
-    # before it lets go aborts the process now and then ("terminate called without an active
-    # exception"): a barrier first
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    leave_group()
