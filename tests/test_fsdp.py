@@ -16,6 +16,7 @@ from train_tiny import TinyReward, batches, config, step_fn
 from helpers import join_gloo, run_ranks, train_tiny_ranks
 from nemokern.data.synthetic import write_synthetic
 from nemokern.model import Llama, LlamaConfig, RewardModel
+from nemokern.model.deferred import is_deferred
 from nemokern.parallel.fsdp import local_part
 from nemokern.train.checkpoint import Checkpointer, CheckpointError, load_modules
 from nemokern.train.config import ConfigError
@@ -137,7 +138,12 @@ def _trainers_worker(rank, world, init_file, root, mode):
             **common,
         )
     )
+    # under --fsdp the policy and the reference are built on the meta device and read once
+    # sharded (each process its rows): nothing read yet
+    deferred = is_deferred(trainer.policy) and is_deferred(trainer.reference)
+    assert deferred == (mode == "fsdp")
     policy = trainer.fit()
+    assert not is_deferred(trainer.policy) and not is_deferred(trainer.reference)
     # what this process holds of the frozen reference and reward model
     frozen = [*trainer.reference.parameters(), *trainer.reward_model.parameters()]
     held = sum(local_part(p).numel() for p in frozen)
@@ -296,3 +302,47 @@ def test_non_finite_loss_stops_every_process(tmp_path, mode):
     model = TinyReward(seed=9, tie=True)
     Checkpointer(tmp_path).load(ckpt, model=model)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---- deferred loading ----------------------------------------------------------------------------
+def _deferred_worker(rank, world, init_file, root):
+    """A checkpoint read deferred: built on the meta device, sharded, then each process reads its
+    rows; the gathered weights and a loss equal the whole load's."""
+    from nemokern.model.deferred import materialize
+    from nemokern.model.llama import DecoderLayer
+    from nemokern.parallel import init_parallel
+    from nemokern.parallel.fsdp import full_tensor, init_root, shard
+
+    join_gloo(rank, world, init_file)
+    whole = _LogpLoss(Llama.from_pretrained(os.path.join(root, "policy")))
+    model = _LogpLoss(Llama.from_pretrained(os.path.join(root, "policy"), deferred=True))
+    assert all(p.is_meta for p in model.parameters()) and is_deferred(model)
+    shard(model, init_parallel(1, "cpu")["dp"], (DecoderLayer,))
+    materialize(model, torch.device("cpu"))
+    init_root(model)
+    assert not is_deferred(model)
+    for (name, ours), ref in zip(model.named_parameters(), whole.parameters()):
+        assert 0 < local_part(ours).numel() <= ref.numel() // 2 + ref.shape[-1], name
+        assert torch.equal(full_tensor(ours.detach()), ref), name
+    ids = torch.randint(3, 200, (1, 30), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model(ids), whole(ids))
+
+
+def test_deferred_load_under_fsdp_reads_each_process_rows(tmp_path):
+    torch.manual_seed(1)
+    Llama(LlamaConfig.tiny()).save_pretrained(tmp_path / "policy")
+    run_ranks(_deferred_worker, 2, str(tmp_path))
+
+
+def test_deferred_load_refuses_a_model_with_values_and_reads_tied_models_at_once(tmp_path):
+    from nemokern.model.deferred import defer, materialize
+
+    torch.manual_seed(1)
+    Llama(LlamaConfig.tiny(tie_word_embeddings=True)).save_pretrained(tmp_path / "tied")
+    tied = Llama.from_pretrained(tmp_path / "tied", deferred=True)
+    assert not is_deferred(tied) and not tied.embed_tokens.weight.is_meta
+    assert tied.lm_head.weight is tied.embed_tokens.weight
+    half = Llama(LlamaConfig.tiny())
+    defer(half.layers[0], lambda: None)
+    with pytest.raises(ValueError, match=r"materialize: \['embed_tokens.weight'"):
+        materialize(half, "cpu")

@@ -84,7 +84,10 @@ def _reinforce_config(root, tp, mode="zero"):
 def _update_policy(root, tp, mode="zero"):
     """One update of the policy in root/policy on _policy_batches; returns (policy, history)."""
     cfg = _reinforce_config(root, tp, mode)
-    policy = Llama.from_pretrained(os.path.join(root, "policy"), tp_group=tp_group_for(cfg))
+    # under fsdp read deferred, as the trainers do: each process its rows of its tp slice
+    policy = Llama.from_pretrained(
+        os.path.join(root, "policy"), tp_group=tp_group_for(cfg), deferred=cfg.fsdp
+    )
     update = functools.partial(ReinforceTrainer._update, None)
     loop = TrainLoop(cfg, PolicyLoss(policy), _policy_batches(), update)
     return policy, loop.fit(), loop

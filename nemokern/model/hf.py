@@ -21,8 +21,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..parallel import rank_and_size
-from ..parallel.fsdp import first_holder, full_tensor
+from ..parallel.fsdp import copy_into, first_holder, full_tensor
 from .config import LlamaConfig
+from .deferred import defer
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -139,6 +140,7 @@ def load_pretrained(
     tp_group=None,
     activation_checkpointing=False,
     check_finite=True,
+    deferred=False,
 ):
     path = Path(path)
     if not path.is_dir():
@@ -147,52 +149,65 @@ def load_pretrained(
         )
     config = LlamaConfig.from_json_file(path / "config.json")
     dtype = resolve_dtype(dtype, config)
-    device = torch.device("cpu" if device is None else device)
     assigned = weight_files(path)
+    # a tied head is one tensor under two modules, which FSDP's unit boundaries and to_empty
+    # would part: such a model (small: tying is for 1-3B models) is read at once
+    deferred = deferred and not config.tie_word_embeddings
     model = empty(
         cls,
         config,
         dtype=dtype,
-        device=device,
+        device="meta" if deferred else torch.device("cpu" if device is None else device),
         tp_group=tp_group,
         activation_checkpointing=activation_checkpointing,
     )
+    if deferred:
+        defer(model, lambda: _fill(model, path, assigned, check_finite))
+    else:
+        _fill(model, path, assigned, check_finite)
+    return model
+
+
+@torch.no_grad()
+def _fill(model, path: Path, assigned, check_finite: bool) -> None:
+    """Copy every tensor of the checkpoint at `path` into `model`'s parameters, one at a time
+    (this rank's tensor-parallel slice of each; a parameter sharded by FSDP keeps its rows)."""
+    config = model.config
     expected = {hf_name(n): p for n, p in model.named_parameters()}  # tied head listed once
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
     shards = shards_by_name(model)
     tied_head = None
     loaded: set[str] = set()
-    with torch.no_grad():
-        for file in dict.fromkeys(assigned.values()):
-            for name, stored in _read(file, assigned):
-                if name in loaded:
-                    raise CheckpointError(f"{file}: tensor {name!r} appears in more than one shard")
-                if _DERIVED_BUFFER.fullmatch(name):
-                    continue  # RoPE's inv_freq (older transformers): follows from config.json
-                if name == "lm_head.weight" and config.tie_word_embeddings:
-                    tied_head = (file, _slice(file, name, stored, shards.get(name)))
-                    continue
-                if name not in expected:
-                    raise CheckpointError(
-                        f"{file}: unexpected tensor {name!r} for this config.json "
-                        f"(num_hidden_layers={config.num_hidden_layers}, tie_word_embeddings="
-                        f"{config.tie_word_embeddings}); is the config from another model?"
-                    )
-                target, shard = expected[name], shards.get(name)
-                implied = list(target.shape)
-                if shard is not None:
-                    implied[shard.dim] = shard.full
-                if tuple(stored.get_shape()) != tuple(implied):
-                    raise CheckpointError(
-                        f"{file}: tensor {name!r} has shape {tuple(stored.get_shape())}, "
-                        f"config.json implies {tuple(implied)}"
-                    )
-                tensor = _slice(file, name, stored, shard)
-                if check_finite:
-                    _check_finite(file, name, tensor)
-                target.copy_(tensor)
-                loaded.add(name)
+    for file in dict.fromkeys(assigned.values()):
+        for name, stored in _read(file, assigned):
+            if name in loaded:
+                raise CheckpointError(f"{file}: tensor {name!r} appears in more than one shard")
+            if _DERIVED_BUFFER.fullmatch(name):
+                continue  # RoPE's inv_freq (older transformers): follows from config.json
+            if name == "lm_head.weight" and config.tie_word_embeddings:
+                tied_head = (file, _slice(file, name, stored, shards.get(name)))
+                continue
+            if name not in expected:
+                raise CheckpointError(
+                    f"{file}: unexpected tensor {name!r} for this config.json "
+                    f"(num_hidden_layers={config.num_hidden_layers}, tie_word_embeddings="
+                    f"{config.tie_word_embeddings}); is the config from another model?"
+                )
+            target, shard = expected[name], shards.get(name)
+            implied = list(target.shape)
+            if shard is not None:
+                implied[shard.dim] = shard.full
+            if tuple(stored.get_shape()) != tuple(implied):
+                raise CheckpointError(
+                    f"{file}: tensor {name!r} has shape {tuple(stored.get_shape())}, "
+                    f"config.json implies {tuple(implied)}"
+                )
+            tensor = _slice(file, name, stored, shard)
+            if check_finite:
+                _check_finite(file, name, tensor)
+            copy_into(target, tensor)
+            loaded.add(name)
     missing = sorted(set(expected) - loaded)
     if missing:
         where = {str(assigned.get(n, assigned.get(None))) for n in missing}
@@ -200,14 +215,12 @@ def load_pretrained(
             f"{path}: tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''} "
             f"missing (looked in {sorted(where)})"
         )
-    if tied_head is not None and not torch.equal(
-        tied_head[1].to(dtype).to(device), model.lm_head.weight
-    ):
+    head = model.lm_head.weight
+    if tied_head is not None and not torch.equal(tied_head[1].to(head), head):
         raise CheckpointError(
             f"{tied_head[0]}: lm_head.weight differs from model.embed_tokens.weight although "
             "config.json has tie_word_embeddings=true; set it to false to load both"
         )
-    return model
 
 
 def _check_finite(file: Path, name: str, tensor: torch.Tensor):

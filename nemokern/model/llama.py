@@ -363,7 +363,10 @@ class Llama(nn.Module):
         Options (keywords): dtype (torch dtype or name; default the config.json dtype, else
         float32), device, tp_group (split the model over this group; each rank reads only its
         slices of the memory-mapped files), activation_checkpointing, check_finite (raise
-        CheckpointError naming the tensor and file if one holds nan/inf; default True).
+        CheckpointError naming the tensor and file if one holds nan/inf; default True),
+        deferred (build it on the meta device and read the weights when
+        `model.deferred.materialize` runs, after the model is sharded; a model with tied
+        embeddings is read at once all the same).
         """
         return load_pretrained(cls, path, **options)
 

@@ -37,8 +37,10 @@ def shard(
     offload: bool = False,
 ) -> None:
     """fully_shard each submodule of `unit_types`, then `model` (the root), over the 1-D `mesh`;
-    in place (the parameters become DTensors). The root is initialised at once, so that code
-    calling a unit directly before the first forward of the root (generation) finds it set up.
+    in place (the parameters become DTensors). The root is initialised at once (init_root), so
+    that code calling a unit directly before the first forward of the root (generation) finds it
+    set up; a model on the meta device (deferred weights) is sharded where it is, and its
+    `model.deferred.materialize` then allocates each process's rows only.
     frozen: the model is only called forward without gradients, its root reshards after it
     too (a trained root keeps its parameters gathered for the backward that follows).
     offload (with frozen): the shards stay in pinned host memory (CPUOffloadPolicy)."""
@@ -51,6 +53,14 @@ def shard(
         if isinstance(module, unit_types):
             fully_shard(module, mesh=mesh, **kwargs)
     fully_shard(model, mesh=mesh, **kwargs)
+    if not any(p.is_meta for p in model.parameters()):
+        init_root(model)
+
+
+def init_root(model: nn.Module) -> None:
+    """Make the model given to `shard` FSDP's root now, as `shard` does unless the model's
+    parameters are still on the meta device (deferred: call it once they are allocated).
+    Idempotent."""
     # FSDP2 takes the first module to run forward for the root; the root's lazy initialisation
     # is otherwise done in its first forward. (A private method, present from torch 2.4 on.)
     state = model._get_fsdp_state()

@@ -34,9 +34,10 @@ from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
+from ..model.deferred import materialize
 from ..model.llama import DecoderLayer
 from ..parallel import all_reduce, grad_norm_tp, init_parallel
-from ..parallel.fsdp import full_tensor, full_weights, shard
+from ..parallel.fsdp import full_tensor, full_weights, init_root, shard
 from .checkpoint import Checkpointer, CheckpointError, get_rng_state, save_modules
 from .config import TrainConfig, dump_toml, option_error
 from .metrics import MetricsLogger, peak_memory_mb
@@ -276,6 +277,11 @@ class TrainLoop:
             # the mesh's device and shards it there, so the device never holds the whole model
             self.dp_mesh = init_parallel(config.tp, self.device.type)["dp"]
             shard(model, self.dp_mesh, (DecoderLayer,))
+        # weights loaded deferred (Llama.from_pretrained(deferred=True)) are read now, where they
+        # live: under fsdp each process reads and keeps its rows only
+        materialize(model, self.device)
+        if self.fsdp:
+            init_root(model)
         self.model = model.to(self.device)
         self.ddp = (
             DistributedDataParallel(
@@ -357,11 +363,15 @@ class TrainLoop:
         the model (each DecoderLayer a unit, resharded after every forward; with `offload` on
         CUDA the shards stay in pinned host memory), otherwise whole on the device, or with
         `offload` on CUDA on the CPU (its caller moves it to the device for each use)."""
-        cuda = self.device.type == "cuda"
+        offload = offload and self.device.type == "cuda"
         if self.fsdp:
-            shard(module, self.dp_mesh, (DecoderLayer,), frozen=True, offload=offload and cuda)
+            shard(module, self.dp_mesh, (DecoderLayer,), frozen=True, offload=offload)
+        placement = torch.device("cpu") if offload else self.device
+        materialize(module, placement)  # deferred weights (see __init__)
+        if self.fsdp:
+            init_root(module)
         else:
-            module.to("cpu" if offload and cuda else self.device)
+            module.to(placement)
 
     # ---- checkpoints -------------------------------------------------------------------------
     @property

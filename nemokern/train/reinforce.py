@@ -35,6 +35,7 @@ import torch
 from nemokern.data.prompts import read_prompts
 from nemokern.data.tokenizer import HFTokenizer, load_tokenizer
 from nemokern.model import Llama, LlamaConfig, generate
+from nemokern.model.deferred import is_deferred
 from nemokern.parallel.fsdp import full_weights
 from nemokern.train.config import ConfigError, TrainConfig, option, option_error
 from nemokern.train.loop import StepOutput, TrainLoop, tp_group_for
@@ -187,13 +188,20 @@ def build_policy(config: TrainConfig, tokenizer, field: str = "policy") -> Llama
             )
         )
         return Llama.split_from(full, tp_group)
-    return Llama.from_pretrained(name, dtype=torch.float32, tp_group=tp_group)
+    # under --fsdp over more than one process its weights are read once it is sharded, each
+    # process reading its rows only (TrainLoop materializes it)
+    deferred = config.fsdp and int(os.environ.get("WORLD_SIZE", "1")) // config.tp > 1
+    return Llama.from_pretrained(name, dtype=torch.float32, tp_group=tp_group, deferred=deferred)
 
 
-def frozen_copy(policy: Llama, dtype: torch.dtype) -> Llama:
+def frozen_copy(policy: Llama, dtype: torch.dtype, source=None) -> Llama:
     """An eval-mode copy of `policy` (this rank's shard under TP) in `dtype` with no gradients:
     the reference. Built empty and filled tensor by tensor, so a bf16 copy of an fp32 policy
-    never holds a second fp32 one."""
+    never holds a second fp32 one. A policy whose weights are not read yet (deferred) gets a
+    deferred reference read from the same directory, `source`."""
+    if is_deferred(policy):
+        ref = Llama.from_pretrained(source, dtype=dtype, tp_group=policy.tp_group, deferred=True)
+        return ref.eval().requires_grad_(False)
     weight = policy.embed_tokens.weight
     if weight.dtype == dtype:
         return copy.deepcopy(policy).eval().requires_grad_(False)
@@ -260,7 +268,7 @@ class ReinforceTrainer:
                     f"({vocab}); use the policy's tokenizer"
                 )
         frozen = getattr(torch, config.frozen_dtype)
-        self.reference = frozen_copy(self.policy, frozen)
+        self.reference = frozen_copy(self.policy, frozen, config.policy)
         self.reward_model, self.reward_column = None, 0
         if config.reward_model:
             self.reward_model, self.reward_column = load_reward_model(
