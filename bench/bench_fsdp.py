@@ -5,11 +5,19 @@ of a training step, on one host: the nemokern TrainLoop on a ~150M-parameter Lla
 pytest-benchmark times one process and data parallelism needs several, so torchrun starts it:
 
     torchrun --nproc-per-node 2 bench/bench_fsdp.py ddp|zero|fsdp [--steps 3] [--tokens 256]
+        [--model DIR [--deferred]]
+
+With --model DIR the model is read from an HF directory (write one first, once, with
+`python bench/bench_fsdp.py save DIR`) instead of built at random on every process; --deferred
+reads it as the trainers do under --fsdp: on the meta device, sharded, then each process its rows
+(Llama.from_pretrained(deferred=True)), so the peak RSS shows what loading costs each process.
 
 Rank 0 prints one JSON line: the bytes each process holds of the parameters, of the gradients
 (measured in the second micro-batch of a step, after the first one's backward) and of the AdamW
-state, the peak RSS of each process (the whole model is built on every process before it is
-sharded, so this includes one whole copy), and the median step time after one warm-up step.
+state, the peak RSS of each process once its TrainLoop is built (setup: model read or built and
+placed, before any step) and at the end (without --deferred the whole model is built on every
+process before it is sharded, so this includes one whole copy), and the median step time after
+one warm-up step.
 """
 
 import argparse
@@ -58,13 +66,23 @@ def _peak_rss_mib():
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=("ddp", "zero", "fsdp"))
+    ap.add_argument("mode", choices=("ddp", "zero", "fsdp", "save"))
+    ap.add_argument("dir", nargs="?", help="save: where to write the model")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--model", help="read the model from this HF directory")
+    ap.add_argument("--deferred", action="store_true", help="with --model: read it deferred")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = Policy(Llama(LlamaConfig.tiny(**CONFIG)))
+    if args.mode == "save":
+        Llama(LlamaConfig.tiny(**CONFIG)).save_pretrained(args.dir)
+        return
+    if args.model:
+        llama = Llama.from_pretrained(args.model, dtype=torch.float32, deferred=args.deferred)
+    else:
+        llama = Llama(LlamaConfig.tiny(**CONFIG))
+    model = Policy(llama)
     g = torch.Generator().manual_seed(1)
     data = [torch.randint(0, CONFIG["vocab_size"], (args.tokens,), generator=g) for _ in range(64)]
     grads = []
@@ -88,6 +106,7 @@ def main():
             device="cpu",
         )
         loop = TrainLoop(cfg, model, data, step_fn)
+        setup_rss = _peak_rss_mib()  # the model read (or built), sharded, AdamW not yet made
         print(f"setup {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         seconds = [loop._train_step()["step_s"] for _ in range(args.steps + 1)][1:]
         print(f"steps {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
@@ -96,6 +115,7 @@ def main():
         "params": _nbytes(model.parameters()),
         "grads": max(grads),
         "adamw": _nbytes(t for s in opt.state.values() for t in s.values() if t.dim() > 0),
+        "setup_peak_rss_mib": setup_rss,
         "peak_rss_mib": _peak_rss_mib(),
     }
     every = [None] * dist.get_world_size()
@@ -106,6 +126,7 @@ def main():
             json.dumps(
                 {
                     "mode": args.mode,
+                    "load": ("deferred" if args.deferred else "whole") if args.model else "random",
                     "processes": dist.get_world_size(),
                     "tokens_per_micro_batch": args.tokens,
                     "parameters": n,

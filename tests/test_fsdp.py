@@ -116,7 +116,7 @@ def _trainers_worker(rank, world, init_file, root, mode):
         device="cpu",
         seed=3,
     )
-    reward = RewardTrainer(
+    reward_trainer = RewardTrainer(
         RewardConfig(
             out=os.path.join(root, f"reward_{mode}"),
             data=os.path.join(root, "pref.jsonl"),
@@ -125,7 +125,9 @@ def _trainers_worker(rank, world, init_file, root, mode):
             rows_per_batch=2,
             **common,
         )
-    ).fit()
+    )
+    assert is_deferred(reward_trainer.model) == (mode == "fsdp")
+    reward = reward_trainer.fit()
     trainer = ReinforceTrainer(
         ReinforceConfig(
             out=os.path.join(root, f"policy_{mode}"),
@@ -140,10 +142,10 @@ def _trainers_worker(rank, world, init_file, root, mode):
     )
     # under --fsdp the policy and the reference are built on the meta device and read once
     # sharded (each process its rows): nothing read yet
-    deferred = is_deferred(trainer.policy) and is_deferred(trainer.reference)
-    assert deferred == (mode == "fsdp")
+    for model in (trainer.policy, trainer.reference, trainer.reward_model):
+        assert is_deferred(model) == (mode == "fsdp")
     policy = trainer.fit()
-    assert not is_deferred(trainer.policy) and not is_deferred(trainer.reference)
+    assert not any(map(is_deferred, (trainer.policy, trainer.reference, trainer.reward_model)))
     # what this process holds of the frozen reference and reward model
     frozen = [*trainer.reference.parameters(), *trainer.reward_model.parameters()]
     held = sum(local_part(p).numel() for p in frozen)
@@ -326,11 +328,34 @@ def _deferred_worker(rank, world, init_file, root):
         assert torch.equal(full_tensor(ours.detach()), ref), name
     ids = torch.randint(3, 200, (1, 30), generator=torch.Generator().manual_seed(0))
     assert torch.equal(model(ids), whole(ids))
+    # reward models: with a saved head, a fresh head (the same random draws as a whole load) and
+    # the Nemotron-Reward-HF layout (the head is lm_head's row 0, read from the file)
+    for name, load in (
+        ("reward", RewardModel.from_pretrained),
+        ("policy", RewardModel.from_pretrained),
+        ("reward-hf", RewardModel.from_reward_hf),
+    ):
+        torch.manual_seed(5)
+        whole = load(os.path.join(root, name))
+        torch.manual_seed(5)
+        model = load(os.path.join(root, name), deferred=True)
+        assert is_deferred(model) and all(p.is_meta for p in model.parameters())
+        shard(model, init_parallel(1, "cpu")["dp"], (DecoderLayer,))
+        materialize(model, torch.device("cpu"))
+        init_root(model)
+        for (key, ours), ref in zip(model.named_parameters(), whole.parameters()):
+            assert torch.equal(full_tensor(ours.detach()), ref), (name, key)
+        last = torch.tensor([9, 29])
+        cu = torch.tensor([0, 10, 30], dtype=torch.int32)
+        assert torch.equal(model(ids[0], last, cu_seqlens=cu), whole(ids[0], last, cu_seqlens=cu))
 
 
 def test_deferred_load_under_fsdp_reads_each_process_rows(tmp_path):
     torch.manual_seed(1)
     Llama(LlamaConfig.tiny()).save_pretrained(tmp_path / "policy")
+    reward = RewardModel(Llama(LlamaConfig.tiny()))
+    reward.save_pretrained(tmp_path / "reward")
+    reward.export_hf(tmp_path / "reward-hf")
     run_ranks(_deferred_worker, 2, str(tmp_path))
 
 

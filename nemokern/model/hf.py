@@ -223,6 +223,20 @@ def _fill(model, path: Path, assigned, check_finite: bool) -> None:
         )
 
 
+def read_tensor(path, name: str, rows: slice = slice(None)) -> torch.Tensor:
+    """Rows `rows` of the tensor `name` in the HF directory `path` (sharded or not), read from
+    the memory-mapped file alone; CheckpointError naming the file if it lacks the tensor."""
+    path = Path(path)
+    assigned = weight_files(path)
+    file = assigned.get(name, assigned.get(None))
+    if file is None:
+        raise CheckpointError(f"{path}: no tensor {name!r} in {INDEX}")
+    with open_safetensors(file) as f:
+        if name not in f.keys():
+            raise CheckpointError(f"{file}: no tensor {name!r}")
+        return f.get_slice(name)[rows]
+
+
 def _check_finite(file: Path, name: str, tensor: torch.Tensor):
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())

@@ -16,11 +16,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from nemokern.model.hf import CheckpointError
+from nemokern.model.deferred import defer, is_deferred
+from nemokern.model.hf import CheckpointError, read_tensor
 from nemokern.model.llama import Llama
 from nemokern.ops import reward_head
 from nemokern.parallel import broadcast, rank_and_size
-from nemokern.parallel.fsdp import first_holder, full_tensor
+from nemokern.parallel.fsdp import copy_into, first_holder, full_tensor
 
 # SteerLM's 9 attributes, in the order of the head's outputs (recipe.md section 1); the one
 # definition that data readers, losses and trainers use.
@@ -52,12 +53,26 @@ class RewardModel(nn.Module):
             trunk.config.hidden_size,
             len(self.attributes),
             bias=True,
-            device=p.device,
+            device="cpu" if p.is_meta else p.device,
             dtype=p.dtype,
         )
         with torch.no_grad():
             self.head.weight.normal_(0.0, trunk.config.hidden_size**-0.5)
             self.head.bias.zero_()
+        if p.is_meta:  # a deferred trunk (Llama.from_pretrained(deferred=True)): the head too
+            self._defer_head(dict(self.head.named_parameters()))
+
+    def _defer_head(self, values: dict) -> None:
+        """The head on the meta device, given `values` (weight, bias) when the model is
+        materialized (model.deferred)."""
+        values = {name: v.detach().cpu().clone() for name, v in values.items()}
+        self.head.to("meta")
+
+        def fill():
+            for name, value in values.items():
+                copy_into(self.head.get_parameter(name), value)
+
+        defer(self.head, fill)
 
     def attribute_index(self, name: str) -> int:
         if name not in self.attributes:
@@ -104,10 +119,12 @@ class RewardModel(nn.Module):
         attributes=None,
         activation_checkpointing=False,
         tp_group=None,
+        deferred=False,
     ) -> RewardModel:
         """Load a trunk (any HF Llama directory) and its head when the directory has one; a
         directory without a head (a base or instruct model) gets a fresh head over `attributes`
-        (default the 9 SteerLM ones). tp_group: the trunk split as Llama.from_pretrained does."""
+        (default the 9 SteerLM ones). tp_group: the trunk split as Llama.from_pretrained does.
+        deferred: as Llama.from_pretrained's, the head included."""
         path = Path(path)
         trunk = Llama.from_pretrained(
             path,
@@ -115,6 +132,7 @@ class RewardModel(nn.Module):
             device=device,
             activation_checkpointing=activation_checkpointing,
             tp_group=tp_group,
+            deferred=deferred,
         )
         if not (path / HEAD_WEIGHTS).exists():
             return cls(trunk, attributes or ATTRIBUTES)
@@ -135,19 +153,31 @@ class RewardModel(nn.Module):
                 raise CheckpointError(
                     f"{path / HEAD_WEIGHTS}: tensor {name!r} is {got}, expected {shape}"
                 )
+        if is_deferred(trunk):
+            model._defer_head(tensors)
+            return model
         with torch.no_grad():
             model.head.weight.copy_(tensors["weight"])
             model.head.bias.copy_(tensors["bias"])
         return model
 
     @classmethod
-    def from_reward_hf(cls, path, *, dtype=None, device=None, tp_group=None) -> RewardModel:
+    def from_reward_hf(
+        cls, path, *, dtype=None, device=None, tp_group=None, deferred=False
+    ) -> RewardModel:
         """A Nemotron-Reward-HF directory (a plain Llama whose reward is logits[last, 0]) as a
         one-attribute RewardModel: lm_head row 0 is the head, with the bias `export_hf` recorded
-        in config.json (0 when absent, as in NVIDIA's release)."""
-        trunk = Llama.from_pretrained(path, dtype=dtype, device=device, tp_group=tp_group)
+        in config.json (0 when absent, as in NVIDIA's release). deferred: as from_pretrained's."""
+        trunk = Llama.from_pretrained(
+            path, dtype=dtype, device=device, tp_group=tp_group, deferred=deferred
+        )
         extra = trunk.config.extra
         model = cls(trunk, (extra.get("nemokern_reward_attribute", "reward"),))
+        if is_deferred(trunk):  # row 0 read from the file (an untied head: a tied one loads whole)
+            row = read_tensor(path, "lm_head.weight", rows=slice(0, 1))
+            bias = torch.full((1,), float(extra.get("nemokern_reward_bias", 0.0)))
+            model._defer_head({"weight": row, "bias": bias})
+            return model
         with torch.no_grad():
             # vocabulary row 0 is in tp rank 0's shard
             model.head.weight.copy_(broadcast(trunk.lm_head.weight[:1].clone(), tp_group))
@@ -155,10 +185,10 @@ class RewardModel(nn.Module):
         return model
 
     @classmethod
-    def load_any(cls, path, *, dtype=None, device=None, tp_group=None) -> RewardModel:
+    def load_any(cls, path, *, dtype=None, device=None, tp_group=None, deferred=False):
         """RewardModel.from_pretrained where the directory has a head, else from_reward_hf."""
         load = cls.from_pretrained if (Path(path) / HEAD_WEIGHTS).exists() else cls.from_reward_hf
-        return load(path, dtype=dtype, device=device, tp_group=tp_group)
+        return load(path, dtype=dtype, device=device, tp_group=tp_group, deferred=deferred)
 
     @torch.no_grad()
     def export_hf(self, path, attribute: str = "helpfulness") -> float:

@@ -128,6 +128,13 @@ def tp_group_for(config: TrainConfig):
     return setup_distributed(config.device, config.tp).tp_group if config.tp > 1 else None
 
 
+def reads_deferred(config: TrainConfig) -> bool:
+    """Whether a run's models are loaded deferred (from_pretrained(deferred=True)): under fsdp
+    over more than one data-parallel process, where each process then reads its rows only
+    (TrainLoop and place_frozen materialize them once sharded)."""
+    return config.fsdp and int(os.environ.get("WORLD_SIZE", "1")) // config.tp > 1
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -38,7 +38,7 @@ from nemokern.model import Llama, LlamaConfig, generate
 from nemokern.model.deferred import is_deferred
 from nemokern.parallel.fsdp import full_weights
 from nemokern.train.config import ConfigError, TrainConfig, option, option_error
-from nemokern.train.loop import StepOutput, TrainLoop, tp_group_for
+from nemokern.train.loop import StepOutput, TrainLoop, reads_deferred, tp_group_for
 from nemokern.train.rollout import (
     DEFERRED_SUMS,
     PolicyLoss,
@@ -188,10 +188,9 @@ def build_policy(config: TrainConfig, tokenizer, field: str = "policy") -> Llama
             )
         )
         return Llama.split_from(full, tp_group)
-    # under --fsdp over more than one process its weights are read once it is sharded, each
-    # process reading its rows only (TrainLoop materializes it)
-    deferred = config.fsdp and int(os.environ.get("WORLD_SIZE", "1")) // config.tp > 1
-    return Llama.from_pretrained(name, dtype=torch.float32, tp_group=tp_group, deferred=deferred)
+    return Llama.from_pretrained(
+        name, dtype=torch.float32, tp_group=tp_group, deferred=reads_deferred(config)
+    )
 
 
 def frozen_copy(policy: Llama, dtype: torch.dtype, source=None) -> Llama:
@@ -272,7 +271,11 @@ class ReinforceTrainer:
         self.reward_model, self.reward_column = None, 0
         if config.reward_model:
             self.reward_model, self.reward_column = load_reward_model(
-                config.reward_model, config.attribute, self.policy.tp_group, dtype=frozen
+                config.reward_model,
+                config.attribute,
+                self.policy.tp_group,
+                dtype=frozen,
+                deferred=reads_deferred(config),
             )
             self.reward_model.eval().requires_grad_(False)
             if self.reward_model.trunk.config.vocab_size < vocab:

@@ -21,7 +21,7 @@ from nemokern.data import load_reward_data
 from nemokern.data.tokenizer import load_tokenizer
 from nemokern.model import Llama, LlamaConfig, RewardModel
 from nemokern.train.config import TrainConfig, check_data_and_batching, option, option_error
-from nemokern.train.loop import StepOutput, TrainLoop, move_to, tp_group_for
+from nemokern.train.loop import StepOutput, TrainLoop, move_to, reads_deferred, tp_group_for
 from nemokern.train.losses import HELPFULNESS, bradley_terry_loss, pair_accuracy, regression_loss
 from nemokern.train.rewardbench import accuracy_report
 
@@ -85,7 +85,9 @@ def build_model(config: RewardConfig) -> RewardModel:
     if tiny:
         torch.manual_seed(config.seed)
         return RewardModel(Llama.split_from(Llama(LlamaConfig.tiny()), tp_group))
-    return RewardModel.from_pretrained(path, dtype=torch.float32, tp_group=tp_group)
+    return RewardModel.from_pretrained(
+        path, dtype=torch.float32, tp_group=tp_group, deferred=reads_deferred(config)
+    )
 
 
 def check_loss_fits_data(loss: str, kind: str, layout: str, where: str) -> None:

@@ -52,15 +52,16 @@ def load_reward_fn(spec: str) -> Callable:
 
 
 def load_reward_model(
-    path, attribute: str, tp_group=None, dtype=torch.float32
+    path, attribute: str, tp_group=None, dtype=torch.float32, deferred=False
 ) -> tuple[RewardModel, int]:
     """(model, column) for a reward-model directory: RewardModel's layout (the head in
     reward_head.safetensors, column = `attribute`) or the Nemotron-Reward-HF layout (a plain Llama
-    whose lm_head row 0 is the head, plus config.json's nemokern_reward_bias if any; column 0)."""
+    whose lm_head row 0 is the head, plus config.json's nemokern_reward_bias if any; column 0).
+    deferred: read once sharded (RewardModel.from_pretrained)."""
     path = Path(path)
     if not path.is_dir():
         raise option_error("reward_model", f"{path} is not a directory")
-    model = RewardModel.load_any(path, dtype=dtype, tp_group=tp_group)
+    model = RewardModel.load_any(path, dtype=dtype, tp_group=tp_group, deferred=deferred)
     if (path / HEAD_WEIGHTS).exists():
         if attribute not in model.attributes:
             raise option_error(
