@@ -17,10 +17,11 @@ from safetensors.torch import load_file
 
 from helpers import join_gloo, run_ranks
 from nemokern.data.synthetic import write_synthetic
+from nemokern.data.tokenizer import load_tokenizer
 from nemokern.model import Llama, LlamaConfig, RewardModel
 from nemokern.train.checkpoint import Checkpointer, CheckpointError
 from nemokern.train.loop import tp_group_for
-from nemokern.train.reinforce import ReinforceConfig, ReinforceTrainer
+from nemokern.train.reinforce import ReinforceConfig, ReinforceTrainer, build_policy
 from nemokern.train.reward import RewardConfig, RewardTrainer
 
 TP, STEPS = 2, 4
@@ -163,11 +164,13 @@ def _reinforce(root, run, tp, **kw):
 def _reinforce_worker(rank, world, init_file, root, tp, fsdp):
     os.environ["WORLD_SIZE"] = str(world)
     join_gloo(rank, world, init_file)
-    full = _reinforce(root, "full", tp, max_steps=STEPS, fsdp=fsdp)
-    _reinforce(root, "half", tp, max_steps=STEPS // 2, save_every=1, fsdp=fsdp)
+    # under --fsdp the policy comes from a directory, so it and the reference are read deferred
+    kw = {"fsdp": fsdp, **({"policy": os.path.join(root, "policy")} if fsdp else {})}
+    full = _reinforce(root, "full", tp, max_steps=STEPS, **kw)
+    _reinforce(root, "half", tp, max_steps=STEPS // 2, save_every=1, **kw)
     # step 1 is inside the first rollout (2 updates): the resume must train on its samples
     step1 = os.path.join(root, "half", "checkpoints", f"step-{1:08d}")
-    rest = _reinforce(root, "half", tp, max_steps=STEPS, resume=step1, fsdp=fsdp)
+    rest = _reinforce(root, "half", tp, max_steps=STEPS, resume=step1, **kw)
     if rank == 0:
         with open(os.path.join(root, "histories.json"), "w") as f:
             json.dump({"full": full, "rest": rest}, f)
@@ -183,6 +186,10 @@ def test_reinforce_run_resumes_inside_a_rollout_bit_for_bit(tmp_path, tp, fsdp):
     its own AdamW rows)."""
     rows = [{"prompt": f"Say {c}."} for c in "abcdefgh"]
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if fsdp:  # the policy 'tiny' would build, as a directory
+        build_policy(ReinforceConfig(seed=7), load_tokenizer("byte")).save_pretrained(
+            tmp_path / "policy"
+        )
 
     run_ranks(_reinforce_worker, 2, str(tmp_path), tp, fsdp)
 

@@ -131,8 +131,10 @@ def tp_group_for(config: TrainConfig):
 def reads_deferred(config: TrainConfig) -> bool:
     """Whether a run's models are loaded deferred (from_pretrained(deferred=True)): under fsdp
     over more than one data-parallel process, where each process then reads its rows only
-    (TrainLoop and place_frozen materialize them once sharded)."""
-    return config.fsdp and int(os.environ.get("WORLD_SIZE", "1")) // config.tp > 1
+    (TrainLoop and place_frozen materialize them once sharded; a deferred model in a run that
+    does not shard is read whole there)."""
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+    return config.fsdp and world // config.tp > 1
 
 
 def seed_everything(seed: int) -> None:
