@@ -287,17 +287,18 @@ def launch_script(script, world, *args, timeout=180):
     assert all(rc == 0 for rc, _ in results), [out for _, out in results]
 
 
-def train_tiny_ranks(out, mode, resume="", grad_accum=1):
-    """tests/zero_worker.py on 2 processes (mode ddp, zero or fsdp): (rank 0's whole weights,
-    [each rank's losses and AdamW state count])."""
+def train_tiny_ranks(out, mode, resume="", grad_accum=1, world=2, n_batches=None):
+    """tests/zero_worker.py on `world` processes (mode ddp, zero or fsdp): (rank 0's whole
+    weights, [each rank's losses and AdamW state count])."""
     import json
     from pathlib import Path
 
     from safetensors.torch import load_file
 
     worker = Path(__file__).with_name("zero_worker.py")
-    launch_script(worker, 2, out, mode, resume, str(grad_accum))
-    ranks = [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(2)]
+    extra = [] if n_batches is None else [str(n_batches)]
+    launch_script(worker, world, out, mode, resume, str(grad_accum), *extra)
+    ranks = [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(world)]
     return load_file(Path(out) / "weights.safetensors"), ranks
 
 

@@ -18,7 +18,7 @@ from nemokern.data.synthetic import write_synthetic
 from nemokern.model import Llama, LlamaConfig, RewardModel
 from nemokern.model.deferred import is_deferred
 from nemokern.parallel.fsdp import local_part
-from nemokern.train.checkpoint import Checkpointer, CheckpointError, load_modules
+from nemokern.train.checkpoint import Checkpointer, load_modules
 from nemokern.train.config import ConfigError
 from nemokern.train.loop import NonFiniteError, TrainLoop
 from nemokern.train.reinforce import ReinforceConfig, ReinforceTrainer
@@ -84,14 +84,37 @@ def test_fsdp_gradient_accumulation_matches_ddp(tmp_path):
     torch.testing.assert_close(r_fsdp[0]["losses"], r_ddp[0]["losses"], rtol=1e-5, atol=0)
 
 
-def test_fsdp_checkpoint_needs_the_flag(runs, tmp_path):
-    root, _, _ = runs
+def test_fsdp_checkpoint_resumes_on_one_process_without_the_flag(runs, tmp_path):
+    """Half the processes, twice the accumulation: the same global batch; the AdamW state is
+    regrouped from both processes' files, and the steps after it equal the 2-process run's."""
+    root, _, (w_fsdp, r_fsdp) = runs
     step3 = root / "fsdp" / "checkpoints" / "step-00000003"
-    loop = TrainLoop(
-        config(tmp_path, resume=str(step3)), TinyReward(tie=True), batches(12), step_fn
+    cfg = config(tmp_path, resume=str(step3), grad_accum=2, max_steps=6, optimizer_impl="foreach")
+    loop = TrainLoop(cfg, TinyReward(tie=True), batches(12), step_fn)
+    history = loop.fit()
+    assert [h["step"] for h in history] == [4, 5, 6]
+    losses = [h["loss"] for h in history]
+    torch.testing.assert_close(losses, r_fsdp[0]["losses"][3:], rtol=1e-5, atol=0)
+    assert_close(dict(loop.model.state_dict()), w_fsdp)
+
+
+def test_fsdp_checkpoint_resumes_on_another_process_count(tmp_path):
+    """--fsdp on 2 processes (grad_accum 2) and on 4 (grad_accum 1) train the same global batches;
+    a checkpoint of either resumes on the other, each process taking its rows of the AdamW state
+    regrouped from the saved files, and continues that run."""
+    w2, r2 = train(tmp_path / "two", "fsdp", grad_accum=2, n_batches=24)
+    w4, r4 = train(tmp_path / "four", "fsdp", n_batches=24, world=4)
+    assert len(r4) == 4 and len(r4[0]["losses"]) == 6
+    torch.testing.assert_close(r4[0]["losses"], r2[0]["losses"], rtol=1e-5, atol=0)
+    step3 = "checkpoints/step-00000003"
+    w, r = train(tmp_path / "two-to-four", "fsdp", tmp_path / "two" / step3, n_batches=24, world=4)
+    torch.testing.assert_close(r[0]["losses"], r2[0]["losses"][3:], rtol=1e-5, atol=0)
+    assert_close(w, w2)
+    w, r = train(
+        tmp_path / "four-to-two", "fsdp", tmp_path / "four" / step3, grad_accum=2, n_batches=24
     )
-    with pytest.raises(CheckpointError, match=r"sharded over 2 processes \(--fsdp\), this run"):
-        loop.fit()
+    torch.testing.assert_close(r[0]["losses"], r4[0]["losses"][3:], rtol=1e-5, atol=0)
+    assert_close(w, w4)
 
 
 def test_fsdp_with_shard_optimizer_is_refused_by_name(tmp_path):

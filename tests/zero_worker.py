@@ -1,8 +1,9 @@
 """One data-parallel rank of tests/test_shard_optimizer.py and tests/test_fsdp.py (env:// like
-torchrun): `zero_worker.py OUT MODE RESUME [GRAD_ACCUM]` trains train_tiny's reward model for 6
-steps (a checkpoint every 3), MODE ddp, zero (--shard-optimizer) or fsdp (--fsdp), RESUME '' or a
-checkpoint; each rank writes OUT/rank<R>.json (the losses and how many AdamW state elements it
-holds), rank 0 OUT/weights.safetensors (whole tensors).
+torchrun): `zero_worker.py OUT MODE RESUME [GRAD_ACCUM [BATCHES]]` trains train_tiny's reward
+model for 6 steps (a checkpoint every 3) on BATCHES micro-batches (default 12 x GRAD_ACCUM), MODE
+ddp, zero (--shard-optimizer) or fsdp (--fsdp), RESUME '' or a checkpoint; each rank writes
+OUT/rank<R>.json (the losses and how many AdamW state elements it holds), rank 0
+OUT/weights.safetensors (whole tensors).
 """
 
 import json
@@ -20,6 +21,7 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     out, mode, resume = sys.argv[1], sys.argv[2], sys.argv[3]
     grad_accum = int(sys.argv[4]) if len(sys.argv) > 4 else 1
+    n_batches = int(sys.argv[5]) if len(sys.argv) > 5 else 12 * grad_accum
     cfg = config(
         out,
         grad_accum=grad_accum,
@@ -31,7 +33,7 @@ if __name__ == "__main__":
         resume=resume,
         optimizer_impl="foreach",
     )
-    loop = TrainLoop(cfg, TinyReward(tie=True), batches(12 * grad_accum), step_fn)
+    loop = TrainLoop(cfg, TinyReward(tie=True), batches(n_batches), step_fn)
     history = loop.fit()
     opt = getattr(loop.optimizer, "optim", loop.optimizer)  # a ZeroRedundancyOptimizer's own share
     held = sum(local_part(t).numel() for s in opt.state.values() for t in s.values() if t.dim() > 0)

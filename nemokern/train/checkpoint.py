@@ -53,7 +53,7 @@ from nemokern.parallel.fsdp import (
     like,
     local_part,
 )
-from nemokern.train.reshard import load_resharded
+from nemokern.train.reshard import load_fsdp_regrouped, load_resharded
 
 FORMAT = "nemokern-checkpoint-1"
 MANIFEST = "manifest.json"
@@ -530,8 +530,10 @@ class Checkpointer:
         process's RNG; returns the trainer state ({"step": ..., "world_size": ..., ...}, and
         "local": this process's `local` state if the save had one).
         A checkpoint written at another tensor-parallel size is resharded (train/reshard.py),
-        unless its optimizer state is sharded (--shard-optimizer) or it was saved inside a
-        rollout: those raise CheckpointError naming both sizes."""
+        unless its optimizer state is sharded (--shard-optimizer or --fsdp); an --fsdp one
+        resumes on another number of processes at its tp size, or without --fsdp. One saved
+        inside a rollout resumes only at the process count and tp size it was saved at. What
+        cannot resume raises CheckpointError naming both layouts."""
         path = Path(path)
         manifest = validate(path)
         saved_tp = manifest.get("tp", 1)
@@ -563,11 +565,14 @@ class Checkpointer:
         set_rng_state(_load_state(path, f"rng-{own}"))
         if (path / f"local-{own}.json").is_file():
             state["local"] = _load_state(path, f"local-{own}")
-            if saved_tp != self.tp_size and any(state["local"].get("extra", {}).values()):
+            saved_world = state.get("world_size", self.world_size)
+            regrouped = saved_tp != self.tp_size or saved_world != self.world_size
+            if regrouped and any(state["local"].get("extra", {}).values()):
                 raise CheckpointError(
-                    f"{path}: saved inside a rollout (each data-parallel group's own), which "
-                    f"another --tp regroups; resume it with --tp {saved_tp}, or from a "
-                    "checkpoint at a rollout's end"
+                    f"{path}: saved inside a rollout (each data-parallel group's own) on "
+                    f"{saved_world} process(es) at --tp {saved_tp}, this run has "
+                    f"{self.world_size} at --tp {self.tp_size}; resume it as it was saved, or "
+                    "from a checkpoint at a rollout's end"
                 )
         return state
 
@@ -581,18 +586,24 @@ class Checkpointer:
             )
 
     def _load_fsdp_optimizer(self, path: Path, manifest: dict, optimizer, fsdp: bool) -> None:
-        """The AdamW state of an FSDP run from each process's own file, or from a whole one (a
-        run without sharding: each process keeps its rows of it)."""
+        """The AdamW state of an FSDP run from each process's own file (on another process count,
+        or without --fsdp, regrouped from all of them: reshard.load_fsdp_regrouped), or from a
+        whole one (a run without sharding: each process keeps its rows of it)."""
         saved = manifest.get("sharded_optimizer")
         kind = manifest.get("optimizer_sharding", "zero" if saved else None)
-        if not fsdp or kind == "zero" or (kind == "fsdp" and saved != self.world_size):
-            how = "--fsdp" if kind == "fsdp" else "--shard-optimizer"
-            was = f"sharded over {saved} processes ({how})"
-            now = f"--fsdp on {self.world_size} processes" if fsdp else "no --fsdp"
+        if kind == "zero" or isinstance(optimizer, ZeroRedundancyOptimizer):
+            was = f"sharded over {saved} processes (--shard-optimizer)" if saved else "whole"
+            now = "--fsdp" if fsdp else "--shard-optimizer"
             raise CheckpointError(
-                f"{path}: its optimizer state is {was}, this run has {now}; resume it as it was "
-                "saved (a whole optimizer state, from a run without either, resumes under --fsdp)"
+                f"{path}: its optimizer state is {was}, this run has {now}; a --shard-optimizer "
+                "state resumes only as it was saved, and an --fsdp one under --fsdp or without "
+                "sharding"
             )
+        if kind == "fsdp" and (saved != self.world_size or not fsdp):
+            # this tp rank's files, in data-parallel order (mesh ("dp", "tp"): tp consecutive)
+            names = [f"optimizer.rank{r:05d}" for r in range(self.tp_rank, saved, self.tp_size)]
+            load_fsdp_regrouped(path, names, optimizer)
+            return
         name = f"optimizer.rank{self.rank:05d}" if kind == "fsdp" else "optimizer"
         state = _load_state(path, name)
         params = [p for group in optimizer.param_groups for p in group["params"]]

@@ -6,6 +6,9 @@ A run at --tp M takes, one tensor at a time, the full tensor from those pieces a
 slice: the same slice `from_pretrained(..., tp_group=...)` would read, so the model and AdamW's
 moments continue where they were, at most one full tensor held at a time. Tensors that are not
 split (norms, heads, AdamW's step counts) are taken from the first piece.
+
+An --fsdp checkpoint's AdamW state (one file per process, each its rows) resumes on another
+number of processes, or without --fsdp, the same way along dim 0: `load_fsdp_regrouped`.
 """
 
 from __future__ import annotations
@@ -145,3 +148,43 @@ def load_resharded(path: Path, saved_tp: int, targets: dict, model, optimizer=No
             optimizer.load_state_dict(state)
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"{path}: the optimizer state does not fit ({e})") from None
+
+
+@torch.no_grad()
+def load_fsdp_regrouped(path: Path, names: list[str], optimizer) -> None:
+    """An FSDP run's AdamW state, saved as one file per process (`names`: those of this run's tp
+    rank, in data-parallel order), into `optimizer` on another number of processes (or without
+    FSDP): each state tensor's rows are concatenated across the files, one tensor at a time, and
+    each process keeps the rows its parameter holds (parallel.fsdp.like), so the moments continue
+    exactly. Step counts (0-dim) are taken from the first file."""
+    from nemokern.parallel.fsdp import like
+    from nemokern.train.checkpoint import decode_state
+
+    first = path / f"{names[0]}.json"
+    try:
+        encoded = json.loads(first.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{first} is missing; the checkpoint is incomplete") from None
+    state = decode_state(encoded, _Keys(), str(first))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    with ExitStack() as stack:
+        files = [path / f"{n}.safetensors" for n in names]
+        handles = [_open(stack, f) for f in files]
+        for index, entries in state.get("state", {}).items():
+            if not 0 <= index < len(params):
+                raise CheckpointError(f"{first}: state for parameter {index}, which this has not")
+            for key, value in entries.items():
+                if not isinstance(value, _Key):
+                    continue
+                pieces = [_get(h, value, f) for h, f in zip(handles, files)]
+                whole = pieces[0] if pieces[0].dim() == 0 else torch.cat(pieces)
+                if whole.dim() and whole.shape != params[index].shape:
+                    raise CheckpointError(
+                        f"{path}: optimizer {value} rebuilt from {len(files)} files is "
+                        f"{tuple(whole.shape)}, the parameter is {tuple(params[index].shape)}"
+                    )
+                entries[key] = like(whole, params[index], whole=True)
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: the optimizer state does not fit ({e})") from None
