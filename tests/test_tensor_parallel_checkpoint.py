@@ -167,10 +167,10 @@ def _reinforce_worker(rank, world, init_file, root, tp, fsdp):
     # under --fsdp the policy comes from a directory, so it and the reference are read deferred
     kw = {"fsdp": fsdp, **({"policy": os.path.join(root, "policy")} if fsdp else {})}
     full = _reinforce(root, "full", tp, max_steps=STEPS, **kw)
-    _reinforce(root, "half", tp, max_steps=STEPS // 2, save_every=1, **kw)
+    _reinforce(root, "half", tp, max_steps=STEPS // 2, save_every=1, keep_last=4, **kw)
     # step 1 is inside the first rollout (2 updates): the resume must train on its samples
     step1 = os.path.join(root, "half", "checkpoints", f"step-{1:08d}")
-    rest = _reinforce(root, "half", tp, max_steps=STEPS, resume=step1, **kw)
+    rest = _reinforce(root, "half", tp, max_steps=STEPS, resume=step1, keep_last=4, **kw)
     if rank == 0:
         with open(os.path.join(root, "histories.json"), "w") as f:
             json.dump({"full": full, "rest": rest}, f)
@@ -202,3 +202,7 @@ def test_reinforce_run_resumes_inside_a_rollout_bit_for_bit(tmp_path, tp, fsdp):
         _assert_same_shards(tmp_path / "half", tmp_path / "full")
     manifest = tmp_path / "half" / "checkpoints" / f"step-{STEPS:08d}" / "manifest.json"
     assert json.loads(manifest.read_text()).get("optimizer_sharding") == ("fsdp" if fsdp else None)
+    if tp == 1:  # step 1 is inside a rollout, each process's own: one process cannot continue it
+        step1 = tmp_path / "half" / "checkpoints" / f"step-{1:08d}"
+        with pytest.raises(CheckpointError, match=r"inside a rollout .* on 2 process\(es\) at "):
+            _reinforce(str(tmp_path), "one", 1, max_steps=STEPS, resume=str(step1), grad_accum=2)
