@@ -88,9 +88,10 @@ class TrainConfig:
         False,
         "under torchrun: shard the trained model's parameters, gradients and AdamW state over "
         "the data-parallel processes (torch FSDP2, one unit per decoder layer), each keeping "
-        "about 1/dp of them; checkpoints then hold one optimizer file per process and --resume "
-        "needs the same process count and --tp. With --tp, the tensor-parallel shards are "
-        "sharded further over the data-parallel groups",
+        "about 1/dp of them (models are read from disk straight into each process's share); "
+        "checkpoints hold one optimizer file per process and --resume needs the same --tp (on "
+        "another process count the state is regrouped). With --tp, the tensor-parallel shards "
+        "are sharded further over the data-parallel groups",
     )
     bf16: bool = option(True, "bf16 autocast on CUDA (ignored on the CPU)")
     activation_checkpointing: bool = option(False, "recompute each layer in the backward pass")
