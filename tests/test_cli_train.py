@@ -1,9 +1,12 @@
 """The training commands as a user runs them, end to end on the synthetic task: train-reward
-(stage 1 regression, stage 2 scaled BT from it), score, export-reward, expo."""
+(stage 1 regression, stage 2 scaled BT from it), score, export-reward, expo; how a run stops
+(divergence, SIGTERM) and the torchrun line."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
 from nemokern.data.synthetic import write_synthetic
 
@@ -72,14 +75,23 @@ def test_reward_recipe_from_the_command_line(tmp_path):
     )
 
 
+# train-reward on tmp_path/hs2.jsonl into tmp_path/o, quietly (options appended)
+TRAIN_REWARD = [sys.executable, "-m", "nemokern.cli", "train-reward", "--data", "hs2.jsonl"] + [
+    "--loss",
+    "helpfulness",
+    "--out",
+    "o",
+    "--no-progress",
+    "--no-tensorboard",
+]
+
+
 def test_a_diverging_run_stops_with_one_line_and_keeps_its_last_good_checkpoint(tmp_path):
     """lr 1e30 makes step 2's loss non-finite: exit status 1, one line naming the step, the
     rows and the checkpoint to resume from (no traceback); that checkpoint is on disk."""
     write_synthetic(tmp_path / "hs2.jsonl", 16, "helpsteer2", seed=0)
     out = subprocess.run(
-        [sys.executable, "-m", "nemokern.cli", "train-reward", "--data", "hs2.jsonl"]
-        + ["--loss", "helpfulness", "--out", "o", "--no-progress", "--no-tensorboard"]
-        + ["--lr", "1e30", "--max-steps", "3"],
+        TRAIN_REWARD + ["--lr", "1e30", "--max-steps", "3"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -121,3 +133,30 @@ def test_train_reward_under_torchrun_with_fsdp(tmp_path):
     assert len(ours) == 1 and "stopped: non-finite" in ours[0], bad.stderr
     assert "rank 0:" in ours[0] and "rank 1:" in ours[0]
     assert "nemokern/train/loop.py" not in bad.stderr  # torchrun's traceback only, not ours
+
+
+def test_cli_exits_143_with_one_line_on_sigterm(tmp_path):
+    """A real signal from outside, at whatever step the run has reached (train/stop.py; the
+    resume's exactness: tests/test_train_stop.py)."""
+    write_synthetic(tmp_path / "hs2.jsonl", 64, "helpsteer2", seed=0)
+    proc = subprocess.Popen(
+        TRAIN_REWARD + ["--max-steps", "100000", "--rows-per-batch", "2"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = tmp_path / "o" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "nemokern train-reward: stopped by SIGTERM after"
+    ), err
+    step = int(lines[0].split("after step ")[1].split()[0])
+    assert (tmp_path / "o" / "checkpoints" / f"step-{step:08d}" / "manifest.json").is_file()

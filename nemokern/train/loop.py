@@ -41,6 +41,7 @@ from ..parallel.fsdp import full_tensor, full_weights, init_root, shard
 from .checkpoint import Checkpointer, CheckpointError, get_rng_state, save_modules
 from .config import TrainConfig, dump_toml, option_error
 from .metrics import MetricsLogger, peak_memory_mb
+from .stop import StopSignals, TrainingStopped
 
 
 class NonFiniteError(RuntimeError):
@@ -578,7 +579,7 @@ class TrainLoop:
             tensorboard=cfg.tensorboard,
             progress=cfg.progress,
         )
-        with logger:
+        with logger, StopSignals() as signals:
             while self.step < self.total_steps:
                 metrics = self._train_step()
                 if (
@@ -592,6 +593,19 @@ class TrainLoop:
                 self.history.append(logger.log(self.step, metrics))
                 if cfg.save_every and self.step % cfg.save_every == 0:
                     self.save()
+                signum = signals.agreed(self.device, self.dist.active)
+                if signum and self.step < self.total_steps:
+                    self._stop_on(signum)
             if self.last_saved != self.step:
                 self.save()
         return self.history
+
+    def _stop_on(self, signum: int) -> None:
+        """A signal reached a process (train/stop.py): keep this step as a checkpoint, then raise
+        TrainingStopped on every process."""
+        path = self.save() if self.last_saved != self.step else self.checkpointer.path(self.step)
+        raise TrainingStopped(
+            f"stopped by {StopSignals.name(signum)} after step {self.step} of "
+            f"{self.total_steps}; the state is in {path}: --resume auto continues from it",
+            signum,
+        )

@@ -1,0 +1,65 @@
+"""Stopping a run cleanly on a signal: SIGTERM (a scheduler's preemption or time-limit notice, which
+torchrun forwards to its workers) or SIGINT (Ctrl-C).
+
+The signal only sets a flag. TrainLoop finishes the optimizer step it is in, every process learns
+whether any process was signalled (one all-reduce of one integer per step), a checkpoint of that
+step is written, and `TrainingStopped` is raised naming it; `--resume auto` continues exactly there.
+A second SIGINT stops at once (KeyboardInterrupt). Handlers are installed only while `fit` runs,
+from the main thread, and the previous ones are restored after it.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import torch
+import torch.distributed as dist
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class TrainingStopped(RuntimeError):
+    """A run stopped by a signal after a checkpoint; `signum` is the signal's number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopSignals:
+    """`with StopSignals() as s:` ... `s.agreed(device, active)`: the signal any process received
+    (0 for none)."""
+
+    def __init__(self):
+        self.received = 0
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # asked twice: stop now
+        self.received = self.received or signum
+
+    def agreed(self, device: torch.device, distributed: bool) -> int:
+        """The first signal any process received (the largest number if several differ); the
+        same on every process of the default group, all of which must call it."""
+        if not distributed:
+            return self.received
+        flag = torch.tensor([self.received], dtype=torch.int64, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+    @staticmethod
+    def name(signum: int) -> str:
+        return signal.Signals(signum).name

@@ -1,0 +1,84 @@
+"""Stopping on SIGTERM / SIGINT (train/stop.py): the step in progress finishes, a checkpoint of it
+is written, TrainingStopped names it, and --resume auto continues exactly; every process stops at
+the same step. (The command's exit status: tests/test_cli_train.py.)"""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from train_tiny import TinyReward, batches, config, step_fn
+
+from helpers import join_gloo, run_ranks
+from nemokern.train.loop import TrainLoop
+from nemokern.train.stop import TrainingStopped
+
+
+def _signalling(at_step: int, signum=signal.SIGTERM, times: int = 1, rank=None, per_step=2):
+    """step_fn that, in the first micro-batch of step `at_step` (1-based; `per_step` micro-batches
+    a step on each process), sends `signum` to its own process `times` times (only on process
+    `rank` when given)."""
+    calls = []
+
+    def fn(model, batch):
+        calls.append(1)
+        mine = rank is None or torch.distributed.get_rank() == rank
+        if len(calls) == (at_step - 1) * per_step + 1 and mine:
+            for _ in range(times):
+                os.kill(os.getpid(), signum)
+        return step_fn(model, batch)
+
+    return fn
+
+
+def _loop(out, fn, **kw):
+    return TrainLoop(config(out, grad_accum=2, **kw), TinyReward(), batches(12), fn)
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(tmp_path):
+    straight = _loop(tmp_path / "straight", step_fn)
+    expected = straight.fit()
+    before = signal.getsignal(signal.SIGTERM)
+    loop = _loop(tmp_path / "run", _signalling(3))
+    with pytest.raises(TrainingStopped, match=r"stopped by SIGTERM after step 3 of 12; .*step-0+3"):
+        loop.fit()
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is fit's only
+    assert loop.last_saved == 3 and [h["step"] for h in loop.history] == [1, 2, 3]
+    resumed = _loop(tmp_path / "run", step_fn, resume="auto")
+    rest = resumed.fit()
+    assert [h["step"] for h in rest] == list(range(4, 13))
+    for ours, ref in zip(loop.history + rest, expected):
+        assert ours["loss"] == ref["loss"] and ours["grad_norm"] == ref["grad_norm"]
+    for (name, ours), ref in zip(
+        resumed.model.state_dict().items(), straight.model.state_dict().values()
+    ):
+        assert torch.equal(ours, ref), name
+
+
+def test_sigint_twice_interrupts_at_once(tmp_path):
+    loop = _loop(tmp_path, _signalling(2, signal.SIGINT, times=2))
+    with pytest.raises(KeyboardInterrupt):
+        loop.fit()
+    assert loop.step == 1  # inside step 2: not finished, not saved
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def _two_process_worker(rank, world, init_file, root):
+    os.environ["WORLD_SIZE"] = str(world)
+    join_gloo(rank, world, init_file)
+    loop = TrainLoop(
+        config(root, grad_accum=1), TinyReward(), batches(12), _signalling(2, rank=1, per_step=1)
+    )
+    try:
+        loop.fit()
+    except TrainingStopped as e:
+        with open(os.path.join(root, f"rank{rank}.json"), "w") as f:
+            json.dump({"step": loop.step, "signum": e.signum, "message": str(e)}, f)
+
+
+def test_every_process_stops_at_the_same_step_when_one_is_signalled(tmp_path):
+    run_ranks(_two_process_worker, 2, str(tmp_path))
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [g["step"] for g in got] == [2, 2] and {g["signum"] for g in got} == {signal.SIGTERM}
+    assert (tmp_path / "checkpoints" / "step-00000002" / "manifest.json").is_file()
