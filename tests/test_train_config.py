@@ -50,6 +50,13 @@ def test_help_shows_every_option_with_its_default():
     assert "--no-shuffle" in text
 
 
+def test_steps_is_another_spelling_of_max_steps():
+    """The REINFORCE interface's `--steps S` (issue 11) is --max-steps."""
+    assert parse_config(RecipeConfig, ["--steps", "7"]).max_steps == 7
+    assert parse_config(RecipeConfig, ["--max-steps", "7"]).max_steps == 7
+    assert "--max-steps MAX_STEPS, --steps MAX_STEPS" in config_parser(TrainConfig).format_help()
+
+
 def test_toml_then_command_line(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text(

@@ -40,10 +40,10 @@ def check_data_and_batching(config) -> None:
         raise option_error("rows_per_batch", "give rows_per_batch > 0 or max_tokens_per_batch > 0")
 
 
-def option(default, help: str, *, choices=None):
-    """A config field: its default, its help text and (optionally) its allowed values.
-    A list default is copied for each instance."""
-    meta = {"help": help, "choices": choices}
+def option(default, help: str, *, choices=None, aliases=()):
+    """A config field: its default, its help text, (optionally) its allowed values and other
+    command-line spellings of it (e.g. "--steps"). A list default is copied for each instance."""
+    meta = {"help": help, "choices": choices, "aliases": tuple(aliases)}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -58,7 +58,9 @@ class TrainConfig:
     seed: int = option(0, "seed of the model init, the data order and every sampler")
     epochs: int = option(1, "passes over the training data")
     max_steps: int = option(
-        0, "stop after this many optimizer steps (0: as many as the epochs give)"
+        0,
+        "stop after this many optimizer steps (0: as many as the epochs give)",
+        aliases=("--steps",),
     )
     grad_accum: int = option(1, "micro-batches per optimizer step on each process")
     lr: float = option(
@@ -258,7 +260,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> argparse.Argum
     )
     hints = _types(cls)
     for f in config_fields(cls):
-        tp, flag = hints[f.name], "--" + f.name.replace("_", "-")
+        tp, flags = hints[f.name], ("--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ()))
         if typing.get_origin(tp) in (typing.Union, types.UnionType):
             tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -271,16 +273,16 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> argparse.Argum
         if f.metadata.get("choices"):
             kw["choices"] = f.metadata["choices"]
         if tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
         elif typing.get_origin(tp) is tuple:
             args = typing.get_args(tp)
-            parser.add_argument(flag, nargs=len(args), type=args[0], metavar=f.name.upper(), **kw)
+            parser.add_argument(*flags, nargs=len(args), type=args[0], metavar=f.name.upper(), **kw)
         elif typing.get_origin(tp) is list:
             parser.add_argument(
-                flag, nargs="*", type=typing.get_args(tp)[0], metavar=f.name.upper(), **kw
+                *flags, nargs="*", type=typing.get_args(tp)[0], metavar=f.name.upper(), **kw
             )
         else:
-            parser.add_argument(flag, type=tp, **kw)
+            parser.add_argument(*flags, type=tp, **kw)
     return parser
 
 
