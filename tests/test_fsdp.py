@@ -77,6 +77,22 @@ def test_whole_checkpoint_resumes_under_fsdp(runs):
     torch.testing.assert_close(ranks[0]["losses"], r_ddp[0]["losses"][3:], rtol=1e-5, atol=0)
 
 
+def test_fsdp_bf16_params_compute_in_bf16_and_keep_fp32_state(runs, tmp_path):
+    """--fsdp-param-dtype bfloat16: the layers run on bf16 weights (gathered so), the shards,
+    their AdamW state and the checkpoint stay fp32, and the run tracks the fp32 one to bf16's
+    precision."""
+    root, _, (w_fsdp, r_fsdp) = runs
+    assert r_fsdp[0]["computed_dtypes"] == ["torch.float32"]
+    w, ranks = train(tmp_path / "bf16", "fsdp-bf16")
+    assert ranks[0]["computed_dtypes"] == ["torch.bfloat16"]
+    assert ranks[0]["state_elements"] == r_fsdp[0]["state_elements"]
+    assert {v.dtype for v in w.values()} == {torch.float32}
+    ours, ref = ranks[0]["losses"], r_fsdp[0]["losses"]
+    assert ours != ref
+    assert ours[0] == pytest.approx(ref[0], rel=2e-3)  # the same weights, rounded to bf16
+    torch.testing.assert_close(ours, ref, rtol=5e-2, atol=0)  # 6 AdamW steps at lr 1e-2 apart
+
+
 def test_fsdp_gradient_accumulation_matches_ddp(tmp_path):
     w_ddp, r_ddp = train(tmp_path / "ddp", "ddp", grad_accum=2)
     w_fsdp, r_fsdp = train(tmp_path / "fsdp", "fsdp", grad_accum=2)

@@ -24,7 +24,12 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, fully_shard
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    fully_shard,
+)
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 
@@ -35,6 +40,7 @@ def shard(
     *,
     frozen: bool = False,
     offload: bool = False,
+    param_dtype: torch.dtype | None = None,
 ) -> None:
     """fully_shard each submodule of `unit_types`, then `model` (the root), over the 1-D `mesh`;
     in place (the parameters become DTensors). The root is initialised at once (init_root), so
@@ -43,12 +49,17 @@ def shard(
     `model.deferred.materialize` then allocates each process's rows only.
     frozen: the model is only called forward without gradients, its root reshards after it
     too (a trained root keeps its parameters gathered for the backward that follows).
-    offload (with frozen): the shards stay in pinned host memory (CPUOffloadPolicy)."""
+    offload (with frozen): the shards stay in pinned host memory (CPUOffloadPolicy).
+    param_dtype: the dtype the parameters are gathered and computed in (MixedPrecisionPolicy;
+    the shards, gradients' reduction and optimizer stay in the parameters' own dtype)."""
     if offload and not frozen:
         raise ValueError("shard: offload applies to frozen models only")
     kwargs = {"reshard_after_forward": True} if frozen else {}
     if offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
+    if param_dtype is not None:
+        reduce = next(model.parameters()).dtype
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce)
     for module in list(model.modules()):
         if isinstance(module, unit_types):
             fully_shard(module, mesh=mesh, **kwargs)

@@ -95,6 +95,14 @@ class TrainConfig:
         "another process count the state is regrouped). With --tp, the tensor-parallel shards "
         "are sharded further over the data-parallel groups",
     )
+    fsdp_param_dtype: str = option(
+        "float32",
+        "with --fsdp: the dtype parameters are all-gathered and computed in (FSDP2's "
+        "MixedPrecisionPolicy; gradients are still reduced and AdamW still steps in float32). "
+        "bfloat16 halves the gathers' traffic and the gathered weights' memory, the policy "
+        "gathered for generation included; norms and embeddings then run in bf16 too",
+        choices=("float32", "bfloat16"),
+    )
     bf16: bool = option(True, "bf16 autocast on CUDA (ignored on the CPU)")
     activation_checkpointing: bool = option(False, "recompute each layer in the backward pass")
     device: str = option(

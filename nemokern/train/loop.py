@@ -286,7 +286,9 @@ class TrainLoop:
             # sharded where it is (the CPU, as loaded): fully_shard moves one unit at a time to
             # the mesh's device and shards it there, so the device never holds the whole model
             self.dp_mesh = init_parallel(config.tp, self.device.type)["dp"]
-            shard(model, self.dp_mesh, (DecoderLayer,))
+            # float32: the parameters' own dtype, no MixedPrecisionPolicy
+            gathered = torch.bfloat16 if config.fsdp_param_dtype == "bfloat16" else None
+            shard(model, self.dp_mesh, (DecoderLayer,), param_dtype=gathered)
         # weights loaded deferred (Llama.from_pretrained(deferred=True)) are read now, where they
         # live: under fsdp each process reads and keeps its rows only
         materialize(model, self.device)
