@@ -250,8 +250,9 @@ def _one_process_worker(rank, world, init_file, root, device):
     """FSDP2 over a 1-process mesh (on a GPU: NCCL refuses two processes on one GPU): a CPU model
     sharded unit by unit onto `device`, a step (on CUDA under bf16 autocast, through the Triton
     log-probs) whose gradients match the unsharded model's, generation inside full_weights, and
-    the HF-layout save of the sharded model; a frozen model sharded with its root resharded
-    after each forward (and its shards in host memory on CUDA)."""
+    the HF-layout save of the sharded model; the same step gathered in bf16 (fp32 shards and
+    gradients); a frozen model sharded with its root resharded after each forward (and its shards
+    in host memory on CUDA)."""
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
@@ -297,6 +298,19 @@ def _one_process_worker(rank, world, init_file, root, device):
     grad = model.llama.layers[0].mlp.up_proj.weight.grad.full_tensor()
     torch.testing.assert_close(grad, whole.llama.layers[0].mlp.up_proj.weight.grad)
     save_modules(model.llama, os.path.join(root, "saved"))
+    # gathered and computed in bf16 (--fsdp-param-dtype), its shards and gradients fp32
+    bf16 = _LogpLoss(copy.deepcopy(whole.llama).cpu())
+    shard(bf16, dp, (DecoderLayer,), param_dtype=torch.bfloat16)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+        loss_bf16 = bf16(ids)
+    loss_bf16.backward()
+    assert float(loss_bf16) == pytest.approx(float(loss), rel=2e-2)
+    grad16 = bf16.llama.layers[0].mlp.up_proj.weight.grad
+    assert (
+        grad16.dtype == torch.float32
+        and bf16.llama.layers[0].mlp.up_proj.weight.dtype == grad16.dtype
+    )
+    torch.testing.assert_close(grad16.full_tensor(), grad, rtol=0.1, atol=2e-3)
     # a frozen model (the REINFORCE reference): resharded after its forward, root included;
     # on CUDA its shards stay in host memory between forwards (offload)
     frozen = TokenLogprobs(copy.deepcopy(whole.llama).requires_grad_(False).cpu())
