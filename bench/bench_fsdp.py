@@ -5,7 +5,7 @@ of a training step, on one host: the nemokern TrainLoop on a ~150M-parameter Lla
 pytest-benchmark times one process and data parallelism needs several, so torchrun starts it:
 
     torchrun --nproc-per-node 2 bench/bench_fsdp.py ddp|zero|fsdp [--steps 3] [--tokens 256]
-        [--model DIR [--deferred]]
+        [--model DIR [--deferred]] [--param-dtype bfloat16]
 
 With --model DIR the model is read from an HF directory (write one first, once, with
 `python bench/bench_fsdp.py save DIR`) instead of built at random on every process; --deferred
@@ -72,6 +72,9 @@ def main():
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--model", help="read the model from this HF directory")
     ap.add_argument("--deferred", action="store_true", help="with --model: read it deferred")
+    ap.add_argument(
+        "--param-dtype", default="float32", choices=("float32", "bfloat16"), help="fsdp_param_dtype"
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -100,6 +103,7 @@ def main():
             lr=1e-4,
             shard_optimizer=args.mode == "zero",
             fsdp=args.mode == "fsdp",
+            fsdp_param_dtype=args.param_dtype,
             optimizer_impl="foreach",
             progress=False,
             tensorboard=False,
@@ -127,6 +131,7 @@ def main():
                 {
                     "mode": args.mode,
                     "load": ("deferred" if args.deferred else "whole") if args.model else "random",
+                    "param_dtype": args.param_dtype,
                     "processes": dist.get_world_size(),
                     "tokens_per_micro_batch": args.tokens,
                     "parameters": n,
