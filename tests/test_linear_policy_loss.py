@@ -12,17 +12,15 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from unittest import mock
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import nemokern.kernels.linear_logprobs as L
 import nemokern.kernels.linear_policy_loss as P
-from helpers import IGNORE, INTERPRETER_NOISE, error_vs
+from helpers import IGNORE, INTERPRETER_NOISE, error_vs, run_ranks
 from nemokern.ops import linear_logprobs, linear_policy_loss
 
 pytestmark = INTERPRETER_NOISE
@@ -374,10 +372,7 @@ def test_vocab_parallel_equals_unsharded(backend, dtype):
     """2 gloo processes, each with half of the LM head: the full loss, entropy and dhidden on
     every rank, its dweight shard; two all_gathers in forward (header, statistics), one all_reduce
     in backward; ranks with different targets raise ValueError."""
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(
-            _tp_worker, args=(2, os.path.join(d, "store"), backend, dtype), nprocs=2, join=True
-        )
+    run_ranks(_tp_worker, 2, backend, dtype)
 
 
 # ----------------------------------------------------------------------------- memory, GPU

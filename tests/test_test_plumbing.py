@@ -39,6 +39,9 @@ def test_test_processes_leave_their_group_one_way():
     problems = [
         path.name
         for path in sorted(set(TESTS.glob("*.py")) - {Path(__file__), TESTS / "helpers.py"})
-        if "destroy_process_group(" in path.read_text()
+        if "destroy_process_group(" in path.read_text() or "mp.spawn(" in path.read_text()
     ]
-    assert not problems, f"call helpers.leave_group instead of destroy_process_group: {problems}"
+    assert not problems, (
+        "start processes with helpers.run_ranks (or launch_script) and leave with "
+        f"helpers.leave_group, not mp.spawn / destroy_process_group: {problems}"
+    )

@@ -8,12 +8,12 @@ import datetime
 import os
 import re
 import sys
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from helpers import run_ranks
 
 IGNORE = -100
 
@@ -94,10 +94,7 @@ def _worker(rank, world, init_file, backend, dtype):
 )
 def test_vocab_parallel_equals_unsharded(world, backend, dtype):
     # The Triton case runs interpreted: spawned workers inherit TRITON_INTERPRET from conftest.
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(
-            _worker, args=(world, os.path.join(d, "store"), backend, dtype), nprocs=world, join=True
-        )
+    run_ranks(_worker, world, backend, dtype)
 
 
 def _unequal_worker(rank, world, init_file):
@@ -115,8 +112,7 @@ def _unequal_worker(rank, world, init_file):
 
 
 def test_unequal_vocab_shards_raise():
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_unequal_worker, args=(2, os.path.join(d, "store")), nprocs=2, join=True)
+    run_ranks(_unequal_worker, 2)
 
 
 def _mismatch_worker(rank, world, init_file, ignore_differs):
@@ -139,13 +135,7 @@ def _mismatch_worker(rank, world, init_file, ignore_differs):
 
 @pytest.mark.parametrize("ignore_differs", [False, True])
 def test_ranks_with_different_targets_raise_on_every_rank(ignore_differs):
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(
-            _mismatch_worker,
-            args=(2, os.path.join(d, "store"), ignore_differs),
-            nprocs=2,
-            join=True,
-        )
+    run_ranks(_mismatch_worker, 2, ignore_differs)
 
 
 def _token_count_worker(rank, world, init_file):
@@ -174,7 +164,4 @@ def _token_count_worker(rank, world, init_file):
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_ranks_with_different_token_counts_raise_on_every_rank(world):
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(
-            _token_count_worker, args=(world, os.path.join(d, "store")), nprocs=world, join=True
-        )
+    run_ranks(_token_count_worker, world)

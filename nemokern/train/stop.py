@@ -14,7 +14,8 @@ import signal
 import threading
 
 import torch
-import torch.distributed as dist
+
+from nemokern.parallel import all_reduce
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -52,13 +53,13 @@ class StopSignals:
         self.received = self.received or signum
 
     def agreed(self, device: torch.device, distributed: bool) -> int:
-        """The first signal any process received (the largest number if several differ); the
-        same on every process of the default group, all of which must call it."""
+        """The signal any process received (SIGTERM if some got SIGTERM and others SIGINT), 0 for
+        none; the same on every process of the default group, all of which must call it."""
         if not distributed:
             return self.received
-        flag = torch.tensor([self.received], dtype=torch.int64, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
+        got = torch.tensor([self.received == s for s in SIGNALS], dtype=torch.int64, device=device)
+        all_reduce(got)  # how many processes received each signal
+        return next((int(s) for s, n in zip(SIGNALS, got.tolist()) if n), 0)
 
     @staticmethod
     def name(signum: int) -> str:
