@@ -129,13 +129,19 @@ def tp_group_for(config: TrainConfig):
     return setup_distributed(config.device, config.tp).tp_group if config.tp > 1 else None
 
 
+def dp_size_of(config: TrainConfig) -> int:
+    """The run's data-parallel size before its TrainLoop exists: the joined process group's
+    size (torchrun's WORLD_SIZE before joining) over --tp."""
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+    return world // config.tp
+
+
 def reads_deferred(config: TrainConfig) -> bool:
     """Whether a run's models are loaded deferred (from_pretrained(deferred=True)): under fsdp
     over more than one data-parallel process, where each process then reads its rows only
     (TrainLoop and place_frozen materialize them once sharded; a deferred model in a run that
     does not shard is read whole there)."""
-    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
-    return config.fsdp and world // config.tp > 1
+    return config.fsdp and dp_size_of(config) > 1
 
 
 def seed_everything(seed: int) -> None:

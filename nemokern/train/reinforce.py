@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 import warnings
 from collections.abc import Callable
@@ -38,7 +37,13 @@ from nemokern.model import Llama, LlamaConfig, generate
 from nemokern.model.deferred import is_deferred
 from nemokern.parallel.fsdp import full_weights
 from nemokern.train.config import ConfigError, TrainConfig, option, option_error
-from nemokern.train.loop import StepOutput, TrainLoop, reads_deferred, tp_group_for
+from nemokern.train.loop import (
+    StepOutput,
+    TrainLoop,
+    dp_size_of,
+    reads_deferred,
+    tp_group_for,
+)
 from nemokern.train.rollout import (
     DEFERRED_SUMS,
     PolicyLoss,
@@ -486,7 +491,7 @@ class ReinforceTrainer:
         cfg = self.config
         start = time.perf_counter()
         model = PolicyLoss(self.policy, cfg.temperature, cfg)
-        world = int(os.environ.get("WORLD_SIZE", "1")) // cfg.tp  # the loop's data parallelism
+        world = dp_size_of(cfg)  # the loop's data parallelism
         per_step_micro = cfg.grad_accum * world
         if cfg.prompts_per_step % per_step_micro:
             raise option_error(
