@@ -82,3 +82,53 @@ def test_every_process_stops_at_the_same_step_when_one_is_signalled(tmp_path):
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [g["step"] for g in got] == [2, 2] and {g["signum"] for g in got} == {signal.SIGTERM}
     assert (tmp_path / "checkpoints" / "step-00000002" / "manifest.json").is_file()
+
+
+def test_sigterm_inside_a_reinforce_rollout_resumes_on_its_samples(tmp_path):
+    """The signal arrives while the rollout for steps 1-2 is scored: step 1 finishes, its
+    checkpoint keeps the rest of the rollout, and the resumed run equals an uninterrupted one."""
+    from nemokern.train.reinforce import ReinforceConfig, ReinforceTrainer
+
+    rows = [{"prompt": f"Say {c}."} for c in "abcd"]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sent = []
+
+    def reward(prompts, completions, signal_first=False, **kw):
+        if signal_first and not sent:
+            sent.append(os.kill(os.getpid(), signal.SIGTERM))
+        return [c.count("a") / max(len(c), 1) for c in completions]
+
+    def run(out, signal_first=False, **kw):
+        cfg = ReinforceConfig(
+            prompts=str(tmp_path / "prompts.jsonl"),
+            out=str(tmp_path / out),
+            max_new_tokens=4,
+            prompts_per_step=2,
+            k=2,
+            updates_per_rollout=2,
+            truncation_penalty=0.0,
+            max_steps=4,
+            lr=1e-3,
+            progress=False,
+            tensorboard=False,
+            device="cpu",
+            **kw,
+        )
+        trainer = ReinforceTrainer(
+            cfg, reward_fn=lambda **a: reward(**a, signal_first=signal_first)
+        )
+        return trainer, trainer.fit
+
+    _, fit = run("straight")
+    expected = fit()
+    assert all(h["grad_norm"] > 0 for h in expected)  # updates that move the policy
+    trainer, fit = run("run", signal_first=True)
+    with pytest.raises(TrainingStopped, match="after step 1 of 4"):
+        fit()
+    first = trainer.loop.history
+    _, fit = run("run", resume="auto")
+    rest = fit()
+    assert [h["step"] for h in first + rest] == [1, 2, 3, 4]
+    for ours, ref in zip(first + rest, expected):
+        for key in ("loss", "grad_norm", "reward_mean", "kl_mean"):
+            assert ours[key] == ref[key], key
