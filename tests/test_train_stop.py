@@ -96,7 +96,7 @@ def test_sigterm_inside_a_reinforce_rollout_resumes_on_its_samples(tmp_path):
     def reward(prompts, completions, signal_first=False, **kw):
         if signal_first and not sent:
             sent.append(os.kill(os.getpid(), signal.SIGTERM))
-        return [c.count("a") / max(len(c), 1) for c in completions]
+        return [float(sum(map(ord, c)) % 7) for c in completions]
 
     def run(out, signal_first=False, **kw):
         cfg = ReinforceConfig(
