@@ -162,6 +162,20 @@ def _training_parsers(sub):
         "(default: %(default)s)",
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split the model over N processes (torchrun --nproc-per-node N; each reads its "
+        "slices) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="the weights' dtype (default: %(default)s)",
+    )
     p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows (counted)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p = sub.add_parser(
@@ -345,13 +359,21 @@ def _score(args):
         skip_bad_rows=args.skip_bad_rows,
         device=args.device,
         attribute=args.attribute,
+        tp=args.tp,
+        dtype=args.dtype,
     )
+    _leave_process_group()
+    if os.environ.get("RANK", "0") != "0":  # under torchrun every process has the report
+        return 0
     summary = report.pop("summary")
     if args.json:
         print(json.dumps(report))
         return 0
     print(summary)
-    print(f"accuracy {report['accuracy']:.4f} over {report['n']} pairs ({report['attribute']})")
+    print(
+        f"accuracy {report['accuracy']:.4f} over {report['n']} pairs ({report['attribute']}); "
+        f"mean margin {report['mean_margin']:.4f}"
+    )
     for name, sub in report["subsets"].items():
         print(f"  {name}: {sub['accuracy']:.4f} ({sub['n']})")
     for name, value in report.get("sections", {}).items():

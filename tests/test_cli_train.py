@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from nemokern.data.synthetic import write_synthetic
 
 
@@ -160,3 +162,41 @@ def test_cli_exits_143_with_one_line_on_sigterm(tmp_path):
     ), err
     step = int(lines[0].split("after step ")[1].split()[0])
     assert (tmp_path / "o" / "checkpoints" / f"step-{step:08d}" / "manifest.json").is_file()
+
+
+def test_score_splits_the_model_under_torchrun(tmp_path):
+    """`torchrun --nproc-per-node 2 -m nemokern.cli score --tp 2` (each process reads its slices)
+    reports what one process does; --dtype bfloat16 to bf16 precision; --tp without torchrun is
+    refused by name."""
+    import torch
+
+    from nemokern.model import Llama, LlamaConfig, RewardModel
+
+    write_synthetic(tmp_path / "rb.jsonl", 24, "pairs", seed=1)
+    torch.manual_seed(0)
+    RewardModel(Llama(LlamaConfig.tiny())).save_pretrained(tmp_path / "rm")
+    args = ["score", "--model", "rm", "--data", "rb.jsonl", "--json"]
+    one = json.loads(nemokern(*args, cwd=tmp_path))
+    bf16 = json.loads(nemokern(*args, "--dtype", "bfloat16", cwd=tmp_path))
+    split = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+        + ["-m", "nemokern.cli", *args, "--tp", "2"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert split.returncode == 0, split.stderr
+    reports = [json.loads(line) for line in split.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 1  # rank 0 prints
+    assert reports[0]["n"] == one["n"] == 24 and reports[0]["accuracy"] == one["accuracy"]
+    assert reports[0]["mean_margin"] == pytest.approx(one["mean_margin"], rel=1e-4, abs=1e-6)
+    assert bf16["mean_margin"] == pytest.approx(one["mean_margin"], rel=5e-2, abs=1e-2)
+    alone = subprocess.run(
+        [sys.executable, "-m", "nemokern.cli", *args, "--tp", "2"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert alone.returncode == 2 and "--tp: 2 needs a multiple of 2 processes" in alone.stderr

@@ -21,7 +21,14 @@ from nemokern.data import load_reward_data
 from nemokern.data.tokenizer import load_tokenizer
 from nemokern.model import Llama, LlamaConfig, RewardModel
 from nemokern.train.config import TrainConfig, check_data_and_batching, option, option_error
-from nemokern.train.loop import StepOutput, TrainLoop, move_to, reads_deferred, tp_group_for
+from nemokern.train.loop import (
+    StepOutput,
+    TrainLoop,
+    move_to,
+    reads_deferred,
+    setup_distributed,
+    tp_group_for,
+)
 from nemokern.train.losses import HELPFULNESS, bradley_terry_loss, pair_accuracy, regression_loss
 from nemokern.train.rewardbench import accuracy_report
 
@@ -167,13 +174,29 @@ def score_file(
     skip_bad_rows=False,
     device="cpu",
     attribute=None,
+    tp=1,
+    dtype="float32",
 ):
     """accuracy_report of a pairs file (preference pairs or RewardBench) under the reward model in
     `model_dir` (RewardModel layout, or Nemotron-Reward-HF: reward = logits[last, 0]).
 
     attribute: the head column to compare (default helpfulness where the head has it, else
-    column 0). Returns the report plus "summary" (the data reader's).
+    column 0). tp: split the model over that many torchrun processes (one tensor-parallel group;
+    each reads its slices; every process computes the same report). dtype: float32 or bfloat16
+    weights. Returns the report plus "summary" (the data reader's).
     """
+    if tp < 1:
+        raise option_error("tp", f"{tp} must be at least 1")
+    tp_group = None
+    if tp > 1:
+        layout = setup_distributed(device, tp)
+        if layout.dp_size > 1:
+            raise option_error(
+                "tp",
+                f"score runs one tensor-parallel group: start {tp} processes (torchrun "
+                f"--nproc-per-node {tp}); this run has {layout.world_size}",
+            )
+        device, tp_group = str(layout.device), layout.tp_group
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
     dataset = load_reward_data(
         data, tok, layout=data_format, max_length=max_length, skip_bad_rows=skip_bad_rows
@@ -182,7 +205,9 @@ def score_file(
         raise ValueError(
             f"{data}: score compares chosen/rejected pairs; this file holds {dataset.layout} rows"
         )
-    model = RewardModel.load_any(model_dir, dtype=torch.float32, device=device).eval()
+    model = RewardModel.load_any(
+        model_dir, dtype=getattr(torch, dtype), device=device, tp_group=tp_group
+    ).eval()
     dataset.check_vocab(model.trunk.config.vocab_size)
     names = model.attributes
     column = (

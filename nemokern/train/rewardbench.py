@@ -42,8 +42,9 @@ def accuracy_report(chosen, rejected, subsets=None) -> dict:
     """Accuracy over all pairs and per subset.
 
     chosen, rejected: sequences of floats (a score per pair); subsets: a subset name per pair, or
-    None. Returns {"accuracy", "n", "subsets": {name: {"accuracy", "n"}}, "sections": {...},
-    "overall"}; "sections" and "overall" only when some subset is a RewardBench one.
+    None. Returns {"accuracy", "n", "mean_margin" (mean chosen - rejected score), "subsets":
+    {name: {"accuracy", "n"}}, "sections": {...}, "overall"}; "sections" and "overall" only when
+    some subset is a RewardBench one.
     """
     chosen, rejected = list(map(float, chosen)), list(map(float, rejected))
     if len(chosen) != len(rejected):
@@ -60,6 +61,7 @@ def accuracy_report(chosen, rejected, subsets=None) -> dict:
     result = {
         "accuracy": sum(right.values()) / n if n else float("nan"),
         "n": n,
+        "mean_margin": sum(c - r for c, r in zip(chosen, rejected)) / n if n else float("nan"),
         "subsets": {
             k: {"accuracy": right[k] / count[k], "n": count[k]} for k in sorted(count) if k
         },
