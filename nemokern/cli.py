@@ -190,6 +190,11 @@ def _training_parsers(sub):
         default="helpfulness",
         help="the head column that becomes lm_head row 0 (default: %(default)s)",
     )
+    p.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="largest output shard, the most the export holds in memory (default: %(default)s)",
+    )
     p = sub.add_parser(
         "train-reinforce",
         help="train a policy with REINFORCE (RLOO baseline, KL-regularised reward); OUT/final "
@@ -386,12 +391,13 @@ def _score(args):
 def _export_reward(args):
     from pathlib import Path
 
-    from nemokern.model import RewardModel
+    from nemokern.model.reward import export_reward_hf
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"--out {args.out} exists and is not an empty directory")
-    bias = RewardModel.from_pretrained(args.model).export_hf(out, args.attribute)
+    # streamed: one output shard in memory at a time
+    bias = export_reward_hf(args.model, out, args.attribute, max_shard_size=args.max_shard_size)
     print(
         f"wrote {args.out}: reward = logits[last, 0] + {bias:.6g} (the head's bias, recorded in "
         "config.json as nemokern_reward_bias; it changes no ranking)"

@@ -1,6 +1,8 @@
 """RewardModel: packed equals dense, files round-trip, and the Nemotron-Reward-HF export gives
 transformers' logits[last, 0] = reward - bias."""
 
+import json
+
 import pytest
 import torch
 
@@ -103,3 +105,39 @@ def test_export_under_tensor_parallelism_is_refused_by_name(tmp_path, monkeypatc
     with pytest.raises(ValueError, match="split over 2 tensor-parallel ranks: save_pretrained"):
         model.export_hf(tmp_path / "hf", "helpfulness")
     assert not (tmp_path / "hf").exists()
+
+
+def test_export_streams_a_sharded_checkpoint_into_shards(tmp_path):
+    """export_reward_hf from files (what `nemokern export-reward` runs): a checkpoint saved in
+    several shards is copied tensor by tensor into several shards; every tensor as saved but
+    lm_head's row 0, which is the head's row; bad inputs are named."""
+    from safetensors.torch import load_file
+
+    from nemokern.model.hf import hf_name
+    from nemokern.model.reward import export_reward_hf
+
+    model = tiny_reward_model()
+    model.save_pretrained(tmp_path / "src")  # the head files and the trunk, whole
+    model.trunk.save_pretrained(tmp_path / "src", max_shard_size="10KB")  # the trunk in shards
+    assert len(list((tmp_path / "src").glob("model-*.safetensors"))) > 1
+    bias = export_reward_hf(
+        tmp_path / "src", tmp_path / "out", "correctness", max_shard_size="10KB"
+    )
+    files = sorted((tmp_path / "out").glob("model-*.safetensors"))
+    assert len(files) > 1 and (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    got = {k: v for f in files for k, v in load_file(f).items()}
+    want = {hf_name(k): v.detach() for k, v in model.trunk.state_dict().items()}
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        if name == "lm_head.weight":
+            assert torch.equal(got[name][0], model.head.weight[5].detach())
+            assert torch.equal(got[name][1:], value[1:])
+        else:
+            assert torch.equal(got[name], value), name
+    assert bias == float(model.head.bias[5])
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["nemokern_reward_attribute"] == "correctness"
+    with pytest.raises(ValueError, match="'bogus' is not one of the head's"):
+        export_reward_hf(tmp_path / "src", tmp_path / "x", "bogus")
+    with pytest.raises(CheckpointError, match="no reward_head.safetensors"):
+        export_reward_hf(tmp_path / "out", tmp_path / "y")

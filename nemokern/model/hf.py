@@ -335,34 +335,40 @@ def save_pretrained(model, path, *, max_shard_size: int | str = "5GB") -> None:
         dtype = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
         dataclasses.replace(model.config, dtype=dtype).to_json_file(path / "config.json")
 
+    write_safetensors(path, list(params), full_bytes, full, limit=limit, writer=writer)
+
+
+def write_safetensors(path: Path, names, nbytes, load, *, limit: int, writer: bool = True) -> None:
+    """The weight files of an HF directory: `names` in order, split into shards of at most
+    `limit` bytes (`nbytes(name)`), each tensor from `load(name)`; one shard in memory at a time.
+    model.safetensors when one shard, else model-0000i-of-0000n.safetensors and the index. Old
+    weight files in `path` are removed first. Every process calls `load` for every name (it may
+    be a collective); only the `writer` writes."""
     shards, size = [[]], 0
-    for name in params:
-        nbytes = full_bytes(name)
-        if shards[-1] and size + nbytes > limit:
+    for name in names:
+        n = nbytes(name)
+        if shards[-1] and size + n > limit:
             shards.append([])
             size = 0
         shards[-1].append(name)
-        size += nbytes
+        size += n
     for stale in [*path.glob("model*.safetensors"), path / INDEX] if writer else []:
-        stale.unlink(
-            missing_ok=True
-        )  # an old shard set would otherwise shadow or mix with this one
-    names = (
+        stale.unlink(missing_ok=True)  # an old shard set would otherwise shadow or mix with this
+    files = (
         [SINGLE]
         if len(shards) == 1
         else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
     )
-    for fname, shard in zip(names, shards):
-        # One shard at a time on the host: a GPU model never needs all its weights in CPU memory.
+    for fname, shard in zip(files, shards):
         tensors = {}
-        for n in shard:  # every rank joins each gather; only the writer keeps the result
-            t = full(n)
+        for name in shard:  # every rank joins each gather; only the writer keeps the result
+            t = load(name)
             if writer:
-                tensors[n] = t.to("cpu").contiguous()
+                tensors[name] = t.to("cpu").contiguous()
         if writer:
             save_file(tensors, str(path / fname), metadata={"format": "pt"})
     if len(shards) > 1 and writer:
-        weight_map = {n: fname for fname, shard in zip(names, shards) for n in shard}
-        total = sum(full_bytes(n) for n in params)
+        weight_map = {n: fname for fname, shard in zip(files, shards) for n in shard}
+        total = sum(nbytes(n) for n in names)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (path / INDEX).write_text(json.dumps(index, indent=2) + "\n")

@@ -3,13 +3,16 @@ each conversation's last token, computed by the fused `ops.reward_head` on those
 
 On disk: the trunk as an ordinary HF Llama directory (its lm_head kept as it was) plus
 `reward_head.safetensors` (weight [K, H], bias [K]) and `reward_head.json` (the attribute names).
-`export_hf` writes the Nemotron-Reward-HF layout instead: a plain Llama whose lm_head row 0 is one
-head row, so that transformers' LlamaForCausalLM gives logits[last, 0] = reward - bias.
+`export_reward_hf` (and `export_hf` for a model in memory) writes the Nemotron-Reward-HF layout
+instead: a plain Llama whose lm_head row 0 is one head row, so that transformers'
+LlamaForCausalLM gives logits[last, 0] = reward - bias.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import tempfile
 from pathlib import Path
 
 import torch
@@ -17,7 +20,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nemokern.model.deferred import defer, is_deferred
-from nemokern.model.hf import CheckpointError, read_tensor
+from nemokern.model.hf import (
+    CheckpointError,
+    open_safetensors,
+    parse_size,
+    read_tensor,
+    weight_files,
+    write_safetensors,
+)
 from nemokern.model.llama import Llama
 from nemokern.ops import reward_head
 from nemokern.parallel import broadcast, rank_and_size
@@ -39,6 +49,7 @@ ATTRIBUTES = (
 HELPFULNESS = ATTRIBUTES.index("helpfulness")  # 4: the column Bradley-Terry losses read
 IGNORE_LABEL = -100  # an attribute without a label
 HEAD_WEIGHTS, HEAD_CONFIG = "reward_head.safetensors", "reward_head.json"
+_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1}
 
 
 class RewardModel(nn.Module):
@@ -136,10 +147,7 @@ class RewardModel(nn.Module):
         )
         if not (path / HEAD_WEIGHTS).exists():
             return cls(trunk, attributes or ATTRIBUTES)
-        try:
-            saved = json.loads((path / HEAD_CONFIG).read_text())["attributes"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{path / HEAD_CONFIG}: unreadable head config ({exc})") from None
+        saved = _saved_attributes(path)
         if attributes is not None and tuple(attributes) != tuple(saved):
             raise CheckpointError(
                 f"{path}: the saved head has attributes {saved}, not {list(attributes)}"
@@ -190,33 +198,78 @@ class RewardModel(nn.Module):
         load = cls.from_pretrained if (Path(path) / HEAD_WEIGHTS).exists() else cls.from_reward_hf
         return load(path, dtype=dtype, device=device, tp_group=tp_group, deferred=deferred)
 
-    @torch.no_grad()
     def export_hf(self, path, attribute: str = "helpfulness") -> float:
-        """Write the Nemotron-Reward-HF layout for one attribute; return the head's bias for it,
-        which lm_head cannot hold (recorded in config.json as `nemokern_reward_bias`; adding it
-        changes no ranking)."""
-        i = self.attribute_index(attribute)
-        trunk = self.trunk
-        tp_size = rank_and_size(trunk.tp_group)[1]
+        """Write the Nemotron-Reward-HF layout for one attribute (export_reward_hf, from this
+        model saved to a temporary directory beside `path`); return the head's bias for it."""
+        tp_size = rank_and_size(self.trunk.tp_group)[1]
         if tp_size > 1:
             raise ValueError(
                 f"export_hf on a reward model split over {tp_size} tensor-parallel ranks: "
-                "save_pretrained it, load that directory at --tp 1 (RewardModel.from_pretrained) "
-                "and export from there"
+                "save_pretrained it, then export that directory (export_reward_hf, or nemokern "
+                "export-reward)"
             )
-        head = trunk.lm_head.weight.detach().clone()
-        head[0] = self.head.weight[i].to(head.dtype)
-        tied = trunk.config.tie_word_embeddings
-        saved = trunk.lm_head.weight
-        try:
-            trunk.config.tie_word_embeddings = False  # row 0 must not change the embedding
-            trunk.lm_head.weight = nn.Parameter(head, requires_grad=False)
-            trunk.save_pretrained(path)
-        finally:
-            trunk.config.tie_word_embeddings = tied
-            trunk.lm_head.weight = saved
-        bias = float(self.head.bias[i])
-        config = json.loads((Path(path) / "config.json").read_text())
-        config.update(nemokern_reward_attribute=attribute, nemokern_reward_bias=bias)
-        (Path(path) / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        return bias
+        self.attribute_index(attribute)  # a wrong name fails before anything is written
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=Path(path).parent) as saved:
+            self.save_pretrained(saved)
+            return export_reward_hf(saved, path, attribute)
+
+
+def _saved_attributes(path: Path) -> list[str]:
+    try:
+        return json.loads((path / HEAD_CONFIG).read_text())["attributes"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path / HEAD_CONFIG}: unreadable head config ({exc})") from None
+
+
+@torch.no_grad()
+def export_reward_hf(
+    model_dir, out, attribute: str = "helpfulness", *, max_shard_size="5GB"
+) -> float:
+    """The Nemotron-Reward-HF layout of the reward model saved in `model_dir` (RewardModel's
+    layout), written to `out`: the trunk's tensors copied one at a time from the memory-mapped
+    files, lm_head's row 0 replaced by the head's row for `attribute` (a tied lm_head written out
+    untied), config.json with tie_word_embeddings false plus nemokern_reward_attribute and
+    nemokern_reward_bias. Returns that bias, which lm_head cannot hold (adding it changes no
+    ranking). Peak memory: one output shard."""
+    model_dir, out = Path(model_dir), Path(out)
+    if not (model_dir / HEAD_WEIGHTS).is_file():
+        raise CheckpointError(
+            f"{model_dir} has no {HEAD_WEIGHTS}: not a reward model saved by train-reward"
+        )
+    attributes = _saved_attributes(model_dir)
+    if attribute not in attributes:
+        raise ValueError(f"attribute {attribute!r} is not one of the head's {list(attributes)}")
+    i = attributes.index(attribute)
+    head = load_file(str(model_dir / HEAD_WEIGHTS))
+    row, bias = head["weight"][i], float(head["bias"][i])
+    config = json.loads((model_dir / "config.json").read_text())
+    tied = bool(config.get("tie_word_embeddings", False))
+    where = {}  # name -> (file, stored name, bytes)
+    for file in dict.fromkeys(weight_files(model_dir).values()):
+        with open_safetensors(file) as f:
+            for name in f.keys():
+                stored = f.get_slice(name)
+                shape, dtype = stored.get_shape(), stored.get_dtype()
+                where[name] = (file, name, math.prod(shape) * _BYTES[dtype])
+    if tied:  # lm_head written out, a copy of the embedding: row 0 must not change the latter
+        where["lm_head.weight"] = where["model.embed_tokens.weight"]
+
+    def load(name):
+        file, stored, _ = where[name]
+        with open_safetensors(file) as f:
+            t = f.get_tensor(stored)
+        if name == "lm_head.weight":
+            t = t.clone()
+            t[0] = row.to(t.dtype)
+        return t
+
+    out.mkdir(parents=True, exist_ok=True)
+    config.update(
+        tie_word_embeddings=False, nemokern_reward_attribute=attribute, nemokern_reward_bias=bias
+    )
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_safetensors(
+        out, list(where), lambda n: where[n][2], load, limit=parse_size(max_shard_size)
+    )
+    return bias
