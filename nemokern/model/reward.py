@@ -21,6 +21,7 @@ from torch import nn
 
 from nemokern.model.deferred import defer, is_deferred
 from nemokern.model.hf import (
+    SAFETENSORS_FLOATS,
     CheckpointError,
     open_safetensors,
     parse_size,
@@ -49,7 +50,6 @@ ATTRIBUTES = (
 HELPFULNESS = ATTRIBUTES.index("helpfulness")  # 4: the column Bradley-Terry losses read
 IGNORE_LABEL = -100  # an attribute without a label
 HEAD_WEIGHTS, HEAD_CONFIG = "reward_head.safetensors", "reward_head.json"
-_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1}
 
 
 class RewardModel(nn.Module):
@@ -250,8 +250,13 @@ def export_reward_hf(
         with open_safetensors(file) as f:
             for name in f.keys():
                 stored = f.get_slice(name)
-                shape, dtype = stored.get_shape(), stored.get_dtype()
-                where[name] = (file, name, math.prod(shape) * _BYTES[dtype])
+                dtype = SAFETENSORS_FLOATS.get(stored.get_dtype())
+                if dtype is None:
+                    raise CheckpointError(
+                        f"{file}: tensor {name!r} has dtype {stored.get_dtype()}; a reward "
+                        f"model's weights are floating-point ({sorted(SAFETENSORS_FLOATS)})"
+                    )
+                where[name] = (file, name, math.prod(stored.get_shape()) * dtype.itemsize)
     if tied:  # lm_head written out, a copy of the embedding: row 0 must not change the latter
         where["lm_head.weight"] = where["model.embed_tokens.weight"]
 

@@ -36,6 +36,7 @@ import torch
 from nemokern.model.hf import (
     _DERIVED_BUFFER,
     INDEX,
+    SAFETENSORS_FLOATS,
     SINGLE,
     CheckpointError,
     open_safetensors,
@@ -46,14 +47,6 @@ from nemokern.model.hf import (
 # Rows per block are chosen so that one block is at most this many bytes in float32; at most two
 # such float32 blocks are allocated at a time (the widened aligned rows and the result).
 BLOCK_BYTES = 32 * 2**20
-_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
 # Pickled weights are never copied: they would be the aligned model's, not the extrapolated one.
 _PICKLED = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -70,7 +63,7 @@ class _Tensor:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * _DTYPES[self.dtype].itemsize
+        return math.prod(self.shape) * SAFETENSORS_FLOATS[self.dtype].itemsize
 
 
 def expo(
@@ -200,10 +193,10 @@ def _header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         entries = {name: f.get_slice(name) for name in f.keys()}
         header = {name: (s.get_dtype(), tuple(s.get_shape())) for name, s in entries.items()}
     for name, (dtype, _) in header.items():
-        if dtype not in _DTYPES:
+        if dtype not in SAFETENSORS_FLOATS:
             raise CheckpointError(
                 f"{file}: tensor {name!r} has dtype {dtype}; ExPO extrapolates floating-point "
-                f"tensors only ({sorted(_DTYPES)})"
+                f"tensors only ({sorted(SAFETENSORS_FLOATS)})"
             )
     return header
 
@@ -325,7 +318,7 @@ def _write(path: Path, tensors: list[_Tensor], alpha: float, inputs: _Inputs) ->
     tensor's blocks as they are computed. Returns the data bytes written."""
     # Wider elements first: with the header padded to 8 bytes every tensor starts aligned to its
     # element size, which memory-mapped readers need.
-    order = sorted(tensors, key=lambda t: -_DTYPES[t.dtype].itemsize)
+    order = sorted(tensors, key=lambda t: -SAFETENSORS_FLOATS[t.dtype].itemsize)
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for t in order:
         header[t.name] = {
@@ -372,7 +365,7 @@ def _blocks(t: _Tensor, alpha: float, inputs: _Inputs):
         torch.sub(a_wide, d, out=d)
         d.mul_(alpha).add_(a_wide)
         del a_wide
-        yield d.to(_DTYPES[t.dtype])
+        yield d.to(SAFETENSORS_FLOATS[t.dtype])
         del d
 
 
