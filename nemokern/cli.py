@@ -319,7 +319,6 @@ def _train(kind, args):
     import nemokern.train as train
     from nemokern.train.config import build_config
     from nemokern.train.loop import NonFiniteError
-    from nemokern.train.stop import TrainingStopped
 
     trainer_cls, config_cls = {
         "reward": (train.RewardTrainer, train.RewardConfig),
@@ -333,13 +332,11 @@ def _train(kind, args):
         print(data.summary())
     try:
         history = trainer.fit()
-    except (NonFiniteError, TrainingStopped) as e:  # every process stops with it, together
+    except NonFiniteError as e:  # every process stops with it, together
         _leave_process_group()
-        signalled = isinstance(e, TrainingStopped)  # its message begins "stopped by ..."
         if rank0:
-            print(f"nemokern {args.cmd}: {'' if signalled else 'stopped: '}{e}", file=sys.stderr)
-        # a signal's conventional status (143 for SIGTERM, 130 for SIGINT); 1 for divergence
-        return 128 + e.signum if signalled else 1
+            print(f"nemokern {args.cmd}: stopped: {e}", file=sys.stderr)
+        return 1
     _leave_process_group()
     if not rank0:
         return 0
@@ -507,10 +504,13 @@ def main(argv=None):
     except RuntimeError as e:
         from nemokern.train.stop import TrainingStopped
 
-        if not isinstance(e, TrainingStopped):  # (the train-* commands handle it themselves)
+        if not isinstance(e, TrainingStopped):
             raise
-        print(f"nemokern {args.cmd}: {e}", file=sys.stderr)  # e.g. the demo's training steps
-        return 128 + e.signum
+        # a signal stopped training (train-*, the demo): every process stops with it, together
+        _leave_process_group()
+        if os.environ.get("RANK", "0") == "0":
+            print(f"nemokern {args.cmd}: {e}", file=sys.stderr)  # "... stopped by SIGTERM ..."
+        return 128 + e.signum  # the signal's conventional status: 143 SIGTERM, 130 SIGINT
 
 
 if __name__ == "__main__":

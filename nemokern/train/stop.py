@@ -2,7 +2,7 @@
 torchrun forwards to its workers) or SIGINT (Ctrl-C).
 
 The signal only sets a flag. TrainLoop finishes the optimizer step it is in, every process learns
-whether any process was signalled (one all-reduce of one integer per step), a checkpoint of that
+whether any process was signalled (one all-reduce of two integers per step), a checkpoint of that
 step is written, and `TrainingStopped` is raised naming it; `--resume auto` continues exactly there.
 A second SIGINT stops at once (KeyboardInterrupt). Handlers are installed only while `fit` runs,
 from the main thread, and the previous ones are restored after it.
