@@ -141,3 +141,6 @@ def test_export_streams_a_sharded_checkpoint_into_shards(tmp_path):
         export_reward_hf(tmp_path / "src", tmp_path / "x", "bogus")
     with pytest.raises(CheckpointError, match="no reward_head.safetensors"):
         export_reward_hf(tmp_path / "out", tmp_path / "y")
+    with pytest.raises(ValueError, match="'bogus' is not a size"):
+        export_reward_hf(tmp_path / "src", tmp_path / "z", max_shard_size="bogus")
+    assert not (tmp_path / "z").exists()  # nothing written

@@ -233,6 +233,7 @@ def export_reward_hf(
     nemokern_reward_bias. Returns that bias, which lm_head cannot hold (adding it changes no
     ranking). Peak memory: one output shard."""
     model_dir, out = Path(model_dir), Path(out)
+    limit = parse_size(max_shard_size)  # a bad size fails before anything is written
     if not (model_dir / HEAD_WEIGHTS).is_file():
         raise CheckpointError(
             f"{model_dir} has no {HEAD_WEIGHTS}: not a reward model saved by train-reward"
@@ -274,7 +275,5 @@ def export_reward_hf(
         tie_word_embeddings=False, nemokern_reward_attribute=attribute, nemokern_reward_bias=bias
     )
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    write_safetensors(
-        out, list(where), lambda n: where[n][2], load, limit=parse_size(max_shard_size)
-    )
+    write_safetensors(out, list(where), lambda n: where[n][2], load, limit=limit)
     return bias
