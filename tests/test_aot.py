@@ -32,3 +32,37 @@ def test_all_kernels_compile_for_sm80_and_sm90():
             assert f"ok sm_{cc} {name}." in out.stdout, (
                 f"kernels/{name}.py: nothing compiled for sm_{cc}"
             )
+
+
+def test_resource_report_without_a_gpu():
+    """`--resources OUT --cc 90` reads registers and spills from ptxas, so the register budget of
+    the kernels can be checked on a machine without a GPU."""
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    code = (
+        "import triton, json\n"
+        "from triton.backends.compiler import GPUTarget\n"
+        "from triton.compiler import ASTSource\n"
+        "from nemokern.kernels._aot import _ptxas_usage, iter_specs\n"
+        "name, (fn, sig, const, *opt) = next(s for s in iter_specs() if s[0] == 'sequence_kl')\n"
+        "k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const),\n"
+        "                   target=GPUTarget('cuda', 90, 32), options=opt[0] if opt else None)\n"
+        "print(json.dumps(_ptxas_usage(k, 90)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    import json
+
+    regs, spills = json.loads(out.stdout.strip().splitlines()[-1])
+    assert isinstance(regs, int) and 8 <= regs <= 255, regs
+    assert spills == 0, spills  # a one-pass elementwise kernel has no reason to spill
+    bad = subprocess.run(
+        [sys.executable, "-m", "nemokern.kernels._aot", "--cc", "90"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "--cc goes with --resources" in bad.stderr

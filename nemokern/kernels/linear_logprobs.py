@@ -20,8 +20,9 @@ Triton design (GPU):
   two-kernel split that recomputes logits twice (10 instead of 8 N*H*V FLOPs) and still needs an
   [BLOCK, H] fp32 accumulator per program, far beyond registers at H = 4096. A bf16 d(logits)
   chunk of a few hundred MB is cheaper and runs the two big products at cuBLAS speed.
-Registers and spills per kernel: `python -m nemokern.kernels._aot --resources OUT.json` on a GPU
-(recorded runs: bench/results/*/resources.json).
+Registers and spills per kernel: `python -m nemokern.kernels._aot --resources OUT.json` on a GPU,
+or `--cc 90` through ptxas on any machine (recorded: bench/results/*/resources.json and
+bench/results/2026-11-30-ptxas-resources/).
 CPU reference: forward in chunks of tokens (each chunk's logits [C, V] are computed, reduced to
 statistics and dropped); backward recomputes the logits in vocabulary chunks [N, Vc] and shares
 the GPU path's GEMM skeleton (`backward_by_vocab_chunks`). Only per-row statistics are saved.
@@ -143,10 +144,10 @@ def linear_backward_torch(
 def _logits_tile(
     h_ptr,
     w_ptr,
-    rows,
-    cols,
-    N,
-    V,
+    row0,
+    col0,
+    n_left,
+    v_left,
     H,
     stride_h,
     stride_w,
@@ -157,25 +158,32 @@ def _logits_tile(
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
 ):
-    """Scaled logits z [BLOCK_N, BLOCK_V] fp32 of rows x cols; -inf outside the vocabulary."""
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    """Scaled logits z [BLOCK_N, BLOCK_V] fp32 of rows row0 + [0, BLOCK_N) x columns col0 +
+    [0, BLOCK_V) (row0, col0 int64 scalars; n_left, v_left the rows and columns left from
+    there); -inf outside the vocabulary.
+
+    Registers are what limits these tiles (the accumulator alone is 128 per thread at 128 x 256
+    on 8 warps), so the operands are addressed from one 64-bit base per tile plus 32-bit
+    offsets, and rows/columns past the end are clamped for the loads (their values are masked
+    or never stored): the loop keeps only the K mask."""
+    rn = tl.arange(0, BLOCK_N)
+    cn = tl.arange(0, BLOCK_V)
     ks = tl.arange(0, BLOCK_H)
+    r = tl.where(rn < n_left, rn, 0)
+    c = tl.where(cn < v_left, cn, 0)
+    a_ptrs = h_ptr + row0 * stride_h + (r[:, None] * stride_h + ks[None, :])
+    b_ptrs = w_ptr + col0 * stride_w + (c[:, None] * stride_w + ks[None, :])
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for k in range(0, H, BLOCK_H):
-        a = tl.load(
-            h_ptr + rows[:, None] * stride_h + (k + ks)[None, :],
-            mask=(rows[:, None] < N) & ((k + ks)[None, :] < H),
-            other=0.0,
-        )
-        b = tl.load(
-            w_ptr + cols[:, None] * stride_w + (k + ks)[None, :],
-            mask=(cols[:, None] < V) & ((k + ks)[None, :] < H),
-            other=0.0,
-        )
+        a = tl.load(a_ptrs, mask=ks[None, :] < H - k, other=0.0)
+        b = tl.load(b_ptrs, mask=ks[None, :] < H - k, other=0.0)
         if DOT_UPCAST:  # the Triton 3.9 interpreter's tl.dot returns garbage for bf16 inputs
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
-    return tl.where(cols[None, :] < V, acc * inv_t, -float("inf"))
+        a_ptrs += BLOCK_H
+        b_ptrs += BLOCK_H
+    return tl.where(cn[None, :] < v_left, acc * inv_t, -float("inf"))
 
 
 @triton.jit
@@ -206,10 +214,14 @@ def _linear_stats_kernel(
     turns that block into its gradient); otherwise z_ptr is never touched."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
-    rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    tgt = tl.load(tgt_ptr + rows, mask=rows < N, other=-1) - vocab_start
+    row0 = pid_n.to(tl.int64) * BLOCK_N
+    n_left = N - pid_n * BLOCK_N
+    rn = tl.arange(0, BLOCK_N)
+    in_n = rn < n_left
+    tgt = tl.load(tgt_ptr + row0 + rn, mask=in_n, other=-1) - vocab_start
     # A target beyond this weight (another shard's) must not match a padding column of a tile.
     tgt = tl.where(tgt < V, tgt, -1)
+    cn = tl.arange(0, BLOCK_V)
     m = tl.full((BLOCK_N,), -float("inf"), tl.float32)
     s = tl.zeros((BLOCK_N,), tl.float32)
     t = tl.zeros((BLOCK_N,), tl.float32)
@@ -217,14 +229,13 @@ def _linear_stats_kernel(
     v_first = split * tiles_per_split * BLOCK_V
     v_last = tl.minimum(v_first + tiles_per_split * BLOCK_V, V)
     for v0 in range(v_first, v_last, BLOCK_V):
-        cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
         z = _logits_tile(
             h_ptr,
             w_ptr,
-            rows,
-            cols,
-            N,
-            V,
+            row0,
+            tl.cast(v0, tl.int64),
+            n_left,
+            V - v0,
             H,
             stride_h,
             stride_w,
@@ -237,17 +248,17 @@ def _linear_stats_kernel(
         )
         if STORE_Z:
             tl.store(
-                z_ptr + rows[:, None] * stride_z + cols[None, :],
+                z_ptr + row0 * stride_z + v0 + (rn[:, None] * stride_z + cn[None, :]),
                 cast_to(z, z_ptr.dtype.element_ty),
-                mask=(rows[:, None] < N) & (cols[None, :] < V),
+                mask=in_n[:, None] & (cn[None, :] < V - v0),
             )
         m, s, t = online_softmax_step(m, s, t, z, 1)
-        zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
-    out = parts_ptr + (split * N + rows) * 4
-    tl.store(out + 0, m, mask=rows < N)
-    tl.store(out + 1, s, mask=rows < N)
-    tl.store(out + 2, t, mask=rows < N)
-    tl.store(out + 3, zt, mask=rows < N)
+        zt += tl.sum(tl.where(cn[None, :] == (tgt - v0).to(tl.int32)[:, None], z, 0.0), axis=1)
+    out = parts_ptr + (split * N + row0 + rn) * 4
+    tl.store(out + 0, m, mask=in_n)
+    tl.store(out + 1, s, mask=in_n)
+    tl.store(out + 2, t, mask=in_n)
+    tl.store(out + 3, zt, mask=in_n)
 
 
 @triton.jit
@@ -278,11 +289,18 @@ def _linear_dlogits_kernel(
 
     w_ptr points at the chunk's first row, V is the chunk width, vocab_start its first global id;
     g_lp/g_ent are already zero on ignored rows, which therefore get a zero gradient."""
-    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    cols = (tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
-    in_n = rows < N
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    row0 = pid_n.to(tl.int64) * BLOCK_N
+    col0 = pid_v.to(tl.int64) * BLOCK_V
+    n_left = N - pid_n * BLOCK_N
+    v_left = V - pid_v * BLOCK_V
+    rn = tl.arange(0, BLOCK_N)
+    cn = tl.arange(0, BLOCK_V)
+    in_n = rn < n_left
+    rows = row0 + rn
     tgt = tl.load(tgt_ptr + rows, mask=in_n, other=-1) - vocab_start
-    tgt = tl.where(tgt < V, tgt, -1)
+    tgt = tl.where(tgt < V, tgt - col0, -1).to(tl.int32)  # this tile's column, if any
     m = tl.load(norm_ptr + rows * 2, mask=in_n, other=float("inf"))
     log_s = tl.load(norm_ptr + rows * 2 + 1, mask=in_n, other=0.0)
     ent = tl.load(ent_ptr + rows, mask=in_n, other=0.0)
@@ -291,10 +309,10 @@ def _linear_dlogits_kernel(
     z = _logits_tile(
         h_ptr,
         w_ptr,
-        rows,
-        cols,
-        N,
-        V,
+        row0,
+        col0,
+        n_left,
+        v_left,
         H,
         stride_h,
         stride_w,
@@ -312,12 +330,12 @@ def _linear_dlogits_kernel(
         ent[:, None],
         g_lp[:, None],
         g_ent[:, None],
-        cols[None, :] == tgt[:, None],
+        cn[None, :] == tgt[:, None],
     )
     tl.store(
-        dz_ptr + rows[:, None] * stride_dz + cols[None, :],
+        dz_ptr + row0 * stride_dz + col0 + (rn[:, None] * stride_dz + cn[None, :]),
         cast_to(dz * inv_t, dz_ptr.dtype.element_ty),
-        mask=in_n[:, None] & (cols[None, :] < V),
+        mask=in_n[:, None] & (cn[None, :] < v_left),
     )
 
 
