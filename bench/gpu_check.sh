@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything a GPU check needs, in one go (docs: README "Checking on a GPU"): install, the GPU
+# Everything a GPU check needs, in one go (docs: README "Tests"): install, the GPU
 # correctness tests, the ceilings and benchmarks, register counts, multi-process checks, and a
 # summary. Stages run in priority order, each under its own time limit and all under one budget,
 # and write their files as they go, so a run cut short still leaves usable results.

@@ -183,10 +183,10 @@ def linear_logprobs(
     [V / tp, H] holding vocabulary ids [rank * V/tp, (rank + 1) * V/tp) (equal shards, as
     Megatron's padded vocabulary; unequal ones raise ValueError), targets are global ids and the
     same on every rank (different ones raise ValueError), hidden is replicated; every rank gets
-    the full result. Forward exchanges 4 int64 per rank (N, shard size and a targets checksum,
-    checked on every rank so that mismatched ranks raise ValueError before any variable-size
-    collective), then 4 floats per token; backward all-reduces dhidden of the counted rows once.
-    Differentiable w.r.t. hidden and weight.
+    the full result. Forward exchanges 4 int64 per rank (N, shard size, counted rows and a targets
+    checksum, checked on every rank so that mismatched ranks raise ValueError before any
+    variable-size collective), then 4 floats per token; backward all-reduces dhidden of the
+    counted rows once. Differentiable w.r.t. hidden and weight.
     """
     inv_t, ignore_index, flat_t, vocab_start = _checks.lm_head(
         OP, hidden, weight, targets, temperature, ignore_index, tp_group

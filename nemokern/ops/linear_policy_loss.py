@@ -135,7 +135,8 @@ def linear_policy_loss(
     tp_group: weight is this rank's vocabulary shard [V / tp, H] as in linear_logprobs (equal
     shards, the same hidden, targets and coef on every rank); every rank gets the full loss.
     Forward exchanges linear_logprobs' fixed-size header (4 int64 per rank, mismatched ranks
-    raise ValueError) and then 4 floats per counted token (two all_gathers), and, with the
+    raise ValueError) and then 4 floats per token, all N of them, zeros on ignored rows (two
+    all_gathers), and, with the
     statistics known only after that, costs 4 GEMMs; backward all-reduces dhidden once.
     """
     inv_t, ignore_index, flat_t, vocab_start = _checks.lm_head(

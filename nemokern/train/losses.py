@@ -1,4 +1,4 @@
-"""Losses and advantage estimators of the recipe One implementation each;
+"""Losses and advantage estimators of the recipe, one implementation each;
 the trainers and the demo call these.
 
 Reward losses return a `LossValue(loss, count)`: the batch's mean loss and the number of terms
