@@ -375,6 +375,7 @@ def _score(args):
     print(
         f"accuracy {report['accuracy']:.4f} over {report['n']} pairs ({report['attribute']}); "
         f"mean margin {report['mean_margin']:.4f}"
+        + (f"; {report['ties']} ties left out" if report.get("ties") else "")
     )
     for name, sub in report["subsets"].items():
         print(f"  {name}: {sub['accuracy']:.4f} ({sub['n']})")

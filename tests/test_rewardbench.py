@@ -34,6 +34,17 @@ def test_sections_weighting_and_math_upweighted_to_equal_code():
     assert r["overall"] == pytest.approx((4 / 5 + 1 / 3 + 5 / 8) / 3)
 
 
+def test_preference_ties_are_left_out_and_counted():
+    r = accuracy_report(
+        [2.0, 1.0, 0.5, 3.0], [1.0, 3.0, 0.7, -1.0], ["a", "a", "b", "b"], strengths=[1, 0, 0, 3]
+    )
+    assert r["n"] == 2 and r["ties"] == 2 and r["accuracy"] == 1.0
+    assert r["mean_margin"] == pytest.approx((1.0 + 4.0) / 2)
+    assert r["subsets"] == {"a": {"accuracy": 1.0, "n": 1}, "b": {"accuracy": 1.0, "n": 1}}
+    with pytest.raises(ValueError, match="1 strengths for 2 pairs"):
+        accuracy_report([1.0, 2.0], [0.0, 0.0], strengths=[1])
+
+
 def test_mismatched_lengths_are_refused():
     with pytest.raises(ValueError, match="2 chosen scores but 1 rejected"):
         accuracy_report([1.0, 2.0], [0.0])

@@ -180,3 +180,10 @@ def test_bradley_terry_errors():
 def test_pair_accuracy_counts_ties_as_wrong():
     acc = pair_accuracy(torch.tensor([1.0, 2.0, 3.0, 0.0]), torch.tensor([0.0, 2.0, 4.0, -1.0]))
     assert acc.item() == 0.5
+
+
+def test_pair_accuracy_leaves_preference_ties_out():
+    chosen, rejected = torch.tensor([1.0, 2.0, 3.0, 0.0]), torch.tensor([0.0, 2.5, 4.0, -1.0])
+    # strength 0 (pairs 2 and 3): no better response; of pairs 1 and 4, both right
+    assert pair_accuracy(chosen, rejected, torch.tensor([2.0, 0.0, 0.0, 1.0])).item() == 1.0
+    assert pair_accuracy(chosen, rejected, torch.zeros(4)).item() == 0.0  # all ties: weight 0

@@ -120,6 +120,23 @@ def test_score_file_reads_the_final_model_and_its_export(tmp_path, files):
         score_file(final, files["rows"])
 
 
+def test_score_leaves_preference_ties_out(tmp_path, files):
+    """A HelpSteer2-Preference tie (strength 0) has no better response: score reports it apart
+    instead of counting response_2 as chosen."""
+    from nemokern.train.reward import score_file
+
+    RewardTrainer(config(tmp_path, files["pairs"], loss="bt", max_steps=1)).fit()
+    rows = [json.loads(line) for line in open(files["pairs"])][:6]
+    for row in rows[:4]:
+        row["preference_strength"] = 0
+    ties = tmp_path / "ties.jsonl"
+    ties.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = score_file(tmp_path / "run" / "final", ties)
+    assert report["n"] == 2 and report["ties"] == 4
+    assert report["accuracy"] in (0.0, 0.5, 1.0)
+    assert score_file(tmp_path / "run" / "final", files["rb"])["ties"] == 0
+
+
 def test_shared_prompt_pairs_train_like_whole_pairs(tmp_path, files):
     """Pairs packed with their common prefix once (the default) and whole: fewer tokens, the same
     losses, gradient norms and evaluation up to fp32 rounding (a small lr: AdamW's normalised

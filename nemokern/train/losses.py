@@ -108,13 +108,19 @@ def bradley_terry_loss(
     return LossValue(per_pair.sum() / count.clamp(min=1), count)
 
 
-def pair_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
-    """Share of pairs with r_chosen strictly greater than r_rejected (ties count as wrong)."""
+def pair_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor, strength=None) -> torch.Tensor:
+    """Share of pairs with r_chosen strictly greater than r_rejected (equal rewards count as
+    wrong). With strength [P], pairs of strength 0 (preference ties: neither response is better)
+    are left out, as bradley_terry_loss leaves them out; 0 when every pair is a tie."""
     if r_chosen.shape != r_rejected.shape:
         raise ValueError(
             f"r_chosen {tuple(r_chosen.shape)} and r_rejected {tuple(r_rejected.shape)} differ"
         )
-    return (r_chosen > r_rejected).float().mean()
+    right = r_chosen > r_rejected
+    if strength is None:
+        return right.float().mean()
+    counted = torch.as_tensor(strength, device=right.device) != 0
+    return (right & counted).sum().float() / counted.sum().clamp(min=1)
 
 
 def rloo_advantages(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

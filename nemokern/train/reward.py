@@ -129,7 +129,8 @@ def reward_loss(loss: str, rewards: torch.Tensor, batch):
         return value, {"helpfulness_mae": mae}
     r = rewards[:, HELPFULNESS].view(-1, 2)  # sequence 2p: pair p's chosen, 2p + 1: rejected
     value = bradley_terry_loss(r[:, 0], r[:, 1], batch.strength, kind=_BT_KIND[loss])
-    return value, {"accuracy": pair_accuracy(r[:, 0].detach(), r[:, 1].detach())}
+    accuracy = pair_accuracy(r[:, 0].detach(), r[:, 1].detach(), batch.strength)
+    return value, {"accuracy": accuracy}
 
 
 def batch_rewards(model: RewardModel, batch):
@@ -156,11 +157,18 @@ def evaluate_pairs(model, dataset, device, *, max_tokens_per_batch=None, rows_pe
 
 @torch.no_grad()
 def _pairs_report(model, batches, device, column):
-    scores, subsets = [], []
+    scores, subsets, strengths = [], [], []
     for batch in batches:
         scores += batch_rewards(model, move_to(batch, device))[:, column].float().cpu().tolist()
         subsets += batch.subsets
-    return accuracy_report(scores[0::2], scores[1::2], subsets if any(subsets) else None)
+        if batch.strength is not None:
+            strengths += batch.strength.tolist()
+    return accuracy_report(
+        scores[0::2],
+        scores[1::2],
+        subsets if any(subsets) else None,
+        strengths=strengths if len(strengths) == len(scores) // 2 else None,
+    )
 
 
 def score_file(

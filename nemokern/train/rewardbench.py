@@ -38,13 +38,15 @@ SECTIONS = {
 MATH_SUBSET = "math-prm"
 
 
-def accuracy_report(chosen, rejected, subsets=None) -> dict:
+def accuracy_report(chosen, rejected, subsets=None, *, strengths=None) -> dict:
     """Accuracy over all pairs and per subset.
 
     chosen, rejected: sequences of floats (a score per pair); subsets: a subset name per pair, or
-    None. Returns {"accuracy", "n", "mean_margin" (mean chosen - rejected score), "subsets":
-    {name: {"accuracy", "n"}}, "sections": {...}, "overall"}; "sections" and "overall" only when
-    some subset is a RewardBench one.
+    None; strengths: each pair's |preference strength|, or None. A pair of strength 0 is a tie
+    (neither response is better): it is left out of every number and counted under "ties".
+    Returns {"accuracy", "n", "mean_margin" (mean chosen - rejected score), "subsets":
+    {name: {"accuracy", "n"}}, "sections": {...}, "overall"} (+ "ties" with strengths);
+    "sections" and "overall" only when some subset is a RewardBench one.
     """
     chosen, rejected = list(map(float, chosen)), list(map(float, rejected))
     if len(chosen) != len(rejected):
@@ -52,6 +54,15 @@ def accuracy_report(chosen, rejected, subsets=None) -> dict:
     subsets = list(subsets) if subsets is not None else [None] * len(chosen)
     if len(subsets) != len(chosen):
         raise ValueError(f"{len(subsets)} subset names for {len(chosen)} pairs")
+    ties = 0
+    if strengths is not None:
+        strengths = list(map(float, strengths))
+        if len(strengths) != len(chosen):
+            raise ValueError(f"{len(strengths)} strengths for {len(chosen)} pairs")
+        kept = [i for i, s in enumerate(strengths) if s != 0]
+        ties = len(chosen) - len(kept)
+        chosen, rejected = [chosen[i] for i in kept], [rejected[i] for i in kept]
+        subsets = [subsets[i] for i in kept]
     right, count = defaultdict(int), defaultdict(int)
     for c, r, s in zip(chosen, rejected, subsets):
         key = s if s is not None else ""
@@ -66,6 +77,8 @@ def accuracy_report(chosen, rejected, subsets=None) -> dict:
             k: {"accuracy": right[k] / count[k], "n": count[k]} for k in sorted(count) if k
         },
     }
+    if strengths is not None:
+        result["ties"] = ties
     sections = section_scores(result["subsets"])
     if sections:
         result["sections"] = sections
