@@ -82,6 +82,16 @@ def test_loss_that_does_not_fit_the_data_is_refused(tmp_path, files, loss, data,
         RewardTrainer(config(tmp_path, files[data], loss=loss))
 
 
+def test_eval_rows_a_pair_loss_cannot_score_are_refused_before_training(tmp_path, files):
+    """Labelled rows as --eval-data of a BT run used to crash after the last step (or, for an even
+    row count, log a BT loss over unrelated neighbours); pairs evaluate any loss."""
+    with pytest.raises(ConfigError, match="--eval-data: .*hs2.jsonl holds helpsteer2 rows"):
+        RewardTrainer(config(tmp_path, files["pairs"], loss="bt", eval_data=files["rows"]))
+    assert not (tmp_path / "run").exists()
+    cfg = config(tmp_path, files["rows"], loss="helpfulness", max_steps=1, eval_data=files["rb"])
+    assert 0 <= RewardTrainer(cfg).fit()[-1]["eval_accuracy"] <= 1
+
+
 def test_resume_continues_exactly(tmp_path, files):
     full = RewardTrainer(config(tmp_path / "a", files["pairs"], loss="bt", max_steps=4)).fit()
     RewardTrainer(

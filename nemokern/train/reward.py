@@ -258,6 +258,15 @@ class RewardTrainer:
                 max_length=config.max_length,
                 skip_bad_rows=config.skip_bad_rows,
             )
+            if self.eval_data.kind != "pairs" and config.loss in _BT_KIND:
+                # pairs are scored by accuracy under any loss; labelled rows only by the
+                # training loss, which a pair loss cannot compute on them
+                raise option_error(
+                    "eval_data",
+                    f"{config.eval_data} holds {self.eval_data.layout} rows with attribute "
+                    f"labels, which {config.loss} cannot evaluate: give preference or "
+                    "RewardBench pairs (scored by pair accuracy)",
+                )
         self.model = model if model is not None else build_model(config)
         vocab = self.model.trunk.config.vocab_size
         for data in filter(None, (self.train_data, self.eval_data)):
