@@ -325,7 +325,9 @@ def _train(kind, args):
         "reinforce": (train.ReinforceTrainer, train.ReinforceConfig),
         "sft": (train.SFTTrainer, train.SFTConfig),
     }[kind]
-    trainer = trainer_cls(build_config(config_cls, args))
+    config = build_config(config_cls, args)
+    _check_run_options(device=None if config.device == "auto" else config.device, out=config.out)
+    trainer = trainer_cls(config)
     rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun, one process reports
     data = getattr(trainer, "train_data", None)
     if data is not None and rank0:
@@ -347,10 +349,27 @@ def _train(kind, args):
     return 0
 
 
+def _check_run_options(**values):
+    """The shared device and output-directory checks (train/options.py) before any work, as
+    one-line errors naming the flag (--device, --out); None values are not checked."""
+    from nemokern.train import options
+    from nemokern.train.config import option_error
+
+    for name, value in values.items():
+        if value is None:
+            continue
+        try:
+            {"device": options.device, "out": options.out_dir}[name](name, value)
+        except options.OptionError as e:
+            raise option_error(name, e.message) from None
+
+
 def _score(args):
     import json
 
     from nemokern.train.reward import score_file
+
+    _check_run_options(device=args.device)
 
     report = score_file(
         args.model,

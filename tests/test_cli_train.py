@@ -200,3 +200,30 @@ def test_score_splits_the_model_under_torchrun(tmp_path):
         timeout=600,
     )
     assert alone.returncode == 2 and "--tp: 2 needs a multiple of 2 processes" in alone.stderr
+
+
+@pytest.mark.parametrize(
+    "cmd, match",
+    [
+        (TRAIN_REWARD[3:] + ["--device", "tpu"], "--device: 'tpu' is not a device"),
+        (TRAIN_REWARD[3:] + ["--out", "hs2.jsonl"], "--out: 'hs2.jsonl' exists and is not a dir"),
+        (TRAIN_REWARD[3:] + ["--lr", "inf"], "lr = inf must be a finite number"),
+        (["score", "--model", "m", "--data", "hs2.jsonl", "--device", "tpu"], "--device: 'tpu'"),
+    ],
+)
+def test_bad_run_options_exit_2_with_one_line(tmp_path, cmd, match):
+    """Mistakes in --device, --out or a float option: one line naming it, exit 2, before any
+    work (these used to be tracebacks, or a run that diverged at step 1)."""
+    import re
+
+    write_synthetic(tmp_path / "hs2.jsonl", 16, "helpsteer2", seed=0)
+    out = subprocess.run(
+        [sys.executable, "-m", "nemokern.cli", *cmd],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 2, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and re.search(match, out.stderr), out.stderr
+    assert not (tmp_path / "o").exists()

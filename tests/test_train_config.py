@@ -121,6 +121,43 @@ def test_range_errors_name_the_option_and_the_file(tmp_path):
         TrainConfig(schedule="cosine", lr=1e-6, min_lr=1e-5)
 
 
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(lr=float("inf")), "lr = inf must be a finite number"),
+        (dict(min_lr=float("nan"), schedule="constant"), "min_lr = nan must be a finite number"),
+        (dict(grad_clip=float("nan")), "grad_clip = nan must be a finite number"),
+        (dict(betas=(0.9, float("nan"))), r"betas = \(0.9, nan\) must be a finite number"),
+        (dict(betas=(1.5, 0.98)), r"betas = \(1.5, 0.98\) must each be in \[0, 1\)"),
+    ],
+)
+def test_non_finite_and_out_of_range_optimizer_values_are_refused(kw, match):
+    """nan passes `< 0` checks: an lr of inf trained a step into non-finite weights that the
+    non-finite guard then kept as 'the last good state'."""
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig(**kw)
+
+
+def test_non_finite_options_of_a_trainer_config_are_refused():
+    from nemokern.train.reinforce import ReinforceConfig
+
+    for name in ("beta", "reward_fn_weight", "truncation_penalty"):
+        with pytest.raises(ConfigError, match=f"{name} = nan must be a finite number"):
+            ReinforceConfig(**{name: float("nan")})
+
+
+def test_config_file_that_is_no_toml_text_is_named(tmp_path):
+    (tmp_path / "dir.toml").mkdir()
+    with pytest.raises(ConfigError, match="dir.toml: is a directory"):
+        parse_config(TrainConfig, ["--config", str(tmp_path / "dir.toml")])
+    (tmp_path / "bin.toml").write_bytes(b"\xff\xfe l")
+    with pytest.raises(ConfigError, match="bin.toml: not valid TOML .not UTF-8"):
+        parse_config(TrainConfig, ["--config", str(tmp_path / "bin.toml")])
+    (tmp_path / "twice.toml").write_text("max-steps = 2\nmax_steps = 3\n")
+    with pytest.raises(ConfigError, match="twice.toml: max_steps is given twice"):
+        parse_config(TrainConfig, ["--config", str(tmp_path / "twice.toml")])
+
+
 def test_unknown_option_and_bad_choice_exit(capsys):
     with pytest.raises(SystemExit):
         parse_config(TrainConfig, ["--learning-rate", "1"])

@@ -141,6 +141,30 @@ def test_non_finite_loss_stops_naming_step_and_rows_and_keeps_last_good_state(tm
     )  # no update applied
 
 
+@pytest.mark.parametrize("save_every", [0, 1])
+def test_diverged_weights_are_not_kept_as_the_last_good_state(tmp_path, save_every):
+    """Weights that are already non-finite when a loss turns non-finite (an update diverged) are
+    not checkpointed as 'the last good state': the message names the newest checkpoint, or
+    says there is none."""
+    calls = []
+
+    def diverging(model, batch):
+        calls.append(1)
+        if len(calls) == 2 * 2 + 1:  # step 3's first micro-batch (2 per step)
+            with torch.no_grad():
+                model.head.bias.fill_(float("inf"))
+        return step_fn(model, batch)
+
+    loop = TrainLoop(
+        config(tmp_path, shuffle=False, save_every=save_every), TinyReward(), batches(10), diverging
+    )
+    expect = "resume from .*step-00000002" if save_every else r"start again \(no earlier"
+    with pytest.raises(NonFiniteError, match="weights themselves are non-finite.*" + expect):
+        loop.fit()
+    latest = Checkpointer(tmp_path).latest()
+    assert (latest.name == "step-00000002") if save_every else latest is None
+
+
 def test_non_finite_gradient_stops_the_run(tmp_path):
     model = TinyReward()
     model.head.bias.register_hook(lambda g: g * float("inf"))

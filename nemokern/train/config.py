@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -132,6 +133,15 @@ class TrainConfig:
     tensorboard: bool = option(True, "also log to OUT/tensorboard when tensorboard is installed")
 
     def __post_init__(self):
+        # Every float option, a subclass's too: nan and inf pass the range checks below (nan
+        # compares false) and surface steps later as a diverged run or NaN in metrics.jsonl.
+        for f in config_fields(type(self)):
+            value = getattr(self, f.name)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                raise ConfigError(f"{f.name} = {value} must be a finite number")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"betas = {self.betas} must each be in [0, 1) (AdamW's decay rates)")
         for name in ("epochs", "grad_accum", "keep_last", "tp"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} = {getattr(self, name)} must be at least 1")
@@ -231,9 +241,13 @@ def read_toml(cls, path) -> dict:
     if tomllib is None:
         raise ConfigError(f"{path}: reading TOML needs Python >= 3.11 (tomllib)")
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a TOML config file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML (not UTF-8 text: {e.reason})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
     fields, hints = {f.name: f for f in config_fields(cls)}, _types(cls)
@@ -247,6 +261,8 @@ def read_toml(cls, path) -> dict:
                     "the top of the file"
                 )
             raise _unknown(key, fields, str(path))
+        if name in values:  # max-steps and max_steps are the same key
+            raise ConfigError(f"{path}: {name} is given twice (as {key} and another spelling)")
         values[name] = coerce(
             key, value, hints[name], fields[name].metadata.get("choices"), str(path)
         )

@@ -94,7 +94,7 @@ def setup_distributed(device: str = "auto", tp: int = 1) -> Dist:
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device={device!r} but torch sees no CUDA GPU; use device='cpu'")
+            raise option_error("device", f"{device!r}: torch sees no CUDA GPU; use cpu")
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
@@ -537,10 +537,25 @@ class TrainLoop:
         }
         return metrics
 
+    def _weights_finite(self) -> bool:
+        """Whether every parameter of every process is finite (one all-reduce of a flag)."""
+        bad = torch.zeros((), dtype=torch.int64, device=self.device)
+        for p in self.model.parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p  # an FSDP DTensor's shard
+            bad += (~torch.isfinite(local.detach())).any()
+        if self.dist.active:
+            dist.all_reduce(bad)
+        return not bad
+
     def _stop(self, step: int, what: str, rng_before: dict, rows) -> None:
-        """Keep the state before this step as a checkpoint, then raise NonFiniteError."""
+        """Keep the state before this step as a checkpoint, then raise NonFiniteError; when that
+        state's weights are themselves non-finite (the previous update diverged) write nothing
+        and name the newest checkpoint instead."""
         self.optimizer.zero_grad(set_to_none=True)
-        if self.last_saved != step:
+        weights_ok = self._weights_finite()
+        if not weights_ok:
+            path = self.checkpointer.latest()
+        elif self.last_saved != step:
             path = self.save(step, rng=rng_before)  # `step` steps done: the last good state
         else:
             path = self.checkpointer.path(step)
@@ -553,10 +568,19 @@ class TrainLoop:
             where = "; ".join(f"rank {r}: {g}" for r, g in enumerate(gathered) if g)
         else:
             where = f"{rows}"
-        raise NonFiniteError(
+        head = (
             f"non-finite {what} at step {step + 1} (epoch {step // self.steps_per_epoch}); batch "
-            f"rows: {where}. The last good state (after step {step}) is in {path}: fix the data or "
-            "lower the lr, then resume from it"
+            f"rows: {where}."
+        )
+        if weights_ok:
+            raise NonFiniteError(
+                f"{head} The last good state (after step {step}) is in {path}: fix the data or "
+                "lower the lr, then resume from it"
+            )
+        raise NonFiniteError(
+            f"{head} The weights themselves are non-finite (the update of step {step} diverged), "
+            "so no checkpoint was written; lower the lr and "
+            + (f"resume from {path}" if path else "start again (no earlier checkpoint exists)")
         )
 
     def _run_eval(self) -> dict:
