@@ -350,6 +350,70 @@ def test_a_bad_reward_function_result_is_named(tmp_path, prompts):
         ReinforceTrainer(config(tmp_path, prompts, max_steps=1), reward_fn=short).fit()
 
 
+@pytest.mark.parametrize(
+    "result, shown",
+    [
+        (lambda n: {i: 1.0 for i in range(n)}, "got dict"),  # used to train on the dict's keys
+        (lambda n: "1" * n, "got str"),
+        (lambda n: ["0.5"] * n, "got list"),
+        (lambda n: [[1.0]] * n, "got list"),
+        (lambda n: torch.ones(n, 1), "got Tensor tensor"),
+    ],
+)
+def test_rewards_that_are_not_numbers_are_refused(tmp_path, prompts, result, shown):
+    def fn(prompts, completions, **kw):
+        return result(len(completions))
+
+    with pytest.raises(ValueError, match=f"must return a list .* of numbers.*; {shown}") as err:
+        ReinforceTrainer(config(tmp_path, prompts, max_steps=1), reward_fn=fn).fit()
+    assert "\n" not in str(err.value)
+
+
+def test_rewards_as_arrays_tensors_and_bools_are_taken():
+    import numpy as np
+
+    from nemokern.train.rollout import call_reward_fn
+
+    for out in (np.array([1, 0.5]), torch.tensor([1.0, 0.5]), [True, 0.5], (np.float32(1), 0.5)):
+        got = call_reward_fn(lambda prompts, completions, out=out: out, ["p", "q"], ["a", "b"], {})
+        assert got.tolist() == [1.0, 0.5]
+
+
+def test_an_exception_in_the_reward_function_names_it(tmp_path, prompts):
+    """Not a ValueError (the CLI would print it as an option mistake): the function's own
+    exception is chained, so its traceback shows where it failed."""
+    from nemokern.train.rollout import RewardFunctionError
+
+    def buggy(prompts, completions, **kw):
+        raise ValueError("my own bug")
+
+    with pytest.raises(RewardFunctionError, match="function .*buggy raised ValueError: my own bug"):
+        ReinforceTrainer(config(tmp_path, prompts, max_steps=1), reward_fn=buggy).fit()
+
+
+def test_reward_function_signature_and_column_names_are_checked_first(tmp_path, prompts):
+    def no_kwargs(prompts, completions):
+        return [0.0] * len(completions)
+
+    with pytest.raises(ConfigError, match=r"--reward-fn: .*no_kwargs.* answer=\.\.\.\) .*kwargs"):
+        ReinforceTrainer(config(tmp_path, prompts), reward_fn=no_kwargs)
+    ReinforceTrainer(config(tmp_path, prompts), reward_fn=lambda prompts, completions, answer: [])
+    clash = tmp_path / "clash.jsonl"
+    clash.write_text('{"prompt": "Say a.", "completions": "x"}\n')
+    with pytest.raises(ValueError, match="clash.jsonl: column 'completions' would be passed"):
+        ReinforceTrainer(config(tmp_path, clash), reward_fn=count_a)
+
+
+def test_a_prompt_too_long_for_the_policy_is_refused_before_any_step(tmp_path, prompts):
+    """Found at generation time it stopped the run after the steps before it, unsaved."""
+    long = tmp_path / "long.jsonl"
+    long.write_text('{"prompt": "short"}\n' + json.dumps({"prompt": "x" * 700}) + "\n")
+    with pytest.raises(ValueError, match=r"long.jsonl:2: field 'prompt': \d+ tokens plus"):
+        ReinforceTrainer(config(tmp_path, long), reward_fn=count_a)
+    with pytest.raises(ValueError, match=r"--max-new-tokens 500 exceed the policy's .*at most \d+"):
+        ReinforceTrainer(config(tmp_path, prompts, max_new_tokens=500), reward_fn=count_a)
+
+
 @pytest.mark.slow
 def test_tiny_policy_learns_to_say_a_with_bounded_kl(tmp_path, prompts):
     cfg = config(

@@ -104,10 +104,14 @@ def generate(
     b, plen = len(rows), max(r.numel() for r in rows)
     limit = model.config.max_position_embeddings
     if plen + max_new_tokens > limit:
+        fix = (
+            f"shorten the prompt or lower max_new_tokens to at most {limit - plen}"
+            if plen < limit
+            else f"shorten the prompt to at most {limit - max_new_tokens} tokens"
+        )
         raise ValueError(
             f"the longest prompt ({plen} tokens) plus max_new_tokens={max_new_tokens} "
-            f"exceeds the model's max_position_embeddings={limit}; shorten the "
-            f"prompt or lower max_new_tokens to at most {max(0, limit - plen)}"
+            f"exceeds the model's max_position_embeddings={limit}; {fix}"
         )
     if compile is None:
         compile = device.type == "cuda"

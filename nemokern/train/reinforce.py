@@ -51,6 +51,7 @@ from nemokern.train.rollout import (
     TokenLogprobs,
     add_sums,
     call_reward_fn,
+    check_reward_fn,
     load_reward_fn,
     load_reward_model,
     pack,
@@ -263,6 +264,8 @@ class ReinforceTrainer:
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.tokenizer)
         self.prompts = read_prompts(config.prompts, self.tokenizer)
         self.columns = sorted({c for p in self.prompts for c in p.columns})
+        if self.reward_fn is not None:
+            check_reward_fn(self.reward_fn, self.columns, config.prompts)
         self.policy = policy if policy is not None else build_policy(config, self.tokenizer)
         vocab = self.policy.config.vocab_size
         for p in self.prompts:
@@ -271,6 +274,7 @@ class ReinforceTrainer:
                     f"{p.where}: prompt token id {max(p.ids)} is outside the policy's vocabulary "
                     f"({vocab}); use the policy's tokenizer"
                 )
+        self._check_lengths(self.policy, "the policy")
         frozen = getattr(torch, config.frozen_dtype)
         self.reference = frozen_copy(self.policy, frozen, config.policy)
         self.reward_model, self.reward_column = None, 0
@@ -289,6 +293,23 @@ class ReinforceTrainer:
                     f"its vocabulary ({self.reward_model.trunk.config.vocab_size}) is "
                     f"smaller than the policy's ({vocab}); they must share a tokenizer",
                 )
+            self._check_lengths(self.reward_model.trunk, "the reward model")
+
+    def _check_lengths(self, model, what: str) -> None:
+        """Every prompt plus max_new_tokens fits the model's positions: checked before any step
+        (found at generation time, it stopped a run mid-way)."""
+        limit, new = model.config.max_position_embeddings, self.config.max_new_tokens
+        longest = max(self.prompts, key=lambda p: len(p.ids))
+        if len(longest.ids) + new > limit:
+            fix = (
+                f"shorten it or lower --max-new-tokens to at most {limit - len(longest.ids)}"
+                if len(longest.ids) < limit
+                else f"shorten it to at most {limit - new} tokens"
+            )
+            raise ValueError(
+                f"{longest.where}: field 'prompt': {len(longest.ids)} tokens plus "
+                f"--max-new-tokens {new} exceed {what}'s max_position_embeddings ({limit}); {fix}"
+            )
 
     # ---- one rollout ----------------------------------------------------------------------------
     def _rollout(self, first_step: int, groups: list[list[list[int]]]) -> dict:

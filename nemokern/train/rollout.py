@@ -8,10 +8,13 @@ together into ReinforceTrainer.
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
+import numbers
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -72,19 +75,66 @@ def load_reward_model(
     return model, 0
 
 
+class RewardFunctionError(RuntimeError):
+    """The user's reward function raised: the message names it, the chained exception (and its
+    traceback) is the function's own."""
+
+
+def check_reward_fn(fn: Callable, columns: list[str], where: str) -> None:
+    """That `fn` can be called as fn(prompts=..., completions=..., **columns), the prompts file
+    `where`'s other columns being those keyword lists (TRL's convention); checked before any
+    step, so that a mismatch does not surface at the first rollout."""
+    clash = sorted({"prompts", "completions"} & set(columns))
+    if clash:
+        raise ValueError(
+            f"{where}: column {clash[0]!r} would be passed to the reward function as a keyword "
+            "it already receives (prompts=, completions=); rename the column"
+        )
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin or extension function: nothing to check
+        return
+    try:
+        signature.bind(prompts=[], completions=[], **dict.fromkeys(columns, []))
+    except TypeError as e:
+        name = getattr(fn, "__qualname__", repr(fn))
+        raise option_error(
+            "reward_fn",
+            f"{name}{signature} cannot be called as fn(prompts=..., completions=..."
+            + "".join(f", {c}=..." for c in columns)
+            + f") ({e}); the columns come from {where}: accept them or **kwargs, "
+            "as TRL's fn(prompts, completions, **kwargs)",
+        ) from None
+
+
+def _reward_values(out) -> list | None:
+    """The rewards a function returned as a list of Python numbers, or None if they are not a
+    1-D sequence of real numbers (bools count as 0/1)."""
+    if isinstance(out, torch.Tensor | np.ndarray):
+        return out.tolist() if out.ndim == 1 else None
+    if not isinstance(out, list | tuple):
+        return None  # a str, a dict, a scalar, a generator: not one reward per completion
+    values = [v.item() if hasattr(v, "item") and getattr(v, "ndim", 0) == 0 else v for v in out]
+    return values if all(isinstance(v, numbers.Real) for v in values) else None
+
+
 def call_reward_fn(
     fn: Callable, prompts: list, completions: list[str], columns: dict
 ) -> torch.Tensor:
     """fn(prompts=..., completions=..., **columns) as float64 [n]; errors name the function."""
     name = getattr(fn, "__qualname__", repr(fn))
-    out = fn(prompts=prompts, completions=completions, **columns)
     try:
-        values = [float(v) for v in out]
-    except (TypeError, ValueError):
+        out = fn(prompts=prompts, completions=completions, **columns)
+    except Exception as e:
+        raise RewardFunctionError(f"reward function {name} raised {type(e).__name__}: {e}") from e
+    values = _reward_values(out)
+    if values is None:
+        shown = " ".join(repr(out).split())[:80]
         raise ValueError(
-            f"reward function {name} must return a list of numbers, one per completion; "
-            f"got {str(out)[:80]}"
-        ) from None
+            f"reward function {name} must return a list (or 1-D array) of numbers, one per "
+            f"completion; got {type(out).__name__} {shown}"
+        )
+    values = [float(v) for v in values]
     if len(values) != len(completions):
         raise ValueError(
             f"reward function {name} returned {len(values)} rewards for {len(completions)} "
