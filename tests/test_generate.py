@@ -159,6 +159,8 @@ def test_generate_restores_training_mode(model):
         (dict(top_k=0), "top_k"),
         (dict(top_p=0.0), "top_p"),
         (dict(num_samples=0), "num_samples"),
+        (dict(max_new_tokens=10**4), r"lower max_new_tokens to at most \d+$"),
+        (dict(prompts=[[1] * 10**4]), r"shorten the prompt to at most \d+ tokens$"),
     ],
 )
 def test_bad_options_raise(model, kwargs, match):
