@@ -3,7 +3,8 @@ columns (e.g. a reference `answer` a reward function reads), tokenized with the 
 an open assistant header.
 
 Sources are those of readers.py (.jsonl, .jsonl.gz, .parquet, or an iterable of dict rows); a bad
-row raises DataError naming the file and line (or row) and the field.
+row raises DataError naming the file and line (or row) and the field. There is no option to skip
+bad prompt rows (train-reinforce has no --skip-bad-rows), so the error does not suggest one.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .readers import BAD_VALUE, MISSING_COLUMN, DataError, _raw_rows, _turns
+
+PROMPT_HINT = "fix or remove the row"
 
 
 @dataclass(frozen=True)
@@ -29,23 +32,31 @@ def read_prompts(source, tokenizer) -> list[Prompt]:
     """Every row of `source` as a Prompt; DataError for a row without a usable `prompt`."""
     out = []
     for where, row in _raw_rows(source):
-        if isinstance(row, DataError):
-            raise row
-        if not isinstance(row, dict):
-            raise DataError(
-                where, None, BAD_VALUE, f"expected a JSON object, got {type(row).__name__}"
-            )
-        if row.get("prompt") is None:
-            raise DataError(
-                where,
-                "prompt",
-                MISSING_COLUMN,
-                "a prompt row needs `prompt`: a string or a list of chat turns",
-            )
-        turns = _turns(row["prompt"], where, "prompt", "user")
-        ids = tokenizer.apply_chat_template(list(turns), add_generation_prompt=True)
-        others = {k: v for k, v in row.items() if k != "prompt"}
-        out.append(Prompt(row["prompt"], turns, tuple(ids), others, where))
+        try:
+            out.append(_prompt(where, row, tokenizer))
+        except DataError as exc:
+            raise exc.with_hint(PROMPT_HINT) from None
     if not out:
         raise ValueError(f"{source}: no prompt rows")
     return out
+
+
+def _prompt(where: str, row, tokenizer) -> Prompt:
+    if isinstance(row, DataError):
+        raise row
+    if not isinstance(row, dict):
+        raise DataError(where, None, BAD_VALUE, f"expected a JSON object, got {type(row).__name__}")
+    if row.get("prompt") is None:
+        raise DataError(
+            where,
+            "prompt",
+            MISSING_COLUMN,
+            "a prompt row needs `prompt`: a string or a list of chat turns",
+        )
+    turns = _turns(row["prompt"], where, "prompt", "user")  # lone surrogates are DataErrors
+    try:
+        ids = tokenizer.apply_chat_template(list(turns), add_generation_prompt=True)
+    except UnicodeError as exc:  # text the tokenizer cannot encode
+        raise DataError(where, "prompt", BAD_VALUE, str(exc)) from None
+    others = {k: v for k, v in row.items() if k != "prompt"}
+    return Prompt(row["prompt"], turns, tuple(ids), others, where)

@@ -21,15 +21,21 @@ a list of turns appended after the prompt.
 
 A bad row raises `DataError` naming the source, the line (jsonl) or row (parquet, in-memory; both
 0-based), the field and the reason; with skip_bad_rows=True it is skipped and counted per reason.
+With layout "auto", a row whose columns fit no layout is such a row (NO_LAYOUT), and the layout
+comes from the first row that fits; a parquet file or Dataset whose schema fits none is an error
+naming it. In a HelpSteer2 prompt string an empty turn, or a last turn that is not the user's, is
+a bad value.
 """
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
 import math
 import os
 import re
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -55,26 +61,43 @@ STRENGTH_RANGE = "strength outside -3..3"
 EMPTY_RESPONSE = "empty response"
 EMPTY_PROMPT = "empty prompt"
 BAD_VALUE = "bad value"
+NO_LAYOUT = "columns fit no layout"
+
+# What a DataError suggests by default; readers without a skip option pass their own (or None).
+SKIP_HINT = "fix the row, or skip bad rows with skip_bad_rows=True / --skip-bad-rows"
 
 _REQUIRED = {
     "helpsteer2": ("prompt", "response") + HELPSTEER2_ATTRIBUTES,
     "hs2-preference": ("prompt", "response_1", "response_2", "preference_strength"),
     "pairs": ("prompt", "chosen", "rejected"),
 }
-_TURN_MARKER = re.compile(r"<extra_id_1>(User|Assistant)\n")
+_TURN_MARKER = re.compile(r"<extra_id_1>(User|Assistant)\r?\n")
 _SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 
 
 class DataError(ValueError):
-    """A bad row: `where` is "file:line" or "source row N"; `field` may be None (whole row)."""
+    """A bad row: `where` is "file:line" or "source row N"; `field` may be None (whole row).
 
-    def __init__(self, where: str, field: str | None, reason: str, detail: str = ""):
+    `message` is the error without the hint; str() adds " (hint)" unless hint is None.
+    """
+
+    def __init__(
+        self,
+        where: str,
+        field: str | None,
+        reason: str,
+        detail: str = "",
+        hint: str | None = SKIP_HINT,
+    ):
         self.where, self.field, self.reason, self.detail = where, field, reason, detail
+        self.hint = hint
         what = f"field {field!r}: " if field else ""
-        super().__init__(
-            f"{where}: {what}{reason}{': ' + detail if detail else ''} "
-            "(fix the row, or skip bad rows with skip_bad_rows=True / --skip-bad-rows)"
-        )
+        self.message = f"{where}: {what}{reason}{': ' + detail if detail else ''}"
+        super().__init__(self.message + (f" ({hint})" if hint else ""))
+
+    def with_hint(self, hint: str | None) -> DataError:
+        """The same error with another hint (None: none), for a reader without skip_bad_rows."""
+        return DataError(self.where, self.field, self.reason, self.detail, hint)
 
 
 @dataclass(frozen=True)
@@ -156,8 +179,12 @@ def _raw_rows(source) -> Iterator[tuple[str, Any]]:
             yield f"{name} row {i}", row
         return
     path = os.fspath(source)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"data file {path!r} does not exist")
+    if os.path.isdir(path):
+        raise ValueError(f"data file {path!r} is a directory, not a file")
+    if not os.path.isfile(path):
+        raise ValueError(f"data file {path!r} is not a regular file")
     if path.endswith(".parquet"):
         for i, row in enumerate(_parquet_rows(path)):
             yield f"{path} row {i}", row
@@ -171,15 +198,21 @@ def _raw_rows(source) -> Iterator[tuple[str, Any]]:
     try:
         with opener(path, "rb") as f:
             for n, line in enumerate(f, start=1):
+                if n == 1 and line.startswith(codecs.BOM_UTF8):  # read as utf-8-sig
+                    line = line[len(codecs.BOM_UTF8) :]
                 if not line.strip():
                     continue
                 where = f"{path}:{n}"
                 try:
                     yield where, json.loads(line.decode("utf-8"))
-                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                # JSONDecodeError, UnicodeDecodeError, an integer past Python's digit limit;
+                # RecursionError: nesting too deep
+                except (ValueError, RecursionError) as exc:
                     yield where, DataError(where, None, INVALID_JSON, str(exc))
-    except (OSError, EOFError) as exc:  # a corrupt or truncated .gz
-        raise ValueError(f"{path}: cannot read past line {n}: {exc}") from exc
+    except (OSError, EOFError, zlib.error) as exc:  # a corrupt or truncated .gz
+        broken = isinstance(exc, (EOFError, zlib.error, gzip.BadGzipFile))
+        why = " (a corrupt or truncated file)" if broken else ""
+        raise ValueError(f"{path}: cannot read past line {n}{why}: {exc}") from exc
 
 
 def _import_pyarrow_parquet():
@@ -237,12 +270,42 @@ def detect_layout(columns: Iterable[str]) -> str:
 
 
 def split_helpsteer_turns(prompt: str) -> list[dict]:
-    """A HelpSteer2 prompt string -> chat turns, splitting at the <extra_id_1>Role\\n markers."""
+    """A HelpSteer2 prompt string -> chat turns, splitting at the <extra_id_1>Role\\n markers
+    ("\\r\\n" after the role word too). The turns are not checked; see check_helpsteer_turns."""
     parts = _TURN_MARKER.split(prompt)
     turns = [{"role": "user", "content": parts[0]}]
     for role, content in zip(parts[1::2], parts[2::2]):
         turns.append({"role": role.lower(), "content": content})
     return turns
+
+
+def check_helpsteer_turns(turns: list[dict]) -> str | None:
+    """What is wrong with a split HelpSteer2 prompt (an empty turn, or a last turn that is not the
+    user's), or None."""
+    for i, t in enumerate(turns):
+        if not t["content"].strip():
+            return f"turn {i} ({t['role']}) of the <extra_id_1>User/Assistant markers is empty"
+    if turns[-1]["role"] != "user":
+        return (
+            f"the prompt ends on an {turns[-1]['role']} turn (after its last <extra_id_1> "
+            "marker); a prompt must end on a user turn"
+        )
+    return None
+
+
+def _check_text(turns, where: str, name: str) -> None:
+    """DataError for a turn whose content is not valid Unicode (a lone surrogate such as JSON's
+    "\\ud800"), which no tokenizer can encode."""
+    for i, t in enumerate(turns):
+        try:
+            t["content"].encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise DataError(
+                where,
+                name,
+                BAD_VALUE,
+                f"turn {i} is not valid Unicode text (character {exc.start}: {exc.reason})",
+            ) from None
 
 
 def _turns(value, where: str, name: str, default_role: str) -> tuple[dict, ...]:
@@ -252,8 +315,13 @@ def _turns(value, where: str, name: str, default_role: str) -> tuple[dict, ...]:
         if not value.strip():
             raise DataError(where, name, empty)
         if default_role == "user":
-            return tuple(split_helpsteer_turns(value))
-        return ({"role": default_role, "content": value},)
+            turns = split_helpsteer_turns(value)
+            if len(turns) > 1 and (problem := check_helpsteer_turns(turns)):
+                raise DataError(where, name, BAD_VALUE, problem)
+        else:
+            turns = [{"role": default_role, "content": value}]
+        _check_text(turns, where, name)
+        return tuple(turns)
     if isinstance(value, (list, tuple)):
         if not value:
             raise DataError(where, name, empty)
@@ -280,6 +348,7 @@ def _turns(value, where: str, name: str, default_role: str) -> tuple[dict, ...]:
             turns.append({"role": t["role"], "content": t["content"]})
         if not any(t["content"].strip() for t in turns):
             raise DataError(where, name, empty)
+        _check_text(turns, where, name)
         return tuple(turns)
     raise DataError(
         where,
@@ -289,11 +358,21 @@ def _turns(value, where: str, name: str, default_role: str) -> tuple[dict, ...]:
     )
 
 
+def _brief(value) -> str:
+    """repr(value), shortened (a huge integer's repr can be thousands of digits, or fail)."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _number(value, where: str, name: str, lo: float, hi: float, reason: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise DataError(where, name, BAD_VALUE, f"expected a number, got {value!r:.40}")
-    if not (math.isfinite(value) and lo <= value <= hi):
-        raise DataError(where, name, reason, f"got {value!r}")
+        raise DataError(where, name, BAD_VALUE, f"expected a number, got {_brief(value)}")
+    # an int is compared exactly: math.isfinite / float() overflow past ~1e308
+    ok = lo <= value <= hi if isinstance(value, int) else math.isfinite(value) and lo <= value <= hi
+    if not ok:
+        raise DataError(where, name, reason, f"got {_brief(value)}")
     return float(value)
 
 
@@ -385,11 +464,19 @@ def read_examples(
         result.rows_read += 1
         try:
             if result.layout == "auto":
-                # the first object row (or a parquet / Dataset schema) names the columns
-                if not isinstance(row, dict) and not _columns(source, None):
+                # the first object row that fits a layout (or a parquet / Dataset schema) names
+                # the columns
+                schema = _columns(source, None)
+                if not isinstance(row, dict) and not schema:
                     row_to_example(row, LAYOUTS[0], where)  # raises the row's own error
-                result.columns = _columns(source, row)
-                result.layout = detect_layout(result.columns)
+                columns = _columns(source, row)
+                try:
+                    result.layout = detect_layout(columns)
+                except ValueError as exc:
+                    if schema:  # every row has these columns: not a row's fault
+                        raise ValueError(f"{result.source}: {exc}") from None
+                    raise DataError(where, None, NO_LAYOUT, str(exc)) from None
+                result.columns = columns
             elif not result.columns:
                 result.columns = _columns(source, row)
             example = row_to_example(row, result.layout, where)
@@ -398,7 +485,7 @@ def read_examples(
                 raise
             result.bad_rows[exc.reason] += 1
             if len(result.bad_examples) < max_reported:
-                result.bad_examples.append(str(exc).split(" (fix the row")[0])
+                result.bad_examples.append(exc.message)
             continue
         if split is not None and isinstance(row, dict) and row.get("split") not in (None, split):
             result.other_split += 1
@@ -407,9 +494,10 @@ def read_examples(
     if not result.rows_read:
         raise ValueError(f"data source {result.source} has no rows")
     if result.layout == "auto":
+        first = f"; the first: {result.bad_examples[0]}" if result.bad_examples else ""
         raise ValueError(
             f"{result.source}: no row could be read to detect the layout "
-            f"({sum(result.bad_rows.values())} bad rows); {result.bad_examples[:1]}"
+            f"({sum(result.bad_rows.values())} bad rows){first}"
         )
     return result
 
