@@ -86,6 +86,19 @@ def test_resume_refuses_other_batching(tmp_path):
         ).fit()
 
 
+def test_resume_refuses_other_data_of_the_same_shape(tmp_path):
+    """Same count, batching, shuffle and seed, other rows: not the run that was saved."""
+    TrainLoop(config(tmp_path, max_steps=1), TinyReward(), batches(10), step_fn).fit()
+    with pytest.raises(ValueError, match="saved by a run with other training data"):
+        TrainLoop(
+            config(tmp_path, max_steps=2, resume="auto"), TinyReward(), batches(10, 7), step_fn
+        ).fit()
+    # the same data, rebuilt: resumes
+    TrainLoop(
+        config(tmp_path, max_steps=2, resume="auto"), TinyReward(), batches(10), step_fn
+    ).fit()
+
+
 def test_losses_are_weighted_means_over_the_global_batch(tmp_path):
     data = batches(4)
     loop = TrainLoop(

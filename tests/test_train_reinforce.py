@@ -249,6 +249,22 @@ def test_resume_inside_a_rollout_is_exact(tmp_path, prompts):
         assert [h[name] for h in rest] == [h[name] for h in full[1:]], name
 
 
+def test_resume_refuses_another_k_or_policy(tmp_path, prompts):
+    """The policy directory is also the frozen reference's: a resume from another one trained
+    against a different reference without a word."""
+    ReinforceTrainer(config(tmp_path, prompts, max_steps=1, save_every=1), reward_fn=count_a).fit()
+    with pytest.raises(ValueError, match="saved by a run with --k 3, this run has 2"):
+        ReinforceTrainer(
+            config(tmp_path, prompts, k=2, max_steps=2, resume="auto"), reward_fn=count_a
+        ).fit()
+    tiny_policy(seed=1).save_pretrained(tmp_path / "pol")
+    with pytest.raises(ValueError, match="saved by a run with --policy 'tiny', this run has '/"):
+        ReinforceTrainer(
+            config(tmp_path, prompts, policy=str(tmp_path / "pol"), max_steps=2, resume="auto"),
+            reward_fn=count_a,
+        ).fit()
+
+
 def test_policy_logprobs_from_the_update_forward_are_bit_exact(tmp_path, prompts, monkeypatch):
     """One update per rollout: the KL's policy log-probs come from the update's forward instead
     of a no-grad forward in the rollout; every metric and weight equals the rollout path's,

@@ -105,6 +105,22 @@ def test_resume_continues_exactly(tmp_path, files):
     assert [h["loss"] for h in rest] == [h["loss"] for h in full[2:]]
 
 
+def test_resume_refuses_another_loss_or_other_data(tmp_path, files):
+    RewardTrainer(config(tmp_path, files["pairs"], loss="bt", max_steps=1, save_every=1)).fit()
+    with pytest.raises(
+        ValueError, match="saved by a run with --loss 'bt', this run has 'margin-bt'"
+    ):
+        RewardTrainer(
+            config(tmp_path, files["pairs"], loss="margin-bt", max_steps=2, resume="auto")
+        ).fit()
+    rows = [json.loads(line) for line in open(files["pairs"])]
+    rows[0]["response_1"] += " (edited)"
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="saved by a run with other training data"):
+        RewardTrainer(config(tmp_path, other, loss="bt", max_steps=2, resume="auto")).fit()
+
+
 def test_tiny_model_learns_the_synthetic_preference_task(tmp_path):
     # about 5 s on 2 idle cores (2 minutes when the cores are oversubscribed)
     train = write_synthetic(tmp_path / "train.jsonl", 400, "hs2-preference", seed=0)

@@ -132,6 +132,21 @@ class TrainConfig:
     progress: bool = option(True, "show a progress bar")
     tensorboard: bool = option(True, "also log to OUT/tensorboard when tensorboard is installed")
 
+    # Options that say what a run trains (models, data, reward sources): a resume with other
+    # values is refused (TrainLoop); a trainer's config lists its own.
+    RESUME_FIXED: typing.ClassVar[tuple[str, ...]] = ()
+
+    def resume_identity(self) -> dict:
+        """{option: value} of RESUME_FIXED, a path that exists as its resolved absolute path (so
+        that ./data.jsonl and data.jsonl are the same)."""
+        out = {}
+        for name in self.RESUME_FIXED:
+            value = getattr(self, name)
+            if isinstance(value, str) and value and Path(value).exists():
+                value = str(Path(value).resolve())
+            out[name] = value
+        return out
+
     def __post_init__(self):
         # Every float option, a subclass's too: nan and inf pass the range checks below (nan
         # compares false) and surface steps later as a diverged run or NaN in metrics.jsonl.

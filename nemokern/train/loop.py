@@ -16,6 +16,7 @@ left off (same data order, RNG, optimizer and schedule: bit-identical losses on 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import random
@@ -47,6 +48,42 @@ from .stop import StopSignals, TrainingStopped
 class NonFiniteError(RuntimeError):
     """A loss or gradient became NaN/inf; the message names the step, the rows and the
     checkpoint."""
+
+
+def content_digest(obj) -> str:
+    """A short hash of the content of nested micro-batches: tensors and arrays by value, lists,
+    tuples, dicts and dataclasses by their items, numbers and strings; of any other object only
+    its type (never its address)."""
+    digest = hashlib.sha256()
+
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().contiguous()
+            digest.update(f"T{x.dtype}{tuple(x.shape)}".encode())
+            digest.update(x.view(torch.uint8).numpy().tobytes() if x.numel() else b"")
+        elif isinstance(x, np.ndarray):
+            digest.update(f"A{x.dtype}{x.shape}".encode() + np.ascontiguousarray(x).tobytes())
+        elif dataclasses.is_dataclass(x) and not isinstance(x, type):
+            digest.update(type(x).__name__.encode())
+            for f in dataclasses.fields(x):
+                digest.update(f.name.encode())
+                walk(getattr(x, f.name))
+        elif isinstance(x, dict):
+            digest.update(b"{")
+            for k in sorted(x, key=str):
+                digest.update(str(k).encode())
+                walk(x[k])
+        elif isinstance(x, list | tuple):
+            digest.update(b"[" + str(len(x)).encode())
+            for v in x:
+                walk(v)
+        elif x is None or isinstance(x, bool | int | float | str):
+            digest.update(repr(x).encode())
+        else:
+            digest.update(type(x).__name__.encode())
+
+    walk(obj)
+    return digest.hexdigest()[:16]
 
 
 @dataclass
@@ -281,6 +318,7 @@ class TrainLoop:
         find_unused_parameters: bool = False,
     ):
         self.config, self.data, self.step_fn, self.evaluate = config, data, step_fn, evaluate
+        self._data_digest = None  # content_digest(data), on the first checkpoint or resume
         self.dist = setup_distributed(config.device, config.tp)
         self.device = self.dist.device
         self.out = Path(config.out)
@@ -366,6 +404,8 @@ class TrainLoop:
         """Restore what extra_state returned."""
 
     def data_state(self, step: int) -> dict:
+        if self._data_digest is None:
+            self._data_digest = content_digest(self.data)
         return {
             "step": step,
             "epoch": step // self.steps_per_epoch,
@@ -373,6 +413,9 @@ class TrainLoop:
             "micro_batches_per_step": self.per_step,
             "shuffle": self.config.shuffle,
             "seed": self.config.seed,
+            # what the run trains on and from: the training data's content and the options that
+            # name models, data and reward sources (TrainConfig.resume_identity)
+            "identity": {**self.config.resume_identity(), "training data": self._data_digest},
         }
 
     def place_frozen(self, module: nn.Module, *, offload: bool = False) -> None:
@@ -437,6 +480,18 @@ class TrainLoop:
                     f"{path}: saved with {key}={saved.get(key)!r}, this run has {now[key]!r}; an "
                     "exact resume needs the same data, batching, grad_accum x processes, shuffle "
                     "and seed"
+                )
+        then = saved.get("identity", now["identity"])  # checkpoints before it had none
+        for key, value in now["identity"].items():
+            if key in then and then[key] != value:
+                what = (
+                    "other training data (file, split, max_length, tokenizer or rows differ)"
+                    if key == "training data"
+                    else f"--{key.replace('_', '-')} {then[key]!r}, this run has {value!r}"
+                )
+                raise CheckpointError(
+                    f"{path}: saved by a run with {what}; --resume continues that run. Start "
+                    "a new one in another --out (or resume with the same options)"
                 )
         # "extra" sat in the shared trainer state before it was kept per process
         self.load_extra_state(state.get("local", state).get("extra", {}))

@@ -14,6 +14,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -40,6 +41,9 @@ _BT_KIND = {"bt": "regular", "margin-bt": "margin", "scaled-bt": "scaled"}
 class RewardConfig(TrainConfig):
     """Everything `nemokern train-reward` takes. Defaults: recipe.md's stage 1 (lr 2e-6 constant);
     stage 2 (scaled BT from stage 1's model and head) is `--loss scaled-bt --init DIR --lr 1e-6`."""
+
+    # the training data's content is checked too (TrainLoop); the weights come from the checkpoint
+    RESUME_FIXED: ClassVar[tuple[str, ...]] = ("loss",)
 
     model: str = option(
         "tiny",
