@@ -121,6 +121,10 @@ def test_missing_fields_and_bad_files(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         LlamaConfig.from_json_file(tmp_path / "config.json")
+    for text in ("[1]", "1", '"abc"'):  # JSON, but not an object: a TypeError traceback before
+        (tmp_path / "config.json").write_text(text)
+        with pytest.raises(ConfigError, match="config.json: expected a JSON object of settings"):
+            LlamaConfig.from_json_file(tmp_path / "config.json")
 
 
 @pytest.mark.parametrize("scaling", [None, LLAMA3_ROPE])

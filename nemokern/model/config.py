@@ -97,6 +97,10 @@ class LlamaConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> LlamaConfig:
         """Parse an HF config dict (either rope spelling). `source` names the file in errors."""
+        if not isinstance(d, dict):
+            raise ConfigError(
+                f"{source}: expected a JSON object of settings, got {type(d).__name__}"
+            )
         d = dict(d)
 
         def refuse(key, ok, fix):

@@ -177,16 +177,33 @@ def load_pretrained(
     return model
 
 
-@torch.no_grad()
-def _fill(model, path: Path, assigned, check_finite: bool) -> None:
-    """Copy every tensor of the checkpoint at `path` into `model`'s parameters, one at a time
-    (this rank's tensor-parallel slice of each; a parameter sharded by FSDP keeps its rows)."""
+def check_checkpoint(cls, path) -> LlamaConfig:
+    """The HF directory `path` checked as from_pretrained(path) checks it, without reading a
+    tensor: config.json is a valid LlamaConfig, and the weight files' headers hold exactly the
+    tensors that config implies, each of the shape it implies. Returns that config; every
+    problem raises ConfigError or CheckpointError naming the file and the field or tensor."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory; a model directory is wanted")
+    config = LlamaConfig.from_json_file(path / "config.json")
+    assigned = weight_files(path)
+    model = empty(cls, config, dtype=torch.float32, device="meta")  # shapes only: no memory
+    for _ in _checked_tensors(model, path, assigned):
+        pass
+    return config
+
+
+def _checked_tensors(model, path: Path, assigned):
+    """Yield (file, name, slice handle, parameter of `model` or None, this rank's shard or None)
+    for every tensor of the checkpoint at `path` that `model` takes, once its name and full shape
+    are checked against `model`'s config (headers only: nothing is read); a tied model's stored
+    lm_head comes with parameter None. CheckpointError for a tensor that is repeated, unexpected
+    or misshapen, and at the end for one missing."""
     config = model.config
     expected = {hf_name(n): p for n, p in model.named_parameters()}  # tied head listed once
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
     shards = shards_by_name(model)
-    tied_head = None
     loaded: set[str] = set()
     for file in dict.fromkeys(assigned.values()):
         for name, stored in _read(file, assigned):
@@ -195,7 +212,7 @@ def _fill(model, path: Path, assigned, check_finite: bool) -> None:
             if _DERIVED_BUFFER.fullmatch(name):
                 continue  # RoPE's inv_freq (older transformers): follows from config.json
             if name == "lm_head.weight" and config.tie_word_embeddings:
-                tied_head = (file, _slice(file, name, stored, shards.get(name)))
+                yield file, name, stored, None, shards.get(name)
                 continue
             if name not in expected:
                 raise CheckpointError(
@@ -212,10 +229,7 @@ def _fill(model, path: Path, assigned, check_finite: bool) -> None:
                     f"{file}: tensor {name!r} has shape {tuple(stored.get_shape())}, "
                     f"config.json implies {tuple(implied)}"
                 )
-            tensor = _slice(file, name, stored, shard)
-            if check_finite:
-                _check_finite(file, name, tensor)
-            copy_into(target, tensor)
+            yield file, name, stored, target, shard
             loaded.add(name)
     missing = sorted(set(expected) - loaded)
     if missing:
@@ -224,6 +238,21 @@ def _fill(model, path: Path, assigned, check_finite: bool) -> None:
             f"{path}: tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''} "
             f"missing (looked in {sorted(where)})"
         )
+
+
+@torch.no_grad()
+def _fill(model, path: Path, assigned, check_finite: bool) -> None:
+    """Copy every tensor of the checkpoint at `path` into `model`'s parameters, one at a time
+    (this rank's tensor-parallel slice of each; a parameter sharded by FSDP keeps its rows)."""
+    tied_head = None
+    for file, name, stored, target, shard in _checked_tensors(model, path, assigned):
+        tensor = _slice(file, name, stored, shard)
+        if target is None:  # a tied model's stored lm_head: must equal the embedding
+            tied_head = (file, tensor)
+            continue
+        if check_finite:
+            _check_finite(file, name, tensor)
+        copy_into(target, tensor)
     head = model.lm_head.weight
     if tied_head is not None and not torch.equal(tied_head[1].to(head), head):
         raise CheckpointError(

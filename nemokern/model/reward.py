@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import secrets
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -21,8 +24,10 @@ from torch import nn
 
 from nemokern.model.deferred import defer, is_deferred
 from nemokern.model.hf import (
+    INDEX,
     SAFETENSORS_FLOATS,
     CheckpointError,
+    check_checkpoint,
     open_safetensors,
     parse_size,
     read_tensor,
@@ -153,14 +158,7 @@ class RewardModel(nn.Module):
                 f"{path}: the saved head has attributes {saved}, not {list(attributes)}"
             )
         model = cls(trunk, saved)
-        tensors = load_file(str(path / HEAD_WEIGHTS))
-        expect = {"weight": tuple(model.head.weight.shape), "bias": tuple(model.head.bias.shape)}
-        for name, shape in expect.items():
-            if name not in tensors or tuple(tensors[name].shape) != shape:
-                got = tuple(tensors[name].shape) if name in tensors else "missing"
-                raise CheckpointError(
-                    f"{path / HEAD_WEIGHTS}: tensor {name!r} is {got}, expected {shape}"
-                )
+        tensors = _saved_head(path, len(saved), trunk.config.hidden_size)
         if is_deferred(trunk):
             model._defer_head(tensors)
             return model
@@ -222,6 +220,25 @@ def _saved_attributes(path: Path) -> list[str]:
         raise CheckpointError(f"{path / HEAD_CONFIG}: unreadable head config ({exc})") from None
 
 
+def _saved_head(path: Path, k: int, hidden_size: int) -> dict[str, torch.Tensor]:
+    """The head saved in `path` ({"weight", "bias"}), checked to be [k, hidden_size] and [k];
+    CheckpointError naming the file and the tensor otherwise."""
+    file = path / HEAD_WEIGHTS
+    try:
+        tensors = load_file(str(file))
+    except Exception as e:  # safetensors raises its own error type for a garbled file
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
+    expect = {"weight": (k, hidden_size), "bias": (k,)}
+    for name, shape in expect.items():
+        if name not in tensors or tuple(tensors[name].shape) != shape:
+            got = tuple(tensors[name].shape) if name in tensors else "missing"
+            raise CheckpointError(
+                f"{file}: tensor {name!r} is {got}, expected {shape} ({k} attributes in "
+                f"{HEAD_CONFIG}, hidden_size={hidden_size} in config.json)"
+            )
+    return tensors
+
+
 @torch.no_grad()
 def export_reward_hf(
     model_dir, out, attribute: str = "helpfulness", *, max_shard_size="5GB"
@@ -231,20 +248,30 @@ def export_reward_hf(
     files, lm_head's row 0 replaced by the head's row for `attribute` (a tied lm_head written out
     untied), config.json with tie_word_embeddings false plus nemokern_reward_attribute and
     nemokern_reward_bias. Returns that bias, which lm_head cannot hold (adding it changes no
-    ranking). Peak memory: one output shard."""
+    ranking). Peak memory: one output shard.
+
+    `model_dir` is checked before anything is written, as from_pretrained checks it (config.json
+    a valid Llama config, every tensor of the shape it implies, the head [K, hidden_size] and
+    [K]): a bad one raises ConfigError or CheckpointError (ValueErrors) naming the file and the
+    field or tensor. The files are written into a temporary directory beside `out`, which is
+    renamed to `out` (or, when `out` is a directory already, moved into it) at the end: a failure
+    while copying leaves `out` as it was."""
     model_dir, out = Path(model_dir), Path(out)
     limit = parse_size(max_shard_size)  # a bad size fails before anything is written
     if not (model_dir / HEAD_WEIGHTS).is_file():
         raise CheckpointError(
             f"{model_dir} has no {HEAD_WEIGHTS}: not a reward model saved by train-reward"
         )
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
     attributes = _saved_attributes(model_dir)
     if attribute not in attributes:
         raise ValueError(f"attribute {attribute!r} is not one of the head's {list(attributes)}")
     i = attributes.index(attribute)
-    head = load_file(str(model_dir / HEAD_WEIGHTS))
+    hidden_size = check_checkpoint(Llama, model_dir).hidden_size  # config.json and trunk shapes
+    head = _saved_head(model_dir, len(attributes), hidden_size)
     row, bias = head["weight"][i], float(head["bias"][i])
-    config = json.loads((model_dir / "config.json").read_text())
+    config = json.loads((model_dir / "config.json").read_text())  # as saved, other keys kept
     tied = bool(config.get("tie_word_embeddings", False))
     where = {}  # name -> (file, stored name, bytes)
     for file in dict.fromkeys(weight_files(model_dir).values()):
@@ -270,10 +297,31 @@ def export_reward_hf(
             t[0] = row.to(t.dtype)
         return t
 
-    out.mkdir(parents=True, exist_ok=True)
     config.update(
         tie_word_embeddings=False, nemokern_reward_attribute=attribute, nemokern_reward_bias=bias
     )
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    write_safetensors(out, list(where), lambda n: where[n][2], load, limit=limit)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # mkdir, not mkdtemp (0700): `out` gets the usual permissions when this is renamed to it
+    staging = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.partial"
+    staging.mkdir()
+    try:
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_safetensors(staging, list(where), lambda n: where[n][2], load, limit=limit)
+        _move_into(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return bias
+
+
+def _move_into(staging: Path, out: Path) -> None:
+    """`staging`'s files as `out`: a rename when `out` is absent or an empty directory; into an
+    existing directory, its old weight files (which the new ones would mix with) replaced."""
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    for stale in [*out.glob("model*.safetensors"), out / INDEX]:
+        stale.unlink(missing_ok=True)
+    for file in staging.iterdir():
+        os.replace(file, out / file.name)
