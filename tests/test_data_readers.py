@@ -137,6 +137,11 @@ def test_split_filter():
     result = read_examples(rows, split="val")
     assert len(result.examples) == 1 and result.other_split == 2
     assert "2 rows of another split left out" in result.summary()
+    from nemokern.data import load_reward_data
+    from nemokern.data.tokenizer import ByteTokenizer
+
+    with pytest.raises(ValueError, match=r"no usable rows in .* \(3 rows of another split left"):
+        load_reward_data(rows, ByteTokenizer(), split="vall")
 
 
 def test_layout_detection_errors():

@@ -367,6 +367,9 @@ def test_bad_paths_and_sizes_are_refused(tmp_path):
     assert [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]
     with pytest.raises(ValueError, match="max_shard_size"):
         expo(init, aligned, 0.3, tmp_path / "out", max_shard_size="lots")
+    for size in ("0", 0, "0.1"):  # under a byte: one file per tensor was written
+        with pytest.raises(ValueError, match="must be at least 1 byte"):
+            expo(init, aligned, 0.3, tmp_path / "out", max_shard_size=size)
     (init / "model.safetensors").write_bytes(b"\x08" + b"\x00" * 7 + b"garbage!")
     with pytest.raises(
         CheckpointError, match="init/model.safetensors: not a readable safetensors file"

@@ -284,7 +284,15 @@ class RewardDataset:
         if kind not in ("regression", "pairs"):
             raise ValueError(f"kind must be 'regression' or 'pairs', got {kind!r}")
         if not examples:
-            raise ValueError(f"no examples to train on from {read.source if read else 'the rows'}")
+            why = []
+            if read is not None and read.other_split:
+                why.append(f"{read.other_split} rows of another split left out")
+            if read is not None and read.bad_rows:
+                why.append(f"{sum(read.bad_rows.values())} bad rows skipped")
+            raise ValueError(
+                f"no usable rows in {read.source if read else 'the rows'}"
+                + (f" ({', '.join(why)})" if why else "")
+            )
         self.examples, self.kind, self.read, self.max_length = examples, kind, read, max_length
         self.truncated = sum(e.truncated for e in examples)
         self.truncated_response = sum(e.truncated_response for e in examples)

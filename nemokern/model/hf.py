@@ -331,6 +331,8 @@ def _read(file: Path, assigned):
 def parse_size(size: int | str) -> int:
     """Bytes from an int or a string like "5GB", "200MB", "50KB" (decimal, as transformers)."""
     if isinstance(size, int):
+        if size < 1:
+            raise ValueError(f"max_shard_size={size!r} must be at least 1 byte")
         return size
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", str(size), flags=re.IGNORECASE)
     if not m:
@@ -345,7 +347,10 @@ def parse_size(size: int | str) -> int:
         "MIB": 2**20,
         "GIB": 2**30,
     }[unit]
-    return int(float(m.group(1)) * scale)
+    size_bytes = int(float(m.group(1)) * scale)
+    if size_bytes < 1:
+        raise ValueError(f"max_shard_size={size!r} must be at least 1 byte")
+    return size_bytes
 
 
 def save_pretrained(model, path, *, max_shard_size: int | str = "5GB") -> None:
