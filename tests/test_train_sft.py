@@ -60,6 +60,11 @@ def test_rows_split_where_the_response_starts():
     assert cut.prompt_ids[0] == TOK.bos_id and cut.prompt_ids[1:] == ex.prompt_ids[-8:]
     deep = encode_sft(TOK, prompt, response, 10, "row 1")
     assert deep.prompt_ids == (TOK.bos_id,) and deep.response_ids == whole[:9]
+    user_first = [{"role": "user", "content": "and?"}, {"role": "assistant", "content": "y"}]
+    with pytest.raises(
+        DataError, match="row 2: field 'response': bad value: its first turn has role 'user'"
+    ):
+        encode_sft(TOK, prompt, user_first, 4096, "row 2")
 
 
 def test_loss_and_gradient_equal_float64_cross_entropy(tmp_path, data):

@@ -78,6 +78,14 @@ class SFTDataset:
 
 def encode_sft(tokenizer, prompt, response, max_length: int, where: str) -> SFTExample:
     """Chat-template ids of one prompt/response, split where the response starts."""
+    if response and response[0].get("role") != "assistant":
+        raise DataError(
+            where,
+            "response",
+            BAD_VALUE,
+            f"its first turn has role {response[0].get('role')!r}; a response starts with an "
+            "assistant turn (earlier turns belong in the prompt)",
+        )
     prompt_ids = list(tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True))
     full = list(tokenizer.apply_chat_template(list(prompt) + list(response)))
     if full[: len(prompt_ids)] != prompt_ids or len(full) == len(prompt_ids):
