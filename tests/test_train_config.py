@@ -129,6 +129,8 @@ def test_range_errors_name_the_option_and_the_file(tmp_path):
         (dict(grad_clip=float("nan")), "grad_clip = nan must be a finite number"),
         (dict(betas=(0.9, float("nan"))), r"betas = \(0.9, nan\) must be a finite number"),
         (dict(betas=(1.5, 0.98)), r"betas = \(1.5, 0.98\) must each be in \[0, 1\)"),
+        (dict(seed=-1), r"seed = -1 must be in \[0, 2\*\*31\)"),
+        (dict(seed=10**23), r"seed = 1{1}0{23} must be in"),
     ],
 )
 def test_non_finite_and_out_of_range_optimizer_values_are_refused(kw, match):

@@ -157,6 +157,8 @@ class TrainConfig:
                 raise ConfigError(f"{f.name} = {value} must be a finite number")
         if not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"betas = {self.betas} must each be in [0, 1) (AdamW's decay rates)")
+        if not 0 <= self.seed < 2**31:  # derived generator seeds (x 1e6 x processes) stay 64-bit
+            raise ConfigError(f"seed = {self.seed} must be in [0, 2**31)")
         for name in ("epochs", "grad_accum", "keep_last", "tp"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} = {getattr(self, name)} must be at least 1")
