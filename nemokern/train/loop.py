@@ -594,13 +594,13 @@ class TrainLoop:
 
     def _weights_finite(self) -> bool:
         """Whether every parameter of every process is finite (one all-reduce of a flag)."""
-        bad = torch.zeros((), dtype=torch.int64, device=self.device)
+        bad = torch.zeros(1, dtype=torch.float32, device=self.device)
         for p in self.model.parameters():
             local = p.to_local() if hasattr(p, "to_local") else p  # an FSDP DTensor's shard
             bad += (~torch.isfinite(local.detach())).any()
         if self.dist.active:
-            dist.all_reduce(bad)
-        return not bad
+            all_reduce(bad)
+        return not bad.item()
 
     def _stop(self, step: int, what: str, rng_before: dict, rows) -> None:
         """Keep the state before this step as a checkpoint, then raise NonFiniteError; when that
