@@ -270,7 +270,7 @@ def test_packed_batch_drives_the_model_like_separate_sequences(pairs):
 
 
 def test_dataset_errors():
-    with pytest.raises(ValueError, match="no examples"):
+    with pytest.raises(ValueError, match="no usable rows in the rows$"):
         RewardDataset([], "pairs")
     with pytest.raises(ValueError, match="kind must be"):
         RewardDataset([], "sft")
