@@ -86,6 +86,11 @@ def test_resume_refuses_other_batching(tmp_path):
         ).fit()
 
 
+def test_eval_every_without_an_evaluation_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="--eval-every: 2 given, but this run has nothing"):
+        TrainLoop(config(tmp_path, eval_every=2), TinyReward(), batches(4), step_fn)
+
+
 def test_resume_refuses_other_data_of_the_same_shape(tmp_path):
     """Same count, batching, shuffle and seed, other rows: not the run that was saved."""
     TrainLoop(config(tmp_path, max_steps=1), TinyReward(), batches(10), step_fn).fit()

@@ -120,7 +120,7 @@ class TrainConfig:
         "or a checkpoint directory",
     )
     eval_every: int = option(
-        0, "evaluate every N steps (0: only at the end; needs an evaluation set)"
+        0, "evaluate every N steps (0: only at the end; refused without an evaluation set)"
     )
     tp: int = option(
         1,

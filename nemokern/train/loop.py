@@ -317,6 +317,12 @@ class TrainLoop:
         evaluate: Callable[[nn.Module], dict] | None = None,
         find_unused_parameters: bool = False,
     ):
+        if config.eval_every and evaluate is None:  # an option that would do nothing
+            raise option_error(
+                "eval_every",
+                f"{config.eval_every} given, but this run has nothing to evaluate"
+                + ("; give --eval-data" if hasattr(config, "eval_data") else ""),
+            )
         self.config, self.data, self.step_fn, self.evaluate = config, data, step_fn, evaluate
         self._data_digest = None  # content_digest(data), on the first checkpoint or resume
         self.dist = setup_distributed(config.device, config.tp)
