@@ -151,6 +151,23 @@ def test_parquet_with_a_schema_that_fits_no_layout_names_the_file(tmp_path, skip
     assert "'respons'" in str(err.value)
 
 
+def test_an_unreadable_parquet_file_is_one_line(tmp_path, monkeypatch):
+    pa = pytest.importorskip("pyarrow")
+    import nemokern.data.readers as readers
+
+    class Broken:
+        def ParquetFile(self, path):  # noqa: N802 (pyarrow's name)
+            raise pa.ArrowInvalid(
+                "Couldn't deserialize thrift:\nTProtocolException: Invalid data\n"
+            )
+
+    monkeypatch.setattr(readers, "_import_pyarrow_parquet", lambda: Broken())
+    (tmp_path / "x.parquet").write_bytes(b"PAR1")
+    with pytest.raises(ValueError) as err:
+        list(readers._raw_rows(str(tmp_path / "x.parquet")))
+    assert "\n" not in str(err.value) and "not a readable parquet file: Couldn't" in str(err.value)
+
+
 # ----------------------------------------------------------------------------- 4: HelpSteer2 turns
 
 

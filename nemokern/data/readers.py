@@ -234,7 +234,8 @@ def _parquet_rows(path: str) -> Iterator[dict]:
         for batch in batches:
             yield from batch.to_pylist()
     except (pa.ArrowException, OSError) as exc:
-        raise ValueError(f"{path}: not a readable parquet file: {exc}") from exc
+        reason = " ".join(str(exc).split())  # Arrow's messages can span lines: one line
+        raise ValueError(f"{path}: not a readable parquet file: {reason}") from exc
 
 
 def _columns(source, first_row) -> tuple[str, ...]:
