@@ -183,6 +183,23 @@ def test_equals_linear_logprobs_then_weighted_sum(request, monkeypatch, backend)
 
 
 @pytest.mark.parametrize("backend", ["torch_backend", "triton_backend"])
+@pytest.mark.parametrize("others", [True, False])
+def test_coef_gradient_is_logp_in_float64(request, monkeypatch, backend, others):
+    """The loss is linear in coef: d/dcoef = logp (0 at ignored positions), e.g. for a learned
+    baseline. It was silently None, with or without hidden/weight requiring grad."""
+    request.getfixturevalue(backend)
+    small_tiles(monkeypatch)
+    hidden, weight, targets, coef = make_inputs((5, 7), 24, 53, torch.float32, 0.7, seed=5)
+    coef = torch.where(targets != IGNORE, coef, 0.0).requires_grad_(True)
+    h, w = hidden.clone().requires_grad_(others), weight.clone().requires_grad_(others)
+    (2.5 * linear_policy_loss(h, w, targets, coef, temperature=0.7)).backward()
+    z = (hidden.double() @ weight.double().t()) / 0.7
+    logp = torch.log_softmax(z, -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    expect = torch.where(targets != IGNORE, 2.5 * logp, 0.0)
+    torch.testing.assert_close(coef.grad.double(), expect, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch_backend", "triton_backend"])
 def test_all_ignored_and_no_tokens(request, backend):
     request.getfixturevalue(backend)
     for n in (3, 0):

@@ -36,6 +36,7 @@ class _LinearPolicyLoss(torch.autograd.Function):
         with_entropy,
         need_dh,
         need_dw,
+        need_dc,
     ):
         backend = backend_for(hidden, weight)
         rows = kept_rows(targets != ignore_index)
@@ -79,7 +80,9 @@ class _LinearPolicyLoss(torch.autograd.Function):
             dh = scatter_rows(dh, rows, hidden.shape[0])
         if need_dw and dw is None:
             dw = torch.zeros_like(weight)
-        ctx.grads, ctx.tp_group = (dh, dw), tp_group
+        # d(loss)/d(coef) is logp itself (0 on ignored rows): e.g. a learned baseline's gradient
+        dc = scatter_rows(logp, rows, coef.shape[0]).to(coef.dtype) if need_dc else None
+        ctx.grads, ctx.tp_group = (dh, dw, dc), tp_group
         loss = (c * logp).sum()
         mean_entropy = entropy.sum() / max(1, entropy.numel())
         ctx.mark_non_differentiable(mean_entropy)
@@ -93,7 +96,7 @@ class _LinearPolicyLoss(torch.autograd.Function):
                 f"{OP}: backward ran twice through one forward; its gradients are formed in the "
                 "forward and handed over once (call the op again instead of retain_graph=True)"
             )
-        dh, dw = ctx.grads
+        dh, dw, dc = ctx.grads
         ctx.grads = None  # the stored gradients are handed over, not kept twice
         if ctx.tp_group is not None and dh is not None:
             # hidden is replicated across the group and each shard saw only its vocabulary:
@@ -104,7 +107,8 @@ class _LinearPolicyLoss(torch.autograd.Function):
         g = g_loss.float()
         dh = None if dh is None else dh.mul_(g)
         dw = None if dw is None else dw.mul_(g)
-        return dh, dw, None, None, None, None, None, None, None, None, None
+        dc = None if dc is None else dc.mul_(g)
+        return dh, dw, None, dc, None, None, None, None, None, None, None, None
 
 
 def linear_policy_loss(
@@ -130,14 +134,15 @@ def linear_policy_loss(
     gradients times the incoming one (a 16-bit gradient is rounded once more unless that factor
     is a power of two); the gradients are held from the forward until then, and a second backward
     through one forward raises. Gradients are computed only for inputs that require grad when
-    grad mode is on; otherwise the forward costs one GEMM.
+    grad mode is on; otherwise the forward costs one GEMM. coef's gradient is logp (0 at ignored
+    positions).
 
     tp_group: weight is this rank's vocabulary shard [V / tp, H] as in linear_logprobs (equal
     shards, the same hidden, targets and coef on every rank); every rank gets the full loss.
     Forward exchanges linear_logprobs' fixed-size header (4 int64 per rank, mismatched ranks
     raise ValueError) and then 4 floats per token, all N of them, zeros on ignored rows (two
-    all_gathers), and, with the
-    statistics known only after that, costs 4 GEMMs; backward all-reduces dhidden once.
+    all_gathers), and, with the statistics known only after that, costs 4 GEMMs; backward
+    all-reduces dhidden once.
     """
     inv_t, ignore_index, flat_t, vocab_start = _checks.lm_head(
         OP, hidden, weight, targets, temperature, ignore_index, tp_group
@@ -164,5 +169,6 @@ def linear_policy_loss(
         return_entropy,
         grad_on and hidden.requires_grad,
         grad_on and weight.requires_grad,
+        grad_on and coef.requires_grad,
     )
     return (loss, entropy) if return_entropy else loss
