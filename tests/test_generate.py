@@ -160,13 +160,18 @@ def test_generate_restores_training_mode(model):
         (dict(top_p=0.0), "top_p"),
         (dict(num_samples=0), "num_samples"),
         (dict(max_new_tokens=10**4), r"lower max_new_tokens to at most \d+$"),
+        (dict(temperature=float("nan")), r"temperature=nan must be a finite number >= 0"),
+        (dict(prompts=[1, 2, 3]), "prompts is one flat list of ids"),
+        (dict(prompts=[torch.tensor([[1, 2], [3, 4]])]), r"prompts\[0\] has shape \(2, 2\)"),
+        (dict(eos_token_id=10**6), "eos_token_id 1000000 is outside the vocabulary"),
+        (dict(eos_token_id=2.0), "eos_token_id=2.0 must be a token id"),
         (dict(prompts=[[1] * 10**4]), r"shorten the prompt to at most \d+ tokens$"),
     ],
 )
 def test_bad_options_raise(model, kwargs, match):
     args = dict(prompts=PROMPTS, max_new_tokens=3)
     args.update(kwargs)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):  # TypeError for the wrong kind
         generate(model, args.pop("prompts"), **args)
 
 

@@ -19,6 +19,8 @@ before the KV cache is allocated.
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -93,13 +95,12 @@ def generate(
     """
     _check_options(prompts, max_new_tokens, temperature, top_k, top_p, num_samples)
     device = model.embed_tokens.weight.device
-    if eos_token_id is None:
-        eos_token_id = model.config.eos_token_ids
-    eos = torch.tensor(
-        sorted({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)),
-        dtype=torch.long,
-        device=device,
-    )
+    vocab = model.config.vocab_size
+    if eos_token_id is None:  # the config's: ids beyond this vocabulary can never be sampled
+        ids = [i for i in _eos_ids(model.config.eos_token_ids, None) if 0 <= i < vocab]
+    else:
+        ids = _eos_ids(eos_token_id, vocab)
+    eos = torch.tensor(ids, dtype=torch.long, device=device)
     rows = [_prompt_ids(i, p, model.config.vocab_size) for i, p in enumerate(prompts)]
     b, plen = len(rows), max(r.numel() for r in rows)
     limit = model.config.max_position_embeddings
@@ -229,9 +230,14 @@ def _prompt_ids(i, prompt, vocab_size) -> torch.Tensor:
             "first (e.g. tokenizer.encode or apply_chat_template)"
         )
     try:
-        ids = torch.as_tensor(prompt).reshape(-1)
+        ids = torch.as_tensor(prompt)
     except (TypeError, ValueError, RuntimeError) as e:
         raise TypeError(f"prompts[{i}] is not a sequence of token ids ({e})") from None
+    if ids.dim() != 1:  # a [B, T] batch inside the list would be read as one long prompt
+        raise ValueError(
+            f"prompts[{i}] has shape {tuple(ids.shape)}; each prompt is one sequence of ids "
+            "(pass a batch as a list of its rows)"
+        )
     if ids.numel() == 0:
         raise ValueError(f"prompts[{i}] is empty; every prompt needs at least one token (e.g. BOS)")
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
@@ -244,6 +250,33 @@ def _prompt_ids(i, prompt, vocab_size) -> torch.Tensor:
     return ids.to(torch.long)
 
 
+def _eos_ids(eos_token_id, vocab_size) -> list[int]:
+    """The sorted distinct ids of an int, an iterable of ints or an integer tensor, each in
+    [0, vocab_size) unless vocab_size is None: an id outside it would never be sampled, so no
+    row would ever end."""
+    if isinstance(eos_token_id, set | frozenset | range):
+        eos_token_id = list(eos_token_id)
+    try:
+        t = torch.as_tensor(eos_token_id)
+    except (TypeError, ValueError, RuntimeError):
+        t = None
+    if t is not None and t.numel() == 0 and t.dim() == 1:
+        return []
+    if t is None or t.dim() > 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise TypeError(
+            f"eos_token_id={eos_token_id!r} must be a token id, a list of ids or an integer "
+            "tensor (or [] for none)"
+        )
+    ids = sorted(set(t.reshape(-1).tolist()))
+    bad = [] if vocab_size is None else [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise ValueError(
+            f"eos_token_id {bad[0]} is outside the vocabulary [0, {vocab_size}): no row would "
+            "ever end with it"
+        )
+    return ids
+
+
 def _check_options(prompts, max_new_tokens, temperature, top_k, top_p, num_samples):
     if isinstance(prompts, (str, bytes)) or isinstance(prompts, torch.Tensor) and prompts.dim() < 2:
         raise TypeError(
@@ -253,14 +286,24 @@ def _check_options(prompts, max_new_tokens, temperature, top_k, top_p, num_sampl
         )
     if len(prompts) == 0:
         raise ValueError("prompts is empty; pass at least one prompt")
+    if isinstance(prompts, list | tuple) and all(
+        isinstance(p, int) and not isinstance(p, bool) for p in prompts
+    ):  # generate(model, tok.encode(text)): every id would be a one-token prompt
+        raise TypeError(
+            "prompts is one flat list of ids; pass a list of prompts, e.g. [tokenizer.encode(text)]"
+        )
     if (
         isinstance(max_new_tokens, bool)
         or not isinstance(max_new_tokens, int)
         or max_new_tokens < 1
     ):
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 means greedy)")
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, numbers.Real)
+        or not (math.isfinite(temperature) and temperature >= 0)
+    ):
+        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0: greedy)")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k={top_k!r} must be a positive integer or None (off)")
     if not 0 < top_p <= 1:
