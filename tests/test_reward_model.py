@@ -63,6 +63,27 @@ def test_save_and_load_round_trip(tmp_path):
         RewardModel.from_pretrained(tmp_path, attributes=["helpfulness"])
 
 
+def test_attribute_lists_and_a_non_finite_head_are_checked(tmp_path):
+    """A bare string was one attribute per character (an 11-output head for "helpfulness"), an
+    empty list the 9 SteerLM ones; a NaN head loaded and scored NaN."""
+    from safetensors.torch import save_file
+
+    model = tiny_reward_model()
+    model.trunk.save_pretrained(tmp_path / "plain")
+    with pytest.raises(TypeError, match="attributes='helpfulness' is one string"):
+        RewardModel.from_pretrained(tmp_path / "plain", attributes="helpfulness")
+    for bad in ([], ["a", "a"], ["a", 3]):
+        with pytest.raises(ValueError, match="must be a non-empty list of distinct names"):
+            RewardModel(model.trunk, bad)
+    model.save_pretrained(tmp_path / "rm")
+    head = {"weight": torch.full((9, 32), float("nan")), "bias": torch.zeros(9)}
+    save_file(head, str(tmp_path / "rm" / "reward_head.safetensors"))
+    with pytest.raises(
+        CheckpointError, match="reward_head.safetensors: tensor 'weight' is not all"
+    ):
+        RewardModel.from_pretrained(tmp_path / "rm")
+
+
 @pytest.mark.parametrize("tie", [False, True])
 def test_export_nemotron_reward_hf_layout_matches_transformers(tmp_path, tie):
     from transformers import LlamaForCausalLM

@@ -63,7 +63,7 @@ class RewardModel(nn.Module):
     def __init__(self, trunk: Llama, attributes=ATTRIBUTES):
         super().__init__()
         self.trunk = trunk
-        self.attributes = tuple(attributes)
+        self.attributes = _attribute_names(attributes)
         p = trunk.embed_tokens.weight
         self.head = nn.Linear(
             trunk.config.hidden_size,
@@ -151,7 +151,7 @@ class RewardModel(nn.Module):
             deferred=deferred,
         )
         if not (path / HEAD_WEIGHTS).exists():
-            return cls(trunk, attributes or ATTRIBUTES)
+            return cls(trunk, ATTRIBUTES if attributes is None else attributes)
         saved = _saved_attributes(path)
         if attributes is not None and tuple(attributes) != tuple(saved):
             raise CheckpointError(
@@ -213,6 +213,26 @@ class RewardModel(nn.Module):
             return export_reward_hf(saved, path, attribute)
 
 
+def _attribute_names(attributes) -> tuple[str, ...]:
+    """The head's output names: a non-empty sequence of distinct strings (a bare string would be
+    read as one attribute per character)."""
+    if isinstance(attributes, str | bytes):
+        raise TypeError(
+            f"attributes={attributes!r} is one string; pass a list, e.g. [{attributes!r}]"
+        )
+    names = tuple(attributes)
+    if (
+        not names
+        or not all(isinstance(a, str) and a for a in names)
+        or len(set(names)) < len(names)
+    ):
+        raise ValueError(
+            f"attributes={list(names)!r} must be a non-empty list of distinct names (one per "
+            "head output)"
+        )
+    return names
+
+
 def _saved_attributes(path: Path) -> list[str]:
     try:
         return json.loads((path / HEAD_CONFIG).read_text())["attributes"]
@@ -235,6 +255,11 @@ def _saved_head(path: Path, k: int, hidden_size: int) -> dict[str, torch.Tensor]
             raise CheckpointError(
                 f"{file}: tensor {name!r} is {got}, expected {shape} ({k} attributes in "
                 f"{HEAD_CONFIG}, hidden_size={hidden_size} in config.json)"
+            )
+        if not tensors[name].dtype.is_floating_point or not torch.isfinite(tensors[name]).all():
+            raise CheckpointError(
+                f"{file}: tensor {name!r} is not all finite floats ({tensors[name].dtype}): a "
+                "corrupt or diverged head"
             )
     return tensors
 
