@@ -170,6 +170,10 @@ def test_sharded_index_problems(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text("[]")
     with pytest.raises(CheckpointError, match="weight_map"):
         Llama.from_pretrained(tmp_path)
+    for bad in ('{"weight_map": 3}', '{"weight_map": ["a"]}', '{"weight_map": {"x": null}}'):
+        (tmp_path / "model.safetensors.index.json").write_text(bad)  # AttributeError before
+        with pytest.raises(CheckpointError, match="weight_map must map tensor names to shard"):
+            Llama.from_pretrained(tmp_path)
 
 
 def test_bad_directory_and_config(tmp_path):

@@ -121,6 +121,13 @@ def test_missing_fields_and_bad_files(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         LlamaConfig.from_json_file(tmp_path / "config.json")
+    for key, value, match in [
+        ("rope_theta", "abc", "rope_theta='abc' must be a positive number"),
+        ("tie_word_embeddings", "false", "tie_word_embeddings='false' must be true or false"),
+    ]:
+        bad = {k: v for k, v in LLAMA31_8B.items() if k != "rope_parameters"} | {key: value}
+        with pytest.raises(ConfigError, match=match):
+            LlamaConfig.from_dict(bad)
     for text in ("[1]", "1", '"abc"'):  # JSON, but not an object: a TypeError traceback before
         (tmp_path / "config.json").write_text(text)
         with pytest.raises(ConfigError, match="config.json: expected a JSON object of settings"):

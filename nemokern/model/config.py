@@ -135,6 +135,9 @@ class LlamaConfig:
             f for f in cls.__dataclass_fields__ if f not in ("extra", "rope_scaling", "rope_theta")
         }
         kwargs = {k: d.pop(k) for k in list(d) if k in known}
+        for k, v in kwargs.items():  # "false" (a string) would read as true
+            if isinstance(cls.__dataclass_fields__[k].default, bool) and not isinstance(v, bool):
+                raise ConfigError(f"{source}: {k}={v!r} must be true or false (a JSON boolean)")
         dtype = d.pop("torch_dtype", None)
         kwargs.setdefault("dtype", dtype)
         for k in (
@@ -230,7 +233,7 @@ def _read_rope(d, source):
     key = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
     theta = d.get("rope_theta")
     if params is None:
-        return (_HF_DEFAULT_ROPE_THETA if theta is None else float(theta)), None
+        return (_HF_DEFAULT_ROPE_THETA if theta is None else _theta(theta, source)), None
     if not isinstance(params, dict):
         raise ConfigError(f"{source}: {key} must be an object, got {params!r}")
     params = dict(params)
@@ -247,11 +250,18 @@ def _read_rope(d, source):
             raise ConfigError(
                 f"{source}: {key} has unexpected keys {sorted(params)} for rope_type 'default'"
             )
-        return float(theta), None
+        return _theta(theta, source), None
+    theta = _theta(theta, source)
     try:
-        return float(theta), _check_llama3_scaling({"rope_type": "llama3", **params})
+        return theta, _check_llama3_scaling({"rope_type": "llama3", **params})
     except ConfigError as e:
         raise ConfigError(f"{source}: {key}: {e}") from None
+
+
+def _theta(value, source) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(f"{source}: rope_theta={value!r} must be a positive number")
+    return float(value)
 
 
 def _check_llama3_scaling(s):

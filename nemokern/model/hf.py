@@ -79,6 +79,12 @@ def weight_files(path: Path) -> dict[str, Path | None]:
             raise CheckpointError(
                 f"{path / INDEX}: not a safetensors index with a weight_map ({e!r})"
             ) from None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and v for k, v in weight_map.items()
+        ):
+            raise CheckpointError(
+                f"{path / INDEX}: weight_map must map tensor names to shard file names"
+            )
         files = sorted(set(weight_map.values()))
         for f in files:
             if not (path / f).is_file():
