@@ -128,6 +128,20 @@ def test_eos_defaults_to_config_and_accepts_a_set():
     assert res.lengths.tolist() == [1]
 
 
+def test_sample_next_checks_its_options():
+    """top_k=0 failed inside torch, a negative temperature inverted the distribution."""
+    logits = torch.randn(3, 10)
+    for kw, match in [
+        (dict(top_k=0), "top_k=0 must be a positive integer"),
+        (dict(temperature=-1.0), "temperature=-1.0 must be a finite number >= 0"),
+        (dict(top_p=0.0), "top_p=0.0 must be in"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            sample_next(logits, **kw)
+    with pytest.raises(ValueError, match=r"logits has shape \(10,\)"):
+        sample_next(logits[0])
+
+
 def test_sample_next_top_k_and_top_p_support():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(4000, 1)
     g = torch.Generator().manual_seed(0)

@@ -41,6 +41,9 @@ class Generation:
 
 def sample_next(logits, *, greedy=False, temperature=1.0, top_k=None, top_p=1.0, generator=None):
     """Next token ids [B] from logits [B, V]."""
+    _check_sampling(temperature, top_k, top_p)
+    if logits.dim() != 2:
+        raise ValueError(f"logits has shape {tuple(logits.shape)}; sample_next takes [B, V]")
     logits = logits.float()
     if greedy or temperature == 0:
         return logits.argmax(-1)
@@ -277,6 +280,19 @@ def _eos_ids(eos_token_id, vocab_size) -> list[int]:
     return ids
 
 
+def _check_sampling(temperature, top_k, top_p) -> None:
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, numbers.Real)
+        or not (math.isfinite(temperature) and temperature >= 0)
+    ):
+        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0: greedy)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r} must be a positive integer or None (off)")
+    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p!r} must be in (0, 1]")
+
+
 def _check_options(prompts, max_new_tokens, temperature, top_k, top_p, num_samples):
     if isinstance(prompts, (str, bytes)) or isinstance(prompts, torch.Tensor) and prompts.dim() < 2:
         raise TypeError(
@@ -298,16 +314,7 @@ def _check_options(prompts, max_new_tokens, temperature, top_k, top_p, num_sampl
         or max_new_tokens < 1
     ):
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, numbers.Real)
-        or not (math.isfinite(temperature) and temperature >= 0)
-    ):
-        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0: greedy)")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k={top_k!r} must be a positive integer or None (off)")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+    _check_sampling(temperature, top_k, top_p)
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(
             f"num_samples={num_samples!r} must be a positive integer (samples per prompt)"
