@@ -118,6 +118,13 @@ def test_wrong_shape_is_named(saved):
         Llama.from_pretrained(saved)
 
 
+def test_integer_weights_are_refused(saved):
+    """An I64 norm weight was cast to float and loaded without a word."""
+    _edit(saved, lambda t: t.update({"model.norm.weight": torch.ones(64, dtype=torch.int64)}))
+    with pytest.raises(CheckpointError, match=r"'model\.norm\.weight' is stored as I64"):
+        Llama.from_pretrained(saved)
+
+
 def test_tied_head_that_differs_is_refused(tmp_path):
     Llama(LlamaConfig.tiny(tie_word_embeddings=True)).save_pretrained(tmp_path)
     _edit(

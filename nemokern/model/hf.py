@@ -235,6 +235,11 @@ def _checked_tensors(model, path: Path, assigned):
                     f"{file}: tensor {name!r} has shape {tuple(stored.get_shape())}, "
                     f"config.json implies {tuple(implied)}"
                 )
+            if stored.get_dtype() not in SAFETENSORS_FLOATS:  # an integer one was cast silently
+                raise CheckpointError(
+                    f"{file}: tensor {name!r} is stored as {stored.get_dtype()}; model weights "
+                    "are floating point"
+                )
             yield file, name, stored, target, shard
             loaded.add(name)
     missing = sorted(set(expected) - loaded)
