@@ -3,7 +3,8 @@ test_bench_sweep.py, a table per axis and PNG plots: time and peak memory agains
 size and the token count, one line per implementation; plots need matplotlib).
 
     python bench/report.py bench/results/<run>.json [...] > bench/results/<run>.md
-    python bench/report.py --plots DIR <run>.json [...]      # also writes DIR/sweep-{V,N}.png
+    python bench/report.py --plots DIR <run>.json [...]      # also writes DIR/sweep-{V,N}.png,
+                                                             # linked as if from DIR/..
     python bench/report.py <log>.jsonl                       # NEMOKERN_BENCH_LOG's records
 
 Convention: a benchmark may put in extra_info `bytes` (bytes it must move) or `flops` (FLOPs it
@@ -177,7 +178,10 @@ def main(paths):
         print(sweep_tables(rows))
     if plot_dir is not None:
         for path in plots(rows, plot_dir):
-            print(f"\n![{os.path.basename(path)}]({os.path.relpath(path, plot_dir)})")
+            # linked from a markdown file beside the plot directory (nemokern bench: OUT/bench.md
+            # and OUT/plots/)
+            link = os.path.relpath(path, os.path.dirname(os.path.abspath(plot_dir)))
+            print(f"\n![{os.path.basename(path)}]({link})")
 
 
 if __name__ == "__main__":

@@ -343,10 +343,21 @@ def _train(kind, args):
     if not rank0:
         return 0
     last = history[-1] if history else {}
-    shown = {k: round(v, 4) for k, v in last.items() if isinstance(v, float)}
+    # 4 significant digits: round(v, 4) showed an lr of 2e-6 as 0.0
+    shown = {k: float(f"{v:.4g}") for k, v in last.items() if isinstance(v, float)}
     print(f"{len(history)} steps; last: {shown}")
     print(f"final model: {trainer.config.out}/final")
     return 0
+
+
+def _check_forced_back_ends():
+    """A back end forced by NEMOKERN_BACKEND / NEMOKERN_ATTENTION that cannot run on this
+    machine: refused before any work (info would report it, a run would crash on it)."""
+    from nemokern.model.attention import check_forced_attention
+    from nemokern.ops._dispatch import check_forced_backend
+
+    check_forced_backend()
+    check_forced_attention(machine=True)
 
 
 def _check_run_options(**values):
@@ -442,7 +453,8 @@ def _bench(args):
     import torch
 
     root = Path(nemokern.__file__).resolve().parents[1]
-    bench = Path(args.bench_dir) if args.bench_dir else root / "bench"
+    # resolved: pytest runs in the checkout's root, where a relative --bench-dir means another path
+    bench = Path(args.bench_dir).resolve() if args.bench_dir else root / "bench"
     sweep = bench / "test_bench_sweep.py"
     if not sweep.is_file():
         raise FileNotFoundError(
@@ -494,7 +506,8 @@ def main(argv=None):
         parser.error(f"choose a command: {', '.join(COMMANDS)}")
     try:
         env.check_all()
-    except env.EnvError as e:
+        _check_forced_back_ends()
+    except (env.EnvError, ValueError) as e:
         parser.exit(2, f"nemokern: error: {e}\n")
     run = {
         "info": lambda: _info() or 0,

@@ -43,6 +43,11 @@ ERRORS = {  # name: (arguments, extra environment, what stderr must say)
     "demo seed -1": (["demo", "--seed", "-1"], {}, r"--seed -1 is not allowed"),
     "demo device tpu": (["demo", "--device", "tpu"], {}, "--device 'tpu' is not a device"),
     "demo out is a file": (["demo", "--out", A_FILE], {}, "--out .* exists and is not a dir"),
+    "demo out not empty": (
+        ["demo", "--out", str(ROOT / "tests")],
+        {},
+        "--out .*tests' is not empty; name a new or empty directory",
+    ),
     "demo quick takes no value": (["demo", "--quick=1"], {}, "ignored explicit argument"),
     "bad NEMOKERN_BACKEND": (
         ["info"],
@@ -102,6 +107,17 @@ ERRORS.update(
 )
 if not torch.cuda.is_available():
     ERRORS["device cuda"] = (["selfcheck", "--device", "cuda"], {}, "--device 'cuda'")
+    # a forced back end this machine cannot run: refused before any work (info reported it)
+    ERRORS["forced triton without cuda"] = (
+        ["info"],
+        {"NEMOKERN_BACKEND": "triton", "TRITON_INTERPRET": "0"},
+        "NEMOKERN_BACKEND=triton needs a CUDA GPU, or TRITON_INTERPRET=1",
+    )
+    ERRORS["forced torch_varlen without cuda"] = (
+        ["selfcheck"],
+        {"NEMOKERN_ATTENTION": "torch_varlen"},
+        "NEMOKERN_ATTENTION=torch_varlen cannot run here",
+    )
 if Path("/proc").is_dir():
     ERRORS["out /proc"] = (["selfcheck", "--out", "/proc"], {}, "--out cannot write in '/proc'")
 GOOD = {"version": ["--version"], "info": ["info"]}

@@ -130,6 +130,7 @@ def test_range_errors_name_the_option_and_the_file(tmp_path):
         (dict(betas=(0.9, float("nan"))), r"betas = \(0.9, nan\) must be a finite number"),
         (dict(betas=(1.5, 0.98)), r"betas = \(1.5, 0.98\) must each be in \[0, 1\)"),
         (dict(seed=-1), r"seed = -1 must be in \[0, 2\*\*31\)"),
+        (dict(fsdp_param_dtype="bfloat16"), "--fsdp-param-dtype: bfloat16 needs --fsdp"),
         (dict(seed=10**23), r"seed = 1{1}0{23} must be in"),
     ],
 )

@@ -125,10 +125,28 @@ def packed_backend(q: torch.Tensor) -> str:
     return packed_backend_for(q.device, q.dtype)
 
 
+def check_forced_attention(*, machine: bool = False) -> None:
+    """ValueError when NEMOKERN_ATTENTION forces a back end that is not installed, or, with
+    `machine`, one that needs CUDA on a machine without it (both kernels are CUDA-only)."""
+    forced = env.choice("NEMOKERN_ATTENTION")
+    if forced not in ("flash_attn", "torch_varlen"):
+        return
+    if forced == "flash_attn" and not _flash_attn_installed():
+        why = "flash_attn is not installed (pip install flash-attn)"
+    elif forced == "torch_varlen" and _torch_varlen() is None:
+        why = f"this torch ({torch.__version__}) has no torch.nn.attention.varlen"
+    elif machine and not torch.cuda.is_available():
+        why = "it runs on CUDA only and torch sees no GPU"
+    else:
+        return
+    raise ValueError(f"NEMOKERN_ATTENTION={forced} cannot run here: {why}; unset it (auto)")
+
+
 def packed_backend_for(device, dtype) -> str:
     """The packed backend for queries of `dtype` on `device` (see packed_backend)."""
     forced = env.choice("NEMOKERN_ATTENTION")
     if forced != "auto":
+        check_forced_attention()
         return forced
     if torch.device(device).type == "cuda" and dtype in _HALF:
         if _flash_attn_installed():

@@ -20,6 +20,20 @@ def default_backend(device) -> str:
     return "triton" if torch.device(device).type == "cuda" else "torch"
 
 
+def check_forced_backend() -> None:
+    """ValueError when NEMOKERN_BACKEND=triton cannot run on this machine: no CUDA and no
+    TRITON_INTERPRET=1."""
+    if (
+        env.choice("NEMOKERN_BACKEND") == "triton"
+        and not torch.cuda.is_available()
+        and not triton_interpreting()
+    ):
+        raise ValueError(
+            "NEMOKERN_BACKEND=triton needs a CUDA GPU, or TRITON_INTERPRET=1 set before "
+            "nemokern is imported (the interpreter); unset it (auto) to run the torch reference"
+        )
+
+
 def backend_for(*tensors: torch.Tensor) -> str:
     """Return "triton" or "torch" for an op whose inputs are `tensors`."""
     forced = env.choice("NEMOKERN_BACKEND")

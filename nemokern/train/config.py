@@ -175,6 +175,8 @@ class TrainConfig:
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} = {getattr(self, name)} must not be negative")
+        if self.fsdp_param_dtype != "float32" and not self.fsdp:  # it would do nothing
+            raise option_error("fsdp_param_dtype", f"{self.fsdp_param_dtype} needs --fsdp")
         if self.fsdp and self.shard_optimizer:
             raise option_error(
                 "fsdp",

@@ -92,7 +92,11 @@ def check_options(*, seed, quick, device, out_dir) -> None:
         raise options.OptionError("quick", f"{quick!r} is not allowed; use True or False")
     options.device("device", device)
     if out_dir is not None:
-        options.out_dir("out_dir", out_dir)
+        path = options.out_dir("out_dir", out_dir)
+        if path.is_dir() and any(path.iterdir()):  # stage 4 would refuse it after all training
+            raise options.OptionError(
+                "out_dir", f"{out_dir!r} is not empty; name a new or empty directory"
+            )
 
 
 def write_data(root: Path, sizes: Sizes, seed: int) -> dict[str, str]:
