@@ -160,6 +160,10 @@ def test_incomplete_and_corrupt_checkpoints_are_named(tmp_path):
     ):
         ckpt.resolve(str(path))
     assert ckpt.latest() is None
+    # a directory that is no checkpoint at all (a data folder): said so, not "incomplete"
+    (tmp_path / "data").mkdir()
+    with pytest.raises(CheckpointError, match=r"data is not a checkpoint \(no manifest\.json\)"):
+        ckpt.resolve(str(tmp_path / "data"))
 
 
 def test_load_into_another_model_names_the_tensor(tmp_path):

@@ -339,6 +339,11 @@ def validate(path) -> dict:
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a checkpoint directory")
     mpath = path / MANIFEST
+    if not mpath.is_file() and not re.fullmatch(r"step-\d+", path.name):
+        raise CheckpointError(
+            f"{path} is not a checkpoint (no {MANIFEST}); give a checkpoint directory "
+            "(OUT/checkpoints/step-N), a run directory (OUT) or auto"
+        )
     if not mpath.is_file():
         raise CheckpointError(
             f"{mpath} is missing: the checkpoint is incomplete (a save interrupted before "
@@ -622,7 +627,13 @@ class Checkpointer:
         saved = manifest.get("sharded_optimizer")
         sharded = isinstance(optimizer, ZeroRedundancyOptimizer)
         if saved and (not sharded or saved != self.world_size):
-            now = f"{self.world_size} processes" + ("" if sharded else " without it")
+            now = f"{self.world_size} process(es)" + (
+                ""
+                if sharded
+                else " (one process shards nothing)"
+                if self.world_size == 1
+                else " without it"
+            )
             raise CheckpointError(
                 f"{path}: its optimizer state is sharded over {saved} processes "
                 f"(--shard-optimizer); this run has {now}; resume with --shard-optimizer on "
