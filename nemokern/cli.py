@@ -462,8 +462,8 @@ def _bench(args):
             "benchmarks of a source checkout (clone the repository and `pip install -e .` in it, "
             "or pass --bench-dir CHECKOUT/bench)"
         )
+    _check_run_options(out=args.out)
     out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.is_available()
     files = [str(sweep)] + ([str(bench / "test_bench_ceilings.py")] if gpu else [])
     cmd = [sys.executable, "-m", "pytest", *files, "--benchmark-enable", "-q"]
@@ -474,7 +474,10 @@ def _bench(args):
         os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
     )
     print(f"running {' '.join(cmd[1:])} in {bench.parent}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
     code = subprocess.run(cmd, cwd=bench.parent, env=env).returncode
+    if code == 5:  # pytest: no tests collected
+        raise ValueError(f"-k {args.select!r} selects no benchmark of {sweep}")
     if code != 0:
         print(f"nemokern bench: pytest exited with status {code}", file=sys.stderr)
         return code

@@ -16,3 +16,13 @@ def test_missing_benchmark_directory_is_one_line_and_status_2(tmp_path, capsys):
     assert f"--bench-dir {tmp_path}: no test_bench_sweep.py there" in err
     assert "source checkout" in err
     assert not (tmp_path / "out").exists()  # checked before anything is written
+
+
+def test_bench_out_that_is_a_file_is_one_line_and_status_2(tmp_path, capsys):
+    (tmp_path / "f").write_text("mine")
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--out", str(tmp_path / "f")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--out: " in err and "not a directory" in err
+    assert (tmp_path / "f").read_text() == "mine"

@@ -208,6 +208,11 @@ def test_bad_inputs_raise_clear_errors():
             logprobs(x, torch.tensor([0, 1, 2]), temperature=bad_t)
     with pytest.raises(ValueError, match="V >= 1"):
         logprobs(torch.randn(3, 0), torch.tensor([0, 1, 2]))
+    for bad in (None, "x", 1.5, True):  # None raised "int() argument must be ..."
+        with pytest.raises(TypeError, match="ignore_index must be an integer id"):
+            logprobs(x, torch.tensor([0, 1, 2]), ignore_index=bad)
+    taken = logprobs(x, torch.tensor([0, 1, -100]), ignore_index=torch.tensor(-100))
+    assert taken[2].item() == 0.0
 
 
 def test_target_check_can_be_disabled_and_kernel_gives_nan(triton_backend, monkeypatch):

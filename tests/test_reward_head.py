@@ -223,6 +223,10 @@ def test_bad_inputs():
         reward_head(hidden[0, 0], last, nw, w, b)
     with pytest.raises(TypeError, match="hidden has dtype torch.int64"):
         reward_head(hidden.long(), last, nw, w, b)
+    with pytest.raises(TypeError, match="eps must be a real number"):
+        reward_head(hidden, last, nw, w, b, eps=None)
+    with pytest.raises(ValueError, match="eps=inf must be a finite number"):
+        reward_head(hidden, last, nw, w, b, eps=float("inf"))
 
 
 # ---------------------------------------------------------------- GPU (skipped without CUDA)

@@ -41,6 +41,17 @@ def inv_temperature(op: str, temperature) -> float:
     return 1.0 / float(temperature)
 
 
+def ignore_index_of(op: str, ignore_index) -> int:
+    """ignore_index as an int (a Python or numpy integer, or a 0-d integer tensor)."""
+    if isinstance(ignore_index, torch.Tensor) and ignore_index.dim() == 0:
+        ignore_index = ignore_index.item()
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(
+            f"{op}: ignore_index must be an integer id (e.g. -100), got {ignore_index!r}"
+        )
+    return int(ignore_index)
+
+
 def flat_targets(op: str, targets, lead_shape, what: str) -> torch.Tensor:
     """targets [*lead_shape] int32/int64 -> [N] int64 contiguous."""
     if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.int64, torch.int32):
@@ -97,7 +108,7 @@ def lm_head(op: str, hidden, weight, targets, temperature, ignore_index, tp_grou
     if weight.shape[0] < 1:
         raise ValueError(f"{op}: weight has no vocabulary rows")
     inv_t = inv_temperature(op, temperature)
-    ignore_index = int(ignore_index)
+    ignore_index = ignore_index_of(op, ignore_index)
     flat_t = flat_targets(op, targets, hidden.shape[:-1], "hidden[..., H]")
     tensors(op, {"hidden": hidden, "targets": flat_t})
     vocab_start = 0

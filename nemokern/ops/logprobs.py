@@ -84,7 +84,7 @@ def logprobs(logits, targets, *, temperature=1.0, ignore_index=-100, return_entr
             f"{OP}: logits must have shape [..., V] with V >= 1, got {tuple(logits.shape)}"
         )
     inv_t = _checks.inv_temperature(OP, temperature)
-    ignore_index = int(ignore_index)
+    ignore_index = _checks.ignore_index_of(OP, ignore_index)
     flat_t = _checks.flat_targets(OP, targets, logits.shape[:-1], "logits[..., V]")
     _checks.tensors(OP, {"logits": logits, "targets": flat_t})
     vocab = logits.shape[-1]

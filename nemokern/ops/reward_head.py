@@ -3,6 +3,9 @@
 Validation, backend dispatch and autograd; the math lives in nemokern/kernels/reward_head.py.
 """
 
+import math
+import numbers
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -117,8 +120,10 @@ def _check(hidden, last_index, norm_weight, head_weight, head_bias, eps):
         raise ValueError(
             f"reward_head: head_bias has shape {tuple(head_bias.shape)}, expected [K] = ({K},)"
         )
-    if not eps >= 0:
-        raise ValueError(f"reward_head: eps={eps!r} must be a number >= 0")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"reward_head: eps must be a real number (e.g. 1e-5), got {eps!r}")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"reward_head: eps={eps!r} must be a finite number >= 0")
     _check_last_index(hidden, last_index)
 
 
