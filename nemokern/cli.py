@@ -452,6 +452,7 @@ def _bench(args):
 
     import torch
 
+    _check_run_options(out=args.out)
     root = Path(nemokern.__file__).resolve().parents[1]
     # resolved: pytest runs in the checkout's root, where a relative --bench-dir means another path
     bench = Path(args.bench_dir).resolve() if args.bench_dir else root / "bench"
@@ -462,7 +463,6 @@ def _bench(args):
             "benchmarks of a source checkout (clone the repository and `pip install -e .` in it, "
             "or pass --bench-dir CHECKOUT/bench)"
         )
-    _check_run_options(out=args.out)
     out = Path(args.out).resolve()
     gpu = torch.cuda.is_available()
     files = [str(sweep)] + ([str(bench / "test_bench_ceilings.py")] if gpu else [])

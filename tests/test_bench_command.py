@@ -21,7 +21,7 @@ def test_missing_benchmark_directory_is_one_line_and_status_2(tmp_path, capsys):
 def test_bench_out_that_is_a_file_is_one_line_and_status_2(tmp_path, capsys):
     (tmp_path / "f").write_text("mine")
     with pytest.raises(SystemExit) as e:
-        main(["bench", "--out", str(tmp_path / "f")])
+        main(["bench", "--bench-dir", str(tmp_path), "--out", str(tmp_path / "f")])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "--out: " in err and "not a directory" in err
