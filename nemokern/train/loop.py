@@ -39,6 +39,7 @@ from ..model.deferred import materialize
 from ..model.llama import DecoderLayer
 from ..parallel import all_reduce, grad_norm_tp, init_parallel
 from ..parallel.fsdp import full_tensor, full_weights, init_root, shard
+from . import options
 from .checkpoint import Checkpointer, CheckpointError, get_rng_state, save_modules
 from .config import TrainConfig, dump_toml, option_error
 from .metrics import MetricsLogger, peak_memory_mb
@@ -128,10 +129,11 @@ def setup_distributed(device: str = "auto", tp: int = 1) -> Dist:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     elif device == "cuda":
         device = f"cuda:{local_rank}"
-    dev = torch.device(device)
+    try:  # the one device check (train/options.py), as the CLI makes it before any work
+        dev = options.device("device", device)
+    except options.OptionError as e:
+        raise option_error("device", e.message) from None
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise option_error("device", f"{device!r}: torch sees no CUDA GPU; use cpu")
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
