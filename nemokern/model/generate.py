@@ -44,6 +44,11 @@ def sample_next(logits, *, greedy=False, temperature=1.0, top_k=None, top_p=1.0,
     _check_sampling(temperature, top_k, top_p)
     if logits.dim() != 2:
         raise ValueError(f"logits has shape {tuple(logits.shape)}; sample_next takes [B, V]")
+    return _sample(logits, greedy, temperature, top_k, top_p, generator)
+
+
+def _sample(logits, greedy, temperature, top_k, top_p, generator):
+    """sample_next without its checks: generate's decode loop, whose options were checked once."""
     logits = logits.float()
     if greedy or temperature == 0:
         return logits.argmax(-1)
@@ -143,14 +148,7 @@ def generate(
         done = torch.zeros(n, dtype=torch.bool, device=device)
         lengths = torch.zeros(n, dtype=torch.long, device=device)
         for step in range(max_new_tokens):
-            tok = sample_next(
-                logits,
-                greedy=greedy,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                generator=generator,
-            )
+            tok = _sample(logits, greedy, temperature, top_k, top_p, generator)
             tok = model.same_token(tok)  # tensor parallel: every rank continues with one token
             tok = torch.where(done, pad_id, tok)
             out[:, step] = tok
