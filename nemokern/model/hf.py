@@ -13,7 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -392,6 +397,36 @@ def save_pretrained(model, path, *, max_shard_size: int | str = "5GB") -> None:
     write_safetensors(path, list(params), full_bytes, full, limit=limit, writer=writer)
 
 
+def remove_weight_files(path: Path) -> None:
+    """Delete the HF weight files in `path` (model*.safetensors and the index): an old shard set
+    would otherwise shadow or mix with the one about to be written."""
+    for stale in [*path.glob("model*.safetensors"), path / INDEX]:
+        stale.unlink(missing_ok=True)
+
+
+@contextmanager
+def staged_directory(out: Path, label: str) -> Iterator[Path]:
+    """A new directory beside `out` to write into, named .{out's name}.{label}-... On success it
+    becomes `out`: renamed to it when `out` is absent or empty, otherwise its files replace those
+    of `out` (whose old weight files are removed first). On failure it is removed and `out` is
+    left as it was. Made with mkdir, not mkdtemp (0700), so `out` gets the usual permissions."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.{label}-{os.getpid()}-{secrets.token_hex(4)}"
+    staging.mkdir()
+    try:
+        yield staging
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        if not out.exists():
+            os.replace(staging, out)
+            return
+        remove_weight_files(out)
+        for file in staging.iterdir():
+            os.replace(file, out / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def write_safetensors(path: Path, names, nbytes, load, *, limit: int, writer: bool = True) -> None:
     """The weight files of an HF directory: `names` in order, split into shards of at most
     `limit` bytes (`nbytes(name)`), each tensor from `load(name)`; one shard in memory at a time.
@@ -406,8 +441,8 @@ def write_safetensors(path: Path, names, nbytes, load, *, limit: int, writer: bo
             size = 0
         shards[-1].append(name)
         size += n
-    for stale in [*path.glob("model*.safetensors"), path / INDEX] if writer else []:
-        stale.unlink(missing_ok=True)  # an old shard set would otherwise shadow or mix with this
+    if writer:
+        remove_weight_files(path)
     files = (
         [SINGLE]
         if len(shards) == 1

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import secrets
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -24,13 +21,13 @@ from torch import nn
 
 from nemokern.model.deferred import defer, is_deferred
 from nemokern.model.hf import (
-    INDEX,
     SAFETENSORS_FLOATS,
     CheckpointError,
     check_checkpoint,
     open_safetensors,
     parse_size,
     read_tensor,
+    staged_directory,
     weight_files,
     write_safetensors,
 )
@@ -325,28 +322,7 @@ def export_reward_hf(
     config.update(
         tie_word_embeddings=False, nemokern_reward_attribute=attribute, nemokern_reward_bias=bias
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # mkdir, not mkdtemp (0700): `out` gets the usual permissions when this is renamed to it
-    staging = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.partial"
-    staging.mkdir()
-    try:
+    with staged_directory(out, "export") as staging:
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         write_safetensors(staging, list(where), lambda n: where[n][2], load, limit=limit)
-        _move_into(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return bias
-
-
-def _move_into(staging: Path, out: Path) -> None:
-    """`staging`'s files as `out`: a rename when `out` is absent or an empty directory; into an
-    existing directory, its old weight files (which the new ones would mix with) replaced."""
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    if not out.exists():
-        os.replace(staging, out)
-        return
-    for stale in [*out.glob("model*.safetensors"), out / INDEX]:
-        stale.unlink(missing_ok=True)
-    for file in staging.iterdir():
-        os.replace(file, out / file.name)

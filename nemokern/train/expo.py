@@ -26,7 +26,6 @@ import numbers
 import os
 import shutil
 import struct
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from nemokern.model.hf import (
     CheckpointError,
     open_safetensors,
     parse_size,
+    staged_directory,
     weight_files,
 )
 
@@ -117,10 +117,10 @@ def expo(
         for name in extra_files
     }
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.expo-", dir=out.parent))
-    try:
-        written, total = [], 0
+    written, total = [], 0
+    with staged_directory(
+        out, "expo"
+    ) as tmp:  # out_dir is absent or empty: renamed to it at the end
         with _Inputs() as inputs:
             shards = _shards(model, limit)
             names = (
@@ -145,11 +145,6 @@ def expo(
                 total += _write(tmp / fname, tensors, alpha, inputs)
                 written.append(fname)
         copied = _copy_other_files(aligned, tmp, skipped)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        os.rename(tmp, out)  # atomic; replaces out_dir only if it is an empty directory
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {
         "out_dir": str(out),
         "alpha": alpha,
