@@ -112,9 +112,12 @@ def generate(
     rows = [_prompt_ids(i, p, model.config.vocab_size) for i, p in enumerate(prompts)]
     b, plen = len(rows), max(r.numel() for r in rows)
     limit = model.config.max_position_embeddings
-    problem = position_overflow(plen, max_new_tokens, limit)
-    if problem:
-        raise ValueError(f"the longest prompt: {problem}")
+    if plen + max_new_tokens > limit:
+        raise ValueError(
+            f"the longest prompt ({plen} tokens) plus max_new_tokens={max_new_tokens} "
+            f"exceeds the model's max_position_embeddings={limit}; "
+            + position_fix(plen, max_new_tokens, limit)
+        )
     if compile is None:
         compile = device.type == "cuda"
     forward = _compiled(device.type) if compile else _forward
@@ -244,27 +247,14 @@ def _prompt_ids(i, prompt, vocab_size) -> torch.Tensor:
     return ids.to(torch.long)
 
 
-def position_overflow(
-    prompt_len: int,
-    max_new_tokens: int,
-    limit: int,
-    option: str = "max_new_tokens",
-    model: str = "the model",
-) -> str | None:
-    """What is wrong when a prompt of prompt_len tokens plus max_new_tokens does not fit
-    `model`'s `limit` positions (max_position_embeddings), with the fix; None when it fits.
-    `option` names max_new_tokens as the caller's user knows it (e.g. "--max-new-tokens")."""
-    if prompt_len + max_new_tokens <= limit:
-        return None
-    fix = (
-        f"shorten the prompt or lower {option} to at most {limit - prompt_len}"
-        if prompt_len < limit
-        else f"shorten the prompt to at most {limit - max_new_tokens} tokens"
-    )
-    return (
-        f"{prompt_len} tokens plus {option} {max_new_tokens} exceed {model}'s "
-        f"max_position_embeddings ({limit}); {fix}"
-    )
+def position_fix(
+    prompt_len: int, max_new_tokens: int, limit: int, option: str = "max_new_tokens"
+) -> str:
+    """The fix when a prompt of prompt_len tokens plus max_new_tokens exceeds the model's `limit`
+    positions; `option` names max_new_tokens as the caller's user knows it."""
+    if prompt_len < limit:
+        return f"shorten the prompt or lower {option} to at most {limit - prompt_len}"
+    return f"shorten the prompt to at most {limit - max_new_tokens} tokens"
 
 
 def _eos_ids(eos_token_id, vocab_size) -> list[int]:

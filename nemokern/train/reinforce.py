@@ -36,7 +36,7 @@ from nemokern.data.prompts import read_prompts
 from nemokern.data.tokenizer import HFTokenizer, load_tokenizer
 from nemokern.model import Llama, LlamaConfig, generate
 from nemokern.model.deferred import is_deferred
-from nemokern.model.generate import position_overflow
+from nemokern.model.generate import position_fix
 from nemokern.parallel.fsdp import full_weights
 from nemokern.train.config import ConfigError, TrainConfig, option, option_error
 from nemokern.train.loop import (
@@ -313,16 +313,14 @@ class ReinforceTrainer:
     def _check_lengths(self, model, what: str) -> None:
         """Every prompt plus max_new_tokens fits the model's positions: checked before any step
         (found at generation time, it stopped a run mid-way)."""
+        limit, new = model.config.max_position_embeddings, self.config.max_new_tokens
         longest = max(self.prompts, key=lambda p: len(p.ids))
-        problem = position_overflow(
-            len(longest.ids),
-            self.config.max_new_tokens,
-            model.config.max_position_embeddings,
-            "--max-new-tokens",
-            what,
-        )
-        if problem:
-            raise ValueError(f"{longest.where}: field 'prompt': {problem}")
+        if len(longest.ids) + new > limit:
+            raise ValueError(
+                f"{longest.where}: field 'prompt': {len(longest.ids)} tokens plus "
+                f"--max-new-tokens {new} exceed {what}'s max_position_embeddings ({limit}); "
+                + position_fix(len(longest.ids), new, limit, "--max-new-tokens")
+            )
 
     # ---- one rollout ----------------------------------------------------------------------------
     def _rollout(self, first_step: int, groups: list[list[list[int]]]) -> dict:
