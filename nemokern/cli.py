@@ -409,10 +409,27 @@ def _score(args):
     )
     for name, sub in report["subsets"].items():
         print(f"  {name}: {sub['accuracy']:.4f} ({sub['n']})")
+    missing = report.get("missing", {})
     for name, value in report.get("sections", {}).items():
-        print(f"  section {name}: {value:.4f}")
+        absent = " (no subset in this file: 0, as the leaderboard counts it)"
+        print(f"  section {name}: {value:.4f}" + (absent if name in missing["sections"] else ""))
+    if "prior_sets" in report:
+        print(f"  Prior Sets: {report['prior_sets']:.4f}")
     if "overall" in report:
-        print(f"RewardBench overall (mean of the sections): {report['overall']:.4f}")
+        weights = "sections x2, Prior Sets x1" if "prior_sets" in report else "mean of the sections"
+        print(f"RewardBench overall (leaderboard formula: {weights}): {report['overall']:.4f}")
+    if "overall" in report and not report["complete"]:
+        short = [f"{k} {n}/{full} rows" for k, (n, full) in missing["short"].items()]
+        print(
+            "not comparable with the leaderboard: this file is not the complete set"
+            + (
+                f"; sections missing: {', '.join(missing['sections'])}"
+                if missing["sections"]
+                else ""
+            )
+            + (f"; subsets missing: {', '.join(missing['subsets'])}" if missing["subsets"] else "")
+            + (f"; subsets short: {', '.join(short)}" if short else "")
+        )
     return 0
 
 

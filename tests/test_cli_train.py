@@ -58,6 +58,14 @@ def test_reward_recipe_from_the_command_line(tmp_path):
         nemokern("score", "--model", "s2/final", "--data", "rb.jsonl", "--json", cwd=tmp_path)
     )
     assert report["n"] == 12 and 0.0 <= report["accuracy"] <= 1.0
+    # a partial RewardBench file: the overall is the leaderboard's formula, flagged not comparable
+    rows = [json.loads(line) for line in (tmp_path / "rb.jsonl").read_text().splitlines()]
+    part = [{**row, "subset": ("alpacaeval-easy", "hep-go")[i % 2]} for i, row in enumerate(rows)]
+    (tmp_path / "rb-part.jsonl").write_text("".join(json.dumps(row) + "\n" for row in part))
+    out = nemokern("score", "--model", "s2/final", "--data", "rb-part.jsonl", cwd=tmp_path)
+    assert "section Safety: 0.0000 (no subset in this file" in out
+    assert "not comparable with the leaderboard" in out
+    assert "sections missing: Chat Hard, Safety" in out and "hep-go 6/164 rows" in out
     nemokern("export-reward", "--model", "s2/final", "--out", "hf", cwd=tmp_path)
     exported = json.loads(
         nemokern("score", "--model", "hf", "--data", "rb.jsonl", "--json", cwd=tmp_path)

@@ -311,8 +311,13 @@ class RewardTrainer:
                 rows_per_batch=cfg.rows_per_batch,
             )
             out = {"accuracy": report["accuracy"]}
+            absent = report.get("missing", {}).get("sections", ())
             out.update(
-                {f"{k.lower().replace(' ', '_')}": v for k, v in report.get("sections", {}).items()}
+                {
+                    f"{k.lower().replace(' ', '_')}": v
+                    for k, v in report.get("sections", {}).items()
+                    if k not in absent
+                }
             )
             return out
         total, count = 0.0, 0
