@@ -318,7 +318,6 @@ def _leave_process_group():
 def _train(kind, args):
     import nemokern.train as train
     from nemokern.train.config import build_config
-    from nemokern.train.loop import NonFiniteError
 
     trainer_cls, config_cls = {
         "reward": (train.RewardTrainer, train.RewardConfig),
@@ -327,6 +326,32 @@ def _train(kind, args):
     }[kind]
     config = build_config(config_cls, args)
     _check_run_options(device=None if config.device == "auto" else config.device, out=config.out)
+    lock = _claim_out(config)
+    try:
+        return _run_trainer(trainer_cls, config, args)
+    finally:
+        lock.release()
+
+
+def _claim_out(config):
+    """Before any work, on rank 0 (the only one under torchrun): OUT's lock (held until the
+    command ends), and the refusal of a fresh run over another run (or --overwrite's clearing)."""
+    from nemokern.train.run_dir import RunLock, prepare_out
+
+    lock = RunLock(config.out)
+    if os.environ.get("RANK", "0") == "0":
+        lock.acquire()
+        try:
+            prepare_out(config.out, resume=config.resume, overwrite=config.overwrite)
+        except BaseException:
+            lock.release()
+            raise
+    return lock
+
+
+def _run_trainer(trainer_cls, config, args):
+    from nemokern.train.loop import NonFiniteError
+
     trainer = trainer_cls(config)
     rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun, one process reports
     data = getattr(trainer, "train_data", None)

@@ -307,3 +307,13 @@ def join_gloo(rank, world, init_file):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread for a test of tiny models: on a shared 2-core machine more only
+    contend."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -128,6 +128,6 @@ def test_command_line(tmp_path, data, capsys):
     printed = capsys.readouterr().out
     assert "24 prompt/response rows" in printed and "2 steps" in printed
     with pytest.raises(SystemExit) as e:
-        main(["train-sft", "--data", str(tmp_path / "missing.jsonl"), "--out", out])
+        main(["train-sft", "--data", str(tmp_path / "missing.jsonl"), "--out", out + "2"])
     assert e.value.code == 2
     assert "does not exist" in capsys.readouterr().err

@@ -427,6 +427,24 @@ def staged_directory(out: Path, label: str) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _umask() -> int:
+    """This process's umask (from /proc where it is readable; elsewhere set and restored)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
+    """safetensors' save_file with the permissions the umask gives a new file (0644 under 022):
+    save_file writes a temporary file (mode 0600) and renames it into place."""
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def write_safetensors(path: Path, names, nbytes, load, *, limit: int, writer: bool = True) -> None:
     """The weight files of an HF directory: `names` in order, split into shards of at most
     `limit` bytes (`nbytes(name)`), each tensor from `load(name)`; one shard in memory at a time.
@@ -455,7 +473,7 @@ def write_safetensors(path: Path, names, nbytes, load, *, limit: int, writer: bo
             if writer:
                 tensors[name] = t.to("cpu").contiguous()
         if writer:
-            save_file(tensors, str(path / fname), metadata={"format": "pt"})
+            save_safetensors(tensors, path / fname, metadata={"format": "pt"})
     if len(shards) > 1 and writer:
         weight_map = {n: fname for fname, shard in zip(files, shards) for n in shard}
         total = sum(nbytes(n) for n in names)

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from nemokern.model.deferred import defer, is_deferred
@@ -27,6 +27,7 @@ from nemokern.model.hf import (
     open_safetensors,
     parse_size,
     read_tensor,
+    save_safetensors,
     staged_directory,
     weight_files,
     write_safetensors,
@@ -119,7 +120,7 @@ class RewardModel(nn.Module):
         if rank_and_size(self.trunk.tp_group)[0] or not first_holder(self.head.parameters()):
             return
         head = {name: t.cpu().contiguous() for name, t in head.items()}
-        save_file(head, str(path / HEAD_WEIGHTS), metadata={"format": "pt"})
+        save_safetensors(head, path / HEAD_WEIGHTS, metadata={"format": "pt"})
         (path / HEAD_CONFIG).write_text(json.dumps({"attributes": list(self.attributes)}) + "\n")
 
     @classmethod

@@ -39,10 +39,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
-from nemokern.model.hf import CheckpointError, hf_name, open_safetensors, weight_files
+from nemokern.model.hf import (
+    CheckpointError,
+    hf_name,
+    open_safetensors,
+    save_safetensors,
+    weight_files,
+)
 from nemokern.model.llama import Llama
 from nemokern.parallel import rank_and_size
 from nemokern.parallel.fsdp import (
@@ -137,7 +142,7 @@ def _save_state(obj, directory: Path, name: str) -> None:
     tensors: dict = {}
     encoded = encode_state(obj, tensors)
     (directory / f"{name}.json").write_text(json.dumps(encoded))
-    save_file(tensors, str(directory / f"{name}.safetensors"))
+    save_safetensors(tensors, directory / f"{name}.safetensors")
 
 
 def _load_state(directory: Path, name: str):
@@ -222,7 +227,7 @@ def save_modules(model: torch.nn.Module, directory) -> None:
     writer = all(rank_and_size(part.tp_group)[0] == 0 for part in parts.values())
     writer = writer and first_holder(model.parameters())  # under fsdp: a collective
     if (rest or not parts) and writer:
-        save_file(rest, str(directory / "modules.safetensors"))
+        save_safetensors(rest, directory / "modules.safetensors")
 
 
 @torch.no_grad()
@@ -297,7 +302,7 @@ def save_shard(model: torch.nn.Module, path, write: bool = True) -> None:
         for k, v in _unique_state(model).items()
     }
     if write:
-        save_file(tensors, str(path))
+        save_safetensors(tensors, path)
 
 
 @torch.no_grad()

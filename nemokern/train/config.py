@@ -119,6 +119,12 @@ class TrainConfig:
         "'' (start fresh), 'auto' (the newest complete checkpoint in OUT, if any) "
         "or a checkpoint directory",
     )
+    overwrite: bool = option(
+        False,
+        "start fresh in an --out that holds another run, removing its checkpoints, metrics, "
+        "tensorboard/, final/, config.toml and run.json first (without it such an --out is "
+        "refused)",
+    )
     eval_every: int = option(
         0, "evaluate every N steps (0: only at the end; refused without an evaluation set)"
     )
@@ -132,19 +138,48 @@ class TrainConfig:
     progress: bool = option(True, "show a progress bar")
     tensorboard: bool = option(True, "also log to OUT/tensorboard when tensorboard is installed")
 
-    # Options that say what a run trains (models, data, reward sources): a resume with other
-    # values is refused (TrainLoop); a trainer's config lists its own.
-    RESUME_FIXED: typing.ClassVar[tuple[str, ...]] = ()
+    # The options a resume may change, which then take effect (docs/training.md, "Resume with
+    # other options"): every other option must have the saved run's value, or the resume is
+    # refused naming it (TrainLoop). A trainer's config adds its own.
+    RESUME_CHANGEABLE: typing.ClassVar[tuple[str, ...]] = (
+        "out",
+        "resume",
+        "overwrite",
+        "epochs",
+        "max_steps",
+        "lr",
+        "schedule",
+        "warmup_steps",
+        "min_lr",
+        "grad_clip",
+        "grad_accum",
+        "save_every",
+        "keep_last",
+        "eval_every",
+        "progress",
+        "tensorboard",
+        "device",
+        "tp",
+        "fsdp",
+        "shard_optimizer",
+        "fsdp_param_dtype",
+        "bf16",
+        "activation_checkpointing",
+        "optimizer_impl",
+    )
 
     def resume_identity(self) -> dict:
-        """{option: value} of RESUME_FIXED, a path that exists as its resolved absolute path (so
-        that ./data.jsonl and data.jsonl are the same)."""
+        """{option: value} of every option a resume may not change (not in RESUME_CHANGEABLE), a
+        path that exists as its resolved absolute path (so that ./data.jsonl and data.jsonl are
+        the same)."""
         out = {}
-        for name in self.RESUME_FIXED:
-            value = getattr(self, name)
+        for f in config_fields(type(self)):
+            if f.name in self.RESUME_CHANGEABLE:
+                continue
+            value = getattr(self, f.name)
             if isinstance(value, str) and value and Path(value).exists():
                 value = str(Path(value).resolve())
-            out[name] = value
+            out[f.name] = value
         return out
 
     def __post_init__(self):
@@ -182,6 +217,12 @@ class TrainConfig:
                 "fsdp",
                 "cannot be combined with --shard-optimizer: both shard the AdamW state (--fsdp "
                 "the parameters and gradients too); use one of them",
+            )
+        if self.overwrite and self.resume:
+            raise option_error(
+                "overwrite",
+                f"removes the run in --out, which --resume {self.resume} continues; give one of "
+                "them",
             )
         if self.schedule == "cosine" and self.min_lr > self.lr:
             raise ConfigError(

@@ -185,7 +185,9 @@ def _run(seed, sizes: Sizes, device, out: Path, log, keep) -> dict:
     t_all = time.perf_counter()
     tok = ByteTokenizer()
     data = write_data(out, sizes, seed)
-    common = dict(seed=seed, device=device, tensorboard=False, progress=True, keep_last=1)
+    common = dict(
+        seed=seed, device=device, tensorboard=False, progress=True, keep_last=1, overwrite=True
+    )
     seconds, summary = (
         {},
         {"seed": seed, "sizes": asdict(sizes), "out": str(keep) if keep else None},

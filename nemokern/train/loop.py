@@ -20,6 +20,7 @@ import hashlib
 import math
 import os
 import random
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -41,8 +42,9 @@ from ..parallel import all_reduce, grad_norm_tp, init_parallel
 from ..parallel.fsdp import full_tensor, full_weights, init_root, shard
 from . import options
 from .checkpoint import Checkpointer, CheckpointError, get_rng_state, save_modules
-from .config import TrainConfig, dump_toml, option_error
+from .config import ConfigError, TrainConfig, dump_toml, option_error
 from .metrics import MetricsLogger, peak_memory_mb
+from .run_dir import RunLock, prepare_out, run_record, write_run_record
 from .stop import StopSignals, TrainingStopped
 
 
@@ -240,7 +242,12 @@ def build_optimizer(model: nn.Module, config: TrainConfig, dp_group=None) -> tor
     return adamw(fused=impl == "fused" or None, foreach=impl == "foreach")
 
 
-def build_scheduler(optimizer, config: TrainConfig, total_steps: int):
+def build_scheduler(optimizer, config: TrainConfig, total_steps: int, *, step: int = 0):
+    """The lr schedule of `config` (lr, warmup, schedule, min_lr over total_steps), at optimizer
+    step `step`: a resume sets every param group's lr from this run's options, not the saved
+    run's."""
+    for group in optimizer.param_groups:
+        group["initial_lr"] = config.lr
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda s: lr_factor(
@@ -251,6 +258,7 @@ def build_scheduler(optimizer, config: TrainConfig, total_steps: int):
             lr=config.lr,
             min_lr=config.min_lr,
         ),
+        last_epoch=step - 1,
     )
 
 
@@ -474,10 +482,11 @@ class TrainLoop:
             dist.barrier()
         return directory
 
-    def _resume(self) -> None:
+    def _resume(self) -> dict | None:
+        """Continue from the checkpoint config.resume names, if any: {"step", "path"} of it."""
         path = self.checkpointer.resolve(self.config.resume)
         if path is None:
-            return
+            return None
         state = self.checkpointer.load(
             path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler
         )
@@ -492,18 +501,48 @@ class TrainLoop:
         then = saved.get("identity", now["identity"])  # checkpoints before it had none
         for key, value in now["identity"].items():
             if key in then and then[key] != value:
-                what = (
-                    "other training data (file, split, max_length, tokenizer or rows differ)"
-                    if key == "training data"
-                    else f"--{key.replace('_', '-')} {then[key]!r}, this run has {value!r}"
-                )
+                if key == "training data":
+                    raise CheckpointError(
+                        f"{path}: saved by a run with other training data (file, split, "
+                        "max_length, tokenizer or rows differ); --resume continues that run. "
+                        "Start a new one in another --out (or resume with the same options)"
+                    )
                 raise CheckpointError(
-                    f"{path}: saved by a run with {what}; --resume continues that run. Start "
-                    "a new one in another --out (or resume with the same options)"
+                    f"{path}: saved by a run with --{key.replace('_', '-')} {then[key]!r}, this "
+                    f"run has {value!r}; it cannot change on resume (docs/training.md lists "
+                    "what can). Resume with the saved value, or start a new run in another --out"
                 )
         # "extra" sat in the shared trainer state before it was kept per process
         self.load_extra_state(state.get("local", state).get("extra", {}))
         self.step = self.last_saved = state["step"]
+        # this run's lr, schedule, warmup and total steps from here on, not the saved ones
+        self.scheduler = build_scheduler(
+            self.optimizer, self.config, self.total_steps, step=self.step
+        )
+        if self.dist.rank == 0:  # one line, also without a progress bar
+            print(
+                f"resuming from {path} (step {self.step} of {self.total_steps})",
+                file=sys.stderr,
+                flush=True,
+            )
+        return {"step": self.step, "path": str(path)}
+
+    def _claim_out(self, lock: RunLock) -> None:
+        """Rank 0 takes OUT's lock and checks (or, with overwrite, clears) OUT for a fresh run;
+        every process raises its ConfigError."""
+        error = None
+        if self.dist.rank == 0:
+            try:
+                lock.acquire()
+                prepare_out(self.out, resume=self.config.resume, overwrite=self.config.overwrite)
+            except ConfigError as e:
+                error = str(e)
+        if self.dist.active:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            raise ConfigError(error)
 
     # ---- the step ----------------------------------------------------------------------------
     def _autocast(self):
@@ -660,12 +699,22 @@ class TrainLoop:
     def fit(self) -> list[dict]:
         """Train to total_steps (resuming first if config.resume says so); returns the step
         records."""
+        lock = RunLock(self.out)
+        try:
+            self._claim_out(lock)
+            return self._fit()
+        finally:
+            lock.release()
+
+    def _fit(self) -> list[dict]:
         cfg, rank0 = self.config, self.dist.rank == 0
         seed_everything(cfg.seed + self.dist.dp_rank)
-        self._resume()
+        resumed = self._resume()
         if rank0:
             self.out.mkdir(parents=True, exist_ok=True)
             dump_toml(cfg, self.out / "config.toml")
+            record = run_record(cfg, processes=self.dist.world_size, device=str(self.device))
+            write_run_record(self.out, {**record, "resumed_from": resumed})
         logger = MetricsLogger(
             self.out,
             total_steps=self.total_steps,

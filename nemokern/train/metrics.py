@@ -31,6 +31,12 @@ def read_metrics(path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def run_values(record: dict) -> dict:
+    """A step record without what measures the machine rather than the run (seconds, tokens/s,
+    peak memory): two runs of the same command have equal run_values at every step."""
+    return {k: v for k, v in record.items() if not (k.endswith("_s") or k == "peak_mem_mb")}
+
+
 def truncate_metrics(path, step: int) -> None:
     """Drop records after `step` (a resumed run redoes those steps), atomically."""
     path = Path(path)

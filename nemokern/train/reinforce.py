@@ -68,17 +68,10 @@ class ReinforceConfig(TrainConfig):
     """Everything `nemokern train-reinforce` takes. Defaults: recipe.md section 2 (NeMo-Aligner's
     k = 4, temperature 1, beta 0.01, |k1| masked-mean KL, lr 9e-7 cosine to 9e-8)."""
 
-    # the policy directory is also the frozen reference's, which no checkpoint holds
-    RESUME_FIXED: ClassVar[tuple[str, ...]] = (
-        "policy",
-        "tokenizer",
-        "prompts",
-        "reward_model",
-        "reward_fn",
-        "attribute",
-        "reward_model_weight",
-        "reward_fn_weight",
-        "k",
+    RESUME_CHANGEABLE: ClassVar[tuple[str, ...]] = (
+        *TrainConfig.RESUME_CHANGEABLE,
+        "generation_batch_size",
+        "offload",
     )
 
     lr: float = option(9e-7, "peak learning rate (recipe: 9e-7)")

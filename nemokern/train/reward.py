@@ -42,8 +42,12 @@ class RewardConfig(TrainConfig):
     """Everything `nemokern train-reward` takes. Defaults: recipe.md's stage 1 (lr 2e-6 constant);
     stage 2 (scaled BT from stage 1's model and head) is `--loss scaled-bt --init DIR --lr 1e-6`."""
 
-    # the training data's content is checked too (TrainLoop); the weights come from the checkpoint
-    RESUME_FIXED: ClassVar[tuple[str, ...]] = ("loss",)
+    # the training data's content is checked on resume (TrainLoop), not its path
+    RESUME_CHANGEABLE: ClassVar[tuple[str, ...]] = (
+        *TrainConfig.RESUME_CHANGEABLE,
+        "data",
+        "eval_data",
+    )
 
     model: str = option(
         "tiny",
@@ -93,8 +97,10 @@ def build_model(config: RewardConfig) -> RewardModel:
     if not tiny and not Path(path).is_dir():
         raise option_error(name, f"{path} is not a directory" + " (nor 'tiny')" * (name == "model"))
     tp_group = tp_group_for(config)
+    # --seed draws the tiny model and a fresh head (a directory without one): the same on every
+    # process and in every run of the same command
+    torch.manual_seed(config.seed)
     if tiny:
-        torch.manual_seed(config.seed)
         return RewardModel(Llama.split_from(Llama(LlamaConfig.tiny()), tp_group))
     return RewardModel.from_pretrained(
         path, dtype=torch.float32, tp_group=tp_group, deferred=reads_deferred(config)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -30,6 +31,13 @@ from nemokern.train.rollout import PolicyLoss, pack
 @dataclass
 class SFTConfig(TrainConfig):
     """Everything `nemokern train-sft` takes."""
+
+    # the training data's content is checked on resume (TrainLoop), not its path
+    RESUME_CHANGEABLE: ClassVar[tuple[str, ...]] = (
+        *TrainConfig.RESUME_CHANGEABLE,
+        "data",
+        "eval_data",
+    )
 
     lr: float = option(1e-5, "peak learning rate")
     model: str = option(
