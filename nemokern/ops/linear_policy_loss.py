@@ -1,6 +1,8 @@
 """Public op `linear_policy_loss`: the REINFORCE update's loss sum_t coef_t * logp_t from hidden
-states and the LM head, its gradients formed during the forward pass (the coefficients are known
-before it); argument checks, dispatch, the vocab-parallel exchange and autograd. The math and the
+states and the LM head (or its importance-ratio-clipped form, given the sampling policy's
+log-probs), its gradients formed during the forward pass (the coefficients are known before it,
+or, clipped, once each token chunk's log-probs are); argument checks, dispatch, the
+vocab-parallel exchange and autograd. The math and the
 FLOP count of the design live in nemokern/kernels/linear_policy_loss.py.
 
 Conventions are linear_logprobs' (z = logits / T, logp float32, ignored positions count for

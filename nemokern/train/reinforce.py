@@ -12,7 +12,7 @@ One rollout (every `updates_per_rollout` optimizer steps), in four timed phases:
             (micro_batch_terms) the per-sequence KL with sequence_kl, R = r - beta * KL, RLOO
             advantages over the EOS-ended samples;
 then each optimizer step of the rollout (update) takes its slice of the prompts and minimises the
-masked token mean of -logp_t * (R - b) (no ratio, no clipping) with linear_policy_loss (its
+masked token mean of -logp_t * (R - b) (ratio-clipped if clip_eps_*) with linear_policy_loss (its
 gradients formed in the forward). The shared TrainLoop does accumulation, clipping, AdamW, the
 cosine schedule, checkpoints and metrics; RolloutLoop makes the batches while training and keeps
 an unfinished rollout in its checkpoints, so a resume inside a rollout continues exactly.
