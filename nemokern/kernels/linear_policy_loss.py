@@ -235,7 +235,9 @@ def forward(backend, hidden, weight, targets, coef, inv_t, with_entropy, need_dh
     without either, `stats` is the cheaper forward)."""
     if backend == "triton":
         check_triton_dtype(OP, hidden.dtype)
-        fn = linear_policy_grads_triton
+        from .policy_loss_cublas import choose  # the measured path table (cyclic import)
+
+        fn = choose(hidden) or linear_policy_grads_triton
     else:
         fn = linear_policy_grads_torch
     return fn(hidden, weight, targets, coef, inv_t, with_entropy, need_dh=need_dh, need_dw=need_dw)
