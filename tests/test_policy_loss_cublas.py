@@ -7,11 +7,12 @@ import json
 
 import pytest
 import torch
-from test_linear_policy_loss import check_against_float64, make_inputs
 
 import nemokern.kernels.linear_policy_loss as P
 import nemokern.kernels.policy_loss_cublas as C
 from helpers import INTERPRETER_NOISE
+from helpers import policy_inputs as make_inputs
+from helpers import policy_vs_float64 as check_against_float64
 from nemokern.kernels.logprobs import combine_stats
 
 pytestmark = INTERPRETER_NOISE
