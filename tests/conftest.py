@@ -16,6 +16,12 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 import pytest  # noqa: E402
 
 
+def pytest_runtest_logreport(report):
+    from helpers import log_test_report
+
+    log_test_report(report)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

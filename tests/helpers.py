@@ -8,6 +8,8 @@ import copy
 import ctypes
 import ctypes.util
 import gc
+import json
+import os
 
 import pytest
 import torch
@@ -46,6 +48,35 @@ def error_vs(ours, plain, ref, what, ulp_floor=2.0**-21):
         f"(+ floor {floor:.2g})"
     )
     return err, err_plain
+
+
+# ----------------------------------------------------------------------------- test progress log
+
+
+def log_test_report(report):
+    """With NEMOKERN_TEST_LOG=FILE, append one JSON line per test as it ends (stage: the
+    variable NEMOKERN_TEST_STAGE; test; outcome passed / failed / skipped / error; seconds):
+    bench/gpu_check.sh's stages keep their tests' names and outcomes when killed by their time
+    limit. Both conftest.py files call this from pytest_runtest_logreport."""
+    path = os.environ.get("NEMOKERN_TEST_LOG")
+    if not path:
+        return
+    if report.when == "call":
+        outcome = report.outcome
+    elif report.failed:  # a setup or teardown error
+        outcome = "error"
+    elif report.when == "setup" and report.skipped:
+        outcome = "skipped"
+    else:
+        return
+    record = {
+        "stage": os.environ.get("NEMOKERN_TEST_STAGE", ""),
+        "test": report.nodeid,
+        "outcome": outcome,
+        "seconds": round(report.duration, 3),
+    }
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 # ----------------------------------------------------------------------------- linear_policy_loss

@@ -113,6 +113,30 @@ def test_table_entries(tmp_path):
         C.read_table(path)
 
 
+def test_written_table_picks_the_fastest_and_reads_back(tmp_path, monkeypatch):
+    """The GPU tuner's timings -> the table the dispatch reads: the fastest path per device
+    and dtype, the cuBLAS path with its chunk rows."""
+    timings = [
+        {"device": "cpu", "dtype": "float32", "path": "triton", "chunk_rows": None, "seconds": 2.0},
+        {"device": "cpu", "dtype": "float32", "path": "cublas", "chunk_rows": 4, "seconds": 1.0},
+        {"device": "cpu", "dtype": "float32", "path": "cublas", "chunk_rows": 8, "seconds": 1.5},
+        {"device": "cpu", "dtype": "bfloat16", "path": "triton", "chunk_rows": None, "seconds": 1},
+        {"device": "cpu", "dtype": "bfloat16", "path": "cublas", "chunk_rows": 4, "seconds": 3.0},
+    ]
+    path = tmp_path / "paths.json"
+    C.write_table(path, timings, {"device": "cpu (test)"})
+    want = {"cpu": {"float32": {"path": "cublas", "chunk_rows": 4}, "bfloat16": {"path": "triton"}}}
+    assert C.read_table(path) == want
+    monkeypatch.setattr(C, "TABLE", path)
+    C._table.cache_clear()
+    try:
+        hidden = torch.zeros(3, 4)
+        assert C.choose(hidden).keywords == {"chunk_rows": 4}
+        assert C.choose(hidden.bfloat16()) is None
+    finally:
+        C._table.cache_clear()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_cublas_path_on_cuda_real_shapes(monkeypatch, dtype):

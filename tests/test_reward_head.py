@@ -233,7 +233,9 @@ def test_bad_inputs():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype, param_dtype, K, packed, bias", CASES)
+@pytest.mark.parametrize(
+    "dtype, param_dtype, K, packed, bias", CASES + [(torch.float16, None, 9, True, True)]
+)
 def test_cuda_kernel_vs_float64_real_shape(dtype, param_dtype, K, packed, bias):
     inputs = make_inputs(64, 512, 8192, K, dtype, param_dtype, packed, bias, seed=8)
     check_vs_float64(*(t.cuda() if t is not None else None for t in inputs))

@@ -158,6 +158,20 @@ def read_table(path):
     return paths
 
 
+def write_table(path, timings, measured):
+    """Write the table of the fastest path per (device, dtype) of `timings`: dicts with device,
+    dtype (a name such as "bfloat16"), path, chunk_rows (None for "triton") and seconds;
+    `measured` (the run's machine, versions and shape) is kept beside it. Returns the paths."""
+    paths = {}
+    for t in sorted(timings, key=lambda t: t["seconds"]):
+        entry = {"path": t["path"]}
+        if t["path"] == "cublas":
+            entry["chunk_rows"] = t["chunk_rows"]
+        paths.setdefault(t["device"], {}).setdefault(t["dtype"], entry)
+    Path(path).write_text(json.dumps({"measured": measured, "paths": paths}, indent=1) + "\n")
+    return paths
+
+
 @functools.cache
 def _table():
     return read_table(TABLE)
