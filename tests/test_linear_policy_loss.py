@@ -383,6 +383,7 @@ def test_cpu_peak_memory_does_not_grow_with_n_times_v():
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_small(n=33, hidden_size=16, vocab=101)
 @pytest.mark.parametrize(
     "n,hidden_size,vocab,dtype",
     [

@@ -225,6 +225,7 @@ def test_target_check_can_be_disabled_and_kernel_gives_nan(triton_backend, monke
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_small(n=33, vocab=101)
 @pytest.mark.parametrize(
     "n,vocab,dtype",
     [

@@ -138,10 +138,18 @@ def test_written_table_picks_the_fastest_and_reads_back(tmp_path, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_cublas_path_on_cuda_real_shapes(monkeypatch, dtype):
+@pytest.mark.gpu_small(shape=(33, 16, 101))
+@pytest.mark.parametrize(
+    "dtype,shape",
+    [
+        (torch.bfloat16, (2048, 4096, 128256)),
+        (torch.float16, (2048, 4096, 128256)),
+        (torch.float32, (513, 1024, 50257)),
+    ],
+)
+def test_cublas_path_on_cuda_real_shapes(monkeypatch, dtype, shape):
     """The path on a GPU, forced through the table for this device, at an 8B-like head."""
-    n, hidden_size, vocab = (2048, 4096, 128256) if dtype != torch.float32 else (513, 1024, 50257)
+    n, hidden_size, vocab = shape
     entry = {"path": "cublas", "chunk_rows": 512}
     table = {C.device_key("cuda"): {str(dtype).split(".")[-1]: entry}}
     monkeypatch.setattr(C, "_table", lambda: table)
