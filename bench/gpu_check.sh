@@ -20,7 +20,8 @@
 # test as it ends: stage, test, outcome, seconds), bench-progress.jsonl (every benchmark's record
 # as soon as it has run), bench-*.json and generate.json (--benchmark-json, written at the end of
 # their stage), all-reduce-cuda.{json,md}, demo/ (the trainers: summary.json, metrics.jsonl per
-# trainer), summary.md.
+# trainer), tune-policy.json and policy_loss_paths.json (linear_policy_loss's measured path table:
+# copy it to nemokern/kernels/ to use it), summary.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-bench/results/gpu_check}"
@@ -95,6 +96,14 @@ assert C.with_cuda, 'nemokern._C was built without CUDA (no nvcc?): the CUDA all
 print('nemokern._C built with CUDA')\""
 fi
 
+# Liger-Kernel (pure Python + Triton), where its wheel was carried in .whl/ (ignored by git):
+# the policy-loss benchmark's Liger column
+if [[ "$DRY" != 1 ]] && compgen -G ".whl/liger_kernel-*.whl" > /dev/null; then
+    stage liger 60 python3 -m pip install -q --no-deps --no-index --target /tmp/nemokern-liger \
+        .whl/liger_kernel-*.whl
+    export PYTHONPATH="/tmp/nemokern-liger${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
 # (2) the never-run paths
 # linear_policy_loss against float64 on both CUDA paths, bf16 / fp16 / fp32
 stage policy-loss 150 "${PYTEST[@]}" tests/test_linear_policy_loss.py \
@@ -131,11 +140,16 @@ if [[ "$DRY" == 1 ]]; then
     # two small CPU benchmarks for real: their records reach bench-progress.jsonl as they finish
     stage bench-new 90 "${PYTEST[@]}" bench/test_bench_kl_reward.py --benchmark-enable \
         -k "sequence_kl_cpu and eager" --benchmark-json="$OUT/bench-new.json"
+    stage policy-tune 90 env TRITON_INTERPRET=1 python3 bench/tune_gpu.py --dry --only policy \
+        --table "$OUT/policy_loss_paths.json" --out "$OUT/tune-policy.json"
     # collected only: the tiny shape decodes at ~0.5 s per token on a 2-core CPU in bf16
     stage generate 60 "${PYTEST[@]}" bench/test_bench_generate_gpu.py "${BENCH[@]}"
 else
     stage bench-new 150 "${PYTEST[@]}" bench/test_bench_ceilings.py \
         bench/test_bench_policy_loss.py "${BENCH[@]}" --benchmark-json="$OUT/bench-new.json"
+    # linear_policy_loss's two CUDA paths timed, the table of the faster written
+    stage policy-tune 120 python3 bench/tune_gpu.py --only policy \
+        --table "$OUT/policy_loss_paths.json" --out "$OUT/tune-policy.json"
     stage generate 200 "${PYTEST[@]}" bench/test_bench_generate_gpu.py "${BENCH[@]}" \
         --benchmark-json="$OUT/generate.json"
 fi
@@ -169,6 +183,13 @@ fi
     # only); the ceilings of the same run give each its fraction
     [[ -s "$NEMOKERN_BENCH_LOG" ]] && { echo; python3 bench/report.py "$NEMOKERN_BENCH_LOG"; }
     [[ -s "$OUT/all-reduce-cuda.md" ]] && { echo; cat "$OUT/all-reduce-cuda.md"; }
+    [[ -s "$OUT/tune-policy.json" ]] && { echo; python3 -c "
+import json, sys
+print('linear_policy_loss paths (fwd+bwd, fraction of the matmul ceiling counting 6NHV):')
+for r in json.load(open(sys.argv[1])).get('policy', []):
+    print('-', r['dtype'], r['path'], r['chunk_rows'], r.get('error') or
+          f\"{r['ms']:.2f} ms, {r['of_matmul']:.0%}, peak extra {r.get('peak_extra_mib', 0):.0f} MiB\")
+" "$OUT/tune-policy.json"; }
 } > "$OUT/summary.md" 2>&1
 cat "$OUT/summary.md"
 [[ -n "$TAR" ]] && tar czf "$TAR" -C "$OUT" --exclude='*.safetensors' --exclude='*.bin' \

@@ -21,6 +21,7 @@ STAGES = (
     "decode",
     "gpu-tests",
     "bench-new",
+    "policy-tune",
     "generate",
 )
 
@@ -66,6 +67,11 @@ def test_gpu_check_dry_run_walks_every_stage(tmp_path):
     ]
     assert [(t["stage"], t["outcome"]) for t in tests] == [("bench-new", "passed")] * 2, tests
     assert "| bench-new | 2 | 2 | 0 | 0 | 0 |" in summary, summary
+    # linear_policy_loss's path table, written by the tuner's sweep (the all-Triton path and the
+    # cuBLAS-chunk path timed) in the form the dispatch reads
+    paths = json.loads((out_dir / "policy_loss_paths.json").read_text())["paths"]
+    assert paths["cpu"]["float32"]["path"] in ("triton", "cublas"), paths
+    assert "linear_policy_loss paths" in summary and "- float32 cublas 16 " in summary, summary
     # what comes back from a GPU machine: one archive, weights left out
     with tarfile.open(tar) as t:
         members = t.getnames()
