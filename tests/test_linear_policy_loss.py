@@ -265,7 +265,7 @@ COLLECTIVES = (
 )
 
 
-def _tp_worker(rank, world, init_file, backend, dtype):
+def _tp_worker(rank, world, init_file, backend, dtype, clip):
     os.environ["NEMOKERN_BACKEND"] = backend
     for dt in (torch.float32, torch.bfloat16):
         L._CONFIGS[dt] = (16, 32, 16, 4, 1)
@@ -274,10 +274,19 @@ def _tp_worker(rank, world, init_file, backend, dtype):
     shard, hs = 13, 24  # vocabulary 13 * world, odd sizes
     hidden, weight, targets, coef = make_inputs((3, 5), hs, shard * world, dtype, 3.0, seed=1234)
     targets[1, 0], targets[1, 1] = 0, shard * world - 1  # first and last shard hit
+    extra = {}
+    if clip:  # ratios spread over [0.5, 2]: both clip edges bind somewhere
+        g = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            logp = linear_logprobs(hidden, weight, targets, temperature=0.7)
+        extra = dict(old_logprobs=logp + torch.empty(logp.shape).uniform_(-0.7, 0.7, generator=g))
+        extra["clip"] = (0.2, 0.28)
     full = run(
         hidden,
         weight,
-        lambda h, w: linear_policy_loss(h, w, targets, coef, temperature=0.7, return_entropy=True),
+        lambda h, w: linear_policy_loss(
+            h, w, targets, coef, temperature=0.7, return_entropy=True, **extra
+        ),
         grad_scale=0.5,
     )
     with contextlib.ExitStack() as stack:
@@ -293,7 +302,7 @@ def _tp_worker(rank, world, init_file, backend, dtype):
 
         def sharded(h, w):
             out = linear_policy_loss(
-                h, w, targets, coef, temperature=0.7, return_entropy=True, tp_group=group
+                h, w, targets, coef, temperature=0.7, return_entropy=True, tp_group=group, **extra
             )
             fwd.update(count_calls())
             return out
@@ -324,14 +333,22 @@ def _tp_worker(rank, world, init_file, backend, dtype):
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize(
-    "backend,dtype",
-    [("torch", torch.float32), ("torch", torch.bfloat16), ("triton", torch.float32)],
+    "backend,dtype,clip",
+    [
+        ("torch", torch.float32, False),
+        ("torch", torch.bfloat16, False),
+        ("triton", torch.float32, False),
+        ("torch", torch.float32, True),
+        ("triton", torch.bfloat16, True),
+    ],
 )
-def test_vocab_parallel_equals_unsharded(backend, dtype):
+def test_vocab_parallel_equals_unsharded(backend, dtype, clip):
     """2 gloo processes, each with half of the LM head: the full loss, entropy and dhidden on
     every rank, its dweight shard; two all_gathers in forward (header, statistics), one all_reduce
-    in backward; ranks with different targets raise ValueError."""
-    run_ranks(_tp_worker, 2, backend, dtype)
+    in backward; ranks with different targets raise ValueError. clip: the importance-ratio
+    clipped loss (old_logprobs, clip), the same exchange (the coefficients are formed from the
+    merged statistics on every rank)."""
+    run_ranks(_tp_worker, 2, backend, dtype, clip)
 
 
 # ----------------------------------------------------------------------------- memory, GPU

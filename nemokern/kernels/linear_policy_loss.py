@@ -27,6 +27,13 @@ Counting the GEMM FLOPs in units of N*H*V (N tokens, H hidden, V vocabulary):
   statistics pass (`stats` below), its exchange, then linear_logprobs' vocabulary-chunk gradient
   pass with g_lp = coef (`backward` below): 8, no fp32 [V, H] buffer.
 
+Importance-ratio clipping (the op's old_logprobs and clip): the per-token loss becomes
+coef_t * f_t with f_t the ratio r_t = exp(logp_t - old_t), or clip(r_t) where the clip binds
+(`ratio_terms`), and d(loss)/d(logp_t) = coef_t * r_t, 0 where clipped. That coefficient needs
+the token's own logp, which exists once the row's statistics are merged: each token chunk's
+coefficient is formed between its statistics and its d(logits), so the three GEMMs stay three
+and no kernel changes (the d(logits) kernels take a per-row coefficient either way).
+
 Entry points (the op layer passes the backend it chose): `forward` is the fused single-rank pass,
 returning (logp [N], entropy [N], dhidden [N, H] or None, dweight [V, H] or None) for rows whose
 targets all count (the op drops ignored rows before calling), gradients in the inputs' dtype;
@@ -48,6 +55,8 @@ a few of its rows at a time (block_stats_torch overwrites its input), d(logits) 
 block_dlogits_torch, then the same GEMM skeleton as the GPU (`_by_token_chunks`). Memory beyond
 the gradients: the block and the small copy.
 """
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -83,6 +92,46 @@ _CHUNK_BYTES = 512 << 20  # logits block of the GPU path (input dtype)
 _DLOGITS_CONFIG = (16, 512, 4)
 
 
+# ----------------------------------------------------------------------------- the objective
+
+
+class RatioTerms(NamedTuple):
+    """ratio_terms' per-token results, float32 [C] (clipped: bool)."""
+
+    ratio: torch.Tensor  # r = exp(logp - old_logp)
+    factor: torch.Tensor  # f: clip(r) where clipped, else r; loss_t = coef_t * f_t
+    clipped: torch.Tensor  # the clip binds: coef < 0 and r > hi, or coef > 0 and r < lo
+    g_lp: torch.Tensor  # d(loss_t)/d(logp_t) = coef_t * r_t, 0 where clipped
+    loss: torch.Tensor  # coef_t * f_t (0 where coef_t = 0)
+
+
+def ratio_terms(logp, old_logp, coef, bounds):
+    """The importance-ratio-clipped policy-gradient loss of each counted token: with
+    r = exp(logp - old_logp) and bounds (lo, hi) = (1 - eps_low, 1 + eps_high),
+    loss_t = max(coef_t * r_t, coef_t * clip(r_t, lo, hi)). With coef_t = -w_t * A_t (w_t >= 0)
+    that is -w_t * min(r_t A_t, clip(r_t) A_t), PPO's clipped surrogate. logp, old_logp, coef
+    float32 [C]. The one home of this formula: the op's loss, its coef gradient (the factor f)
+    and its logits gradient (g_lp, per token chunk) all come from here."""
+    lo, hi = bounds
+    ratio = torch.exp(logp - old_logp)
+    clipped = torch.where(coef < 0, ratio > hi, (coef > 0) & (ratio < lo))
+    factor = torch.where(clipped, ratio.clamp(lo, hi), ratio)
+    # a token with coef 0 contributes nothing, even at r = inf (0 * inf would be nan)
+    idle = clipped | (coef == 0)
+    zero = torch.zeros((), dtype=ratio.dtype, device=ratio.device)
+    g_lp = torch.where(idle, zero, coef * ratio)
+    loss = torch.where(coef == 0, zero, coef * factor)
+    return RatioTerms(ratio, factor, clipped, g_lp, loss)
+
+
+def _grad_coef(coef, old_logp, bounds):
+    """g(logp_c, rows) -> d(loss)/d(logp) [C] of a token chunk: coef itself, or with old_logp,
+    ratio_terms' g_lp from the chunk's log-probs."""
+    if old_logp is None:
+        return lambda logp, sl: coef[sl]
+    return lambda logp, sl: ratio_terms(logp, old_logp[sl], coef[sl], bounds).g_lp
+
+
 # ----------------------------------------------------------------------------- shared skeleton
 
 
@@ -100,10 +149,11 @@ def _accumulate_fp32(acc, a, b):
         acc.addmm_(a.float(), b.float())
 
 
-def _by_token_chunks(hidden, weight, targets, coef, step, chunk_dlogits, need_dh, need_dw):
+def _by_token_chunks(hidden, weight, targets, grad_coef, step, chunk_dlogits, need_dh, need_dw):
     """The forward both paths share: token chunks of `step` rows;
-    chunk_dlogits(h_c, targets_c, coef_c) -> (logp_c, entropy_c, d(logits)_c [C, V] in hidden's
-    dtype). dhidden rows are complete after one GEMM per chunk; dweight accumulates (fp32)."""
+    chunk_dlogits(h_c, targets_c, g) -> (logp_c, entropy_c, d(logits)_c [C, V] in hidden's
+    dtype), where g(logp_c) is the chunk's d(loss)/d(logp) (grad_coef(logp_c, rows)). dhidden
+    rows are complete after one GEMM per chunk; dweight accumulates (fp32)."""
     n = hidden.shape[0]
     logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
     entropy = torch.empty_like(logp)
@@ -114,7 +164,9 @@ def _by_token_chunks(hidden, weight, targets, coef, step, chunk_dlogits, need_dh
         dw = torch.zeros_like(weight, dtype=acc_dtype)
     for i in range(0, n, step):
         sl = slice(i, i + step)
-        logp[sl], entropy[sl], dz = chunk_dlogits(hidden[sl], targets[sl], coef[sl])
+        logp[sl], entropy[sl], dz = chunk_dlogits(
+            hidden[sl], targets[sl], lambda lp, sl=sl: grad_coef(lp, sl)
+        )
         if need_dh:
             torch.mm(dz, weight, out=dh[sl])
         if need_dw:
@@ -132,18 +184,28 @@ def _all_rows(targets):
 
 
 def linear_policy_grads_torch(
-    hidden, weight, targets, coef, inv_t, with_entropy=True, need_dh=True, need_dw=True
+    hidden,
+    weight,
+    targets,
+    coef,
+    inv_t,
+    with_entropy=True,
+    need_dh=True,
+    need_dw=True,
+    old_logp=None,
+    bounds=None,
 ):
     """hidden [N, H], weight [V, H] (same dtype), targets [N] (all counted), coef [N] float32
-    -> (logp [N], entropy [N], dhidden, dweight) of loss = sum(coef * logp); entropy is 0 unless
-    with_entropy. Token chunks of about _TORCH_CHUNK_ELEMENTS / V rows."""
+    -> (logp [N], entropy [N], dhidden, dweight) of loss = sum(coef * logp), or with old_logp
+    [N] float32 and bounds of sum(ratio_terms(...).loss); entropy is 0 unless with_entropy.
+    Token chunks of about _TORCH_CHUNK_ELEMENTS / V rows."""
     n, v = hidden.shape[0], weight.shape[0]
     step = row_chunk(n, v, _TORCH_CHUNK_ELEMENTS)
     scratch = hidden.new_empty(min(n, step) * v)
     stats_step = row_chunk(min(n, step), v, _TORCH_STATS_ELEMENTS)
     stats_scratch = torch.empty(stats_step * v, dtype=torch.float32, device=hidden.device)
 
-    def chunk_dlogits(h_c, t_c, c_c):
+    def chunk_dlogits(h_c, t_c, g):
         z = _scaled_logits(h_c, weight.t(), inv_t, scratch)
         parts = torch.cat(
             [
@@ -159,10 +221,11 @@ def linear_policy_grads_torch(
             ]
         )
         logp, norm, entropy = combine_stats(parts.unsqueeze(0), _all_rows(t_c))
-        dz = block_dlogits_torch(z, t_c, norm, entropy, c_c, None, inv_t)
+        dz = block_dlogits_torch(z, t_c, norm, entropy, g(logp), None, inv_t)
         return logp, entropy, dz.to(hidden.dtype)
 
-    return _by_token_chunks(hidden, weight, targets, coef, step, chunk_dlogits, need_dh, need_dw)
+    g_of = _grad_coef(coef, old_logp, bounds)
+    return _by_token_chunks(hidden, weight, targets, g_of, step, chunk_dlogits, need_dh, need_dw)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -199,7 +262,16 @@ def _policy_dlogits_kernel(
 
 
 def linear_policy_grads_triton(
-    hidden, weight, targets, coef, inv_t, with_entropy=True, need_dh=True, need_dw=True
+    hidden,
+    weight,
+    targets,
+    coef,
+    inv_t,
+    with_entropy=True,
+    need_dh=True,
+    need_dw=True,
+    old_logp=None,
+    bounds=None,
 ):
     """The Triton path of linear_policy_grads_torch (same arguments and results; the entropy is
     computed whatever with_entropy says): token chunks whose logits block in hidden's dtype is
@@ -211,17 +283,19 @@ def linear_policy_grads_triton(
     z_block = torch.empty(min(n, step), v, dtype=hidden.dtype, device=hidden.device)
     dn, dv, dwarps = _DLOGITS_CONFIG
 
-    def chunk_dlogits(h_c, t_c, c_c):
+    def chunk_dlogits(h_c, t_c, g):
         c = h_c.shape[0]
         z = z_block[:c]
         parts = _linear.stats_parts(h_c, weight, t_c, inv_t, 0, z=z)
         logp, norm, entropy = combine_stats(parts, _all_rows(t_c))
+        g_c = g(logp).contiguous()
         _policy_dlogits_kernel[(triton.cdiv(c, dn), triton.cdiv(v, dv))](
-            z, t_c, norm, c_c, c, v, z.stride(0), inv_t, BLOCK_N=dn, BLOCK_V=dv, num_warps=dwarps
+            z, t_c, norm, g_c, c, v, z.stride(0), inv_t, BLOCK_N=dn, BLOCK_V=dv, num_warps=dwarps
         )
         return logp, entropy, z
 
-    return _by_token_chunks(hidden, weight, targets, coef, step, chunk_dlogits, need_dh, need_dw)
+    g_of = _grad_coef(coef, old_logp, bounds)
+    return _by_token_chunks(hidden, weight, targets, g_of, step, chunk_dlogits, need_dh, need_dw)
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -229,10 +303,24 @@ def linear_policy_grads_triton(
 # same arguments.
 
 
-def forward(backend, hidden, weight, targets, coef, inv_t, with_entropy, need_dh, need_dw):
+def forward(
+    backend,
+    hidden,
+    weight,
+    targets,
+    coef,
+    inv_t,
+    with_entropy,
+    need_dh,
+    need_dw,
+    old_logp=None,
+    bounds=None,
+):
     """One rank, every row counted: (logp [N], entropy [N], dhidden or None, dweight or None) of
-    loss = sum(coef * logp), the gradients formed in this pass (need_dh or need_dw should hold;
-    without either, `stats` is the cheaper forward)."""
+    loss = sum(coef * logp), or with old_logp [N] float32 and bounds (lo, hi) of the clipped
+    ratio objective sum(ratio_terms(logp, old_logp, coef, bounds).loss), the gradients formed in
+    this pass (need_dh or need_dw should hold; without either, `stats` is the cheaper
+    forward)."""
     if backend == "triton":
         check_triton_dtype(OP, hidden.dtype)
         from .policy_loss_cublas import choose  # the measured path table (cyclic import)
@@ -240,7 +328,18 @@ def forward(backend, hidden, weight, targets, coef, inv_t, with_entropy, need_dh
         fn = choose(hidden) or linear_policy_grads_triton
     else:
         fn = linear_policy_grads_torch
-    return fn(hidden, weight, targets, coef, inv_t, with_entropy, need_dh=need_dh, need_dw=need_dw)
+    return fn(
+        hidden,
+        weight,
+        targets,
+        coef,
+        inv_t,
+        with_entropy,
+        need_dh=need_dh,
+        need_dw=need_dw,
+        old_logp=old_logp,
+        bounds=bounds,
+    )
 
 
 def stats(backend, hidden, weight, targets, inv_t, vocab_start, with_entropy):
@@ -257,7 +356,8 @@ def backward(
 ):
     """(dhidden, dweight) of sum(coef * logp) on one vocabulary shard from the merged row
     statistics (norm, entropy of combine_stats): linear_logprobs' backward with g_lp = coef, no
-    entropy gradient. Runs inside the op's forward, right after the exchange."""
+    entropy gradient (for the clipped objective, coef is ratio_terms' g_lp). Runs inside the
+    op's forward, right after the exchange."""
     return _linear.backward(
         backend,
         hidden,

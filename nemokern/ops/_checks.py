@@ -41,6 +41,29 @@ def inv_temperature(op: str, temperature) -> float:
     return 1.0 / float(temperature)
 
 
+def clip_bounds(op: str, clip) -> tuple[float, float]:
+    """(1 - eps_low, 1 + eps_high) for clip = (eps_low, eps_high), each a real number >= 0
+    (inf: that side unclipped); None: (-inf, inf), no clipping."""
+    if clip is None:
+        return -math.inf, math.inf
+    if (
+        not isinstance(clip, tuple | list)
+        or len(clip) != 2
+        or any(isinstance(e, bool) or not isinstance(e, numbers.Real) for e in clip)
+    ):
+        raise TypeError(
+            f"{op}: clip must be a pair (eps_low, eps_high) of real numbers, e.g. (0.2, 0.28), "
+            f"got {clip!r}"
+        )
+    eps_low, eps_high = float(clip[0]), float(clip[1])
+    if not (eps_low >= 0 and eps_high >= 0):  # nan fails too
+        raise ValueError(
+            f"{op}: clip = ({eps_low}, {eps_high}): eps_low and eps_high must be >= 0 (the "
+            "ratio is clipped to [1 - eps_low, 1 + eps_high]; inf leaves that side open)"
+        )
+    return 1.0 - eps_low, 1.0 + eps_high
+
+
 def ignore_index_of(op: str, ignore_index) -> int:
     """ignore_index as an int (a Python or numpy integer, or a 0-d integer tensor)."""
     if isinstance(ignore_index, torch.Tensor) and ignore_index.dim() == 0:

@@ -58,6 +58,7 @@ from nemokern.train.rollout import (
     load_reward_model,
     pack,
     policy_terms,
+    ratio_clip,
 )
 
 KL_ESTIMATORS = ("k1", "abs", "k2", "k3")
@@ -141,6 +142,15 @@ class ReinforceConfig(TrainConfig):
     updates_per_rollout: int = option(
         1, "optimizer steps each rollout is split into (its prompts are prompts_per_step x this)"
     )
+    clip_eps_low: float | None = option(
+        None,
+        "importance-ratio clipping of the update: the ratio r to the log-probs of the policy "
+        "that sampled is clipped below at 1 - this, loss -min(r A, clip(r) A); unset (and "
+        "--clip-eps-high unset): no ratio, loss -logp A; unset alone: --clip-eps-high's value",
+    )
+    clip_eps_high: float | None = option(
+        None, "importance-ratio clipping: r clipped above at 1 + this; unset: --clip-eps-low's"
+    )
     generation_batch_size: int = option(
         0,
         "sequences per generate() call, rounded down to whole prompts' k samples (0: the "
@@ -170,6 +180,12 @@ class ReinforceConfig(TrainConfig):
         for name in ("top_k", "generation_batch_size", "beta"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} = {getattr(self, name)} must not be negative")
+        for name in ("clip_eps_low", "clip_eps_high"):
+            eps = getattr(self, name)
+            if eps is not None and not eps >= 0:  # nan too
+                raise option_error(
+                    name, f"{eps} must be >= 0 (r is clipped to [1 - low, 1 + high])"
+                )
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ConfigError(
                 f"temperature = {self.temperature} must be > 0 (the log-probs divide by it)"
@@ -455,7 +471,7 @@ class ReinforceTrainer:
                         else:
                             with full_weights(loop.model):  # --fsdp: gathered for this forward
                                 h = self.policy.hidden_states(ids, cu_seqlens=cu, parents=parents)
-                                coef, stats = policy_terms(
+                                coef, stats, logprobs = policy_terms(
                                     self.policy,
                                     h,
                                     targets,
@@ -466,6 +482,8 @@ class ReinforceTrainer:
                                     cfg,
                                 )
                             batch["coef"] = coef.cpu()
+                            if ratio_clip(cfg):  # the sampling policy's, for the ratio
+                                batch["old_logprobs"] = logprobs.cpu()
                             add_sums(sums[-1], stats)
                         batches.append(batch)
                     steps.append(batches)
@@ -491,6 +509,7 @@ class ReinforceTrainer:
                 batch["targets"],
                 batch["coef"],
                 parents=shared["parents"],
+                old_logprobs=batch.get("old_logprobs"),
             )
         else:  # the policy's log-probs come from this forward (PolicyLoss)
             loss = model(
@@ -504,7 +523,11 @@ class ReinforceTrainer:
             )
             self.loop.add_to_step(getattr(model, "module", model).stats)
         return StepOutput(
-            loss, weight=batch["n_tokens"], tokens=batch["input_ids"].numel(), rows=batch["rows"]
+            loss,
+            weight=batch["n_tokens"],
+            tokens=batch["input_ids"].numel(),
+            rows=batch["rows"],
+            metrics=getattr(model, "module", model).metrics,  # with a ratio: clip_fraction...
         )
 
     def _groups(self, per_micro: int) -> list[list[int]]:

@@ -201,15 +201,52 @@ def micro_batch_terms(logprobs, entropy, ref_logprobs, targets, sample_cu, rewar
     return coef, stats
 
 
-def policy_gradient_loss(hidden, weight, targets, coef, *, temperature: float = 1.0, tp_group=None):
-    """sum_t coef_t * logp_t of the targets under softmax(hidden @ weight.T / temperature): the
-    REINFORCE update's loss when coef_t = -(R - b)/n_tokens on response tokens (targets -100
-    elsewhere). hidden [N, H], weight [V, H], targets [N], coef [N] float32 -> scalar. Fused:
-    the gradients w.r.t. hidden and weight are formed in the forward, no [N, V] logits. With
-    tp_group, weight is this rank's vocabulary shard."""
-    return linear_policy_loss(
-        hidden, weight, targets, coef, temperature=temperature, tp_group=tp_group
+def ratio_clip(cfg) -> tuple[float, float] | None:
+    """(eps_low, eps_high) of the update's importance-ratio clipping, or None (no ratio): set
+    when cfg.clip_eps_low or cfg.clip_eps_high is (the unset one takes the other's value)."""
+    low, high = getattr(cfg, "clip_eps_low", None), getattr(cfg, "clip_eps_high", None)
+    if low is None and high is None:
+        return None
+    return (high if low is None else low), (low if high is None else high)
+
+
+def policy_gradient_loss(
+    hidden,
+    weight,
+    targets,
+    coef,
+    *,
+    temperature: float = 1.0,
+    tp_group=None,
+    old_logprobs=None,
+    clip=None,
+):
+    """(loss, metrics) of the targets under softmax(hidden @ weight.T / temperature): loss =
+    sum_t coef_t * logp_t, the REINFORCE update's loss when coef_t = -(R - b)/n_tokens on
+    response tokens (targets -100 elsewhere), metrics {}. With old_logprobs [N] (the sampling
+    policy's log-probs) and clip = (eps_low, eps_high): loss = sum_t max(coef_t r_t, coef_t
+    clip(r_t, 1 - eps_low, 1 + eps_high)) with r = exp(logp - old_logprobs), and metrics the
+    response tokens' clip_fraction and ratio_mean. hidden [N, H], weight [V, H], targets [N],
+    coef [N] float32. Fused: the gradients w.r.t. hidden and weight are formed in the forward,
+    no [N, V] logits. With tp_group, weight is this rank's vocabulary shard."""
+    if old_logprobs is None:
+        loss = linear_policy_loss(
+            hidden, weight, targets, coef, temperature=temperature, tp_group=tp_group
+        )
+        return loss, {}
+    loss, ratio, clipped = linear_policy_loss(
+        hidden,
+        weight,
+        targets,
+        coef,
+        old_logprobs=old_logprobs,
+        clip=clip,
+        temperature=temperature,
+        tp_group=tp_group,
+        return_ratio=True,
     )
+    n = max(int((targets != -100).sum()), 1)
+    return loss, {"clip_fraction": float(clipped.sum()) / n, "ratio_mean": float(ratio.sum()) / n}
 
 
 def _head(model: Llama, hidden: torch.Tensor) -> torch.Tensor:
@@ -222,7 +259,8 @@ def _head(model: Llama, hidden: torch.Tensor) -> torch.Tensor:
 def policy_terms(policy, hidden, targets, sample_cu, ref_logprobs, rewards, ended, cfg):
     """micro_batch_terms from the policy's hidden states [N, H] (detached: the coefficients carry
     no gradient): its log-probs and entropy of the targets at cfg.temperature, through the LM
-    head (this rank's vocabulary shard under tensor parallelism)."""
+    head (this rank's vocabulary shard under tensor parallelism). Returns (coef, stats, the
+    log-probs [N])."""
     with torch.no_grad():
         lp, ent = linear_logprobs(
             hidden.detach(),
@@ -232,7 +270,10 @@ def policy_terms(policy, hidden, targets, sample_cu, ref_logprobs, rewards, ende
             return_entropy=True,
             tp_group=policy.tp_group,
         )
-        return micro_batch_terms(lp, ent, ref_logprobs, targets, sample_cu, rewards, ended, cfg)
+        coef, stats = micro_batch_terms(
+            lp, ent, ref_logprobs, targets, sample_cu, rewards, ended, cfg
+        )
+        return coef, stats, lp
 
 
 def add_sums(into: dict, stats: dict) -> None:
@@ -267,7 +308,9 @@ class PolicyLoss(nn.Module):
     def __init__(self, policy: Llama, temperature: float = 1.0, config=None):
         super().__init__()
         self.policy, self.temperature, self.config = policy, temperature, config
+        self.clip = ratio_clip(config)
         self.stats: dict = {}
+        self.metrics: dict = {}
 
     def forward(
         self,
@@ -280,15 +323,19 @@ class PolicyLoss(nn.Module):
         ended=None,
         parents=None,
         sample_cu=None,
+        old_logprobs=None,
     ):
         """The loss for given coef; or, with coef None, coef from this very forward's
         (detached) log-probs of the targets and the rollout's ref_logprobs, rewards and ended
         (micro_batch_terms over the samples sample_cu delimits; its statistics are left in
         self.stats): the policy log-probs that the KL needs, taken from the update's forward
-        instead of a no-grad forward of their own. parents: pack()'s shared prompts."""
+        instead of a no-grad forward of their own. parents: pack()'s shared prompts. With ratio
+        clipping (config's clip_eps_*), the ratio is to old_logprobs, the rollout's log-probs of
+        the policy (with coef None: this forward's own, the policy that sampled), and
+        policy_gradient_loss's metrics are left in self.metrics."""
         hidden = self.policy.hidden_states(input_ids, cu_seqlens=cu_seqlens, parents=parents)
         if coef is None:
-            coef, self.stats = policy_terms(
+            coef, self.stats, old_logprobs = policy_terms(
                 self.policy,
                 hidden,
                 targets,
@@ -298,14 +345,17 @@ class PolicyLoss(nn.Module):
                 ended,
                 self.config,
             )
-        return policy_gradient_loss(
+        loss, self.metrics = policy_gradient_loss(
             hidden,
             _head(self.policy, hidden),
             targets,
             coef,
             temperature=self.temperature,
             tp_group=self.policy.tp_group,
+            old_logprobs=None if self.clip is None else old_logprobs,
+            clip=self.clip,
         )
+        return loss
 
 
 def pack(prompts: list, responses: list[torch.Tensor], k: int | None = None) -> dict:
