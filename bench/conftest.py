@@ -32,6 +32,12 @@ def pytest_addoption(parser):
     )
 
 
+def pytest_runtest_logreport(report):
+    from helpers import log_test_report  # tests/helpers.py: the tests' progress log
+
+    log_test_report(report)
+
+
 @pytest.fixture(autouse=True)
 def _progress_log(request):
     """With NEMOKERN_BENCH_LOG=FILE, append each benchmark's record (the entry --benchmark-json

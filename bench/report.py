@@ -6,10 +6,14 @@ size and the token count, one line per implementation; plots need matplotlib).
     python bench/report.py --plots DIR <run>.json [...]      # also writes DIR/sweep-{V,N}.png,
                                                              # linked as if from DIR/..
     python bench/report.py <log>.jsonl                       # NEMOKERN_BENCH_LOG's records
+    python bench/report.py --tests <tests>.jsonl             # NEMOKERN_TEST_LOG's: outcomes
+    python bench/report.py --demo DIR                        # a demo's seconds, steps, memory
 
 Convention: a benchmark may put in extra_info `bytes` (bytes it must move) or `flops` (FLOPs it
 must do), `peak_extra_bytes` (bench/_memory.py) and `device`. The ceiling benchmarks
-(test_bench_ceilings.py, extra_info["ceiling"]) give the roofline the others are divided by.
+(test_bench_ceilings.py, extra_info["ceiling"]) give the roofline the others are divided by:
+the "headline" column is that fraction, named (of the matmul ceiling, of the copy bandwidth), or
+a benchmark's own `of_bound` (the decode step against its bandwidth bound).
 """
 
 import json
@@ -43,6 +47,9 @@ def fmt_rate(x, unit):
     return f"{x / 1e12:.2f} T{unit}/s" if x >= 1e12 else f"{x / 1e9:.2f} G{unit}/s"
 
 
+ROOF_NAMES = {"flops": "of the matmul ceiling", "bytes": "of the copy bandwidth"}
+
+
 def rate_and_fraction(r, roof):
     """(rate, fraction of the roofline) of one benchmark as text ("" where unknown)."""
     info, med = r.get("extra_info", {}), r["stats"]["median"]
@@ -57,6 +64,16 @@ def rate_and_fraction(r, roof):
     return "", ""
 
 
+def headline(r, roof):
+    """The fraction a benchmark is judged by, named: of its ceiling, or of its own bound."""
+    info = r.get("extra_info", {})
+    if "of_bound" in info:
+        return f"{info['of_bound']:.0%} of the bandwidth bound"
+    frac = rate_and_fraction(r, roof)[1]
+    kind = "flops" if "flops" in info else "bytes"
+    return f"{frac} {ROOF_NAMES[kind]}" if frac else ""
+
+
 def _mib(info):
     mem = info.get("peak_extra_bytes")
     return f"{mem / 2**20:.1f}" if mem is not None else ""
@@ -65,16 +82,69 @@ def _mib(info):
 def table(rows):
     roof = ceilings(rows)
     lines = [
-        "| group | benchmark | median ms | rate | of roofline | peak extra MiB |",
+        "| group | benchmark | median ms | rate | headline | peak extra MiB |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for r in sorted(rows, key=lambda r: (r.get("group") or "", r["name"])):
         info, med = r.get("extra_info", {}), r["stats"]["median"]
-        rate, frac = rate_and_fraction(r, roof)
+        rate, head = rate_and_fraction(r, roof)[0], headline(r, roof)
         mem = _mib(info)
         lines.append(
-            f"| {r.get('group') or ''} | {r['name']} | {med * 1e3:.3f} | {rate} | {frac} | {mem} |"
+            f"| {r.get('group') or ''} | {r['name']} | {med * 1e3:.3f} | {rate} | {head} | {mem} |"
         )
+    return "\n".join(lines)
+
+
+def tests_table(path):
+    """NEMOKERN_TEST_LOG's records (one per test as it ended): counts per stage, then every test
+    that did not pass, so a stage killed by its limit still shows what ran."""
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    stages = {}
+    for r in records:
+        stages.setdefault(r.get("stage", ""), []).append(r)
+    lines = [
+        "| stage | tests | passed | failed | error | skipped |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for stage, recs in stages.items():
+        n = {
+            k: sum(r["outcome"] == k for r in recs)
+            for k in ("passed", "failed", "error", "skipped")
+        }
+        lines.append(f"| {stage} | {len(recs)} | " + " | ".join(str(v) for v in n.values()) + " |")
+    bad = [r for r in records if r["outcome"] != "passed"]
+    if bad:
+        lines += ["", "Not passed:"]
+        lines += [f"- {r['outcome'].upper()} {r['test']} ({r['seconds']:.1f} s)" for r in bad]
+    return "\n".join(lines)
+
+
+def _median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if xs else float("nan")
+
+
+def demo_table(directory):
+    """`nemokern demo --out DIR`: seconds per stage (summary.json), and per trainer (each
+    metrics.jsonl) its steps, median step time and peak memory (CUDA: allocated; CPU: RSS)."""
+    with open(os.path.join(directory, "summary.json")) as f:
+        seconds = json.load(f)["seconds"]
+    lines = [
+        "Demo: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()),
+        "",
+        "| trainer | steps | median step s | peak memory MiB |",
+        "|---|---:|---:|---:|",
+    ]
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name, "metrics.jsonl")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            steps = [r for r in map(json.loads, filter(str.strip, f)) if "step_s" in r]
+        peak = max((r.get("peak_mem_mb", 0.0) for r in steps), default=float("nan"))
+        step_s = _median([r["step_s"] for r in steps])
+        lines.append(f"| {name} | {len(steps)} | {step_s:.4f} | {peak:.0f} |")
     return "\n".join(lines)
 
 
@@ -164,6 +234,10 @@ def plots(rows, directory):
 
 
 def main(paths):
+    if paths[:1] == ["--tests"]:
+        return print(tests_table(paths[1]))
+    if paths[:1] == ["--demo"]:
+        return print(demo_table(paths[1]))
     plot_dir = None
     if paths[:1] == ["--plots"]:
         plot_dir, paths = paths[1], paths[2:]

@@ -17,4 +17,5 @@ export PYTHONPATH="$SIDE${PYTHONPATH:+:$PYTHONPATH}"
 python -c "import triton, numpy; print('triton', triton.__version__, 'numpy', numpy.__version__)"
 python -m nemokern.kernels._aot
 python -m pytest -q -p no:cacheprovider tests/test_logprobs.py tests/test_linear_logprobs.py \
-    tests/test_sequence_kl.py tests/test_reward_head.py tests/test_aot.py
+    tests/test_linear_policy_loss.py tests/test_policy_loss_cublas.py tests/test_sequence_kl.py \
+    tests/test_reward_head.py tests/test_aot.py

@@ -1,15 +1,21 @@
 """Tile-configuration sweep for the Triton kernels, at the benchmarks' GPU shapes.
 
     python bench/tune_gpu.py --out bench/results/<run>-tune.json     # GPU
+    python bench/tune_gpu.py --only policy --table policy_loss_paths.json --out <run>.json
     TRITON_INTERPRET=1 python bench/tune_gpu.py --dry                 # CPU: tiny shapes
 
 For each candidate configuration it times the kernel entry points of nemokern.kernels (not the
 ops: no validation, no autograd) and reports the rate against the two ceilings measured in the
 same run. `--profile` adds a torch.profiler table of one fwd+bwd step of sequence_kl and
-reward_head, to show where their time goes. The chosen defaults live in the kernel modules.
+reward_head, to show where their time goes. The chosen defaults live in the kernel modules,
+except linear_policy_loss's path: the `policy` sweep times its all-Triton path and its cuBLAS-
+chunk path (kernels/policy_loss_cublas.py) at several chunk sizes, bf16 and fp16, and `--table`
+writes the fastest per dtype as the table that module reads (commit it as
+nemokern/kernels/policy_loss_paths.json).
 """
 
 import argparse
+import functools
 import json
 import time
 
@@ -132,6 +138,58 @@ def sweep_linear(device, dry, roof):
     return rows
 
 
+POLICY_CHUNK_ROWS = (1024, 2048, 4096, 8192)
+
+
+def sweep_policy(device, dry, roof):
+    """linear_policy_loss's fused pass (logp, entropy, dhidden, dweight) by each path: rows with
+    ms, the fraction of the matmul ceiling counting 6 N*H*V, and peak memory beyond the inputs."""
+    from nemokern.kernels import linear_policy_loss as P
+    from nemokern.kernels import policy_loss_cublas as C
+
+    n, h, v = (24, 32, 300) if dry else (16384, 4096, 128256)
+    name = C.device_key(device)
+    candidates = [("triton", None)] + [
+        ("cublas", r) for r in ((8, 16) if dry else POLICY_CHUNK_ROWS)
+    ]
+    rows = []
+    for dtype in (torch.float32,) if dry else (torch.bfloat16, torch.float16):
+        g = torch.Generator(device=device).manual_seed(0)
+        hidden = torch.randn(n, h, device=device, generator=g).to(dtype)
+        weight = (torch.randn(v, h, device=device, generator=g) / h**0.5).to(dtype)
+        targets = torch.randint(0, v, (n,), device=device, generator=g)
+        coef = torch.randn(n, device=device, generator=g) / n
+        for path, chunk in candidates:
+            fn = (
+                P.linear_policy_grads_triton
+                if path == "triton"
+                else functools.partial(C.linear_policy_grads_cublas, chunk_rows=chunk)
+            )
+            row = {"device": name, "dtype": str(dtype).split(".")[-1], "path": path}
+            row["chunk_rows"] = chunk
+            try:
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                seconds = timer(functools.partial(fn, hidden, weight, targets, coef, 1.0), device)
+            except Exception as exc:  # noqa: BLE001 (a path that fails is a result)
+                row["error"] = str(exc)[:200]
+                rows.append(row)
+                print("policy", row, flush=True)
+                continue
+            row.update(
+                seconds=seconds,
+                ms=seconds * 1e3,
+                of_matmul=6 * n * h * v / seconds / roof["flops_per_s"],
+            )
+            if device == "cuda":
+                row["peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            rows.append(row)
+            print("policy", row, flush=True)
+    return rows
+
+
 def profile_small_ops(device):
     from torch.profiler import ProfilerActivity, profile
 
@@ -168,7 +226,13 @@ def main():
     ap.add_argument("--dry", action="store_true", help="tiny shapes (CPU, TRITON_INTERPRET=1)")
     ap.add_argument("--out", help="write the results here as JSON")
     ap.add_argument("--profile", action="store_true", help="profile sequence_kl and reward_head")
-    ap.add_argument("--only", choices=["logprobs", "linear"], help="one sweep only")
+    ap.add_argument("--only", choices=["logprobs", "linear", "policy"], help="one sweep only")
+    ap.add_argument(
+        "--table",
+        metavar="FILE",
+        help="with the policy sweep: write linear_policy_loss's path table (the fastest path "
+        "and chunk per dtype) to FILE",
+    )
     args = ap.parse_args()
     device = "cpu" if args.dry else "cuda"
     result = {
@@ -193,6 +257,16 @@ def main():
     if args.only in (None, "linear"):
         result["linear_logprobs"] = sweep_linear(device, args.dry, roof)
         save()
+    if args.only in (None, "policy"):
+        result["policy"] = rows = sweep_policy(device, args.dry, roof)
+        save()
+        if args.table:
+            from nemokern.kernels.policy_loss_cublas import write_table
+
+            measured = {k: result[k] for k in ("device", "torch", "triton")}
+            measured["shape"] = "N=16384 H=4096 V=128256" if not args.dry else "dry run"
+            paths = write_table(args.table, [r for r in rows if "seconds" in r], measured)
+            print("table", paths, flush=True)
     if args.profile and device == "cuda":
         result["profile"] = profile_small_ops(device)
         save()

@@ -16,8 +16,43 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 import pytest  # noqa: E402
 
 
+def pytest_runtest_logreport(report):
+    from helpers import log_test_report
+
+    log_test_report(report)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--fake-cuda",
+        action="store_true",
+        help="run -m gpu tests on the CPU under helpers.FakeCuda, with the small shapes of "
+        "their gpu_small marker: finds test bugs (tensors built on the CPU) without a GPU",
+    )
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "gpu_small(**args): small argument values for a gpu test under --fake-cuda"
+    )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_pyfunc_call(pyfuncitem):
+    if not pyfuncitem.config.getoption("--fake-cuda") or "gpu" not in pyfuncitem.keywords:
+        return (yield)
+    from helpers import FakeCuda, fake_cuda_patches
+
+    for mark in pyfuncitem.iter_markers("gpu_small"):
+        pyfuncitem.funcargs.update(mark.kwargs)
+    with pytest.MonkeyPatch.context() as mp:
+        fake_cuda_patches(mp)
+        with FakeCuda():
+            return (yield)
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() or config.getoption("--fake-cuda"):
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:

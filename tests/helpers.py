@@ -8,11 +8,14 @@ import copy
 import ctypes
 import ctypes.util
 import gc
+import json
+import os
 
 import pytest
 import torch
 
 from nemokern.model import Llama, LlamaConfig
+from nemokern.ops import linear_policy_loss
 
 IGNORE = -100
 # The Triton interpreter evaluates both sides of tl.where with numpy (0 * inf in the branch that is
@@ -45,6 +48,223 @@ def error_vs(ours, plain, ref, what, ulp_floor=2.0**-21):
         f"(+ floor {floor:.2g})"
     )
     return err, err_plain
+
+
+# ----------------------------------------------------------------------------- test progress log
+
+
+def log_test_report(report):
+    """With NEMOKERN_TEST_LOG=FILE, append one JSON line per test as it ends (stage: the
+    variable NEMOKERN_TEST_STAGE; test; outcome passed / failed / skipped / error; seconds):
+    bench/gpu_check.sh's stages keep their tests' names and outcomes when killed by their time
+    limit. Both conftest.py files call this from pytest_runtest_logreport."""
+    path = os.environ.get("NEMOKERN_TEST_LOG")
+    if not path:
+        return
+    if report.when == "call":
+        outcome = report.outcome
+    elif report.failed:  # a setup or teardown error
+        outcome = "error"
+    elif report.when == "setup" and report.skipped:
+        outcome = "skipped"
+    else:
+        return
+    record = {
+        "stage": os.environ.get("NEMOKERN_TEST_STAGE", ""),
+        "test": report.nodeid,
+        "outcome": outcome,
+        "seconds": round(report.duration, 3),
+    }
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------------------- fake CUDA
+
+
+def _is_cuda_device(d):
+    return isinstance(d, (str, torch.device)) and torch.device(d).type == "cuda"
+
+
+def _from_a_test():
+    """Whether the torch call being intercepted was made by test code (tests/), not by nemokern
+    or torch: only the tests' own device placement is checked."""
+    import sys
+
+    frame = sys._getframe(2)
+    torch_dir = os.path.dirname(torch.__file__)
+    while frame is not None and frame.f_code.co_filename.startswith(torch_dir):
+        frame = frame.f_back
+    here = os.path.dirname(os.path.abspath(__file__))
+    return frame is not None and os.path.dirname(frame.f_code.co_filename) == here
+
+
+class FakeCuda(torch.overrides.TorchFunctionMode):
+    """Run a GPU test's own code on the CPU: tensors created on "cuda" (device=..., .cuda(),
+    .to("cuda")) are CPU tensors marked as CUDA ones (their .device says cuda), results of marked
+    tensors are marked, and an op that mixes marked tensors with unmarked CPU tensors of one or
+    more dimensions raises as CUDA would, where the test's own code makes the call (inside
+    nemokern, results are only marked). It finds the test bugs (a tensor built on the CPU, a
+    changed torch signature) that cost GPU time; the ops themselves run their torch reference
+    (is_cuda stays False), so it says nothing about the kernels."""
+
+    MIXING_ALLOWED = {torch.Tensor.copy_, torch.Tensor.__setitem__, torch.Tensor.__getitem__}
+
+    def __init__(self):
+        super().__init__()
+        self._marked = {}  # id -> weakref (a WeakSet compares tensors with ==)
+
+    def mark(self, t):
+        import weakref
+
+        self._marked[id(t)] = weakref.ref(t)
+
+    def is_marked(self, t):
+        ref = self._marked.get(id(t))
+        return ref is not None and ref() is t
+
+    def _tensors(self, obj):
+        if isinstance(obj, torch.Tensor):
+            yield obj
+        elif isinstance(obj, (list, tuple)):
+            for x in obj:
+                yield from self._tensors(x)
+        elif isinstance(obj, dict):
+            for x in obj.values():
+                yield from self._tensors(x)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func == torch.Tensor.grad.__get__:  # formed by autograd, outside any torch function
+            out = func(*args)
+            if out is not None and self.is_marked(args[0]):
+                self.mark(out)
+            return out
+        if func == torch.Tensor.device.__get__:  # (a new method-wrapper each time: ==)
+            return torch.device("cuda", 0) if self.is_marked(args[0]) else func(*args)
+        to_cuda = func is torch.Tensor.cuda or _is_cuda_device(kwargs.get("device"))
+        to_cpu = func is torch.Tensor.cpu
+        if func is torch.Tensor.to:
+            target = kwargs.get("device", next((a for a in args[1:] if _is_cuda_device(a)), None))
+            if target is None and any(isinstance(a, (str, torch.device)) for a in args[1:]):
+                to_cpu = True
+            to_cuda = _is_cuda_device(target)
+            args = tuple("cpu" if _is_cuda_device(a) else a for a in args)
+            kwargs["copy"] = to_cuda or to_cpu or kwargs.get("copy", False)
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.cuda:
+            out = args[0].clone()
+        elif to_cpu and func is torch.Tensor.cpu:
+            out = args[0].clone()
+        else:
+            inputs = list(self._tensors((args, kwargs)))
+            on = [self.is_marked(t) for t in inputs]
+            if func not in self.MIXING_ALLOWED and any(on) and not all(on) and _from_a_test():
+                cpu = [t for t, m in zip(inputs, on) if not m and t.dim() > 0]
+                if cpu:
+                    raise RuntimeError(
+                        f"fake CUDA: {getattr(func, '__name__', func)} mixes tensors on cuda:0 "
+                        f"and a CPU tensor of shape {tuple(cpu[0].shape)} (built on the CPU?)"
+                    )
+            to_cuda = to_cuda or (any(on) and not to_cpu)
+            out = func(*args, **kwargs)
+        if to_cuda:
+            for t in self._tensors(out):
+                self.mark(t)
+        return out
+
+
+class _NoDevice:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def fake_cuda_patches(monkeypatch):
+    """What the GPU tests (and the ops under them) call on torch.cuda and torch.Generator,
+    answered on a machine without CUDA."""
+    real_generator = torch.Generator
+
+    def generator(device="cpu"):
+        return real_generator("cpu" if _is_cuda_device(device) else device)
+
+    monkeypatch.setattr(torch, "Generator", generator)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device", _NoDevice)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "fake CUDA")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+
+
+# ----------------------------------------------------------------------------- linear_policy_loss
+# Its float64 check, shared by the tests of both of its CUDA paths.
+
+
+def policy_reference(hidden, weight, targets, coef, temperature=1.0):
+    """(sum_t coef_t logp_t, mean entropy over counted positions) in the inputs' own dtype."""
+    lsm = torch.log_softmax((hidden @ weight.t()) / temperature, dim=-1)
+    valid = targets != IGNORE
+    logp = lsm.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
+    loss = (torch.where(valid, coef.to(lsm.dtype), 0) * torch.where(valid, logp, 0)).sum()
+    p = lsm.exp()
+    entropy = -(p * torch.where(p > 0, lsm, torch.zeros((), dtype=lsm.dtype))).sum(-1)
+    mean_entropy = torch.where(valid, entropy, 0).sum() / valid.sum().clamp(min=1)
+    return loss, mean_entropy
+
+
+def policy_inputs(shape, hidden_size, vocab, dtype, scale, ignore_frac=0.25, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(*shape, hidden_size, generator=g) * scale).to(dtype)
+    weight = (torch.randn(vocab, hidden_size, generator=g) / hidden_size**0.5).to(dtype)
+    targets = torch.randint(0, vocab, shape, generator=g)
+    ignored = torch.rand(shape, generator=g) < ignore_frac
+    targets[ignored] = IGNORE
+    coef = torch.randn(shape, generator=g) / max(1, targets.numel())
+    coef[ignored] = float("nan")  # never read
+    return hidden, weight, targets, coef
+
+
+def policy_run(hidden, weight, fn, grad_scale=1.0):
+    h = hidden.detach().clone().requires_grad_(True)
+    w = weight.detach().clone().requires_grad_(True)
+    loss, entropy = fn(h, w)
+    (loss * grad_scale).backward()
+    return loss.detach(), entropy.detach(), h.grad, w.grad
+
+
+def policy_vs_float64(hidden, weight, targets, coef, temperature, label="", grad_scale=1.0):
+    ours = policy_run(
+        hidden,
+        weight,
+        lambda h, w: linear_policy_loss(
+            h, w, targets, coef, temperature=temperature, return_entropy=True
+        ),
+        grad_scale,
+    )
+    plain = policy_run(
+        hidden, weight, lambda h, w: policy_reference(h, w, targets, coef, temperature), grad_scale
+    )
+    ref = policy_run(
+        hidden.double(),
+        weight.double(),
+        lambda h, w: policy_reference(h, w, targets, coef.double(), temperature),
+        grad_scale,
+    )
+    assert ours[0].dtype == torch.float32 and ours[0].shape == ()
+    assert ours[2].dtype == hidden.dtype and ours[3].dtype == weight.dtype
+    names = ("loss", "entropy", "dhidden", "dweight")
+    errs = [error_vs(o, p, r, f"{label} {n}") for o, p, r, n in zip(ours, plain, ref, names)]
+    print(
+        f"\n{label}: "
+        + ", ".join(f"{n} err {e:.2e} (plain {p:.2e})" for n, (e, p) in zip(names, errs))
+    )
+    return ours
 
 
 # ----------------------------------------------------------------------------- models

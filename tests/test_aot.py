@@ -55,9 +55,9 @@ def test_resource_report_without_a_gpu():
     assert out.returncode == 0, out.stdout + out.stderr
     import json
 
-    regs, spills = json.loads(out.stdout.strip().splitlines()[-1])
+    regs, spills, frame = json.loads(out.stdout.strip().splitlines()[-1])
     assert isinstance(regs, int) and 8 <= regs <= 255, regs
-    assert spills == 0, spills  # a one-pass elementwise kernel has no reason to spill
+    assert spills == frame == 0, (spills, frame)  # one elementwise pass has no reason to spill
     bad = subprocess.run(
         [sys.executable, "-m", "nemokern.kernels._aot", "--cc", "90"],
         env=env,
@@ -66,3 +66,29 @@ def test_resource_report_without_a_gpu():
         timeout=120,
     )
     assert bad.returncode == 2 and "--cc goes with --resources" in bad.stderr
+
+
+def test_driver_spill_words_are_reported_in_bytes(monkeypatch):
+    """On a GPU the figure comes from the driver, whose count (Triton's n_spills) is in 4-byte
+    words; ptxas's is in bytes. The report gives bytes either way."""
+    import types
+
+    import torch
+    import triton
+
+    from nemokern.kernels import _aot
+
+    fake = types.SimpleNamespace(
+        n_regs=255,
+        n_spills=62,
+        _init_handles=lambda: None,
+        metadata=types.SimpleNamespace(num_warps=8, shared=49152),
+    )
+    spec = ("logprobs", (lambda: None, {}, {"BLOCK_V": 4096}))
+    spec[1][0].__name__ = "k"
+    monkeypatch.setattr(_aot, "iter_specs", lambda: iter([spec]))
+    monkeypatch.setattr(triton, "compile", lambda *a, **k: fake)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (9, 0))
+    monkeypatch.setattr("triton.compiler.ASTSource", lambda **k: None)
+    (row,) = _aot.resource_usage()
+    assert row["spilled_bytes"] == row["local_bytes"] == 248 and row["source"] == "driver"

@@ -221,9 +221,14 @@ def test_cpu_peak_memory_does_not_grow_with_n_times_v():
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_small(n=33, hidden_size=16, vocab=101)
 @pytest.mark.parametrize(
     "n,hidden_size,vocab,dtype",
-    [(1024, 4096, 128256, torch.bfloat16), (513, 1024, 50257, torch.float32)],
+    [
+        (1024, 4096, 128256, torch.bfloat16),
+        (1024, 4096, 128256, torch.float16),
+        (513, 1024, 50257, torch.float32),
+    ],
 )
 def test_triton_on_cuda_real_shapes(n, hidden_size, vocab, dtype):
     hidden, weight, targets, g_lp, g_ent = (

@@ -20,71 +20,13 @@ import torch.distributed as dist
 
 import nemokern.kernels.linear_logprobs as L
 import nemokern.kernels.linear_policy_loss as P
-from helpers import IGNORE, INTERPRETER_NOISE, error_vs, run_ranks
+from helpers import IGNORE, INTERPRETER_NOISE, run_ranks
+from helpers import policy_inputs as make_inputs
+from helpers import policy_run as run
+from helpers import policy_vs_float64 as check_against_float64
 from nemokern.ops import linear_logprobs, linear_policy_loss
 
 pytestmark = INTERPRETER_NOISE
-
-
-def policy_reference(hidden, weight, targets, coef, temperature=1.0):
-    """(sum_t coef_t logp_t, mean entropy over counted positions) in the inputs' own dtype."""
-    lsm = torch.log_softmax((hidden @ weight.t()) / temperature, dim=-1)
-    valid = targets != IGNORE
-    logp = lsm.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
-    loss = (torch.where(valid, coef.to(lsm.dtype), 0) * torch.where(valid, logp, 0)).sum()
-    p = lsm.exp()
-    entropy = -(p * torch.where(p > 0, lsm, torch.zeros((), dtype=lsm.dtype))).sum(-1)
-    mean_entropy = torch.where(valid, entropy, 0).sum() / valid.sum().clamp(min=1)
-    return loss, mean_entropy
-
-
-def make_inputs(shape, hidden_size, vocab, dtype, scale, ignore_frac=0.25, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    hidden = (torch.randn(*shape, hidden_size, generator=g) * scale).to(dtype)
-    weight = (torch.randn(vocab, hidden_size, generator=g) / hidden_size**0.5).to(dtype)
-    targets = torch.randint(0, vocab, shape, generator=g)
-    ignored = torch.rand(shape, generator=g) < ignore_frac
-    targets[ignored] = IGNORE
-    coef = torch.randn(shape, generator=g) / max(1, targets.numel())
-    coef[ignored] = float("nan")  # never read
-    return hidden, weight, targets, coef
-
-
-def run(hidden, weight, fn, grad_scale=1.0):
-    h = hidden.detach().clone().requires_grad_(True)
-    w = weight.detach().clone().requires_grad_(True)
-    loss, entropy = fn(h, w)
-    (loss * grad_scale).backward()
-    return loss.detach(), entropy.detach(), h.grad, w.grad
-
-
-def check_against_float64(hidden, weight, targets, coef, temperature, label="", grad_scale=1.0):
-    ours = run(
-        hidden,
-        weight,
-        lambda h, w: linear_policy_loss(
-            h, w, targets, coef, temperature=temperature, return_entropy=True
-        ),
-        grad_scale,
-    )
-    plain = run(
-        hidden, weight, lambda h, w: policy_reference(h, w, targets, coef, temperature), grad_scale
-    )
-    ref = run(
-        hidden.double(),
-        weight.double(),
-        lambda h, w: policy_reference(h, w, targets, coef.double(), temperature),
-        grad_scale,
-    )
-    assert ours[0].dtype == torch.float32 and ours[0].shape == ()
-    assert ours[2].dtype == hidden.dtype and ours[3].dtype == weight.dtype
-    names = ("loss", "entropy", "dhidden", "dweight")
-    errs = [error_vs(o, p, r, f"{label} {n}") for o, p, r, n in zip(ours, plain, ref, names)]
-    print(
-        f"\n{label}: "
-        + ", ".join(f"{n} err {e:.2e} (plain {p:.2e})" for n, (e, p) in zip(names, errs))
-    )
-    return ours
 
 
 def small_tiles(monkeypatch):
@@ -458,9 +400,14 @@ def test_cpu_peak_memory_does_not_grow_with_n_times_v():
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_small(n=33, hidden_size=16, vocab=101)
 @pytest.mark.parametrize(
     "n,hidden_size,vocab,dtype",
-    [(4096, 4096, 128256, torch.bfloat16), (513, 1024, 50257, torch.float32)],
+    [
+        (4096, 4096, 128256, torch.bfloat16),
+        (2048, 4096, 128256, torch.float16),
+        (513, 1024, 50257, torch.float32),
+    ],
 )
 def test_triton_on_cuda_real_shapes(n, hidden_size, vocab, dtype):
     hidden, weight, targets, coef = (

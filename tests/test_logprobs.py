@@ -225,9 +225,15 @@ def test_target_check_can_be_disabled_and_kernel_gives_nan(triton_backend, monke
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_small(n=33, vocab=101)
 @pytest.mark.parametrize(
     "n,vocab,dtype",
-    [(2048, 128256, torch.bfloat16), (513, 50257, torch.float32), (4096, 32000, torch.bfloat16)],
+    [
+        (2048, 128256, torch.bfloat16),
+        (513, 50257, torch.float32),
+        (4096, 32000, torch.bfloat16),
+        (2048, 128256, torch.float16),
+    ],
 )
 def test_triton_on_cuda_real_shapes(n, vocab, dtype):
     g = torch.Generator(device="cuda").manual_seed(0)

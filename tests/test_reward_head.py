@@ -233,7 +233,11 @@ def test_bad_inputs():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype, param_dtype, K, packed, bias", CASES)
-def test_cuda_kernel_vs_float64_real_shape(dtype, param_dtype, K, packed, bias):
-    inputs = make_inputs(64, 512, 8192, K, dtype, param_dtype, packed, bias, seed=8)
+@pytest.mark.gpu_small(shape=(3, 16, 64))
+@pytest.mark.parametrize("shape", [(64, 512, 8192)])  # B, T, H
+@pytest.mark.parametrize(
+    "dtype, param_dtype, K, packed, bias", CASES + [(torch.float16, None, 9, True, True)]
+)
+def test_cuda_kernel_vs_float64_real_shape(shape, dtype, param_dtype, K, packed, bias):
+    inputs = make_inputs(*shape, K, dtype, param_dtype, packed, bias, seed=8)
     check_vs_float64(*(t.cuda() if t is not None else None for t in inputs))

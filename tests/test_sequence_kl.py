@@ -222,7 +222,7 @@ def test_bad_tensors():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_cuda_kernel_vs_float64_real_shape(dtype, estimator, reduction):

@@ -14,6 +14,10 @@ import importlib
 import pkgutil
 import sys
 
+# The CUDA driver's spill count (Triton's `n_spills`, from cuFuncGetAttribute's
+# LOCAL_SIZE_BYTES / 4) is in 4-byte words; `ptxas -v` reports spill stores in bytes.
+SPILL_WORD_BYTES = 4
+
 
 def iter_specs():
     import nemokern.kernels as pkg
@@ -52,8 +56,8 @@ def compile_all(capabilities=(80, 90), verbose=False):
 
 
 def _ptxas_usage(kernel, cc):
-    """(registers, spill-store bytes) of a compiled kernel from ptxas -v on its PTX: Triton's own
-    ptxas, the one that built the cubin, so no GPU or driver is needed."""
+    """(registers, spill-store bytes, stack-frame bytes) of a compiled kernel from ptxas -v on its
+    PTX: Triton's own ptxas, the one that built the cubin, so no GPU or driver is needed."""
     import re
     import subprocess
     import tempfile
@@ -73,7 +77,12 @@ def _ptxas_usage(kernel, cc):
         ).stderr
     regs = re.search(r"Used (\d+) registers", out)
     spills = re.search(r"(\d+) bytes spill stores", out)
-    return int(regs.group(1)) if regs else None, int(spills.group(1)) if spills else 0
+    frame = re.search(r"(\d+) bytes stack frame", out)
+    return (
+        int(regs.group(1)) if regs else None,
+        int(spills.group(1)) if spills else 0,
+        int(frame.group(1)) if frame else 0,
+    )
 
 
 def resource_usage(capability=None):
@@ -82,7 +91,9 @@ def resource_usage(capability=None):
     capability None: the current CUDA device's, read from the loaded binary (needs a GPU). An
     integer (80, 90, ...): compiled for that target and read from ptxas -v, on any machine.
     Returns one dict per variant: kernel, constexprs, num_warps, registers, spilled_bytes,
-    shared_bytes, source ("driver" or "ptxas").
+    local_bytes, shared_bytes, source ("driver" or "ptxas"). All in bytes per thread: ptxas gives
+    spill stores and the stack frame (local memory); the driver gives only the local memory
+    size (Triton's n_spills, in 4-byte words, times SPILL_WORD_BYTES), reported as both.
     """
     import triton
     from triton.backends.compiler import GPUTarget
@@ -103,9 +114,11 @@ def resource_usage(capability=None):
         )
         if capability is None:
             kernel._init_handles()
-            regs, spills = getattr(kernel, "n_regs", None), getattr(kernel, "n_spills", None)
+            regs, words = getattr(kernel, "n_regs", None), getattr(kernel, "n_spills", None)
+            # the driver's n_spills counts 4-byte words; ptxas -v prints bytes
+            spills = frame = None if words is None else SPILL_WORD_BYTES * words
         else:
-            regs, spills = _ptxas_usage(kernel, cc)
+            regs, spills, frame = _ptxas_usage(kernel, cc)
         rows.append(
             {
                 "kernel": f"{modname}.{fn.__name__}",
@@ -113,6 +126,7 @@ def resource_usage(capability=None):
                 "num_warps": kernel.metadata.num_warps,
                 "registers": regs,
                 "spilled_bytes": spills,
+                "local_bytes": frame,
                 "shared_bytes": kernel.metadata.shared,
                 "source": "driver" if capability is None else "ptxas",
             }
@@ -153,7 +167,8 @@ def _main(argv):
     for r in usage:
         print(
             f"{r['kernel']} {r['constexprs']}: {r['registers']} regs, "
-            f"{r['spilled_bytes']} B spilled, {r['shared_bytes']} B shared"
+            f"{r['spilled_bytes']} B spilled, {r['local_bytes']} B local, "
+            f"{r['shared_bytes']} B shared ({r['source']})"
         )
 
 

@@ -323,7 +323,9 @@ def forward(
     forward)."""
     if backend == "triton":
         check_triton_dtype(OP, hidden.dtype)
-        fn = linear_policy_grads_triton
+        from .policy_loss_cublas import choose  # the measured path table (cyclic import)
+
+        fn = choose(hidden) or linear_policy_grads_triton
     else:
         fn = linear_policy_grads_torch
     return fn(
