@@ -3,8 +3,9 @@ processes, predicted peak memory per process vs the measured one.
 
 Measured: the peak of anonymous resident memory (RssAnon in /proc/self/status, sampled every
 millisecond by a thread) of each process while it builds the trainer and trains, minus its value
-before (the process group already joined); glibc's MALLOC_MMAP_THRESHOLD_ is set to 64 KiB so
-that a freed tensor's memory goes back to the OS at once instead of staying in the heap. File
+before (the process group already joined, the checkpoint read once: the first read sets up
+about 24 MB of process state that later reads do not add); glibc's MALLOC_MMAP_THRESHOLD_ is
+set to 64 KiB so that a freed tensor's memory goes back to the OS at once. File
 pages (libtorch's code, the memory-mapped checkpoint) are not anonymous memory and not counted.
 Predicted: nemokern.plan for the same run (device cpu: float32), with the tokens per micro-batch
 the trainer's batches actually have.
@@ -83,11 +84,15 @@ def worker(args) -> None:
     """One rank of one case (started by run_script_ranks, env:// rendezvous)."""
     import torch
 
+    from nemokern.model import Llama
     from nemokern.train.loop import setup_distributed
 
     torch.set_num_threads(1)
     layout = _layout(args.layout)
     setup_distributed("cpu", layout["tp"])
+    # the first checkpoint read of a process sets up ~24 MB of process state (seen as RssAnon)
+    # that a second read does not add: warmed up here, it is not counted as the run's
+    Llama.from_pretrained(args.model, dtype=torch.float32)
     common = dict(
         out=args.out, device="cpu", max_steps=2, progress=False, tensorboard=False,
         save_every=0, shuffle=False, **layout,
@@ -98,7 +103,8 @@ def worker(args) -> None:
 
             cfg = SFTConfig(model=args.model, data=args.data, rows_per_batch=args.rows, **common)
             trainer = SFTTrainer(cfg)
-            tokens = max(b["input_ids"].numel() for b in trainer.micro_batches)
+            big = max(trainer.micro_batches, key=lambda b: b["input_ids"].numel())
+            tokens, targets = big["input_ids"].numel(), big["n_tokens"]
         elif args.trainer == "reward":
             from nemokern.train import RewardConfig, RewardTrainer
 
@@ -107,7 +113,7 @@ def worker(args) -> None:
                 shared_prompt=False, **common,
             )  # fmt: skip
             trainer = RewardTrainer(cfg)
-            tokens = max(int(b.num_tokens) for b in trainer.micro_batches)
+            tokens = targets = max(int(b.num_tokens) for b in trainer.micro_batches)
         else:
             from nemokern.train import ReinforceConfig, ReinforceTrainer
 
@@ -117,9 +123,9 @@ def worker(args) -> None:
                 shared_prompt=False, **common,
             )  # fmt: skip
             trainer = ReinforceTrainer(cfg)
-            tokens = 0
+            tokens = targets = 0
         trainer.fit()
-    result = {"peak_bytes": peak.peak_bytes, "tokens": tokens}
+    result = {"peak_bytes": peak.peak_bytes, "tokens": tokens, "targets": targets}
     Path(f"{args.result}.{os.environ.get('RANK', '0')}").write_text(json.dumps(result))
 
 
@@ -170,6 +176,7 @@ def run_case(case: str, directory: Path, config, opts) -> dict:
     run = Run(
         trainer, gpus=world, device="cpu", gpus_per_node=world,
         tokens_per_micro_batch=max(m["tokens"] for m in measured) or 1,
+        response_share=max(m["targets"] / max(m["tokens"], 1) for m in measured),
         k=opts.k, prompts_per_step=rows, max_prompt_tokens=opts.prompt_tokens,
         max_new_tokens=opts.new, shared_prompt=False, reward_outputs=9, **lay,
     )  # fmt: skip

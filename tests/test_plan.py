@@ -128,7 +128,12 @@ def test_plan_verdict_limits_and_suggestion():
     run = Run("sft", gpus=8, tokens_per_micro_batch=4096)
     plan = make_plan(shape, run, memory_bytes=80 * 10**9)
     assert not plan["fits"]  # 8B params x 16 bytes on one GPU, DDP buckets on top
-    assert plan["suggestion"] == {"tp": 1, "fsdp": True, "peak_bytes": pytest.approx(0, abs=8e10)}
+    assert plan["suggestion"] == {
+        "tp": 1,
+        "fsdp": True,
+        "activation_checkpointing": False,
+        "peak_bytes": pytest.approx(0, abs=8e10),
+    }
     fsdp = make_plan(shape, Run("sft", gpus=8, fsdp=True), memory_bytes=80 * 10**9)
     assert fsdp["fits"] and "suggestion" not in fsdp
     largest = fsdp["largest_micro_batch_tokens"]

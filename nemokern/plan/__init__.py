@@ -26,19 +26,28 @@ def _fits(shape, run, reward_shape, limit) -> tuple[bool, Memory]:
 
 def _layouts(run: Run, shape: LlamaConfig):
     """Other tensor-parallel sizes / FSDP settings on the same GPUs, the smallest change first:
-    FSDP switched on, then each larger tp (with the run's FSDP setting, then with FSDP)."""
+    FSDP switched on, then each larger tp (with the run's FSDP setting, then with FSDP); then the
+    same again with activation checkpointing, if the run has it off."""
     per_node = min(run.gpus, run.gpus_per_node)
     tps = [
         t
         for t in range(run.tp + 1, per_node + 1)
-        if per_node % t == 0 and run.gpus % t == 0 and shape.num_attention_heads % t == 0
+        if per_node % t == 0
+        and run.gpus % t == 0
+        and shape.num_attention_heads % t == 0
+        and (run.trainer != "reinforce" or run.prompts_per_step % (run.gpus // t) == 0)
     ]
-    if not run.fsdp:
-        yield replace(run, fsdp=True)
-    for t in tps:
-        yield replace(run, tp=t)
+    checkpointing = [False] if run.activation_checkpointing else [False, True]
+    for ac in checkpointing:
+        base = replace(run, activation_checkpointing=True) if ac else run
+        if ac:
+            yield base
         if not run.fsdp:
-            yield replace(run, tp=t, fsdp=True)
+            yield replace(base, fsdp=True)
+        for t in tps:
+            yield replace(base, tp=t)
+            if not run.fsdp:
+                yield replace(base, tp=t, fsdp=True)
 
 
 def make_plan(
@@ -108,6 +117,7 @@ def make_plan(
                 report["suggestion"] = {
                     "tp": other.tp,
                     "fsdp": other.fsdp,
+                    "activation_checkpointing": other.activation_checkpointing,
                     "peak_bytes": other_mem.peak,
                 }
                 break

@@ -76,6 +76,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="M",
         help="sft/reward: tokens per micro-batch (default: 4096)",
     )
+    a(
+        "--response-share",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="sft: the share of a micro-batch's tokens that are response tokens, the rows of "
+        "the fused loss (default: 1.0, the most)",
+    )
     a("--grad-accum", type=int, default=1)
     a(
         "--max-length",
@@ -135,6 +143,8 @@ def _run(args) -> Run:
         if value < 1:
             flag = "--max-tokens-per-batch" if name == "tokens" else f"--{name.replace('_', '-')}"
             raise ValueError(f"{flag} {value}: must be at least 1")
+    if not 0 < args.response_share <= 1:
+        raise ValueError(f"--response-share {args.response_share}: must be in (0, 1]")
     if args.trainer != "reinforce":
         given = [n for n in _REINFORCE_ONLY if getattr(args, n) is not None]
         if given:
@@ -150,6 +160,7 @@ def _run(args) -> Run:
         shard_optimizer=args.shard_optimizer,
         activation_checkpointing=args.activation_checkpointing,
         tokens_per_micro_batch=args.tokens,
+        response_share=args.response_share,
         grad_accum=args.grad_accum,
         max_length=args.max_length,
         gpus_per_node=min(args.gpus_per_node, args.gpus),
@@ -246,9 +257,11 @@ def format_report(r: dict) -> str:
     if "suggestion" in r:
         s = r["suggestion"]
         lines.append(
-            "no tp/FSDP layout on these GPUs fits; more GPUs or a smaller batch are needed"
+            "no tp/FSDP layout on these GPUs fits, with or without activation checkpointing; "
+            "more GPUs or a smaller micro-batch are needed"
             if s is None
-            else f"fits with: --tp {s['tp']}{' --fsdp' if s['fsdp'] else ''} "
+            else f"fits with: --tp {s['tp']}{' --fsdp' if s['fsdp'] else ''}"
+            f"{' --activation-checkpointing' if s['activation_checkpointing'] else ''} "
             f"(peak {_gb(s['peak_bytes'])})"
         )
     t = r["step_time"]

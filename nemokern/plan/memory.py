@@ -26,6 +26,7 @@ Each number is a lower bound on what the allocator needs: fragmentation and the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..model import LlamaConfig
@@ -60,6 +61,7 @@ class Run:
     shard_optimizer: bool = False
     activation_checkpointing: bool = False
     tokens_per_micro_batch: int = 4096  # sft / reward
+    response_share: float = 1.0  # sft: the share of tokens that are response tokens
     max_length: int = 4096  # sft / reward: tokens per sequence (the step-time bound's attention)
     grad_accum: int = 1
     gpus_per_node: int = 8
@@ -96,6 +98,13 @@ class Run:
             return self.tokens_per_micro_batch
         return self.prompts_per_micro_batch() * self.tokens_per_prompt()
 
+    def loss_share(self) -> float:
+        """The share of a micro-batch's tokens the fused loss computes (it drops the rows
+        without a target: prompts, in REINFORCE every response's last token too)."""
+        if self.trainer == "reinforce":
+            return self.k * self.max_new_tokens / self.tokens_per_prompt()
+        return self.response_share
+
     def tokens_per_prompt(self) -> int:
         """A prompt's k samples packed (pack): the prompt once and each response after its last
         token, or with shared_prompt off k whole copies."""
@@ -130,7 +139,8 @@ def _activations(shape: LlamaConfig, run: Run, counts: Counts, tokens: int) -> d
 
 def _loss_buffers(shape: LlamaConfig, run: Run, counts: Counts, tokens: int) -> tuple[int, int]:
     """(bytes held from the forward into the backward, scratch bytes) of the policy trainers'
-    fused LM-head loss (linear_policy_loss). Single rank: the hidden-state gradient and the
+    fused LM-head loss (linear_policy_loss) over the rows of `tokens` that have a target.
+    Single rank: the hidden-state gradient and the
     float32 LM-head gradient, formed in the forward, and a block of logits per token chunk.
     Vocab-parallel: the LM-head gradient formed at the start of the backward, and the larger of
     the forward's and the backward's blocks of logits. Hidden states are float32 (the residual
@@ -138,6 +148,7 @@ def _loss_buffers(shape: LlamaConfig, run: Run, counts: Counts, tokens: int) -> 
     if run.trainer == "reward":
         return 0, 0
     h, v = shape.hidden_size, counts.vocab
+    tokens = math.ceil(tokens * run.loss_share())
     dev = run.device
     if run.tp == 1:
         held = tokens * h * 4 + v * h * 4
