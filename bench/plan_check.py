@@ -150,7 +150,7 @@ def make_inputs(directory: Path, size: str, prompt_chars: int, response_chars: i
     return config
 
 
-def run_case(case: str, directory: Path, config, opts) -> dict:
+def run_case(case: str, directory: Path, config, opts, rows_per_process=None) -> dict:
     from helpers import run_script_ranks
     from nemokern.plan import Run
     from nemokern.plan.memory import memory, model_counts
@@ -159,12 +159,13 @@ def run_case(case: str, directory: Path, config, opts) -> dict:
     world = int(world)
     result = directory / f"result-{trainer}-{world}-{layout}"
     data = {"sft": "sft.jsonl", "reward": "pairs.jsonl", "reinforce": "prompts.jsonl"}[trainer]
-    rows = opts.rows * world  # per process the same micro-batch at every process count
+    rows_per_process = rows_per_process or opts.rows
+    rows = rows_per_process * world  # per process the same micro-batch at every process count
     args = [
         "--worker", "--trainer", trainer, "--world", world, "--layout", layout,
         "--model", directory / "policy", "--reward-model", directory / "reward",
         "--data", directory / data, "--out", directory / f"out-{trainer}-{world}-{layout}",
-        "--result", result, "--rows", rows if trainer == "reinforce" else opts.rows,
+        "--result", result, "--rows", rows if trainer == "reinforce" else rows_per_process,
         "--k", opts.k, "--new", opts.new,
     ]  # fmt: skip
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
@@ -191,6 +192,31 @@ def run_case(case: str, directory: Path, config, opts) -> dict:
         "measured_bytes": peak,
         "measured_by_rank": [m["peak_bytes"] for m in measured],
         "error": mem.peak / peak - 1,
+        "plan": (run, counts, frozen),
+    }
+
+
+def search(case: str, directory: Path, config, opts) -> dict:
+    """The largest micro-batch (rows, or prompts, per process, on opts.grid) whose measured
+    peak stays within opts.limit_mib, against the largest the plan predicts."""
+    from nemokern.plan.memory import largest, memory
+
+    limit = int(opts.limit_mib * 2**20)
+    grid = [int(x) for x in opts.grid.split(",")]
+    runs = {r: run_case(case, directory, config, opts, rows_per_process=r) for r in grid}
+    found = max((r for r in grid if runs[r]["measured_bytes"] <= limit), default=0)
+    first = runs[grid[0]]
+    run, counts, frozen = first["plan"]
+    per_row = first["tokens_per_micro_batch"] / grid[0]
+    tokens = largest(
+        lambda n: memory(config, run, counts, frozen, tokens=n).peak <= limit, 1, 1 << 24
+    )
+    return {
+        "case": case,
+        "limit_mib": opts.limit_mib,
+        "measured_mib": {r: runs[r]["measured_bytes"] / 2**20 for r in grid},
+        "largest_found": found,
+        "largest_predicted": int(tokens // per_row),
     }
 
 
@@ -208,6 +234,9 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-chars", type=int, default=120)
     p.add_argument("--timeout", type=int, default=900)
     p.add_argument("--json", default=None)
+    p.add_argument("--search", default=None, metavar="CASE", help="search a micro-batch limit")
+    p.add_argument("--limit-mib", type=float, default=150.0)
+    p.add_argument("--grid", default="4,6,8,10,12", help="rows (prompts) per process to try")
     opts = p.parse_args(argv)
     if opts.worker:
         worker(opts)
@@ -223,8 +252,13 @@ def main(argv=None) -> int:
         opts.prompt_tokens = len(tok.apply_chat_template(
             [{"role": "user", "content": "p" * opts.prompt_chars}], add_generation_prompt=True
         ))  # fmt: skip
-        for case in opts.cases.split(","):
+        if opts.search:
+            r = search(opts.search, directory, config, opts)
+            print(json.dumps(r))
+            results.append(r)
+        for case in [] if opts.search else opts.cases.split(","):
             r = run_case(case, directory, config, opts)
+            del r["plan"]
             results.append(r)
             print(
                 f"{r['case']:<22} tokens/micro-batch {r['tokens_per_micro_batch']:>6}  "

@@ -229,3 +229,18 @@ def test_predicted_peak_within_ten_percent_of_measured(tmp_path):
     assert plan_check.main(["--json", str(out)]) == 0
     errors = {r["case"]: r["error"] for r in json.loads(out.read_text())}
     assert all(abs(e) <= 0.10 for e in errors.values()), errors
+
+
+def test_step_time_bound_by_hand():
+    from nemokern.plan.steptime import HARDWARE, step_time
+
+    run = Run("sft", gpus=1, device="cpu", tokens_per_micro_batch=64, max_length=64)
+    t = step_time(TINY, run, counts(), [], HARDWARE["h100"])
+    matrices = 2 * (4096 + 2 * 2048 + 4096 + 3 * 10240)  # the layers'; the LM head apart
+    attention = 4 * 2 * 4 * 16 * (64 * 65 // 2)  # layers x heads x head_dim x causal pairs
+    flops = 3 * (2 * matrices * 64 + attention) + 6 * 64 * 64 * 320  # + the fused loss
+    assert t["phases"]["update"]["flops"] == flops
+    assert t["bound_s"] == pytest.approx(flops / 67e12)  # float32, one GPU: no collectives
+    two = step_time(TINY, Run("sft", gpus=2, device="cpu"), counts(gpus=2), [], HARDWARE["h100"])
+    # DDP: an all-reduce of the float32 gradients, 2 (n - 1) / n of them, over NVLink
+    assert two["phases"]["update"]["comm_bytes"] == pytest.approx(WHOLE * 4)

@@ -27,7 +27,7 @@ Each number is a lower bound on what the allocator needs: fragmentation and the 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..model import LlamaConfig
 from .activations import activation_model
@@ -224,7 +224,7 @@ def _generate(shape: LlamaConfig, run: Run, counts: Counts, gather: int, rows: i
 def _score(shape: LlamaConfig, run: Run, frozen: list[Counts], tokens: int) -> dict:
     """The reference's / reward model's forward without gradients over one micro-batch."""
     c = frozen[0]
-    act = _activations(shape, Run(**{**run.__dict__, "activation_checkpointing": False}), c, tokens)
+    act = _activations(shape, replace(run, activation_checkpointing=False), c, tokens)
     out = {
         "working_set": act["backward_working_set"],
         "logprob_buffers": min(tokens * c.vocab * 4, LOGPROBS_FWD_BLOCK[run.device])

@@ -110,7 +110,8 @@ def step_time(shape: LlamaConfig, run: Run, counts: Counts, frozen: list[Counts]
         models = [("reference_logprobs", frozen[0])] + [("score", c) for c in frozen[1:]]
         for name, c in models:
             fl = forward_flops(c, tokens, pairs, tokens if name != "score" else 0)
-            gather = _ring(run.dp, c.whole * (4 if run.frozen_dtype == "float32" else 2), "x")
+            frozen_bytes = 4 if run.frozen_dtype == "float32" else 2
+            gather = _ring(run.dp, c.whole * frozen_bytes, "all_gather")
             add(name, fl, 0, tp_bytes(tokens, 1), gather if run.sharded else 0.0)
         if run.updates_per_rollout > 1:
             fl = forward_flops(counts, tokens, pairs, tokens)
@@ -127,7 +128,8 @@ def step_time(shape: LlamaConfig, run: Run, counts: Counts, frozen: list[Counts]
         update += 2 * layer_mats * tokens + 4 * layers * heads_d * pairs
     grads = counts.trained * 4 if not run.sharded else counts.whole * 4
     if run.sharded:
-        dp_comm = 2 * _ring(run.dp, whole_gather, "all_gather") + _ring(run.dp, grads, "x")
+        dp_comm = 2 * _ring(run.dp, whole_gather, "all_gather")
+        dp_comm += _ring(run.dp, grads, "reduce_scatter")
     else:
         dp_comm = _ring(run.dp, grads, "all_reduce")
     passes = 3 if run.activation_checkpointing else 2
