@@ -107,6 +107,7 @@ COMMANDS = (
     "train-reinforce",
     "expo",
     "bench",
+    "plan",
 )
 
 
@@ -228,6 +229,13 @@ def _training_parsers(sub):
         help="the checkout's bench/ directory (default: the one next to this nemokern package)",
     )
     p.add_argument("-k", dest="select", default=None, help="pytest -k expression (default: all)")
+    from nemokern.plan.cli import add_arguments as plan_arguments
+
+    plan_arguments(
+        sub.add_parser(
+            "plan", help="will a training run fit on N GPUs, and a bound on its step time"
+        )
+    )
 
 
 def _info():
@@ -544,6 +552,12 @@ def _bench(args):
     return 0
 
 
+def _plan(args):
+    from nemokern.plan.cli import run
+
+    return run(args)
+
+
 def main(argv=None):
     parser, commands = _parser()
     args = parser.parse_args(argv)
@@ -565,6 +579,7 @@ def main(argv=None):
         "export-reward": lambda: _export_reward(args),
         "expo": lambda: _expo(args),
         "bench": lambda: _bench(args),
+        "plan": lambda: _plan(args),
     }[args.cmd]
     try:
         return run()
