@@ -135,6 +135,12 @@ class ReinforceConfig(TrainConfig):
         "count truncated samples (no EOS) in the baseline with "
         "R - this penalty; unset: they are left out (advantage 0)",
     )
+    allow_no_eos_steps: int = option(
+        4,
+        "consecutive steps in which no sample ends with EOS (without --truncation-penalty "
+        "every advantage is then 0: nothing is learned) that a run allows; the first warns, one "
+        "more than this stops the run; -1: any number",
+    )
     prompts_per_step: int = option(
         8, "prompts per optimizer step (each sampled k times) on all processes"
     )
@@ -167,6 +173,10 @@ class ReinforceConfig(TrainConfig):
         for name in ("k", "max_new_tokens", "prompts_per_step", "updates_per_rollout"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} = {getattr(self, name)} must be at least 1")
+        if self.allow_no_eos_steps < -1:
+            raise ConfigError(
+                f"allow_no_eos_steps = {self.allow_no_eos_steps} must be >= 0, or -1 (any number)"
+            )
         for name in ("top_k", "generation_batch_size", "beta"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} = {getattr(self, name)} must not be negative")
@@ -283,12 +293,13 @@ class ReinforceTrainer:
             check_reward_fn(self.reward_fn, self.columns, config.prompts)
         self.policy = policy if policy is not None else build_policy(config, self.tokenizer)
         vocab = self.policy.config.vocab_size
-        for p in self.prompts:
-            if max(p.ids) >= vocab:
-                raise ValueError(
-                    f"{p.where}: prompt token id {max(p.ids)} is outside the policy's vocabulary "
-                    f"({vocab}); use the policy's tokenizer"
-                )
+        if vocab < self.tokenizer.vocab_size:  # ids the policy has no row for, EOS among them
+            raise option_error(
+                "policy",
+                f"{'a policy' if policy is not None else config.policy} has a vocabulary of "
+                f"{vocab} tokens, fewer than the {self.tokenizer.vocab_size} of the tokenizer "
+                f"{config.tokenizer!r}; give the policy's own tokenizer (--tokenizer DIR)",
+            )
         self._check_lengths(self.policy, "the policy")
         frozen = getattr(torch, config.frozen_dtype)
         self.reference = frozen_copy(self.policy, frozen, config.policy)
