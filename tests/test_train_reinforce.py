@@ -48,7 +48,8 @@ def tiny_policy(seed=0):
 
 def count_a(prompts, completions, **kw):
     """Share of the letter 'a' in each completion."""
-    return [c.count("a") / max(len(c), 1) for c in completions]
+    texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]
+    return [t.count("a") / max(len(t), 1) for t in texts]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

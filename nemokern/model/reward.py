@@ -76,6 +76,8 @@ def check_reward_directory(path, option: str) -> None:
     would be read as a reward."""
     if not Path(path).is_dir():
         raise ValueError(f"{option} {path} is not a directory")
+    if not (Path(path) / "config.json").is_file():
+        return  # not a model at all: the loader names what is missing
     if model_kind(path) == "policy":
         raise ValueError(
             f"{option} {path}: a policy (an HF Llama without {HEAD_WEIGHTS} and without "

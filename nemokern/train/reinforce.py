@@ -54,6 +54,7 @@ from nemokern.train.rollout import (
     add_sums,
     call_reward_fn,
     check_reward_fn,
+    completion,
     load_reward_fn,
     load_reward_model,
     pack,
@@ -396,7 +397,10 @@ class ReinforceTrainer:
                 prompts = [
                     self.prompts[p] for step in groups for mb in step for p in mb for _ in range(k)
                 ]
-                completions = [tok.decode(r.tolist(), skip_special=True) for r in responses]
+                completions = [
+                    completion(p.prompt, tok.decode(r.tolist(), skip_special=True))
+                    for p, r in zip(prompts, responses)
+                ]
                 columns = {c: [p.columns.get(c) for p in prompts] for c in self.columns}
                 rewards += cfg.reward_fn_weight * call_reward_fn(
                     self.reward_fn, [p.prompt for p in prompts], completions, columns

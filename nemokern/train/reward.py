@@ -66,14 +66,19 @@ class RewardConfig(TrainConfig):
         "row layout ('auto' detects it from the columns)",
         choices=("auto", "helpsteer2", "hs2-preference", "pairs"),
     )
-    split: str = option("", "keep only rows whose 'split' column has this value (e.g. train)")
+    split: str = option(
+        "", "keep only rows whose 'split' column has this value (e.g. train; needs the column)"
+    )
     loss: str = option(
         "regression",
         "regression (9 attributes), helpfulness (column 4 only), "
         "bt, margin-bt or scaled-bt (pairs)",
         choices=LOSSES,
     )
-    init: str = option("", "start from this reward model INCLUDING its head (stage 2 from stage 1)")
+    init: str = option(
+        "",
+        "start from this reward model INCLUDING its head (stage 2 from stage 1), not --model",
+    )
     max_length: int = option(
         4096,
         "tokens per conversation; longer ones lose prompt tokens on the "
@@ -253,6 +258,7 @@ def score_file(
         model_dir, dtype=getattr(torch, dtype), device=device, tp_group=tp_group
     ).eval()
     dataset.check_vocab(model.trunk.config.vocab_size)
+    dataset.check_positions(model.trunk.config.max_position_embeddings)
     names, trained = model.attributes, model.trained_attributes
     if attribute:
         column = model.attribute_index(attribute)
@@ -284,6 +290,13 @@ class RewardTrainer:
             split=config.split or None,
         )
         check_loss_fits_data(config.loss, self.train_data.kind, self.train_data.layout, config.data)
+        data = self.train_data
+        if data.kind == "pairs" and data.useless == len(data):
+            raise ValueError(
+                f"{config.data}: none of its {len(data)} pairs can train {config.loss}: "
+                f"{data.ties} are ties (preference strength 0, left out of BT losses) and "
+                f"{data.identical} have chosen and rejected the same tokens"
+            )
         self.eval_data = None
         if config.eval_data:
             self.eval_data = load_reward_data(
@@ -314,6 +327,7 @@ class RewardTrainer:
         vocab = self.model.trunk.config.vocab_size
         for data in filter(None, (self.train_data, self.eval_data)):
             data.check_vocab(vocab)
+            data.check_positions(self.model.trunk.config.max_position_embeddings)
             data.shared_prefix = config.shared_prompt
         # The trunk's lm_head never reaches a reward: frozen, so DDP and AdamW skip it.
         self.model.trunk.lm_head.weight.requires_grad_(False)

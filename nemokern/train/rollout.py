@@ -110,6 +110,13 @@ def check_reward_fn(fn: Callable, columns: list[str], where: str) -> None:
         ) from None
 
 
+def completion(prompt, text: str):
+    """A completion as a reward function receives it: the text, or for a prompt given as chat
+    turns one assistant message [{"role": "assistant", "content": text}] (how TRL's GRPO and
+    RLOO trainers pass completions of conversational prompts)."""
+    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+
+
 def _reward_values(out) -> list | None:
     """The rewards a function returned as a list of Python numbers, or None if they are not a
     1-D sequence of real numbers (bools count as 0/1)."""
@@ -121,10 +128,13 @@ def _reward_values(out) -> list | None:
     return values if all(isinstance(v, numbers.Real) for v in values) else None
 
 
-def call_reward_fn(
-    fn: Callable, prompts: list, completions: list[str], columns: dict
-) -> torch.Tensor:
-    """fn(prompts=..., completions=..., **columns) as float64 [n]; errors name the function."""
+def _text(completion) -> str:
+    return completion if isinstance(completion, str) else completion[0]["content"]
+
+
+def call_reward_fn(fn: Callable, prompts: list, completions: list, columns: dict) -> torch.Tensor:
+    """fn(prompts=..., completions=..., **columns) as float64 [n]; errors name the function.
+    completions: strings, or message lists (see `completion`)."""
     name = getattr(fn, "__qualname__", repr(fn))
     try:
         out = fn(prompts=prompts, completions=completions, **columns)
@@ -147,7 +157,7 @@ def call_reward_fn(
     if bad:
         raise ValueError(
             f"reward function {name} returned a non-finite reward for completion {bad[0]} "
-            f"({values[bad[0]]}): {completions[bad[0]][:80]!r}"
+            f"({values[bad[0]]}): {_text(completions[bad[0]])[:80]!r}"
         )
     return torch.tensor(values, dtype=torch.float64)
 
