@@ -13,11 +13,15 @@ Layouts (`LAYOUTS`; "auto" picks one from the column names and `ReadResult.summa
 - "hs2-preference"  prompt, response_1, response_2, preference_strength (-3..3; negative means
                     response_1 is better), optional split.
 - "pairs"           prompt, chosen, rejected, optional subset and id (the RewardBench layout).
+                    Without prompt, chosen and rejected as whole conversations: the prompt is the
+                    turns both start with; chosen and rejected that both repeat the prompt
+                    column's turns are read once (PreferencePair.prompt_from says which).
 
 A prompt is a string or a list of chat turns [{"role", "content"}, ...]. A HelpSteer2 prompt
 string that carries earlier turns with the dataset's `<extra_id_1>Assistant\\n` /
-`<extra_id_1>User\\n` markers is split into turns. A response is a string (one assistant turn) or
-a list of turns appended after the prompt.
+`<extra_id_1>User\\n` markers is split into turns. A prompt ends on a user turn. A response is a
+string (one assistant turn) or a list of turns, starting with an assistant turn, appended after
+the prompt.
 
 A bad row raises `DataError` naming the source, the line (jsonl) or row (parquet, in-memory; both
 0-based), the field and the reason; with skip_bad_rows=True it is skipped and counted per reason.
