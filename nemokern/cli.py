@@ -5,8 +5,11 @@ status 2 before any work starts.
 """
 
 import argparse
+import errno
 import os
 import sys
+from contextlib import contextmanager
+from pathlib import Path
 
 import nemokern
 from nemokern import env
@@ -466,6 +469,23 @@ def _score(args):
     return 0
 
 
+@contextmanager
+def _writing(out):
+    """An OSError of writing (no permission, a read-only or full disk) as one line naming the
+    file, and --out where the file is the output's."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC):
+            raise
+        out, name = Path(out), Path(str(e.filename))
+        # out, a directory above it, or the staging directory beside it (hf.staged_directory)
+        ours = name in (out, *out.parents) or any(p.startswith(f".{out.name}.") for p in name.parts)
+        raise ValueError(
+            f"{e.strerror}: {e.filename}" + (f" (--out {out} must be writable)" if ours else "")
+        ) from None
+
+
 def _export_reward(args):
     from pathlib import Path
 
@@ -475,7 +495,8 @@ def _export_reward(args):
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"--out {args.out} exists and is not an empty directory")
     # streamed: one output shard in memory at a time
-    bias = export_reward_hf(args.model, out, args.attribute, max_shard_size=args.max_shard_size)
+    with _writing(out):
+        bias = export_reward_hf(args.model, out, args.attribute, max_shard_size=args.max_shard_size)
     print(
         f"wrote {args.out}: reward = logits[last, 0] + {bias:.6g} (the head's bias, recorded in "
         "config.json as nemokern_reward_bias; it changes no ranking)"
@@ -486,9 +507,10 @@ def _export_reward(args):
 def _expo(args):
     from nemokern.train.expo import expo
 
-    summary = expo(
-        args.init, args.aligned, args.alpha, args.out, max_shard_size=args.max_shard_size
-    )
+    with _writing(args.out):
+        summary = expo(
+            args.init, args.aligned, args.alpha, args.out, max_shard_size=args.max_shard_size
+        )
     print(
         f"wrote {args.out}: {summary['tensors']} tensors, {summary['bytes'] / 2**20:.1f} MiB "
         f"in {summary['seconds']:.1f} s"
@@ -559,6 +581,20 @@ def _plan(args):
 
 
 def main(argv=None):
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before a trainer's own signal handling (or outside one)
+        print(f"nemokern: interrupted (Ctrl-C) before {_command(argv)} finished", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a run stopped by it during training
+
+
+def _command(argv) -> str:
+    """The command named on the command line, for a message before parsing finished."""
+    words = sys.argv[1:] if argv is None else list(argv)
+    return next((w for w in words if w in COMMANDS), "the command")
+
+
+def _main(argv):
     parser, commands = _parser()
     args = parser.parse_args(argv)
     if args.cmd is None:

@@ -108,3 +108,25 @@ def test_quick_demo_on_cuda(tmp_path):
     assert 0 <= summary["reward_model"]["scaled_bt_pair_accuracy"] <= 1
     Llama.from_pretrained(tmp_path / "reinforce" / "final")
     RewardModel.from_pretrained(tmp_path / "rm_scaled_bt" / "final")
+
+
+def test_example_answers_are_shown_with_control_bytes_escaped():
+    """A sampled answer is bytes the tiny policy chose: ESC, CR or a newline printed raw would
+    move the cursor or recolour the terminal (and the reward reads a conversational prompt's
+    completion as a message list)."""
+    import torch
+
+    from nemokern.data.synthetic import sum_reward
+    from nemokern.model import LlamaConfig
+    from nemokern.train.demo import task_accuracy
+
+    class Raw(ByteTokenizer):
+        def decode(self, ids, skip_special=False):
+            return "4\x1b[2J\r\n\x07"
+
+    torch.manual_seed(0)
+    policy = Llama(LlamaConfig.tiny(vocab_size=262))
+    _, _, examples = task_accuracy(policy, ["2+2="], Raw(), samples=1, seed=0)
+    assert examples == ["2+2=4\\x1b[2J\\r\\n\\x07"]
+    chat = [{"role": "user", "content": "2+2="}]
+    assert sum_reward([chat], [[{"role": "assistant", "content": "4"}]]) == [1.0]

@@ -48,7 +48,8 @@ def tiny_policy(seed=0):
 
 def count_a(prompts, completions, **kw):
     """Share of the letter 'a' in each completion."""
-    return [c.count("a") / max(len(c), 1) for c in completions]
+    texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]
+    return [t.count("a") / max(len(t), 1) for t in texts]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -482,3 +483,59 @@ def test_bf16_frozen_reference_and_reward_model(tmp_path, prompts):
         assert a["response_len_mean"] == b["response_len_mean"]  # the same samples
         assert a["reward_mean"] == pytest.approx(b["reward_mean"], abs=0.01)
         assert a["kl_mean"] == pytest.approx(b["kl_mean"], abs=0.005)
+
+
+@pytest.fixture
+def never_ends(monkeypatch):
+    """generate() with no EOS token: no sample ever ends (as a base policy with a small
+    max_new_tokens)."""
+    import nemokern.train.reinforce as reinforce
+
+    real = reinforce.generate
+    monkeypatch.setattr(
+        reinforce, "generate", lambda *a, **kw: real(*a, **{**kw, "eos_token_id": []})
+    )
+
+
+def test_steps_where_no_sample_ends_warn_then_stop(tmp_path, prompts, never_ends):
+    """Every advantage is 0 when no sample ends with EOS (loss 0, grad norm 0: the run used to
+    go on and exit 0). The first such step warns with the numbers; one more than
+    allow_no_eos_steps in a row stops the run; -1 allows any number; with truncation_penalty
+    truncated samples count, so the run learns and goes on."""
+    with pytest.warns(
+        UserWarning,
+        match=r"step 1: 0 of 6 samples ended with EOS.*"
+        r"raise --max-new-tokens \(now 6\), or set --truncation-penalty",
+    ):
+        with pytest.raises(
+            ValueError,
+            match=r"step 3: no sample has ended with EOS for 3 steps "
+            r"in a row \(0 of 6 in this one\).*--allow-no-eos-steps N",
+        ) as err:
+            ReinforceTrainer(
+                config(tmp_path / "a", prompts, max_steps=5, allow_no_eos_steps=2),
+                reward_fn=count_a,
+            ).fit()
+    assert "\n" not in str(err.value)
+    for kw in ({"allow_no_eos_steps": -1}, {"truncation_penalty": 1.0, "allow_no_eos_steps": 0}):
+        history = ReinforceTrainer(
+            config(tmp_path / str(len(kw)), prompts, max_steps=3, **kw), reward_fn=count_a
+        ).fit()
+        assert [h["eos_fraction"] for h in history] == [0.0] * 3
+    with pytest.raises(ConfigError, match="allow_no_eos_steps = -2 must be >= 0, or -1"):
+        config(tmp_path, prompts, allow_no_eos_steps=-2)
+
+
+def test_a_reward_that_overflows_the_gradient_is_named_by_its_size(tmp_path, prompts):
+    from nemokern.train.loop import NonFiniteError
+
+    def huge(prompts, completions, **kw):
+        return [1e30 * (i % 2) for i in range(len(completions))]
+
+    cfg = config(tmp_path, prompts, max_steps=1, truncation_penalty=0.0)
+    with pytest.raises(
+        NonFiniteError,
+        match=r"non-finite gradient .*root-mean-square of 7.07e\+29 "
+        r"\(too large for a float32 gradient: scale the reward",
+    ):
+        ReinforceTrainer(cfg, reward_fn=huge).fit()

@@ -210,6 +210,18 @@ _TENSORS = (
 )
 
 
+def check_positions(rows, limit: int) -> None:
+    """ValueError naming the first longest of `rows`, (tokens, "file:line") pairs, when it is
+    longer than a model's `limit` positions (max_position_embeddings): refused, not trained past
+    the positions."""
+    n, where = max(rows, key=lambda row: row[0])
+    if n > limit:
+        raise ValueError(
+            f"{where}: {n} tokens exceed the model's max_position_embeddings ({limit}); set "
+            f"--max-length {limit} or less (longer rows are then cut, and counted)"
+        )
+
+
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     """Length of the longest common prefix of a and b, leaving each at least its last token."""
     n = min(len(a), len(b)) - 1
@@ -296,6 +308,12 @@ class RewardDataset:
         self.examples, self.kind, self.read, self.max_length = examples, kind, read, max_length
         self.truncated = sum(e.truncated for e in examples)
         self.truncated_response = sum(e.truncated_response for e in examples)
+        # pairs that teach a pair loss nothing: ties (strength 0, which BT losses leave out) and
+        # pairs whose two sequences are the same tokens (equal rewards, gradients that cancel)
+        same = [len(e.sequences) == 2 and np.array_equal(*e.sequences) for e in examples]
+        self.ties = sum(e.strength == 0 for e in examples)
+        self.identical = sum(same)
+        self.useless = sum(e.strength == 0 or d for e, d in zip(examples, same))
         self.max_token_id = max(int(s.max()) for e in examples for s in e.sequences)
 
     def __len__(self) -> int:
@@ -313,6 +331,13 @@ class RewardDataset:
             f"  {len(self)} {self.kind} rows, {n_seq} sequences, "
             f"{sum(e.num_tokens for e in self.examples)} tokens"
         )
+        if self.ties:
+            lines.append(f"  {self.ties} ties (preference strength 0): left out of BT losses")
+        if self.identical:
+            lines.append(
+                f"  {self.identical} pairs whose chosen and rejected are the same tokens: they "
+                "teach a pair loss nothing"
+            )
         if self.truncated:
             lines.append(
                 f"  {self.truncated} of {n_seq} sequences longer than max_length="
@@ -324,6 +349,10 @@ class RewardDataset:
                 )
             )
         return "\n".join(lines)
+
+    def check_positions(self, limit: int) -> None:
+        """Raise when a sequence is longer than a model's `limit` positions."""
+        check_positions(((len(s), e.where) for e in self.examples for s in e.sequences), limit)
 
     def check_vocab(self, vocab_size: int) -> None:
         """Raise when a token id does not fit a model's vocabulary (a larger one is fine)."""

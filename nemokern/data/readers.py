@@ -13,11 +13,15 @@ Layouts (`LAYOUTS`; "auto" picks one from the column names and `ReadResult.summa
 - "hs2-preference"  prompt, response_1, response_2, preference_strength (-3..3; negative means
                     response_1 is better), optional split.
 - "pairs"           prompt, chosen, rejected, optional subset and id (the RewardBench layout).
+                    Without prompt, chosen and rejected as whole conversations: the prompt is the
+                    turns both start with; chosen and rejected that both repeat the prompt
+                    column's turns are read once (PreferencePair.prompt_from says which).
 
 A prompt is a string or a list of chat turns [{"role", "content"}, ...]. A HelpSteer2 prompt
 string that carries earlier turns with the dataset's `<extra_id_1>Assistant\\n` /
-`<extra_id_1>User\\n` markers is split into turns. A response is a string (one assistant turn) or
-a list of turns appended after the prompt.
+`<extra_id_1>User\\n` markers is split into turns. A prompt ends on a user turn. A response is a
+string (one assistant turn) or a list of turns, starting with an assistant turn, appended after
+the prompt.
 
 A bad row raises `DataError` naming the source, the line (jsonl) or row (parquet, in-memory; both
 0-based), the field and the reason; with skip_bad_rows=True it is skipped and counted per reason.
@@ -65,6 +69,12 @@ NO_LAYOUT = "columns fit no layout"
 
 # What a DataError suggests by default; readers without a skip option pass their own (or None).
 SKIP_HINT = "fix the row, or skip bad rows with skip_bad_rows=True / --skip-bad-rows"
+
+PAIR_COLUMNS = ("chosen", "rejected")
+# How a "pairs" row gave its prompt (PreferencePair.prompt_from), when not as a prompt column with
+# response-only chosen/rejected.
+IMPLICIT_PROMPT = "no prompt column: the prompt is the turns chosen and rejected start with"
+REPEATED_PROMPT = "chosen and rejected repeat the prompt column's turns: read once"
 
 _REQUIRED = {
     "helpsteer2": ("prompt", "response") + HELPSTEER2_ATTRIBUTES,
@@ -126,6 +136,7 @@ class PreferencePair:
     subset: str | None = None
     id: str | None = None
     split: str | None = None
+    prompt_from: str | None = None  # "pairs" rows: IMPLICIT_PROMPT, REPEATED_PROMPT or None
 
 
 @dataclass
@@ -150,6 +161,12 @@ class ReadResult:
         ]
         if self.other_split:
             lines.append(f"  {self.other_split} rows of another split left out")
+        given = Counter(getattr(e, "prompt_from", None) for e in self.examples)
+        lines += [
+            f"  {given[how]} rows: {how}"
+            for how in (IMPLICIT_PROMPT, REPEATED_PROMPT)
+            if given[how]
+        ]
         if self.bad_rows:
             counts = ", ".join(f"{r}: {n}" for r, n in sorted(self.bad_rows.items()))
             lines.append(f"  {sum(self.bad_rows.values())} bad rows skipped ({counts})")
@@ -349,6 +366,14 @@ def _turns(value, where: str, name: str, default_role: str) -> tuple[dict, ...]:
             turns.append({"role": t["role"], "content": t["content"]})
         if not any(t["content"].strip() for t in turns):
             raise DataError(where, name, empty)
+        if default_role == "user" and turns[-1]["role"] != "user":
+            raise DataError(
+                where,
+                name,
+                BAD_VALUE,
+                f"its last turn is {turns[-1]['role']!r}; a prompt ends on a user turn (the "
+                "response answers it): move the turns after the last user turn into the response",
+            )
         _check_text(turns, where, name)
         return tuple(turns)
     raise DataError(
@@ -357,6 +382,63 @@ def _turns(value, where: str, name: str, default_role: str) -> tuple[dict, ...]:
         BAD_VALUE,
         f"expected a string or a list of chat turns, got {type(value).__name__}",
     )
+
+
+def _response(value, where: str, name: str) -> tuple[dict, ...]:
+    """A response: a string (one assistant turn) or turns starting with an assistant turn."""
+    turns = _turns(value, where, name, "assistant")
+    if turns[0]["role"] != "assistant":
+        raise DataError(
+            where,
+            name,
+            BAD_VALUE,
+            f"its first turn is {turns[0]['role']!r}; a response starts with an assistant turn "
+            "(earlier turns belong in the prompt)",
+        )
+    return turns
+
+
+def _pair_turns(row: dict, where: str) -> tuple[tuple, tuple, tuple, str | None]:
+    """(prompt, chosen, rejected, how) of a "pairs" row. how is None for a prompt column with
+    response-only chosen/rejected; IMPLICIT_PROMPT for a row without a prompt whose chosen and
+    rejected are whole conversations (the prompt: the turns both start with, each keeping at
+    least its last turn); REPEATED_PROMPT where chosen and rejected both repeat the prompt column's
+    turns (read once)."""
+    if row.get("prompt") is None and all(isinstance(row.get(n), list) for n in PAIR_COLUMNS):
+        chosen, rejected = (_turns(row[n], where, n, "assistant") for n in PAIR_COLUMNS)
+        n = 0
+        while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+            n += 1
+        if n == 0:
+            raise DataError(
+                where,
+                "prompt",
+                MISSING_COLUMN,
+                "no prompt column, and chosen and rejected do not start with the same turns",
+            )
+        prompt = _turns(list(chosen[:n]), where, "chosen/rejected shared turns", "user")
+        for name, turns in zip(PAIR_COLUMNS, (chosen[n:], rejected[n:])):
+            _response(list(turns), where, name)
+        return prompt, chosen[n:], rejected[n:], IMPLICIT_PROMPT
+    _require(row, "pairs", where)
+    prompt = _turns(row["prompt"], where, "prompt", "user")
+    both = [_turns(row[n], where, n, "assistant") for n in PAIR_COLUMNS]
+    k = len(prompt)
+    repeats = [len(t) > k and t[:k] == prompt for t in both]
+    how = None
+    if all(repeats):
+        both, how = [t[k:] for t in both], REPEATED_PROMPT
+    elif any(repeats):
+        name = PAIR_COLUMNS[repeats.index(True)]
+        raise DataError(
+            where,
+            name,
+            BAD_VALUE,
+            f"it repeats the prompt's turns and {PAIR_COLUMNS[repeats.index(False)]} does not; "
+            "give both as the response turns only, or both as whole conversations",
+        )
+    chosen, rejected = (_response(list(t), where, n) for t, n in zip(both, PAIR_COLUMNS))
+    return prompt, chosen, rejected, how
 
 
 def _brief(value) -> str:
@@ -398,10 +480,23 @@ def row_to_example(row, layout: str, where: str):
         raise DataError(
             where, None, INVALID_JSON, f"expected a JSON object, got {type(row).__name__}"
         )
+    if layout == "pairs":
+        prompt, chosen, rejected, how = _pair_turns(row, where)
+        return PreferencePair(
+            prompt,
+            chosen,
+            rejected,
+            DEFAULT_PAIR_STRENGTH,
+            where,
+            subset=_optional_str(row, "subset"),
+            id=_optional_str(row, "id"),
+            split=_optional_str(row, "split"),
+            prompt_from=how,
+        )
     _require(row, layout, where)
     prompt = _turns(row["prompt"], where, "prompt", "user")
     if layout == "helpsteer2":
-        response = _turns(row["response"], where, "response", "assistant")
+        response = _response(row["response"], where, "response")
         labels = []
         for name in ATTRIBUTES:
             value = row.get(name)
@@ -410,8 +505,8 @@ def row_to_example(row, layout: str, where: str):
             )
         return RegressionExample(prompt + response, len(prompt), tuple(labels), where)
     if layout == "hs2-preference":
-        r1 = _turns(row["response_1"], where, "response_1", "assistant")
-        r2 = _turns(row["response_2"], where, "response_2", "assistant")
+        r1 = _response(row["response_1"], where, "response_1")
+        r2 = _response(row["response_2"], where, "response_2")
         s = _number(row["preference_strength"], where, "preference_strength", -3, 3, STRENGTH_RANGE)
         chosen, rejected = (r1, r2) if s < 0 else (r2, r1)
         return PreferencePair(
@@ -419,19 +514,6 @@ def row_to_example(row, layout: str, where: str):
             chosen,
             rejected,
             abs(s),
-            where,
-            subset=_optional_str(row, "subset"),
-            id=_optional_str(row, "id"),
-            split=_optional_str(row, "split"),
-        )
-    if layout == "pairs":
-        chosen = _turns(row["chosen"], where, "chosen", "assistant")
-        rejected = _turns(row["rejected"], where, "rejected", "assistant")
-        return PreferencePair(
-            prompt,
-            chosen,
-            rejected,
-            DEFAULT_PAIR_STRENGTH,
             where,
             subset=_optional_str(row, "subset"),
             id=_optional_str(row, "id"),
@@ -453,16 +535,19 @@ def read_examples(
     """Read every row of `source` (path or iterable of dicts) into examples of one layout.
 
     layout: "auto" or one of LAYOUTS. split: keep only rows whose `split` column equals it (rows
-    without the column are kept). skip_bad_rows: skip and count bad rows instead of raising
-    DataError at the first; the first `max_reported` messages are kept for the summary.
+    without the column are kept; a source where no row has one is refused). skip_bad_rows: skip
+    and count bad rows instead of raising DataError at the first; the first `max_reported`
+    messages are kept for the summary.
     """
     if layout != "auto" and layout not in LAYOUTS:
         raise ValueError(
             f"unknown data layout {layout!r}; expected auto or one of {', '.join(LAYOUTS)}"
         )
     result = ReadResult(source_name(source), layout, layout == "auto", ())
+    split_column = False  # some row has a split value
     for where, row in _raw_rows(source):
         result.rows_read += 1
+        split_column |= isinstance(row, dict) and row.get("split") is not None
         try:
             if result.layout == "auto":
                 # the first object row that fits a layout (or a parquet / Dataset schema) names
@@ -494,6 +579,12 @@ def read_examples(
         result.examples.append(example)
     if not result.rows_read:
         raise ValueError(f"data source {result.source} has no rows")
+    if split is not None and not split_column:
+        raise ValueError(
+            f"split={split!r} (--split) keeps the rows whose 'split' column has that value, but "
+            f"no row of {result.source} has a 'split' value; drop --split, or use a file with "
+            "the column"
+        )
     if result.layout == "auto":
         first = f"; the first: {result.bad_examples[0]}" if result.bad_examples else ""
         raise ValueError(

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from .packing import check_positions
 from .readers import BAD_VALUE, MISSING_COLUMN, DataError, _raw_rows, _turns, source_name
 
 
@@ -67,6 +68,10 @@ class SFTDataset:
             counts = ", ".join(f"{r}: {n}" for r, n in sorted(self.bad_rows.items()))
             lines.append(f"  {sum(self.bad_rows.values())} bad rows skipped ({counts})")
         return "\n".join(lines)
+
+    def check_positions(self, limit: int) -> None:
+        """Raise when a row is longer than a model's `limit` positions."""
+        check_positions(((e.num_tokens, e.where) for e in self.examples), limit)
 
     def check_vocab(self, vocab_size: int) -> None:
         if self.max_token_id >= vocab_size:

@@ -167,12 +167,15 @@ def sum_helpfulness(prompt: str, response: str) -> int:
 
 
 def sum_reward(prompts, completions, **columns) -> list[float]:
-    """The task's reward function, in TRL's signature: 1.0 for an exact answer, else 0.0."""
-    return [float(sum_helpfulness(_user_text(p), c) == 4) for p, c in zip(prompts, completions)]
+    """The task's reward function, in TRL's signature: 1.0 for an exact answer, else 0.0.
+    Prompts and completions are strings or message lists (a conversational prompt's completion
+    is [{"role": "assistant", "content": ...}])."""
+    return [float(sum_helpfulness(_text(p), _text(c)) == 4) for p, c in zip(prompts, completions)]
 
 
-def _user_text(prompt) -> str:
-    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+def _text(message) -> str:
+    """A string, or the content of a message list's last message."""
+    return message if isinstance(message, str) else message[-1]["content"]
 
 
 def _wrong_answer(rng: random.Random, right: int, spread: int) -> int:

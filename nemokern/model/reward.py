@@ -53,6 +53,39 @@ ATTRIBUTES = (
 HELPFULNESS = ATTRIBUTES.index("helpfulness")  # 4: the column Bradley-Terry losses read
 IGNORE_LABEL = -100  # an attribute without a label
 HEAD_WEIGHTS, HEAD_CONFIG = "reward_head.safetensors", "reward_head.json"
+# The config.json key export_reward_hf writes: a plain Llama directory that holds it is a reward
+# model in the Nemotron-Reward-HF layout, not a policy.
+EXPORT_MARKER = "nemokern_reward_attribute"
+
+
+def model_kind(path) -> str:
+    """What a model directory holds: "reward model" (a head in reward_head.safetensors),
+    "reward export" (the Nemotron-Reward-HF layout, config.json marked with EXPORT_MARKER) or
+    "policy" (any other HF Llama directory: its logits are token scores, not a reward)."""
+    path = Path(path)
+    if (path / HEAD_WEIGHTS).exists():
+        return "reward model"
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return "policy"  # a missing or broken config.json is reported by whoever loads it
+    return "reward export" if isinstance(config, dict) and EXPORT_MARKER in config else "policy"
+
+
+def check_reward_directory(path, option: str) -> None:
+    """ValueError naming `option` when the directory holds a policy: a policy's token-0 logit
+    would be read as a reward."""
+    if not Path(path).is_dir():
+        raise ValueError(f"{option} {path} is not a directory")
+    if not (Path(path) / "config.json").is_file():
+        return  # not a model at all: the loader names what is missing
+    if model_kind(path) == "policy":
+        raise ValueError(
+            f"{option} {path}: a policy (an HF Llama without {HEAD_WEIGHTS} and without "
+            f"{EXPORT_MARKER} in config.json), not a reward model; give train-reward's OUT/final "
+            f"or export-reward's output (a Nemotron-Reward-HF download: add "
+            f'"{EXPORT_MARKER}": "reward" to its config.json)'
+        )
 
 
 class RewardModel(nn.Module):
@@ -62,6 +95,8 @@ class RewardModel(nn.Module):
         super().__init__()
         self.trunk = trunk
         self.attributes = _attribute_names(attributes)
+        # the head outputs a trainer fitted (reward_head.json records them); None: not known
+        self.trained_attributes: tuple[str, ...] | None = None
         p = trunk.embed_tokens.weight
         self.head = nn.Linear(
             trunk.config.hidden_size,
@@ -121,7 +156,10 @@ class RewardModel(nn.Module):
             return
         head = {name: t.cpu().contiguous() for name, t in head.items()}
         save_safetensors(head, path / HEAD_WEIGHTS, metadata={"format": "pt"})
-        (path / HEAD_CONFIG).write_text(json.dumps({"attributes": list(self.attributes)}) + "\n")
+        config = {"attributes": list(self.attributes)}
+        if self.trained_attributes is not None:
+            config["trained_attributes"] = list(self.trained_attributes)
+        (path / HEAD_CONFIG).write_text(json.dumps(config) + "\n")
 
     @classmethod
     def from_pretrained(
@@ -156,6 +194,7 @@ class RewardModel(nn.Module):
                 f"{path}: the saved head has attributes {saved}, not {list(attributes)}"
             )
         model = cls(trunk, saved)
+        model.trained_attributes = _saved_trained(path)
         tensors = _saved_head(path, len(saved), trunk.config.hidden_size)
         if is_deferred(trunk):
             model._defer_head(tensors)
@@ -176,7 +215,7 @@ class RewardModel(nn.Module):
             path, dtype=dtype, device=device, tp_group=tp_group, deferred=deferred
         )
         extra = trunk.config.extra
-        model = cls(trunk, (extra.get("nemokern_reward_attribute", "reward"),))
+        model = cls(trunk, (extra.get(EXPORT_MARKER, "reward"),))
         if is_deferred(trunk):  # row 0 read from the file (an untied head: a tied one loads whole)
             row = read_tensor(path, "lm_head.weight", rows=slice(0, 1))
             bias = torch.full((1,), float(extra.get("nemokern_reward_bias", 0.0)))
@@ -238,6 +277,22 @@ def _saved_attributes(path: Path) -> list[str]:
         raise CheckpointError(f"{path / HEAD_CONFIG}: unreadable head config ({exc})") from None
 
 
+def _saved_trained(path: Path) -> tuple[str, ...] | None:
+    trained = json.loads((path / HEAD_CONFIG).read_text()).get("trained_attributes")
+    return None if trained is None else tuple(trained)
+
+
+def check_trained(trained: tuple[str, ...] | None, attribute: str, option: str) -> None:
+    """ValueError naming `option` when a head's `attribute` output is not among the `trained`
+    ones (RewardModel.trained_attributes; None: not known): its values are a random init's."""
+    if trained is not None and attribute not in trained:
+        raise ValueError(
+            f"{option} {attribute!r}: the reward model's head was trained on "
+            f"{', '.join(trained)} only; its {attribute!r} output is untrained (random); "
+            f"choose one of {', '.join(trained)}"
+        )
+
+
 def _saved_head(path: Path, k: int, hidden_size: int) -> dict[str, torch.Tensor]:
     """The head saved in `path` ({"weight", "bias"}), checked to be [k, hidden_size] and [k];
     CheckpointError naming the file and the tensor otherwise."""
@@ -290,6 +345,7 @@ def export_reward_hf(
     attributes = _saved_attributes(model_dir)
     if attribute not in attributes:
         raise ValueError(f"attribute {attribute!r} is not one of the head's {list(attributes)}")
+    check_trained(_saved_trained(model_dir), attribute, "attribute")
     i = attributes.index(attribute)
     hidden_size = check_checkpoint(Llama, model_dir).hidden_size  # config.json and trunk shapes
     head = _saved_head(model_dir, len(attributes), hidden_size)

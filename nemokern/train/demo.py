@@ -125,6 +125,12 @@ def write_data(root: Path, sizes: Sizes, seed: int) -> dict[str, str]:
     return paths
 
 
+def printable(text: str) -> str:
+    """`text` with every character a terminal would act on (control bytes such as ESC, CR, a
+    newline) written as its escape (\\x1b, \\r, \\n): a sampled answer is shown, never run."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 @torch.no_grad()
 def task_accuracy(policy: Llama, prompts: list[str], tok, *, samples: int, seed: int, rm=None):
     """(share of sampled answers that are exact, mean reward-model score of them or None, a few
@@ -155,7 +161,9 @@ def task_accuracy(policy: Llama, prompts: list[str], tok, *, samples: int, seed:
         b = pack(rows, [out.tokens[j, : out.lengths[j]] for j in range(len(rows))])
         r = rm(b["input_ids"], b["last_index"], cu_seqlens=b["cu_seqlens"])
         score = float(r[:, rm.attribute_index("helpfulness")].mean())
-    examples = [f"{asked[j]}{answers[j]}" for j in range(0, min(len(rows), 6 * samples), samples)]
+    examples = [
+        f"{asked[j]}{printable(answers[j])}" for j in range(0, min(len(rows), 6 * samples), samples)
+    ]
     return sum(correct) / len(correct), score, examples
 
 

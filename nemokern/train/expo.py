@@ -43,6 +43,7 @@ from nemokern.model.hf import (
     staged_directory,
     weight_files,
 )
+from nemokern.model.reward import model_kind
 
 # Rows per block are chosen so that one block is at most this many bytes in float32; at most two
 # such float32 blocks are allocated at a time (the widened aligned rows and the result).
@@ -99,6 +100,14 @@ def expo(
         raise FileExistsError(
             f"out_dir={str(out)!r} exists and is not empty; ExPO writes a new directory: "
             "remove it or choose another"
+        )
+    # a head present in one only is refused below, naming its file (_extra_files)
+    kinds = {model_kind(aligned), model_kind(init)}
+    if len(kinds) > 1 and "reward export" in kinds:
+        raise CheckpointError(
+            f"aligned_dir {aligned} is a {model_kind(aligned)} but init_dir {init} is a "
+            f"{model_kind(init)}; ExPO extrapolates between two checkpoints of one kind: for an "
+            "exported reward model, export the reward model it started from too (export-reward)"
         )
 
     tied = _tied(aligned)

@@ -54,6 +54,7 @@ from nemokern.train.rollout import (
     add_sums,
     call_reward_fn,
     check_reward_fn,
+    completion,
     load_reward_fn,
     load_reward_model,
     pack,
@@ -129,6 +130,12 @@ class ReinforceConfig(TrainConfig):
         "count truncated samples (no EOS) in the baseline with "
         "R - this penalty; unset: they are left out (advantage 0)",
     )
+    allow_no_eos_steps: int = option(
+        4,
+        "consecutive steps in which no sample ends with EOS (without --truncation-penalty "
+        "every advantage is then 0: nothing is learned) that a run allows; the first warns, one "
+        "more than this stops the run; -1: any number",
+    )
     prompts_per_step: int = option(
         8, "prompts per optimizer step (each sampled k times) on all processes"
     )
@@ -170,6 +177,10 @@ class ReinforceConfig(TrainConfig):
         for name in ("k", "max_new_tokens", "prompts_per_step", "updates_per_rollout"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} = {getattr(self, name)} must be at least 1")
+        if self.allow_no_eos_steps < -1:
+            raise ConfigError(
+                f"allow_no_eos_steps = {self.allow_no_eos_steps} must be >= 0, or -1 (any number)"
+            )
         for name in ("top_k", "generation_batch_size", "beta"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} = {getattr(self, name)} must not be negative")
@@ -292,12 +303,13 @@ class ReinforceTrainer:
             check_reward_fn(self.reward_fn, self.columns, config.prompts)
         self.policy = policy if policy is not None else build_policy(config, self.tokenizer)
         vocab = self.policy.config.vocab_size
-        for p in self.prompts:
-            if max(p.ids) >= vocab:
-                raise ValueError(
-                    f"{p.where}: prompt token id {max(p.ids)} is outside the policy's vocabulary "
-                    f"({vocab}); use the policy's tokenizer"
-                )
+        if vocab < self.tokenizer.vocab_size:  # ids the policy has no row for, EOS among them
+            raise option_error(
+                "policy",
+                f"{'a policy' if policy is not None else config.policy} has a vocabulary of "
+                f"{vocab} tokens, fewer than the {self.tokenizer.vocab_size} of the tokenizer "
+                f"{config.tokenizer!r}; give the policy's own tokenizer (--tokenizer DIR)",
+            )
         self._check_lengths(self.policy, "the policy")
         frozen = getattr(torch, config.frozen_dtype)
         self.reference = frozen_copy(self.policy, frozen, config.policy)
@@ -394,7 +406,10 @@ class ReinforceTrainer:
                 prompts = [
                     self.prompts[p] for step in groups for mb in step for p in mb for _ in range(k)
                 ]
-                completions = [tok.decode(r.tolist(), skip_special=True) for r in responses]
+                completions = [
+                    completion(p.prompt, tok.decode(r.tolist(), skip_special=True))
+                    for p, r in zip(prompts, responses)
+                ]
                 columns = {c: [p.columns.get(c) for p in prompts] for c in self.columns}
                 rewards += cfg.reward_fn_weight * call_reward_fn(
                     self.reward_fn, [p.prompt for p in prompts], completions, columns

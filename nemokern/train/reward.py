@@ -21,6 +21,14 @@ import torch
 from nemokern.data import load_reward_data
 from nemokern.data.tokenizer import load_tokenizer
 from nemokern.model import Llama, LlamaConfig, RewardModel
+from nemokern.model.reward import (
+    ATTRIBUTES,
+    HEAD_WEIGHTS,
+    IGNORE_LABEL,
+    check_reward_directory,
+    check_trained,
+    model_kind,
+)
 from nemokern.train.config import TrainConfig, check_data_and_batching, option, option_error
 from nemokern.train.loop import (
     StepOutput,
@@ -62,14 +70,19 @@ class RewardConfig(TrainConfig):
         "row layout ('auto' detects it from the columns)",
         choices=("auto", "helpsteer2", "hs2-preference", "pairs"),
     )
-    split: str = option("", "keep only rows whose 'split' column has this value (e.g. train)")
+    split: str = option(
+        "", "keep only rows whose 'split' column has this value (e.g. train; needs the column)"
+    )
     loss: str = option(
         "regression",
         "regression (9 attributes), helpfulness (column 4 only), "
         "bt, margin-bt or scaled-bt (pairs)",
         choices=LOSSES,
     )
-    init: str = option("", "start from this reward model INCLUDING its head (stage 2 from stage 1)")
+    init: str = option(
+        "",
+        "start from this reward model INCLUDING its head (stage 2 from stage 1), not --model",
+    )
     max_length: int = option(
         4096,
         "tokens per conversation; longer ones lose prompt tokens on the "
@@ -96,6 +109,20 @@ def build_model(config: RewardConfig) -> RewardModel:
     tiny = name == "model" and path == "tiny"
     if not tiny and not Path(path).is_dir():
         raise option_error(name, f"{path} is not a directory" + " (nor 'tiny')" * (name == "model"))
+    if config.init and config.model != "tiny":
+        # --init's directory is the trunk too: a second model would be ignored
+        raise option_error(
+            "init",
+            f"{config.init} is the starting model, trunk and head; drop --model {config.model} "
+            "(--model DIR starts a fresh head on DIR's trunk instead)",
+        )
+    if config.init and model_kind(path) != "reward model":
+        raise option_error(
+            "init",
+            f"{path} has no {HEAD_WEIGHTS} ({model_kind(path)}): --init continues a reward model "
+            "saved by train-reward, head included; to start a fresh head on a base or instruct "
+            f"model use --model {path}",
+        )
     tp_group = tp_group_for(config)
     # --seed draws the tiny model and a fresh head (a directory without one): the same on every
     # process and in every run of the same command
@@ -126,6 +153,15 @@ def check_loss_fits_data(loss: str, kind: str, layout: str, where: str) -> None:
             f"{loss} needs preference strengths (HelpSteer2-Preference); {where} "
             "has chosen/rejected pairs without them: use bt",
         )
+
+
+def trained_attributes(loss: str, data) -> set[str]:
+    """The head outputs `loss` fits on `data`: the labelled attributes (regression), else
+    helpfulness (the column every other loss reads)."""
+    if loss != "regression":
+        return {ATTRIBUTES[HELPFULNESS]}
+    labelled = {i for e in data.examples for i, v in enumerate(e.labels) if v != IGNORE_LABEL}
+    return {ATTRIBUTES[i] for i in labelled}
 
 
 def reward_loss(loss: str, rewards: torch.Tensor, batch):
@@ -215,6 +251,7 @@ def score_file(
                 f"--nproc-per-node {tp}); this run has {layout.world_size}",
             )
         device, tp_group = str(layout.device), layout.tp_group
+    check_reward_directory(model_dir, "--model")
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
     dataset = load_reward_data(
         data, tok, layout=data_format, max_length=max_length, skip_bad_rows=skip_bad_rows
@@ -227,14 +264,14 @@ def score_file(
         model_dir, dtype=getattr(torch, dtype), device=device, tp_group=tp_group
     ).eval()
     dataset.check_vocab(model.trunk.config.vocab_size)
-    names = model.attributes
-    column = (
-        model.attribute_index(attribute)
-        if attribute
-        else names.index("helpfulness")
-        if "helpfulness" in names
-        else 0
-    )
+    dataset.check_positions(model.trunk.config.max_position_embeddings)
+    names, trained = model.attributes, model.trained_attributes
+    if attribute:
+        column = model.attribute_index(attribute)
+        check_trained(trained, attribute, "--attribute")
+    else:  # helpfulness where the head has it trained, else its first trained (or first) column
+        usable = [a for a in names if trained is None or a in trained]
+        column = names.index("helpfulness" if "helpfulness" in usable else usable[0])
     batches = dataset.batches(max_tokens_per_batch=max_tokens_per_batch, shuffle=False)
     report = _pairs_report(model, batches, torch.device(device), column)
     report["attribute"] = names[column]
@@ -259,6 +296,13 @@ class RewardTrainer:
             split=config.split or None,
         )
         check_loss_fits_data(config.loss, self.train_data.kind, self.train_data.layout, config.data)
+        data = self.train_data
+        if data.kind == "pairs" and data.useless == len(data):
+            raise ValueError(
+                f"{config.data}: none of its {len(data)} pairs can train {config.loss}: "
+                f"{data.ties} are ties (preference strength 0, left out of BT losses) and "
+                f"{data.identical} have chosen and rejected the same tokens"
+            )
         self.eval_data = None
         if config.eval_data:
             self.eval_data = load_reward_data(
@@ -278,9 +322,18 @@ class RewardTrainer:
                     "RewardBench pairs (scored by pair accuracy)",
                 )
         self.model = model if model is not None else build_model(config)
+        # what OUT/final's reward_head.json records as trained: this run's attributes, and those
+        # an --init head was trained on before
+        self.model.trained_attributes = tuple(
+            a
+            for a in self.model.attributes
+            if a in trained_attributes(config.loss, self.train_data)
+            or a in (self.model.trained_attributes or ())
+        )
         vocab = self.model.trunk.config.vocab_size
         for data in filter(None, (self.train_data, self.eval_data)):
             data.check_vocab(vocab)
+            data.check_positions(self.model.trunk.config.max_position_embeddings)
             data.shared_prefix = config.shared_prompt
         # The trunk's lm_head never reaches a reward: frozen, so DDP and AdamW skip it.
         self.model.trunk.lm_head.weight.requires_grad_(False)

@@ -11,6 +11,7 @@ import importlib
 import inspect
 import math
 import numbers
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,10 +20,10 @@ import torch
 from torch import nn
 
 from nemokern.model import Llama, RewardModel
-from nemokern.model.reward import HEAD_WEIGHTS
+from nemokern.model.reward import HEAD_WEIGHTS, check_reward_directory, check_trained
 from nemokern.ops import linear_logprobs, linear_policy_loss, sequence_kl
 from nemokern.train.config import option_error
-from nemokern.train.loop import TrainLoop
+from nemokern.train.loop import NonFiniteError, TrainLoop
 from nemokern.train.losses import rloo_advantages
 
 PHASES = ("generate_s", "score_s", "logprobs_s")
@@ -64,6 +65,7 @@ def load_reward_model(
     path = Path(path)
     if not path.is_dir():
         raise option_error("reward_model", f"{path} is not a directory")
+    check_reward_directory(path, "--reward-model")
     model = RewardModel.load_any(path, dtype=dtype, tp_group=tp_group, deferred=deferred)
     if (path / HEAD_WEIGHTS).exists():
         if attribute not in model.attributes:
@@ -71,6 +73,7 @@ def load_reward_model(
                 "attribute",
                 f"{attribute!r} is not an output of {path}'s head: {list(model.attributes)}",
             )
+        check_trained(model.trained_attributes, attribute, "--attribute")
         return model, model.attributes.index(attribute)
     return model, 0
 
@@ -107,6 +110,13 @@ def check_reward_fn(fn: Callable, columns: list[str], where: str) -> None:
         ) from None
 
 
+def completion(prompt, text: str):
+    """A completion as a reward function receives it: the text, or for a prompt given as chat
+    turns one assistant message [{"role": "assistant", "content": text}] (how TRL's GRPO and
+    RLOO trainers pass completions of conversational prompts)."""
+    return [{"role": "assistant", "content": text}] if isinstance(prompt, list) else text
+
+
 def _reward_values(out) -> list | None:
     """The rewards a function returned as a list of Python numbers, or None if they are not a
     1-D sequence of real numbers (bools count as 0/1)."""
@@ -118,10 +128,13 @@ def _reward_values(out) -> list | None:
     return values if all(isinstance(v, numbers.Real) for v in values) else None
 
 
-def call_reward_fn(
-    fn: Callable, prompts: list, completions: list[str], columns: dict
-) -> torch.Tensor:
-    """fn(prompts=..., completions=..., **columns) as float64 [n]; errors name the function."""
+def _text(completion) -> str:
+    return completion if isinstance(completion, str) else completion[0]["content"]
+
+
+def call_reward_fn(fn: Callable, prompts: list, completions: list, columns: dict) -> torch.Tensor:
+    """fn(prompts=..., completions=..., **columns) as float64 [n]; errors name the function.
+    completions: strings, or message lists (see `completion`)."""
     name = getattr(fn, "__qualname__", repr(fn))
     try:
         out = fn(prompts=prompts, completions=completions, **columns)
@@ -144,7 +157,7 @@ def call_reward_fn(
     if bad:
         raise ValueError(
             f"reward function {name} returned a non-finite reward for completion {bad[0]} "
-            f"({values[bad[0]]}): {completions[bad[0]][:80]!r}"
+            f"({values[bad[0]]}): {_text(completions[bad[0]])[:80]!r}"
         )
     return torch.tensor(values, dtype=torch.float64)
 
@@ -445,6 +458,7 @@ class RolloutLoop(TrainLoop):
         self.rollout_fn, self.updates = rollout, updates_per_rollout
         self.rollout: dict | None = None
         self.seconds: dict = {}
+        self.no_eos_steps, self.warned_no_eos = 0, False  # _check_eos
 
     def _covers(self, step: int) -> bool:
         r = self.rollout
@@ -478,7 +492,10 @@ class RolloutLoop(TrainLoop):
     def _train_step(self) -> dict:
         # TrainLoop has no public hook for adding to a step's record; this wraps its step.
         step = self.step
-        metrics = super()._train_step()
+        try:
+            metrics = super()._train_step()
+        except NonFiniteError as e:
+            raise NonFiniteError(f"{e}; {self._reward_size(step)}") from None
         sums = self.rollout["sums"][step - self.rollout["first"]]
         names = sorted(sums)
         s = dict(zip(names, self._reduce([torch.tensor(float(sums[k])) for k in names])))
@@ -500,4 +517,48 @@ class RolloutLoop(TrainLoop):
             **self.seconds,
             update_s=max(metrics["step_s"] - sum(self.seconds.values()), 0.0),
         )
+        self._check_eos(step + 1, int(s["eos"]), int(s["samples"]))
         return metrics
+
+    def _reward_size(self, step: int) -> str:
+        """How large this process's rewards of `step` are, for the message of a non-finite loss
+        or gradient (a reward of 1e30 makes the float32 gradient overflow)."""
+        sums = self.rollout["sums"][step - self.rollout["first"]]
+        rms = math.sqrt(sums["reward_sq"] / max(sums["samples"], 1))
+        size = f"{rms:.3g}" if math.isfinite(rms) else "beyond 1e154"
+        large = rms > 1e6
+        return f"the step's rewards have a root-mean-square of {size}" + (
+            " (too large for a float32 gradient: scale the reward, e.g. --reward-fn-weight or "
+            "--reward-model-weight, to order 1)"
+            if large
+            else ""
+        )
+
+    def _check_eos(self, step: int, ended: int, samples: int) -> None:
+        """A step none of whose samples ended with EOS learns nothing (every advantage is 0)
+        unless truncated samples count (truncation_penalty): warn at the first, stop with a
+        ValueError once more than config.allow_no_eos_steps such steps follow one another (-1:
+        never)."""
+        cfg = self.config
+        if ended or cfg.truncation_penalty is not None:
+            self.no_eos_steps = 0
+            return
+        self.no_eos_steps += 1
+        fix = (
+            f"raise --max-new-tokens (now {cfg.max_new_tokens}), or set --truncation-penalty "
+            "(truncated samples then count, penalised)"
+        )
+        if 0 <= cfg.allow_no_eos_steps < self.no_eos_steps:
+            raise ValueError(
+                f"step {step}: no sample has ended with EOS for {self.no_eos_steps} steps in a "
+                f"row (0 of {samples} in this one), so every advantage is 0 and nothing is "
+                f"learned; {fix}; --allow-no-eos-steps N allows more such steps"
+            )
+        if not self.warned_no_eos and self.dist.rank == 0:
+            self.warned_no_eos = True
+            warnings.warn(
+                f"step {step}: 0 of {samples} samples ended with EOS, so every advantage is 0 "
+                f"and this step learns nothing; {fix}",
+                UserWarning,
+                stacklevel=2,
+            )

@@ -110,6 +110,7 @@ class SFTTrainer:
         self.policy = model if model is not None else build_policy(config, self.tokenizer, "model")
         for data in filter(None, (self.train_data, self.eval_data)):
             data.check_vocab(self.policy.config.vocab_size)
+            data.check_positions(self.policy.config.max_position_embeddings)
         self.micro_batches = sft_batches(self.train_data, config, shuffle=True)
 
     def _evaluate(self, model) -> dict:
