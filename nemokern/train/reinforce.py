@@ -22,6 +22,7 @@ OUT/final is the policy in HF layout.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 import warnings
@@ -46,6 +47,7 @@ from nemokern.train.loop import (
     reads_deferred,
     tp_group_for,
 )
+from nemokern.train.losses import PG_NORMALISATIONS, TRUNCATED
 from nemokern.train.rollout import (
     DEFERRED_SUMS,
     PolicyLoss,
@@ -58,6 +60,7 @@ from nemokern.train.rollout import (
     load_reward_model,
     pack,
     policy_terms,
+    stop_length,
 )
 
 KL_ESTIMATORS = ("k1", "abs", "k2", "k3")
@@ -132,8 +135,41 @@ class ReinforceConfig(TrainConfig):
     )
     truncation_penalty: float | None = option(
         None,
-        "count truncated samples (no EOS) in the baseline with "
-        "R - this penalty; unset: they are left out (advantage 0)",
+        "count truncated samples (no EOS or stop string) in the baseline with R - this penalty "
+        "(implies --truncated kept)",
+    )
+    truncated: str = option(
+        "zero-advantage",
+        "samples that end without EOS or a stop string: zero-advantage (out of the baselines, "
+        "advantage 0, counted in the loss's mean), trained (out of the baselines, advantage R "
+        "minus the mean R of the prompt's ended samples) or kept (like any other sample)",
+        choices=TRUNCATED,
+    )
+    loss_normalisation: str = option(
+        "token-mean",
+        "the update's loss over a step's samples s with advantage A_s: token-mean (sum of "
+        "-A_s logp_t over every response token / their number), sequence-mean (mean over samples "
+        "of -A_s times the sample's mean logp_t) or sequence-sum (mean over samples of -A_s "
+        "times the sample's summed logp_t)",
+        choices=PG_NORMALISATIONS,
+    )
+    normalize_advantages: bool = option(
+        False,
+        "scale each micro-batch's advantages to mean 0, std 1 (std + 1e-4) over its trained "
+        "samples",
+    )
+    temperature_in_logprobs: bool = option(
+        True, "divide the logits by --temperature in every log-prob (off: the raw logits)"
+    )
+    stop_strings: list[str] = option(
+        [],
+        "a sample also ends (and counts as ended) when its decoded text ends with one of these; "
+        "it is cut there, the stop string kept",
+    )
+    save_rollouts: int = option(
+        0,
+        "every N steps write OUT/rollouts/step-XXXXXXXX.jsonl, one line per sample of the step "
+        "(0: never)",
     )
     prompts_per_step: int = option(
         8, "prompts per optimizer step (each sampled k times) on all processes"
@@ -167,7 +203,17 @@ class ReinforceConfig(TrainConfig):
         for name in ("k", "max_new_tokens", "prompts_per_step", "updates_per_rollout"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} = {getattr(self, name)} must be at least 1")
-        for name in ("top_k", "generation_batch_size", "beta"):
+        if self.truncation_penalty is not None:
+            if self.truncated == "trained":
+                raise option_error(
+                    "truncation_penalty",
+                    "applies to samples kept in the baselines; --truncated trained leaves them "
+                    "out: drop one of the two",
+                )
+            self.truncated = "kept"  # the penalty's meaning since it exists
+        if any(not s for s in self.stop_strings):
+            raise option_error("stop_strings", "an empty stop string would end every sample")
+        for name in ("top_k", "generation_batch_size", "beta", "save_rollouts"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} = {getattr(self, name)} must not be negative")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
@@ -176,6 +222,11 @@ class ReinforceConfig(TrainConfig):
             )
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p = {self.top_p} must be in (0, 1]")
+
+    @property
+    def logprob_temperature(self) -> float:
+        """The temperature every log-prob divides the logits by."""
+        return self.temperature if self.temperature_in_logprobs else 1.0
 
 
 # ---- the trainer ---------------------------------------------------------------------------------
@@ -366,6 +417,11 @@ class ReinforceTrainer:
                     responses += [g.tokens[j, :n].cpu() for j, n in enumerate(lengths)]
                     ended.append(g.ended_with_eos.cpu())
             ended = torch.cat(ended)
+            if cfg.stop_strings:
+                for j, r in enumerate(responses):
+                    n = stop_length(r.tolist(), tok.decode, cfg.stop_strings)
+                    if n is not None:
+                        responses[j], ended[j] = r[:n], True
             seconds["generate_s"] = self._lap(t, device)
 
             # micro-batch boundaries over the flat sample list
@@ -381,15 +437,17 @@ class ReinforceTrainer:
             # ---- score
             t = time.perf_counter()
             rewards = torch.zeros(len(rows), dtype=torch.float64)
+            parts = {}  # each reward source's raw scores, for --save-rollouts
             if self.reward_fn is not None:
                 prompts = [
                     self.prompts[p] for step in groups for mb in step for p in mb for _ in range(k)
                 ]
                 completions = [tok.decode(r.tolist(), skip_special=True) for r in responses]
                 columns = {c: [p.columns.get(c) for p in prompts] for c in self.columns}
-                rewards += cfg.reward_fn_weight * call_reward_fn(
+                parts["reward_fn"] = call_reward_fn(
                     self.reward_fn, [p.prompt for p in prompts], completions, columns
                 )
+                rewards += cfg.reward_fn_weight * parts["reward_fn"]
             if self.reward_model is not None:
                 if offload:
                     self.reward_model.to(device)
@@ -404,7 +462,8 @@ class ReinforceTrainer:
                                 parents=b.get("parents"),
                             )
                             scores.append(out[:, self.reward_column].double().cpu())
-                rewards += cfg.reward_model_weight * torch.cat(scores)
+                parts["reward_model"] = torch.cat(scores)
+                rewards += cfg.reward_model_weight * parts["reward_model"]
                 if offload:
                     self.reward_model.to("cpu")
             seconds["score_s"] = self._lap(t, device)
@@ -417,7 +476,8 @@ class ReinforceTrainer:
             lengths = torch.tensor([r.numel() for r in responses], dtype=torch.float64)
             steps, sums = [], []
             with torch.no_grad():
-                for step_spans, step_packs in zip(spans, packs):
+                for i, (step_spans, step_packs) in enumerate(zip(spans, packs)):
+                    saved = cfg.save_rollouts and (first_step + i + 1) % cfg.save_rollouts == 0
                     a, b = step_spans[0][0], step_spans[-1][1]
                     r = rewards[a:b]
                     sums.append(
@@ -437,25 +497,30 @@ class ReinforceTrainer:
                             "cu_seqlens": p["cu_seqlens"],
                             "targets": p["targets"],
                             "sample_cu": p["sample_cu"],
-                            "n_tokens": int((p["targets"] != -100).sum()),
                             "rows": [int(x) for x in mb],
                         }
                         if "parents" in p:
                             batch["parents"] = p["parents"]
+                        if saved:
+                            batch["record"] = self._record_inputs(
+                                rows[a:b],
+                                responses[a:b],
+                                rewards[a:b],
+                                ended[a:b],
+                                {name: v[a:b] for name, v in parts.items()},
+                                a == step_spans[0][0],
+                            )
                         ids, cu, targets, sample_cu = (
                             p[n].to(device)
                             for n in ("input_ids", "cu_seqlens", "targets", "sample_cu")
                         )
                         parents = p.get("parents")
                         ref = self.reference_logprobs(ids, cu, targets, parents)
-                        if defer:
-                            batch.update(
-                                ref_logprobs=ref.cpu(), rewards=rewards[a:b], ended=ended[a:b]
-                            )
-                        else:
+                        batch.update(ref_logprobs=ref.cpu(), rewards=rewards[a:b], ended=ended[a:b])
+                        if not defer:
                             with full_weights(loop.model):  # --fsdp: gathered for this forward
                                 h = self.policy.hidden_states(ids, cu_seqlens=cu, parents=parents)
-                                coef, stats = policy_terms(
+                                terms = policy_terms(
                                     self.policy,
                                     h,
                                     targets,
@@ -465,8 +530,12 @@ class ReinforceTrainer:
                                     ended[a:b].to(device),
                                     cfg,
                                 )
-                            batch["coef"] = coef.cpu()
-                            add_sums(sums[-1], stats)
+                            batch.update(
+                                coef=terms.coef.cpu(),
+                                weight=terms.weight,
+                                samples={n: v.cpu() for n, v in terms.samples.items()},
+                            )
+                            add_sums(sums[-1], terms.stats)
                         batches.append(batch)
                     steps.append(batches)
             if offload:
@@ -502,10 +571,60 @@ class ReinforceTrainer:
                 ended=batch["ended"],
                 **shared,
             )
-            self.loop.add_to_step(getattr(model, "module", model).stats)
+            terms = getattr(model, "module", model).terms
+            self.loop.add_to_step(terms.stats)
+            batch = {**batch, "weight": terms.weight, "samples": terms.samples}
+        if "record" in batch:
+            self._save_rollout(batch)
         return StepOutput(
-            loss, weight=batch["n_tokens"], tokens=batch["input_ids"].numel(), rows=batch["rows"]
+            loss, weight=batch["weight"], tokens=batch["input_ids"].numel(), rows=batch["rows"]
         )
+
+    def _record_inputs(self, prompt_ids, responses, rewards, ended, parts, first) -> dict:
+        """What a saved rollout line needs beyond the micro-batch's tensors (--save-rollouts)."""
+        return {
+            "prompt_ids": [list(map(int, p)) for p in prompt_ids],
+            "completion_ids": [r.tolist() for r in responses],
+            "reward": rewards.tolist(),
+            "ended": ended.tolist(),
+            "parts": {n: v.tolist() for n, v in parts.items()},
+            "first": first,
+        }
+
+    def _save_rollout(self, batch) -> None:
+        """Append the micro-batch's samples to OUT/rollouts/step-XXXXXXXX.jsonl (the step's first
+        micro-batch starts the file; under data parallelism each process writes its own file,
+        -rankNN, and under --tp the group's first rank)."""
+        loop, rec, smp = self.loop, batch["record"], batch["samples"]
+        if loop.dist.rank % self.config.tp:
+            return
+        name = f"step-{loop.step + 1:08d}"
+        if loop.dist.dp_size > 1:
+            name += f"-rank{loop.dist.dp_rank:02d}"
+        path = Path(self.config.out) / "rollouts" / f"{name}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        targets, cu = batch["targets"].cpu(), batch["sample_cu"].cpu()
+        policy, ref = smp["logprobs"].double().cpu(), batch["ref_logprobs"].double().cpu()
+        decode = self.tokenizer.decode
+        with open(path, "w" if rec["first"] else "a", encoding="utf-8") as f:
+            for s, ids in enumerate(rec["completion_ids"]):
+                rows = torch.arange(int(cu[s]), int(cu[s + 1]))
+                rows = rows[targets[rows] != -100]
+                line = {
+                    "prompt": decode(rec["prompt_ids"][s]),
+                    "completion": decode(ids),
+                    "completion_ids": ids,
+                    "logprobs": policy[rows].tolist(),
+                    "ref_logprobs": ref[rows].tolist(),
+                    "reward": rec["reward"][s],
+                    **{n: v[s] for n, v in rec["parts"].items()},
+                    "kl": float(smp["kl"][s]),
+                    "reward_with_kl": float(smp["score"][s]),
+                    "baseline": float(smp["baseline"][s]),
+                    "advantage": float(smp["advantage"][s]),
+                    "ended": bool(rec["ended"][s]),
+                }
+                f.write(json.dumps(line) + "\n")
 
     def _groups(self, per_micro: int) -> list[list[int]]:
         n = len(self.prompts) // per_micro
@@ -522,7 +641,7 @@ class ReinforceTrainer:
         return the per-step records."""
         cfg = self.config
         start = time.perf_counter()
-        model = PolicyLoss(self.policy, cfg.temperature, cfg)
+        model = PolicyLoss(self.policy, cfg.logprob_temperature, cfg)
         world = dp_size_of(cfg)  # the loop's data parallelism
         per_step_micro = cfg.grad_accum * world
         if cfg.prompts_per_step % per_step_micro:
@@ -540,7 +659,7 @@ class ReinforceTrainer:
             rollout=self._rollout,
             updates_per_rollout=cfg.updates_per_rollout,
         )
-        self.reference_logprobs = TokenLogprobs(self.reference, cfg.temperature)
+        self.reference_logprobs = TokenLogprobs(self.reference, cfg.logprob_temperature)
         for module in filter(None, (self.reference_logprobs, self.reward_model)):
             self.loop.place_frozen(module, offload=cfg.offload)
         history = self.loop.fit()
