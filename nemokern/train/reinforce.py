@@ -39,7 +39,7 @@ from nemokern.model import Llama, LlamaConfig, generate
 from nemokern.model.deferred import is_deferred
 from nemokern.model.generate import position_fix
 from nemokern.parallel.fsdp import full_weights
-from nemokern.train.config import ConfigError, TrainConfig, option, option_error
+from nemokern.train.config import SCHEDULES, ConfigError, TrainConfig, option, option_error
 from nemokern.train.loop import (
     StepOutput,
     TrainLoop,
@@ -85,9 +85,7 @@ class ReinforceConfig(TrainConfig):
     )
 
     lr: float = option(9e-7, "peak learning rate (recipe: 9e-7)")
-    schedule: str = option(
-        "cosine", "learning-rate schedule after the warmup", choices=("constant", "cosine")
-    )
+    schedule: str = option("cosine", "learning-rate schedule after the warmup", choices=SCHEDULES)
     min_lr: float = option(9e-8, "final learning rate of the cosine schedule")
     policy: str = option(
         "tiny",
