@@ -610,7 +610,7 @@ class ReinforceTrainer:
                 rows = rows[targets[rows] != -100]
                 line = {
                     "prompt": decode(rec["prompt_ids"][s]),
-                    "completion": decode(ids),
+                    "completion": decode(ids, skip_special=True),  # as the reward_fn sees it
                     "completion_ids": ids,
                     "logprobs": policy[rows].tolist(),
                     "ref_logprobs": ref[rows].tolist(),

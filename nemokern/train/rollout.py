@@ -184,7 +184,7 @@ def kl_regularised_advantages(
     truncation_penalty=None,
     truncated: str = "zero-advantage",
 ):
-    """(R, advantages), both [P * k] float32, for P prompts of k samples (each prompt's k
+    """(R, advantages), both [P * k] float64, for P prompts of k samples (each prompt's k
     contiguous).
 
     R = r - beta * KL. A sample that did not end (no EOS or stop string), by `truncated`:
@@ -195,7 +195,7 @@ def kl_regularised_advantages(
     """
     if truncated not in TRUNCATED:
         raise ValueError(f"truncated={truncated!r}; choose one of {TRUNCATED}")
-    scores = rewards.float() - beta * kl.float()
+    scores = rewards.double() - beta * kl.double()
     valid = ended.bool()
     if truncated == "kept" or truncation_penalty is not None:  # a penalty implies kept
         if truncation_penalty is not None:
