@@ -1,4 +1,4 @@
-"""The REINFORCE trainer with a leave-one-out baseline (recipe.md section 2, NeMo-Aligner's RLOO).
+"""The REINFORCE trainer with a leave-one-out baseline (recipe.md section 2; presets: section 5).
 
 One rollout (every `updates_per_rollout` optimizer steps), in four timed phases:
   generate  k samples per prompt with the KV-cache generate() (temperature, top-p, top-k);
@@ -11,11 +11,12 @@ One rollout (every `updates_per_rollout` optimizer steps), in four timed phases:
             update's own forward (PolicyLoss), detached. Then per micro-batch
             (micro_batch_terms) the per-sequence KL with sequence_kl, R = r - beta * KL, RLOO
             advantages over the EOS-ended samples;
-then each optimizer step of the rollout (update) takes its slice of the prompts and minimises the
-masked token mean of -logp_t * (R - b) (no ratio, no clipping) with linear_policy_loss (its
-gradients formed in the forward). The shared TrainLoop does accumulation, clipping, AdamW, the
-cosine schedule, checkpoints and metrics; RolloutLoop makes the batches while training and keeps
-an unfinished rollout in its checkpoints, so a resume inside a rollout continues exactly.
+then each optimizer step of the rollout (update) takes its slice of the prompts and minimises
+-logp_t * (R - b) over the response tokens, normalised by loss_normalisation (no ratio, no
+clipping), with linear_policy_loss (its gradients formed in the forward). The shared TrainLoop
+does accumulation, clipping, AdamW, the lr schedule, checkpoints and metrics; RolloutLoop makes
+the batches while training and keeps an unfinished rollout in its checkpoints, so a resume inside
+a rollout continues exactly.
 OUT/final is the policy in HF layout.
 """
 
