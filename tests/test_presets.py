@@ -304,3 +304,87 @@ def test_print_config_is_toml_that_reads_back(tmp_path):
     cfg = build_config(ReinforceConfig, toml=tmp_path / "c.toml")
     assert (cfg.k, cfg.constant_steps, cfg.warmup_formula) == (8, 1000, "s/w")
     assert cfg.stop_strings == ["<|endoftext|>", "<extra_id_1>"]
+
+
+# ---- the schedule --------------------------------------------------------------------------------
+def nemo_cosine_annealing(step, max_lr, min_lr, warmup, constant, max_steps):
+    """NeMo 8cfedd72 CosineAnnealing (nemo/core/optim/lr_scheduler.py) at PyTorch's last_epoch
+    = step: with constant_steps > 0 Megatron's _linear_warmup_with_cosine_annealing throughout;
+    without, (s + 1) / (w + 1) warmup and cosine over max_steps - w."""
+    decay = max_steps - constant - warmup
+    if constant > 0:
+        if warmup > 0 and step <= warmup:
+            return max_lr * step / warmup
+        if step > warmup + decay:
+            return min_lr
+        return min_lr + 0.5 * (np.cos(np.pi * (step - warmup) / decay) + 1) * (max_lr - min_lr)
+    if warmup > 0 and step <= warmup:
+        return max_lr * (step + 1) / (warmup + 1)
+    if step > max_steps:
+        return min_lr
+    mult = 0.5 * (1 + np.cos(np.pi * (step - warmup) / (max_steps - warmup)))
+    return (max_lr - min_lr) * mult + min_lr
+
+
+def hf_linear(step, lr, warmup, total):
+    """transformers' get_linear_schedule_with_warmup (optimization.py)."""
+    if step < warmup:
+        return lr * step / max(1, warmup)
+    return lr * max(0.0, (total - step) / max(1, total - warmup))
+
+
+@pytest.mark.parametrize(
+    "warmup, constant, total", [(10, 1000, 1500), (10, 1000, 600), (3, 5, 20), (4, 0, 30)]
+)
+def test_schedule_matches_nemo_cosine_annealing(warmup, constant, total):
+    from nemokern.train.loop import lr_factor
+
+    formula = "s/w" if constant else "(s+1)/(w+1)"
+    for s in range(total):
+        ours = 9e-7 * lr_factor(
+            s,
+            total_steps=total,
+            warmup_steps=warmup,
+            schedule="cosine",
+            lr=9e-7,
+            min_lr=9e-8,
+            constant_steps=constant,
+            warmup_formula=formula,
+        )
+        want = nemo_cosine_annealing(s, 9e-7, 9e-8, warmup, constant, total)
+        assert ours == pytest.approx(want, rel=1e-12, abs=1e-20), s
+
+
+@pytest.mark.parametrize("warmup, total", [(0, 7), (3, 11)])
+def test_linear_schedule_matches_transformers(warmup, total):
+    from nemokern.train.loop import lr_factor
+
+    for s in range(total):
+        ours = lr_factor(
+            s,
+            total_steps=total,
+            warmup_steps=warmup,
+            schedule="linear",
+            lr=1e-6,
+            min_lr=0.0,
+            warmup_formula="s/w",
+        )
+        assert 1e-6 * ours == pytest.approx(hf_linear(s, 1e-6, warmup, total), abs=1e-20), s
+
+
+def test_truncated_trained_and_normalised_advantages():
+    from nemokern.train.losses import normalise_advantages, rloo_advantages
+
+    scores = torch.tensor([[1.0, 2.0, 4.0, 8.0], [1.0, 2.0, 3.0, 5.0]], dtype=torch.float64)
+    valid = torch.tensor([[True, True, False, True], [True, False, False, False]])
+    adv = rloo_advantages(scores, valid, train_invalid=True)
+    # prompt 0: valid samples' mean of the others; the invalid one against all valid ones
+    want0 = [1 - 5, 2 - 4.5, 4 - 11 / 3, 8 - 1.5]
+    assert adv[0].tolist() == pytest.approx(want0) and adv[1].abs().sum() == 0
+    assert rloo_advantages(scores, valid)[0, 2] == 0
+    a = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
+    trained = torch.tensor([True, True, False, True])
+    out = normalise_advantages(a, trained)
+    sub = np.array([1.0, -2.0, 3.0])
+    want = (sub - sub.mean()) / (sub.std(ddof=1) + 1e-4)
+    assert out[trained].tolist() == pytest.approx(want.tolist()) and out[2] == 0
