@@ -388,3 +388,30 @@ def test_truncated_trained_and_normalised_advantages():
     sub = np.array([1.0, -2.0, 3.0])
     want = (sub - sub.mean()) / (sub.std(ddof=1) + 1e-4)
     assert out[trained].tolist() == pytest.approx(want.tolist()) and out[2] == 0
+
+
+def test_generate_ends_early_on_stop_strings_with_the_same_samples():
+    from nemokern.model import generate
+
+    policy = tiny_policy()
+    prompts = [TOK.encode("Say a."), TOK.encode("Say bb.")]
+
+    def cut(g):
+        out = []
+        for row, n in zip(g.tokens.tolist(), g.lengths.tolist()):
+            m = stop_length(row[:n], TOK.decode, STOPS)
+            out.append(row[: m or n])
+        return out
+
+    calls = []
+
+    def seen(tokens, lengths):
+        calls.append(tokens.shape[1])
+        rows = zip(tokens.tolist(), lengths.tolist())
+        return torch.tensor([stop_length(t[:n], TOK.decode, STOPS) is not None for t, n in rows])
+
+    kw = dict(max_new_tokens=64, num_samples=4, temperature=TEMPERATURE, pad_id=TOK.pad_id)
+    plain = generate(policy, prompts, generator=torch.Generator().manual_seed(5), **kw)
+    early = generate(policy, prompts, generator=torch.Generator().manual_seed(5), stop=seen, **kw)
+    assert cut(plain) == cut(early)
+    assert calls and early.tokens.shape[1] < plain.tokens.shape[1]  # the loop ended early

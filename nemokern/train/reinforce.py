@@ -411,6 +411,7 @@ class ReinforceTrainer:
                         # FSDP's units keep their hooks while gathered: eager decoding (CUDA graphs
                         # over them are unverified)
                         compile=False if loop.fsdp else None,
+                        stop=self._stop_strings_seen if cfg.stop_strings else None,
                     )
                     lengths = g.lengths.tolist()
                     responses += [g.tokens[j, :n].cpu() for j, n in enumerate(lengths)]
@@ -541,6 +542,13 @@ class ReinforceTrainer:
                 self.reference.to("cpu")
             seconds["logprobs_s"] = self._lap(t, device)
         return {"steps": steps, "sums": sums, "seconds": seconds}
+
+    def _stop_strings_seen(self, tokens, lengths) -> torch.Tensor:
+        """generate()'s `stop`: the rows [B] whose text so far ends a prefix with a stop string
+        (cut at that prefix after generation, stop_length)."""
+        stops, decode = self.config.stop_strings, self.tokenizer.decode
+        rows = zip(tokens.cpu().tolist(), lengths.cpu().tolist())
+        return torch.tensor([stop_length(t[:n], decode, stops) is not None for t, n in rows])
 
     @staticmethod
     def _lap(start: float, device) -> float:
