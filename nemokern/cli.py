@@ -114,6 +114,15 @@ COMMANDS = (
 )
 
 
+def _print_config_flag(p):
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved options (defaults, --preset, --config, the command line) as "
+        "TOML and exit",
+    )
+
+
 def _training_parsers(sub):
     from nemokern.train.config import add_config_arguments
     from nemokern.train.reinforce import ReinforceConfig
@@ -126,11 +135,13 @@ def _training_parsers(sub):
         "OUT/final is the policy",
     )
     add_config_arguments(p, SFTConfig)
+    _print_config_flag(p)
     p = sub.add_parser(
         "train-reward",
         help="train a reward model (SteerLM regression or Bradley-Terry); OUT/final is the model",
     )
     add_config_arguments(p, RewardConfig)
+    _print_config_flag(p)
     p = sub.add_parser(
         "score", help="pair accuracy of a reward model on a pairs file (per subset, RewardBench)"
     )
@@ -205,6 +216,7 @@ def _training_parsers(sub):
         "is the policy",
     )
     add_config_arguments(p, ReinforceConfig)
+    _print_config_flag(p)
     p = sub.add_parser("expo", help="ExPO: aligned + alpha * (aligned - init), tensor by tensor")
     p.add_argument("--init", required=True, metavar="DIR", help="the model before alignment")
     p.add_argument("--aligned", required=True, metavar="DIR", help="the model after alignment")
@@ -336,6 +348,11 @@ def _train(kind, args):
         "sft": (train.SFTTrainer, train.SFTConfig),
     }[kind]
     config = build_config(config_cls, args)
+    if args.print_config:
+        from nemokern.train.config import toml_text
+
+        print(toml_text(config), end="")
+        return 0
     _check_run_options(device=None if config.device == "auto" else config.device, out=config.out)
     lock = _claim_out(config)
     try:

@@ -166,7 +166,7 @@ def test_unknown_option_and_bad_choice_exit(capsys):
         parse_config(TrainConfig, ["--learning-rate", "1"])
     assert "--learning-rate" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        parse_config(TrainConfig, ["--schedule", "linear"])
+        parse_config(TrainConfig, ["--schedule", "exponential"])
     with pytest.raises(ConfigError, match="unknown key 'lrr'"):
         build_config(TrainConfig, lrr=1.0)
     with pytest.raises(ConfigError, match="missing.toml: config file not found"):

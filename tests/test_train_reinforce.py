@@ -92,23 +92,29 @@ def config(tmp_path, prompts, **kw):
 
 # ---- the math ------------------------------------------------------------------------------------
 def test_kl_regularised_reward_and_rloo_by_hand():
+    F64 = torch.float64  # R and the advantages are formed in float64
     rewards = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0])
     kl = torch.tensor([0.5, 1.0, 0.0, 2.0, 0.0, 1.0, 0.0, 0.0, 0.0])
     # prompt 0: all ended with EOS; prompt 1: sample 1 truncated; prompt 2: only sample 1 ended
     ended = torch.tensor([1, 1, 1, 1, 0, 1, 0, 1, 0], dtype=torch.bool)
     scores, adv = kl_regularised_advantages(rewards, kl, ended, 3, beta=0.1)
-    torch.testing.assert_close(scores, torch.tensor([0.95, 1.9, 3.0, 3.8, 5.0, 5.9, 7.0, 8.0, 9.0]))
+    torch.testing.assert_close(
+        scores, torch.tensor([0.95, 1.9, 3.0, 3.8, 5.0, 5.9, 7.0, 8.0, 9.0], dtype=F64)
+    )
     torch.testing.assert_close(
         adv,
         torch.tensor(
-            [0.95 - 2.45, 1.9 - 1.975, 3.0 - 1.425, 3.8 - 5.9, 0.0, 5.9 - 3.8, 0.0, 0.0, 0.0]
+            [0.95 - 2.45, 1.9 - 1.975, 3.0 - 1.425, 3.8 - 5.9, 0.0, 5.9 - 3.8, 0.0, 0.0, 0.0],
+            dtype=F64,
         ),
     )
     # with a truncation penalty every sample counts, a truncated one with R - penalty
     scores, adv = kl_regularised_advantages(rewards, kl, ended, 3, beta=0.1, truncation_penalty=1.0)
-    torch.testing.assert_close(scores, torch.tensor([0.95, 1.9, 3.0, 3.8, 4.0, 5.9, 6.0, 8.0, 8.0]))
     torch.testing.assert_close(
-        adv[3:], torch.tensor([3.8 - 4.95, 4.0 - 4.85, 5.9 - 3.9, -2.0, 1.0, 1.0])
+        scores, torch.tensor([0.95, 1.9, 3.0, 3.8, 4.0, 5.9, 6.0, 8.0, 8.0], dtype=F64)
+    )
+    torch.testing.assert_close(
+        adv[3:], torch.tensor([3.8 - 4.95, 4.0 - 4.85, 5.9 - 3.9, -2.0, 1.0, 1.0], dtype=F64)
     )
 
 

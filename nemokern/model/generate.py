@@ -3,7 +3,8 @@
 Prompts of different lengths are left-padded; each row gets its own position ids (0 at its first
 real token) and never attends to padding, so a padded prompt generates what it would alone.
 Sampling: greedy, or temperature -> top-k -> top-p (nucleus) on the fp32 logits, drawn on the
-logits' device with an optional seeded torch.Generator. Each row stops at its first EOS.
+logits' device with an optional seeded torch.Generator. Each row stops at its first EOS (or
+where an optional `stop` function says).
 
 Speed: the prompts are prefilled packed (no padding computed) into a cache whose prompt part is
 rounded up to a bucket (a power of two, at least 16). Every decode step attends over the whole
@@ -90,6 +91,7 @@ def generate(
     pad_id: int = 0,
     num_samples: int = 1,
     compile: bool | None = None,
+    stop=None,
 ) -> Generation:
     """Sample up to max_new_tokens after each prompt (lists of token ids or 1-D tensors).
 
@@ -100,6 +102,10 @@ def generate(
     compile: run the decode step through torch.compile (None: on CUDA, with CUDA graphs; not on
     the CPU, where compiling took 26-46 s for a 3-25% gain, see README "Generation speed").
     Greedy results are the same either way.
+    stop: None, or a function (tokens [B, t] generated so far, lengths [B]) -> [B] bool, asked
+    at each host check (every STOP_CHECK_EVERY steps) which rows have ended for another reason
+    (e.g. a stop string); those rows end there (ended_with_eos True), so the loop can end early.
+    It sees tokens past the row's true end, up to the check: the caller cuts the row itself.
     """
     _check_options(prompts, max_new_tokens, temperature, top_k, top_p, num_samples)
     device = model.embed_tokens.weight.device
@@ -157,6 +163,8 @@ def generate(
             out[:, step] = tok
             lengths += (~done).long()
             done |= ~done & torch.isin(tok, eos)
+            if stop is not None and (step + 1) % STOP_CHECK_EVERY == 0:
+                done |= stop(out[:, : step + 1], lengths).to(device)
             if step + 1 == max_new_tokens or (
                 (step + 1) % STOP_CHECK_EVERY == 0 and bool(done.all())
             ):

@@ -17,6 +17,8 @@ import types
 import typing
 from pathlib import Path
 
+from nemokern.train.presets import PRESETS, preset_values
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -41,6 +43,10 @@ def check_data_and_batching(config) -> None:
         raise option_error("rows_per_batch", "give rows_per_batch > 0 or max_tokens_per_batch > 0")
 
 
+SCHEDULES = ("constant", "cosine", "linear")
+WARMUP_FORMULAS = ("(s+1)/w", "s/w", "(s+1)/(w+1)")
+
+
 def option(default, help: str, *, choices=None, aliases=()):
     """A config field: its default, its help text, (optionally) its allowed values and other
     command-line spellings of it (e.g. "--steps"). A list default is copied for each instance."""
@@ -55,6 +61,12 @@ class TrainConfig:
     """What the shared training loop reads. Optimizer defaults: recipe.md (NeMo-Aligner's
     betas/weight decay/clip; the reward recipe's stage-1 lr, constant)."""
 
+    preset: str = option(
+        "",
+        "start from a reference's documented defaults where NeMo-Aligner and TRL differ "
+        "(docs/recipe.md lists them); --config and the command line win",
+        choices=("", *PRESETS),
+    )
     out: str = option("runs/nemokern", "output directory: checkpoints/, metrics.jsonl, final/")
     seed: int = option(0, "seed of the model init, the data order and every sampler")
     epochs: int = option(1, "passes over the training data")
@@ -67,11 +79,18 @@ class TrainConfig:
     lr: float = option(
         2e-6, "peak learning rate (recipe: 2e-6 regression, 1e-6 Bradley-Terry, 9e-7 REINFORCE)"
     )
-    schedule: str = option(
-        "constant", "learning-rate schedule after the warmup", choices=("constant", "cosine")
-    )
+    schedule: str = option("constant", "learning-rate schedule after the warmup", choices=SCHEDULES)
     warmup_steps: int = option(0, "linear warmup from 0 to lr over this many steps")
-    min_lr: float = option(0.0, "final learning rate of the cosine schedule")
+    warmup_formula: str = option(
+        "(s+1)/w",
+        "the warmup's lr factor at step s (0-based) of w warmup steps: (s+1)/w for s < w (the "
+        "first step already moves), s/w for s <= w (the first step at lr 0) or (s+1)/(w+1)",
+        choices=WARMUP_FORMULAS,
+    )
+    min_lr: float = option(0.0, "final learning rate of the cosine and linear schedules")
+    constant_steps: int = option(
+        0, "cosine and linear schedules: hold min_lr for this many final steps (decay before them)"
+    )
     betas: tuple[float, float] = option((0.9, 0.98), "AdamW betas")
     eps: float = option(1e-8, "AdamW epsilon")
     weight_decay: float = option(0.1, "AdamW decoupled weight decay")
@@ -200,6 +219,7 @@ class TrainConfig:
         for name in (
             "max_steps",
             "warmup_steps",
+            "constant_steps",
             "save_every",
             "eval_every",
             "lr",
@@ -224,9 +244,10 @@ class TrainConfig:
                 f"removes the run in --out, which --resume {self.resume} continues; give one of "
                 "them",
             )
-        if self.schedule == "cosine" and self.min_lr > self.lr:
+        if self.schedule != "constant" and self.min_lr > self.lr:
             raise ConfigError(
-                f"min_lr = {self.min_lr} is above lr = {self.lr}; the cosine schedule decays to it"
+                f"min_lr = {self.min_lr} is above lr = {self.lr}; the {self.schedule} schedule "
+                "decays to it"
             )
 
 
@@ -376,7 +397,8 @@ def config_parser(cls, **parser_kwargs) -> argparse.ArgumentParser:
 
 
 def build_config(cls, args: argparse.Namespace | None = None, *, toml=None, **overrides):
-    """An instance of `cls`: defaults < TOML (`toml`, or args.config) < parsed args < overrides."""
+    """An instance of `cls`: defaults < the preset's values (train/presets.py; the preset named
+    last of TOML, args, overrides) < TOML (`toml`, or args.config) < parsed args < overrides."""
     values = {}
     names = {f.name for f in config_fields(cls)}
     path = toml if toml is not None else getattr(args, "config", None)
@@ -388,6 +410,11 @@ def build_config(cls, args: argparse.Namespace | None = None, *, toml=None, **ov
         if key not in names:
             raise _unknown(key, names, f"{cls.__name__}(...)")
     values.update(overrides)
+    if "preset" in names:
+        preset = values.get("preset", "")
+        if preset not in ("", *PRESETS):
+            raise option_error("preset", f"{preset!r} is not one of {', '.join(PRESETS)}")
+        values = {**preset_values(preset, cls), **values}
     hints, fields = _types(cls), {f.name: f for f in config_fields(cls)}
     for key, value in values.items():
         values[key] = coerce(key, value, hints[key], fields[key].metadata.get("choices"))
@@ -416,11 +443,16 @@ def _toml_value(value) -> str:
     raise TypeError(f"cannot write {value!r} to TOML")
 
 
-def dump_toml(config, path) -> None:
-    """Write a config as the flat TOML file `--config` reads back (None values are left out)."""
+def toml_text(config) -> str:
+    """A config as the flat TOML text `--config` reads back (None values are left out)."""
     lines = [
         f"{f.name} = {_toml_value(getattr(config, f.name))}"
         for f in config_fields(type(config))
         if getattr(config, f.name) is not None
     ]
-    Path(path).write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def dump_toml(config, path) -> None:
+    """Write toml_text(config) to `path`."""
+    Path(path).write_text(toml_text(config))

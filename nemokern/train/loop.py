@@ -192,15 +192,33 @@ def seed_everything(seed: int) -> None:
 
 
 def lr_factor(
-    step: int, *, total_steps: int, warmup_steps: int, schedule: str, lr: float, min_lr: float
+    step: int,
+    *,
+    total_steps: int,
+    warmup_steps: int,
+    schedule: str,
+    lr: float,
+    min_lr: float,
+    constant_steps: int = 0,
+    warmup_formula: str = "(s+1)/w",
 ) -> float:
-    """Multiplier of the peak lr for optimizer step `step` (0-based): linear warmup to 1 over
-    warmup_steps (the first step already moves), then constant or cosine down to min_lr/lr."""
-    if step < warmup_steps:
+    """Multiplier of the peak lr for optimizer step `step` (0-based). Warmup over w =
+    warmup_steps by warmup_formula: "(s+1)/w" for s < w (the first step already moves), "s/w"
+    for s <= w (the first step at lr 0) or "(s+1)/(w+1)" for s <= w. Then constant, or cosine /
+    linear from lr at step w down to min_lr over D = total_steps - w - constant_steps steps,
+    progress (s - w) / D, and min_lr from there on (the last constant_steps steps)."""
+    if step < warmup_steps or (step == warmup_steps > 0 and warmup_formula != "(s+1)/w"):
+        if warmup_formula == "s/w":
+            return step / warmup_steps
+        if warmup_formula == "(s+1)/(w+1)":
+            return (step + 1) / (warmup_steps + 1)
         return (step + 1) / warmup_steps
     if schedule == "constant" or lr == 0:
         return 1.0
-    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+    decay = total_steps - warmup_steps - constant_steps
+    progress = min((step - warmup_steps) / max(decay, 1), 1.0)
+    if schedule == "linear":
+        return (min_lr + (lr - min_lr) * (1 - progress)) / lr
     return (min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))) / lr
 
 
@@ -257,6 +275,8 @@ def build_scheduler(optimizer, config: TrainConfig, total_steps: int, *, step: i
             schedule=config.schedule,
             lr=config.lr,
             min_lr=config.min_lr,
+            constant_steps=config.constant_steps,
+            warmup_formula=config.warmup_formula,
         ),
         last_epoch=step - 1,
     )

@@ -16,6 +16,9 @@ import torch.nn.functional as F
 from nemokern.model.reward import ATTRIBUTES, HELPFULNESS, IGNORE_LABEL  # noqa: F401 (re-exported)
 
 BT_KINDS = ("regular", "margin", "scaled")
+TIES = ("drop", "count")  # bradley_terry_loss's tie handling
+PG_NORMALISATIONS = ("token-mean", "sequence-mean", "sequence-sum")
+TRUNCATED = ("zero-advantage", "trained", "kept")  # rloo_advantages' samples without EOS
 
 
 class LossValue(NamedTuple):
@@ -60,7 +63,12 @@ def regression_loss(
 
 
 def bradley_terry_loss(
-    r_chosen: torch.Tensor, r_rejected: torch.Tensor, strength=None, *, kind: str = "regular"
+    r_chosen: torch.Tensor,
+    r_rejected: torch.Tensor,
+    strength=None,
+    *,
+    kind: str = "regular",
+    ties: str = "drop",
 ) -> LossValue:
     """Bradley-Terry pair losses on scalar rewards, averaged over the counted pairs.
 
@@ -71,11 +79,16 @@ def bradley_terry_loss(
       regular: -log sigmoid(r_c - r_r)
       margin:  -log sigmoid(r_c - r_r - m)
       scaled:  m * -log sigmoid(r_c - r_r)
-    Ties (strength 0) have no better response: every kind skips them (scaled BT would weigh them
-    0 anyway), so `count` is the number of non-tie pairs and the mean is over those.
+    Ties (strength 0) have no better response. ties="drop": every kind skips them (scaled BT would
+    weigh them 0 anyway), so `count` is the number of non-tie pairs and the mean is over those.
+    ties="count": a tie is a pair like any other, in the order given (the hs2-preference reader
+    puts response_2 first), so regular and margin BT push r_chosen above r_rejected and scaled BT
+    adds a loss of 0 that still counts in the mean.
     """
     if kind not in BT_KINDS:
         raise ValueError(f"kind={kind!r}; choose one of {BT_KINDS}")
+    if ties not in TIES:
+        raise ValueError(f"ties={ties!r}; choose one of {TIES}")
     if r_chosen.dim() != 1 or r_rejected.shape != r_chosen.shape:
         raise ValueError(
             f"r_chosen and r_rejected must both be [P]; got {tuple(r_chosen.shape)} and "
@@ -99,7 +112,7 @@ def bradley_terry_loss(
             f"P={diff.numel()}"
         )
     m = strength.abs().to(diff.dtype)
-    counted = m != 0
+    counted = (m != 0) | (ties == "count")
     per_pair = -F.logsigmoid(diff - m if kind == "margin" else diff)
     if kind == "scaled":
         per_pair = m * per_pair
@@ -123,13 +136,16 @@ def pair_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor, strength=Non
     return (right & counted).sum().float() / counted.sum().clamp(min=1)
 
 
-def rloo_advantages(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def rloo_advantages(
+    scores: torch.Tensor, valid: torch.Tensor, *, train_invalid: bool = False
+) -> torch.Tensor:
     """REINFORCE leave-one-out advantages.
 
     scores [P, k]: the KL-regularised reward R of each of k samples of P prompts.
-    valid [P, k] bool: the sample ended properly with EOS.
-    Returns [P, k]: R minus the mean R of the OTHER valid samples of the same prompt; 0 for
-    invalid samples and for every sample of a prompt with at most one valid sample.
+    valid [P, k] bool: the sample ended properly (EOS or a stop string).
+    Returns [P, k]: R minus the mean R of the OTHER valid samples of the same prompt; 0 for every
+    sample of a prompt with at most one valid sample. An invalid sample is in no baseline; its own
+    advantage is 0, or with train_invalid R minus the mean R of the prompt's valid samples.
     """
     if scores.dim() != 2 or valid.shape != scores.shape:
         raise ValueError(
@@ -142,4 +158,43 @@ def rloo_advantages(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     # where, not scores * v: an invalid sample's NaN/inf score times 0 would still poison the sum
     kept = torch.where(valid, scores, torch.zeros_like(scores))
     others = (kept.sum(-1, keepdim=True) - kept) / (n - v).clamp(min=1)
-    return torch.where(valid & (n > 1), scores - others, torch.zeros_like(scores))
+    trained = valid | train_invalid
+    return torch.where(trained & (n > 1), scores - others, torch.zeros_like(scores))
+
+
+def normalise_advantages(advantages: torch.Tensor, trained: torch.Tensor) -> torch.Tensor:
+    """(A - mean) / (std + 1e-4) over the samples where `trained` [S] bool is set (std with
+    Bessel's correction; 0 for a single sample); the others keep advantage 0. advantages [S]."""
+    a = advantages[trained]
+    if a.numel() == 0:
+        return advantages
+    std = a.std() if a.numel() > 1 else torch.zeros((), dtype=a.dtype, device=a.device)
+    out = (advantages - a.mean()) / (std + 1e-4)
+    return torch.where(trained, out, torch.zeros_like(out))
+
+
+def policy_gradient_coefficients(
+    advantages: torch.Tensor, sample_of: torch.Tensor, mask: torch.Tensor, normalisation: str
+) -> tuple[torch.Tensor, int]:
+    """(coef [N] float32, weight) of a REINFORCE micro-batch: its loss is sum_t coef_t * logp_t
+    over the packed rows, the mean the step averages micro-batches by `weight`, so the step's loss
+    is, for S samples with advantages A_s and response tokens T_s in the whole step:
+      token-mean     sum_s sum_t -A_s logp_t / sum_s |T_s|        (weight: response tokens)
+      sequence-mean  mean_s (sum_t -A_s logp_t / |T_s|)            (weight: samples)
+      sequence-sum   mean_s (sum_t -A_s logp_t)                    (weight: samples)
+    advantages [S]; sample_of [N] int64 (each row's sample); mask [N] bool (response rows)."""
+    if normalisation not in PG_NORMALISATIONS:
+        raise ValueError(f"normalisation={normalisation!r}; choose one of {PG_NORMALISATIONS}")
+    n_samples = advantages.numel()
+    per_row = -advantages.double()[sample_of]
+    if normalisation == "token-mean":
+        weight = int(mask.sum())
+        per_row = per_row / max(weight, 1)
+    else:
+        weight = n_samples
+        if normalisation == "sequence-mean":
+            lengths = torch.zeros(n_samples, dtype=torch.float64, device=mask.device)
+            lengths.index_add_(0, sample_of, mask.double())
+            per_row = per_row / lengths.clamp(min=1)[sample_of]
+        per_row = per_row / max(n_samples, 1)
+    return torch.where(mask, per_row, torch.zeros_like(per_row)).float(), weight

@@ -1,4 +1,4 @@
-"""The REINFORCE trainer with a leave-one-out baseline (recipe.md section 2, NeMo-Aligner's RLOO).
+"""The REINFORCE trainer with a leave-one-out baseline (recipe.md section 2; presets: section 5).
 
 One rollout (every `updates_per_rollout` optimizer steps), in four timed phases:
   generate  k samples per prompt with the KV-cache generate() (temperature, top-p, top-k);
@@ -11,17 +11,19 @@ One rollout (every `updates_per_rollout` optimizer steps), in four timed phases:
             update's own forward (PolicyLoss), detached. Then per micro-batch
             (micro_batch_terms) the per-sequence KL with sequence_kl, R = r - beta * KL, RLOO
             advantages over the EOS-ended samples;
-then each optimizer step of the rollout (update) takes its slice of the prompts and minimises the
-masked token mean of -logp_t * (R - b) (ratio-clipped if clip_eps_*) with linear_policy_loss (its
-gradients formed in the forward). The shared TrainLoop does accumulation, clipping, AdamW, the
-cosine schedule, checkpoints and metrics; RolloutLoop makes the batches while training and keeps
-an unfinished rollout in its checkpoints, so a resume inside a rollout continues exactly.
+then each optimizer step of the rollout (update) takes its slice of the prompts and minimises
+-logp_t * (R - b) over the response tokens, normalised by loss_normalisation (ratio-clipped
+if clip_eps_*), with linear_policy_loss (its gradients formed in the forward). The shared TrainLoop
+does accumulation, clipping, AdamW, the lr schedule, checkpoints and metrics; RolloutLoop makes
+the batches while training and keeps an unfinished rollout in its checkpoints, so a resume inside
+a rollout continues exactly.
 OUT/final is the policy in HF layout.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 import warnings
@@ -38,7 +40,7 @@ from nemokern.model import Llama, LlamaConfig, generate
 from nemokern.model.deferred import is_deferred
 from nemokern.model.generate import position_fix
 from nemokern.parallel.fsdp import full_weights
-from nemokern.train.config import ConfigError, TrainConfig, option, option_error
+from nemokern.train.config import SCHEDULES, ConfigError, TrainConfig, option, option_error
 from nemokern.train.loop import (
     StepOutput,
     TrainLoop,
@@ -46,6 +48,7 @@ from nemokern.train.loop import (
     reads_deferred,
     tp_group_for,
 )
+from nemokern.train.losses import PG_NORMALISATIONS, TRUNCATED
 from nemokern.train.rollout import (
     DEFERRED_SUMS,
     PolicyLoss,
@@ -60,6 +63,7 @@ from nemokern.train.rollout import (
     pack,
     policy_terms,
     ratio_clip,
+    stop_length,
 )
 
 KL_ESTIMATORS = ("k1", "abs", "k2", "k3")
@@ -77,9 +81,7 @@ class ReinforceConfig(TrainConfig):
     )
 
     lr: float = option(9e-7, "peak learning rate (recipe: 9e-7)")
-    schedule: str = option(
-        "cosine", "learning-rate schedule after the warmup", choices=("constant", "cosine")
-    )
+    schedule: str = option("cosine", "learning-rate schedule after the warmup", choices=SCHEDULES)
     min_lr: float = option(9e-8, "final learning rate of the cosine schedule")
     policy: str = option(
         "tiny",
@@ -127,8 +129,41 @@ class ReinforceConfig(TrainConfig):
     )
     truncation_penalty: float | None = option(
         None,
-        "count truncated samples (no EOS) in the baseline with "
-        "R - this penalty; unset: they are left out (advantage 0)",
+        "count truncated samples (no EOS or stop string) in the baseline with R - this penalty "
+        "(implies --truncated kept)",
+    )
+    truncated: str = option(
+        "zero-advantage",
+        "samples that end without EOS or a stop string: zero-advantage (out of the baselines, "
+        "advantage 0, counted in the loss's mean), trained (out of the baselines, advantage R "
+        "minus the mean R of the prompt's ended samples) or kept (like any other sample)",
+        choices=TRUNCATED,
+    )
+    loss_normalisation: str = option(
+        "token-mean",
+        "the update's loss over a step's samples s with advantage A_s: token-mean (sum of "
+        "-A_s logp_t over every response token / their number), sequence-mean (mean over samples "
+        "of -A_s times the sample's mean logp_t) or sequence-sum (mean over samples of -A_s "
+        "times the sample's summed logp_t)",
+        choices=PG_NORMALISATIONS,
+    )
+    normalize_advantages: bool = option(
+        False,
+        "scale each micro-batch's advantages to mean 0, std 1 (std + 1e-4) over its trained "
+        "samples",
+    )
+    temperature_in_logprobs: bool = option(
+        True, "divide the logits by --temperature in every log-prob (off: the raw logits)"
+    )
+    stop_strings: list[str] = option(
+        [],
+        "a sample also ends (and counts as ended) when its decoded text ends with one of these; "
+        "it is cut there, the stop string kept",
+    )
+    save_rollouts: int = option(
+        0,
+        "every N steps write OUT/rollouts/step-XXXXXXXX.jsonl, one line per sample of the step "
+        "(0: never)",
     )
     allow_no_eos_steps: int = option(
         4,
@@ -181,7 +216,17 @@ class ReinforceConfig(TrainConfig):
             raise ConfigError(
                 f"allow_no_eos_steps = {self.allow_no_eos_steps} must be >= 0, or -1 (any number)"
             )
-        for name in ("top_k", "generation_batch_size", "beta"):
+        if self.truncation_penalty is not None:
+            if self.truncated == "trained":
+                raise option_error(
+                    "truncation_penalty",
+                    "applies to samples kept in the baselines; --truncated trained leaves them "
+                    "out: drop one of the two",
+                )
+            self.truncated = "kept"  # the penalty's meaning since it exists
+        if any(not s for s in self.stop_strings):
+            raise option_error("stop_strings", "an empty stop string would end every sample")
+        for name in ("top_k", "generation_batch_size", "beta", "save_rollouts"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} = {getattr(self, name)} must not be negative")
         for name in ("clip_eps_low", "clip_eps_high"):
@@ -196,6 +241,11 @@ class ReinforceConfig(TrainConfig):
             )
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p = {self.top_p} must be in (0, 1]")
+
+    @property
+    def logprob_temperature(self) -> float:
+        """The temperature every log-prob divides the logits by."""
+        return self.temperature if self.temperature_in_logprobs else 1.0
 
 
 # ---- the trainer ---------------------------------------------------------------------------------
@@ -382,11 +432,17 @@ class ReinforceTrainer:
                         # FSDP's units keep their hooks while gathered: eager decoding (CUDA graphs
                         # over them are unverified)
                         compile=False if loop.fsdp else None,
+                        stop=self._stop_strings_seen if cfg.stop_strings else None,
                     )
                     lengths = g.lengths.tolist()
                     responses += [g.tokens[j, :n].cpu() for j, n in enumerate(lengths)]
                     ended.append(g.ended_with_eos.cpu())
             ended = torch.cat(ended)
+            if cfg.stop_strings:
+                for j, r in enumerate(responses):
+                    n = stop_length(r.tolist(), tok.decode, cfg.stop_strings)
+                    if n is not None:
+                        responses[j], ended[j] = r[:n], True
             seconds["generate_s"] = self._lap(t, device)
 
             # micro-batch boundaries over the flat sample list
@@ -402,6 +458,7 @@ class ReinforceTrainer:
             # ---- score
             t = time.perf_counter()
             rewards = torch.zeros(len(rows), dtype=torch.float64)
+            parts = {}  # each reward source's raw scores, for --save-rollouts
             if self.reward_fn is not None:
                 prompts = [
                     self.prompts[p] for step in groups for mb in step for p in mb for _ in range(k)
@@ -411,9 +468,10 @@ class ReinforceTrainer:
                     for p, r in zip(prompts, responses)
                 ]
                 columns = {c: [p.columns.get(c) for p in prompts] for c in self.columns}
-                rewards += cfg.reward_fn_weight * call_reward_fn(
+                parts["reward_fn"] = call_reward_fn(
                     self.reward_fn, [p.prompt for p in prompts], completions, columns
                 )
+                rewards += cfg.reward_fn_weight * parts["reward_fn"]
             if self.reward_model is not None:
                 if offload:
                     self.reward_model.to(device)
@@ -428,7 +486,8 @@ class ReinforceTrainer:
                                 parents=b.get("parents"),
                             )
                             scores.append(out[:, self.reward_column].double().cpu())
-                rewards += cfg.reward_model_weight * torch.cat(scores)
+                parts["reward_model"] = torch.cat(scores)
+                rewards += cfg.reward_model_weight * parts["reward_model"]
                 if offload:
                     self.reward_model.to("cpu")
             seconds["score_s"] = self._lap(t, device)
@@ -441,7 +500,8 @@ class ReinforceTrainer:
             lengths = torch.tensor([r.numel() for r in responses], dtype=torch.float64)
             steps, sums = [], []
             with torch.no_grad():
-                for step_spans, step_packs in zip(spans, packs):
+                for i, (step_spans, step_packs) in enumerate(zip(spans, packs)):
+                    saved = cfg.save_rollouts and (first_step + i + 1) % cfg.save_rollouts == 0
                     a, b = step_spans[0][0], step_spans[-1][1]
                     r = rewards[a:b]
                     sums.append(
@@ -461,25 +521,30 @@ class ReinforceTrainer:
                             "cu_seqlens": p["cu_seqlens"],
                             "targets": p["targets"],
                             "sample_cu": p["sample_cu"],
-                            "n_tokens": int((p["targets"] != -100).sum()),
                             "rows": [int(x) for x in mb],
                         }
                         if "parents" in p:
                             batch["parents"] = p["parents"]
+                        if saved:
+                            batch["record"] = self._record_inputs(
+                                rows[a:b],
+                                responses[a:b],
+                                rewards[a:b],
+                                ended[a:b],
+                                {name: v[a:b] for name, v in parts.items()},
+                                a == step_spans[0][0],
+                            )
                         ids, cu, targets, sample_cu = (
                             p[n].to(device)
                             for n in ("input_ids", "cu_seqlens", "targets", "sample_cu")
                         )
                         parents = p.get("parents")
                         ref = self.reference_logprobs(ids, cu, targets, parents)
-                        if defer:
-                            batch.update(
-                                ref_logprobs=ref.cpu(), rewards=rewards[a:b], ended=ended[a:b]
-                            )
-                        else:
+                        batch.update(ref_logprobs=ref.cpu(), rewards=rewards[a:b], ended=ended[a:b])
+                        if not defer:
                             with full_weights(loop.model):  # --fsdp: gathered for this forward
                                 h = self.policy.hidden_states(ids, cu_seqlens=cu, parents=parents)
-                                coef, stats, logprobs = policy_terms(
+                                terms = policy_terms(
                                     self.policy,
                                     h,
                                     targets,
@@ -489,16 +554,27 @@ class ReinforceTrainer:
                                     ended[a:b].to(device),
                                     cfg,
                                 )
-                            batch["coef"] = coef.cpu()
+                            batch.update(
+                                coef=terms.coef.cpu(),
+                                weight=terms.weight,
+                                samples={n: v.cpu() for n, v in terms.samples.items()},
+                            )
                             if ratio_clip(cfg):  # the sampling policy's, for the ratio
-                                batch["old_logprobs"] = logprobs.cpu()
-                            add_sums(sums[-1], stats)
+                                batch["old_logprobs"] = batch["samples"]["logprobs"]
+                            add_sums(sums[-1], terms.stats)
                         batches.append(batch)
                     steps.append(batches)
             if offload:
                 self.reference.to("cpu")
             seconds["logprobs_s"] = self._lap(t, device)
         return {"steps": steps, "sums": sums, "seconds": seconds}
+
+    def _stop_strings_seen(self, tokens, lengths) -> torch.Tensor:
+        """generate()'s `stop`: the rows [B] whose text so far ends a prefix with a stop string
+        (cut at that prefix after generation, stop_length)."""
+        stops, decode = self.config.stop_strings, self.tokenizer.decode
+        rows = zip(tokens.cpu().tolist(), lengths.cpu().tolist())
+        return torch.tensor([stop_length(t[:n], decode, stops) is not None for t, n in rows])
 
     @staticmethod
     def _lap(start: float, device) -> float:
@@ -529,14 +605,64 @@ class ReinforceTrainer:
                 ended=batch["ended"],
                 **shared,
             )
-            self.loop.add_to_step(getattr(model, "module", model).stats)
+            terms = getattr(model, "module", model).terms
+            self.loop.add_to_step(terms.stats)
+            batch = {**batch, "weight": terms.weight, "samples": terms.samples}
+        if "record" in batch:
+            self._save_rollout(batch)
         return StepOutput(
             loss,
-            weight=batch["n_tokens"],
+            weight=batch["weight"],
             tokens=batch["input_ids"].numel(),
             rows=batch["rows"],
             metrics=getattr(model, "module", model).metrics,  # with a ratio: clip_fraction...
         )
+
+    def _record_inputs(self, prompt_ids, responses, rewards, ended, parts, first) -> dict:
+        """What a saved rollout line needs beyond the micro-batch's tensors (--save-rollouts)."""
+        return {
+            "prompt_ids": [list(map(int, p)) for p in prompt_ids],
+            "completion_ids": [r.tolist() for r in responses],
+            "reward": rewards.tolist(),
+            "ended": ended.tolist(),
+            "parts": {n: v.tolist() for n, v in parts.items()},
+            "first": first,
+        }
+
+    def _save_rollout(self, batch) -> None:
+        """Append the micro-batch's samples to OUT/rollouts/step-XXXXXXXX.jsonl (the step's first
+        micro-batch starts the file; under data parallelism each process writes its own file,
+        -rankNN, and under --tp the group's first rank)."""
+        loop, rec, smp = self.loop, batch["record"], batch["samples"]
+        if loop.dist.rank % self.config.tp:
+            return
+        name = f"step-{loop.step + 1:08d}"
+        if loop.dist.dp_size > 1:
+            name += f"-rank{loop.dist.dp_rank:02d}"
+        path = Path(self.config.out) / "rollouts" / f"{name}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        targets, cu = batch["targets"].cpu(), batch["sample_cu"].cpu()
+        policy, ref = smp["logprobs"].double().cpu(), batch["ref_logprobs"].double().cpu()
+        decode = self.tokenizer.decode
+        with open(path, "w" if rec["first"] else "a", encoding="utf-8") as f:
+            for s, ids in enumerate(rec["completion_ids"]):
+                rows = torch.arange(int(cu[s]), int(cu[s + 1]))
+                rows = rows[targets[rows] != -100]
+                line = {
+                    "prompt": decode(rec["prompt_ids"][s]),
+                    "completion": decode(ids, skip_special=True),  # as the reward_fn sees it
+                    "completion_ids": ids,
+                    "logprobs": policy[rows].tolist(),
+                    "ref_logprobs": ref[rows].tolist(),
+                    "reward": rec["reward"][s],
+                    **{n: v[s] for n, v in rec["parts"].items()},
+                    "kl": float(smp["kl"][s]),
+                    "reward_with_kl": float(smp["score"][s]),
+                    "baseline": float(smp["baseline"][s]),
+                    "advantage": float(smp["advantage"][s]),
+                    "ended": bool(rec["ended"][s]),
+                }
+                f.write(json.dumps(line) + "\n")
 
     def _groups(self, per_micro: int) -> list[list[int]]:
         n = len(self.prompts) // per_micro
@@ -553,7 +679,7 @@ class ReinforceTrainer:
         return the per-step records."""
         cfg = self.config
         start = time.perf_counter()
-        model = PolicyLoss(self.policy, cfg.temperature, cfg)
+        model = PolicyLoss(self.policy, cfg.logprob_temperature, cfg)
         world = dp_size_of(cfg)  # the loop's data parallelism
         per_step_micro = cfg.grad_accum * world
         if cfg.prompts_per_step % per_step_micro:
@@ -571,7 +697,7 @@ class ReinforceTrainer:
             rollout=self._rollout,
             updates_per_rollout=cfg.updates_per_rollout,
         )
-        self.reference_logprobs = TokenLogprobs(self.reference, cfg.temperature)
+        self.reference_logprobs = TokenLogprobs(self.reference, cfg.logprob_temperature)
         for module in filter(None, (self.reference_logprobs, self.reward_model)):
             self.loop.place_frozen(module, offload=cfg.offload)
         history = self.loop.fit()

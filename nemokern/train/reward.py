@@ -38,7 +38,13 @@ from nemokern.train.loop import (
     setup_distributed,
     tp_group_for,
 )
-from nemokern.train.losses import HELPFULNESS, bradley_terry_loss, pair_accuracy, regression_loss
+from nemokern.train.losses import (
+    HELPFULNESS,
+    TIES,
+    bradley_terry_loss,
+    pair_accuracy,
+    regression_loss,
+)
 from nemokern.train.rewardbench import accuracy_report
 
 LOSSES = ("regression", "helpfulness", "bt", "margin-bt", "scaled-bt")
@@ -78,6 +84,13 @@ class RewardConfig(TrainConfig):
         "regression (9 attributes), helpfulness (column 4 only), "
         "bt, margin-bt or scaled-bt (pairs)",
         choices=LOSSES,
+    )
+    ties: str = option(
+        "drop",
+        "BT losses, pairs of preference strength 0: drop (out of the loss and its mean) or count "
+        "(response_2 as the chosen one: regular and margin BT push it up, scaled BT adds 0 that "
+        "still counts in the mean)",
+        choices=TIES,
     )
     init: str = option(
         "",
@@ -164,8 +177,9 @@ def trained_attributes(loss: str, data) -> set[str]:
     return {ATTRIBUTES[i] for i in labelled}
 
 
-def reward_loss(loss: str, rewards: torch.Tensor, batch):
-    """(LossValue, metrics) of one packed batch's rewards [S, K] under `loss`."""
+def reward_loss(loss: str, rewards: torch.Tensor, batch, ties: str = "drop"):
+    """(LossValue, metrics) of one packed batch's rewards [S, K] under `loss` (BT losses: ties
+    as losses.bradley_terry_loss takes them)."""
     if loss in ("regression", "helpfulness"):
         columns = (HELPFULNESS,) if loss == "helpfulness" else None
         value = regression_loss(rewards, batch.labels, columns=columns)
@@ -174,7 +188,7 @@ def reward_loss(loss: str, rewards: torch.Tensor, batch):
         mae = err.mean().detach() if err.numel() else torch.zeros((), device=rewards.device)
         return value, {"helpfulness_mae": mae}
     r = rewards[:, HELPFULNESS].view(-1, 2)  # sequence 2p: pair p's chosen, 2p + 1: rejected
-    value = bradley_terry_loss(r[:, 0], r[:, 1], batch.strength, kind=_BT_KIND[loss])
+    value = bradley_terry_loss(r[:, 0], r[:, 1], batch.strength, kind=_BT_KIND[loss], ties=ties)
     accuracy = pair_accuracy(r[:, 0].detach(), r[:, 1].detach(), batch.strength)
     return value, {"accuracy": accuracy}
 
@@ -297,11 +311,14 @@ class RewardTrainer:
         )
         check_loss_fits_data(config.loss, self.train_data.kind, self.train_data.layout, config.data)
         data = self.train_data
-        if data.kind == "pairs" and data.useless == len(data):
+        # with --ties count, regular and margin BT learn from ties (response_2 as the chosen)
+        ties_train = config.ties == "count" and config.loss in ("bt", "margin-bt")
+        if data.kind == "pairs" and (data.identical if ties_train else data.useless) == len(data):
             raise ValueError(
                 f"{config.data}: none of its {len(data)} pairs can train {config.loss}: "
-                f"{data.ties} are ties (preference strength 0, left out of BT losses) and "
-                f"{data.identical} have chosen and rejected the same tokens"
+                f"{data.ties} are ties (preference strength 0, left out of BT losses unless "
+                f"--ties count with bt or margin-bt) and {data.identical} have chosen and "
+                "rejected the same tokens"
             )
         self.eval_data = None
         if config.eval_data:
@@ -348,7 +365,9 @@ class RewardTrainer:
 
     def _step(self, model, batch) -> StepOutput:
         # model is the DDP wrapper under torchrun: batch_rewards calls it, so DDP sees the forward
-        value, metrics = reward_loss(self.config.loss, batch_rewards(model, batch), batch)
+        value, metrics = reward_loss(
+            self.config.loss, batch_rewards(model, batch), batch, self.config.ties
+        )
         return StepOutput(
             value.loss,
             weight=value.count,
@@ -384,7 +403,7 @@ class RewardTrainer:
         with torch.no_grad():
             for batch in batches:
                 b = move_to(batch, device)
-                value, _ = reward_loss(cfg.loss, batch_rewards(model, b), b)
+                value, _ = reward_loss(cfg.loss, batch_rewards(model, b), b, cfg.ties)
                 total += float(value.loss) * int(value.count)
                 count += int(value.count)
         return {"loss": total / count if count else math.nan}

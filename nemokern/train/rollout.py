@@ -14,6 +14,7 @@ import numbers
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -24,7 +25,12 @@ from nemokern.model.reward import HEAD_WEIGHTS, check_reward_directory, check_tr
 from nemokern.ops import linear_logprobs, linear_policy_loss, sequence_kl
 from nemokern.train.config import option_error
 from nemokern.train.loop import NonFiniteError, TrainLoop
-from nemokern.train.losses import rloo_advantages
+from nemokern.train.losses import (
+    TRUNCATED,
+    normalise_advantages,
+    policy_gradient_coefficients,
+    rloo_advantages,
+)
 
 PHASES = ("generate_s", "score_s", "logprobs_s")
 DEFERRED_SUMS = ("kl", "score", "entropy", "advantage", "advantage_sq")  # micro_batch_terms
@@ -76,6 +82,25 @@ def load_reward_model(
         check_trained(model.trained_attributes, attribute, "--attribute")
         return model, model.attributes.index(attribute)
     return model, 0
+
+
+def stop_length(ids: list[int], decode: Callable, stop_strings) -> int | None:
+    """The length of the shortest prefix of the response `ids` whose decoded text (special
+    tokens kept) ends with one of `stop_strings`; None if none does. One decode when the text
+    holds no stop string; otherwise a bisection for the first prefix that holds one (a longer
+    prefix decodes to a longer text), then a scan from there for one that ends with one."""
+    stops = tuple(stop_strings)
+    if not any(s in decode(ids) for s in stops):
+        return None
+    lo, hi = 1, len(ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        text = decode(ids[:mid])
+        if any(s in text for s in stops):
+            hi = mid
+        else:
+            lo = mid + 1
+    return next((n for n in range(lo, len(ids) + 1) if decode(ids[:n]).endswith(stops)), None)
 
 
 class RewardFunctionError(RuntimeError):
@@ -162,29 +187,54 @@ def call_reward_fn(fn: Callable, prompts: list, completions: list, columns: dict
     return torch.tensor(values, dtype=torch.float64)
 
 
-def kl_regularised_advantages(rewards, kl, ended, k: int, *, beta: float, truncation_penalty=None):
-    """(R, advantages), both [P * k] float32, for P prompts of k samples (each prompt's k
+def kl_regularised_advantages(
+    rewards,
+    kl,
+    ended,
+    k: int,
+    *,
+    beta: float,
+    truncation_penalty=None,
+    truncated: str = "zero-advantage",
+):
+    """(R, advantages), both [P * k] float64, for P prompts of k samples (each prompt's k
     contiguous).
 
-    R = r - beta * KL; a sample that did not end with EOS is left out of the baseline (advantage 0),
-    or with truncation_penalty counts with R - truncation_penalty. Advantages: RLOO
-    (train/losses.rloo_advantages) over the counted samples of each prompt.
+    R = r - beta * KL. A sample that did not end (no EOS or stop string), by `truncated`:
+    zero-advantage: out of the baselines, advantage 0; trained: out of the baselines, advantage
+    R minus the mean R of the prompt's ended samples; kept (also whenever truncation_penalty is
+    given): like any other sample, with R - truncation_penalty. Advantages: RLOO
+    (train/losses.rloo_advantages).
     """
-    scores = rewards.float() - beta * kl.float()
+    if truncated not in TRUNCATED:
+        raise ValueError(f"truncated={truncated!r}; choose one of {TRUNCATED}")
+    scores = rewards.double() - beta * kl.double()
     valid = ended.bool()
-    if truncation_penalty is not None:
-        scores = torch.where(valid, scores, scores - truncation_penalty)
+    if truncated == "kept" or truncation_penalty is not None:  # a penalty implies kept
+        if truncation_penalty is not None:
+            scores = torch.where(valid, scores, scores - truncation_penalty)
         valid = torch.ones_like(valid)
-    adv = rloo_advantages(scores.view(-1, k), valid.view(-1, k)).flatten()
+    adv = rloo_advantages(
+        scores.view(-1, k), valid.view(-1, k), train_invalid=truncated == "trained"
+    ).flatten()
     return scores, adv
 
 
+class Terms(NamedTuple):
+    """What micro_batch_terms forms for one micro-batch."""
+
+    coef: torch.Tensor  # [N] float32: the update's loss is sum_t coef_t * logp_t
+    weight: int  # what the step's mean counts this micro-batch as (tokens or samples)
+    stats: dict  # sums of kl, score, entropy, advantage, advantage_sq
+    samples: dict  # per sample [S] float64: kl, score (R), baseline, advantage; logprobs [N]
+
+
 def micro_batch_terms(logprobs, entropy, ref_logprobs, targets, sample_cu, rewards, ended, cfg):
-    """One packed micro-batch of whole prompts (k samples each): the update's coefficients
-    coef [N] float32 = -(R - b)/n_tokens on response tokens (0 elsewhere) and the sums of its
-    statistics (kl, score, entropy, advantage, advantage_sq). logprobs/entropy [N] of the policy,
-    ref_logprobs [N] of the reference, targets [N] (-100 off the responses), sample_cu [S + 1]
-    (sample s's rows, as pack() gives them), rewards [S] float64 and ended [S] bool per sample."""
+    """One packed micro-batch of whole prompts (k samples each): Terms (the update's
+    coefficients by cfg.loss_normalisation, losses.policy_gradient_coefficients, and the sums of
+    its statistics). logprobs/entropy [N] of the policy, ref_logprobs [N] of the reference,
+    targets [N] (-100 off the responses), sample_cu [S + 1] (sample s's rows, as pack() gives
+    them), rewards [S] float64 and ended [S] bool per sample."""
     mask = targets != -100
     kl = sequence_kl(
         logprobs,
@@ -198,11 +248,19 @@ def micro_batch_terms(logprobs, entropy, ref_logprobs, targets, sample_cu, rewar
     seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
     per_seq_entropy = torch.zeros(lengths.numel(), dtype=torch.float64, device=lengths.device)
     per_seq_entropy.index_add_(0, seq, (entropy * mask).double())
-    scores, adv = kl_regularised_advantages(
-        rewards, kl, ended, cfg.k, beta=cfg.beta, truncation_penalty=cfg.truncation_penalty
+    scores, raw = kl_regularised_advantages(
+        rewards,
+        kl,
+        ended,
+        cfg.k,
+        beta=cfg.beta,
+        truncation_penalty=cfg.truncation_penalty,
+        truncated=cfg.truncated,
     )
-    n_tokens = max(int(mask.sum()), 1)
-    coef = torch.where(mask, -adv[seq] / n_tokens, torch.zeros((), device=adv.device)).float()
+    adv = raw
+    if cfg.normalize_advantages:
+        adv = normalise_advantages(raw, ended.bool() | (cfg.truncated != "zero-advantage"))
+    coef, weight = policy_gradient_coefficients(adv, seq, mask, cfg.loss_normalisation)
     a = adv.double()
     stats = {
         "kl": float(kl.sum()),
@@ -211,7 +269,14 @@ def micro_batch_terms(logprobs, entropy, ref_logprobs, targets, sample_cu, rewar
         "advantage": float(a.sum()),
         "advantage_sq": float((a * a).sum()),
     }
-    return coef, stats
+    samples = {
+        "kl": kl,
+        "score": scores.double(),
+        "baseline": scores.double() - raw.double(),
+        "advantage": a,
+        "logprobs": logprobs.detach(),
+    }
+    return Terms(coef, weight, stats, samples)
 
 
 def ratio_clip(cfg) -> tuple[float, float] | None:
@@ -271,22 +336,19 @@ def _head(model: Llama, hidden: torch.Tensor) -> torch.Tensor:
 
 def policy_terms(policy, hidden, targets, sample_cu, ref_logprobs, rewards, ended, cfg):
     """micro_batch_terms from the policy's hidden states [N, H] (detached: the coefficients carry
-    no gradient): its log-probs and entropy of the targets at cfg.temperature, through the LM
-    head (this rank's vocabulary shard under tensor parallelism). Returns (coef, stats, the
-    log-probs [N])."""
+    no gradient): its log-probs and entropy of the targets at cfg.logprob_temperature, through
+    the LM head (this rank's vocabulary shard under tensor parallelism). Returns Terms; its
+    samples["logprobs"] are the log-probs [N]."""
     with torch.no_grad():
         lp, ent = linear_logprobs(
             hidden.detach(),
             _head(policy, hidden).detach(),
             targets,
-            temperature=cfg.temperature,
+            temperature=cfg.logprob_temperature,
             return_entropy=True,
             tp_group=policy.tp_group,
         )
-        coef, stats = micro_batch_terms(
-            lp, ent, ref_logprobs, targets, sample_cu, rewards, ended, cfg
-        )
-        return coef, stats, lp
+        return micro_batch_terms(lp, ent, ref_logprobs, targets, sample_cu, rewards, ended, cfg)
 
 
 def add_sums(into: dict, stats: dict) -> None:
@@ -322,7 +384,7 @@ class PolicyLoss(nn.Module):
         super().__init__()
         self.policy, self.temperature, self.config = policy, temperature, config
         self.clip = ratio_clip(config)
-        self.stats: dict = {}
+        self.terms: Terms | None = None
         self.metrics: dict = {}
 
     def forward(
@@ -340,15 +402,15 @@ class PolicyLoss(nn.Module):
     ):
         """The loss for given coef; or, with coef None, coef from this very forward's
         (detached) log-probs of the targets and the rollout's ref_logprobs, rewards and ended
-        (micro_batch_terms over the samples sample_cu delimits; its statistics are left in
-        self.stats): the policy log-probs that the KL needs, taken from the update's forward
+        (micro_batch_terms over the samples sample_cu delimits; its Terms are left in
+        self.terms): the policy log-probs that the KL needs, taken from the update's forward
         instead of a no-grad forward of their own. parents: pack()'s shared prompts. With ratio
         clipping (config's clip_eps_*), the ratio is to old_logprobs, the rollout's log-probs of
         the policy (with coef None: this forward's own, the policy that sampled), and
         policy_gradient_loss's metrics are left in self.metrics."""
         hidden = self.policy.hidden_states(input_ids, cu_seqlens=cu_seqlens, parents=parents)
         if coef is None:
-            coef, self.stats, old_logprobs = policy_terms(
+            self.terms = policy_terms(
                 self.policy,
                 hidden,
                 targets,
@@ -358,6 +420,7 @@ class PolicyLoss(nn.Module):
                 ended,
                 self.config,
             )
+            coef, old_logprobs = self.terms.coef, self.terms.samples["logprobs"]
         loss, self.metrics = policy_gradient_loss(
             hidden,
             _head(self.policy, hidden),
@@ -535,12 +598,12 @@ class RolloutLoop(TrainLoop):
         )
 
     def _check_eos(self, step: int, ended: int, samples: int) -> None:
-        """A step none of whose samples ended with EOS learns nothing (every advantage is 0)
-        unless truncated samples count (truncation_penalty): warn at the first, stop with a
-        ValueError once more than config.allow_no_eos_steps such steps follow one another (-1:
-        never)."""
+        """A step none of whose samples ended (EOS or a stop string) learns nothing (every
+        advantage is 0) unless truncated samples are trained (config.truncated): warn at the
+        first, stop with a ValueError once more than config.allow_no_eos_steps such steps follow
+        one another (-1: never)."""
         cfg = self.config
-        if ended or cfg.truncation_penalty is not None:
+        if ended or cfg.truncated != "zero-advantage":  # truncation_penalty implies "kept"
             self.no_eos_steps = 0
             return
         self.no_eos_steps += 1
