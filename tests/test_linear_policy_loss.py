@@ -23,20 +23,11 @@ import nemokern.kernels.linear_policy_loss as P
 from helpers import IGNORE, INTERPRETER_NOISE, run_ranks
 from helpers import policy_inputs as make_inputs
 from helpers import policy_run as run
+from helpers import policy_small_tiles as small_tiles
 from helpers import policy_vs_float64 as check_against_float64
 from nemokern.ops import linear_logprobs, linear_policy_loss
 
 pytestmark = INTERPRETER_NOISE
-
-
-def small_tiles(monkeypatch):
-    """Tiles small enough that the interpreter walks several token/vocabulary/H tiles, vocabulary
-    splits and token chunks (the chunk budget rounds up to one 16-token tile)."""
-    for dt in (torch.float32, torch.bfloat16):
-        monkeypatch.setitem(L._CONFIGS, dt, (16, 32, 16, 4, 1))
-    monkeypatch.setattr(P, "_CHUNK_BYTES", 1)
-    monkeypatch.setattr(P, "_DLOGITS_CONFIG", (8, 32, 4))
-    monkeypatch.setattr(L, "_BWD_CHUNK_BYTES", 1)
 
 
 TORCH_CASES = [

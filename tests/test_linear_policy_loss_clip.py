@@ -14,10 +14,10 @@ import math
 
 import pytest
 import torch
-from test_linear_policy_loss import small_tiles
 
 import nemokern.kernels.linear_policy_loss as P
 from helpers import IGNORE, INTERPRETER_NOISE, error_vs
+from helpers import policy_small_tiles as small_tiles
 from nemokern.ops import linear_policy_loss
 
 pytestmark = INTERPRETER_NOISE
@@ -298,3 +298,24 @@ def test_bad_clip_arguments_raise_clear_errors():
         h, w, t, -c, old_logprobs=old - 50, clip=(0.2, math.inf), return_ratio=True
     )
     assert not clipped.any() and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("shape,hidden_size,vocab,dtype,temperature,margin", TRITON_CASES)
+def test_cublas_chunk_path_matches_float64(
+    triton_backend, monkeypatch, shape, hidden_size, vocab, dtype, temperature, margin
+):
+    """The second CUDA path (kernels/policy_loss_cublas.py, chosen through its path table;
+    torch.mm on CPU tensors, its kernel interpreted): statistics pass, the chunk's clipped
+    coefficients, then the d(logits) pass, in token chunks of 8 rows."""
+    import nemokern.kernels.policy_loss_cublas as C
+
+    entry = {"path": "cublas", "chunk_rows": 8}
+    monkeypatch.setattr(C, "_table", lambda: {"cpu": {"float32": entry, "bfloat16": entry}})
+    monkeypatch.setattr(C, "_CONFIG", (32, 4))
+    passes = []
+    real = C.chunk_dlogits
+    monkeypatch.setattr(C, "chunk_dlogits", lambda z, *a: passes.append(len(z)) or real(z, *a))
+    inputs = make_clip_inputs(shape, hidden_size, vocab, dtype, temperature, margin, seed=1)
+    check_clipped(*inputs, temperature, f"cublas {shape} V={vocab} {dtype}")
+    kept = int((inputs[2] != IGNORE).sum())
+    assert passes == [min(8, kept - i) for i in range(0, kept, 8)]

@@ -10,7 +10,9 @@ Per token chunk of C rows (the same 6 N*H*V FLOPs as kernels/linear_policy_loss.
    no formula restated); logp and entropy follow from the statistics by `combine_stats`;
 3. dhidden_c = dz @ weight and dweight += dz.T @ hidden_c (fp32 accumulator) by cuBLAS, in
    kernels/linear_policy_loss.py's `_by_token_chunks`, the skeleton every path of the op shares.
-The coefficient is the plain one (d loss / d logp = coef).
+With importance-ratio clipping (the op's old_logprobs and clip) the coefficient of d(logits)
+depends on the token's own logp (kernels/linear_policy_loss.py's `ratio_terms`): the kernel then
+runs twice, statistics first and d(logits) after the coefficient is formed.
 
 Which path kernels/linear_policy_loss.py runs on a GPU (this one or its all-Triton path, which
 computes the logits with tl.dot) and this path's chunk rows come from a table measured on that
@@ -39,48 +41,95 @@ _CONFIG = (4096, 8)
 
 @triton.jit
 def _chunk_policy_kernel(
-    z_ptr, tgt_ptr, coef_ptr, parts_ptr, V, stride_z, inv_t, BLOCK_V: tl.constexpr
+    z_ptr,
+    tgt_ptr,
+    coef_ptr,
+    parts_ptr,
+    norm_ptr,
+    V,
+    stride_z,
+    inv_t,
+    BLOCK_V: tl.constexpr,
+    STATS: tl.constexpr,
+    DLOGITS: tl.constexpr,
 ):
-    """Row `program_id` of the logits block z [C, V] (unscaled, any float dtype): its statistics
-    parts (m, s, t, zt of z / T) -> parts [C, 4] float32, then z's row is overwritten by
-    d(coef * logp)/d(logits) in z's dtype. A target outside [0, V) gives a NaN zt."""
+    """Row `program_id` of the logits block z [C, V] (unscaled, any float dtype). STATS: its
+    statistics parts (m, s, t, zt of z / T) -> parts [C, 4] float32 (a target outside [0, V)
+    gives a NaN zt). DLOGITS: z's row is overwritten by coef * d(logp)/d(logits) in z's dtype,
+    from this pass's statistics, or without STATS from norm [C, 2] = (m, log s)."""
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
     tgt = tl.load(tgt_ptr + row)
-    coef = tl.load(coef_ptr + row)
     cols = tl.arange(0, BLOCK_V)
-    m = -float("inf")
-    s = 0.0
-    t = 0.0
-    for start in range(0, V, BLOCK_V):
-        z = tl.load(z_row + start + cols, mask=start + cols < V, other=-float("inf"))
-        m, s, t = online_softmax_step(m, s, t, z.to(tl.float32) * inv_t, 0)
-    inside = (tgt >= 0) & (tgt < V)
-    zt = tl.load(z_row + tl.where(inside, tgt, 0)).to(tl.float32) * inv_t
-    zt = tl.where(inside, zt, float("nan"))
-    tl.store(parts_ptr + row * 4 + 0, m)
-    tl.store(parts_ptr + row * 4 + 1, s)
-    tl.store(parts_ptr + row * 4 + 2, t)
-    tl.store(parts_ptr + row * 4 + 3, zt)
-    log_s = tl.log(s)
-    for start in range(0, V, BLOCK_V):
-        in_v = start + cols < V
-        z = tl.load(z_row + start + cols, mask=in_v, other=-float("inf")).to(tl.float32) * inv_t
-        dz = dlogits_tile(z, m, log_s, 0.0, coef, 0.0, start + cols == tgt)
-        tl.store(z_row + start + cols, cast_to(dz * inv_t, z_ptr.dtype.element_ty), mask=in_v)
+    if STATS:
+        m = -float("inf")
+        s = 0.0
+        t = 0.0
+        for start in range(0, V, BLOCK_V):
+            z = tl.load(z_row + start + cols, mask=start + cols < V, other=-float("inf"))
+            m, s, t = online_softmax_step(m, s, t, z.to(tl.float32) * inv_t, 0)
+        inside = (tgt >= 0) & (tgt < V)
+        zt = tl.load(z_row + tl.where(inside, tgt, 0)).to(tl.float32) * inv_t
+        zt = tl.where(inside, zt, float("nan"))
+        tl.store(parts_ptr + row * 4 + 0, m)
+        tl.store(parts_ptr + row * 4 + 1, s)
+        tl.store(parts_ptr + row * 4 + 2, t)
+        tl.store(parts_ptr + row * 4 + 3, zt)
+        log_s = tl.log(s)
+    else:
+        m = tl.load(norm_ptr + row * 2)
+        log_s = tl.load(norm_ptr + row * 2 + 1)
+    if DLOGITS:
+        coef = tl.load(coef_ptr + row)
+        for start in range(0, V, BLOCK_V):
+            in_v = start + cols < V
+            z = tl.load(z_row + start + cols, mask=in_v, other=-float("inf"))
+            dz = dlogits_tile(
+                z.to(tl.float32) * inv_t, m, log_s, 0.0, coef, 0.0, start + cols == tgt
+            )
+            tl.store(z_row + start + cols, cast_to(dz * inv_t, z_ptr.dtype.element_ty), mask=in_v)
 
 
-def chunk_policy(z, targets, coef, inv_t):
-    """The kernel over a logits block z [C, V] (row-contiguous) with targets [C] int64 and coef
-    [C] float32: returns parts [1, C, 4]; z now holds d(sum coef * logp)/d(logits)."""
+def _launch(z, targets, coef, parts, norm, inv_t, stats, dlogits):
     c, v = z.shape
-    parts = torch.empty(c, 4, dtype=torch.float32, device=z.device)
     if c:
         block_v, warps = _CONFIG
         _chunk_policy_kernel[(c,)](
-            z, targets, coef, parts, v, z.stride(0), inv_t, BLOCK_V=block_v, num_warps=warps
+            z,
+            targets,
+            z if coef is None else coef,  # never read without DLOGITS
+            z if parts is None else parts,  # never written without STATS
+            z if norm is None else norm,  # never read with STATS
+            v,
+            z.stride(0),
+            inv_t,
+            BLOCK_V=block_v,
+            STATS=stats,
+            DLOGITS=dlogits,
+            num_warps=warps,
         )
+
+
+def chunk_policy(z, targets, coef, inv_t):
+    """The kernel's fused pass over a logits block z [C, V] (row-contiguous) with targets [C]
+    int64 and coef [C] float32: returns parts [1, C, 4]; z now holds
+    d(sum coef * logp)/d(logits)."""
+    parts = torch.empty(z.shape[0], 4, dtype=torch.float32, device=z.device)
+    _launch(z, targets, coef, parts, None, inv_t, True, True)
     return parts.unsqueeze(0)
+
+
+def chunk_stats(z, targets, inv_t):
+    """The statistics pass alone: parts [1, C, 4]; z is left as it is."""
+    parts = torch.empty(z.shape[0], 4, dtype=torch.float32, device=z.device)
+    _launch(z, targets, None, parts, None, inv_t, True, False)
+    return parts.unsqueeze(0)
+
+
+def chunk_dlogits(z, targets, norm, coef, inv_t):
+    """The d(logits) pass alone, from the rows' merged statistics norm [C, 2] (combine_stats):
+    z now holds d(sum coef * logp)/d(logits)."""
+    _launch(z, targets, coef, None, norm, inv_t, False, True)
 
 
 def default_chunk_rows(v, element_size):
@@ -101,24 +150,33 @@ def linear_policy_grads_cublas(
     with_entropy=True,
     need_dh=True,
     need_dw=True,
+    old_logp=None,
+    bounds=None,
     chunk_rows=None,
 ):
     """kernels/linear_policy_loss.py's linear_policy_grads_triton by this module's design (same
     arguments and results; the entropy is computed whatever with_entropy says), chunk_rows
-    tokens per chunk (None: default_chunk_rows)."""
-    from .linear_policy_loss import _all_rows, _by_token_chunks
+    tokens per chunk (None: default_chunk_rows). The plain coefficient is known before a chunk's
+    logits: one fused pass. The clipped one (old_logp) needs the chunk's log-probs first: the
+    statistics pass, combine_stats, the coefficient, then the d(logits) pass."""
+    from .linear_policy_loss import _all_rows, _by_token_chunks, _grad_coef
 
     n, v = hidden.shape[0], weight.shape[0]
     step = chunk_rows or default_chunk_rows(v, hidden.element_size())
     z_block = torch.empty(min(n, step), v, dtype=hidden.dtype, device=hidden.device)
 
-    def chunk_dlogits(h_c, t_c, c_c):
+    def chunk(h_c, t_c, g):
         z = torch.mm(h_c, weight.t(), out=z_block[: h_c.shape[0]])
-        parts = chunk_policy(z, t_c, c_c, inv_t)
-        logp, _, entropy = combine_stats(parts, _all_rows(t_c))
+        if old_logp is None:  # g does not depend on the log-probs
+            parts = chunk_policy(z, t_c, g(None).contiguous(), inv_t)
+            logp, _, entropy = combine_stats(parts, _all_rows(t_c))
+        else:
+            logp, norm, entropy = combine_stats(chunk_stats(z, t_c, inv_t), _all_rows(t_c))
+            chunk_dlogits(z, t_c, norm, g(logp).contiguous(), inv_t)
         return logp, entropy, z
 
-    return _by_token_chunks(hidden, weight, targets, coef, step, chunk_dlogits, need_dh, need_dw)
+    g_of = _grad_coef(coef, old_logp, bounds)
+    return _by_token_chunks(hidden, weight, targets, g_of, step, chunk, need_dh, need_dw)
 
 
 # ----------------------------------------------------------------------------- dispatch table
@@ -196,14 +254,16 @@ def _specs():
                 "tgt_ptr": "*i64",
                 "coef_ptr": "*fp32",
                 "parts_ptr": "*fp32",
+                "norm_ptr": "*fp32",
                 "V": "i32",
                 "stride_z": "i32",
                 "inv_t": "fp32",
             },
-            {"BLOCK_V": block_v},
+            {"BLOCK_V": block_v, "STATS": stats, "DLOGITS": dlogits},
             {"num_warps": warps},
         )
         for dt in ("bf16", "fp16", "fp32")
+        for stats, dlogits in ((True, True), (True, False), (False, True))
     ]
 
 
