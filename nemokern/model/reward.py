@@ -60,15 +60,16 @@ EXPORT_MARKER = "nemokern_reward_attribute"
 
 def model_kind(path) -> str:
     """What a model directory holds: "reward model" (a head in reward_head.safetensors),
-    "reward export" (the Nemotron-Reward-HF layout, config.json marked with EXPORT_MARKER) or
-    "policy" (any other HF Llama directory: its logits are token scores, not a reward)."""
+    "reward export" (the Nemotron-Reward-HF layout, config.json marked with EXPORT_MARKER),
+    "policy" (any other HF Llama directory: its logits are token scores, not a reward), or
+    "no model" (no readable config.json: whoever loads it names what is wrong)."""
     path = Path(path)
     if (path / HEAD_WEIGHTS).exists():
         return "reward model"
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
-        return "policy"  # a missing or broken config.json is reported by whoever loads it
+        return "no model"
     return "reward export" if isinstance(config, dict) and EXPORT_MARKER in config else "policy"
 
 
@@ -77,8 +78,6 @@ def check_reward_directory(path, option: str) -> None:
     would be read as a reward."""
     if not Path(path).is_dir():
         raise ValueError(f"{option} {path} is not a directory")
-    if not (Path(path) / "config.json").is_file():
-        return  # not a model at all: the loader names what is missing
     if model_kind(path) == "policy":
         raise ValueError(
             f"{option} {path}: a policy (an HF Llama without {HEAD_WEIGHTS} and without "

@@ -102,8 +102,7 @@ def expo(
             "remove it or choose another"
         )
     # a head present in one only is refused below, naming its file (_extra_files)
-    kinds = {model_kind(aligned), model_kind(init)}
-    if len(kinds) > 1 and "reward export" in kinds:
+    if {model_kind(aligned), model_kind(init)} == {"policy", "reward export"}:
         raise CheckpointError(
             f"aligned_dir {aligned} is a {model_kind(aligned)} but init_dir {init} is a "
             f"{model_kind(init)}; ExPO extrapolates between two checkpoints of one kind: for an "

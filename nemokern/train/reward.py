@@ -129,10 +129,10 @@ def build_model(config: RewardConfig) -> RewardModel:
             f"{config.init} is the starting model, trunk and head; drop --model {config.model} "
             "(--model DIR starts a fresh head on DIR's trunk instead)",
         )
-    if config.init and model_kind(path) != "reward model":
+    if config.init and model_kind(path) in ("policy", "reward export"):
         raise option_error(
             "init",
-            f"{path} has no {HEAD_WEIGHTS} ({model_kind(path)}): --init continues a reward model "
+            f"{path} has no {HEAD_WEIGHTS} (a {model_kind(path)}): --init continues a reward model "
             "saved by train-reward, head included; to start a fresh head on a base or instruct "
             f"model use --model {path}",
         )
