@@ -10,7 +10,9 @@ that the step's loss is the mean over the whole global batch; then global-norm c
 and the learning-rate schedule.
 A non-finite loss or gradient stops the run before the update, after saving the last good state.
 Checkpoints every `save_every` steps and at the end; `resume` continues exactly where a checkpoint
-left off (same data order, RNG, optimizer and schedule: bit-identical losses on the CPU).
+left off (same data order, RNG, optimizer and schedule: bit-identical losses on the CPU), with the
+options a resume may change (TrainConfig.RESUME_CHANGEABLE: the lr schedule, the length, ...)
+taken from this run and any other changed option refused.
 """
 
 from __future__ import annotations
@@ -698,7 +700,9 @@ class TrainLoop:
     # ---- the run -----------------------------------------------------------------------------
     def fit(self) -> list[dict]:
         """Train to total_steps (resuming first if config.resume says so); returns the step
-        records."""
+        records. Rank 0 holds OUT's lock (run_dir.RunLock) while it runs, refuses a fresh run
+        over another run in OUT (or clears it under config.overwrite) and writes OUT/config.toml
+        and OUT/run.json."""
         lock = RunLock(self.out)
         try:
             self._claim_out(lock)
