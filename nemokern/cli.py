@@ -363,7 +363,9 @@ def _train(kind, args):
 
 def _claim_out(config):
     """Before any work, on rank 0 (the only one under torchrun): OUT's lock (held until the
-    command ends), and the refusal of a fresh run over another run (or --overwrite's clearing)."""
+    command ends), the refusal of a fresh run over another run (or --overwrite's clearing) and
+    of a resume with other values of the options it may not change."""
+    from nemokern.train.loop import check_resume
     from nemokern.train.run_dir import RunLock, prepare_out
 
     lock = RunLock(config.out)
@@ -371,6 +373,7 @@ def _claim_out(config):
         lock.acquire()
         try:
             prepare_out(config.out, resume=config.resume, overwrite=config.overwrite)
+            check_resume(config)
         except BaseException:
             lock.release()
             raise

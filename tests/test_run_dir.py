@@ -169,4 +169,5 @@ def test_the_commands_refuse_mixed_runs_in_one_line(tmp_path):
     assert "resuming from o/checkpoints/step-00000001 (step 1 of 2)\n" in resumed.stderr
     other = nemokern(*run, 3, "--resume", "auto", "--loss", "margin-bt", cwd=tmp_path)
     assert other.returncode == 2 and other.stderr.count("\n") == 1, other.stderr
+    assert other.stdout == ""  # refused before any work (the data summary)
     assert "saved by a run with --loss 'bt', this run has 'margin-bt'" in other.stderr

@@ -443,6 +443,12 @@ class Checkpointer:
         validate(path)
         return path
 
+    def trainer_state(self, path) -> dict:
+        """The trainer state a checkpoint holds ({"step", "world_size", ...}: what `load`
+        returns), read without loading anything else."""
+        validate(path)
+        return _load_state(Path(path), "trainer")
+
     def save(
         self,
         step: int,

@@ -10,7 +10,9 @@ that the step's loss is the mean over the whole global batch; then global-norm c
 and the learning-rate schedule.
 A non-finite loss or gradient stops the run before the update, after saving the last good state.
 Checkpoints every `save_every` steps and at the end; `resume` continues exactly where a checkpoint
-left off (same data order, RNG, optimizer and schedule: bit-identical losses on the CPU).
+left off (same data order, RNG, optimizer and schedule: bit-identical losses on the CPU), with the
+options a resume may change (TrainConfig.RESUME_CHANGEABLE: the lr schedule, the length, ...)
+taken from this run and any other changed option refused.
 """
 
 from __future__ import annotations
@@ -318,6 +320,29 @@ def enable_activation_checkpointing(model: nn.Module) -> int:
 StepFn = Callable[[nn.Module, Any], StepOutput]
 
 
+def check_resume_options(config: TrainConfig, path, saved: dict) -> None:
+    """CheckpointError naming the first option a resume may not change (not in
+    config.RESUME_CHANGEABLE) whose value differs from `saved`, the checkpoint's record of them."""
+    for key, value in config.resume_identity().items():
+        if key in saved and saved[key] != value:
+            raise CheckpointError(
+                f"{path}: saved by a run with --{key.replace('_', '-')} {saved[key]!r}, this run "
+                f"has {value!r}; it cannot change on resume (docs/training.md lists what can). "
+                "Resume with the saved value, or start a new run in another --out"
+            )
+
+
+def check_resume(config: TrainConfig) -> None:
+    """Before any work: the checkpoint config.resume names, if any, is complete and was saved
+    with this run's values of the options a resume may not change (TrainLoop checks the rest:
+    the data, the batching)."""
+    checkpointer = Checkpointer(config.out)
+    path = checkpointer.resolve(config.resume)
+    if path is not None:
+        saved = checkpointer.trainer_state(path).get("data", {})
+        check_resume_options(config, path, saved.get("identity", {}))
+
+
 class TrainLoop:
     """Trains `model` on `data` with `step_fn`; `fit()` runs it and returns the per-step metrics.
 
@@ -518,20 +543,14 @@ class TrainLoop:
                     "exact resume needs the same data, batching, grad_accum x processes, shuffle "
                     "and seed"
                 )
-        then = saved.get("identity", now["identity"])  # checkpoints before it had none
-        for key, value in now["identity"].items():
-            if key in then and then[key] != value:
-                if key == "training data":
-                    raise CheckpointError(
-                        f"{path}: saved by a run with other training data (file, split, "
-                        "max_length, tokenizer or rows differ); --resume continues that run. "
-                        "Start a new one in another --out (or resume with the same options)"
-                    )
-                raise CheckpointError(
-                    f"{path}: saved by a run with --{key.replace('_', '-')} {then[key]!r}, this "
-                    f"run has {value!r}; it cannot change on resume (docs/training.md lists "
-                    "what can). Resume with the saved value, or start a new run in another --out"
-                )
+        then = saved.get("identity", {})  # checkpoints before it had none
+        check_resume_options(self.config, path, then)
+        if then.get("training data", self._data_digest) != self._data_digest:
+            raise CheckpointError(
+                f"{path}: saved by a run with other training data (file, split, max_length, "
+                "tokenizer or rows differ); --resume continues that run. Start a new one in "
+                "another --out (or resume with the same options)"
+            )
         # "extra" sat in the shared trainer state before it was kept per process
         self.load_extra_state(state.get("local", state).get("extra", {}))
         self.step = self.last_saved = state["step"]
@@ -718,7 +737,9 @@ class TrainLoop:
     # ---- the run -----------------------------------------------------------------------------
     def fit(self) -> list[dict]:
         """Train to total_steps (resuming first if config.resume says so); returns the step
-        records."""
+        records. Rank 0 holds OUT's lock (run_dir.RunLock) while it runs, refuses a fresh run
+        over another run in OUT (or clears it under config.overwrite) and writes OUT/config.toml
+        and OUT/run.json."""
         lock = RunLock(self.out)
         try:
             self._claim_out(lock)
