@@ -219,6 +219,7 @@ def test_cli_refuses_a_file_that_is_no_llama_config(tmp_path, capsys, content, m
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # 15 two-step trainings on 1 to 4 processes
 def test_predicted_peak_within_ten_percent_of_measured(tmp_path):
     """Each trainer on 1, 2 and 4 gloo processes (DDP, tp, FSDP, tp + FSDP): bench/plan_check.py
     measures the peak anonymous memory per process and compares it with the plan."""
@@ -244,3 +245,19 @@ def test_step_time_bound_by_hand():
     two = step_time(TINY, Run("sft", gpus=2, device="cpu"), counts(gpus=2), [], HARDWARE["h100"])
     # DDP: an all-reduce of the float32 gradients, 2 (n - 1) / n of them, over NVLink
     assert two["phases"]["update"]["comm_bytes"] == pytest.approx(WHOLE * 4)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_largest_micro_batch_within_one_step_of_a_search(tmp_path):
+    """SFT on one process at 4, 6, ..., 12 rows per micro-batch: the largest whose measured peak
+    stays within 150 MiB, against the plan's largest (within one step of the grid)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import plan_check
+
+    out = tmp_path / "search.json"
+    args = ["--search", "sft:1:-", "--limit-mib", "150", "--grid", "4,6,8,10,12"]
+    assert plan_check.main([*args, "--json", str(out)]) == 0
+    (found,) = json.loads(out.read_text())
+    assert 0 < found["largest_found"] < 12
+    assert abs(found["largest_predicted"] - found["largest_found"]) <= 2
