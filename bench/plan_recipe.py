@@ -2,7 +2,7 @@
 REINFORCE (k = 4) at 8B and 70B on 8, 16 and 64 80 GB GPUs, each one `nemokern plan ... --json`
 command; prints the commands and a markdown table.
 
-    python bench/plan_recipe.py > /tmp/recipe.md
+    python bench/plan_recipe.py [reward] [reinforce] > /tmp/recipe.md
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ import sys
 
 # reward: scaled BT pairs, micro-batches of at most 8192 tokens (a pair of 4096-token
 # conversations), 4 per step. REINFORCE: NeMo-Aligner's rollout of 128 prompts x 4 samples in
-# optimizer steps of 64 samples (16 prompts), prompts up to 1024 tokens, responses up to 1024.
+# optimizer steps of 64 samples (16 prompts; 64 prompts on 64 data-parallel processes), prompts
+# up to 1024 tokens, responses up to 1024.
 TRAINERS = {
     "reward": ["--max-tokens-per-batch", "8192", "--grad-accum", "4"],
     "reinforce": [
-        "--k", "4", "--prompts-per-step", "16", "--updates-per-rollout", "8",
+        "--k", "4", "--updates-per-rollout", "8",
         "--max-prompt-tokens", "1024", "--max-new-tokens", "1024", "--frozen-dtype", "bfloat16",
     ],
 }  # fmt: skip
@@ -29,14 +30,20 @@ def command(model: str, trainer: str, gpus: int) -> list[str]:
     cmd = ["nemokern", "plan", "--trainer", trainer, "--model", model, "--gpus", str(gpus)]
     cmd += ["--gpu-memory", "80GB", *LAYOUTS[model], *TRAINERS[trainer]]
     if trainer == "reinforce":
-        cmd += ["--reward-model", model]
+        # one prompt (its k samples) per micro-batch, as NeMo-Aligner's micro_batch_size 1;
+        # a step of at least one prompt per data-parallel process
+        dp = gpus // int(LAYOUTS[model][1])
+        prompts = max(16, dp)
+        cmd += ["--reward-model", model, "--prompts-per-step", str(prompts)]
+        cmd += ["--grad-accum", str(prompts // dp)]
     return cmd
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    trainers = (argv if argv is not None else sys.argv[1:]) or list(TRAINERS)
     rows = []
     for model in LAYOUTS:
-        for trainer in TRAINERS:
+        for trainer in trainers:
             for gpus in (8, 16, 64):
                 cmd = command(model, trainer, gpus)
                 print("    " + shlex.join(cmd), flush=True)

@@ -1,8 +1,9 @@
 """`nemokern plan`: parameter counts per rank against hand-derived numbers, the memory terms, the
 activation model against a fresh measurement, option errors, and (slow) predicted vs measured
-peak memory of the trainers on 1, 2 and 4 gloo processes (bench/plan_check.py)."""
+peak memory of the trainers on 1, 2 and 4 gloo processes (tests/plan_check.py)."""
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -218,15 +219,19 @@ def test_cli_refuses_a_file_that_is_no_llama_config(tmp_path, capsys, content, m
     assert code == 2 and message in err and err.count("\n") == 1
 
 
-@pytest.mark.slow
-def test_predicted_peak_within_ten_percent_of_measured(tmp_path):
-    """Each trainer on 1, 2 and 4 gloo processes (DDP, tp, FSDP, tp + FSDP): bench/plan_check.py
-    measures the peak anonymous memory per process and compares it with the plan."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    import plan_check
+def _plan_check(*args):
+    subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "plan_check.py"), *map(str, args)], check=True
+    )
 
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)  # 15 two-step trainings on 1 to 4 processes
+def test_predicted_peak_within_ten_percent_of_measured(tmp_path):
+    """Each trainer on 1, 2 and 4 gloo processes (DDP, tp, FSDP, tp + FSDP): plan_check.py
+    measures the peak anonymous memory per process and compares it with the plan."""
     out = tmp_path / "results.json"
-    assert plan_check.main(["--json", str(out)]) == 0
+    _plan_check("--json", out)
     errors = {r["case"]: r["error"] for r in json.loads(out.read_text())}
     assert all(abs(e) <= 0.10 for e in errors.values()), errors
 
@@ -244,3 +249,15 @@ def test_step_time_bound_by_hand():
     two = step_time(TINY, Run("sft", gpus=2, device="cpu"), counts(gpus=2), [], HARDWARE["h100"])
     # DDP: an all-reduce of the float32 gradients, 2 (n - 1) / n of them, over NVLink
     assert two["phases"]["update"]["comm_bytes"] == pytest.approx(WHOLE * 4)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_largest_micro_batch_within_one_step_of_a_search(tmp_path):
+    """SFT on one process at 4, 6, ..., 12 rows per micro-batch: the largest whose measured peak
+    stays within 150 MiB, against the plan's largest (within one step of the grid)."""
+    out = tmp_path / "search.json"
+    _plan_check("--search", "sft:1:-", "--limit-mib", 150, "--grid", "4,6,8,10,12", "--json", out)
+    (found,) = json.loads(out.read_text())
+    assert 0 < found["largest_found"] < 12
+    assert abs(found["largest_predicted"] - found["largest_found"]) <= 2

@@ -205,6 +205,9 @@ def phases(
 
 
 def kv_cache_bytes(shape: LlamaConfig, run: Run, counts: Counts, rows: int, dtype_bytes: int):
+    """generate()'s KVCache: `rows` x (the prompt bucket, a power of two >= the longest prompt,
+    + max_new_tokens) slots of every layer's keys and values (this rank's KV heads), and a
+    validity flag per slot."""
     bucket = max(PROMPT_BUCKET_MIN, 1 << max(run.max_prompt_tokens - 1, 0).bit_length())
     slots = bucket + run.max_new_tokens
     per_slot = shape.num_hidden_layers * 2 * counts.kv_heads * shape.head_dim * dtype_bytes

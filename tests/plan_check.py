@@ -10,10 +10,12 @@ pages (libtorch's code, the memory-mapped checkpoint) are not anonymous memory a
 Predicted: nemokern.plan for the same run (device cpu: float32), with the tokens per micro-batch
 the trainer's batches actually have.
 
-    python bench/plan_check.py [--size small|100m] [--cases sft:1,reward:2:tp,...]
+    python tests/plan_check.py [--size small|100m] [--cases sft:1:-,reward:2:tp,...]
+    python tests/plan_check.py --search sft:1:- --limit-mib 150 --grid 4,6,8,10,12
 
-prints one line per case and a JSON list with --json FILE. tests/test_plan.py runs the small
-size; the ~100M-parameter numbers are in docs/plan.md.
+prints one line per case (or the search's result) and a JSON list with --json FILE.
+tests/test_plan.py runs it on the small size (-m slow); the ~100M-parameter numbers are in
+docs/plan.md.
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ def worker(args) -> None:
     """One rank of one case (started by run_script_ranks, env:// rendezvous)."""
     import torch
 
+    from helpers import leave_group
     from nemokern.model import Llama
     from nemokern.train.loop import setup_distributed
 
@@ -127,6 +130,7 @@ def worker(args) -> None:
         trainer.fit()
     result = {"peak_bytes": peak.peak_bytes, "tokens": tokens, "targets": targets}
     Path(f"{args.result}.{os.environ.get('RANK', '0')}").write_text(json.dumps(result))
+    leave_group()
 
 
 def make_inputs(directory: Path, size: str, prompt_chars: int, response_chars: int, rows: int):
@@ -241,7 +245,7 @@ def main(argv=None) -> int:
     if opts.worker:
         worker(opts)
         return 0
-    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # nemokern, helpers
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
