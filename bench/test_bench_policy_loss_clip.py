@@ -8,7 +8,7 @@ normalisation as coef = -A / n_tokens) where it installs.
 
 One training step's worth of work per call: the loss and its gradients w.r.t. hidden and weight,
 no ignored token, 16 sequences of 256 tokens with one advantage each, sampling log-probs within
-+-0.3 of the current ones (about a fifth of the tokens clipped), clip (0.2, 0.28). Liger runs
++-0.3 of the current ones (about a tenth of the tokens clipped), clip (0.2, 0.28). Liger runs
 with compiled=False on the CPU (its torch.compile covers only the per-sequence loss math, and
 costs about a minute of compilation here). extra_info: `flops` = 6*N*H*V, peak extra memory.
 test_clipped_losses_agree checks that the three compute the same loss and clip fraction.
