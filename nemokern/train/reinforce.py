@@ -540,7 +540,12 @@ class ReinforceTrainer:
                         )
                         parents = p.get("parents")
                         ref = self.reference_logprobs(ids, cu, targets, parents)
-                        batch.update(ref_logprobs=ref.cpu(), rewards=rewards[a:b], ended=ended[a:b])
+                        if defer or saved:  # copies: a checkpoint refuses views of one tensor
+                            batch.update(
+                                ref_logprobs=ref.cpu(),
+                                rewards=rewards[a:b].clone(),
+                                ended=ended[a:b].clone(),
+                            )
                         if not defer:
                             with full_weights(loop.model):  # --fsdp: gathered for this forward
                                 h = self.policy.hidden_states(ids, cu_seqlens=cu, parents=parents)
@@ -554,13 +559,11 @@ class ReinforceTrainer:
                                     ended[a:b].to(device),
                                     cfg,
                                 )
-                            batch.update(
-                                coef=terms.coef.cpu(),
-                                weight=terms.weight,
-                                samples={n: v.cpu() for n, v in terms.samples.items()},
-                            )
+                            batch.update(coef=terms.coef.cpu(), weight=terms.weight)
+                            if saved:
+                                batch["samples"] = {n: v.cpu() for n, v in terms.samples.items()}
                             if ratio_clip(cfg):  # the sampling policy's, for the ratio
-                                batch["old_logprobs"] = batch["samples"]["logprobs"]
+                                batch["old_logprobs"] = terms.samples["logprobs"].cpu()
                             add_sums(sums[-1], terms.stats)
                         batches.append(batch)
                     steps.append(batches)
