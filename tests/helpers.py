@@ -550,3 +550,43 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ---- REINFORCE on a tiny policy (test_train_reinforce*.py) ------------------------------------
+def tiny_policy(seed=0):
+    """A tiny random Llama-3.1 over the byte tokenizer's vocabulary, seeded."""
+    from nemokern.data.tokenizer import ByteTokenizer
+    from nemokern.model import Llama, LlamaConfig
+
+    tok = ByteTokenizer()
+    torch.manual_seed(seed)
+    return Llama(
+        LlamaConfig.tiny(
+            vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=list(tok.eos_ids)
+        )
+    )
+
+
+def count_a(prompts, completions, **kw):
+    """Share of the letter 'a' in each completion (a reward function)."""
+    texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]
+    return [t.count("a") / max(len(t), 1) for t in texts]
+
+
+def reinforce_config(tmp_path, prompts, **kw):
+    """A ReinforceConfig of a few short CPU steps into tmp_path/run; kw overrides."""
+    from nemokern.train.reinforce import ReinforceConfig
+
+    base = {
+        "prompts": str(prompts),
+        "out": str(tmp_path / "run"),
+        "max_new_tokens": 6,
+        "prompts_per_step": 2,
+        "k": 3,
+        "lr": 1e-3,
+        "progress": False,
+        "tensorboard": False,
+        "device": "cpu",
+    }
+    base.update(kw)
+    return ReinforceConfig(**base)

@@ -28,8 +28,8 @@ def _pairs(rows):
 def _reference_leaderboard(acc: dict) -> float:
     """RewardBench's leaderboard average, written out from its source (allenai/reward-bench
     05a9005, analysis/get_benchmark_results.py get_average_over_rewardbench, with
-    rewardbench/utils.py calculate_scores_per_section's 0 for a section without subsets) with
-    the counts copied from rewardbench/constants.py, independently of nemokern's tables."""
+    rewardbench.utils.calculate_scores_per_section's 0 for a section without subsets) with
+    the counts copied from rewardbench.constants, independently of nemokern's tables."""
     counts = {
         "alpacaeval-easy": 100, "alpacaeval-length": 95, "alpacaeval-hard": 95,
         "mt-bench-easy": 28, "mt-bench-med": 40, "mt-bench-hard": 37, "math-prm": 984,

@@ -11,12 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import count_a, tiny_policy
+from helpers import reinforce_config as config
 from nemokern.data import DataError
 from nemokern.data.tokenizer import ByteTokenizer
 from nemokern.model import Llama, LlamaConfig, RewardModel
 from nemokern.train.config import ConfigError
 from nemokern.train.metrics import read_metrics
-from nemokern.train.reinforce import ReinforceConfig, ReinforceTrainer
+from nemokern.train.reinforce import ReinforceTrainer
 from nemokern.train.rollout import PolicyLoss, kl_regularised_advantages, pack
 
 TOK = ByteTokenizer()
@@ -35,21 +37,6 @@ STEP_METRICS = (
     "update_s",
     "step_s",
 )
-
-
-def tiny_policy(seed=0):
-    torch.manual_seed(seed)
-    return Llama(
-        LlamaConfig.tiny(
-            vocab_size=TOK.vocab_size, bos_token_id=TOK.bos_id, eos_token_id=list(TOK.eos_ids)
-        )
-    )
-
-
-def count_a(prompts, completions, **kw):
-    """Share of the letter 'a' in each completion."""
-    texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]
-    return [t.count("a") / max(len(t), 1) for t in texts]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -72,22 +59,6 @@ def prompts(tmp_path_factory):
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
-
-
-def config(tmp_path, prompts, **kw):
-    base = {
-        "prompts": str(prompts),
-        "out": str(tmp_path / "run"),
-        "max_new_tokens": 6,
-        "prompts_per_step": 2,
-        "k": 3,
-        "lr": 1e-3,
-        "progress": False,
-        "tensorboard": False,
-        "device": "cpu",
-    }
-    base.update(kw)
-    return ReinforceConfig(**base)
 
 
 # ---- the math ------------------------------------------------------------------------------------

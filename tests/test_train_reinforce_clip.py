@@ -9,8 +9,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from test_train_reinforce import config, count_a, tiny_policy
 
+from helpers import count_a, tiny_policy
+from helpers import reinforce_config as config
 from nemokern.model import Llama
 from nemokern.train.config import ConfigError
 from nemokern.train.reinforce import ReinforceConfig, ReinforceTrainer
