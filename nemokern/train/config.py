@@ -169,6 +169,8 @@ class TrainConfig:
         "lr",
         "schedule",
         "warmup_steps",
+        "warmup_formula",
+        "constant_steps",
         "min_lr",
         "grad_clip",
         "grad_accum",

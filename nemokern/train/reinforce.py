@@ -78,6 +78,8 @@ class ReinforceConfig(TrainConfig):
         *TrainConfig.RESUME_CHANGEABLE,
         "generation_batch_size",
         "offload",
+        "allow_no_eos_steps",
+        "save_rollouts",
     )
 
     lr: float = option(9e-7, "peak learning rate (recipe: 9e-7)")
