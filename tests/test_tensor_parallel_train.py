@@ -63,7 +63,7 @@ def _policy_batches():
         mask = b["targets"] != -100
         n = int(mask.sum())
         b["coef"] = torch.where(mask, torch.randn(mask.shape, generator=g) / n, 0.0).float()
-        b.update(n_tokens=n, rows=[j])
+        b.update(weight=n, rows=[j])  # weight: what the step's token mean counts it as
         batches.append(b)
     return batches
 
