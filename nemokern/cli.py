@@ -341,6 +341,8 @@ def _leave_process_group():
 def _train(kind, args):
     import nemokern.train as train
     from nemokern.train.config import build_config
+    from nemokern.train.loop import check_resume
+    from nemokern.train.run_dir import RunLock, prepare_out
 
     trainer_cls, config_cls = {
         "reward": (train.RewardTrainer, train.RewardConfig),
@@ -354,37 +356,23 @@ def _train(kind, args):
         print(toml_text(config), end="")
         return 0
     _check_run_options(device=None if config.device == "auto" else config.device, out=config.out)
-    lock = _claim_out(config)
+    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun, one process checks and reports
+    if rank0:  # before any work: a fresh run over another, a resume with other fixed options
+        prepare_out(config.out, resume=config.resume, overwrite=config.overwrite, clear=False)
+        check_resume(config)
+    trainer = trainer_cls(config)
+    lock = RunLock(config.out)  # TrainLoop.fit takes it too; held here through OUT/final
+    if rank0:
+        lock.acquire()
     try:
-        return _run_trainer(trainer_cls, config, args)
+        return _run_trainer(trainer, args, rank0)
     finally:
         lock.release()
 
 
-def _claim_out(config):
-    """Before any work, on rank 0 (the only one under torchrun): OUT's lock (held until the
-    command ends), the refusal of a fresh run over another run (or --overwrite's clearing) and
-    of a resume with other values of the options it may not change."""
-    from nemokern.train.loop import check_resume
-    from nemokern.train.run_dir import RunLock, prepare_out
-
-    lock = RunLock(config.out)
-    if os.environ.get("RANK", "0") == "0":
-        lock.acquire()
-        try:
-            prepare_out(config.out, resume=config.resume, overwrite=config.overwrite)
-            check_resume(config)
-        except BaseException:
-            lock.release()
-            raise
-    return lock
-
-
-def _run_trainer(trainer_cls, config, args):
+def _run_trainer(trainer, args, rank0):
     from nemokern.train.loop import NonFiniteError
 
-    trainer = trainer_cls(config)
-    rank0 = os.environ.get("RANK", "0") == "0"  # under torchrun, one process reports
     data = getattr(trainer, "train_data", None)
     if data is not None and rank0:
         print(data.summary())

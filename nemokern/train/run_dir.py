@@ -45,20 +45,21 @@ def earlier_run(out) -> str | None:
     return ", ".join(found) or None
 
 
-def prepare_out(out, *, resume: str, overwrite: bool) -> None:
+def prepare_out(out, *, resume: str, overwrite: bool, clear: bool = True) -> None:
     """Refuse a fresh run (resume '') into an `out` that holds another run, naming what it holds
-    and the three ways on; with `overwrite`, remove that run's entries (RUN_ENTRIES) instead."""
+    and the three ways on; with `overwrite` (and `clear`), remove that run's entries
+    (RUN_ENTRIES) instead. clear=False checks only (before a run holds OUT's lock)."""
     if resume:
         return
-    held = earlier_run(out)
     if overwrite:
-        for name in RUN_ENTRIES:
+        for name in RUN_ENTRIES if clear else ():
             path = Path(out) / name
             if path.is_dir():
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
         return
+    held = earlier_run(out)
     if held:
         raise option_error(
             "out",
