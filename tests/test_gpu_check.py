@@ -29,6 +29,8 @@ STAGES = (
 def test_gpu_check_dry_run_walks_every_stage(tmp_path):
     out_dir, tar = tmp_path / "out", tmp_path / "check.tgz"
     env = dict(os.environ, GPU_CHECK_DRY="1", GPU_CHECK_TAR=str(tar))
+    # the script calls python3: this test's interpreter (its environment need not be activated)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     out = subprocess.run(
         ["bash", str(ROOT / "bench" / "gpu_check.sh"), str(out_dir)],
         env=env,
