@@ -35,11 +35,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_tensor_parallel import CONFIG  # noqa: E402
 
+from nemokern.engine.config import TrainConfig  # noqa: E402
+from nemokern.engine.loop import StepOutput, TrainLoop  # noqa: E402
 from nemokern.model import Llama, LlamaConfig  # noqa: E402
 from nemokern.ops import linear_logprobs  # noqa: E402
 from nemokern.parallel.fsdp import local_part  # noqa: E402
-from nemokern.train.config import TrainConfig  # noqa: E402
-from nemokern.train.loop import StepOutput, TrainLoop  # noqa: E402
 
 
 class Policy(torch.nn.Module):

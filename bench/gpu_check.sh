@@ -120,7 +120,7 @@ fi
 # every trainer end to end: summary.json (per-stage seconds), metrics.jsonl (step_s, peak_mem_mb)
 if [[ "$DRY" == 1 ]]; then
     stage trainers 120 python3 -c "
-import dataclasses, nemokern.train.demo as d
+import dataclasses, nemokern.tools.demo as d
 d.QUICK = dataclasses.replace(d.QUICK, sft_rows=32, sft_epochs=1, rm_rows=32, rm_pairs=16,
     heldout_pairs=8, rl_prompts=8, rl_steps=1, prompts_per_step=2, k=2, eval_prompts=2,
     eval_samples=2)

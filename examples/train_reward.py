@@ -17,7 +17,7 @@ from pathlib import Path
 
 from nemokern.data.synthetic import write_synthetic
 from nemokern.train import RewardConfig, RewardTrainer
-from nemokern.train.reward import score_file
+from nemokern.trainers.reward import score_file
 
 
 def main(out: Path) -> None:

@@ -34,7 +34,7 @@ def _device_and_out(p, default_device, kept):
 
 
 def _parser():
-    from nemokern.train import demo, selfcheck
+    from nemokern.tools import demo, selfcheck
 
     parser = _Parser(prog="nemokern", description="Fused RLHF kernels and a minimal Llama-3.1.")
     parser.add_argument("--version", action="version", version=f"nemokern {nemokern.__version__}")
@@ -124,10 +124,10 @@ def _print_config_flag(p):
 
 
 def _training_parsers(sub):
-    from nemokern.train.config import add_config_arguments
-    from nemokern.train.reinforce import ReinforceConfig
-    from nemokern.train.reward import RewardConfig
-    from nemokern.train.sft import SFTConfig
+    from nemokern.engine.config import add_config_arguments
+    from nemokern.trainers.reinforce import ReinforceConfig
+    from nemokern.trainers.reward import RewardConfig
+    from nemokern.trainers.sft import SFTConfig
 
     p = sub.add_parser(
         "train-sft",
@@ -288,8 +288,8 @@ def _option_error(parser, e):
 
 
 def _demo(args, parser):
-    from nemokern.train.demo import check_options, run_demo
-    from nemokern.train.options import OptionError
+    from nemokern.engine.options import OptionError
+    from nemokern.tools.demo import check_options, run_demo
 
     kwargs = dict(seed=args.seed, quick=args.quick, device=args.device, out_dir=args.out_dir)
     try:
@@ -301,8 +301,8 @@ def _demo(args, parser):
 
 
 def _selfcheck(args, parser):
-    from nemokern.train.options import OptionError
-    from nemokern.train.selfcheck import check_options, run_selfcheck
+    from nemokern.engine.options import OptionError
+    from nemokern.tools.selfcheck import check_options, run_selfcheck
 
     kwargs = dict(
         seed=args.seed,
@@ -339,10 +339,10 @@ def _leave_process_group():
 
 
 def _train(kind, args):
-    import nemokern.train as train
-    from nemokern.train.config import build_config
-    from nemokern.train.loop import check_resume
-    from nemokern.train.run_dir import RunLock, prepare_out
+    import nemokern.trainers as train
+    from nemokern.engine.config import build_config
+    from nemokern.engine.loop import check_resume
+    from nemokern.engine.run_dir import RunLock, prepare_out
 
     trainer_cls, config_cls = {
         "reward": (train.RewardTrainer, train.RewardConfig),
@@ -351,7 +351,7 @@ def _train(kind, args):
     }[kind]
     config = build_config(config_cls, args)
     if args.print_config:
-        from nemokern.train.config import toml_text
+        from nemokern.engine.config import toml_text
 
         print(toml_text(config), end="")
         return 0
@@ -371,7 +371,7 @@ def _train(kind, args):
 
 
 def _run_trainer(trainer, args, rank0):
-    from nemokern.train.loop import NonFiniteError
+    from nemokern.engine.loop import NonFiniteError
 
     data = getattr(trainer, "train_data", None)
     if data is not None and rank0:
@@ -405,10 +405,10 @@ def _check_forced_back_ends():
 
 
 def _check_run_options(**values):
-    """The shared device and output-directory checks (train/options.py) before any work, as
+    """The shared device and output-directory checks (engine/options.py) before any work, as
     one-line errors naming the flag (--device, --out); None values are not checked."""
-    from nemokern.train import options
-    from nemokern.train.config import option_error
+    from nemokern.engine import options
+    from nemokern.engine.config import option_error
 
     for name, value in values.items():
         if value is None:
@@ -422,7 +422,7 @@ def _check_run_options(**values):
 def _score(args):
     import json
 
-    from nemokern.train.reward import score_file
+    from nemokern.trainers.reward import score_file
 
     _check_run_options(device=args.device)
 
@@ -513,7 +513,7 @@ def _export_reward(args):
 
 
 def _expo(args):
-    from nemokern.train.expo import expo
+    from nemokern.tools.expo import expo
 
     with _writing(args.out):
         summary = expo(
@@ -639,7 +639,7 @@ def _main(argv):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except RuntimeError as e:
-        from nemokern.train.stop import TrainingStopped
+        from nemokern.engine.stop import TrainingStopped
 
         if not isinstance(e, TrainingStopped):
             raise

@@ -575,7 +575,7 @@ def count_a(prompts, completions, **kw):
 
 def reinforce_config(tmp_path, prompts, **kw):
     """A ReinforceConfig of a few short CPU steps into tmp_path/run; kw overrides."""
-    from nemokern.train.reinforce import ReinforceConfig
+    from nemokern.trainers.reinforce import ReinforceConfig
 
     base = {
         "prompts": str(prompts),

@@ -87,8 +87,8 @@ def worker(args) -> None:
     import torch
 
     from helpers import leave_group
+    from nemokern.engine.loop import setup_distributed
     from nemokern.model import Llama
-    from nemokern.train.loop import setup_distributed
 
     torch.set_num_threads(1)
     layout = _layout(args.layout)

@@ -13,8 +13,8 @@ import torch
 
 import nemokern
 from nemokern.cli import _parser, main
-from nemokern.train.demo import run_demo
-from nemokern.train.selfcheck import run_selfcheck
+from nemokern.tools.demo import run_demo
+from nemokern.tools.selfcheck import run_selfcheck
 
 ROOT = Path(__file__).parents[1]
 A_FILE = str(ROOT / "README.md")

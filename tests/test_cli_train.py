@@ -142,11 +142,11 @@ def test_train_reward_under_torchrun_with_fsdp(tmp_path):
     ours = [line for line in bad.stderr.splitlines() if line.startswith("nemokern ")]
     assert len(ours) == 1 and "stopped: non-finite" in ours[0], bad.stderr
     assert "rank 0:" in ours[0] and "rank 1:" in ours[0]
-    assert "nemokern/train/loop.py" not in bad.stderr  # torchrun's traceback only, not ours
+    assert "nemokern/engine/loop.py" not in bad.stderr  # torchrun's traceback only, not ours
 
 
 def test_cli_exits_143_with_one_line_on_sigterm(tmp_path):
-    """A real signal from outside, at whatever step the run has reached (train/stop.py; the
+    """A real signal from outside, at whatever step the run has reached (engine/stop.py; the
     resume's exactness: tests/test_train_stop.py)."""
     write_synthetic(tmp_path / "hs2.jsonl", 64, "helpsteer2", seed=0)
     proc = subprocess.Popen(

@@ -14,9 +14,9 @@ from nemokern.data.prompts import read_prompts
 from nemokern.data.sft import read_sft
 from nemokern.data.synthetic import write_synthetic
 from nemokern.data.tokenizer import ByteTokenizer
-from nemokern.train.reinforce import ReinforceConfig, ReinforceTrainer
-from nemokern.train.reward import RewardConfig, RewardTrainer
-from nemokern.train.sft import SFTConfig, SFTTrainer
+from nemokern.trainers.reinforce import ReinforceConfig, ReinforceTrainer
+from nemokern.trainers.reward import RewardConfig, RewardTrainer
+from nemokern.trainers.sft import SFTConfig, SFTTrainer
 
 TOK = ByteTokenizer()
 USER = {"role": "user", "content": "What color is the sky?"}

@@ -11,9 +11,9 @@ from nemokern.data import read_examples
 from nemokern.data.sft import read_sft
 from nemokern.data.synthetic import sum_helpfulness, sum_reward, sum_rows
 from nemokern.data.tokenizer import ByteTokenizer
+from nemokern.engine.metrics import read_metrics
 from nemokern.model import Llama, RewardModel
-from nemokern.train.demo import run_demo
-from nemokern.train.metrics import read_metrics
+from nemokern.tools.demo import run_demo
 
 STAGES = ("sft", "rm_regression", "rm_scaled_bt", "reinforce")
 
@@ -118,7 +118,7 @@ def test_example_answers_are_shown_with_control_bytes_escaped():
 
     from nemokern.data.synthetic import sum_reward
     from nemokern.model import LlamaConfig
-    from nemokern.train.demo import task_accuracy
+    from nemokern.tools.demo import task_accuracy
 
     class Raw(ByteTokenizer):
         def decode(self, ids, skip_special=False):

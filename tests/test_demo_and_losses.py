@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from nemokern.cli import main
-from nemokern.train.losses import rloo_advantages
+from nemokern.trainers.losses import rloo_advantages
 
 
 def _rloo_loop(scores, valid):

@@ -14,9 +14,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
-import nemokern.train.expo as expo_module
+import nemokern.tools.expo as expo_module
 from nemokern.model import CheckpointError, Llama, LlamaConfig, RewardModel
-from nemokern.train.expo import expo
+from nemokern.tools.expo import expo
 
 IDS = torch.randint(0, 320, (2, 9), generator=torch.Generator().manual_seed(0))
 
@@ -459,7 +459,7 @@ def test_one_block_pair_at_a_time(tmp_path, monkeypatch):
 PROBE = r"""
 import json, sys, threading, time
 from pathlib import Path
-from nemokern.train.expo import expo
+from nemokern.tools.expo import expo
 
 def anon():  # resident private memory: the memory-mapped inputs and the page cache do not count
     for line in open("/proc/self/status"):

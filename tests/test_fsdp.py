@@ -15,14 +15,14 @@ from train_tiny import TinyReward, batches, config, step_fn
 
 from helpers import join_gloo, run_ranks, train_tiny_ranks
 from nemokern.data.synthetic import write_synthetic
+from nemokern.engine.checkpoint import Checkpointer, load_modules
+from nemokern.engine.config import ConfigError
+from nemokern.engine.loop import NonFiniteError, TrainLoop
 from nemokern.model import Llama, LlamaConfig, RewardModel
 from nemokern.model.deferred import is_deferred
 from nemokern.parallel.fsdp import local_part
-from nemokern.train.checkpoint import Checkpointer, load_modules
-from nemokern.train.config import ConfigError
-from nemokern.train.loop import NonFiniteError, TrainLoop
-from nemokern.train.reinforce import ReinforceConfig, ReinforceTrainer
-from nemokern.train.reward import RewardConfig, RewardTrainer
+from nemokern.trainers.reinforce import ReinforceConfig, ReinforceTrainer
+from nemokern.trainers.reward import RewardConfig, RewardTrainer
 
 train = train_tiny_ranks
 
@@ -256,12 +256,12 @@ def _one_process_worker(rank, world, init_file, root, device):
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
+    from nemokern.engine.checkpoint import save_modules
     from nemokern.model import generate
     from nemokern.model.llama import DecoderLayer
     from nemokern.parallel import init_parallel
     from nemokern.parallel.fsdp import full_weights, shard
-    from nemokern.train.checkpoint import save_modules
-    from nemokern.train.rollout import TokenLogprobs
+    from nemokern.trainers.rollout import TokenLogprobs
 
     backend = "nccl" if device == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)

@@ -12,7 +12,7 @@ import torch
 from nemokern.cli import main
 from nemokern.data.synthetic import write_synthetic
 from nemokern.model import Llama, LlamaConfig, RewardModel
-from nemokern.train.reward import RewardConfig, RewardTrainer
+from nemokern.trainers.reward import RewardConfig, RewardTrainer
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,7 @@ def test_expo_and_export_into_an_unwritable_directory(dirs, capsys, tmp_path, mo
 
 
 def test_ctrl_c_during_start_up_is_one_line(capsys, monkeypatch):
-    import nemokern.train.reward as reward
+    import nemokern.trainers.reward as reward
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -12,12 +12,12 @@ import torch
 
 from nemokern.data.synthetic import write_synthetic
 from nemokern.data.tokenizer import ByteTokenizer
+from nemokern.engine.config import ConfigError, build_config
 from nemokern.model import Llama, LlamaConfig
 from nemokern.train import ReinforceConfig, ReinforceTrainer, RewardConfig, RewardTrainer
-from nemokern.train.config import ConfigError, build_config
-from nemokern.train.losses import bradley_terry_loss, policy_gradient_coefficients
-from nemokern.train.reward import batch_rewards
-from nemokern.train.rollout import stop_length
+from nemokern.trainers.losses import bradley_terry_loss, policy_gradient_coefficients
+from nemokern.trainers.reward import batch_rewards
+from nemokern.trainers.rollout import stop_length
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TOK = ByteTokenizer()
@@ -337,7 +337,7 @@ def hf_linear(step, lr, warmup, total):
     "warmup, constant, total", [(10, 1000, 1500), (10, 1000, 600), (3, 5, 20), (4, 0, 30)]
 )
 def test_schedule_matches_nemo_cosine_annealing(warmup, constant, total):
-    from nemokern.train.loop import lr_factor
+    from nemokern.engine.loop import lr_factor
 
     formula = "s/w" if constant else "(s+1)/(w+1)"
     for s in range(total):
@@ -357,7 +357,7 @@ def test_schedule_matches_nemo_cosine_annealing(warmup, constant, total):
 
 @pytest.mark.parametrize("warmup, total", [(0, 7), (3, 11)])
 def test_linear_schedule_matches_transformers(warmup, total):
-    from nemokern.train.loop import lr_factor
+    from nemokern.engine.loop import lr_factor
 
     for s in range(total):
         ours = lr_factor(
@@ -373,7 +373,7 @@ def test_linear_schedule_matches_transformers(warmup, total):
 
 
 def test_truncated_trained_and_normalised_advantages():
-    from nemokern.train.losses import normalise_advantages, rloo_advantages
+    from nemokern.trainers.losses import normalise_advantages, rloo_advantages
 
     scores = torch.tensor([[1.0, 2.0, 4.0, 8.0], [1.0, 2.0, 3.0, 5.0]], dtype=torch.float64)
     valid = torch.tensor([[True, True, False, True], [True, False, False, False]])

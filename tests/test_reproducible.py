@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from nemokern.data.synthetic import write_synthetic
+from nemokern.engine.metrics import read_metrics, run_values
 from nemokern.model import Llama, LlamaConfig
-from nemokern.train.metrics import read_metrics, run_values
 
 QUIET = ["--no-progress", "--no-tensorboard", "--device", "cpu", "--max-steps", "2"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]

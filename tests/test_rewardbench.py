@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from nemokern.train.rewardbench import accuracy_report
+from nemokern.trainers.rewardbench import accuracy_report
 
 
 def test_ties_are_wrong_and_subsets_count_separately():
@@ -88,7 +88,7 @@ def test_complete_set_overall_equals_the_leaderboard_formula(with_prior):
     """The filtered set's real row counts (2,985 rows; math-prm 447), random accuracies."""
     import random
 
-    from nemokern.train.rewardbench import SUBSET_ROWS
+    from nemokern.trainers.rewardbench import SUBSET_ROWS
 
     rng = random.Random(3)
     rows = [(name, n, rng.randint(0, n)) for name, n in SUBSET_ROWS.items()]

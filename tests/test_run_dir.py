@@ -16,10 +16,10 @@ from train_tiny import TinyReward, batches, config, step_fn
 
 from helpers import single_thread  # noqa: F401  (the fixture)
 from nemokern.data.synthetic import write_synthetic
-from nemokern.train.config import ConfigError
-from nemokern.train.loop import TrainLoop
-from nemokern.train.metrics import read_metrics
-from nemokern.train.run_dir import LOCK_FILE, RunLock
+from nemokern.engine.config import ConfigError
+from nemokern.engine.loop import TrainLoop
+from nemokern.engine.metrics import read_metrics
+from nemokern.engine.run_dir import LOCK_FILE, RunLock
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -86,7 +86,7 @@ def test_run_json_identifies_the_run_and_keeps_the_runs_it_continues(tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text('{"x": 1}\n')
     # a file-naming option is hashed; TrainConfig has none, so use a subclass's
-    from nemokern.train.sft import SFTConfig
+    from nemokern.trainers.sft import SFTConfig
 
     cfg = SFTConfig(**{**vars(config(tmp_path / "o", max_steps=2)), "data": str(data)})
     TrainLoop(cfg, TinyReward(), batches(10), step_fn).fit()

@@ -8,8 +8,8 @@ import torch
 from train_tiny import TinyReward, batches, config, step_fn
 
 from helpers import train_tiny_ranks
-from nemokern.train.checkpoint import CheckpointError
-from nemokern.train.loop import TrainLoop
+from nemokern.engine.checkpoint import CheckpointError
+from nemokern.engine.loop import TrainLoop
 
 
 def train(out, shard, resume=""):

@@ -18,11 +18,11 @@ from safetensors.torch import load_file
 from helpers import join_gloo, run_ranks
 from nemokern.data.synthetic import write_synthetic
 from nemokern.data.tokenizer import load_tokenizer
+from nemokern.engine.checkpoint import Checkpointer, CheckpointError
+from nemokern.engine.loop import tp_group_for
 from nemokern.model import Llama, LlamaConfig, RewardModel
-from nemokern.train.checkpoint import Checkpointer, CheckpointError
-from nemokern.train.loop import tp_group_for
-from nemokern.train.reinforce import ReinforceConfig, ReinforceTrainer, build_policy
-from nemokern.train.reward import RewardConfig, RewardTrainer
+from nemokern.trainers.reinforce import ReinforceConfig, ReinforceTrainer, build_policy
+from nemokern.trainers.reward import RewardConfig, RewardTrainer
 
 TP, STEPS = 2, 4
 QUIET = dict(progress=False, tensorboard=False, device="cpu")

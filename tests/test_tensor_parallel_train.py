@@ -17,14 +17,14 @@ from safetensors.torch import load_file, save_file
 from helpers import join_gloo, run_ranks
 from nemokern.data.synthetic import write_synthetic
 from nemokern.data.tokenizer import ByteTokenizer
+from nemokern.engine.config import ConfigError
+from nemokern.engine.loop import TrainLoop, setup_distributed, tp_group_for
 from nemokern.model import Llama, LlamaConfig, RewardModel
 from nemokern.parallel import init_parallel
-from nemokern.train.config import ConfigError
-from nemokern.train.loop import TrainLoop, setup_distributed, tp_group_for
-from nemokern.train.reinforce import ReinforceConfig, ReinforceTrainer, build_policy
-from nemokern.train.reward import RewardConfig, RewardTrainer
-from nemokern.train.reward import build_model as build_reward_model
-from nemokern.train.rollout import PolicyLoss, pack
+from nemokern.trainers.reinforce import ReinforceConfig, ReinforceTrainer, build_policy
+from nemokern.trainers.reward import RewardConfig, RewardTrainer
+from nemokern.trainers.reward import build_model as build_reward_model
+from nemokern.trainers.rollout import PolicyLoss, pack
 
 # AdamW's first move is lr * g / (|g| + eps): with eps = 1 it is ~g (with the usual 1e-8 it is
 # ~sign(g), which turns rounding in near-zero gradients into whole moves)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from train_tiny import TinyReward
 
-import nemokern.train.checkpoint as ck
+import nemokern.engine.checkpoint as ck
+from nemokern.engine.checkpoint import Checkpointer, CheckpointError, decode_state, encode_state
 from nemokern.model import Llama
-from nemokern.train.checkpoint import Checkpointer, CheckpointError, decode_state, encode_state
 
 
 def _trained(seed=0, impl="foreach"):
@@ -189,11 +189,11 @@ def test_nothing_is_unpickled(tmp_path, monkeypatch):
 
 
 def test_reshard_rebuilds_replicated_and_split_pieces():
-    """train/reshard.reshard: 4 saved pieces of a 2-head KV projection (each head replicated on 2
+    """engine/reshard.reshard: 4 saved pieces of a 2-head KV projection (each head replicated on 2
     ranks) become rank 1's slice at tp 2 (head 1), and the whole tensor at tp 1; an unsplit or
     0-dim tensor is the first piece; pieces that cannot make the model's size are refused."""
+    from nemokern.engine.reshard import reshard
     from nemokern.parallel.layers import Shard
-    from nemokern.train.reshard import reshard
 
     full = torch.arange(4 * 3.0).view(4, 3)  # 2 heads of 2 rows
     pieces = [full[:2], full[:2], full[2:], full[2:]]  # tp 4: ranks 0-1 head 0, ranks 2-3 head 1

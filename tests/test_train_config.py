@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from nemokern.train.config import (
+from nemokern.engine.config import (
     ConfigError,
     TrainConfig,
     build_config,
@@ -142,7 +142,7 @@ def test_non_finite_and_out_of_range_optimizer_values_are_refused(kw, match):
 
 
 def test_non_finite_options_of_a_trainer_config_are_refused():
-    from nemokern.train.reinforce import ReinforceConfig
+    from nemokern.trainers.reinforce import ReinforceConfig
 
     for name in ("beta", "reward_fn_weight", "truncation_penalty"):
         with pytest.raises(ConfigError, match=f"{name} = nan must be a finite number"):
@@ -184,7 +184,7 @@ def test_dump_toml_round_trips(tmp_path):
 def test_parser_can_be_embedded_in_a_cli():
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="cmd")
-    from nemokern.train.config import add_config_arguments
+    from nemokern.engine.config import add_config_arguments
 
     add_config_arguments(sub.add_parser("train"), RecipeConfig)
     ns = parser.parse_args(["train", "--k", "5", "--betas", "0.1", "0.2"])

@@ -11,9 +11,9 @@ import torch
 from train_tiny import TinyReward, batches, config, step_fn
 
 from helpers import launch_script
-from nemokern.train.checkpoint import Checkpointer
-from nemokern.train.loop import NonFiniteError, TrainLoop, lr_factor, move_to
-from nemokern.train.metrics import read_metrics
+from nemokern.engine.checkpoint import Checkpointer
+from nemokern.engine.loop import NonFiniteError, TrainLoop, lr_factor, move_to
+from nemokern.engine.metrics import read_metrics
 
 
 @pytest.fixture(autouse=True)
@@ -268,8 +268,8 @@ def test_export_writes_an_hf_trunk_and_the_head(tmp_path):
     loop = TrainLoop(config(tmp_path, max_steps=1), TinyReward(), batches(10), step_fn)
     loop.fit()
     final = loop.export()
+    from nemokern.engine.checkpoint import load_modules
     from nemokern.model import Llama
-    from nemokern.train.checkpoint import load_modules
 
     Llama.from_pretrained(final / "trunk")
     again = TinyReward(seed=5)

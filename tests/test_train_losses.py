@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from nemokern.train.losses import (
+from nemokern.trainers.losses import (
     ATTRIBUTES,
     HELPFULNESS,
     IGNORE_LABEL,

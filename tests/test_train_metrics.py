@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from nemokern.train.metrics import MetricsLogger, read_metrics
+from nemokern.engine.metrics import MetricsLogger, read_metrics
 
 
 def test_jsonl_per_step_and_resume_truncation(tmp_path, capsys):

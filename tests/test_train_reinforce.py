@@ -15,11 +15,11 @@ from helpers import count_a, tiny_policy
 from helpers import reinforce_config as config
 from nemokern.data import DataError
 from nemokern.data.tokenizer import ByteTokenizer
+from nemokern.engine.config import ConfigError
+from nemokern.engine.metrics import read_metrics
 from nemokern.model import Llama, LlamaConfig, RewardModel
-from nemokern.train.config import ConfigError
-from nemokern.train.metrics import read_metrics
-from nemokern.train.reinforce import ReinforceTrainer
-from nemokern.train.rollout import PolicyLoss, kl_regularised_advantages, pack
+from nemokern.trainers.reinforce import ReinforceTrainer
+from nemokern.trainers.rollout import PolicyLoss, kl_regularised_advantages, pack
 
 TOK = ByteTokenizer()
 STEP_METRICS = (
@@ -366,7 +366,7 @@ def test_rewards_that_are_not_numbers_are_refused(tmp_path, prompts, result, sho
 def test_rewards_as_arrays_tensors_and_bools_are_taken():
     import numpy as np
 
-    from nemokern.train.rollout import call_reward_fn
+    from nemokern.trainers.rollout import call_reward_fn
 
     for out in (np.array([1, 0.5]), torch.tensor([1.0, 0.5]), [True, 0.5], (np.float32(1), 0.5)):
         got = call_reward_fn(lambda prompts, completions, out=out: out, ["p", "q"], ["a", "b"], {})
@@ -376,7 +376,7 @@ def test_rewards_as_arrays_tensors_and_bools_are_taken():
 def test_an_exception_in_the_reward_function_names_it(tmp_path, prompts):
     """Not a ValueError (the CLI would print it as an option mistake): the function's own
     exception is chained, so its traceback shows where it failed."""
-    from nemokern.train.rollout import RewardFunctionError
+    from nemokern.trainers.rollout import RewardFunctionError
 
     def buggy(prompts, completions, **kw):
         raise ValueError("my own bug")
@@ -466,7 +466,7 @@ def test_bf16_frozen_reference_and_reward_model(tmp_path, prompts):
 def never_ends(monkeypatch):
     """generate() with no EOS token: no sample ever ends (as a base policy with a small
     max_new_tokens)."""
-    import nemokern.train.reinforce as reinforce
+    import nemokern.trainers.reinforce as reinforce
 
     real = reinforce.generate
     monkeypatch.setattr(
@@ -504,7 +504,7 @@ def test_steps_where_no_sample_ends_warn_then_stop(tmp_path, prompts, never_ends
 
 
 def test_a_reward_that_overflows_the_gradient_is_named_by_its_size(tmp_path, prompts):
-    from nemokern.train.loop import NonFiniteError
+    from nemokern.engine.loop import NonFiniteError
 
     def huge(prompts, completions, **kw):
         return [1e30 * (i % 2) for i in range(len(completions))]

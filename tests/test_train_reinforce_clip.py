@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 from helpers import count_a, tiny_policy
 from helpers import reinforce_config as config
+from nemokern.engine.config import ConfigError
 from nemokern.model import Llama
-from nemokern.train.config import ConfigError
-from nemokern.train.reinforce import ReinforceConfig, ReinforceTrainer
+from nemokern.trainers.reinforce import ReinforceConfig, ReinforceTrainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from nemokern.data.synthetic import write_synthetic
+from nemokern.engine.config import ConfigError
+from nemokern.engine.metrics import read_metrics
 from nemokern.model import RewardModel
-from nemokern.train.config import ConfigError
-from nemokern.train.metrics import read_metrics
-from nemokern.train.reward import RewardConfig, RewardTrainer
+from nemokern.trainers.reward import RewardConfig, RewardTrainer
 
 
 def config(tmp_path, data, **kw):
@@ -131,7 +131,7 @@ def test_tiny_model_learns_the_synthetic_preference_task(tmp_path):
 
 
 def test_score_file_reads_the_final_model_and_its_export(tmp_path, files):
-    from nemokern.train.reward import score_file
+    from nemokern.trainers.reward import score_file
 
     RewardTrainer(config(tmp_path, files["pairs"], loss="bt", max_steps=1)).fit()
     final = tmp_path / "run" / "final"
@@ -149,7 +149,7 @@ def test_score_file_reads_the_final_model_and_its_export(tmp_path, files):
 def test_score_leaves_preference_ties_out(tmp_path, files):
     """A HelpSteer2-Preference tie (strength 0) has no better response: score reports it apart
     instead of counting response_2 as chosen."""
-    from nemokern.train.reward import score_file
+    from nemokern.trainers.reward import score_file
 
     RewardTrainer(config(tmp_path, files["pairs"], loss="bt", max_steps=1)).fit()
     rows = [json.loads(line) for line in open(files["pairs"])][:6]

@@ -11,12 +11,12 @@ from nemokern.cli import main
 from nemokern.data import DataError
 from nemokern.data.sft import encode_sft, read_sft
 from nemokern.data.tokenizer import ByteTokenizer
+from nemokern.engine.config import ConfigError
+from nemokern.engine.metrics import read_metrics
 from nemokern.model import Llama
-from nemokern.train.config import ConfigError
-from nemokern.train.metrics import read_metrics
-from nemokern.train.reinforce import build_policy
-from nemokern.train.rollout import PolicyLoss
-from nemokern.train.sft import SFTConfig, SFTTrainer, sft_batches, sft_step
+from nemokern.trainers.reinforce import build_policy
+from nemokern.trainers.rollout import PolicyLoss
+from nemokern.trainers.sft import SFTConfig, SFTTrainer, sft_batches, sft_step
 
 TOK = ByteTokenizer()
 ROWS = [{"prompt": f"{a}+{b}=", "response": str(a + b)} for a in range(6) for b in range(4)]

@@ -1,4 +1,4 @@
-"""Stopping on SIGTERM / SIGINT (train/stop.py): the step in progress finishes, a checkpoint of it
+"""Stopping on SIGTERM / SIGINT (engine/stop.py): the step in progress finishes, a checkpoint of it
 is written, TrainingStopped names it, and --resume auto continues exactly; every process stops at
 the same step. (The command's exit status: tests/test_cli_train.py.)"""
 
@@ -11,8 +11,8 @@ import torch
 from train_tiny import TinyReward, batches, config, step_fn
 
 from helpers import join_gloo, run_ranks
-from nemokern.train.loop import TrainLoop
-from nemokern.train.stop import TrainingStopped
+from nemokern.engine.loop import TrainLoop
+from nemokern.engine.stop import TrainingStopped
 
 
 def _signalling(at_step: int, signum=signal.SIGTERM, times: int = 1, rank=None, per_step=2):
@@ -87,7 +87,7 @@ def test_every_process_stops_at_the_same_step_when_one_is_signalled(tmp_path):
 def test_sigterm_inside_a_reinforce_rollout_resumes_on_its_samples(tmp_path):
     """The signal arrives while the rollout for steps 1-2 is scored: step 1 finishes, its
     checkpoint keeps the rest of the rollout, and the resumed run equals an uninterrupted one."""
-    from nemokern.train.reinforce import ReinforceConfig, ReinforceTrainer
+    from nemokern.trainers.reinforce import ReinforceConfig, ReinforceTrainer
 
     rows = [{"prompt": f"Say {c}."} for c in "abcd"]
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -10,10 +10,10 @@ import sys
 import torch
 from torch import nn
 
+from nemokern.engine.config import TrainConfig
+from nemokern.engine.loop import StepOutput, TrainLoop
 from nemokern.model import Llama, LlamaConfig
-from nemokern.train.config import TrainConfig
-from nemokern.train.loop import StepOutput, TrainLoop
-from nemokern.train.losses import regression_loss
+from nemokern.trainers.losses import regression_loss
 
 VOCAB, K = 61, 3
 

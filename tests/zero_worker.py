@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 from train_tiny import TinyReward, batches, config, step_fn
 
 from helpers import leave_group
+from nemokern.engine.loop import TrainLoop
 from nemokern.parallel.fsdp import full_tensor, local_part
-from nemokern.train.loop import TrainLoop
 
 if __name__ == "__main__":
     torch.set_num_threads(1)

@@ -225,7 +225,7 @@ class Llama(nn.Module):
         comes before it and has no parent itself: its tokens attend to all of the parent's
         tokens and then causally to their own, and their positions go on from the parent's
         length. So k responses packed after one copy of their prompt give each the hidden states
-        of prompt + response, with the prompt computed once (nemokern.train.rollout.pack(...,
+        of prompt + response, with the prompt computed once (nemokern.trainers.rollout.pack(...,
         k) builds such batches for REINFORCE, the reward data's pair batches for chosen and
         rejected).
         The output keeps input_ids' leading shape. Checking the ids against the vocabulary costs one

@@ -1,16 +1,28 @@
-"""Training: the supervised fine-tuning trainer (sft.py), the reward trainer (reward.py), the
-REINFORCE/RLOO trainer (reinforce.py), ExPO (expo.py), the embedded demo (demo.py), the recipe's
-losses (losses.py), RewardBench scoring (rewardbench.py), checks of run options (options.py) and
-the infrastructure the trainers share: config (config.py), checkpoints (checkpoint.py), metrics
-(metrics.py) and the loop (loop.py)."""
+"""The public training API under its first import path: the trainers and their configs
+(nemokern.trainers) and the engine's names (nemokern.engine), re-exported unchanged."""
 
-from .checkpoint import Checkpointer, load_modules, save_modules
-from .config import ConfigError, TrainConfig, build_config, option, parse_config
-from .loop import NonFiniteError, StepOutput, TrainLoop
-from .metrics import MetricsLogger
-from .reinforce import ReinforceConfig, ReinforceTrainer
-from .reward import RewardConfig, RewardTrainer
-from .sft import SFTConfig, SFTTrainer
+from nemokern.engine import (
+    Checkpointer,
+    ConfigError,
+    MetricsLogger,
+    NonFiniteError,
+    StepOutput,
+    TrainConfig,
+    TrainLoop,
+    build_config,
+    load_modules,
+    option,
+    parse_config,
+    save_modules,
+)
+from nemokern.trainers import (
+    ReinforceConfig,
+    ReinforceTrainer,
+    RewardConfig,
+    RewardTrainer,
+    SFTConfig,
+    SFTTrainer,
+)
 
 __all__ = [
     "Checkpointer",

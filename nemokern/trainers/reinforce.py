@@ -36,20 +36,21 @@ import torch
 
 from nemokern.data.prompts import read_prompts
 from nemokern.data.tokenizer import HFTokenizer, load_tokenizer
-from nemokern.model import Llama, LlamaConfig, generate
-from nemokern.model.deferred import is_deferred
-from nemokern.model.generate import position_fix
-from nemokern.parallel.fsdp import full_weights
-from nemokern.train.config import SCHEDULES, ConfigError, TrainConfig, option, option_error
-from nemokern.train.loop import (
+from nemokern.engine.config import SCHEDULES, ConfigError, TrainConfig, option, option_error
+from nemokern.engine.loop import (
     StepOutput,
     TrainLoop,
     dp_size_of,
     reads_deferred,
     tp_group_for,
 )
-from nemokern.train.losses import PG_NORMALISATIONS, TRUNCATED
-from nemokern.train.rollout import (
+from nemokern.model import Llama, LlamaConfig, generate
+from nemokern.model.deferred import is_deferred
+from nemokern.model.generate import position_fix
+from nemokern.parallel.fsdp import full_weights
+from nemokern.trainers import presets
+from nemokern.trainers.losses import PG_NORMALISATIONS, TRUNCATED
+from nemokern.trainers.rollout import (
     DEFERRED_SUMS,
     PolicyLoss,
     RolloutLoop,
@@ -74,6 +75,7 @@ class ReinforceConfig(TrainConfig):
     """Everything `nemokern train-reinforce` takes. Defaults: recipe.md section 2 (NeMo-Aligner's
     k = 4, temperature 1, beta 0.01, |k1| masked-mean KL, lr 9e-7 cosine to 9e-8)."""
 
+    PRESETS: ClassVar[dict[str, dict]] = presets.REINFORCE
     RESUME_CHANGEABLE: ClassVar[tuple[str, ...]] = (
         *TrainConfig.RESUME_CHANGEABLE,
         "generation_batch_size",

@@ -21,11 +21,11 @@ import torch
 from nemokern.data.packing import RewardBatches
 from nemokern.data.sft import read_sft
 from nemokern.data.tokenizer import load_tokenizer
+from nemokern.engine.config import TrainConfig, check_data_and_batching, option
+from nemokern.engine.loop import StepOutput, TrainLoop, move_to
 from nemokern.model import Llama
-from nemokern.train.config import TrainConfig, check_data_and_batching, option
-from nemokern.train.loop import StepOutput, TrainLoop, move_to
-from nemokern.train.reinforce import build_policy, export_policy
-from nemokern.train.rollout import PolicyLoss, pack
+from nemokern.trainers.reinforce import build_policy, export_policy
+from nemokern.trainers.rollout import PolicyLoss, pack
 
 
 @dataclass

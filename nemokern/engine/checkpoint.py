@@ -19,7 +19,7 @@ Under tensor parallelism (tp > 1) the weights and the optimizer are stored as sh
                             names, replicated tensors in every shard), written by the N ranks of
                             the tp group of global rank 0 (the other data-parallel replicas hold
                             the same); a resume at another tp size M rebuilds each tensor
-                            from the N pieces and keeps its slice (train/reshard.py)
+                            from the N pieces and keeps its slice (engine/reshard.py)
 With a sharded optimizer (ZeroRedundancyOptimizer, --shard-optimizer) every process writes the
 AdamW state of its own share instead of optimizer.{json,safetensors}:
     optimizer.rankNNNNN.{json,safetensors}   a resume needs the same number of processes
@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
+from nemokern.engine.reshard import load_fsdp_regrouped, load_resharded
 from nemokern.model.hf import (
     CheckpointError,
     hf_name,
@@ -58,7 +59,6 @@ from nemokern.parallel.fsdp import (
     like,
     local_part,
 )
-from nemokern.train.reshard import load_fsdp_regrouped, load_resharded
 
 FORMAT = "nemokern-checkpoint-1"
 MANIFEST = "manifest.json"
@@ -545,7 +545,7 @@ class Checkpointer:
         """Restore a checkpoint into `model` (in place), the optimizer, the scheduler and this
         process's RNG; returns the trainer state ({"step": ..., "world_size": ..., ...}, and
         "local": this process's `local` state if the save had one).
-        A checkpoint written at another tensor-parallel size is resharded (train/reshard.py),
+        A checkpoint written at another tensor-parallel size is resharded (engine/reshard.py),
         unless its optimizer state is sharded (--shard-optimizer or --fsdp); an --fsdp one
         resumes on another number of processes at its tp size, or without --fsdp. One saved
         inside a rollout resumes only at the process count and tp size it was saved at. What

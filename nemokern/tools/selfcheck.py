@@ -6,7 +6,7 @@ HF-layout save/load, packed forward vs per-sequence forward, KV-cache sampling o
 prompt, fused log-probs from hidden states vs log_softmax of the logits, sequence KL to a
 reference policy, the reward head on the last token, and the leave-one-out advantage.
 `check_options` validates every argument before any work; the CLI calls it first. (The recipe
-itself, trained end to end, is `nemokern demo`: train/demo.py.)
+itself, trained end to end, is `nemokern demo`: tools/demo.py.)
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 import torch
 
 from nemokern.data.tokenizer import ByteTokenizer
+from nemokern.engine import options
 from nemokern.model import Llama, LlamaConfig, generate
 from nemokern.ops import linear_logprobs, logprobs, reward_head, sequence_kl
-from nemokern.train import options
-from nemokern.train.losses import rloo_advantages
-from nemokern.train.rollout import pack
+from nemokern.trainers.losses import rloo_advantages
+from nemokern.trainers.rollout import pack
 
 PROMPTS = (
     "Write a haiku about GPUs.",

@@ -17,8 +17,6 @@ import types
 import typing
 from pathlib import Path
 
-from nemokern.train.presets import PRESETS, preset_values
-
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -61,11 +59,14 @@ class TrainConfig:
     """What the shared training loop reads. Optimizer defaults: recipe.md (NeMo-Aligner's
     betas/weight decay/clip; the reward recipe's stage-1 lr, constant)."""
 
+    # {preset name: {option: value}}: what `--preset NAME` sets, below --config and the command
+    # line; a trainer's config fills it in (trainers/presets.py)
+    PRESETS: typing.ClassVar[dict[str, dict]] = {}
+
     preset: str = option(
         "",
         "start from a reference's documented defaults where NeMo-Aligner and TRL differ "
         "(docs/recipe.md lists them); --config and the command line win",
-        choices=("", *PRESETS),
     )
     out: str = option("runs/nemokern", "output directory: checkpoints/, metrics.jsonl, final/")
     seed: int = option(0, "seed of the model init, the data order and every sampler")
@@ -379,6 +380,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> argparse.Argum
         )
         if f.metadata.get("choices"):
             kw["choices"] = f.metadata["choices"]
+        if f.name == "preset" and cls.PRESETS:
+            kw["choices"] = ("", *cls.PRESETS)
         if tp is bool:
             parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
         elif typing.get_origin(tp) is tuple:
@@ -399,7 +402,7 @@ def config_parser(cls, **parser_kwargs) -> argparse.ArgumentParser:
 
 
 def build_config(cls, args: argparse.Namespace | None = None, *, toml=None, **overrides):
-    """An instance of `cls`: defaults < the preset's values (train/presets.py; the preset named
+    """An instance of `cls`: defaults < the preset's values (`cls.PRESETS`; the preset named
     last of TOML, args, overrides) < TOML (`toml`, or args.config) < parsed args < overrides."""
     values = {}
     names = {f.name for f in config_fields(cls)}
@@ -413,10 +416,7 @@ def build_config(cls, args: argparse.Namespace | None = None, *, toml=None, **ov
             raise _unknown(key, names, f"{cls.__name__}(...)")
     values.update(overrides)
     if "preset" in names:
-        preset = values.get("preset", "")
-        if preset not in ("", *PRESETS):
-            raise option_error("preset", f"{preset!r} is not one of {', '.join(PRESETS)}")
-        values = {**preset_values(preset, cls), **values}
+        values = {**preset_values(cls, values.get("preset", "")), **values}
     hints, fields = _types(cls), {f.name: f for f in config_fields(cls)}
     for key, value in values.items():
         values[key] = coerce(key, value, hints[key], fields[key].metadata.get("choices"))
@@ -425,6 +425,18 @@ def build_config(cls, args: argparse.Namespace | None = None, *, toml=None, **ov
     except ConfigError as e:
         source = f" (options from {path} and the command line)" if path is not None else ""
         raise ConfigError(f"{e}{source}") from None
+
+
+def preset_values(cls, name: str) -> dict:
+    """{option: value} that preset `name` sets for the config class `cls` ('': none). A class
+    without presets (SFTConfig) is refused, not silently left at its defaults."""
+    if not name:
+        return {}
+    if not cls.PRESETS:
+        raise option_error("preset", f"{name!r}: no preset for {cls.__name__}")
+    if name not in cls.PRESETS:
+        raise option_error("preset", f"{name!r} is not one of {', '.join(cls.PRESETS)}")
+    return {k: list(v) if isinstance(v, list) else v for k, v in cls.PRESETS[name].items()}
 
 
 def parse_config(cls, argv=None, **parser_kwargs):

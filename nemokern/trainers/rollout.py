@@ -1,7 +1,7 @@
 """The pieces of a REINFORCE rollout and the loop that makes one every `updates_per_rollout`
 optimizer steps: reward sources (a Python function with TRL's signature, a reward-model
 directory), the KL-regularised RLOO advantages and update coefficients of a micro-batch, the
-update's loss module (PolicyLoss), packing, and RolloutLoop. nemokern/train/reinforce.py puts them
+update's loss module (PolicyLoss), packing, and RolloutLoop. reinforce.py puts them
 together into ReinforceTrainer.
 """
 
@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from nemokern.engine.config import option_error
+from nemokern.engine.loop import NonFiniteError, TrainLoop
 from nemokern.model import Llama, RewardModel
 from nemokern.model.reward import HEAD_WEIGHTS, check_reward_directory, check_trained
 from nemokern.ops import linear_logprobs, linear_policy_loss, sequence_kl
-from nemokern.train.config import option_error
-from nemokern.train.loop import NonFiniteError, TrainLoop
-from nemokern.train.losses import (
+from nemokern.trainers.losses import (
     TRUNCATED,
     normalise_advantages,
     policy_gradient_coefficients,

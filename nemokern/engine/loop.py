@@ -133,7 +133,7 @@ def setup_distributed(device: str = "auto", tp: int = 1) -> Dist:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     elif device == "cuda":
         device = f"cuda:{local_rank}"
-    try:  # the one device check (train/options.py), as the CLI makes it before any work
+    try:  # the one device check (engine/options.py), as the CLI makes it before any work
         dev = options.device("device", device)
     except options.OptionError as e:
         raise option_error("device", e.message) from None
@@ -786,7 +786,7 @@ class TrainLoop:
         return self.history
 
     def _stop_on(self, signum: int) -> None:
-        """A signal reached a process (train/stop.py): keep this step as a checkpoint, then raise
+        """A signal reached a process (engine/stop.py): keep this step as a checkpoint, then raise
         TrainingStopped on every process."""
         path = self.save() if self.last_saved != self.step else self.checkpointer.path(self.step)
         raise TrainingStopped(

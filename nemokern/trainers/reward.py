@@ -20,6 +20,15 @@ import torch
 
 from nemokern.data import load_reward_data
 from nemokern.data.tokenizer import load_tokenizer
+from nemokern.engine.config import TrainConfig, check_data_and_batching, option, option_error
+from nemokern.engine.loop import (
+    StepOutput,
+    TrainLoop,
+    move_to,
+    reads_deferred,
+    setup_distributed,
+    tp_group_for,
+)
 from nemokern.model import Llama, LlamaConfig, RewardModel
 from nemokern.model.reward import (
     ATTRIBUTES,
@@ -29,23 +38,15 @@ from nemokern.model.reward import (
     check_trained,
     model_kind,
 )
-from nemokern.train.config import TrainConfig, check_data_and_batching, option, option_error
-from nemokern.train.loop import (
-    StepOutput,
-    TrainLoop,
-    move_to,
-    reads_deferred,
-    setup_distributed,
-    tp_group_for,
-)
-from nemokern.train.losses import (
+from nemokern.trainers import presets
+from nemokern.trainers.losses import (
     HELPFULNESS,
     TIES,
     bradley_terry_loss,
     pair_accuracy,
     regression_loss,
 )
-from nemokern.train.rewardbench import accuracy_report
+from nemokern.trainers.rewardbench import accuracy_report
 
 LOSSES = ("regression", "helpfulness", "bt", "margin-bt", "scaled-bt")
 _BT_KIND = {"bt": "regular", "margin-bt": "margin", "scaled-bt": "scaled"}
@@ -57,6 +58,7 @@ class RewardConfig(TrainConfig):
     stage 2 (scaled BT from stage 1's model and head) is `--loss scaled-bt --init DIR --lr 1e-6`."""
 
     # the training data's content is checked on resume (TrainLoop), not its path
+    PRESETS: ClassVar[dict[str, dict]] = presets.REWARD
     RESUME_CHANGEABLE: ClassVar[tuple[str, ...]] = (
         *TrainConfig.RESUME_CHANGEABLE,
         "data",

@@ -71,7 +71,7 @@ def _model_reader(stack: ExitStack, path: Path, saved_tp: int, model) -> Callabl
         handles = [_open(stack, f) for f in files]
         return lambda name: [_get(h, name, f) for h, f in zip(handles, files)]
     # --tp 1: HF layout per Llama part ("model/" or a child's name), modules.safetensors the rest
-    from nemokern.train.checkpoint import _hf_parts  # the layout's writer decides the parts
+    from nemokern.engine.checkpoint import _hf_parts  # the layout's writer decides the parts
 
     where: dict[str, tuple[Path, str]] = {}
     for part_name, part in _hf_parts(model).items():
@@ -107,7 +107,7 @@ class _Keys(dict):
 def load_resharded(path: Path, saved_tp: int, targets: dict, model, optimizer=None) -> None:
     """Fill `targets` (state-dict name -> this rank's tensor of `model`, each once) and the
     optimizer's state from the checkpoint at `path`, written at --tp saved_tp."""
-    from nemokern.train.checkpoint import decode_state  # the JSON + tensors format's decoder
+    from nemokern.engine.checkpoint import decode_state  # the JSON + tensors format's decoder
 
     shards = shards_of(model)
     with ExitStack() as stack:
@@ -157,8 +157,8 @@ def load_fsdp_regrouped(path: Path, names: list[str], optimizer) -> None:
     FSDP): each state tensor's rows are concatenated across the files, one tensor at a time, and
     each process keeps the rows its parameter holds (parallel.fsdp.like), so the moments continue
     exactly. Step counts (0-dim) are taken from the first file."""
+    from nemokern.engine.checkpoint import decode_state
     from nemokern.parallel.fsdp import like
-    from nemokern.train.checkpoint import decode_state
 
     first = path / f"{names[0]}.json"
     try:

@@ -32,13 +32,13 @@ import torch
 from nemokern.data.readers import write_rows
 from nemokern.data.synthetic import sum_reward, sum_rows
 from nemokern.data.tokenizer import ByteTokenizer
+from nemokern.engine import options
 from nemokern.model import Llama, RewardModel, generate
-from nemokern.train import options
-from nemokern.train.expo import expo
-from nemokern.train.reinforce import ReinforceConfig, ReinforceTrainer
-from nemokern.train.reward import RewardConfig, RewardTrainer, score_file
-from nemokern.train.rollout import pack
-from nemokern.train.sft import SFTConfig, SFTTrainer
+from nemokern.tools.expo import expo
+from nemokern.trainers.reinforce import ReinforceConfig, ReinforceTrainer
+from nemokern.trainers.reward import RewardConfig, RewardTrainer, score_file
+from nemokern.trainers.rollout import pack
+from nemokern.trainers.sft import SFTConfig, SFTTrainer
 
 DEFAULT_SEED, DEFAULT_DEVICE = 0, "cpu"
 REWARD_FN = "nemokern.data.synthetic:sum_reward"  # what `--reward-fn` names
@@ -387,7 +387,7 @@ def write_plots(out: Path, log) -> list[str]:
     except ImportError:
         log("plots skipped: matplotlib is not installed (pip install 'nemokern[plot]')")
         return []
-    from nemokern.train.metrics import METRICS_FILE, read_metrics
+    from nemokern.engine.metrics import METRICS_FILE, read_metrics
 
     curves = {
         "sft": ("loss",),

@@ -1,0 +1,24 @@
+"""The engine every trainer shares and none of them is: the loop with its extension points
+(loop.py), checkpoints and their resharding (checkpoint.py, reshard.py), the dataclass + TOML
+config (config.py), the run directory's identity and lock (run_dir.py), metrics (metrics.py),
+signal handling (stop.py) and the checks of run options (options.py)."""
+
+from .checkpoint import Checkpointer, load_modules, save_modules
+from .config import ConfigError, TrainConfig, build_config, option, parse_config
+from .loop import NonFiniteError, StepOutput, TrainLoop
+from .metrics import MetricsLogger
+
+__all__ = [
+    "Checkpointer",
+    "ConfigError",
+    "MetricsLogger",
+    "NonFiniteError",
+    "StepOutput",
+    "TrainConfig",
+    "TrainLoop",
+    "build_config",
+    "load_modules",
+    "option",
+    "parse_config",
+    "save_modules",
+]
