@@ -18,8 +18,8 @@ from nemokern.data.tokenizer import ByteTokenizer
 from nemokern.engine.config import ConfigError
 from nemokern.engine.metrics import read_metrics
 from nemokern.model import Llama, LlamaConfig, RewardModel
+from nemokern.trainers.policy import PolicyLoss, kl_regularised_advantages, pack
 from nemokern.trainers.reinforce import ReinforceTrainer
-from nemokern.trainers.rollout import PolicyLoss, kl_regularised_advantages, pack
 
 TOK = ByteTokenizer()
 STEP_METRICS = (

@@ -22,7 +22,7 @@ from nemokern.engine import options
 from nemokern.model import Llama, LlamaConfig, generate
 from nemokern.ops import linear_logprobs, logprobs, reward_head, sequence_kl
 from nemokern.trainers.losses import rloo_advantages
-from nemokern.trainers.rollout import pack
+from nemokern.trainers.policy import pack
 
 PROMPTS = (
     "Write a haiku about GPUs.",

@@ -22,7 +22,6 @@ OUT/final is the policy in HF layout.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
@@ -35,35 +34,33 @@ from typing import ClassVar
 import torch
 
 from nemokern.data.prompts import read_prompts
-from nemokern.data.tokenizer import HFTokenizer, load_tokenizer
+from nemokern.data.tokenizer import load_tokenizer
 from nemokern.engine.config import SCHEDULES, ConfigError, TrainConfig, option, option_error
-from nemokern.engine.loop import (
-    StepOutput,
-    TrainLoop,
-    dp_size_of,
-    reads_deferred,
-    tp_group_for,
-)
-from nemokern.model import Llama, LlamaConfig, generate
-from nemokern.model.deferred import is_deferred
+from nemokern.engine.loop import StepOutput, dp_size_of, reads_deferred
+from nemokern.model import Llama, generate
 from nemokern.model.generate import position_fix
 from nemokern.parallel.fsdp import full_weights
 from nemokern.trainers import presets
 from nemokern.trainers.losses import PG_NORMALISATIONS, TRUNCATED
+from nemokern.trainers.policy import (
+    PolicyLoss,
+    TokenLogprobs,
+    build_policy,
+    export_policy,
+    frozen_copy,
+    pack,
+    policy_terms,
+    ratio_clip,
+)
 from nemokern.trainers.rollout import (
     DEFERRED_SUMS,
-    PolicyLoss,
     RolloutLoop,
-    TokenLogprobs,
     add_sums,
     call_reward_fn,
     check_reward_fn,
     completion,
     load_reward_fn,
     load_reward_model,
-    pack,
-    policy_terms,
-    ratio_clip,
     stop_length,
 )
 
@@ -253,59 +250,6 @@ class ReinforceConfig(TrainConfig):
 
 
 # ---- the trainer ---------------------------------------------------------------------------------
-def export_policy(loop: TrainLoop, policy: Llama, tokenizer) -> None:
-    """OUT/final: the policy in HF layout (under --tp a collective of each tp group, whose rank 0
-    writes; under --fsdp of all processes), with an HF tokenizer's files."""
-    final = Path(loop.config.out) / "final"
-    if loop.writes_weights:
-        policy.save_pretrained(final)
-    if loop.dist.rank == 0 and isinstance(tokenizer, HFTokenizer):
-        tokenizer.tok.save_pretrained(final)
-    if loop.dist.active:
-        torch.distributed.barrier()
-
-
-def build_policy(config: TrainConfig, tokenizer, field: str = "policy") -> Llama:
-    """The Llama `config.<field>` names: an HF directory, or 'tiny' (random, seeded by
-    config.seed, sized for `tokenizer`; under --tp built whole on every rank and split, so it is
-    the same model at every tp), split over the --tp group."""
-    name = getattr(config, field)
-    if name != "tiny" and not Path(name).is_dir():
-        raise option_error(field, f"{name} is not a directory (nor 'tiny')")
-    tp_group = tp_group_for(config)
-    if name == "tiny":
-        torch.manual_seed(config.seed)
-        full = Llama(
-            LlamaConfig.tiny(
-                vocab_size=tokenizer.vocab_size,
-                bos_token_id=tokenizer.bos_id,
-                eos_token_id=list(tokenizer.eos_ids),
-            )
-        )
-        return Llama.split_from(full, tp_group)
-    return Llama.from_pretrained(
-        name, dtype=torch.float32, tp_group=tp_group, deferred=reads_deferred(config)
-    )
-
-
-def frozen_copy(policy: Llama, dtype: torch.dtype, source=None) -> Llama:
-    """An eval-mode copy of `policy` (this rank's shard under TP) in `dtype` with no gradients:
-    the reference. Built empty and filled tensor by tensor, so a bf16 copy of an fp32 policy
-    never holds a second fp32 one. A policy whose weights are not read yet (deferred) gets a
-    deferred reference read from the same directory, `source`."""
-    if is_deferred(policy):
-        ref = Llama.from_pretrained(source, dtype=dtype, tp_group=policy.tp_group, deferred=True)
-        return ref.eval().requires_grad_(False)
-    weight = policy.embed_tokens.weight
-    if weight.dtype == dtype:
-        return copy.deepcopy(policy).eval().requires_grad_(False)
-    ref = Llama.empty(policy.config, dtype=dtype, device=weight.device, tp_group=policy.tp_group)
-    with torch.no_grad():
-        for name, target in ref.named_parameters():
-            target.copy_(policy.get_parameter(name))
-    return ref.eval().requires_grad_(False)
-
-
 class ReinforceTrainer:
     """`ReinforceTrainer(config).fit()`: train the policy, write OUT/final, return the step records.
 
