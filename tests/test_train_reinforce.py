@@ -18,7 +18,12 @@ from nemokern.data.tokenizer import ByteTokenizer
 from nemokern.engine.config import ConfigError
 from nemokern.engine.metrics import read_metrics
 from nemokern.model import Llama, LlamaConfig, RewardModel
-from nemokern.trainers.policy import PolicyLoss, kl_regularised_advantages, pack
+from nemokern.trainers.policy import (
+    PolicyLoss,
+    PolicyLossSpec,
+    kl_regularised_advantages,
+    pack,
+)
 from nemokern.trainers.reinforce import ReinforceTrainer
 
 TOK = ByteTokenizer()
@@ -114,7 +119,9 @@ def test_update_gradient_matches_float64_autograd():
         torch.arange(3), (b["cu_seqlens"][1:] - b["cu_seqlens"][:-1]).long()
     )
     coef = torch.where(mask, -adv[seq] / mask.sum(), torch.zeros(()))
-    loss = PolicyLoss(policy, temperature=0.7)(b["input_ids"], b["cu_seqlens"], b["targets"], coef)
+    loss = PolicyLoss(policy, PolicyLossSpec(temperature=0.7))(
+        b["input_ids"], b["cu_seqlens"], b["targets"], coef
+    )
     loss.backward()
 
     ref = Llama(policy.config).double()

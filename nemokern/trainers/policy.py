@@ -9,6 +9,8 @@ update's loss).
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -84,6 +86,43 @@ def frozen_copy(policy: Llama, dtype: torch.dtype, source=None) -> Llama:
 
 
 # ---- samples -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SampleGroups:
+    """n_prompts prompts sampled k times each, a prompt's k samples consecutive: sample i is
+    sample i % k of prompt i // k. The layout of a rollout's samples, of pack()'s shared prompts
+    and of the RLOO advantages' [n_prompts, k] grid."""
+
+    k: int
+    n_prompts: int
+
+    @classmethod
+    def of(cls, n_samples: int, k: int) -> SampleGroups:
+        """The groups of `n_samples` samples, k per prompt; ValueError unless they are whole."""
+        if k < 1 or n_samples % k:
+            raise ValueError(f"{n_samples} samples are not whole groups of k = {k}")
+        return cls(k, n_samples // k)
+
+    @property
+    def n_samples(self) -> int:
+        return self.n_prompts * self.k
+
+    def repeat(self, per_prompt: Sequence) -> list:
+        """One item per sample [n_samples] from one per prompt [n_prompts]."""
+        return [x for x in per_prompt for _ in range(self.k)]
+
+    def grid(self, per_sample: torch.Tensor) -> torch.Tensor:
+        """[n_samples] -> [n_prompts, k] (a view)."""
+        return per_sample.view(self.n_prompts, self.k)
+
+    def samples(self, first_prompt: int, end_prompt: int) -> tuple[int, int]:
+        """(start, end) of the samples of prompts first_prompt, ..., end_prompt - 1."""
+        return first_prompt * self.k, end_prompt * self.k
+
+    def firsts(self) -> range:
+        """Each prompt's first sample."""
+        return range(0, self.n_samples, self.k)
+
+
 def pack(prompts: list, responses: list[torch.Tensor], k: int | None = None) -> dict:
     """One packed micro-batch of samples (prompt + response each).
 
@@ -116,11 +155,10 @@ def pack(prompts: list, responses: list[torch.Tensor], k: int | None = None) -> 
             "last_index": cu[1:].long() - 1,
             "sample_cu": cu.long(),
         }
-    if len(prompts) % k:
-        raise ValueError(f"{len(prompts)} samples are not whole groups of k = {k}")
+    groups = SampleGroups.of(len(prompts), k)
     segments, parents, targets, sample_ends = [], [], [], []
     n = 0
-    for g in range(0, len(prompts), k):
+    for g in groups.firsts():
         prompt = torch.as_tensor(prompts[g], dtype=torch.long)
         if any(
             prompts[g + j] is not prompts[g]
@@ -157,6 +195,24 @@ def pack(prompts: list, responses: list[torch.Tensor], k: int | None = None) -> 
 
 
 # ---- the update's coefficients and loss ----------------------------------------------------------
+@dataclass(frozen=True)
+class PolicyLossSpec:
+    """What the policy's log-probs, the REINFORCE coefficients and the update's loss depend on
+    (ReinforceConfig.loss_spec() fills it from the options of the same names). The defaults are
+    a plain loss: log-probs at temperature 1, no ratio clipping (all that SFT uses)."""
+
+    temperature: float = 1.0  # every log-prob divides the logits by it
+    clip: tuple[float, float] | None = None  # (eps_low, eps_high) of the ratio; None: no ratio
+    k: int = 1  # samples per prompt (SampleGroups)
+    beta: float = 0.0  # R = r - beta * KL
+    kl_estimator: str = "abs"  # sequence_kl's estimator and reduction
+    kl_reduction: str = "mean"
+    truncated: str = "zero-advantage"  # kl_regularised_advantages' truncation handling
+    truncation_penalty: float | None = None
+    normalize_advantages: bool = False
+    loss_normalisation: str = "token-mean"  # losses.policy_gradient_coefficients'
+
+
 def kl_regularised_advantages(
     rewards,
     kl,
@@ -184,8 +240,9 @@ def kl_regularised_advantages(
         if truncation_penalty is not None:
             scores = torch.where(valid, scores, scores - truncation_penalty)
         valid = torch.ones_like(valid)
+    groups = SampleGroups.of(scores.numel(), k)
     adv = rloo_advantages(
-        scores.view(-1, k), valid.view(-1, k), train_invalid=truncated == "trained"
+        groups.grid(scores), groups.grid(valid), train_invalid=truncated == "trained"
     ).flatten()
     return scores, adv
 
@@ -199,9 +256,11 @@ class Terms(NamedTuple):
     samples: dict  # per sample [S] float64: kl, score (R), baseline, advantage; logprobs [N]
 
 
-def micro_batch_terms(logprobs, entropy, ref_logprobs, targets, sample_cu, rewards, ended, cfg):
-    """One packed micro-batch of whole prompts (k samples each): Terms (the update's
-    coefficients by cfg.loss_normalisation, losses.policy_gradient_coefficients, and the sums of
+def micro_batch_terms(
+    logprobs, entropy, ref_logprobs, targets, sample_cu, rewards, ended, spec: PolicyLossSpec
+):
+    """One packed micro-batch of whole prompts (spec.k samples each): Terms (the update's
+    coefficients by spec.loss_normalisation, losses.policy_gradient_coefficients, and the sums of
     its statistics). logprobs/entropy [N] of the policy, ref_logprobs [N] of the reference,
     targets [N] (-100 off the responses), sample_cu [S + 1] (sample s's rows, as pack() gives
     them), rewards [S] float64 and ended [S] bool per sample."""
@@ -210,8 +269,8 @@ def micro_batch_terms(logprobs, entropy, ref_logprobs, targets, sample_cu, rewar
         logprobs,
         ref_logprobs,
         mask,
-        estimator=cfg.kl_estimator,
-        reduction=cfg.kl_reduction,
+        estimator=spec.kl_estimator,
+        reduction=spec.kl_reduction,
         cu_seqlens=sample_cu,
     ).double()
     lengths = (sample_cu[1:] - sample_cu[:-1]).long()
@@ -222,15 +281,15 @@ def micro_batch_terms(logprobs, entropy, ref_logprobs, targets, sample_cu, rewar
         rewards,
         kl,
         ended,
-        cfg.k,
-        beta=cfg.beta,
-        truncation_penalty=cfg.truncation_penalty,
-        truncated=cfg.truncated,
+        spec.k,
+        beta=spec.beta,
+        truncation_penalty=spec.truncation_penalty,
+        truncated=spec.truncated,
     )
     adv = raw
-    if cfg.normalize_advantages:
-        adv = normalise_advantages(raw, ended.bool() | (cfg.truncated != "zero-advantage"))
-    coef, weight = policy_gradient_coefficients(adv, seq, mask, cfg.loss_normalisation)
+    if spec.normalize_advantages:
+        adv = normalise_advantages(raw, ended.bool() | (spec.truncated != "zero-advantage"))
+    coef, weight = policy_gradient_coefficients(adv, seq, mask, spec.loss_normalisation)
     a = adv.double()
     stats = {
         "kl": float(kl.sum()),
@@ -247,15 +306,6 @@ def micro_batch_terms(logprobs, entropy, ref_logprobs, targets, sample_cu, rewar
         "logprobs": logprobs.detach(),
     }
     return Terms(coef, weight, stats, samples)
-
-
-def ratio_clip(cfg) -> tuple[float, float] | None:
-    """(eps_low, eps_high) of the update's importance-ratio clipping, or None (no ratio): set
-    when cfg.clip_eps_low or cfg.clip_eps_high is (the unset one takes the other's value)."""
-    low, high = getattr(cfg, "clip_eps_low", None), getattr(cfg, "clip_eps_high", None)
-    if low is None and high is None:
-        return None
-    return (high if low is None else low), (low if high is None else high)
 
 
 def policy_gradient_loss(
@@ -304,9 +354,11 @@ def _head(model: Llama, hidden: torch.Tensor) -> torch.Tensor:
     return w if w.dtype == hidden.dtype else w.to(hidden.dtype)
 
 
-def policy_terms(policy, hidden, targets, sample_cu, ref_logprobs, rewards, ended, cfg):
+def policy_terms(
+    policy, hidden, targets, sample_cu, ref_logprobs, rewards, ended, spec: PolicyLossSpec
+):
     """micro_batch_terms from the policy's hidden states [N, H] (detached: the coefficients carry
-    no gradient): its log-probs and entropy of the targets at cfg.logprob_temperature, through
+    no gradient): its log-probs and entropy of the targets at spec.temperature, through
     the LM head (this rank's vocabulary shard under tensor parallelism). Returns Terms; its
     samples["logprobs"] are the log-probs [N]."""
     with torch.no_grad():
@@ -314,11 +366,11 @@ def policy_terms(policy, hidden, targets, sample_cu, ref_logprobs, rewards, ende
             hidden.detach(),
             _head(policy, hidden).detach(),
             targets,
-            temperature=cfg.logprob_temperature,
+            temperature=spec.temperature,
             return_entropy=True,
             tp_group=policy.tp_group,
         )
-        return micro_batch_terms(lp, ent, ref_logprobs, targets, sample_cu, rewards, ended, cfg)
+        return micro_batch_terms(lp, ent, ref_logprobs, targets, sample_cu, rewards, ended, spec)
 
 
 class TokenLogprobs(nn.Module):
@@ -344,10 +396,9 @@ class TokenLogprobs(nn.Module):
 class PolicyLoss(nn.Module):
     """The policy under training; its forward is the update's loss, so DDP sees the whole pass."""
 
-    def __init__(self, policy: Llama, temperature: float = 1.0, config=None):
+    def __init__(self, policy: Llama, spec: PolicyLossSpec = PolicyLossSpec()):
         super().__init__()
-        self.policy, self.temperature, self.config = policy, temperature, config
-        self.clip = ratio_clip(config)
+        self.policy, self.spec = policy, spec
         self.terms: Terms | None = None
         self.metrics: dict = {}
 
@@ -369,7 +420,7 @@ class PolicyLoss(nn.Module):
         (micro_batch_terms over the samples sample_cu delimits; its Terms are left in
         self.terms): the policy log-probs that the KL needs, taken from the update's forward
         instead of a no-grad forward of their own. parents: pack()'s shared prompts. With ratio
-        clipping (config's clip_eps_*), the ratio is to old_logprobs, the rollout's log-probs of
+        clipping (spec.clip), the ratio is to old_logprobs, the rollout's log-probs of
         the policy (with coef None: this forward's own, the policy that sampled), and
         policy_gradient_loss's metrics are left in self.metrics."""
         hidden = self.policy.hidden_states(input_ids, cu_seqlens=cu_seqlens, parents=parents)
@@ -382,7 +433,7 @@ class PolicyLoss(nn.Module):
                 ref_logprobs,
                 rewards,
                 ended,
-                self.config,
+                self.spec,
             )
             coef, old_logprobs = self.terms.coef, self.terms.samples["logprobs"]
         loss, self.metrics = policy_gradient_loss(
@@ -390,9 +441,9 @@ class PolicyLoss(nn.Module):
             _head(self.policy, hidden),
             targets,
             coef,
-            temperature=self.temperature,
+            temperature=self.spec.temperature,
             tp_group=self.policy.tp_group,
-            old_logprobs=None if self.clip is None else old_logprobs,
-            clip=self.clip,
+            old_logprobs=None if self.spec.clip is None else old_logprobs,
+            clip=self.spec.clip,
         )
         return loss

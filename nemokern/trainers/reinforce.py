@@ -44,13 +44,13 @@ from nemokern.trainers import presets
 from nemokern.trainers.losses import PG_NORMALISATIONS, TRUNCATED
 from nemokern.trainers.policy import (
     PolicyLoss,
+    PolicyLossSpec,
     TokenLogprobs,
     build_policy,
     export_policy,
     frozen_copy,
     pack,
     policy_terms,
-    ratio_clip,
 )
 from nemokern.trainers.rollout import (
     DEFERRED_SUMS,
@@ -247,6 +247,31 @@ class ReinforceConfig(TrainConfig):
     def logprob_temperature(self) -> float:
         """The temperature every log-prob divides the logits by."""
         return self.temperature if self.temperature_in_logprobs else 1.0
+
+    def loss_spec(self) -> PolicyLossSpec:
+        """What the update's loss and coefficients take from these options. Ratio clipping is on
+        when clip_eps_low or clip_eps_high is set (the unset one takes the other's value)."""
+        low, high = self.clip_eps_low, self.clip_eps_high
+        clip = (
+            None
+            if low is None and high is None
+            else (
+                high if low is None else low,
+                low if high is None else high,
+            )
+        )
+        return PolicyLossSpec(
+            temperature=self.logprob_temperature,
+            clip=clip,
+            k=self.k,
+            beta=self.beta,
+            kl_estimator=self.kl_estimator,
+            kl_reduction=self.kl_reduction,
+            truncated=self.truncated,
+            truncation_penalty=self.truncation_penalty,
+            normalize_advantages=self.normalize_advantages,
+            loss_normalisation=self.loss_normalisation,
+        )
 
 
 # ---- the trainer ---------------------------------------------------------------------------------
@@ -505,12 +530,12 @@ class ReinforceTrainer:
                                     ref,
                                     rewards[a:b].to(device),
                                     ended[a:b].to(device),
-                                    cfg,
+                                    self.spec,
                                 )
                             batch.update(coef=terms.coef.cpu(), weight=terms.weight)
                             if saved:
                                 batch["samples"] = {n: v.cpu() for n, v in terms.samples.items()}
-                            if ratio_clip(cfg):  # the sampling policy's, for the ratio
+                            if self.spec.clip:  # the sampling policy's, for the ratio
                                 batch["old_logprobs"] = terms.samples["logprobs"].cpu()
                             add_sums(sums[-1], terms.stats)
                         batches.append(batch)
@@ -630,7 +655,8 @@ class ReinforceTrainer:
         return the per-step records."""
         cfg = self.config
         start = time.perf_counter()
-        model = PolicyLoss(self.policy, cfg.logprob_temperature, cfg)
+        self.spec = cfg.loss_spec()
+        model = PolicyLoss(self.policy, self.spec)
         world = dp_size_of(cfg)  # the loop's data parallelism
         per_step_micro = cfg.grad_accum * world
         if cfg.prompts_per_step % per_step_micro:
@@ -648,7 +674,7 @@ class ReinforceTrainer:
             rollout=self._rollout,
             updates_per_rollout=cfg.updates_per_rollout,
         )
-        self.reference_logprobs = TokenLogprobs(self.reference, cfg.logprob_temperature)
+        self.reference_logprobs = TokenLogprobs(self.reference, self.spec.temperature)
         for module in filter(None, (self.reference_logprobs, self.reward_model)):
             self.loop.place_frozen(module, offload=cfg.offload)
         history = self.loop.fit()
