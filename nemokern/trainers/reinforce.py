@@ -374,7 +374,7 @@ class ReinforceTrainer:
         device, k, seconds = loop.device, cfg.k, {}
         # moved for each use; under --fsdp the shards are placed once (TrainLoop.place_frozen)
         offload = cfg.offload and device.type == "cuda" and not loop.fsdp
-        with loop._autocast():
+        with loop.autocast():
             # ---- generate
             t = time.perf_counter()
             prompt_ids = [self.prompts[p].ids for step in groups for mb in step for p in mb]

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from nemokern.engine.config import option_error
-from nemokern.engine.loop import NonFiniteError, TrainLoop
+from nemokern.engine.loop import TrainLoop
 from nemokern.model import RewardModel
 from nemokern.model.reward import HEAD_WEIGHTS, check_reward_directory, check_trained
 
@@ -229,16 +229,11 @@ class RolloutLoop(TrainLoop):
         """Add statistics formed during the update (micro_batch_terms) to the current step's."""
         add_sums(self.rollout["sums"][self.step - self.rollout["first"]], stats)
 
-    def _train_step(self) -> dict:
-        # TrainLoop has no public hook for adding to a step's record; this wraps its step.
-        step = self.step
-        try:
-            metrics = super()._train_step()
-        except NonFiniteError as e:
-            raise NonFiniteError(f"{e}; {self._reward_size(step)}") from None
+    def step_record(self, step: int, metrics: dict) -> dict:
         sums = self.rollout["sums"][step - self.rollout["first"]]
         names = sorted(sums)
-        s = dict(zip(names, self._reduce([torch.tensor(float(sums[k])) for k in names])))
+        totals = self.sum_over_processes([torch.tensor(float(sums[k])) for k in names])
+        s = dict(zip(names, totals))
         n, tok = max(s["samples"], 1.0), max(s["response_tokens"], 1.0)
 
         def std(total, squares):
@@ -260,9 +255,9 @@ class RolloutLoop(TrainLoop):
         self._check_eos(step + 1, int(s["eos"]), int(s["samples"]))
         return metrics
 
-    def _reward_size(self, step: int) -> str:
-        """How large this process's rewards of `step` are, for the message of a non-finite loss
-        or gradient (a reward of 1e30 makes the float32 gradient overflow)."""
+    def nonfinite_note(self, step: int) -> str:
+        """How large this process's rewards of `step` are (a reward of 1e30 makes the float32
+        gradient overflow)."""
         sums = self.rollout["sums"][step - self.rollout["first"]]
         rms = math.sqrt(sums["reward_sq"] / max(sums["samples"], 1))
         size = f"{rms:.3g}" if math.isfinite(rms) else "beyond 1e154"
