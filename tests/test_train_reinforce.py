@@ -21,6 +21,7 @@ from nemokern.model import Llama, LlamaConfig, RewardModel
 from nemokern.trainers.policy import (
     PolicyLoss,
     PolicyLossSpec,
+    SampleGroups,
     kl_regularised_advantages,
     pack,
 )
@@ -92,6 +93,24 @@ def test_kl_regularised_reward_and_rloo_by_hand():
     torch.testing.assert_close(
         adv[3:], torch.tensor([3.8 - 4.95, 4.0 - 4.85, 5.9 - 3.9, -2.0, 1.0, 1.0], dtype=F64)
     )
+
+
+def test_sample_groups_is_the_k_samples_per_prompt_layout():
+    """SampleGroups: sample i is prompt i // k's; whole groups only, in pack() and in the RLOO
+    advantages alike."""
+    g = SampleGroups.of(6, 3)
+    assert (g.k, g.n_prompts, g.n_samples) == (3, 2, 6)
+    assert g.repeat(["a", "b"]) == ["a", "a", "a", "b", "b", "b"]
+    assert g.grid(torch.arange(6)).tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert g.samples(1, 2) == (3, 6) and list(g.firsts()) == [0, 3]
+    for n, k in ((7, 3), (3, 0)):
+        with pytest.raises(ValueError, match=f"{n} samples are not whole groups of k = {k}"):
+            SampleGroups.of(n, k)
+    ones = torch.ones(7, dtype=torch.bool)
+    with pytest.raises(ValueError, match="7 samples are not whole groups of k = 3"):
+        kl_regularised_advantages(torch.zeros(7), torch.zeros(7), ones, 3, beta=0.1)
+    with pytest.raises(ValueError, match="3 samples are not whole groups of k = 2"):
+        pack([[1], [1], [1]], [torch.tensor([2])] * 3, 2)
 
 
 def test_pack_targets_are_the_response_tokens():

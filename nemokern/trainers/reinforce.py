@@ -45,6 +45,8 @@ from nemokern.trainers.losses import PG_NORMALISATIONS, TRUNCATED
 from nemokern.trainers.policy import (
     PolicyLoss,
     PolicyLossSpec,
+    SampleGroups,
+    Terms,
     TokenLogprobs,
     build_policy,
     export_policy,
@@ -53,14 +55,15 @@ from nemokern.trainers.policy import (
     policy_terms,
 )
 from nemokern.trainers.rollout import (
-    DEFERRED_SUMS,
     RolloutLoop,
+    Samples,
     add_sums,
     call_reward_fn,
     check_reward_fn,
     completion,
     load_reward_fn,
     load_reward_model,
+    step_sums,
     stop_length,
 )
 
@@ -370,180 +373,185 @@ class ReinforceTrainer:
     def _rollout(self, first_step: int, groups: list[list[list[int]]]) -> dict:
         """Sample, score and take log-probs for the prompt groups of steps first_step, ...;
         the batches of each step and the sums of its statistics (see RolloutLoop)."""
-        cfg, loop, tok = self.config, self.loop, self.tokenizer
-        device, k, seconds = loop.device, cfg.k, {}
-        # moved for each use; under --fsdp the shards are placed once (TrainLoop.place_frozen)
-        offload = cfg.offload and device.type == "cuda" and not loop.fsdp
-        with loop.autocast():
-            # ---- generate
+        device, seconds = self.loop.device, {}
+        with self.loop.autocast():
             t = time.perf_counter()
-            prompt_ids = [self.prompts[p].ids for step in groups for mb in step for p in mb]
-            # seeded by the rollout's first step and the process: a resumed run draws the same
-            # samples
-            gen = torch.Generator(device).manual_seed(
-                (cfg.seed * 1_000_003 + first_step) * loop.dist.world_size + loop.dist.rank
-            )
-            rows = [ids for ids in prompt_ids for _ in range(k)]
-            # whole prompts per call: each is prefilled once for its k samples (num_samples)
-            chunk = max(1, (cfg.generation_batch_size or len(rows)) // k)
-            responses, ended = [], []
-            # under --fsdp the policy is gathered whole while it generates, and only then: the
-            # scoring and reference forwards that follow find it sharded again
-            with full_weights(loop.model):
-                for i in range(0, len(prompt_ids), chunk):
-                    g = generate(
-                        self.policy,
-                        prompt_ids[i : i + chunk],
-                        num_samples=k,
-                        max_new_tokens=cfg.max_new_tokens,
-                        eos_token_id=tok.eos_ids,
-                        temperature=cfg.temperature,
-                        top_k=cfg.top_k or None,
-                        top_p=cfg.top_p,
-                        generator=gen,
-                        pad_id=tok.pad_id,
-                        # FSDP's units keep their hooks while gathered: eager decoding (CUDA graphs
-                        # over them are unverified)
-                        compile=False if loop.fsdp else None,
-                        stop=self._stop_strings_seen if cfg.stop_strings else None,
-                    )
-                    lengths = g.lengths.tolist()
-                    responses += [g.tokens[j, :n].cpu() for j, n in enumerate(lengths)]
-                    ended.append(g.ended_with_eos.cpu())
-            ended = torch.cat(ended)
-            if cfg.stop_strings:
-                for j, r in enumerate(responses):
-                    n = stop_length(r.tolist(), tok.decode, cfg.stop_strings)
-                    if n is not None:
-                        responses[j], ended[j] = r[:n], True
+            samples = self._generate(first_step, groups)
             seconds["generate_s"] = self._lap(t, device)
-
-            # micro-batch boundaries over the flat sample list
-            spans, start = [], 0
-            for step in groups:
-                spans.append([])
-                for mb in step:
-                    spans[-1].append((start, start + len(mb) * k, mb))
-                    start += len(mb) * k
-            share = k if cfg.shared_prompt else None
-            packs = [[pack(rows[a:b], responses[a:b], share) for a, b, _ in step] for step in spans]
-
-            # ---- score
+            share = self.config.k if self.config.shared_prompt else None
+            packs = [
+                [pack(samples.prompt_ids[a:b], samples.responses[a:b], share) for a, b, _ in step]
+                for step in samples.spans
+            ]
             t = time.perf_counter()
-            rewards = torch.zeros(len(rows), dtype=torch.float64)
-            parts = {}  # each reward source's raw scores, for --save-rollouts
-            if self.reward_fn is not None:
-                prompts = [
-                    self.prompts[p] for step in groups for mb in step for p in mb for _ in range(k)
-                ]
-                completions = [
-                    completion(p.prompt, tok.decode(r.tolist(), skip_special=True))
-                    for p, r in zip(prompts, responses)
-                ]
-                columns = {c: [p.columns.get(c) for p in prompts] for c in self.columns}
-                parts["reward_fn"] = call_reward_fn(
-                    self.reward_fn, [p.prompt for p in prompts], completions, columns
-                )
-                rewards += cfg.reward_fn_weight * parts["reward_fn"]
-            if self.reward_model is not None:
-                if offload:
-                    self.reward_model.to(device)
-                scores = []
-                with torch.no_grad():
-                    for step in packs:
-                        for b in step:
-                            out = self.reward_model(
-                                b["input_ids"].to(device),
-                                b["last_index"].to(device),
-                                cu_seqlens=b["cu_seqlens"].to(device),
-                                parents=b.get("parents"),
-                            )
-                            scores.append(out[:, self.reward_column].double().cpu())
-                parts["reward_model"] = torch.cat(scores)
-                rewards += cfg.reward_model_weight * parts["reward_model"]
-                if offload:
-                    self.reward_model.to("cpu")
+            rewards, parts = self._score(samples, packs)
             seconds["score_s"] = self._lap(t, device)
-
-            # ---- log-probs of the reference (and of the policy, unless the update takes them)
             t = time.perf_counter()
-            if offload:
-                self.reference.to(device)
-            defer = self.defer_policy_logprobs and cfg.updates_per_rollout == 1
-            lengths = torch.tensor([r.numel() for r in responses], dtype=torch.float64)
-            steps, sums = [], []
-            with torch.no_grad():
-                for i, (step_spans, step_packs) in enumerate(zip(spans, packs)):
-                    saved = cfg.save_rollouts and (first_step + i + 1) % cfg.save_rollouts == 0
-                    a, b = step_spans[0][0], step_spans[-1][1]
-                    r = rewards[a:b]
-                    sums.append(
-                        {
-                            "samples": b - a,
-                            "reward": float(r.sum()),
-                            "reward_sq": float((r * r).sum()),
-                            "response_tokens": float(lengths[a:b].sum()),
-                            "eos": float(ended[a:b].sum()),
-                            **dict.fromkeys(DEFERRED_SUMS, 0.0),
-                        }
-                    )
-                    batches = []
-                    for (a, b, mb), p in zip(step_spans, step_packs):
-                        batch = {
-                            "input_ids": p["input_ids"],
-                            "cu_seqlens": p["cu_seqlens"],
-                            "targets": p["targets"],
-                            "sample_cu": p["sample_cu"],
-                            "rows": [int(x) for x in mb],
-                        }
-                        if "parents" in p:
-                            batch["parents"] = p["parents"]
-                        if saved:
-                            batch["record"] = self._record_inputs(
-                                rows[a:b],
-                                responses[a:b],
-                                rewards[a:b],
-                                ended[a:b],
-                                {name: v[a:b] for name, v in parts.items()},
-                                a == step_spans[0][0],
-                            )
-                        ids, cu, targets, sample_cu = (
-                            p[n].to(device)
-                            for n in ("input_ids", "cu_seqlens", "targets", "sample_cu")
-                        )
-                        parents = p.get("parents")
-                        ref = self.reference_logprobs(ids, cu, targets, parents)
-                        if defer or saved:  # copies: a checkpoint refuses views of one tensor
-                            batch.update(
-                                ref_logprobs=ref.cpu(),
-                                rewards=rewards[a:b].clone(),
-                                ended=ended[a:b].clone(),
-                            )
-                        if not defer:
-                            with full_weights(loop.model):  # --fsdp: gathered for this forward
-                                h = self.policy.hidden_states(ids, cu_seqlens=cu, parents=parents)
-                                terms = policy_terms(
-                                    self.policy,
-                                    h,
-                                    targets,
-                                    sample_cu,
-                                    ref,
-                                    rewards[a:b].to(device),
-                                    ended[a:b].to(device),
-                                    self.spec,
-                                )
-                            batch.update(coef=terms.coef.cpu(), weight=terms.weight)
-                            if saved:
-                                batch["samples"] = {n: v.cpu() for n, v in terms.samples.items()}
-                            if self.spec.clip:  # the sampling policy's, for the ratio
-                                batch["old_logprobs"] = terms.samples["logprobs"].cpu()
-                            add_sums(sums[-1], terms.stats)
-                        batches.append(batch)
-                    steps.append(batches)
-            if offload:
-                self.reference.to("cpu")
+            steps, sums = self._logprobs(first_step, samples, packs, rewards, parts)
             seconds["logprobs_s"] = self._lap(t, device)
         return {"steps": steps, "sums": sums, "seconds": seconds}
+
+    @property
+    def _moves_frozen(self) -> bool:
+        """Whether --offload moves the reference and reward model to the device for each use
+        (under --fsdp their shards are placed once, TrainLoop.place_frozen)."""
+        return self.config.offload and self.loop.device.type == "cuda" and not self.loop.fsdp
+
+    def _generate(self, first_step: int, groups: list[list[list[int]]]) -> Samples:
+        """k samples of each prompt of `groups` with generate() (cut at a stop string)."""
+        cfg, loop, tok = self.config, self.loop, self.tokenizer
+        order = [p for step in groups for mb in step for p in mb]
+        layout = SampleGroups(cfg.k, len(order))
+        prompt_ids = [self.prompts[p].ids for p in order]
+        # seeded by the rollout's first step and the process: a resumed run draws the same samples
+        gen = torch.Generator(loop.device).manual_seed(
+            (cfg.seed * 1_000_003 + first_step) * loop.dist.world_size + loop.dist.rank
+        )
+        # whole prompts per call: each is prefilled once for its k samples (num_samples)
+        chunk = max(1, (cfg.generation_batch_size or layout.n_samples) // layout.k)
+        responses, ended = [], []
+        # under --fsdp the policy is gathered whole while it generates, and only then: the
+        # scoring and reference forwards that follow find it sharded again
+        with full_weights(loop.model):
+            for i in range(0, len(prompt_ids), chunk):
+                g = generate(
+                    self.policy,
+                    prompt_ids[i : i + chunk],
+                    num_samples=layout.k,
+                    max_new_tokens=cfg.max_new_tokens,
+                    eos_token_id=tok.eos_ids,
+                    temperature=cfg.temperature,
+                    top_k=cfg.top_k or None,
+                    top_p=cfg.top_p,
+                    generator=gen,
+                    pad_id=tok.pad_id,
+                    # FSDP's units keep their hooks while gathered: eager decoding (CUDA graphs
+                    # over them are unverified)
+                    compile=False if loop.fsdp else None,
+                    stop=self._stop_strings_seen if cfg.stop_strings else None,
+                )
+                lengths = g.lengths.tolist()
+                responses += [g.tokens[j, :n].cpu() for j, n in enumerate(lengths)]
+                ended.append(g.ended_with_eos.cpu())
+        ended = torch.cat(ended)
+        if cfg.stop_strings:
+            for j, r in enumerate(responses):
+                n = stop_length(r.tolist(), tok.decode, cfg.stop_strings)
+                if n is not None:
+                    responses[j], ended[j] = r[:n], True
+        return Samples(layout, order, layout.repeat(prompt_ids), responses, ended, groups)
+
+    def _score(self, samples: Samples, packs: list[list[dict]]) -> tuple[torch.Tensor, dict]:
+        """r per sample [n] float64: the weighted sum of the reward function's scores and the
+        reward model's (on the packed samples); and each source's raw scores (--save-rollouts)."""
+        cfg, device = self.config, self.loop.device
+        rewards = torch.zeros(samples.groups.n_samples, dtype=torch.float64)
+        parts = {}
+        if self.reward_fn is not None:
+            prompts = [self.prompts[p] for p in samples.groups.repeat(samples.order)]
+            completions = [
+                completion(p.prompt, self.tokenizer.decode(r.tolist(), skip_special=True))
+                for p, r in zip(prompts, samples.responses)
+            ]
+            columns = {c: [p.columns.get(c) for p in prompts] for c in self.columns}
+            parts["reward_fn"] = call_reward_fn(
+                self.reward_fn, [p.prompt for p in prompts], completions, columns
+            )
+            rewards += cfg.reward_fn_weight * parts["reward_fn"]
+        if self.reward_model is not None:
+            if self._moves_frozen:
+                self.reward_model.to(device)
+            scores = []
+            with torch.no_grad():
+                for b in (b for step in packs for b in step):
+                    out = self.reward_model(
+                        b["input_ids"].to(device),
+                        b["last_index"].to(device),
+                        cu_seqlens=b["cu_seqlens"].to(device),
+                        parents=b.get("parents"),
+                    )
+                    scores.append(out[:, self.reward_column].double().cpu())
+            parts["reward_model"] = torch.cat(scores)
+            rewards += cfg.reward_model_weight * parts["reward_model"]
+            if self._moves_frozen:
+                self.reward_model.to("cpu")
+        return rewards, parts
+
+    def _logprobs(self, first_step, samples: Samples, packs, rewards, parts):
+        """([batches of each step], [sums of each step's statistics]): each micro-batch with the
+        reference's log-probs, and unless the update takes the policy's (defer_policy_logprobs)
+        its coefficients (_advantages)."""
+        cfg, device = self.config, self.loop.device
+        if self._moves_frozen:
+            self.reference.to(device)
+        defer = self.defer_policy_logprobs and cfg.updates_per_rollout == 1
+        ended = samples.ended
+        lengths = torch.tensor([r.numel() for r in samples.responses], dtype=torch.float64)
+        steps, sums = [], []
+        with torch.no_grad():
+            for i, (step_spans, step_packs) in enumerate(zip(samples.spans, packs)):
+                saved = cfg.save_rollouts and (first_step + i + 1) % cfg.save_rollouts == 0
+                a, b = step_spans[0][0], step_spans[-1][1]
+                sums.append(step_sums(rewards[a:b], lengths[a:b], ended[a:b]))
+                batches = []
+                for (a, b, mb), p in zip(step_spans, step_packs):
+                    batch = {n: p[n] for n in ("input_ids", "cu_seqlens", "targets", "sample_cu")}
+                    batch["rows"] = [int(x) for x in mb]
+                    if "parents" in p:
+                        batch["parents"] = p["parents"]
+                    if saved:
+                        batch["record"] = self._record_inputs(
+                            samples.prompt_ids[a:b],
+                            samples.responses[a:b],
+                            rewards[a:b],
+                            ended[a:b],
+                            {name: v[a:b] for name, v in parts.items()},
+                            a == step_spans[0][0],
+                        )
+                    ids, cu, targets, sample_cu = (
+                        p[n].to(device) for n in ("input_ids", "cu_seqlens", "targets", "sample_cu")
+                    )
+                    parents = p.get("parents")
+                    ref = self.reference_logprobs(ids, cu, targets, parents)
+                    if defer or saved:  # copies: a checkpoint refuses views of one tensor
+                        batch.update(
+                            ref_logprobs=ref.cpu(),
+                            rewards=rewards[a:b].clone(),
+                            ended=ended[a:b].clone(),
+                        )
+                    if not defer:
+                        packed = (ids, cu, targets, sample_cu, parents)
+                        terms = self._advantages(packed, ref, rewards[a:b], ended[a:b])
+                        batch.update(coef=terms.coef.cpu(), weight=terms.weight)
+                        if saved:
+                            batch["samples"] = {n: v.cpu() for n, v in terms.samples.items()}
+                        if self.spec.clip:  # the sampling policy's, for the ratio
+                            batch["old_logprobs"] = terms.samples["logprobs"].cpu()
+                        add_sums(sums[-1], terms.stats)
+                    batches.append(batch)
+                steps.append(batches)
+        if self._moves_frozen:
+            self.reference.to("cpu")
+        return steps, sums
+
+    def _advantages(self, packed: tuple, ref_logprobs, rewards, ended) -> Terms:
+        """A micro-batch's coefficients from a no-grad forward of the policy (policy_terms: its
+        log-probs, the KL to the reference's, R and the RLOO advantages). packed: pack()'s
+        input_ids, cu_seqlens, targets, sample_cu (on the device) and parents."""
+        ids, cu, targets, sample_cu, parents = packed
+        device = self.loop.device
+        with full_weights(self.loop.model):  # --fsdp: gathered for this forward
+            h = self.policy.hidden_states(ids, cu_seqlens=cu, parents=parents)
+            return policy_terms(
+                self.policy,
+                h,
+                targets,
+                sample_cu,
+                ref_logprobs,
+                rewards.to(device),
+                ended.to(device),
+                self.spec,
+            )
 
     def _stop_strings_seen(self, tokens, lengths) -> torch.Tensor:
         """generate()'s `stop`: the rows [B] whose text so far ends a prefix with a stop string

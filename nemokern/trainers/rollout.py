@@ -12,6 +12,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from nemokern.engine.config import option_error
 from nemokern.engine.loop import TrainLoop
 from nemokern.model import RewardModel
 from nemokern.model.reward import HEAD_WEIGHTS, check_reward_directory, check_trained
+from nemokern.trainers.policy import SampleGroups
 
 PHASES = ("generate_s", "score_s", "logprobs_s")
 DEFERRED_SUMS = ("kl", "score", "entropy", "advantage", "advantage_sq")  # micro_batch_terms
@@ -175,6 +177,41 @@ def call_reward_fn(fn: Callable, prompts: list, completions: list, columns: dict
             f"({values[bad[0]]}): {_text(completions[bad[0]])[:80]!r}"
         )
     return torch.tensor(values, dtype=torch.float64)
+
+
+@dataclass
+class Samples:
+    """A rollout's samples in the order of its steps' micro-batches, each prompt's k consecutive
+    (groups)."""
+
+    groups: SampleGroups
+    order: list[int]  # the prompts (indices), one per group
+    prompt_ids: list  # each sample's prompt tokens [n_samples]
+    responses: list[torch.Tensor]  # each sample's response tokens
+    ended: torch.Tensor  # [n_samples] bool: ended with EOS or a stop string
+    steps: list[list[list[int]]]  # steps[s][m]: the prompts of micro-batch m of step s
+    spans: list = field(init=False)  # spans[s][m]: (start, end, prompts), its samples start:end
+
+    def __post_init__(self):
+        self.spans, first = [], 0
+        for step in self.steps:
+            self.spans.append([])
+            for mb in step:
+                self.spans[-1].append((*self.groups.samples(first, first + len(mb)), mb))
+                first += len(mb)
+
+
+def step_sums(rewards, lengths, ended) -> dict:
+    """The sums a step's record is made of (RolloutLoop.step_record), from its samples' rewards,
+    response lengths and ended flags [n]; those formed with the coefficients start at 0."""
+    return {
+        "samples": rewards.numel(),
+        "reward": float(rewards.sum()),
+        "reward_sq": float((rewards * rewards).sum()),
+        "response_tokens": float(lengths.sum()),
+        "eos": float(ended.sum()),
+        **dict.fromkeys(DEFERRED_SUMS, 0.0),
+    }
 
 
 def add_sums(into: dict, stats: dict) -> None:
