@@ -230,7 +230,7 @@ def kl_regularised_advantages(
     zero-advantage: out of the baselines, advantage 0; trained: out of the baselines, advantage
     R minus the mean R of the prompt's ended samples; kept (also whenever truncation_penalty is
     given): like any other sample, with R - truncation_penalty. Advantages: RLOO
-    (train/losses.rloo_advantages).
+    (losses.rloo_advantages).
     """
     if truncated not in TRUNCATED:
         raise ValueError(f"truncated={truncated!r}; choose one of {TRUNCATED}")

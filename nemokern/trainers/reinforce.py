@@ -1,16 +1,18 @@
 """The REINFORCE trainer with a leave-one-out baseline (recipe.md section 2; presets: section 5).
 
 One rollout (every `updates_per_rollout` optimizer steps), in four timed phases:
-  generate  k samples per prompt with the KV-cache generate() (temperature, top-p, top-k);
-  score     r per sample: a reward model (reward_head on the last token) and/or a Python
+  generate  (_generate) k samples per prompt with the KV-cache generate() (temperature, top-p,
+            top-k), laid out as SampleGroups: each prompt's k samples consecutive;
+  score     (_score) r per sample: a reward model (reward_head on the last token) and/or a Python
             function with TRL's signature fn(prompts, completions, **columns) -> list[float],
             combined with weights;
-  logprobs  response-token log-probs of the frozen reference (and, when a rollout feeds several
-            optimizer steps, of the policy) with linear_logprobs on packed sequences under
-            no_grad (no [N, V] logits); with one step per rollout the policy's come from the
-            update's own forward (PolicyLoss), detached. Then per micro-batch
-            (micro_batch_terms) the per-sequence KL with sequence_kl, R = r - beta * KL, RLOO
-            advantages over the EOS-ended samples;
+  logprobs  (_logprobs) response-token log-probs of the frozen reference (and, when a rollout
+            feeds several optimizer steps, of the policy: _advantages) with linear_logprobs on
+            packed sequences under no_grad (no [N, V] logits); with one step per rollout the
+            policy's come from the update's own forward (PolicyLoss), detached. Then per
+            micro-batch (policy.micro_batch_terms, with the options' PolicyLossSpec) the
+            per-sequence KL with sequence_kl, R = r - beta * KL, RLOO advantages over the
+            EOS-ended samples;
 then each optimizer step of the rollout (update) takes its slice of the prompts and minimises
 -logp_t * (R - b) over the response tokens, normalised by loss_normalisation (ratio-clipped
 if clip_eps_*), with linear_policy_loss (its gradients formed in the forward). The shared TrainLoop
