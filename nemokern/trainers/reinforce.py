@@ -380,7 +380,7 @@ class ReinforceTrainer:
             t = time.perf_counter()
             samples = self._generate(first_step, groups)
             seconds["generate_s"] = self._lap(t, device)
-            share = self.config.k if self.config.shared_prompt else None
+            share = samples.groups.k if self.config.shared_prompt else None
             packs = [
                 [pack(samples.prompt_ids[a:b], samples.responses[a:b], share) for a, b, _ in step]
                 for step in samples.spans
