@@ -261,7 +261,7 @@ def _one_process_worker(rank, world, init_file, root, device):
     from nemokern.model.llama import DecoderLayer
     from nemokern.parallel import init_parallel
     from nemokern.parallel.fsdp import full_weights, shard
-    from nemokern.trainers.rollout import TokenLogprobs
+    from nemokern.trainers.policy import TokenLogprobs
 
     backend = "nccl" if device == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from nemokern.data.tokenizer import ByteTokenizer
 from nemokern.model import Llama, LlamaConfig, RewardModel, packed_attention
 from nemokern.model.attention import SharedPrefix
+from nemokern.trainers.policy import pack
 from nemokern.trainers.reinforce import ReinforceConfig, ReinforceTrainer
-from nemokern.trainers.rollout import pack
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

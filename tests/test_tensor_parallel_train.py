@@ -21,10 +21,10 @@ from nemokern.engine.config import ConfigError
 from nemokern.engine.loop import TrainLoop, setup_distributed, tp_group_for
 from nemokern.model import Llama, LlamaConfig, RewardModel
 from nemokern.parallel import init_parallel
-from nemokern.trainers.reinforce import ReinforceConfig, ReinforceTrainer, build_policy
+from nemokern.trainers.policy import PolicyLoss, build_policy, pack
+from nemokern.trainers.reinforce import ReinforceConfig, ReinforceTrainer
 from nemokern.trainers.reward import RewardConfig, RewardTrainer
 from nemokern.trainers.reward import build_model as build_reward_model
-from nemokern.trainers.rollout import PolicyLoss, pack
 
 # AdamW's first move is lr * g / (|g| + eps): with eps = 1 it is ~g (with the usual 1e-8 it is
 # ~sign(g), which turns rounding in near-zero gradients into whole moves)

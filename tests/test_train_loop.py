@@ -318,7 +318,7 @@ def test_resume_from_a_named_checkpoint_into_another_run(tmp_path, device):
         config(tmp_path / "full", device=device, save_every=4), TinyReward(), data, noisy_step
     )
     if device == "cuda":
-        assert full_loop.optimizer.defaults["fused"] and full_loop._autocast() is not None
+        assert full_loop.optimizer.defaults["fused"] and full_loop.autocast() is not None
     full = full_loop.fit()
     step8 = tmp_path / "full" / "checkpoints" / "step-00000008"
     rest = TrainLoop(

@@ -18,8 +18,14 @@ from nemokern.data.tokenizer import ByteTokenizer
 from nemokern.engine.config import ConfigError
 from nemokern.engine.metrics import read_metrics
 from nemokern.model import Llama, LlamaConfig, RewardModel
+from nemokern.trainers.policy import (
+    PolicyLoss,
+    PolicyLossSpec,
+    SampleGroups,
+    kl_regularised_advantages,
+    pack,
+)
 from nemokern.trainers.reinforce import ReinforceTrainer
-from nemokern.trainers.rollout import PolicyLoss, kl_regularised_advantages, pack
 
 TOK = ByteTokenizer()
 STEP_METRICS = (
@@ -89,6 +95,24 @@ def test_kl_regularised_reward_and_rloo_by_hand():
     )
 
 
+def test_sample_groups_is_the_k_samples_per_prompt_layout():
+    """SampleGroups: sample i is prompt i // k's; whole groups only, in pack() and in the RLOO
+    advantages alike."""
+    g = SampleGroups.of(6, 3)
+    assert (g.k, g.n_prompts, g.n_samples) == (3, 2, 6)
+    assert g.repeat(["a", "b"]) == ["a", "a", "a", "b", "b", "b"]
+    assert g.grid(torch.arange(6)).tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert g.samples(1, 2) == (3, 6) and list(g.firsts()) == [0, 3]
+    for n, k in ((7, 3), (3, 0)):
+        with pytest.raises(ValueError, match=f"{n} samples are not whole groups of k = {k}"):
+            SampleGroups.of(n, k)
+    ones = torch.ones(7, dtype=torch.bool)
+    with pytest.raises(ValueError, match="7 samples are not whole groups of k = 3"):
+        kl_regularised_advantages(torch.zeros(7), torch.zeros(7), ones, 3, beta=0.1)
+    with pytest.raises(ValueError, match="3 samples are not whole groups of k = 2"):
+        pack([[1], [1], [1]], [torch.tensor([2])] * 3, 2)
+
+
 def test_pack_targets_are_the_response_tokens():
     b = pack([[1, 2, 3], [4, 5]], [torch.tensor([7, 8]), torch.tensor([9])])
     assert b["input_ids"].tolist() == [1, 2, 3, 7, 8, 4, 5, 9]
@@ -114,7 +138,9 @@ def test_update_gradient_matches_float64_autograd():
         torch.arange(3), (b["cu_seqlens"][1:] - b["cu_seqlens"][:-1]).long()
     )
     coef = torch.where(mask, -adv[seq] / mask.sum(), torch.zeros(()))
-    loss = PolicyLoss(policy, temperature=0.7)(b["input_ids"], b["cu_seqlens"], b["targets"], coef)
+    loss = PolicyLoss(policy, PolicyLossSpec(temperature=0.7))(
+        b["input_ids"], b["cu_seqlens"], b["targets"], coef
+    )
     loss.backward()
 
     ref = Llama(policy.config).double()

@@ -5,6 +5,7 @@ clipped surrogate recomputed in float64 from the policy's weights before that up
 rollout's batch. Tiny Llama, byte tokenizer, CPU."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -124,3 +125,29 @@ def test_one_update_per_rollout_takes_the_ratio_from_its_own_forward(tmp_path, p
 def test_bad_clip_option_names_the_option(name):
     with pytest.raises(ConfigError, match=f"^--{name.replace('_', '-')}: -0.1 must be >= 0"):
         ReinforceConfig(prompts="p.jsonl", **{name: -0.1})
+
+
+def test_loss_spec_takes_the_options_of_its_names():
+    """ReinforceConfig.loss_spec(): each field from the option of its name, the temperature
+    that every log-prob uses and the clip range with an unset side taking the other's value."""
+    cfg = ReinforceConfig(
+        k=3,
+        beta=0.2,
+        kl_estimator="k3",
+        kl_reduction="sum",
+        truncated="trained",
+        normalize_advantages=True,
+        loss_normalisation="sequence-sum",
+        temperature=0.5,
+        clip_eps_high=0.3,
+    )
+    spec = cfg.loss_spec()
+    for f in dataclasses.fields(spec):
+        if f.name not in ("temperature", "clip"):
+            assert getattr(spec, f.name) == getattr(cfg, f.name), f.name
+    assert spec.temperature == 0.5 and spec.clip == (0.3, 0.3)
+    assert ReinforceConfig(clip_eps_low=0.1, clip_eps_high=0.4).loss_spec().clip == (0.1, 0.4)
+    assert ReinforceConfig(temperature_in_logprobs=False, temperature=0.5).loss_spec() == (
+        dataclasses.replace(ReinforceConfig().loss_spec(), temperature=1.0)
+    )
+    assert ReinforceConfig().loss_spec().clip is None

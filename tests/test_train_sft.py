@@ -14,8 +14,7 @@ from nemokern.data.tokenizer import ByteTokenizer
 from nemokern.engine.config import ConfigError
 from nemokern.engine.metrics import read_metrics
 from nemokern.model import Llama
-from nemokern.trainers.reinforce import build_policy
-from nemokern.trainers.rollout import PolicyLoss
+from nemokern.trainers.policy import PolicyLoss, build_policy
 from nemokern.trainers.sft import SFTConfig, SFTTrainer, sft_batches, sft_step
 
 TOK = ByteTokenizer()

@@ -360,6 +360,13 @@ class TrainLoop:
     evaluate(model) -> dict: optional, run every eval_every steps and at the end, in eval mode
         without gradients, on every process (its metrics are logged with an "eval_" prefix).
     find_unused_parameters: passed to DDP, for models with trainable parameters a loss never uses.
+
+    Extension points, for a trainer whose batches or records need more than the above (REINFORCE's
+    RolloutLoop): override `micro_batches` (batches made during training), `extra_state` and
+    `load_extra_state` (what those need to resume), `step_record` (add to each step's record) and
+    `nonfinite_note` (add to the message of a non-finite loss or gradient); call `autocast()` (the
+    steps' mixed precision, for forwards made outside a step) and `sum_over_processes` (sums over
+    the data-parallel processes). The methods whose names start with _ are not among them.
     """
 
     def __init__(
@@ -584,12 +591,16 @@ class TrainLoop:
             raise ConfigError(error)
 
     # ---- the step ----------------------------------------------------------------------------
-    def _autocast(self):
+    def autocast(self):
+        """The context the step functions and evaluations run in: bf16 autocast on CUDA under
+        config.bf16, otherwise nothing."""
         if self.device.type == "cuda" and self.config.bf16:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return nullcontext()
 
-    def _reduce(self, values: list[torch.Tensor]) -> list[float]:
+    def sum_over_processes(self, values: list[torch.Tensor]) -> list[float]:
+        """Each value (a scalar tensor) summed over the data-parallel processes, in float64; a
+        collective: every process calls it with the same number of values."""
         vec = torch.stack([v.to(self.device, torch.float64) for v in values])
         if self.dist.dp_size > 1:  # the ranks of a tp group hold the same values
             all_reduce(vec, self.dist.dp_group)
@@ -612,7 +623,7 @@ class TrainLoop:
             # unsynchronised would hold them whole until the step's last micro-batch)
             sync = self.ddp is None or j == len(micro) - 1
             with nullcontext() if sync else self.ddp.no_sync():
-                with self._autocast():
+                with self.autocast():
                     out = self.step_fn(module, batch)
                 w = torch.as_tensor(out.weight, device=self.device).detach().to(torch.float64)
                 (out.loss * w.to(out.loss.dtype)).backward()
@@ -628,7 +639,7 @@ class TrainLoop:
             rows.append(list(out.rows) if out.rows is not None else name)
         bad_local = (~torch.stack(finite)).sum()
         names = sorted(metric_sums)
-        total_w, total_loss, total_tokens, n_bad, *msums = self._reduce(
+        total_w, total_loss, total_tokens, n_bad, *msums = self.sum_over_processes(
             [weight_sum, loss_sum, tokens, bad_local, *(metric_sums[k] for k in names)]
         )
         if n_bad:
@@ -676,7 +687,18 @@ class TrainLoop:
             "step_s": seconds,
             "peak_mem_mb": peak_memory_mb(self.device),
         }
+        return self.step_record(step, metrics)
+
+    def step_record(self, step: int, metrics: dict) -> dict:
+        """The record of optimizer step `step` (0-based, its update done) that the run logs; an
+        extension point for adding to it. Called on every process, so it may call collectives
+        (sum_over_processes). This one returns `metrics` as they are."""
         return metrics
+
+    def nonfinite_note(self, step: int) -> str:
+        """An extension point: what to add to the message of a non-finite loss or gradient in
+        optimizer step `step` (0-based), e.g. how large its inputs were; "" for nothing."""
+        return ""
 
     def _weights_finite(self) -> bool:
         """Whether every parameter of every process is finite (one all-reduce of a flag)."""
@@ -714,22 +736,25 @@ class TrainLoop:
             f"rows: {where}."
         )
         if weights_ok:
-            raise NonFiniteError(
+            message = (
                 f"{head} The last good state (after step {step}) is in {path}: fix the data or "
                 "lower the lr, then resume from it"
             )
-        raise NonFiniteError(
-            f"{head} The weights themselves are non-finite (the update of step {step} diverged), "
-            "so no checkpoint was written; lower the lr and "
-            + (f"resume from {path}" if path else "start again (no earlier checkpoint exists)")
-        )
+        else:
+            message = (
+                f"{head} The weights themselves are non-finite (the update of step {step} "
+                "diverged), so no checkpoint was written; lower the lr and "
+                + (f"resume from {path}" if path else "start again (no earlier checkpoint exists)")
+            )
+        note = self.nonfinite_note(step)
+        raise NonFiniteError(f"{message}; {note}" if note else message)
 
     def _run_eval(self) -> dict:
         if self.evaluate is None:
             return {}
         self.model.eval()
         # whole weights under fsdp: an evaluation may call the model's parts directly
-        with torch.no_grad(), self._autocast(), full_weights(self.model):
+        with torch.no_grad(), self.autocast(), full_weights(self.model):
             result = self.evaluate(self.model)
         self.model.train()
         return {f"eval_{k}": v for k, v in result.items()}

@@ -35,9 +35,9 @@ from nemokern.data.tokenizer import ByteTokenizer
 from nemokern.engine import options
 from nemokern.model import Llama, RewardModel, generate
 from nemokern.tools.expo import expo
+from nemokern.trainers.policy import pack
 from nemokern.trainers.reinforce import ReinforceConfig, ReinforceTrainer
 from nemokern.trainers.reward import RewardConfig, RewardTrainer, score_file
-from nemokern.trainers.rollout import pack
 from nemokern.trainers.sft import SFTConfig, SFTTrainer
 
 DEFAULT_SEED, DEFAULT_DEVICE = 0, "cpu"

@@ -21,8 +21,7 @@ from nemokern.data.tokenizer import ByteTokenizer
 from nemokern.engine import options
 from nemokern.model import Llama, LlamaConfig, generate
 from nemokern.ops import linear_logprobs, logprobs, reward_head, sequence_kl
-from nemokern.trainers.losses import rloo_advantages
-from nemokern.trainers.rollout import pack
+from nemokern.trainers.policy import SampleGroups, kl_regularised_advantages, pack
 
 PROMPTS = (
     "Write a haiku about GPUs.",
@@ -122,42 +121,35 @@ def run_selfcheck(
     )
 
     gen = torch.Generator(device=device).manual_seed(seed)
+    groups = SampleGroups(k, len(PROMPTS))
+    sample_prompts = groups.repeat(prompts)
     rollout = generate(
         policy,
-        [p for p in prompts for _ in range(k)],
+        sample_prompts,
         max_new_tokens=max_new_tokens,
         temperature=1.0,
         generator=gen,
         pad_id=tok.pad_id,
     )
-    valid = rollout.ended_with_eos.view(len(PROMPTS), k)
     log(
         f"[3/6] sampled {k} responses x {len(PROMPTS)} prompts with the KV cache: lengths "
         f"{rollout.lengths.tolist()}, ended with EOS "
         f"{int(rollout.ended_with_eos.sum())}/{rollout.lengths.numel()}"
     )
 
-    # Pack prompt + response of every rollout into one row: no padding is computed.
-    seqs = [
-        torch.cat(
-            [torch.tensor(prompts[i // k], device=device), rollout.tokens[i, : rollout.lengths[i]]]
-        )
-        for i in range(len(prompts) * k)
-    ]
-    lengths = torch.tensor([s.numel() for s in seqs], device=device)
-    cu = torch.zeros(len(seqs) + 1, dtype=torch.int32, device=device)
-    cu[1:] = lengths.cumsum(0)
-    ids = torch.cat(seqs)
+    # Pack prompt + response of every rollout into one row: no padding is computed. Targets: the
+    # next token inside each response; prompt tokens and segment ends are ignored (-100).
+    responses = [rollout.tokens[i, : rollout.lengths[i]] for i in range(groups.n_samples)]
+    packed = pack(sample_prompts, responses)
+    ids, cu, targets = (packed[n].to(device) for n in ("input_ids", "cu_seqlens", "targets"))
+    lengths = cu[1:] - cu[:-1]
+    seqs = ids.split(lengths.tolist())
     with torch.no_grad():
         hidden = policy.hidden_states(ids, cu_seqlens=cu, final_norm=False)  # [N, H]
         alone = torch.cat([policy.hidden_states(s[None], final_norm=False)[0] for s in seqs])
     res.checks["packed vs per-sequence hidden"] = (hidden - alone).abs().max().item()
     # The trainers' packing: each prompt once, its k responses continuing it (parents).
-    shared = pack(
-        [prompts[i // k] for i in range(len(seqs))],
-        [rollout.tokens[i, : rollout.lengths[i]] for i in range(len(seqs))],
-        k,
-    )
+    shared = pack(sample_prompts, responses, k)
     with torch.no_grad():
         h_shared = policy.hidden_states(
             shared["input_ids"].to(device),
@@ -167,7 +159,7 @@ def run_selfcheck(
         )
     predicts = shared["targets"].to(device) != -100  # the rows that predict a response token
     h_alone = torch.cat(
-        [a[len(prompts[i // k]) - 1 : -1] for i, a in enumerate(alone.split(lengths.tolist()))]
+        [a[len(sample_prompts[i]) - 1 : -1] for i, a in enumerate(alone.split(lengths.tolist()))]
     )
     res.checks["shared-prompt vs per-sequence hidden"] = (
         (h_shared[predicts] - h_alone).abs().max().item()
@@ -179,13 +171,7 @@ def run_selfcheck(
         f"= {res.checks['shared-prompt vs per-sequence hidden']:.1e}"
     )
 
-    # Targets: the next token inside each response; prompt tokens and segment ends are ignored.
-    targets = torch.full_like(ids, -100)
-    mask = torch.zeros_like(ids, dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        start, plen = int(cu[i]), len(prompts[i // k])
-        targets[start + plen - 1 : start + s.numel() - 1] = s[plen:]
-        mask[start + plen - 1 : start + s.numel() - 1] = True
+    mask = targets != -100
     reference = Llama(cfg).to(device).eval()
     reference.load_state_dict(policy.state_dict())
     with torch.no_grad():
@@ -215,9 +201,8 @@ def run_selfcheck(
         r_eager = policy.lm_head(policy.norm(hidden[last]))[:, 0].float()
     res.checks["reward_head vs norm+gather+linear"] = (r - r_eager).abs().max().item()
     beta = 0.01
-    scores = (r - beta * kl).view(len(PROMPTS), k)
-    adv = rloo_advantages(scores, valid)
-    res.rewards, res.advantages = r.tolist(), adv.flatten().tolist()
+    _, adv = kl_regularised_advantages(r, kl, rollout.ended_with_eos, k, beta=beta)
+    res.rewards, res.advantages = r.tolist(), adv.tolist()
     log(
         f"[6/6] rewards (lm_head row 0 at the last token) max |fused - eager| = "
         f"{res.checks['reward_head vs norm+gather+linear']:.1e}; RLOO advantages (beta={beta}, "

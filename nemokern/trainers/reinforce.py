@@ -1,16 +1,18 @@
 """The REINFORCE trainer with a leave-one-out baseline (recipe.md section 2; presets: section 5).
 
 One rollout (every `updates_per_rollout` optimizer steps), in four timed phases:
-  generate  k samples per prompt with the KV-cache generate() (temperature, top-p, top-k);
-  score     r per sample: a reward model (reward_head on the last token) and/or a Python
+  generate  (_generate) k samples per prompt with the KV-cache generate() (temperature, top-p,
+            top-k), laid out as SampleGroups: each prompt's k samples consecutive;
+  score     (_score) r per sample: a reward model (reward_head on the last token) and/or a Python
             function with TRL's signature fn(prompts, completions, **columns) -> list[float],
             combined with weights;
-  logprobs  response-token log-probs of the frozen reference (and, when a rollout feeds several
-            optimizer steps, of the policy) with linear_logprobs on packed sequences under
-            no_grad (no [N, V] logits); with one step per rollout the policy's come from the
-            update's own forward (PolicyLoss), detached. Then per micro-batch
-            (micro_batch_terms) the per-sequence KL with sequence_kl, R = r - beta * KL, RLOO
-            advantages over the EOS-ended samples;
+  logprobs  (_logprobs) response-token log-probs of the frozen reference (and, when a rollout
+            feeds several optimizer steps, of the policy: _advantages) with linear_logprobs on
+            packed sequences under no_grad (no [N, V] logits); with one step per rollout the
+            policy's come from the update's own forward (PolicyLoss), detached. Then per
+            micro-batch (policy.micro_batch_terms, with the options' PolicyLossSpec) the
+            per-sequence KL with sequence_kl, R = r - beta * KL, RLOO advantages over the
+            EOS-ended samples;
 then each optimizer step of the rollout (update) takes its slice of the prompts and minimises
 -logp_t * (R - b) over the response tokens, normalised by loss_normalisation (ratio-clipped
 if clip_eps_*), with linear_policy_loss (its gradients formed in the forward). The shared TrainLoop
@@ -22,7 +24,6 @@ OUT/final is the policy in HF layout.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
@@ -35,35 +36,36 @@ from typing import ClassVar
 import torch
 
 from nemokern.data.prompts import read_prompts
-from nemokern.data.tokenizer import HFTokenizer, load_tokenizer
+from nemokern.data.tokenizer import load_tokenizer
 from nemokern.engine.config import SCHEDULES, ConfigError, TrainConfig, option, option_error
-from nemokern.engine.loop import (
-    StepOutput,
-    TrainLoop,
-    dp_size_of,
-    reads_deferred,
-    tp_group_for,
-)
-from nemokern.model import Llama, LlamaConfig, generate
-from nemokern.model.deferred import is_deferred
+from nemokern.engine.loop import StepOutput, dp_size_of, reads_deferred
+from nemokern.model import Llama, generate
 from nemokern.model.generate import position_fix
 from nemokern.parallel.fsdp import full_weights
 from nemokern.trainers import presets
 from nemokern.trainers.losses import PG_NORMALISATIONS, TRUNCATED
-from nemokern.trainers.rollout import (
-    DEFERRED_SUMS,
+from nemokern.trainers.policy import (
     PolicyLoss,
-    RolloutLoop,
+    PolicyLossSpec,
+    SampleGroups,
+    Terms,
     TokenLogprobs,
+    build_policy,
+    export_policy,
+    frozen_copy,
+    pack,
+    policy_terms,
+)
+from nemokern.trainers.rollout import (
+    RolloutLoop,
+    Samples,
     add_sums,
     call_reward_fn,
     check_reward_fn,
     completion,
     load_reward_fn,
     load_reward_model,
-    pack,
-    policy_terms,
-    ratio_clip,
+    step_sums,
     stop_length,
 )
 
@@ -251,61 +253,33 @@ class ReinforceConfig(TrainConfig):
         """The temperature every log-prob divides the logits by."""
         return self.temperature if self.temperature_in_logprobs else 1.0
 
-
-# ---- the trainer ---------------------------------------------------------------------------------
-def export_policy(loop: TrainLoop, policy: Llama, tokenizer) -> None:
-    """OUT/final: the policy in HF layout (under --tp a collective of each tp group, whose rank 0
-    writes; under --fsdp of all processes), with an HF tokenizer's files."""
-    final = Path(loop.config.out) / "final"
-    if loop.writes_weights:
-        policy.save_pretrained(final)
-    if loop.dist.rank == 0 and isinstance(tokenizer, HFTokenizer):
-        tokenizer.tok.save_pretrained(final)
-    if loop.dist.active:
-        torch.distributed.barrier()
-
-
-def build_policy(config: TrainConfig, tokenizer, field: str = "policy") -> Llama:
-    """The Llama `config.<field>` names: an HF directory, or 'tiny' (random, seeded by
-    config.seed, sized for `tokenizer`; under --tp built whole on every rank and split, so it is
-    the same model at every tp), split over the --tp group."""
-    name = getattr(config, field)
-    if name != "tiny" and not Path(name).is_dir():
-        raise option_error(field, f"{name} is not a directory (nor 'tiny')")
-    tp_group = tp_group_for(config)
-    if name == "tiny":
-        torch.manual_seed(config.seed)
-        full = Llama(
-            LlamaConfig.tiny(
-                vocab_size=tokenizer.vocab_size,
-                bos_token_id=tokenizer.bos_id,
-                eos_token_id=list(tokenizer.eos_ids),
+    def loss_spec(self) -> PolicyLossSpec:
+        """What the update's loss and coefficients take from these options. Ratio clipping is on
+        when clip_eps_low or clip_eps_high is set (the unset one takes the other's value)."""
+        low, high = self.clip_eps_low, self.clip_eps_high
+        clip = (
+            None
+            if low is None and high is None
+            else (
+                high if low is None else low,
+                low if high is None else high,
             )
         )
-        return Llama.split_from(full, tp_group)
-    return Llama.from_pretrained(
-        name, dtype=torch.float32, tp_group=tp_group, deferred=reads_deferred(config)
-    )
+        return PolicyLossSpec(
+            temperature=self.logprob_temperature,
+            clip=clip,
+            k=self.k,
+            beta=self.beta,
+            kl_estimator=self.kl_estimator,
+            kl_reduction=self.kl_reduction,
+            truncated=self.truncated,
+            truncation_penalty=self.truncation_penalty,
+            normalize_advantages=self.normalize_advantages,
+            loss_normalisation=self.loss_normalisation,
+        )
 
 
-def frozen_copy(policy: Llama, dtype: torch.dtype, source=None) -> Llama:
-    """An eval-mode copy of `policy` (this rank's shard under TP) in `dtype` with no gradients:
-    the reference. Built empty and filled tensor by tensor, so a bf16 copy of an fp32 policy
-    never holds a second fp32 one. A policy whose weights are not read yet (deferred) gets a
-    deferred reference read from the same directory, `source`."""
-    if is_deferred(policy):
-        ref = Llama.from_pretrained(source, dtype=dtype, tp_group=policy.tp_group, deferred=True)
-        return ref.eval().requires_grad_(False)
-    weight = policy.embed_tokens.weight
-    if weight.dtype == dtype:
-        return copy.deepcopy(policy).eval().requires_grad_(False)
-    ref = Llama.empty(policy.config, dtype=dtype, device=weight.device, tp_group=policy.tp_group)
-    with torch.no_grad():
-        for name, target in ref.named_parameters():
-            target.copy_(policy.get_parameter(name))
-    return ref.eval().requires_grad_(False)
-
-
+# ---- the trainer ---------------------------------------------------------------------------------
 class ReinforceTrainer:
     """`ReinforceTrainer(config).fit()`: train the policy, write OUT/final, return the step records.
 
@@ -401,180 +375,185 @@ class ReinforceTrainer:
     def _rollout(self, first_step: int, groups: list[list[list[int]]]) -> dict:
         """Sample, score and take log-probs for the prompt groups of steps first_step, ...;
         the batches of each step and the sums of its statistics (see RolloutLoop)."""
-        cfg, loop, tok = self.config, self.loop, self.tokenizer
-        device, k, seconds = loop.device, cfg.k, {}
-        # moved for each use; under --fsdp the shards are placed once (TrainLoop.place_frozen)
-        offload = cfg.offload and device.type == "cuda" and not loop.fsdp
-        with loop._autocast():
-            # ---- generate
+        device, seconds = self.loop.device, {}
+        with self.loop.autocast():
             t = time.perf_counter()
-            prompt_ids = [self.prompts[p].ids for step in groups for mb in step for p in mb]
-            # seeded by the rollout's first step and the process: a resumed run draws the same
-            # samples
-            gen = torch.Generator(device).manual_seed(
-                (cfg.seed * 1_000_003 + first_step) * loop.dist.world_size + loop.dist.rank
-            )
-            rows = [ids for ids in prompt_ids for _ in range(k)]
-            # whole prompts per call: each is prefilled once for its k samples (num_samples)
-            chunk = max(1, (cfg.generation_batch_size or len(rows)) // k)
-            responses, ended = [], []
-            # under --fsdp the policy is gathered whole while it generates, and only then: the
-            # scoring and reference forwards that follow find it sharded again
-            with full_weights(loop.model):
-                for i in range(0, len(prompt_ids), chunk):
-                    g = generate(
-                        self.policy,
-                        prompt_ids[i : i + chunk],
-                        num_samples=k,
-                        max_new_tokens=cfg.max_new_tokens,
-                        eos_token_id=tok.eos_ids,
-                        temperature=cfg.temperature,
-                        top_k=cfg.top_k or None,
-                        top_p=cfg.top_p,
-                        generator=gen,
-                        pad_id=tok.pad_id,
-                        # FSDP's units keep their hooks while gathered: eager decoding (CUDA graphs
-                        # over them are unverified)
-                        compile=False if loop.fsdp else None,
-                        stop=self._stop_strings_seen if cfg.stop_strings else None,
-                    )
-                    lengths = g.lengths.tolist()
-                    responses += [g.tokens[j, :n].cpu() for j, n in enumerate(lengths)]
-                    ended.append(g.ended_with_eos.cpu())
-            ended = torch.cat(ended)
-            if cfg.stop_strings:
-                for j, r in enumerate(responses):
-                    n = stop_length(r.tolist(), tok.decode, cfg.stop_strings)
-                    if n is not None:
-                        responses[j], ended[j] = r[:n], True
+            samples = self._generate(first_step, groups)
             seconds["generate_s"] = self._lap(t, device)
-
-            # micro-batch boundaries over the flat sample list
-            spans, start = [], 0
-            for step in groups:
-                spans.append([])
-                for mb in step:
-                    spans[-1].append((start, start + len(mb) * k, mb))
-                    start += len(mb) * k
-            share = k if cfg.shared_prompt else None
-            packs = [[pack(rows[a:b], responses[a:b], share) for a, b, _ in step] for step in spans]
-
-            # ---- score
+            share = samples.groups.k if self.config.shared_prompt else None
+            packs = [
+                [pack(samples.prompt_ids[a:b], samples.responses[a:b], share) for a, b, _ in step]
+                for step in samples.spans
+            ]
             t = time.perf_counter()
-            rewards = torch.zeros(len(rows), dtype=torch.float64)
-            parts = {}  # each reward source's raw scores, for --save-rollouts
-            if self.reward_fn is not None:
-                prompts = [
-                    self.prompts[p] for step in groups for mb in step for p in mb for _ in range(k)
-                ]
-                completions = [
-                    completion(p.prompt, tok.decode(r.tolist(), skip_special=True))
-                    for p, r in zip(prompts, responses)
-                ]
-                columns = {c: [p.columns.get(c) for p in prompts] for c in self.columns}
-                parts["reward_fn"] = call_reward_fn(
-                    self.reward_fn, [p.prompt for p in prompts], completions, columns
-                )
-                rewards += cfg.reward_fn_weight * parts["reward_fn"]
-            if self.reward_model is not None:
-                if offload:
-                    self.reward_model.to(device)
-                scores = []
-                with torch.no_grad():
-                    for step in packs:
-                        for b in step:
-                            out = self.reward_model(
-                                b["input_ids"].to(device),
-                                b["last_index"].to(device),
-                                cu_seqlens=b["cu_seqlens"].to(device),
-                                parents=b.get("parents"),
-                            )
-                            scores.append(out[:, self.reward_column].double().cpu())
-                parts["reward_model"] = torch.cat(scores)
-                rewards += cfg.reward_model_weight * parts["reward_model"]
-                if offload:
-                    self.reward_model.to("cpu")
+            rewards, parts = self._score(samples, packs)
             seconds["score_s"] = self._lap(t, device)
-
-            # ---- log-probs of the reference (and of the policy, unless the update takes them)
             t = time.perf_counter()
-            if offload:
-                self.reference.to(device)
-            defer = self.defer_policy_logprobs and cfg.updates_per_rollout == 1
-            lengths = torch.tensor([r.numel() for r in responses], dtype=torch.float64)
-            steps, sums = [], []
-            with torch.no_grad():
-                for i, (step_spans, step_packs) in enumerate(zip(spans, packs)):
-                    saved = cfg.save_rollouts and (first_step + i + 1) % cfg.save_rollouts == 0
-                    a, b = step_spans[0][0], step_spans[-1][1]
-                    r = rewards[a:b]
-                    sums.append(
-                        {
-                            "samples": b - a,
-                            "reward": float(r.sum()),
-                            "reward_sq": float((r * r).sum()),
-                            "response_tokens": float(lengths[a:b].sum()),
-                            "eos": float(ended[a:b].sum()),
-                            **dict.fromkeys(DEFERRED_SUMS, 0.0),
-                        }
-                    )
-                    batches = []
-                    for (a, b, mb), p in zip(step_spans, step_packs):
-                        batch = {
-                            "input_ids": p["input_ids"],
-                            "cu_seqlens": p["cu_seqlens"],
-                            "targets": p["targets"],
-                            "sample_cu": p["sample_cu"],
-                            "rows": [int(x) for x in mb],
-                        }
-                        if "parents" in p:
-                            batch["parents"] = p["parents"]
-                        if saved:
-                            batch["record"] = self._record_inputs(
-                                rows[a:b],
-                                responses[a:b],
-                                rewards[a:b],
-                                ended[a:b],
-                                {name: v[a:b] for name, v in parts.items()},
-                                a == step_spans[0][0],
-                            )
-                        ids, cu, targets, sample_cu = (
-                            p[n].to(device)
-                            for n in ("input_ids", "cu_seqlens", "targets", "sample_cu")
-                        )
-                        parents = p.get("parents")
-                        ref = self.reference_logprobs(ids, cu, targets, parents)
-                        if defer or saved:  # copies: a checkpoint refuses views of one tensor
-                            batch.update(
-                                ref_logprobs=ref.cpu(),
-                                rewards=rewards[a:b].clone(),
-                                ended=ended[a:b].clone(),
-                            )
-                        if not defer:
-                            with full_weights(loop.model):  # --fsdp: gathered for this forward
-                                h = self.policy.hidden_states(ids, cu_seqlens=cu, parents=parents)
-                                terms = policy_terms(
-                                    self.policy,
-                                    h,
-                                    targets,
-                                    sample_cu,
-                                    ref,
-                                    rewards[a:b].to(device),
-                                    ended[a:b].to(device),
-                                    cfg,
-                                )
-                            batch.update(coef=terms.coef.cpu(), weight=terms.weight)
-                            if saved:
-                                batch["samples"] = {n: v.cpu() for n, v in terms.samples.items()}
-                            if ratio_clip(cfg):  # the sampling policy's, for the ratio
-                                batch["old_logprobs"] = terms.samples["logprobs"].cpu()
-                            add_sums(sums[-1], terms.stats)
-                        batches.append(batch)
-                    steps.append(batches)
-            if offload:
-                self.reference.to("cpu")
+            steps, sums = self._logprobs(first_step, samples, packs, rewards, parts)
             seconds["logprobs_s"] = self._lap(t, device)
         return {"steps": steps, "sums": sums, "seconds": seconds}
+
+    @property
+    def _moves_frozen(self) -> bool:
+        """Whether --offload moves the reference and reward model to the device for each use
+        (under --fsdp their shards are placed once, TrainLoop.place_frozen)."""
+        return self.config.offload and self.loop.device.type == "cuda" and not self.loop.fsdp
+
+    def _generate(self, first_step: int, groups: list[list[list[int]]]) -> Samples:
+        """k samples of each prompt of `groups` with generate() (cut at a stop string)."""
+        cfg, loop, tok = self.config, self.loop, self.tokenizer
+        order = [p for step in groups for mb in step for p in mb]
+        layout = SampleGroups(cfg.k, len(order))
+        prompt_ids = [self.prompts[p].ids for p in order]
+        # seeded by the rollout's first step and the process: a resumed run draws the same samples
+        gen = torch.Generator(loop.device).manual_seed(
+            (cfg.seed * 1_000_003 + first_step) * loop.dist.world_size + loop.dist.rank
+        )
+        # whole prompts per call: each is prefilled once for its k samples (num_samples)
+        chunk = max(1, (cfg.generation_batch_size or layout.n_samples) // layout.k)
+        responses, ended = [], []
+        # under --fsdp the policy is gathered whole while it generates, and only then: the
+        # scoring and reference forwards that follow find it sharded again
+        with full_weights(loop.model):
+            for i in range(0, len(prompt_ids), chunk):
+                g = generate(
+                    self.policy,
+                    prompt_ids[i : i + chunk],
+                    num_samples=layout.k,
+                    max_new_tokens=cfg.max_new_tokens,
+                    eos_token_id=tok.eos_ids,
+                    temperature=cfg.temperature,
+                    top_k=cfg.top_k or None,
+                    top_p=cfg.top_p,
+                    generator=gen,
+                    pad_id=tok.pad_id,
+                    # FSDP's units keep their hooks while gathered: eager decoding (CUDA graphs
+                    # over them are unverified)
+                    compile=False if loop.fsdp else None,
+                    stop=self._stop_strings_seen if cfg.stop_strings else None,
+                )
+                lengths = g.lengths.tolist()
+                responses += [g.tokens[j, :n].cpu() for j, n in enumerate(lengths)]
+                ended.append(g.ended_with_eos.cpu())
+        ended = torch.cat(ended)
+        if cfg.stop_strings:
+            for j, r in enumerate(responses):
+                n = stop_length(r.tolist(), tok.decode, cfg.stop_strings)
+                if n is not None:
+                    responses[j], ended[j] = r[:n], True
+        return Samples(layout, order, layout.repeat(prompt_ids), responses, ended, groups)
+
+    def _score(self, samples: Samples, packs: list[list[dict]]) -> tuple[torch.Tensor, dict]:
+        """r per sample [n] float64: the weighted sum of the reward function's scores and the
+        reward model's (on the packed samples); and each source's raw scores (--save-rollouts)."""
+        cfg, device = self.config, self.loop.device
+        rewards = torch.zeros(samples.groups.n_samples, dtype=torch.float64)
+        parts = {}
+        if self.reward_fn is not None:
+            prompts = [self.prompts[p] for p in samples.groups.repeat(samples.order)]
+            completions = [
+                completion(p.prompt, self.tokenizer.decode(r.tolist(), skip_special=True))
+                for p, r in zip(prompts, samples.responses)
+            ]
+            columns = {c: [p.columns.get(c) for p in prompts] for c in self.columns}
+            parts["reward_fn"] = call_reward_fn(
+                self.reward_fn, [p.prompt for p in prompts], completions, columns
+            )
+            rewards += cfg.reward_fn_weight * parts["reward_fn"]
+        if self.reward_model is not None:
+            if self._moves_frozen:
+                self.reward_model.to(device)
+            scores = []
+            with torch.no_grad():
+                for b in (b for step in packs for b in step):
+                    out = self.reward_model(
+                        b["input_ids"].to(device),
+                        b["last_index"].to(device),
+                        cu_seqlens=b["cu_seqlens"].to(device),
+                        parents=b.get("parents"),
+                    )
+                    scores.append(out[:, self.reward_column].double().cpu())
+            parts["reward_model"] = torch.cat(scores)
+            rewards += cfg.reward_model_weight * parts["reward_model"]
+            if self._moves_frozen:
+                self.reward_model.to("cpu")
+        return rewards, parts
+
+    def _logprobs(self, first_step, samples: Samples, packs, rewards, parts):
+        """([batches of each step], [sums of each step's statistics]): each micro-batch with the
+        reference's log-probs, and unless the update takes the policy's (defer_policy_logprobs)
+        its coefficients (_advantages)."""
+        cfg, device = self.config, self.loop.device
+        if self._moves_frozen:
+            self.reference.to(device)
+        defer = self.defer_policy_logprobs and cfg.updates_per_rollout == 1
+        ended = samples.ended
+        lengths = torch.tensor([r.numel() for r in samples.responses], dtype=torch.float64)
+        steps, sums = [], []
+        with torch.no_grad():
+            for i, (step_spans, step_packs) in enumerate(zip(samples.spans, packs)):
+                saved = cfg.save_rollouts and (first_step + i + 1) % cfg.save_rollouts == 0
+                a, b = step_spans[0][0], step_spans[-1][1]
+                sums.append(step_sums(rewards[a:b], lengths[a:b], ended[a:b]))
+                batches = []
+                for (a, b, mb), p in zip(step_spans, step_packs):
+                    batch = {n: p[n] for n in ("input_ids", "cu_seqlens", "targets", "sample_cu")}
+                    batch["rows"] = [int(x) for x in mb]
+                    if "parents" in p:
+                        batch["parents"] = p["parents"]
+                    if saved:
+                        batch["record"] = self._record_inputs(
+                            samples.prompt_ids[a:b],
+                            samples.responses[a:b],
+                            rewards[a:b],
+                            ended[a:b],
+                            {name: v[a:b] for name, v in parts.items()},
+                            a == step_spans[0][0],
+                        )
+                    ids, cu, targets, sample_cu = (
+                        p[n].to(device) for n in ("input_ids", "cu_seqlens", "targets", "sample_cu")
+                    )
+                    parents = p.get("parents")
+                    ref = self.reference_logprobs(ids, cu, targets, parents)
+                    if defer or saved:  # copies: a checkpoint refuses views of one tensor
+                        batch.update(
+                            ref_logprobs=ref.cpu(),
+                            rewards=rewards[a:b].clone(),
+                            ended=ended[a:b].clone(),
+                        )
+                    if not defer:
+                        packed = (ids, cu, targets, sample_cu, parents)
+                        terms = self._advantages(packed, ref, rewards[a:b], ended[a:b])
+                        batch.update(coef=terms.coef.cpu(), weight=terms.weight)
+                        if saved:
+                            batch["samples"] = {n: v.cpu() for n, v in terms.samples.items()}
+                        if self.spec.clip:  # the sampling policy's, for the ratio
+                            batch["old_logprobs"] = terms.samples["logprobs"].cpu()
+                        add_sums(sums[-1], terms.stats)
+                    batches.append(batch)
+                steps.append(batches)
+        if self._moves_frozen:
+            self.reference.to("cpu")
+        return steps, sums
+
+    def _advantages(self, packed: tuple, ref_logprobs, rewards, ended) -> Terms:
+        """A micro-batch's coefficients from a no-grad forward of the policy (policy_terms: its
+        log-probs, the KL to the reference's, R and the RLOO advantages). packed: pack()'s
+        input_ids, cu_seqlens, targets, sample_cu (on the device) and parents."""
+        ids, cu, targets, sample_cu, parents = packed
+        device = self.loop.device
+        with full_weights(self.loop.model):  # --fsdp: gathered for this forward
+            h = self.policy.hidden_states(ids, cu_seqlens=cu, parents=parents)
+            return policy_terms(
+                self.policy,
+                h,
+                targets,
+                sample_cu,
+                ref_logprobs,
+                rewards.to(device),
+                ended.to(device),
+                self.spec,
+            )
 
     def _stop_strings_seen(self, tokens, lengths) -> torch.Tensor:
         """generate()'s `stop`: the rows [B] whose text so far ends a prefix with a stop string
@@ -686,7 +665,8 @@ class ReinforceTrainer:
         return the per-step records."""
         cfg = self.config
         start = time.perf_counter()
-        model = PolicyLoss(self.policy, cfg.logprob_temperature, cfg)
+        self.spec = cfg.loss_spec()
+        model = PolicyLoss(self.policy, self.spec)
         world = dp_size_of(cfg)  # the loop's data parallelism
         per_step_micro = cfg.grad_accum * world
         if cfg.prompts_per_step % per_step_micro:
@@ -704,7 +684,7 @@ class ReinforceTrainer:
             rollout=self._rollout,
             updates_per_rollout=cfg.updates_per_rollout,
         )
-        self.reference_logprobs = TokenLogprobs(self.reference, cfg.logprob_temperature)
+        self.reference_logprobs = TokenLogprobs(self.reference, self.spec.temperature)
         for module in filter(None, (self.reference_logprobs, self.reward_model)):
             self.loop.place_frozen(module, offload=cfg.offload)
         history = self.loop.fit()

@@ -1,8 +1,7 @@
 """The pieces of a REINFORCE rollout and the loop that makes one every `updates_per_rollout`
 optimizer steps: reward sources (a Python function with TRL's signature, a reward-model
-directory), the KL-regularised RLOO advantages and update coefficients of a micro-batch, the
-update's loss module (PolicyLoss), packing, and RolloutLoop. reinforce.py puts them
-together into ReinforceTrainer.
+directory), stop strings, and RolloutLoop. The update's coefficients and loss are policy.py's;
+reinforce.py puts them together into ReinforceTrainer.
 """
 
 from __future__ import annotations
@@ -13,24 +12,17 @@ import math
 import numbers
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch import nn
 
 from nemokern.engine.config import option_error
-from nemokern.engine.loop import NonFiniteError, TrainLoop
-from nemokern.model import Llama, RewardModel
+from nemokern.engine.loop import TrainLoop
+from nemokern.model import RewardModel
 from nemokern.model.reward import HEAD_WEIGHTS, check_reward_directory, check_trained
-from nemokern.ops import linear_logprobs, linear_policy_loss, sequence_kl
-from nemokern.trainers.losses import (
-    TRUNCATED,
-    normalise_advantages,
-    policy_gradient_coefficients,
-    rloo_advantages,
-)
+from nemokern.trainers.policy import SampleGroups
 
 PHASES = ("generate_s", "score_s", "logprobs_s")
 DEFERRED_SUMS = ("kl", "score", "entropy", "advantage", "advantage_sq")  # micro_batch_terms
@@ -187,323 +179,45 @@ def call_reward_fn(fn: Callable, prompts: list, completions: list, columns: dict
     return torch.tensor(values, dtype=torch.float64)
 
 
-def kl_regularised_advantages(
-    rewards,
-    kl,
-    ended,
-    k: int,
-    *,
-    beta: float,
-    truncation_penalty=None,
-    truncated: str = "zero-advantage",
-):
-    """(R, advantages), both [P * k] float64, for P prompts of k samples (each prompt's k
-    contiguous).
+@dataclass
+class Samples:
+    """A rollout's samples in the order of its steps' micro-batches, each prompt's k consecutive
+    (groups)."""
 
-    R = r - beta * KL. A sample that did not end (no EOS or stop string), by `truncated`:
-    zero-advantage: out of the baselines, advantage 0; trained: out of the baselines, advantage
-    R minus the mean R of the prompt's ended samples; kept (also whenever truncation_penalty is
-    given): like any other sample, with R - truncation_penalty. Advantages: RLOO
-    (train/losses.rloo_advantages).
-    """
-    if truncated not in TRUNCATED:
-        raise ValueError(f"truncated={truncated!r}; choose one of {TRUNCATED}")
-    scores = rewards.double() - beta * kl.double()
-    valid = ended.bool()
-    if truncated == "kept" or truncation_penalty is not None:  # a penalty implies kept
-        if truncation_penalty is not None:
-            scores = torch.where(valid, scores, scores - truncation_penalty)
-        valid = torch.ones_like(valid)
-    adv = rloo_advantages(
-        scores.view(-1, k), valid.view(-1, k), train_invalid=truncated == "trained"
-    ).flatten()
-    return scores, adv
+    groups: SampleGroups
+    order: list[int]  # the prompts (indices), one per group
+    prompt_ids: list  # each sample's prompt tokens [n_samples]
+    responses: list[torch.Tensor]  # each sample's response tokens
+    ended: torch.Tensor  # [n_samples] bool: ended with EOS or a stop string
+    steps: list[list[list[int]]]  # steps[s][m]: the prompts of micro-batch m of step s
+    spans: list = field(init=False)  # spans[s][m]: (start, end, prompts), its samples start:end
+
+    def __post_init__(self):
+        self.spans, first = [], 0
+        for step in self.steps:
+            self.spans.append([])
+            for mb in step:
+                self.spans[-1].append((*self.groups.samples(first, first + len(mb)), mb))
+                first += len(mb)
 
 
-class Terms(NamedTuple):
-    """What micro_batch_terms forms for one micro-batch."""
-
-    coef: torch.Tensor  # [N] float32: the update's loss is sum_t coef_t * logp_t
-    weight: int  # what the step's mean counts this micro-batch as (tokens or samples)
-    stats: dict  # sums of kl, score, entropy, advantage, advantage_sq
-    samples: dict  # per sample [S] float64: kl, score (R), baseline, advantage; logprobs [N]
-
-
-def micro_batch_terms(logprobs, entropy, ref_logprobs, targets, sample_cu, rewards, ended, cfg):
-    """One packed micro-batch of whole prompts (k samples each): Terms (the update's
-    coefficients by cfg.loss_normalisation, losses.policy_gradient_coefficients, and the sums of
-    its statistics). logprobs/entropy [N] of the policy, ref_logprobs [N] of the reference,
-    targets [N] (-100 off the responses), sample_cu [S + 1] (sample s's rows, as pack() gives
-    them), rewards [S] float64 and ended [S] bool per sample."""
-    mask = targets != -100
-    kl = sequence_kl(
-        logprobs,
-        ref_logprobs,
-        mask,
-        estimator=cfg.kl_estimator,
-        reduction=cfg.kl_reduction,
-        cu_seqlens=sample_cu,
-    ).double()
-    lengths = (sample_cu[1:] - sample_cu[:-1]).long()
-    seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
-    per_seq_entropy = torch.zeros(lengths.numel(), dtype=torch.float64, device=lengths.device)
-    per_seq_entropy.index_add_(0, seq, (entropy * mask).double())
-    scores, raw = kl_regularised_advantages(
-        rewards,
-        kl,
-        ended,
-        cfg.k,
-        beta=cfg.beta,
-        truncation_penalty=cfg.truncation_penalty,
-        truncated=cfg.truncated,
-    )
-    adv = raw
-    if cfg.normalize_advantages:
-        adv = normalise_advantages(raw, ended.bool() | (cfg.truncated != "zero-advantage"))
-    coef, weight = policy_gradient_coefficients(adv, seq, mask, cfg.loss_normalisation)
-    a = adv.double()
-    stats = {
-        "kl": float(kl.sum()),
-        "score": float(scores.double().sum()),
-        "entropy": float(per_seq_entropy.sum()),
-        "advantage": float(a.sum()),
-        "advantage_sq": float((a * a).sum()),
+def step_sums(rewards, lengths, ended) -> dict:
+    """The sums a step's record is made of (RolloutLoop.step_record), from its samples' rewards,
+    response lengths and ended flags [n]; those formed with the coefficients start at 0."""
+    return {
+        "samples": rewards.numel(),
+        "reward": float(rewards.sum()),
+        "reward_sq": float((rewards * rewards).sum()),
+        "response_tokens": float(lengths.sum()),
+        "eos": float(ended.sum()),
+        **dict.fromkeys(DEFERRED_SUMS, 0.0),
     }
-    samples = {
-        "kl": kl,
-        "score": scores.double(),
-        "baseline": scores.double() - raw.double(),
-        "advantage": a,
-        "logprobs": logprobs.detach(),
-    }
-    return Terms(coef, weight, stats, samples)
-
-
-def ratio_clip(cfg) -> tuple[float, float] | None:
-    """(eps_low, eps_high) of the update's importance-ratio clipping, or None (no ratio): set
-    when cfg.clip_eps_low or cfg.clip_eps_high is (the unset one takes the other's value)."""
-    low, high = getattr(cfg, "clip_eps_low", None), getattr(cfg, "clip_eps_high", None)
-    if low is None and high is None:
-        return None
-    return (high if low is None else low), (low if high is None else high)
-
-
-def policy_gradient_loss(
-    hidden,
-    weight,
-    targets,
-    coef,
-    *,
-    temperature: float = 1.0,
-    tp_group=None,
-    old_logprobs=None,
-    clip=None,
-):
-    """(loss, metrics) of the targets under softmax(hidden @ weight.T / temperature): loss =
-    sum_t coef_t * logp_t, the REINFORCE update's loss when coef_t = -(R - b)/n_tokens on
-    response tokens (targets -100 elsewhere), metrics {}. With old_logprobs [N] (the sampling
-    policy's log-probs) and clip = (eps_low, eps_high): loss = sum_t max(coef_t r_t, coef_t
-    clip(r_t, 1 - eps_low, 1 + eps_high)) with r = exp(logp - old_logprobs), and metrics the
-    response tokens' clip_fraction and ratio_mean. hidden [N, H], weight [V, H], targets [N],
-    coef [N] float32. Fused: the gradients w.r.t. hidden and weight are formed in the forward,
-    no [N, V] logits. With tp_group, weight is this rank's vocabulary shard."""
-    if old_logprobs is None:
-        loss = linear_policy_loss(
-            hidden, weight, targets, coef, temperature=temperature, tp_group=tp_group
-        )
-        return loss, {}
-    loss, ratio, clipped = linear_policy_loss(
-        hidden,
-        weight,
-        targets,
-        coef,
-        old_logprobs=old_logprobs,
-        clip=clip,
-        temperature=temperature,
-        tp_group=tp_group,
-        return_ratio=True,
-    )
-    n = max(int((targets != -100).sum()), 1)
-    return loss, {"clip_fraction": float(clipped.sum()) / n, "ratio_mean": float(ratio.sum()) / n}
-
-
-def _head(model: Llama, hidden: torch.Tensor) -> torch.Tensor:
-    """The LM head's weight in the hidden states' dtype (bf16 under autocast; the cast is
-    differentiable, so the fp32 master weight gets its gradient)."""
-    w = model.lm_head.weight
-    return w if w.dtype == hidden.dtype else w.to(hidden.dtype)
-
-
-def policy_terms(policy, hidden, targets, sample_cu, ref_logprobs, rewards, ended, cfg):
-    """micro_batch_terms from the policy's hidden states [N, H] (detached: the coefficients carry
-    no gradient): its log-probs and entropy of the targets at cfg.logprob_temperature, through
-    the LM head (this rank's vocabulary shard under tensor parallelism). Returns Terms; its
-    samples["logprobs"] are the log-probs [N]."""
-    with torch.no_grad():
-        lp, ent = linear_logprobs(
-            hidden.detach(),
-            _head(policy, hidden).detach(),
-            targets,
-            temperature=cfg.logprob_temperature,
-            return_entropy=True,
-            tp_group=policy.tp_group,
-        )
-        return micro_batch_terms(lp, ent, ref_logprobs, targets, sample_cu, rewards, ended, cfg)
 
 
 def add_sums(into: dict, stats: dict) -> None:
     """Add a micro-batch's statistics (micro_batch_terms) to its step's sums."""
     for name, value in stats.items():
         into[name] += value
-
-
-class TokenLogprobs(nn.Module):
-    """A frozen Llama's log-probs [N] of packed targets at `temperature` (the rollout's reference
-    log-probs): its trunk and LM head in one forward, so that under --fsdp the root's parameters
-    (embedding, final norm, LM head) are gathered for the whole of it."""
-
-    def __init__(self, model: Llama, temperature: float = 1.0):
-        super().__init__()
-        self.model, self.temperature = model, temperature
-
-    def forward(self, input_ids, cu_seqlens, targets, parents=None):
-        hidden = self.model.hidden_states(input_ids, cu_seqlens=cu_seqlens, parents=parents)
-        return linear_logprobs(
-            hidden,
-            _head(self.model, hidden),
-            targets,
-            temperature=self.temperature,
-            tp_group=self.model.tp_group,
-        )
-
-
-class PolicyLoss(nn.Module):
-    """The policy under training; its forward is the update's loss, so DDP sees the whole pass."""
-
-    def __init__(self, policy: Llama, temperature: float = 1.0, config=None):
-        super().__init__()
-        self.policy, self.temperature, self.config = policy, temperature, config
-        self.clip = ratio_clip(config)
-        self.terms: Terms | None = None
-        self.metrics: dict = {}
-
-    def forward(
-        self,
-        input_ids,
-        cu_seqlens,
-        targets,
-        coef=None,
-        ref_logprobs=None,
-        rewards=None,
-        ended=None,
-        parents=None,
-        sample_cu=None,
-        old_logprobs=None,
-    ):
-        """The loss for given coef; or, with coef None, coef from this very forward's
-        (detached) log-probs of the targets and the rollout's ref_logprobs, rewards and ended
-        (micro_batch_terms over the samples sample_cu delimits; its Terms are left in
-        self.terms): the policy log-probs that the KL needs, taken from the update's forward
-        instead of a no-grad forward of their own. parents: pack()'s shared prompts. With ratio
-        clipping (config's clip_eps_*), the ratio is to old_logprobs, the rollout's log-probs of
-        the policy (with coef None: this forward's own, the policy that sampled), and
-        policy_gradient_loss's metrics are left in self.metrics."""
-        hidden = self.policy.hidden_states(input_ids, cu_seqlens=cu_seqlens, parents=parents)
-        if coef is None:
-            self.terms = policy_terms(
-                self.policy,
-                hidden,
-                targets,
-                cu_seqlens if sample_cu is None else sample_cu,
-                ref_logprobs,
-                rewards,
-                ended,
-                self.config,
-            )
-            coef, old_logprobs = self.terms.coef, self.terms.samples["logprobs"]
-        loss, self.metrics = policy_gradient_loss(
-            hidden,
-            _head(self.policy, hidden),
-            targets,
-            coef,
-            temperature=self.temperature,
-            tp_group=self.policy.tp_group,
-            old_logprobs=None if self.clip is None else old_logprobs,
-            clip=self.clip,
-        )
-        return loss
-
-
-def pack(prompts: list, responses: list[torch.Tensor], k: int | None = None) -> dict:
-    """One packed micro-batch of samples (prompt + response each).
-
-    input_ids [N], cu_seqlens [S + 1] int32 (the model's segments), targets [N] (the next token
-    at the positions that predict a response token, -100 elsewhere), last_index [n] (each
-    sample's last token), sample_cu [n + 1] int64 (sample i's rows are
-    sample_cu[i]:sample_cu[i + 1]; every response row falls in its own sample's range).
-
-    k None: the samples back to back (S = n segments, sample_cu = cu_seqlens). k given: every k
-    consecutive samples share their prompt, which is packed once: a segment with the prompt but
-    its last token, then k segments of [last prompt token, response] that continue it (parents
-    [S] int64, -1 for the prompt segments; Llama.hidden_states(..., parents=...)). A group's
-    first sample's rows also hold the prompt segment (whose targets are all -100)."""
-    if k is None:
-        seqs = [
-            torch.cat([torch.as_tensor(p, dtype=torch.long), r.long().cpu()])
-            for p, r in zip(prompts, responses)
-        ]
-        ids = torch.cat(seqs)
-        cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
-        cu[1:] = torch.tensor([s.numel() for s in seqs]).cumsum(0)
-        targets = torch.full_like(ids, -100)
-        for i, (p, s) in enumerate(zip(prompts, seqs)):
-            start = int(cu[i])
-            targets[start + len(p) - 1 : start + s.numel() - 1] = s[len(p) :]
-        return {
-            "input_ids": ids,
-            "cu_seqlens": cu,
-            "targets": targets,
-            "last_index": cu[1:].long() - 1,
-            "sample_cu": cu.long(),
-        }
-    if len(prompts) % k:
-        raise ValueError(f"{len(prompts)} samples are not whole groups of k = {k}")
-    segments, parents, targets, sample_ends = [], [], [], []
-    n = 0
-    for g in range(0, len(prompts), k):
-        prompt = torch.as_tensor(prompts[g], dtype=torch.long)
-        if any(
-            prompts[g + j] is not prompts[g]
-            and not torch.equal(torch.as_tensor(prompts[g + j], dtype=torch.long), prompt)
-            for j in range(1, k)
-        ):
-            raise ValueError(f"samples {g} ... {g + k - 1} do not share one prompt")
-        root = -1
-        if prompt.numel() > 1:
-            root = len(segments)
-            segments.append(prompt[:-1])
-            parents.append(-1)
-            targets.append(torch.full((prompt.numel() - 1,), -100, dtype=torch.long))
-            n += prompt.numel() - 1
-        for r in responses[g : g + k]:
-            r = r.long().cpu()
-            segments.append(torch.cat([prompt[-1:], r]))
-            parents.append(root)
-            targets.append(torch.cat([r, torch.tensor([-100])]))
-            n += r.numel() + 1
-            sample_ends.append(n)
-    lengths = torch.tensor([s.numel() for s in segments])
-    cu = torch.zeros(len(segments) + 1, dtype=torch.int32)
-    cu[1:] = lengths.cumsum(0)
-    sample_cu = torch.tensor([0] + sample_ends, dtype=torch.long)
-    return {
-        "input_ids": torch.cat(segments),
-        "cu_seqlens": cu,
-        "parents": torch.tensor(parents, dtype=torch.long),
-        "targets": torch.cat(targets),
-        "last_index": sample_cu[1:] - 1,
-        "sample_cu": sample_cu,
-    }
 
 
 # ---- the loop ------------------------------------------------------------------------------------
@@ -552,16 +266,11 @@ class RolloutLoop(TrainLoop):
         """Add statistics formed during the update (micro_batch_terms) to the current step's."""
         add_sums(self.rollout["sums"][self.step - self.rollout["first"]], stats)
 
-    def _train_step(self) -> dict:
-        # TrainLoop has no public hook for adding to a step's record; this wraps its step.
-        step = self.step
-        try:
-            metrics = super()._train_step()
-        except NonFiniteError as e:
-            raise NonFiniteError(f"{e}; {self._reward_size(step)}") from None
+    def step_record(self, step: int, metrics: dict) -> dict:
         sums = self.rollout["sums"][step - self.rollout["first"]]
         names = sorted(sums)
-        s = dict(zip(names, self._reduce([torch.tensor(float(sums[k])) for k in names])))
+        totals = self.sum_over_processes([torch.tensor(float(sums[k])) for k in names])
+        s = dict(zip(names, totals))
         n, tok = max(s["samples"], 1.0), max(s["response_tokens"], 1.0)
 
         def std(total, squares):
@@ -583,9 +292,9 @@ class RolloutLoop(TrainLoop):
         self._check_eos(step + 1, int(s["eos"]), int(s["samples"]))
         return metrics
 
-    def _reward_size(self, step: int) -> str:
-        """How large this process's rewards of `step` are, for the message of a non-finite loss
-        or gradient (a reward of 1e30 makes the float32 gradient overflow)."""
+    def nonfinite_note(self, step: int) -> str:
+        """How large this process's rewards of `step` are (a reward of 1e30 makes the float32
+        gradient overflow)."""
         sums = self.rollout["sums"][step - self.rollout["first"]]
         rms = math.sqrt(sums["reward_sq"] / max(sums["samples"], 1))
         size = f"{rms:.3g}" if math.isfinite(rms) else "beyond 1e154"

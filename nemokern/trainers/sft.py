@@ -2,8 +2,8 @@
 response tokens of prompt/response rows, the warm start of a policy before REINFORCE.
 
 Rows are read by data/sft.py, planned into micro-batches as the reward data is (packing.py's
-RewardBatches: a number of rows, or a token budget) and packed with no padding by the REINFORCE
-trainer's `pack`. The loss is the masked token mean of -logp over the response tokens, computed by
+RewardBatches: a number of rows, or a token budget) and packed with no padding by policy.py's
+`pack`. The loss is the masked token mean of -logp over the response tokens, computed by
 ops.linear_policy_loss with the constant coefficient -1/n_tokens (a fused linear cross-entropy:
 no [N, V] logits, the gradients formed in the forward), on the same PolicyLoss module the
 REINFORCE update uses. The shared TrainLoop does the rest (accumulation weighted by tokens,
@@ -24,8 +24,7 @@ from nemokern.data.tokenizer import load_tokenizer
 from nemokern.engine.config import TrainConfig, check_data_and_batching, option
 from nemokern.engine.loop import StepOutput, TrainLoop, move_to
 from nemokern.model import Llama
-from nemokern.trainers.reinforce import build_policy, export_policy
-from nemokern.trainers.rollout import PolicyLoss, pack
+from nemokern.trainers.policy import PolicyLoss, build_policy, export_policy, pack
 
 
 @dataclass
