@@ -13,6 +13,7 @@ from pathlib import Path
 
 import nemokern
 from nemokern import env
+from nemokern.errors import ConfigError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -281,27 +282,25 @@ def _info():
     )
 
 
-def _option_error(parser, e):
-    """Exit with one line naming the command-line flag of an options.OptionError."""
+def _option_error(parser, e: ConfigError):
+    """Exit with one line naming the command-line flag of a ConfigError about one keyword."""
     flag = next(a.option_strings[0] for a in parser._actions if a.dest == e.option)
     parser.error(f"{flag} {e.message}")
 
 
 def _demo(args, parser):
-    from nemokern.engine.options import OptionError
     from nemokern.tools.demo import check_options, run_demo
 
     kwargs = dict(seed=args.seed, quick=args.quick, device=args.device, out_dir=args.out_dir)
     try:
         check_options(**kwargs)
-    except OptionError as e:
+    except ConfigError as e:
         _option_error(parser, e)
     run_demo(**kwargs)
     return 0
 
 
 def _selfcheck(args, parser):
-    from nemokern.engine.options import OptionError
     from nemokern.tools.selfcheck import check_options, run_selfcheck
 
     kwargs = dict(
@@ -313,7 +312,7 @@ def _selfcheck(args, parser):
     )
     try:
         check_options(**kwargs)
-    except OptionError as e:
+    except ConfigError as e:
         _option_error(parser, e)
     res = run_selfcheck(**kwargs)
     worst = max(res.checks.values())
@@ -325,7 +324,7 @@ def _selfcheck(args, parser):
 
 
 # The errors that mean the user's input (options, data rows, files) needs fixing. Every nemokern
-# error a user can cause (ConfigError, DataError, CheckpointError, OptionError) is a ValueError.
+# error a user can cause (nemokern/errors.py) is a ValueError.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
 
 
@@ -415,7 +414,7 @@ def _check_run_options(**values):
             continue
         try:
             {"device": options.device, "out": options.out_dir}[name](name, value)
-        except options.OptionError as e:
+        except ConfigError as e:
             raise option_error(name, e.message) from None
 
 
@@ -489,7 +488,7 @@ def _writing(out):
         out, name = Path(out), Path(str(e.filename))
         # out, a directory above it, or the staging directory beside it (hf.staged_directory)
         ours = name in (out, *out.parents) or any(p.startswith(f".{out.name}.") for p in name.parts)
-        raise ValueError(
+        raise ConfigError(
             f"{e.strerror}: {e.filename}" + (f" (--out {out} must be writable)" if ours else "")
         ) from None
 
@@ -557,7 +556,7 @@ def _bench(args):
     out.mkdir(parents=True, exist_ok=True)
     code = subprocess.run(cmd, cwd=bench.parent, env=env).returncode
     if code == 5:  # pytest: no tests collected
-        raise ValueError(f"-k {args.select!r} selects no benchmark of {sweep}")
+        raise ConfigError(f"-k {args.select!r} selects no benchmark of {sweep}")
     if code != 0:
         print(f"nemokern bench: pytest exited with status {code}", file=sys.stderr)
         return code
@@ -610,7 +609,7 @@ def _main(argv):
     try:
         env.check_all()
         _check_forced_back_ends()
-    except (env.EnvError, ValueError) as e:
+    except ValueError as e:  # EnvError, or a forced back end this machine cannot run
         parser.exit(2, f"nemokern: error: {e}\n")
     run = {
         "info": lambda: _info() or 0,

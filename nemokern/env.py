@@ -10,6 +10,8 @@ This module imports nothing from nemokern and not torch, so setup.py can load it
 import os
 from dataclasses import dataclass
 
+from nemokern.errors import EnvError
+
 MiB = 1 << 20
 _TRUE, _FALSE = ("1", "true", "on"), ("0", "false", "off")
 
@@ -66,10 +68,6 @@ VARIABLES = {
         Variable("NEMOKERN_CUDA_ARCHS", "80;90", "build: GPU architectures of the CUDA part"),
     )
 }
-
-
-class EnvError(ValueError):
-    """A NEMOKERN_* variable holds a value nemokern does not take; the message names it."""
 
 
 def _raw(name: str) -> str:

@@ -45,6 +45,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from nemokern.errors import DataError
 from nemokern.model.reward import ATTRIBUTES, HELPFULNESS, IGNORE_LABEL
 
 from .tokenizer import CHAT_ROLES
@@ -67,9 +68,6 @@ EMPTY_PROMPT = "empty prompt"
 BAD_VALUE = "bad value"
 NO_LAYOUT = "columns fit no layout"
 
-# What a DataError suggests by default; readers without a skip option pass their own (or None).
-SKIP_HINT = "fix the row, or skip bad rows with skip_bad_rows=True / --skip-bad-rows"
-
 PAIR_COLUMNS = ("chosen", "rejected")
 # How a "pairs" row gave its prompt (PreferencePair.prompt_from), when not as a prompt column with
 # response-only chosen/rejected.
@@ -83,31 +81,6 @@ _REQUIRED = {
 }
 _TURN_MARKER = re.compile(r"<extra_id_1>(User|Assistant)\r?\n")
 _SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
-
-
-class DataError(ValueError):
-    """A bad row: `where` is "file:line" or "source row N"; `field` may be None (whole row).
-
-    `message` is the error without the hint; str() adds " (hint)" unless hint is None.
-    """
-
-    def __init__(
-        self,
-        where: str,
-        field: str | None,
-        reason: str,
-        detail: str = "",
-        hint: str | None = SKIP_HINT,
-    ):
-        self.where, self.field, self.reason, self.detail = where, field, reason, detail
-        self.hint = hint
-        what = f"field {field!r}: " if field else ""
-        self.message = f"{where}: {what}{reason}{': ' + detail if detail else ''}"
-        super().__init__(self.message + (f" ({hint})" if hint else ""))
-
-    def with_hint(self, hint: str | None) -> DataError:
-        """The same error with another hint (None: none), for a reader without skip_bad_rows."""
-        return DataError(self.where, self.field, self.reason, self.detail, hint)
 
 
 @dataclass(frozen=True)

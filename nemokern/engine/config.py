@@ -17,19 +17,17 @@ import types
 import typing
 from pathlib import Path
 
+from nemokern.errors import ConfigError
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     tomllib = None
 
 
-class ConfigError(ValueError):
-    """A configuration problem a user can fix; the message names the key, the file and the fix."""
-
-
 def option_error(name: str, message: str) -> ConfigError:
     """A ConfigError about one field, named as its command-line option (--kebab-case)."""
-    return ConfigError(f"--{name.replace('_', '-')}: {message}")
+    return ConfigError(message, option=f"--{name.replace('_', '-')}")
 
 
 def check_data_and_batching(config) -> None:

@@ -135,7 +135,7 @@ def setup_distributed(device: str = "auto", tp: int = 1) -> Dist:
         device = f"cuda:{local_rank}"
     try:  # the one device check (engine/options.py), as the CLI makes it before any work
         dev = options.device("device", device)
-    except options.OptionError as e:
+    except ConfigError as e:
         raise option_error("device", e.message) from None
     if dev.type == "cuda":
         torch.cuda.set_device(dev)

@@ -1,7 +1,7 @@
 """Checks of run options (device, output directory, counts) shared by the demo and the CLI.
 
-Each check raises OptionError naming the option by its Python keyword; the CLI turns that into
-one line naming the command-line flag, with exit status 2.
+Each check raises ConfigError with `option` set to the option's Python keyword; the CLI turns
+that into one line naming the command-line flag, with exit status 2.
 """
 
 from __future__ import annotations
@@ -12,18 +12,14 @@ from pathlib import Path
 
 import torch
 
-
-class OptionError(ValueError):
-    """A run option with a value nemokern cannot run with; `option` is its keyword name."""
-
-    def __init__(self, option: str, message: str):
-        super().__init__(f"{option}: {message}")
-        self.option, self.message = option, message
+from nemokern.errors import ConfigError
 
 
 def int_at_least(option: str, value, low: int, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise OptionError(option, f"{value!r} is not allowed; {what} must be an integer >= {low}")
+        raise ConfigError(
+            f"{value!r} is not allowed; {what} must be an integer >= {low}", option=option
+        )
     return value
 
 
@@ -32,23 +28,26 @@ def device(option: str, value) -> torch.device:
     try:
         dev = torch.device(value)
     except (RuntimeError, TypeError):
-        raise OptionError(option, f"{value!r} is not a device; use cpu, cuda or cuda:N") from None
+        raise ConfigError(
+            f"{value!r} is not a device; use cpu, cuda or cuda:N", option=option
+        ) from None
     if dev.type == "cpu":
         return dev
     if dev.type != "cuda":
-        raise OptionError(option, f"{value!r} is not supported; use cpu, cuda or cuda:N")
+        raise ConfigError(f"{value!r} is not supported; use cpu, cuda or cuda:N", option=option)
     if torch.version.cuda is None:
-        raise OptionError(
-            option,
+        raise ConfigError(
             f"{value!r} needs a CUDA build of torch; this torch "
             f"({torch.__version__}) is CPU-only, so use cpu",
+            option=option,
         )
     count = torch.cuda.device_count()
     if count == 0:
-        raise OptionError(option, f"{value!r}: no CUDA GPU is visible; use cpu")
+        raise ConfigError(f"{value!r}: no CUDA GPU is visible; use cpu", option=option)
     if dev.index is not None and dev.index >= count:
-        raise OptionError(
-            option, f"{value!r}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}"
+        raise ConfigError(
+            f"{value!r}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}",
+            option=option,
         )
     return dev
 
@@ -57,20 +56,24 @@ def out_dir(option: str, value) -> Path:
     """A directory that exists and is writable, or one that can be created."""
     path = Path(value)
     if path.exists() and not path.is_dir():
-        raise OptionError(option, f"{str(path)!r} exists and is not a directory; name a directory")
+        raise ConfigError(
+            f"{str(path)!r} exists and is not a directory; name a directory", option=option
+        )
     parent = path
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise OptionError(
-            option, f"{str(parent)!r} is not a directory, so {str(path)!r} cannot be created there"
+        raise ConfigError(
+            f"{str(parent)!r} is not a directory, so {str(path)!r} cannot be created there",
+            option=option,
         )
     try:  # a real write: permissions alone miss read-only mounts and /proc-like file systems
         fd, probe = tempfile.mkstemp(dir=parent, prefix=".nemokern-probe-")
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise OptionError(
-            option, f"cannot write in {str(parent)!r} ({e.strerror}); name a writable directory"
+        raise ConfigError(
+            f"cannot write in {str(parent)!r} ({e.strerror}); name a writable directory",
+            option=option,
         ) from None
     return path

@@ -13,16 +13,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nemokern.errors import ConfigError
+
 _ROPE_TYPES = ("default", "llama3")
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 _DTYPES = ("float32", "bfloat16", "float16")
 # transformers' LlamaConfig base when config.json names no rope_theta (in either spelling); a file
 # must rotate the same in both libraries, so this is not the Llama-3 value of the dataclass.
 _HF_DEFAULT_ROPE_THETA = 10000.0
-
-
-class ConfigError(ValueError):
-    """A config.json / LlamaConfig value nemokern cannot honour; the message names the field."""
 
 
 @dataclass

@@ -25,6 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..errors import CheckpointError
 from ..parallel import rank_and_size
 from ..parallel.fsdp import copy_into, first_holder, full_tensor
 from .config import LlamaConfig
@@ -42,10 +43,6 @@ SAFETENSORS_FLOATS = {
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory nemokern cannot load; the message names the file and tensor."""
 
 
 # RoPE's inv_freq, which older transformers versions wrote into checkpoints (per layer, or once

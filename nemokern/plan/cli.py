@@ -7,6 +7,7 @@ import json
 import re
 from dataclasses import replace
 
+from ..errors import ConfigError
 from .memory import Run
 from .shapes import BUILTIN, model_shape
 from .steptime import HARDWARE
@@ -131,7 +132,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(GB|GiB|G|MB|MiB)?\s*", text, flags=re.I)
     if not m or float(m.group(1)) <= 0:
-        raise ValueError(f"--gpu-memory {text!r}: give a size such as 80GB or 79.6GiB")
+        raise ConfigError(f"--gpu-memory {text!r}: give a size such as 80GB or 79.6GiB")
     unit = (m.group(2) or "GB").lower()
     scale = {"gb": 1e9, "g": 1e9, "gib": 2**30, "mb": 1e6, "mib": 2**20}[unit]
     return int(float(m.group(1)) * scale)
@@ -142,13 +143,13 @@ def _run(args) -> Run:
         value = getattr(args, name)
         if value < 1:
             flag = "--max-tokens-per-batch" if name == "tokens" else f"--{name.replace('_', '-')}"
-            raise ValueError(f"{flag} {value}: must be at least 1")
+            raise ConfigError(f"{flag} {value}: must be at least 1")
     if not 0 < args.response_share <= 1:
-        raise ValueError(f"--response-share {args.response_share}: must be in (0, 1]")
+        raise ConfigError(f"--response-share {args.response_share}: must be in (0, 1]")
     if args.trainer != "reinforce":
         given = [n for n in _REINFORCE_ONLY if getattr(args, n) is not None]
         if given:
-            raise ValueError(f"--{given[0].replace('_', '-')} applies to --trainer reinforce only")
+            raise ConfigError(f"--{given[0].replace('_', '-')} applies to --trainer reinforce only")
     run = Run(
         args.trainer,
         gpus=args.gpus,
@@ -169,22 +170,22 @@ def _run(args) -> Run:
         given = {n: getattr(args, n) for n in _REINFORCE_ONLY[:6] if getattr(args, n) is not None}
         for name, value in given.items():
             if value < (0 if name == "generation_batch_size" else 1):
-                raise ValueError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+                raise ConfigError(f"--{name.replace('_', '-')} {value}: must be at least 1")
         run = replace(run, **given)
         for name in ("frozen_dtype", "shared_prompt"):
             if getattr(args, name) is not None:
                 run = replace(run, **{name: getattr(args, name)})
         if run.prompts_per_step % (run.grad_accum * run.dp):
-            raise ValueError(
+            raise ConfigError(
                 f"--prompts-per-step {run.prompts_per_step} does not split into grad_accum x "
                 f"data-parallel processes = {run.grad_accum * run.dp} equal micro-batches"
             )
     if args.fsdp and args.shard_optimizer:
-        raise ValueError(
+        raise ConfigError(
             "--fsdp cannot be combined with --shard-optimizer (the trainers refuse it)"
         )
     if args.fsdp_param_dtype != "float32" and not args.fsdp:
-        raise ValueError(f"--fsdp-param-dtype {args.fsdp_param_dtype} needs --fsdp")
+        raise ConfigError(f"--fsdp-param-dtype {args.fsdp_param_dtype} needs --fsdp")
     return run
 
 
@@ -197,7 +198,7 @@ def _hardware(args):
         value = getattr(args, name)
         if value is not None:
             if value <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} {value}: must be > 0")
+                raise ConfigError(f"--{name.replace('_', '-')} {value}: must be > 0")
             hw = replace(hw, **{name: value * 1e9})
     return hw
 

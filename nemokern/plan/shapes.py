@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import ConfigError
 from ..model import LlamaConfig
-from ..model.config import ConfigError
 
 _LLAMA_31 = dict(
     model_type="llama",
@@ -55,7 +55,7 @@ BUILTIN = {
 
 
 def model_shape(name: str, option: str = "--model") -> LlamaConfig:
-    """A built-in name, a config.json file, or a model directory holding one; ValueError naming
+    """A built-in name, a config.json file, or a model directory holding one; ConfigError naming
     `option` and the file otherwise."""
     if name in BUILTIN:
         return LlamaConfig.from_dict(BUILTIN[name], source=name)
@@ -63,15 +63,15 @@ def model_shape(name: str, option: str = "--model") -> LlamaConfig:
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        raise ValueError(
+        raise ConfigError(
             f"{option} {name}: neither a file, a model directory with config.json, nor one of "
             f"{', '.join(BUILTIN)}"
         )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{option} {path}: not a JSON config file ({e})") from None
+        raise ConfigError(f"{option} {path}: not a JSON config file ({e})") from None
     try:
         return LlamaConfig.from_dict(data, source=f"{option} {path}")
     except ConfigError as e:
-        raise ValueError(str(e).replace("\n", " ")) from None
+        raise ConfigError(str(e).replace("\n", " ")) from None

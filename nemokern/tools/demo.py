@@ -33,6 +33,7 @@ from nemokern.data.readers import write_rows
 from nemokern.data.synthetic import sum_reward, sum_rows
 from nemokern.data.tokenizer import ByteTokenizer
 from nemokern.engine import options
+from nemokern.errors import ConfigError
 from nemokern.model import Llama, RewardModel, generate
 from nemokern.tools.expo import expo
 from nemokern.trainers.policy import pack
@@ -85,17 +86,17 @@ MAX_A, MAX_B, SFT_CORRECT = 9, 1, 0.4
 
 
 def check_options(*, seed, quick, device, out_dir) -> None:
-    """Raise options.OptionError for an argument run_demo cannot run with."""
+    """Raise ConfigError for an argument run_demo cannot run with."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
-        raise options.OptionError("seed", f"{seed!r} is not allowed; use an integer in [0, 2**31)")
+        raise ConfigError(f"{seed!r} is not allowed; use an integer in [0, 2**31)", option="seed")
     if not isinstance(quick, bool):
-        raise options.OptionError("quick", f"{quick!r} is not allowed; use True or False")
+        raise ConfigError(f"{quick!r} is not allowed; use True or False", option="quick")
     options.device("device", device)
     if out_dir is not None:
         path = options.out_dir("out_dir", out_dir)
         if path.is_dir() and any(path.iterdir()):  # stage 4 would refuse it after all training
-            raise options.OptionError(
-                "out_dir", f"{out_dir!r} is not empty; name a new or empty directory"
+            raise ConfigError(
+                f"{out_dir!r} is not empty; name a new or empty directory", option="out_dir"
             )
 
 

@@ -19,6 +19,7 @@ import torch
 
 from nemokern.data.tokenizer import ByteTokenizer
 from nemokern.engine import options
+from nemokern.errors import ConfigError
 from nemokern.model import Llama, LlamaConfig, generate
 from nemokern.ops import linear_logprobs, logprobs, reward_head, sequence_kl
 from nemokern.trainers.policy import SampleGroups, kl_regularised_advantages, pack
@@ -48,19 +49,19 @@ def _setup():
 
 
 def check_options(*, seed, k, max_new_tokens, device, out_dir) -> list[str]:
-    """Raise options.OptionError for an argument run_selfcheck cannot run with; return
+    """Raise ConfigError for an argument run_selfcheck cannot run with; return
     warnings."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise options.OptionError("seed", f"{seed!r} is not allowed; use an integer in [0, 2**63)")
+        raise ConfigError(f"{seed!r} is not allowed; use an integer in [0, 2**63)", option="seed")
     options.int_at_least("k", k, 1, "the number of responses sampled per prompt")
     options.int_at_least("max_new_tokens", max_new_tokens, 1, "the response length limit")
     _, cfg, prompts = _setup()
     room = cfg.max_position_embeddings - max(len(p) for p in prompts)
     if max_new_tokens > room:
-        raise options.OptionError(
-            "max_new_tokens",
+        raise ConfigError(
             f"{max_new_tokens} is too many: the longest prompt leaves room for "
             f"{room} new tokens in the tiny model's {cfg.max_position_embeddings} positions",
+            option="max_new_tokens",
         )
     options.device("device", device)
     if out_dir is not None:
@@ -89,7 +90,7 @@ def run_selfcheck(
     log=print,
 ) -> SelfcheckResult:
     """Run the checks; every check's error lands in SelfcheckResult.checks. Bad arguments raise
-    options.OptionError before any work; warnings (k = 1) go to `log`."""
+    ConfigError before any work; warnings (k = 1) go to `log`."""
     for warning in check_options(
         seed=seed, k=k, max_new_tokens=max_new_tokens, device=device, out_dir=out_dir
     ):
