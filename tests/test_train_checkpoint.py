@@ -10,7 +10,8 @@ import torch
 from train_tiny import TinyReward
 
 import nemokern.engine.checkpoint as ck
-from nemokern.engine.checkpoint import Checkpointer, CheckpointError, decode_state, encode_state
+from nemokern.engine.checkpoint import Checkpointer, CheckpointError
+from nemokern.engine.state_format import decode_state, encode_state, load_state
 from nemokern.model import Llama
 
 
@@ -148,7 +149,7 @@ def test_incomplete_and_corrupt_checkpoints_are_named(tmp_path):
     j = path / "trainer.json"
     j.write_text("{" + " " * (len(j.read_text()) - 1))
     with pytest.raises(CheckpointError, match=r"trainer\.json: not valid JSON"):
-        ck._load_state(path, "trainer")
+        load_state(path, "trainer")
     # a missing file
     (path / "modules.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"modules\.safetensors is missing"):
