@@ -167,6 +167,18 @@ def test_incomplete_and_corrupt_checkpoints_are_named(tmp_path):
         ckpt.resolve(str(tmp_path / "data"))
 
 
+def test_a_manifest_without_its_tp_size_is_refused(tmp_path):
+    """Every manifest records the tensor-parallel size; one without it is not read as --tp 1."""
+    path = Checkpointer(tmp_path).save(1, model=TinyReward())
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["tp"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(
+        CheckpointError, match=r"manifest\.json: not a nemokern checkpoint manifest"
+    ):
+        Checkpointer(tmp_path).load(path, model=TinyReward())
+
+
 def test_load_into_another_model_names_the_tensor(tmp_path):
     path = Checkpointer(tmp_path).save(1, model=TinyReward())
     wider = TinyReward()

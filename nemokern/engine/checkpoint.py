@@ -262,6 +262,7 @@ def validate(path) -> dict:
     try:
         manifest = json.loads(mpath.read_text())
         files, step = manifest["files"], int(manifest["step"])
+        manifest["tp"] = int(manifest["tp"])
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(
             f"{mpath}: not a nemokern checkpoint manifest ({e!r}); the checkpoint is corrupt"
@@ -457,7 +458,7 @@ class Checkpointer:
         cannot resume raises CheckpointError naming both layouts."""
         path = Path(path)
         manifest = validate(path)
-        saved_tp = manifest.get("tp", 1)
+        saved_tp = manifest["tp"]
         fsdp = is_sharded(model)
         if fsdp and saved_tp != self.tp_size:
             raise CheckpointError(
@@ -486,7 +487,7 @@ class Checkpointer:
         set_rng_state(load_state(path, f"rng-{own}"))
         if (path / f"local-{own}.json").is_file():
             state["local"] = load_state(path, f"local-{own}")
-            saved_world = state.get("world_size", self.world_size)
+            saved_world = state["world_size"]
             regrouped = saved_tp != self.tp_size or saved_world != self.world_size
             if regrouped and any(state["local"].get("extra", {}).values()):
                 raise CheckpointError(
@@ -511,7 +512,7 @@ class Checkpointer:
         or without --fsdp, regrouped from all of them: reshard.load_fsdp_regrouped), or from a
         whole one (a run without sharding: each process keeps its rows of it)."""
         saved = manifest.get("sharded_optimizer")
-        kind = manifest.get("optimizer_sharding", "zero" if saved else None)
+        kind = manifest.get("optimizer_sharding")
         if kind == "zero" or isinstance(optimizer, ZeroRedundancyOptimizer):
             was = f"sharded over {saved} processes (--shard-optimizer)" if saved else "whole"
             now = "--fsdp" if fsdp else "--shard-optimizer"
