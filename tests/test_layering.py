@@ -128,6 +128,52 @@ def test_no_docstring_restates_the_layering():
     assert not said, f"the layering test says it once; drop the sentence from {said}"
 
 
+def import_graph() -> dict[str, set[str]]:
+    """{module: the nemokern modules it imports (in functions too)} for every module."""
+    return {
+        name: {t for _, t in imported_modules(name, path.read_text(), is_package)} - {name}
+        for name, path, is_package in package_modules()
+    }
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Each group of modules that import one another (directly or round a loop), sorted."""
+    reach = {name: set() for name in graph}
+    for start in graph:
+        todo = list(graph[start])
+        while todo:
+            name = todo.pop()
+            if name in graph and name not in reach[start]:
+                reach[start].add(name)
+                todo += graph[name]
+    groups = {frozenset(n for n in reach[m] if m in reach[n]) for m in graph if m in reach[m]}
+    return sorted(sorted(g) for g in groups)
+
+
+# kernels/linear_policy_loss.py asks the cuBLAS path's table which path to take, and that path
+# reuses its token chunking: one cycle left, for the kernels to untie.
+KNOWN_CYCLES = [["nemokern.kernels.linear_policy_loss", "nemokern.kernels.policy_loss_cublas"]]
+
+
+def test_no_import_cycles():
+    """No two modules import each other, round any loop, at module level or inside functions:
+    what two modules share belongs in a third that both import."""
+    assert import_cycles(import_graph()) == KNOWN_CYCLES
+
+
+def test_a_planted_import_cycle_fails():
+    """An import inside a function closes a loop as much as one at the top."""
+    graph = import_graph()
+    source = "def f():\n    from nemokern.engine import checkpoint\n"
+    graph["nemokern.parallel.fsdp"] |= {
+        t for _, t in imported_modules("nemokern.parallel.fsdp", source)
+    }
+    pair = {"nemokern.engine.checkpoint", "nemokern.parallel.fsdp"}
+    assert any(pair <= set(cycle) for cycle in import_cycles(graph))
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
 COLLECTIVES = {
     "all_reduce",
     "all_gather",

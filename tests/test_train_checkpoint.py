@@ -10,7 +10,8 @@ import torch
 from train_tiny import TinyReward
 
 import nemokern.engine.checkpoint as ck
-from nemokern.engine.checkpoint import Checkpointer, CheckpointError, decode_state, encode_state
+from nemokern.engine.checkpoint import Checkpointer, CheckpointError
+from nemokern.engine.state_format import decode_state, encode_state, load_state
 from nemokern.model import Llama
 
 
@@ -148,7 +149,7 @@ def test_incomplete_and_corrupt_checkpoints_are_named(tmp_path):
     j = path / "trainer.json"
     j.write_text("{" + " " * (len(j.read_text()) - 1))
     with pytest.raises(CheckpointError, match=r"trainer\.json: not valid JSON"):
-        ck._load_state(path, "trainer")
+        load_state(path, "trainer")
     # a missing file
     (path / "modules.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"modules\.safetensors is missing"):
@@ -164,6 +165,18 @@ def test_incomplete_and_corrupt_checkpoints_are_named(tmp_path):
     (tmp_path / "data").mkdir()
     with pytest.raises(CheckpointError, match=r"data is not a checkpoint \(no manifest\.json\)"):
         ckpt.resolve(str(tmp_path / "data"))
+
+
+def test_a_manifest_without_its_tp_size_is_refused(tmp_path):
+    """Every manifest records the tensor-parallel size; one without it is not read as --tp 1."""
+    path = Checkpointer(tmp_path).save(1, model=TinyReward())
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["tp"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(
+        CheckpointError, match=r"manifest\.json: not a nemokern checkpoint manifest"
+    ):
+        Checkpointer(tmp_path).load(path, model=TinyReward())
 
 
 def test_load_into_another_model_names_the_tensor(tmp_path):

@@ -1,7 +1,8 @@
 """The engine every trainer shares and none of them is: the loop with its extension points
-(loop.py), checkpoints and their resharding (checkpoint.py, reshard.py), the dataclass + TOML
-config (config.py), the run directory's identity and lock (run_dir.py), metrics (metrics.py),
-signal handling (stop.py) and the checks of run options (options.py)."""
+(loop.py), checkpoints and their resharding (checkpoint.py, reshard.py; the formats both read in
+state_format.py), the dataclass + TOML config (config.py), the run directory's identity and lock
+(run_dir.py), metrics (metrics.py), signal handling (stop.py) and the checks of run options
+(options.py)."""
 
 from .checkpoint import Checkpointer, load_modules, save_modules
 from .config import ConfigError, TrainConfig, build_config, option, parse_config

@@ -7,6 +7,7 @@ A checkpoint is a directory OUT/checkpoints/step-NNNNNNNN/:
                             name
     optimizer.{json,safetensors}, scheduler.{json,safetensors}, trainer.{json,safetensors}
                             state dicts: tensors in safetensors, everything else in JSON
+                            (engine/state_format.py)
     rng-rankNNNNN.{json,safetensors}   python, numpy, torch CPU and CUDA generator states per
                                        process
     local-rankNNNNN.{json,safetensors} a process's own trainer state (e.g. the rollout it made),
@@ -42,14 +43,16 @@ import torch
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from nemokern.engine.reshard import load_fsdp_regrouped, load_resharded
-from nemokern.model.hf import (
-    CheckpointError,
-    hf_name,
-    open_safetensors,
-    save_safetensors,
-    weight_files,
+from nemokern.engine.state_format import (
+    REST_FILE,
+    hf_parts,
+    load_state,
+    open_tensors,
+    part_dir,
+    read_tensors,
+    save_state,
 )
-from nemokern.model.llama import Llama
+from nemokern.model.hf import CheckpointError, hf_name, save_safetensors, weight_files
 from nemokern.parallel import rank_and_size
 from nemokern.parallel.fsdp import (
     copy_into,
@@ -67,8 +70,6 @@ STEP_DIR = re.compile(r"step-(\d{8})")
 __all__ = [
     "CheckpointError",
     "Checkpointer",
-    "decode_state",
-    "encode_state",
     "get_rng_state",
     "load_modules",
     "load_shard",
@@ -77,94 +78,6 @@ __all__ = [
     "set_rng_state",
     "validate",
 ]
-
-
-# ---- state dicts as JSON + tensors ---------------------------------------------------------------
-def encode_state(obj, tensors: dict, key: str = "s"):
-    """A JSON-able copy of `obj` in which every tensor is replaced by a reference into `tensors`.
-
-    Tuples, non-string dict keys and numpy arrays are tagged so that decode_state rebuilds them
-    exactly (optimizer state dicts have int keys; RNG states are tuples).
-    """
-    if isinstance(obj, torch.Tensor):
-        if key in tensors:  # a dict key with a dot in it can spell another entry's path
-            key = f"{key}#{len(tensors)}"
-        tensors[key] = obj.detach().to("cpu").contiguous().clone()
-        return {"__tensor__": key}
-    if isinstance(obj, np.ndarray):
-        return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, dict):
-        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
-            return {k: encode_state(v, tensors, f"{key}.{k}") for k, v in obj.items()}
-        return {
-            "__items__": [
-                [encode_state(k, tensors, f"{key}.k{i}"), encode_state(v, tensors, f"{key}.{i}")]
-                for i, (k, v) in enumerate(obj.items())
-            ]
-        }
-    if isinstance(obj, tuple):
-        return {"__tuple__": [encode_state(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]}
-    if isinstance(obj, list):
-        return [encode_state(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    raise TypeError(
-        f"checkpoint state {key}: cannot store a {type(obj).__name__} (only tensors, numbers, "
-        "strings, lists, tuples, dicts and numpy arrays)"
-    )
-
-
-def decode_state(obj, tensors: dict, where: str = "state"):
-    """Inverse of encode_state; `where` names the file in errors."""
-    if isinstance(obj, list):
-        return [decode_state(v, tensors, where) for v in obj]
-    if not isinstance(obj, dict):
-        return obj
-    if "__tensor__" in obj:
-        if obj["__tensor__"] not in tensors:
-            raise CheckpointError(f"{where}: tensor {obj['__tensor__']!r} is missing")
-        return tensors[obj["__tensor__"]]
-    if "__ndarray__" in obj:
-        return np.asarray(obj["__ndarray__"], dtype=obj["dtype"])
-    if "__tuple__" in obj:
-        return tuple(decode_state(v, tensors, where) for v in obj["__tuple__"])
-    if "__items__" in obj:
-        return {
-            decode_state(k, tensors, where): decode_state(v, tensors, where)
-            for k, v in obj["__items__"]
-        }
-    return {k: decode_state(v, tensors, where) for k, v in obj.items()}
-
-
-def _save_state(obj, directory: Path, name: str) -> None:
-    tensors: dict = {}
-    encoded = encode_state(obj, tensors)
-    (directory / f"{name}.json").write_text(json.dumps(encoded))
-    save_safetensors(tensors, directory / f"{name}.safetensors")
-
-
-def _load_state(directory: Path, name: str):
-    jpath, tpath = directory / f"{name}.json", directory / f"{name}.safetensors"
-    try:
-        encoded = json.loads(jpath.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{jpath} is missing; the checkpoint is incomplete") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{jpath}: not valid JSON ({e}); the checkpoint is corrupt") from None
-    return decode_state(encoded, _read_tensors(tpath), str(jpath))
-
-
-_DAMAGED = "the checkpoint is incomplete or corrupt"
-
-
-def _read_tensors(path: Path) -> dict:
-    with open_safetensors(path, _DAMAGED) as f:
-        try:
-            return {name: f.get_tensor(name) for name in f.keys()}
-        except Exception as e:  # a header promising more bytes than the file holds
-            raise CheckpointError(f"{path}: a tensor cannot be read ({e}); {_DAMAGED}") from None
 
 
 # ---- RNG ----------------------------------------------------------------------------------------
@@ -190,14 +103,6 @@ def set_rng_state(state: dict) -> None:
 
 
 # ---- model weights ------------------------------------------------------------------------------
-def _hf_parts(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """The submodules stored in HF layout: the model itself if it is a Llama, else its Llama
-    children (a RewardModel's trunk)."""
-    if isinstance(model, Llama):
-        return {"": model}
-    return {name: child for name, child in model.named_children() if isinstance(child, Llama)}
-
-
 def _rest_state(model: torch.nn.Module, parts: dict) -> dict[str, torch.Tensor]:
     """State-dict entries that no HF part stores (parameters of heads, any buffers)."""
     covered = set()
@@ -217,9 +122,9 @@ def save_modules(model: torch.nn.Module, directory) -> None:
     FSDP shards, every process (the first writes)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    parts = _hf_parts(model)
+    parts = hf_parts(model)
     for name, part in parts.items():
-        part.save_pretrained(directory / (name or "model"))
+        part.save_pretrained(part_dir(directory, name))
     rest = {
         k: full_tensor(v.detach()).to("cpu").contiguous().clone()
         for k, v in _rest_state(model, parts).items()
@@ -227,7 +132,7 @@ def save_modules(model: torch.nn.Module, directory) -> None:
     writer = all(rank_and_size(part.tp_group)[0] == 0 for part in parts.values())
     writer = writer and first_holder(model.parameters())  # under fsdp: a collective
     if (rest or not parts) and writer:
-        save_safetensors(rest, directory / "modules.safetensors")
+        save_safetensors(rest, directory / REST_FILE)
 
 
 @torch.no_grad()
@@ -236,9 +141,9 @@ def load_modules(model: torch.nn.Module, directory) -> None:
     optimizer built on them stays valid). Missing, unexpected or mis-shaped tensors raise
     CheckpointError."""
     directory = Path(directory)
-    parts = _hf_parts(model)
+    parts = hf_parts(model)
     for name, part in parts.items():
-        sub = directory / (name or "model")
+        sub = part_dir(directory, name)
         expected = {hf_name(n): p for n, p in part.named_parameters()}
         loaded = set()
         assigned = weight_files(sub) if sub.is_dir() else None
@@ -247,7 +152,7 @@ def load_modules(model: torch.nn.Module, directory) -> None:
                 f"{sub} is missing; the checkpoint has no weights for {name or 'the model'}"
             )
         for file in dict.fromkeys(assigned.values()):
-            with open_safetensors(file, _DAMAGED) as f:
+            with open_tensors(file) as f:
                 for key in f.keys():
                     if key not in expected:
                         raise CheckpointError(f"{file}: unexpected tensor {key!r} for this model")
@@ -258,12 +163,12 @@ def load_modules(model: torch.nn.Module, directory) -> None:
             raise CheckpointError(f"{sub}: tensor(s) {missing[:8]} missing")
     rest = _rest_state(model, parts)
     if rest:
-        _copy_file(rest, directory / "modules.safetensors")
+        _copy_file(rest, directory / REST_FILE)
 
 
 def _copy_file(targets: dict[str, torch.Tensor], path: Path) -> None:
     """Copy the safetensors file `path` into `targets` (name -> tensor), which it must match."""
-    stored = _read_tensors(path)
+    stored = read_tensors(path)
     if set(stored) != set(targets):
         raise CheckpointError(
             f"{path}: holds {sorted(set(stored) - set(targets))[:8]} unexpected and lacks "
@@ -357,6 +262,7 @@ def validate(path) -> dict:
     try:
         manifest = json.loads(mpath.read_text())
         files, step = manifest["files"], int(manifest["step"])
+        manifest["tp"] = int(manifest["tp"])
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(
             f"{mpath}: not a nemokern checkpoint manifest ({e!r}); the checkpoint is corrupt"
@@ -447,7 +353,7 @@ class Checkpointer:
         """The trainer state a checkpoint holds ({"step", "world_size", ...}: what `load`
         returns), read without loading anything else."""
         validate(path)
-        return _load_state(Path(path), "trainer")
+        return load_state(Path(path), "trainer")
 
     def save(
         self,
@@ -475,9 +381,9 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
         self._barrier()
-        _save_state(get_rng_state() if rng is None else rng, tmp, f"rng-rank{self.rank:05d}")
+        save_state(get_rng_state() if rng is None else rng, tmp, f"rng-rank{self.rank:05d}")
         if local is not None:
-            _save_state(local, tmp, f"local-rank{self.rank:05d}")
+            save_state(local, tmp, f"local-rank{self.rank:05d}")
         fsdp = is_sharded(model)
         sharded = isinstance(optimizer, ZeroRedundancyOptimizer) or (fsdp and optimizer is not None)
         if sharded:  # every process its own share (its tp shard's, under tp)
@@ -492,22 +398,22 @@ class Checkpointer:
                 # share's optimizer gets them only at the next step)
                 for group, current in zip(own["param_groups"], optimizer.param_groups):
                     group.update({k: v for k, v in current.items() if k != "params"})
-            _save_state(own, tmp, f"optimizer.rank{self.rank:05d}")
+            save_state(own, tmp, f"optimizer.rank{self.rank:05d}")
             optimizer = None
         # the weights; under fsdp every process joins the gathers, one writes
         if self.tp_size > 1:
             if self.shard_writer or fsdp:
                 save_shard(model, tmp / f"{self._shard('model')}.safetensors", self.shard_writer)
             if self.shard_writer and optimizer is not None:
-                _save_state(optimizer.state_dict(), tmp, self._shard("optimizer"))
+                save_state(optimizer.state_dict(), tmp, self._shard("optimizer"))
         elif self.rank == 0 or fsdp:
             save_modules(model, tmp)
         if self.rank == 0:
             if self.tp_size == 1 and optimizer is not None:
-                _save_state(optimizer.state_dict(), tmp, "optimizer")
+                save_state(optimizer.state_dict(), tmp, "optimizer")
             if scheduler is not None:
-                _save_state(scheduler.state_dict(), tmp, "scheduler")
-            _save_state(
+                save_state(scheduler.state_dict(), tmp, "scheduler")
+            save_state(
                 {"step": step, "world_size": self.world_size, **(state or {})}, tmp, "trainer"
             )
         self._barrier()
@@ -552,7 +458,7 @@ class Checkpointer:
         cannot resume raises CheckpointError naming both layouts."""
         path = Path(path)
         manifest = validate(path)
-        saved_tp = manifest.get("tp", 1)
+        saved_tp = manifest["tp"]
         fsdp = is_sharded(model)
         if fsdp and saved_tp != self.tp_size:
             raise CheckpointError(
@@ -573,15 +479,15 @@ class Checkpointer:
             name = self._shard("optimizer") if self.tp_size > 1 else "optimizer"
             self._load_optimizer(path, manifest, optimizer, name)
         if scheduler is not None:
-            scheduler.load_state_dict(_load_state(path, "scheduler"))
-        state = _load_state(path, "trainer")
+            scheduler.load_state_dict(load_state(path, "scheduler"))
+        state = load_state(path, "trainer")
         own = f"rank{self.rank:05d}"
         if not (path / f"rng-{own}.json").is_file():
             own = "rank00000"  # resumed on more processes than saved: not bit-exact anyway
-        set_rng_state(_load_state(path, f"rng-{own}"))
+        set_rng_state(load_state(path, f"rng-{own}"))
         if (path / f"local-{own}.json").is_file():
-            state["local"] = _load_state(path, f"local-{own}")
-            saved_world = state.get("world_size", self.world_size)
+            state["local"] = load_state(path, f"local-{own}")
+            saved_world = state["world_size"]
             regrouped = saved_tp != self.tp_size or saved_world != self.world_size
             if regrouped and any(state["local"].get("extra", {}).values()):
                 raise CheckpointError(
@@ -606,7 +512,7 @@ class Checkpointer:
         or without --fsdp, regrouped from all of them: reshard.load_fsdp_regrouped), or from a
         whole one (a run without sharding: each process keeps its rows of it)."""
         saved = manifest.get("sharded_optimizer")
-        kind = manifest.get("optimizer_sharding", "zero" if saved else None)
+        kind = manifest.get("optimizer_sharding")
         if kind == "zero" or isinstance(optimizer, ZeroRedundancyOptimizer):
             was = f"sharded over {saved} processes (--shard-optimizer)" if saved else "whole"
             now = "--fsdp" if fsdp else "--shard-optimizer"
@@ -621,7 +527,7 @@ class Checkpointer:
             load_fsdp_regrouped(path, names, optimizer)
             return
         name = f"optimizer.rank{self.rank:05d}" if kind == "fsdp" else "optimizer"
-        state = _load_state(path, name)
+        state = load_state(path, name)
         params = [p for group in optimizer.param_groups for p in group["params"]]
         try:
             state["state"] = {
@@ -655,7 +561,7 @@ class Checkpointer:
         if saved:
             name = f"optimizer.rank{self.rank:05d}"
         try:
-            target.load_state_dict(_load_state(path, name))
+            target.load_state_dict(load_state(path, name))
         except (ValueError, KeyError) as e:
             raise CheckpointError(
                 f"{path / name}.json: does not fit this optimizer ({e})"

@@ -339,8 +339,8 @@ def check_resume(config: TrainConfig) -> None:
     checkpointer = Checkpointer(config.out)
     path = checkpointer.resolve(config.resume)
     if path is not None:
-        saved = checkpointer.trainer_state(path).get("data", {})
-        check_resume_options(config, path, saved.get("identity", {}))
+        saved = checkpointer.trainer_state(path)["data"]
+        check_resume_options(config, path, saved["identity"])
 
 
 class TrainLoop:
@@ -550,16 +550,15 @@ class TrainLoop:
                     "exact resume needs the same data, batching, grad_accum x processes, shuffle "
                     "and seed"
                 )
-        then = saved.get("identity", {})  # checkpoints before it had none
+        then = saved["identity"]
         check_resume_options(self.config, path, then)
-        if then.get("training data", self._data_digest) != self._data_digest:
+        if then["training data"] != self._data_digest:
             raise CheckpointError(
                 f"{path}: saved by a run with other training data (file, split, max_length, "
                 "tokenizer or rows differ); --resume continues that run. Start a new one in "
                 "another --out (or resume with the same options)"
             )
-        # "extra" sat in the shared trainer state before it was kept per process
-        self.load_extra_state(state.get("local", state).get("extra", {}))
+        self.load_extra_state(state["local"]["extra"])
         self.step = self.last_saved = state["step"]
         # this run's lr, schedule, warmup and total steps from here on, not the saved ones
         self.scheduler = build_scheduler(

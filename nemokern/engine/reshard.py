@@ -13,14 +13,22 @@ number of processes, or without --fsdp, the same way along dim 0: `load_fsdp_reg
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 
-from nemokern.model.hf import CheckpointError, hf_name, open_safetensors, weight_files
+from nemokern.engine.state_format import (
+    REST_FILE,
+    decode_state,
+    hf_parts,
+    open_tensors,
+    part_dir,
+    read_encoded,
+)
+from nemokern.model.hf import CheckpointError, hf_name, weight_files
+from nemokern.parallel.fsdp import like
 
 
 def shards_of(model: torch.nn.Module) -> dict[int, object]:
@@ -53,10 +61,6 @@ def reshard(pieces: list[torch.Tensor], shard, where: str) -> torch.Tensor:
     return shard.take(full).clone()
 
 
-def _open(stack: ExitStack, file: Path):
-    return stack.enter_context(open_safetensors(file, "the checkpoint is incomplete or corrupt"))
-
-
 def _get(handle, key: str, file: Path) -> torch.Tensor:
     try:
         return handle.get_tensor(key)
@@ -68,14 +72,12 @@ def _model_reader(stack: ExitStack, path: Path, saved_tp: int, model) -> Callabl
     """name -> the pieces of state-dict tensor `name` in the checkpoint at `path`."""
     if saved_tp > 1:
         files = [path / f"model.tp{r}-of-{saved_tp}.safetensors" for r in range(saved_tp)]
-        handles = [_open(stack, f) for f in files]
+        handles = [stack.enter_context(open_tensors(f)) for f in files]
         return lambda name: [_get(h, name, f) for h, f in zip(handles, files)]
-    # --tp 1: HF layout per Llama part ("model/" or a child's name), modules.safetensors the rest
-    from nemokern.engine.checkpoint import _hf_parts  # the layout's writer decides the parts
-
+    # --tp 1: HF layout per Llama part, REST_FILE the rest
     where: dict[str, tuple[Path, str]] = {}
-    for part_name, part in _hf_parts(model).items():
-        assigned = weight_files(path / (part_name or "model"))
+    for part_name, part in hf_parts(model).items():
+        assigned = weight_files(part_dir(path, part_name))
         prefix = f"{part_name}." if part_name else ""
         for n, _ in part.named_parameters():
             key = hf_name(n)
@@ -83,9 +85,9 @@ def _model_reader(stack: ExitStack, path: Path, saved_tp: int, model) -> Callabl
     opened: dict[Path, object] = {}
 
     def read(name):
-        file, key = where.get(name, (path / "modules.safetensors", name))
+        file, key = where.get(name, (path / REST_FILE, name))
         if file not in opened:
-            opened[file] = _open(stack, file)
+            opened[file] = stack.enter_context(open_tensors(file))
         return [_get(opened[file], key, file)]
 
     return read
@@ -107,8 +109,6 @@ class _Keys(dict):
 def load_resharded(path: Path, saved_tp: int, targets: dict, model, optimizer=None) -> None:
     """Fill `targets` (state-dict name -> this rank's tensor of `model`, each once) and the
     optimizer's state from the checkpoint at `path`, written at --tp saved_tp."""
-    from nemokern.engine.checkpoint import decode_state  # the JSON + tensors format's decoder
-
     shards = shards_of(model)
     with ExitStack() as stack:
         read = _model_reader(stack, path, saved_tp, model)
@@ -120,34 +120,18 @@ def load_resharded(path: Path, saved_tp: int, targets: dict, model, optimizer=No
                     f"{tuple(target.shape)}"
                 )
             target.copy_(piece)
-        if optimizer is None:
-            return
-        names = (
-            [f"optimizer.tp{r}-of-{saved_tp}" for r in range(saved_tp)]
-            if saved_tp > 1
-            else ["optimizer"]
-        )
-        try:
-            encoded = json.loads((path / f"{names[0]}.json").read_text())
-        except FileNotFoundError:
-            raise CheckpointError(f"{path / names[0]}.json is missing") from None
-        state = decode_state(encoded, _Keys(), str(path / f"{names[0]}.json"))
-        files = [path / f"{n}.safetensors" for n in names]
-        handles = [_open(stack, f) for f in files]
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        for index, entries in state.get("state", {}).items():
-            if not 0 <= index < len(params):
-                raise CheckpointError(f"{path / names[0]}.json: state for parameter {index}")
-            for key, value in entries.items():
-                if isinstance(value, _Key):
-                    pieces = [_get(h, value, f) for h, f in zip(handles, files)]
-                    entries[key] = reshard(
-                        pieces, shards.get(id(params[index])), f"{path}: optimizer {value}"
-                    )
-        try:
-            optimizer.load_state_dict(state)
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{path}: the optimizer state does not fit ({e})") from None
+    if optimizer is None:
+        return
+    names = (
+        [f"optimizer.tp{r}-of-{saved_tp}" for r in range(saved_tp)]
+        if saved_tp > 1
+        else ["optimizer"]
+    )
+
+    def combine(pieces, param, key):
+        return reshard(pieces, shards.get(id(param)), f"{path}: optimizer {key}")
+
+    _load_optimizer_pieces(path, names, optimizer, combine)
 
 
 @torch.no_grad()
@@ -157,33 +141,36 @@ def load_fsdp_regrouped(path: Path, names: list[str], optimizer) -> None:
     FSDP): each state tensor's rows are concatenated across the files, one tensor at a time, and
     each process keeps the rows its parameter holds (parallel.fsdp.like), so the moments continue
     exactly. Step counts (0-dim) are taken from the first file."""
-    from nemokern.engine.checkpoint import decode_state
-    from nemokern.parallel.fsdp import like
 
+    def combine(pieces, param, key):
+        whole = pieces[0] if pieces[0].dim() == 0 else torch.cat(pieces)
+        if whole.dim() and whole.shape != param.shape:
+            raise CheckpointError(
+                f"{path}: optimizer {key} rebuilt from {len(names)} files is "
+                f"{tuple(whole.shape)}, the parameter is {tuple(param.shape)}"
+            )
+        return like(whole, param, whole=True)
+
+    _load_optimizer_pieces(path, names, optimizer, combine)
+
+
+def _load_optimizer_pieces(path: Path, names: list[str], optimizer, combine: Callable) -> None:
+    """Load into `optimizer` the state saved in pieces as the optimizer files `names` at `path`
+    (one structure, the first file's JSON): each state tensor is combine(its pieces in file
+    order, its parameter, its key), read one tensor at a time."""
     first = path / f"{names[0]}.json"
-    try:
-        encoded = json.loads(first.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{first} is missing; the checkpoint is incomplete") from None
-    state = decode_state(encoded, _Keys(), str(first))
+    state = decode_state(read_encoded(path, names[0]), _Keys(), str(first))
     params = [p for group in optimizer.param_groups for p in group["params"]]
     with ExitStack() as stack:
         files = [path / f"{n}.safetensors" for n in names]
-        handles = [_open(stack, f) for f in files]
+        handles = [stack.enter_context(open_tensors(f)) for f in files]
         for index, entries in state.get("state", {}).items():
             if not 0 <= index < len(params):
                 raise CheckpointError(f"{first}: state for parameter {index}, which this has not")
             for key, value in entries.items():
-                if not isinstance(value, _Key):
-                    continue
-                pieces = [_get(h, value, f) for h, f in zip(handles, files)]
-                whole = pieces[0] if pieces[0].dim() == 0 else torch.cat(pieces)
-                if whole.dim() and whole.shape != params[index].shape:
-                    raise CheckpointError(
-                        f"{path}: optimizer {value} rebuilt from {len(files)} files is "
-                        f"{tuple(whole.shape)}, the parameter is {tuple(params[index].shape)}"
-                    )
-                entries[key] = like(whole, params[index], whole=True)
+                if isinstance(value, _Key):
+                    pieces = [_get(h, value, f) for h, f in zip(handles, files)]
+                    entries[key] = combine(pieces, params[index], value)
     try:
         optimizer.load_state_dict(state)
     except (ValueError, KeyError, RuntimeError) as e:
