@@ -62,12 +62,8 @@ TORCH_CASES = [
 
 @pytest.mark.parametrize("shape,vocab,dtype,temperature,scale", TORCH_CASES)
 def test_torch_path_matches_float64(torch_backend, shape, vocab, dtype, temperature, scale):
-    logits, targets, g_lp, g_ent = make_inputs(shape, vocab, dtype, scale)
     check_against_float64(
-        logits,
-        targets,
-        g_lp,
-        g_ent,
+        *make_inputs(shape, vocab, dtype, scale),
         temperature,
         label=f"torch {shape} V={vocab} {dtype} T={temperature} x{scale:g}",
     )
@@ -97,12 +93,8 @@ def test_triton_kernels_match_float64(
     # 64-column blocks so V = 300 walks five blocks, the last partial: exercises the online merge.
     monkeypatch.setattr(K, "FWD_CONFIG", (64, 4))
     monkeypatch.setattr(K, "BWD_CONFIG", (64, 4))
-    logits, targets, g_lp, g_ent = make_inputs(shape, vocab, dtype, scale)
     check_against_float64(
-        logits,
-        targets,
-        g_lp,
-        g_ent,
+        *make_inputs(shape, vocab, dtype, scale),
         temperature,
         label=f"triton {shape} V={vocab} {dtype} T={temperature} x{scale:g}",
     )
