@@ -1,6 +1,7 @@
 """What each process holds under DDP, --shard-optimizer (ZeRO-1) and --fsdp (FSDP2), and the time
 of a training step, on one host: the nemokern TrainLoop on a ~150M-parameter Llama
-(bench_tensor_parallel.py's shape), a forward + backward through linear_logprobs per micro-batch.
+(bench_tensor_parallel.py's shape, common.TP_CONFIG), a forward + backward through linear_logprobs
+per micro-batch.
 
 pytest-benchmark times one process and data parallelism needs several, so torchrun starts it:
 
@@ -33,7 +34,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_tensor_parallel import CONFIG  # noqa: E402
+from common import TP_CONFIG as CONFIG  # noqa: E402
 
 from nemokern.engine.config import TrainConfig  # noqa: E402
 from nemokern.engine.loop import StepOutput, TrainLoop  # noqa: E402

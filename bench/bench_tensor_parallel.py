@@ -21,21 +21,11 @@ import time
 
 import torch
 import torch.distributed as dist
+from common import TP_CONFIG as CONFIG  # the FSDP benchmark's model too
 
 from nemokern.model import Llama, LlamaConfig
 from nemokern.ops import linear_logprobs
 from nemokern.parallel import init_parallel
-
-# ~150M parameters (600 MB in fp32): big enough that a whole copy per rank shows in the RSS
-CONFIG = dict(
-    vocab_size=32000,
-    hidden_size=1024,
-    intermediate_size=2816,
-    num_hidden_layers=8,
-    num_attention_heads=16,
-    num_key_value_heads=4,
-    rope_scaling=None,
-)
 
 
 def _kib(field):

@@ -13,20 +13,17 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
-from test_bench_generate import NEW_TOKENS, PROMPTS, SHAPES  # noqa: E402
+from common import GENERATE_SHAPES, NEW_TOKENS, generate_prompts  # noqa: E402
 
 from nemokern.model import Llama, LlamaConfig, generate  # noqa: E402
 
 
 def main(shape: str = "tiny") -> None:
-    cfg = SHAPES[shape]
+    cfg = GENERATE_SHAPES[shape]
     torch.manual_seed(0)
     model = Llama(LlamaConfig.tiny(**cfg, max_position_embeddings=1024)).eval()
-    g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(8, 49, (PROMPTS,), generator=g).tolist()
-    prompts = [torch.randint(0, cfg["vocab_size"], (n,), generator=g).tolist() for n in lengths]
+    prompts = generate_prompts(cfg["vocab_size"])
 
     def call():
         return generate(model, prompts, max_new_tokens=NEW_TOKENS, greedy=True, eos_token_id=[])

@@ -14,9 +14,8 @@ import torch
 from torch.profiler import profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
-from test_bench_policy_loss import IMPLS  # noqa: E402
+from common import POLICY_LOSS_IMPLS as IMPLS  # noqa: E402
 
 N, H, V = 4096, 1024, 32000
 GEMMS = {"aten::mm", "aten::addmm_", "aten::addmm"}

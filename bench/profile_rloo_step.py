@@ -1,6 +1,6 @@
-"""torch.profiler over steady RLOO steps of test_bench_rloo_step.py's setup: nemokern's
-ReinforceTrainer and TRL's RLOOTrainer (no gradient checkpointing), the top operators by self CPU
-time and the operator-call counts, per implementation.
+"""torch.profiler over steady RLOO steps of test_bench_rloo_step.py's setup (bench/common.py):
+nemokern's ReinforceTrainer and TRL's RLOOTrainer (no gradient checkpointing), the top operators
+by self CPU time and the operator-call counts, per implementation.
 
     PYTHONPATH=$PWD python bench/profile_rloo_step.py [STEPS]
 """
@@ -13,14 +13,8 @@ from pathlib import Path
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
-import test_bench_rloo_step as bench  # noqa: E402
-
-
-class _Tmp:
-    def mktemp(self, name):
-        return Path(tempfile.mkdtemp(prefix=name))
+from common import nemokern_rloo_trainer, rloo_setup, trl_rloo_trainer  # noqa: E402
 
 
 def _report(name, prof, steps):
@@ -35,15 +29,15 @@ def _report(name, prof, steps):
 
 
 def main(steps: int) -> None:
-    setup = bench.setup.__wrapped__(_Tmp())
-    nk = bench._nemokern_trainer(setup, 2, "prof-nemokern")
+    setup = rloo_setup(Path(tempfile.mkdtemp(prefix="rloo_step")))
+    nk = nemokern_rloo_trainer(setup, 2, "prof-nemokern")
     nk.fit()  # warm-up
     nk.config.max_steps = steps
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         nk.fit()
     _report("nemokern", prof, steps)
 
-    _, trl, _ = bench._trl_trainer(setup, False, 2, "prof-trl")
+    _, trl, _ = trl_rloo_trainer(setup, False, 2, "prof-trl")
     trl.train()  # warm-up, AdamW state
     trl.args.max_steps = steps
     with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -10,7 +10,7 @@ size and the token count, one line per implementation; plots need matplotlib).
     python bench/report.py --demo DIR                        # a demo's seconds, steps, memory
 
 Convention: a benchmark may put in extra_info `bytes` (bytes it must move) or `flops` (FLOPs it
-must do), `peak_extra_bytes` (bench/_memory.py) and `device`. The ceiling benchmarks
+must do), `peak_extra_bytes` (bench/common.py) and `device`. The ceiling benchmarks
 (test_bench_ceilings.py, extra_info["ceiling"]) give the roofline the others are divided by:
 the "headline" column is that fraction, named (of the matmul ceiling, of the copy bandwidth), or
 a benchmark's own `of_bound` (the decode step against its bandwidth bound).

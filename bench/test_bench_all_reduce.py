@@ -4,7 +4,7 @@
 
 The benchmarked function is one whole multi-process run (so its time includes starting the
 ranks); the numbers that matter, per-size latencies of the shared-memory path and of gloo, go to
-extra_info. peak_extra_bytes is the /dev/shm workspace each rank maps, which bench/_memory.py
+extra_info. peak_extra_bytes is the /dev/shm workspace each rank maps, which bench/common.py
 cannot see (it is not torch memory).
 """
 

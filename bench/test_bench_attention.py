@@ -13,7 +13,7 @@ sample, as if each were whole), so bench/report.py shows comparable tokens/s.
 
 import pytest
 import torch
-from _memory import run_benchmark as _run
+from common import run_benchmark as _run
 
 DEVICE = "cuda"
 LAYERS, HIDDEN, HEADS, KV_HEADS, FFN, VOCAB = 4, 2048, 16, 4, 5632, 32000

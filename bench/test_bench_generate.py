@@ -21,22 +21,13 @@ import time
 
 import pytest
 import torch
-from _memory import device_name
-from test_bench_reward_train import _use_times
+from common import GENERATE_PROMPTS as PROMPTS
+from common import GENERATE_SHAPES as SHAPES
+from common import NEW_TOKENS, device_name, generate_prompts, use_times
 
 from helpers import nemokern_from_hf, random_hf_model
 from nemokern.model import generate
 
-PROMPTS, NEW_TOKENS = 16, 32
-
-
-# hidden, layers, query heads, KV heads, FFN, vocab
-KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
-KEYS += ("intermediate_size", "vocab_size")
-SHAPES = {
-    "tiny": dict(zip(KEYS, (256, 4, 8, 2, 704, 262))),
-    "mid": dict(zip(KEYS, (1024, 8, 16, 4, 2816, 32000))),
-}
 ROUNDS = {"tiny": 10, "mid": 3}
 
 
@@ -46,10 +37,7 @@ def shape(request):
     hf = random_hf_model(
         **cfg, max_position_embeddings=1024, tie_word_embeddings=False, attn_implementation="sdpa"
     )
-    g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(8, 49, (PROMPTS,), generator=g).tolist()
-    prompts = [torch.randint(0, cfg["vocab_size"], (n,), generator=g).tolist() for n in lengths]
-    return request.param, hf, nemokern_from_hf(hf), prompts
+    return request.param, hf, nemokern_from_hf(hf), generate_prompts(cfg["vocab_size"])
 
 
 def _transformers(hf, prompts):
@@ -121,7 +109,7 @@ def interleaved(shape):
 def test_generate_tokens_per_second(benchmark, shape, interleaved, impl):
     times, compile_s = interleaved
     benchmark.pedantic(lambda: None, rounds=1)
-    _use_times(benchmark, times[impl])
+    use_times(benchmark, times[impl])
     benchmark.extra_info.update(
         device=device_name("cpu"),
         shape=shape[0],

@@ -21,9 +21,7 @@ import time
 
 import pytest
 import torch
-from _memory import device_name
-from test_bench_generate import KEYS  # hidden, layers, query heads, KV heads, FFN, vocab
-from test_bench_reward_train import _use_times
+from common import KEYS, device_name, use_times  # KEYS: hidden, layers, heads, KV heads, FFN, vocab
 
 from helpers import hf_config
 from nemokern.model import Llama, LlamaConfig, generate
@@ -157,7 +155,7 @@ def test_generate_gpu(benchmark, models, copy_bandwidth, device, impl, batch):
     step = (sorted(full)[ROUNDS // 2] - min(first)) / (NEW_TOKENS - 1)
     bound = _step_bytes(ours, batch) / copy_bandwidth
     benchmark.pedantic(lambda: None, rounds=1)
-    _use_times(benchmark, full)
+    use_times(benchmark, full)
     benchmark.extra_info.update(
         device=device_name(device),
         shape=name,

@@ -10,7 +10,7 @@ K=9, bf16. extra_info["bytes"] is the analytic DRAM traffic of the implementatio
 
 import pytest
 import torch
-from _memory import run_benchmark as _run
+from common import run_benchmark as _run
 
 from nemokern.ops import reward_head, sequence_kl
 

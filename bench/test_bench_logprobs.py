@@ -17,43 +17,9 @@ backward, the recipe's 8*N*H*V, recorded as `flops_with_recompute`), and peak ex
 
 import pytest
 import torch
+from common import IGNORE, bench_linear, compiled, logprobs_eager, run_benchmark
 
-# One timing helper for all benchmarks (sync on CUDA, peak extra memory, device name).
-from _memory import run_benchmark as _run
-
-from nemokern.ops import linear_logprobs, logprobs
-
-IGNORE = -100
-
-
-# ---------------------------------------------------------------- the eager composites
-
-
-def logprobs_eager(logits, targets):
-    """What RLHF codebases write: fp32 log_softmax over the whole vocabulary, then gather."""
-    lsm = torch.log_softmax(logits.float(), dim=-1)
-    valid = targets != IGNORE
-    picked = lsm.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
-    return picked * valid
-
-
-def linear_logprobs_eager(hidden, weight, targets):
-    return logprobs_eager(hidden @ weight.t(), targets)
-
-
-_logprobs_compiled = torch.compile(logprobs_eager, dynamic=False)
-_linear_compiled = torch.compile(linear_logprobs_eager, dynamic=False)
-
-
-def _liger_linear():
-    try:
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-    except ImportError:
-        pytest.skip("Liger-Kernel is not installed")
-    loss = LigerFusedLinearCrossEntropyLoss(reduction="sum", ignore_index=IGNORE)
-    # -sum of the log-probs of the targets: the same gradients as sum(logp) up to sign.
-    return lambda h, w, t: -loss(w, h, t)
-
+from nemokern.ops import logprobs
 
 # ---------------------------------------------------------------- logits op
 
@@ -65,7 +31,7 @@ def _bench_logits(benchmark, impl, n, vocab, dtype, device, rounds, backward, ig
     if ignore_every:
         targets[::ignore_every] = IGNORE
     logits.requires_grad_(backward)
-    fn = {"nemokern": logprobs, "eager": logprobs_eager, "compiled": _logprobs_compiled}[impl]
+    fn = {"nemokern": logprobs, "eager": logprobs_eager}.get(impl) or compiled(logprobs_eager)
 
     def step():
         if not backward:
@@ -76,7 +42,7 @@ def _bench_logits(benchmark, impl, n, vocab, dtype, device, rounds, backward, ig
 
     es = logits.element_size()
     info = {"bytes": n * vocab * es * (3 if backward else 1)} if impl == "nemokern" else {}
-    _run(benchmark, step, device, rounds, shape=f"N={n} V={vocab} {dtype}", **info)
+    run_benchmark(benchmark, step, device, rounds, shape=f"N={n} V={vocab} {dtype}", **info)
 
 
 IMPLS = ["nemokern", "eager", "compiled"]
@@ -115,40 +81,10 @@ def test_logprobs_fwd_gpu(benchmark, impl):
 # ---------------------------------------------------------------- linear op
 
 
-def _bench_linear(benchmark, impl, n, hs, vocab, dtype, device, rounds, backward, ignore_every=8):
-    """Every ignore_every-th target is ignore_index (0: none): nemokern skips those rows' GEMMs,
-    eager and compiled compute them."""
-    g = torch.Generator(device=device).manual_seed(0)
-    hidden = torch.randn(n, hs, device=device, generator=g).to(dtype)
-    weight = (torch.randn(vocab, hs, device=device, generator=g) / hs**0.5).to(dtype)
-    targets = torch.randint(0, vocab, (n,), device=device, generator=g)
-    if ignore_every:
-        targets[::ignore_every] = IGNORE
-    hidden.requires_grad_(backward)
-    weight.requires_grad_(backward)
-    fn = {
-        "nemokern": linear_logprobs,
-        "eager": linear_logprobs_eager,
-        "compiled": _linear_compiled,
-    }.get(impl) or _liger_linear()
-
-    def step():
-        if not backward:
-            with torch.no_grad():
-                return fn(hidden, weight, targets)
-        return torch.autograd.grad(fn(hidden, weight, targets).sum(), (hidden, weight))
-
-    nhv = n * hs * vocab
-    info = {"flops": (6 if backward else 2) * nhv}
-    if impl == "nemokern" and backward:
-        info["flops_with_recompute"] = 8 * nhv
-    _run(benchmark, step, device, rounds, shape=f"N={n} H={hs} V={vocab} {dtype}", **info)
-
-
 @pytest.mark.benchmark(group="linear_logprobs fwd+bwd (CPU, N=4096 H=1024 V=32000 fp32)")
 @pytest.mark.parametrize("impl", IMPLS)
 def test_linear_logprobs_cpu(benchmark, impl):
-    _bench_linear(benchmark, impl, 4096, 1024, 32000, torch.float32, "cpu", 5, backward=True)
+    bench_linear(benchmark, impl, 4096, 1024, 32000, torch.float32, "cpu", 5, backward=True)
 
 
 @pytest.mark.benchmark(
@@ -156,7 +92,7 @@ def test_linear_logprobs_cpu(benchmark, impl):
 )
 @pytest.mark.parametrize("impl", ["nemokern", "eager"])
 def test_linear_logprobs_cpu_all_counted(benchmark, impl):
-    _bench_linear(
+    bench_linear(
         benchmark, impl, 4096, 1024, 32000, torch.float32, "cpu", 5, backward=True, ignore_every=0
     )
 
@@ -165,14 +101,14 @@ def test_linear_logprobs_cpu_all_counted(benchmark, impl):
 @pytest.mark.parametrize("impl", ["nemokern", "eager"])
 def test_linear_logprobs_fwd_cpu(benchmark, impl):
     """Reference and old-policy log-probs (REINFORCE): no backward follows."""
-    _bench_linear(benchmark, impl, 4096, 1024, 32000, torch.float32, "cpu", 5, backward=False)
+    bench_linear(benchmark, impl, 4096, 1024, 32000, torch.float32, "cpu", 5, backward=False)
 
 
 @pytest.mark.gpu
 @pytest.mark.benchmark(group="linear_logprobs fwd+bwd (GPU, N=16384 H=4096 V=128256 bf16)")
 @pytest.mark.parametrize("impl", IMPLS + ["liger"])
 def test_linear_logprobs_gpu(benchmark, impl):
-    _bench_linear(
+    bench_linear(
         benchmark,
         impl,
         16384,
@@ -190,7 +126,7 @@ def test_linear_logprobs_gpu(benchmark, impl):
 @pytest.mark.benchmark(group="linear_logprobs fwd (GPU, N=16384 H=4096 V=128256 bf16)")
 @pytest.mark.parametrize("impl", IMPLS)
 def test_linear_logprobs_fwd_gpu(benchmark, impl):
-    _bench_linear(
+    bench_linear(
         benchmark,
         impl,
         16384,

@@ -15,19 +15,8 @@ rank path does exactly these; linear_logprobs recomputes the logits in backward:
 
 import pytest
 import torch
-from _memory import run_benchmark as _run
-
-from nemokern.ops import linear_logprobs, linear_policy_loss
-
-
-def policy_loss_eager(hidden, weight, targets, coef):
-    """What RLHF codebases write: the fp32 log-softmax over the whole vocabulary, gather, sum."""
-    lsm = torch.log_softmax((hidden @ weight.t()).float(), dim=-1)
-    return (coef * lsm.gather(-1, targets.unsqueeze(-1)).squeeze(-1)).sum()
-
-
-def policy_loss_via_linear_logprobs(hidden, weight, targets, coef):
-    return (coef * linear_logprobs(hidden, weight, targets)).sum()
+from common import POLICY_LOSS_IMPLS as IMPLS
+from common import run_benchmark as _run
 
 
 def _liger_grpo():
@@ -44,13 +33,6 @@ def _liger_grpo():
         return loss(h, weight, targets.unsqueeze(1), torch.ones_like(h[..., 0]), coef)[0]
 
     return fn
-
-
-IMPLS = {
-    "nemokern": linear_policy_loss,
-    "eager": policy_loss_eager,
-    "linear_logprobs": policy_loss_via_linear_logprobs,
-}
 
 
 def _bench(benchmark, impl, n, hs, vocab, dtype, device, rounds):

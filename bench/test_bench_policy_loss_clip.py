@@ -16,7 +16,7 @@ test_clipped_losses_agree checks that the three compute the same loss and clip f
 
 import pytest
 import torch
-from _memory import run_benchmark as _run
+from common import run_benchmark as _run
 
 from nemokern.ops import linear_logprobs, linear_policy_loss
 

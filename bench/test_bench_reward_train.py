@@ -33,7 +33,7 @@ the same ids (byte-level vocabulary in byte order, the same special tokens) and 
 template. The benchmark asserts that TRL's token ids equal nemokern's, row by row, and that the
 nemokern and plain models give the same loss at the start.
 
-Timing: nemokern and plain through bench/_memory.run_benchmark (one step per round, after a
+Timing: nemokern and plain through bench/common.run_benchmark (one step per round, after a
 warm-up step that also creates the AdamW state). TRL: one train() of TRL_WARMUP_STEPS (creating its
 optimizer and AdamW state), then a measured train() of TRL_STEPS steps whose per-step times come
 from a TrainerCallback (on_step_begin to on_step_end: training_step, optimizer, scheduler,
@@ -42,7 +42,7 @@ for the others); the first TRL_SKIP are dropped, the rest are the benchmark's ro
 Group "..., interleaved": the same five, one step of each in turn, ROUNDS times (TRL: a train() of
 one step each time, timed by the callback), so that a shared machine's changing load weighs on all
 alike; time only (the peak memory is the first group's).
-Peak extra memory: bench/_memory.peak_extra_bytes around one step (nemokern, plain) or around the
+Peak extra memory: bench/common.peak_extra_bytes around one step (nemokern, plain) or around the
 whole measured train() (TRL; the AdamW state already exists then, as for the others).
 extra_info: pairs (per step), tokens (real tokens per step), padded_tokens (what the padded
 implementations compute), peak_extra_bytes, device.
@@ -53,20 +53,23 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from common import REWARD_MODEL as MODEL
 
-# One timing helper for all benchmarks (peak extra memory, device name).
-from _memory import device_name, peak_extra_bytes, run_benchmark
-from transformers import TrainerCallback
+# The timing helpers and the TRL pieces (offline HF byte tokenizer, chat template, step-time
+# callback), shared with the RLOO benchmark: bench/common.py.
+from common import (
+    TRL_WARMUP_STEPS,
+    device_name,
+    hf_byte_tokenizer,
+    run_benchmark,
+    time_trl_steps,
+    trl_callbacks,
+    use_times,
+)
 
 from nemokern.data import load_reward_data
 from nemokern.data.synthetic import write_synthetic
-from nemokern.data.tokenizer import (
-    BEGIN_OF_TEXT,
-    EOT,
-    LLAMA3_SPECIAL_TOKENS,
-    PAD,
-    ByteTokenizer,
-)
+from nemokern.data.tokenizer import ByteTokenizer
 from nemokern.engine.loop import build_optimizer
 from nemokern.model import Llama, LlamaConfig, RewardModel
 from nemokern.model.reward import HELPFULNESS
@@ -75,27 +78,9 @@ from nemokern.trainers.reward import RewardConfig, reward_loss
 PAIRS = 16
 LR = 1e-5
 ROUNDS = 10
-TRL_WARMUP_STEPS, TRL_STEPS, TRL_SKIP = 2, 12, 2
-MODEL = {
-    "vocab_size": 512,
-    "hidden_size": 256,
-    "intermediate_size": 704,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 2048,
-}
 GROUP = (
     f"reward train step (CPU, {PAIRS} pairs, H={MODEL['hidden_size']} "
     f"L={MODEL['num_hidden_layers']} fp32)"
-)
-
-# The Llama-3.1 chat format as Jinja, the way nemokern.data.tokenizer.render_llama3_chat writes it
-# (contents stripped, no newline between turns, no date preamble).
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}"
-    "<|end_header_id|>\n\n{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
-    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
 
 
@@ -257,67 +242,7 @@ def test_plain(benchmark, setup, attn):
     run_benchmark(benchmark, _plain_step(setup, attn), "cpu", ROUNDS, attn=attn, **_info(setup))
 
 
-def _use_times(benchmark, times):
-    """Make `times` (seconds per step, measured by a callback or in turn with the others) the
-    rounds of a benchmark already run once: pytest-benchmark computes median etc. lazily from
-    them. Returns the seconds of that one run."""
-    run = benchmark.stats.stats.data[0]
-    benchmark.stats.stats.data[:] = times
-    return run
-
-
 # ---------------------------------------------------------------- TRL
-
-
-def time_trl_steps(benchmark, trainer, timer):
-    """A first train() of the warm-up steps creates the AdamW state; the measured train() of
-    TRL_STEPS steps keeps that optimizer. Its steps after the first TRL_SKIP, as `timer` measured
-    them, become the benchmark's rounds. Returns (peak extra bytes, seconds of the measured run)."""
-    trainer.train()
-    optimizer = trainer.optimizer
-    trainer.args.max_steps = TRL_STEPS
-    timer.clear()
-    _, peak = peak_extra_bytes(lambda: benchmark.pedantic(trainer.train, rounds=1), "cpu")
-    steady = timer.times[TRL_SKIP:]
-    assert len(steady) == TRL_STEPS - TRL_SKIP
-    assert trainer.optimizer is optimizer
-    return peak, _use_times(benchmark, steady)
-
-
-def _hf_byte_tokenizer(path):
-    """A PreTrainedTokenizerFast with nemokern's byte-tokenizer ids: byte b -> id b (byte-level
-    BPE without merges over the byte alphabet in byte order), then the Llama-3.1 special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    vocab = {ch: b for b, ch in bytes_to_unicode().items()}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(list(LLAMA3_SPECIAL_TOKENS))
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BEGIN_OF_TEXT, eos_token=EOT, pad_token=PAD
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(path)
-    return PreTrainedTokenizerFast.from_pretrained(path)
-
-
-class StepTimes(TrainerCallback):
-    """TrainerCallback body: seconds from on_step_begin to on_step_end of every optimizer step."""
-
-    def __init__(self):
-        self.times, self._start = [], None
-
-    def clear(self):
-        self.times.clear()
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.times.append(time.perf_counter() - self._start)
 
 
 def _trl_trainer(setup, checkpointing, steps):
@@ -326,12 +251,12 @@ def _trl_trainer(setup, checkpointing, steps):
     trl = pytest.importorskip("trl")
     from datasets import Dataset
 
-    tokenizer = _hf_byte_tokenizer(setup["tmp"] / "hf_tokenizer")
+    tokenizer = hf_byte_tokenizer(setup["tmp"] / "hf_tokenizer")
     rows = [
         {"prompt": list(p.prompt), "chosen": list(p.chosen), "rejected": list(p.rejected)}
         for p in setup["pairs"]
     ]
-    timer = StepTimes()
+    timer = trl_callbacks()[0]()
     args = trl.RewardConfig(
         output_dir=str(setup["tmp"] / "trl"),
         per_device_train_batch_size=PAIRS,
@@ -441,5 +366,5 @@ def test_interleaved(benchmark, interleaved, setup, impl):
     if impl not in interleaved:
         pytest.skip("trl is not installed")
     benchmark.pedantic(lambda: None, rounds=1)
-    _use_times(benchmark, interleaved[impl])
+    use_times(benchmark, interleaved[impl])
     benchmark.extra_info.update(device=device_name("cpu"), **_info(setup))

@@ -43,7 +43,8 @@ Equal as far as TRL allows:
             less of it. test_nemokern[full-copies] (shared_prompt=False) packs K full copies,
             like TRL, to show what the sharing gains.
 Tokenizer: nemokern's byte tokenizer; for TRL the offline HF tokenizer of
-test_bench_reward_train.py (byte-identical ids, the same Llama-3.1 chat template).
+bench/common.py (byte-identical ids, the same Llama-3.1 chat template), as in
+test_bench_reward_train.py.
 
 Timing (steady state): nemokern: ReinforceTrainer.fit() of STEPS steps; per step its own records
 step_s (wall, from the start of the rollout to after the optimizer step) and generate_s, score_s,
@@ -68,51 +69,39 @@ extra_info: per-phase medians (s), completions, response_tokens (median per step
 peak_extra_bytes (around the whole measured run), device.
 """
 
-import json
-import statistics
-import time
-from collections import defaultdict
-
 import pytest
 import torch
 
-# One timing helper for all benchmarks (peak extra memory, device name); the TRL pieces (offline
-# HF byte tokenizer, chat template, step-time callback) from the reward-training benchmark.
-from _memory import device_name, peak_extra_bytes
-from test_bench_reward_train import MODEL as REWARD_MODEL
-from test_bench_reward_train import (
+# The timing helpers, the RLOO setup and both trainers, the TRL pieces (offline HF byte tokenizer,
+# chat template, step-time callbacks): bench/common.py, shared with bench/profile_rloo_step.py
+# and the reward-training benchmark.
+from common import (
+    MAX_NEW_TOKENS,
     TRL_SKIP,
     TRL_WARMUP_STEPS,
-    StepTimes,
-    _hf_byte_tokenizer,
-    _use_times,
+    K,
+    device_name,
+    median,
+    nemokern_rloo_trainer,
+    peak_extra_bytes,
+    rloo_model,
+    rloo_setup,
     time_trl_steps,
+    trl_rloo_trainer,
+    use_times,
 )
+from common import RLOO_PROMPTS as PROMPTS
 
-from nemokern.data.prompts import read_prompts
-from nemokern.data.tokenizer import ByteTokenizer
-from nemokern.model import Llama, LlamaConfig
-from nemokern.train import ReinforceConfig, ReinforceTrainer
+from nemokern.model import Llama
 
-PROMPTS, K, MAX_NEW_TOKENS, TEMPERATURE, BETA, LR, GRAD_CLIP = 8, 4, 32, 1.0, 0.05, 1e-6, 1.0
 STEPS, SKIP = 12, 2
 ROUNDS = 10
-MODEL = {**REWARD_MODEL, "vocab_size": ByteTokenizer().vocab_size}
+MODEL = rloo_model()
 PHASES = ("generate_s", "score_s", "logprobs_s", "update_s")
 GROUP = (
     f"RLOO step (CPU, {PROMPTS} prompts x k={K}, {MAX_NEW_TOKENS} new tokens, "
     f"H={MODEL['hidden_size']} L={MODEL['num_hidden_layers']} fp32)"
 )
-WORDS = ("apple", "banana", "cat", "data", "alpha", "kernel", "llama", "grape")
-
-
-def share_of_a(prompts, completions, **kwargs):
-    """TRL's reward-function signature; completions are strings (nemokern) or assistant turns
-    (TRL, for conversational prompts)."""
-    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
-    return [t.count("a") / max(len(t), 1) for t in texts]
-
-
 # The long-prompt group: 8 short user turns after one system turn of 432 bytes (~490-token
 # prompts with the chat template), the regime of RLHF prompt sets whose prompts outweigh the
 # sampled responses.
@@ -129,32 +118,13 @@ LONG_GROUP = GROUP + f", {len(SYSTEM)}-byte system turn"
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """The policy in HF layout, the prompts file (chat turns), nemokern's prompt ids."""
-    turns = [[{"role": "user", "content": f"Write a sentence about {w}."}] for w in WORDS]
-    return _setup(tmp_path_factory.mktemp("rloo_step"), turns)
+    return rloo_setup(tmp_path_factory.mktemp("rloo_step"))
 
 
 @pytest.fixture(scope="module")
 def long_setup(tmp_path_factory):
     """setup's prompts after the SYSTEM turn."""
-    turns = [
-        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Write about {w}."}]
-        for w in WORDS
-    ]
-    return _setup(tmp_path_factory.mktemp("rloo_step_long"), turns)
-
-
-def _setup(tmp, turns):
-    tok = ByteTokenizer()
-    torch.manual_seed(0)
-    policy = Llama(
-        LlamaConfig.tiny(**MODEL, bos_token_id=tok.bos_id, eos_token_id=list(tok.eos_ids))
-    )
-    policy.save_pretrained(tmp / "policy")
-    assert len(turns) == PROMPTS
-    path = tmp / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in turns))
-    ids = [list(p.ids) for p in read_prompts(path, tok)]
-    return {"dir": tmp / "policy", "prompts": path, "turns": turns, "ids": ids, "tmp": tmp}
+    return rloo_setup(tmp_path_factory.mktemp("rloo_step_long"), SYSTEM)
 
 
 def test_same_policy(setup):
@@ -171,44 +141,11 @@ def test_same_policy(setup):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def _median(values):
-    return statistics.median(values) if values else 0.0
-
-
 # ---------------------------------------------------------------- nemokern
 
 
-def _nemokern_trainer(setup, steps, out, shared_prompt=True):
-    config = ReinforceConfig(
-        shared_prompt=shared_prompt,
-        policy=str(setup["dir"]),
-        tokenizer="byte",
-        prompts=str(setup["prompts"]),
-        out=str(setup["tmp"] / out),
-        k=K,
-        max_new_tokens=MAX_NEW_TOKENS,
-        temperature=TEMPERATURE,
-        beta=BETA,
-        kl_estimator="k1",
-        kl_reduction="sum",
-        truncation_penalty=0.0,
-        prompts_per_step=PROMPTS,
-        max_steps=steps,
-        lr=LR,
-        schedule="constant",
-        weight_decay=0.0,
-        betas=(0.9, 0.999),
-        grad_clip=GRAD_CLIP,
-        device="cpu",
-        progress=False,
-        tensorboard=False,
-        seed=0,
-    )
-    return ReinforceTrainer(config, reward_fn=share_of_a)
-
-
 def _phase_info(records, phases):
-    return {p: _median([r[p] for r in records]) for p in phases}
+    return {p: median([r[p] for r in records]) for p in phases}
 
 
 @pytest.mark.benchmark(group=GROUP)
@@ -224,18 +161,18 @@ def test_nemokern_long_prompts(benchmark, long_setup, packing):
 
 
 def _run_nemokern(benchmark, setup, packing):
-    trainer = _nemokern_trainer(setup, STEPS, f"nemokern-{packing}", packing == "shared-prompt")
+    trainer = nemokern_rloo_trainer(setup, STEPS, f"nemokern-{packing}", packing == "shared-prompt")
     assert [list(p.ids) for p in trainer.prompts] == setup["ids"]
     history, peak = peak_extra_bytes(lambda: benchmark.pedantic(trainer.fit, rounds=1), "cpu")
     steady = history[SKIP:]
     assert len(steady) == STEPS - SKIP
-    fit_seconds = _use_times(benchmark, [r["step_s"] for r in steady])
+    fit_seconds = use_times(benchmark, [r["step_s"] for r in steady])
     benchmark.extra_info.update(
         peak_extra_bytes=peak,
         device=device_name("cpu"),
         fit_seconds=fit_seconds,
         completions=PROMPTS * K,
-        response_tokens=_median([r["response_len_mean"] * PROMPTS * K for r in steady]),
+        response_tokens=median([r["response_len_mean"] * PROMPTS * K for r in steady]),
         threads=torch.get_num_threads(),
         fused_adamw=bool(trainer.loop.optimizer.defaults.get("fused")),
         reward_mean=[r["reward_mean"] for r in history],
@@ -246,115 +183,6 @@ def _run_nemokern(benchmark, setup, packing):
 
 
 # ---------------------------------------------------------------- TRL
-
-
-class PhaseTimes(StepTimes):
-    """StepTimes plus, per optimizer step, the seconds spent in the RLOOTrainer methods that
-    _time_phases wraps (summed into `current`)."""
-
-    def __init__(self):
-        super().__init__()
-        self.current, self.phases = defaultdict(float), []
-
-    def clear(self):
-        super().clear()
-        self.phases.clear()
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.current.clear()
-        super().on_step_begin(args, state, control, **kwargs)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        super().on_step_end(args, state, control, **kwargs)
-        c, step = self.current, self.times[-1]
-        inner = c["generate_s"] + c["score_s"] + c["logprobs_s"]
-        self.phases.append(
-            {
-                "generate_s": c["generate_s"],
-                "score_s": c["score_s"],
-                "logprobs_s": c["logprobs_s"],
-                "other_s": c["rollout_s"] - inner,
-                "update_s": step - c["rollout_s"],
-                "response_tokens": c["response_tokens"],
-            }
-        )
-
-
-def _time_phases(trainer, timer):
-    """Wrap the trainer's own methods (instance attributes shadow the class's) to time them."""
-
-    def wrap(name, fn, no_grad_only=False):
-        def timed(*args, **kwargs):
-            if no_grad_only and torch.is_grad_enabled():
-                return fn(*args, **kwargs)
-            t = time.perf_counter()
-            out = fn(*args, **kwargs)
-            timer.current[name] += time.perf_counter() - t
-            if name == "generate_s":  # completion token ids, EOS included
-                timer.current["response_tokens"] += sum(len(c) for c in out)
-            return out
-
-        return timed
-
-    trainer._prepare_inputs = wrap("rollout_s", trainer._prepare_inputs)
-    trainer._generate_single_turn = wrap("generate_s", trainer._generate_single_turn)
-    trainer._calculate_rewards = wrap("score_s", trainer._calculate_rewards)
-    trainer._get_per_token_logps_and_entropies = wrap(
-        "logprobs_s", trainer._get_per_token_logps_and_entropies, no_grad_only=True
-    )
-
-
-def _trl_trainer(setup, checkpointing, steps, name):
-    """(trl module, an RLOOTrainer on the policy, its PhaseTimes); checks that TRL's prompt ids and
-    EOS ids are nemokern's."""
-    trl = pytest.importorskip("trl")
-    from datasets import Dataset
-    from transformers import LlamaForCausalLM
-
-    tokenizer = _hf_byte_tokenizer(setup["tmp"] / "hf_tokenizer")
-    timer = PhaseTimes()
-    args = trl.RLOOConfig(
-        output_dir=str(setup["tmp"] / name),
-        per_device_train_batch_size=PROMPTS * K,  # completions per step
-        num_generations=K,
-        max_completion_length=MAX_NEW_TOKENS,
-        temperature=TEMPERATURE,
-        top_p=1.0,
-        top_k=0,
-        beta=BETA,
-        num_iterations=1,
-        use_vllm=False,
-        max_steps=steps,
-        learning_rate=LR,
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        adam_beta1=0.9,
-        adam_beta2=0.999,
-        max_grad_norm=GRAD_CLIP,
-        bf16=False,
-        gradient_checkpointing=checkpointing,
-        logging_strategy="no",
-        save_strategy="no",
-        eval_strategy="no",
-        log_completions=False,
-        report_to=[],
-        disable_tqdm=True,
-        use_cpu=True,
-        dataloader_num_workers=0,
-        seed=0,
-    )
-    trainer = trl.RLOOTrainer(
-        model=LlamaForCausalLM.from_pretrained(setup["dir"], dtype=torch.float32),
-        reward_funcs=share_of_a,
-        args=args,
-        train_dataset=Dataset.from_list([{"prompt": t} for t in setup["turns"]]),
-        processing_class=tokenizer,
-        callbacks=[timer],
-    )
-    assert trainer._tokenize_prompts(setup["turns"])[0] == setup["ids"]
-    assert set(trainer.eos_token_ids) == set(ByteTokenizer().eos_ids)
-    _time_phases(trainer, timer)
-    return trl, trainer, timer
 
 
 CKPT = pytest.mark.parametrize("checkpointing", [True, False], ids=["grad-ckpt", "no-ckpt"])
@@ -374,14 +202,14 @@ def test_trl_long_prompts(benchmark, long_setup):
 
 def _run_trl(benchmark, setup, checkpointing):
     name = f"trl-{checkpointing}"
-    trl, trainer, timer = _trl_trainer(setup, checkpointing, TRL_WARMUP_STEPS, name)
+    trl, trainer, timer = trl_rloo_trainer(setup, checkpointing, TRL_WARMUP_STEPS, name)
     peak, train_seconds = time_trl_steps(benchmark, trainer, timer)
     benchmark.extra_info.update(
         peak_extra_bytes=peak,
         device=device_name("cpu"),
         train_seconds=train_seconds,
         completions=PROMPTS * K,
-        response_tokens=_median([p["response_tokens"] for p in timer.phases[TRL_SKIP:]]),
+        response_tokens=median([p["response_tokens"] for p in timer.phases[TRL_SKIP:]]),
         threads=torch.get_num_threads(),
         gradient_checkpointing=bool(trainer.model.is_gradient_checkpointing),
         optim=str(trainer.args.optim),
@@ -403,7 +231,7 @@ def interleaved(setup):
     times, so that the load of a shared machine weighs on all of them alike."""
     steps = {}
     for shared, name in ((True, "nemokern"), (False, "nemokern[full-copies]")):
-        trainer = _nemokern_trainer(setup, 1, f"i-{name}", shared)
+        trainer = nemokern_rloo_trainer(setup, 1, f"i-{name}", shared)
 
         def nemokern_step(trainer=trainer):
             record = trainer.fit()[-1]  # a fresh loop and AdamW each time (3M parameters)
@@ -416,7 +244,7 @@ def interleaved(setup):
         pass
     else:
         for checkpointing, name in ((True, "trl[grad-ckpt]"), (False, "trl[no-ckpt]")):
-            _, trainer, timer = _trl_trainer(setup, checkpointing, 1, f"i-{name}")
+            _, trainer, timer = trl_rloo_trainer(setup, checkpointing, 1, f"i-{name}")
 
             def trl_step(trainer=trainer, timer=timer):
                 trainer.train()
@@ -441,7 +269,7 @@ def test_interleaved(benchmark, interleaved, setup, impl):
         pytest.skip("trl is not installed")
     times, phases = interleaved[impl]
     benchmark.pedantic(lambda: None, rounds=1)
-    _use_times(benchmark, times)
+    use_times(benchmark, times)
     names = (*PHASES, "other_s") if impl.startswith("trl") else PHASES
     benchmark.extra_info.update(
         device=device_name("cpu"),

@@ -17,7 +17,7 @@ GPU's are Llama-3.1-8B's head (H=4096, up to V=128256 and N=16384), bf16, nothin
 
 import pytest
 import torch
-from test_bench_logprobs import _bench_linear
+from common import bench_linear
 
 # (hidden size, dtype, rounds, vocab sizes at N_FIXED, token counts at V_FIXED, N_FIXED, V_FIXED)
 SIZES = {
@@ -38,7 +38,7 @@ def _sweep(benchmark, device, impl, point):
     axis, n, hs, vocab, dtype, rounds = point
     gpu = device == "cuda"
     ignore_every = 0 if gpu else 8
-    _bench_linear(benchmark, impl, n, hs, vocab, dtype, device, rounds, True, ignore_every)
+    bench_linear(benchmark, impl, n, hs, vocab, dtype, device, rounds, True, ignore_every)
     benchmark.extra_info["sweep"] = {"axis": axis, "N": n, "H": hs, "V": vocab, "impl": impl}
 
 

@@ -15,78 +15,48 @@ import pytest
 import torch
 
 import nemokern.kernels.linear_logprobs as L
-from helpers import IGNORE, INTERPRETER_NOISE, error_vs, reference
+from helpers import (
+    IGNORE,
+    INTERPRETER_NOISE,
+    awkward_linear_inputs,
+    errors_vs,
+    reference,
+    vs_float64,
+)
 from nemokern.ops import linear_logprobs
 
 pytestmark = INTERPRETER_NOISE
 
 
 def make_inputs(shape, hidden_size, vocab, dtype, scale, ignore_frac=0.25, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    hidden = (torch.randn(*shape, hidden_size, generator=g) * scale).to(dtype)
-    weight = (torch.randn(vocab, hidden_size, generator=g) / hidden_size**0.5).to(dtype)
-    targets = torch.randint(0, vocab, shape, generator=g)
-    targets[torch.rand(shape, generator=g) < ignore_frac] = IGNORE
+    """hidden, weight, targets and the upstream gradients of logp and of the entropy."""
+    hidden, weight, targets, _, g = awkward_linear_inputs(
+        shape, hidden_size, vocab, dtype, scale, ignore_frac, seed
+    )
     return hidden, weight, targets, torch.randn(shape, generator=g), torch.randn(shape, generator=g)
 
 
-def run_all(hidden, weight, g_lp, g_ent, fn):
-    h = hidden.detach().clone().requires_grad_(True)
-    w = weight.detach().clone().requires_grad_(True)
-    logp, ent = fn(h, w)
-    (g_lp * logp if g_ent is None else g_lp * logp + g_ent * ent).sum().backward()
-    return logp.detach(), ent.detach(), h.grad, w.grad
+def op_and_plain(targets, temperature):
+    """linear_logprobs and the plain formula (matmul + log_softmax + gather), as fn(h, w)."""
+
+    def ours(h, w):
+        return linear_logprobs(h, w, targets, temperature=temperature, return_entropy=True)
+
+    def plain(h, w):
+        return reference(h @ w.t(), targets, temperature)
+
+    return ours, plain
 
 
 def check_against_float64(hidden, weight, targets, g_lp, g_ent, temperature, label=""):
-    ours = run_all(
-        hidden,
-        weight,
-        g_lp,
-        g_ent,
-        lambda h, w: linear_logprobs(h, w, targets, temperature=temperature, return_entropy=True),
-    )
-    plain = run_all(
-        hidden, weight, g_lp, g_ent, lambda h, w: reference(h @ w.t(), targets, temperature)
-    )
-    ref = run_all(
-        hidden.double(),
-        weight.double(),
-        g_lp.double(),
-        g_ent.double(),
-        lambda h, w: reference(h @ w.t(), targets, temperature),
-    )
+    fns = op_and_plain(targets, temperature)
+    runs = vs_float64(*fns, (hidden, weight), (g_lp, g_ent))
+    ours = runs[0]
     assert ours[2].dtype == hidden.dtype and ours[3].dtype == weight.dtype
-    names = ("logp", "entropy", "dhidden", "dweight")
-    errs = [error_vs(o, p, r, f"{label} {n}") for o, p, r, n in zip(ours, plain, ref, names)]
+    errors_vs(*runs, ("logp", "entropy", "dhidden", "dweight"), label)
     # logp-only gradient (entropy gets none: the common RLHF case, a shorter torch backward)
-    only = [
-        run_all(h, w, g, None, f)[2:]
-        for h, w, g, f in (
-            (
-                hidden,
-                weight,
-                g_lp,
-                lambda h, w: linear_logprobs(
-                    h, w, targets, temperature=temperature, return_entropy=True
-                ),
-            ),
-            (hidden, weight, g_lp, lambda h, w: reference(h @ w.t(), targets, temperature)),
-            (
-                hidden.double(),
-                weight.double(),
-                g_lp.double(),
-                lambda h, w: reference(h @ w.t(), targets, temperature),
-            ),
-        )
-    ]
-    for i, n in enumerate(("logp-only dhidden", "logp-only dweight")):
-        errs.append(error_vs(*(o[i] for o in only), f"{label} {n}"))
-        names += (n,)
-    print(
-        f"\n{label}: "
-        + ", ".join(f"{n} err {e:.2e} (plain {p:.2e})" for n, (e, p) in zip(names, errs))
-    )
+    only = [run[2:] for run in vs_float64(*fns, (hidden, weight), (g_lp, None))]
+    errors_vs(*only, ("logp-only dhidden", "logp-only dweight"), label)
     return ours
 
 
@@ -234,23 +204,10 @@ def test_triton_on_cuda_real_shapes(n, hidden_size, vocab, dtype):
     hidden, weight, targets, g_lp, g_ent = (
         t.cuda() for t in make_inputs((n,), hidden_size, vocab, dtype, 1.0)
     )
-    ours = run_all(
-        hidden,
-        weight,
-        g_lp,
-        g_ent,
-        lambda h, w: linear_logprobs(h, w, targets, temperature=0.7, return_entropy=True),
+    runs = vs_float64(*op_and_plain(targets, 0.7), (hidden, weight), (g_lp, g_ent))
+    errors_vs(
+        *runs, ("logp", "entropy", "dhidden", "dweight"), f"cuda {n}x{hidden_size}x{vocab} {dtype}"
     )
-    plain = run_all(hidden, weight, g_lp, g_ent, lambda h, w: reference(h @ w.t(), targets, 0.7))
-    ref = run_all(
-        hidden.double(),
-        weight.double(),
-        g_lp.double(),
-        g_ent.double(),
-        lambda h, w: reference(h @ w.t(), targets, 0.7),
-    )
-    for o, p, r, what in zip(ours, plain, ref, ("logp", "entropy", "dhidden", "dweight")):
-        print(what, error_vs(o, p, r, f"cuda {n}x{hidden_size}x{vocab} {dtype} {what}"))
 
 
 @pytest.mark.parametrize("backend", ["torch_backend", "triton_backend"])

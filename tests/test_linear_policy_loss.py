@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 import nemokern.kernels.linear_logprobs as L
 import nemokern.kernels.linear_policy_loss as P
-from helpers import IGNORE, INTERPRETER_NOISE, run_ranks
+from helpers import IGNORE, INTERPRETER_NOISE, assert_shard_matches, run_ranks
 from helpers import policy_inputs as make_inputs
 from helpers import policy_run as run
 from helpers import policy_small_tiles as small_tiles
@@ -304,15 +304,7 @@ def _tp_worker(rank, world, init_file, backend, dtype, clip):
     # linear_logprobs' exchange: the fixed-size header, then the statistics
     assert fwd == {"all_gather": 2}, f"forward collectives: {fwd}"
     assert total == {"all_gather": 2, "all_reduce": 1}, f"fwd+bwd collectives: {total}"
-    tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    for name, a, b in zip(("loss", "entropy", "dhidden"), part[:3], full[:3]):
-        torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"rank {rank} {name}: {m}")
-    torch.testing.assert_close(
-        part[3],
-        full[3][rank * shard : (rank + 1) * shard],
-        **tol,
-        msg=lambda m: f"rank {rank} dweight shard: {m}",
-    )
+    assert_shard_matches(part, full, rank, shard, ("loss", "entropy", "dhidden"), dtype)
     # ranks that disagree on the targets raise on every rank, naming this op
     other = targets.clone()
     other[0, 0] = (other[0, 0] + rank) % (shard * world)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import nemokern.kernels.linear_policy_loss as P
-from helpers import IGNORE, INTERPRETER_NOISE, error_vs
+from helpers import IGNORE, INTERPRETER_NOISE, awkward_linear_inputs, errors_vs, fwd_bwd
 from helpers import policy_small_tiles as small_tiles
 from nemokern.ops import linear_policy_loss
 
@@ -44,12 +44,9 @@ def make_clip_inputs(shape, hidden_size, vocab, dtype, temperature, margin, seed
     """hidden, weight, targets (a quarter ignored), advantages (some 0), weights 1/n and
     old log-probs placing each counted token's float64 ratio at one of: just below / above
     1 - eps_low and 1 + eps_high (by `margin`), 1, or a random value in [0.3, 3]."""
-    g = torch.Generator().manual_seed(seed)
-    hidden = (torch.randn(*shape, hidden_size, generator=g) * 2).to(dtype)
-    weight = (torch.randn(vocab, hidden_size, generator=g) / hidden_size**0.5).to(dtype)
-    targets = torch.randint(0, vocab, shape, generator=g)
-    ignored = torch.rand(shape, generator=g) < 0.25
-    targets[ignored] = IGNORE
+    hidden, weight, targets, ignored, g = awkward_linear_inputs(
+        shape, hidden_size, vocab, dtype, 2.0, seed=seed
+    )
     adv = torch.randn(shape, generator=g).double()
     adv[torch.rand(shape, generator=g) < 0.1] = 0.0
     w = torch.full(shape, 1.0 / max(1, int((~ignored).sum())), dtype=torch.float64)
@@ -66,12 +63,10 @@ def make_clip_inputs(shape, hidden_size, vocab, dtype, temperature, margin, seed
 
 
 def run(hidden, weight, adv, fn):
-    h = hidden.detach().clone().requires_grad_(True)
-    wt = weight.detach().clone().requires_grad_(True)
-    a = adv.detach().clone().requires_grad_(True)
-    loss, ratio, clipped = fn(h, wt, a)
-    loss.backward()
-    return (loss.detach(), h.grad, wt.grad, a.grad), ratio, clipped
+    """fn(h, wt, a) -> (loss, ratio, clipped): ((loss, dhidden, dweight, dadvantage), ratio,
+    clipped)."""
+    loss, ratio, clipped, *grads = fwd_bwd(fn, (hidden, weight, adv), (1.0, None, None))
+    return (loss, *grads), ratio, clipped
 
 
 def check_clipped(hidden, weight, targets, adv, w, old, temperature, label):
@@ -103,12 +98,7 @@ def check_clipped(hidden, weight, targets, adv, w, old, temperature, label):
     ours, plain, ref = ([*x[:3], x[3][~zero]] for x in (ours, plain, ref))
     assert ours[0].dtype == torch.float32 and ours[0].shape == ()
     assert ours[1].dtype == hidden.dtype and ours[2].dtype == weight.dtype
-    names = ("loss", "dhidden", "dweight", "dadvantage")
-    errs = [error_vs(o, p, r, f"{label} {n}") for o, p, r, n in zip(ours, plain, ref, names)]
-    print(
-        f"\n{label}: "
-        + ", ".join(f"{n} err {e:.2e} (plain {p:.2e})" for n, (e, p) in zip(names, errs))
-    )
+    errors_vs(ours, plain, ref, ("loss", "dhidden", "dweight", "dadvantage"), label)
     assert ratio.dtype == torch.float32 and ratio.shape == targets.shape
     assert torch.equal(clipped, ref_clipped), f"{label}: clipped tokens differ"
     torch.testing.assert_close(ratio.double(), ref_ratio, rtol=0.05, atol=0)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import nemokern.kernels.logprobs as K
-from helpers import IGNORE, INTERPRETER_NOISE, error_vs, peak_extra_bytes, reference
+from helpers import IGNORE, INTERPRETER_NOISE, errors_vs, peak_extra_bytes, reference, vs_float64
 from nemokern.ops import logprobs
 
 pytestmark = INTERPRETER_NOISE
@@ -26,64 +26,21 @@ def make_inputs(shape, vocab, dtype, scale, ignore_frac=0.25, seed=0):
     return logits, targets, g_lp, g_ent
 
 
-def run_all(logits, targets, g_lp, g_ent, temperature, fn):
-    """fn(x) -> (logp, ent); returns logp, ent, dlogits of sum(g_lp*logp + g_ent*ent) (of
-    sum(g_lp*logp) when g_ent is None: the entropy output then gets no gradient at all)."""
-    x = logits.detach().clone().requires_grad_(True)
-    logp, ent = fn(x)
-    (g_lp * logp if g_ent is None else g_lp * logp + g_ent * ent).sum().backward()
-    return logp.detach(), ent.detach(), x.grad
-
-
 def check_against_float64(logits, targets, g_lp, g_ent, temperature, label=""):
-    ours = run_all(
-        logits,
-        targets,
-        g_lp,
-        g_ent,
-        temperature,
-        lambda x: logprobs(x, targets, temperature=temperature, return_entropy=True),
-    )
-    plain = run_all(
-        logits, targets, g_lp, g_ent, temperature, lambda x: reference(x, targets, temperature)
-    )
-    ref = run_all(
-        logits.double(),
-        targets,
-        g_lp.double(),
-        g_ent.double(),
-        temperature,
-        lambda x: reference(x, targets, temperature),
-    )
+    def op(x):
+        return logprobs(x, targets, temperature=temperature, return_entropy=True)
+
+    def plain(x):
+        return reference(x, targets, temperature)
+
+    runs = vs_float64(op, plain, (logits,), (g_lp, g_ent))
+    ours = runs[0]
     assert ours[0].dtype == torch.float32 and ours[1].dtype == torch.float32
     assert ours[2].dtype == logits.dtype
-    errs = [
-        error_vs(o, p, r, f"{label} {what}")
-        for o, p, r, what in zip(ours, plain, ref, ("logp", "entropy", "dlogits"))
-    ]
+    errors_vs(*runs, ("logp", "entropy", "dlogits"), label)
     # logp-only gradient (the common RLHF case): a separate, shorter backward on the torch path
-    only = [
-        run_all(
-            x, targets, g.to(x.dtype if x.dtype == torch.float64 else g.dtype), None, temperature, f
-        )[2]
-        for x, g, f in (
-            (
-                logits,
-                g_lp,
-                lambda x: logprobs(x, targets, temperature=temperature, return_entropy=True),
-            ),
-            (logits, g_lp, lambda x: reference(x, targets, temperature)),
-            (logits.double(), g_lp.double(), lambda x: reference(x, targets, temperature)),
-        )
-    ]
-    errs.append(error_vs(*only, f"{label} logp-only dlogits"))
-    print(
-        f"\n{label}: "
-        + ", ".join(
-            f"{w} err {e:.2e} (plain {p:.2e})"
-            for w, (e, p) in zip(("logp", "entropy", "dlogits", "logp-only dlogits"), errs)
-        )
-    )
+    only = [run[2:] for run in vs_float64(op, plain, (logits,), (g_lp, None))]
+    errors_vs(*only, ("logp-only dlogits",), label)
     return ours
 
 
@@ -105,12 +62,8 @@ TORCH_CASES = [
 
 @pytest.mark.parametrize("shape,vocab,dtype,temperature,scale", TORCH_CASES)
 def test_torch_path_matches_float64(torch_backend, shape, vocab, dtype, temperature, scale):
-    logits, targets, g_lp, g_ent = make_inputs(shape, vocab, dtype, scale)
     check_against_float64(
-        logits,
-        targets,
-        g_lp,
-        g_ent,
+        *make_inputs(shape, vocab, dtype, scale),
         temperature,
         label=f"torch {shape} V={vocab} {dtype} T={temperature} x{scale:g}",
     )
@@ -140,12 +93,8 @@ def test_triton_kernels_match_float64(
     # 64-column blocks so V = 300 walks five blocks, the last partial: exercises the online merge.
     monkeypatch.setattr(K, "FWD_CONFIG", (64, 4))
     monkeypatch.setattr(K, "BWD_CONFIG", (64, 4))
-    logits, targets, g_lp, g_ent = make_inputs(shape, vocab, dtype, scale)
     check_against_float64(
-        logits,
-        targets,
-        g_lp,
-        g_ent,
+        *make_inputs(shape, vocab, dtype, scale),
         temperature,
         label=f"triton {shape} V={vocab} {dtype} T={temperature} x{scale:g}",
     )
@@ -242,25 +191,13 @@ def test_triton_on_cuda_real_shapes(n, vocab, dtype):
     targets[::5] = IGNORE
     g_lp = torch.randn(n, device="cuda", generator=g)
     g_ent = torch.randn(n, device="cuda", generator=g)
-    ours = run_all(
-        logits,
-        targets,
-        g_lp,
-        g_ent,
-        0.7,
+    runs = vs_float64(
         lambda x: logprobs(x, targets, temperature=0.7, return_entropy=True),
-    )
-    plain = run_all(logits, targets, g_lp, g_ent, 0.7, lambda x: reference(x, targets, 0.7))
-    ref = run_all(
-        logits.double(),
-        targets,
-        g_lp.double(),
-        g_ent.double(),
-        0.7,
         lambda x: reference(x, targets, 0.7),
+        (logits,),
+        (g_lp, g_ent),
     )
-    for o, p, r, what in zip(ours, plain, ref, ("logp", "entropy", "dlogits")):
-        print(what, error_vs(o, p, r, f"cuda {n}x{vocab} {dtype} {what}"))
+    errors_vs(*runs, ("logp", "entropy", "dlogits"), f"cuda {n}x{vocab} {dtype}")
 
 
 @pytest.mark.parametrize("backend", ["torch_backend", "triton_backend"])

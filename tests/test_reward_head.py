@@ -8,6 +8,7 @@ floor of a few fp32 ulps of the result.
 import pytest
 import torch
 
+from helpers import error_vs, relative_floor
 from nemokern.ops import reward_head
 
 EPS = 1e-5
@@ -77,9 +78,7 @@ def check_vs_float64(hidden, last, nw, w, b):
     names = ["rewards", "hidden", "norm_weight", "head_weight", "head_bias"]
     for name, a, p, r in zip(names, (got,) + got_g, (plain,) + plain_g, (want,) + want_g):
         assert a.dtype == (torch.float32 if name == "rewards" else p.dtype), name
-        err, err_plain = (a.double() - r).abs().max().item(), (p.double() - r).abs().max().item()
-        floor = 4e-7 * r.abs().max().item() + 1e-12
-        assert err <= 2 * err_plain + floor, (name, err, err_plain, floor)
+        error_vs(a, p, r, name, floor=relative_floor(r.abs().max().item()))
     # hidden's gradient lives only in the gathered rows
     d_hidden = got_g[0].clone()
     assert rows_of(d_hidden, last).abs().sum() > 0

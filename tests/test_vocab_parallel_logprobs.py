@@ -13,9 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from helpers import run_ranks
-
-IGNORE = -100
+from helpers import IGNORE, assert_shard_matches, fwd_bwd, run_ranks
 
 
 def _count_collectives(counts):
@@ -59,14 +57,17 @@ def _worker(rank, world, init_file, backend, dtype):
     g_lp, g_ent = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
 
     def run(w, tp_group):
-        h = hidden.clone().requires_grad_(True)
-        w = w.clone().requires_grad_(True)
-        logp, ent = linear_logprobs(
-            h, w, targets, temperature=0.7, return_entropy=True, tp_group=tp_group
-        )
-        counts_fwd = dict(counts)
-        (g_lp * logp + g_ent * ent).sum().backward()
-        return logp.detach(), ent.detach(), h.grad, w.grad, counts_fwd
+        """(logp, entropy, dhidden, dweight, the collectives counted by the end of forward)."""
+        counts_fwd = {}
+
+        def op(h, w):
+            out = linear_logprobs(
+                h, w, targets, temperature=0.7, return_entropy=True, tp_group=tp_group
+            )
+            counts_fwd.update(counts)
+            return out
+
+        return (*fwd_bwd(op, (hidden, w), (g_lp, g_ent)), counts_fwd)
 
     counts = {}
     full = run(weight, None)
@@ -75,16 +76,7 @@ def _worker(rank, world, init_file, backend, dtype):
     # forward: the fixed-size header check, then the per-token statistics
     assert sharded[4] == {"all_gather": 2}, f"forward collectives: {sharded[4]}"
     assert counts == {"all_gather": 2, "all_reduce": 1}, f"fwd+bwd collectives: {counts}"
-    tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    names = ("logp", "entropy", "dhidden")
-    for name, a, b in zip(names, sharded[:3], full[:3]):
-        torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"rank {rank} {name}: {m}")
-    torch.testing.assert_close(
-        sharded[3],
-        full[3][rank * shard : (rank + 1) * shard],
-        **tol,
-        msg=lambda m: f"rank {rank} dweight shard: {m}",
-    )
+    assert_shard_matches(sharded, full, rank, shard, ("logp", "entropy", "dhidden"), dtype)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
