@@ -113,7 +113,7 @@ def main():
         loop = TrainLoop(cfg, model, data, step_fn)
         setup_rss = _peak_rss_mib()  # the model read (or built), sharded, AdamW not yet made
         print(f"setup {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-        seconds = [loop._train_step()["step_s"] for _ in range(args.steps + 1)][1:]
+        seconds = [loop.train_step()["step_s"] for _ in range(args.steps + 1)][1:]
         print(f"steps {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     opt = getattr(loop.optimizer, "optim", loop.optimizer)  # ZeRO: this process's share
     held = {

@@ -96,7 +96,7 @@ def test_trunk_packed_vs_padded_gpu(benchmark, models, impl):
 def _rollout_batch(device, prompts=8, k=4, prompt_len=1024, response=(128, 512), vocab=VOCAB):
     """A REINFORCE micro-batch: `prompts` prompts of prompt_len tokens, k responses each of
     uneven length; pack()'s two layouts ({"shared-prompt": ..., "full-copies": ...})."""
-    from nemokern.trainers.rollout import pack
+    from nemokern.trainers.policy import pack
 
     g = torch.Generator().manual_seed(2)
     rows = [torch.randint(0, vocab, (prompt_len,), generator=g).tolist() for _ in range(prompts)]

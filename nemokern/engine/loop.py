@@ -366,7 +366,8 @@ class TrainLoop:
     `load_extra_state` (what those need to resume), `step_record` (add to each step's record) and
     `nonfinite_note` (add to the message of a non-finite loss or gradient); call `autocast()` (the
     steps' mixed precision, for forwards made outside a step) and `sum_over_processes` (sums over
-    the data-parallel processes). The methods whose names start with _ are not among them.
+    the data-parallel processes). `train_step()` runs one optimizer step outside `fit` (what a
+    benchmark times). The methods whose names start with _ are not among them.
     """
 
     def __init__(
@@ -604,6 +605,11 @@ class TrainLoop:
         if self.dist.dp_size > 1:  # the ranks of a tp group hold the same values
             all_reduce(vec, self.dist.dp_group)
         return vec.tolist()
+
+    def train_step(self) -> dict:
+        """One optimizer step and its record, outside fit: no run directory, resume, logging or
+        checkpoint (what a benchmark times)."""
+        return self._train_step()
 
     def _train_step(self) -> dict:
         cfg, step = self.config, self.step
