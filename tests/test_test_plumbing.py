@@ -53,6 +53,23 @@ def test_bench_files_import_no_test_file_and_no_other_bench_file():
     assert not problems, f"import shared code from bench/common.py instead: {problems}"
 
 
+def test_bench_files_call_no_private_trainloop_method():
+    """A benchmark drives TrainLoop through its public methods (train_step, fit), as trainers do."""
+    loop = ast.parse((TESTS.parent / "nemokern" / "engine" / "loop.py").read_text())
+    (cls,) = [n for n in loop.body if isinstance(n, ast.ClassDef) and n.name == "TrainLoop"]
+    private = [
+        f.name for f in cls.body if isinstance(f, ast.FunctionDef) and re.match(r"_[a-z]", f.name)
+    ]
+    assert "_train_step" in private
+    problems = [
+        f"bench/{path.name} calls {name}"
+        for path in sorted(BENCH.glob("*.py"))
+        for name in private
+        if re.search(rf"\.{name}\(", path.read_text())
+    ]
+    assert not problems, problems
+
+
 def test_test_processes_leave_their_group_one_way():
     """Every multi-process test leaves its process group through helpers.leave_group (a barrier,
     then destroy): a bare destroy_process_group once aborted a gloo process whose worker thread
