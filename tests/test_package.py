@@ -177,3 +177,27 @@ def test_ops_on_a_gpu_that_is_not_current():
             results.append([out.cpu()] + [x.grad.cpu() for x in xs])
         for a, b in zip(*results):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_the_public_names_hold_under_their_stable_paths():
+    """docs/architecture.md's public API: the names scripts outside the package import."""
+    import nemokern.engine
+    import nemokern.model
+    import nemokern.ops
+    import nemokern.parallel
+    import nemokern.train
+    import nemokern.trainers
+
+    for name in ("logprobs", "linear_logprobs", "linear_policy_loss", "sequence_kl", "reward_head"):
+        assert callable(getattr(nemokern.ops, name)), name
+    for name in ("Llama", "LlamaConfig", "generate"):
+        assert hasattr(nemokern.model, name), name
+    assert callable(nemokern.parallel.all_reduce)
+    for name in ("SFTTrainer", "SFTConfig", "RewardTrainer", "RewardConfig", "ReinforceTrainer"):
+        assert getattr(nemokern.train, name) is getattr(nemokern.trainers, name), name
+    assert nemokern.train.ReinforceConfig is nemokern.trainers.ReinforceConfig
+    for name in nemokern.engine.__all__:  # the engine's names, re-exported as before the split
+        assert getattr(nemokern.train, name) is getattr(nemokern.engine, name), name
+    assert set(nemokern.train.__all__) == set(nemokern.engine.__all__) | set(
+        nemokern.trainers.__all__
+    )
