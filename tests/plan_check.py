@@ -172,14 +172,16 @@ def run_case(case: str, directory: Path, config, opts, rows_per_process=None) ->
 
     trainer, world, layout = case.split(":")
     world = int(world)
-    result = directory / f"result-{trainer}-{world}-{layout}"
     data = {"sft": "sft.jsonl", "reward": "pairs.jsonl", "reinforce": "prompts.jsonl"}[trainer]
     rows_per_process = rows_per_process or opts.rows
+    # one --out per run: a trainer refuses an --out that holds another run (the search's cases)
+    name = f"{trainer}-{world}-{layout}-{rows_per_process}"
+    result = directory / f"result-{name}"
     rows = rows_per_process * world  # per process the same micro-batch at every process count
     args = [
         "--worker", "--trainer", trainer, "--world", world, "--layout", layout,
         "--model", directory / "policy", "--reward-model", directory / "reward",
-        "--data", directory / data, "--out", directory / f"out-{trainer}-{world}-{layout}",
+        "--data", directory / data, "--out", directory / f"out-{name}",
         "--result", result, "--rows", rows if trainer == "reinforce" else rows_per_process,
         "--k", opts.k, "--new", opts.new, "--steps", opts.steps,
     ]  # fmt: skip
