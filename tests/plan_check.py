@@ -4,11 +4,18 @@ processes, predicted peak memory per process vs the measured one.
 Measured: the peak of anonymous resident memory (RssAnon in /proc/self/status, sampled every
 millisecond by a thread) of each process while it builds the trainer and trains, minus its value
 before (the process group already joined, the checkpoint read once: the first read sets up
-about 24 MB of process state that later reads do not add); glibc's MALLOC_MMAP_THRESHOLD_ is
-set to 64 KiB so that a freed tensor's memory goes back to the OS at once. File
-pages (libtorch's code, the memory-mapped checkpoint) are not anonymous memory and not counted.
+about 24 MB of process state that later reads do not add; transformers imported, as the run
+record does: 16 MB); glibc's MALLOC_MMAP_THRESHOLD_ is set to 64 KiB so that a freed tensor's
+memory goes back to the OS at once. File pages (libtorch's code, the memory-mapped checkpoint)
+are not anonymous memory and not counted.
 Predicted: nemokern.plan for the same run (device cpu: float32), with the tokens per micro-batch
 the trainer's batches actually have.
+
+Three optimizer steps by default (--steps): the plan is the steady state, which DDP reaches only
+in the third step. DDP allocates its gradient buckets at construction and again when it rebuilds
+them at the start of the second step's forward; on the CPU a bucket's pages become resident
+only when the backward first writes them, so the second step's forward runs without them
+(AdamW's state, created by the first step, is there from the second step on).
 
     python tests/plan_check.py [--size small|100m] [--cases sft:1:-,reward:2:tp,...]
     python tests/plan_check.py --search sft:1:- --limit-mib 150 --grid 4,6,8,10,12
@@ -96,8 +103,12 @@ def worker(args) -> None:
     # the first checkpoint read of a process sets up ~24 MB of process state (seen as RssAnon)
     # that a second read does not add: warmed up here, it is not counted as the run's
     Llama.from_pretrained(args.model, dtype=torch.float32)
+    # OUT/run.json records the libraries' versions (engine/run_dir.py), importing transformers:
+    # ~16 MB of Python state, imported here so that it is not counted as the run's either
+    import transformers  # noqa: F401
+
     common = dict(
-        out=args.out, device="cpu", max_steps=2, progress=False, tensorboard=False,
+        out=args.out, device="cpu", max_steps=args.steps, progress=False, tensorboard=False,
         save_every=0, shuffle=False, **layout,
     )  # fmt: skip
     with PeakAnon() as peak:
@@ -161,16 +172,18 @@ def run_case(case: str, directory: Path, config, opts, rows_per_process=None) ->
 
     trainer, world, layout = case.split(":")
     world = int(world)
-    result = directory / f"result-{trainer}-{world}-{layout}"
     data = {"sft": "sft.jsonl", "reward": "pairs.jsonl", "reinforce": "prompts.jsonl"}[trainer]
     rows_per_process = rows_per_process or opts.rows
+    # one --out per run: a trainer refuses an --out that holds another run (the search's cases)
+    name = f"{trainer}-{world}-{layout}-{rows_per_process}"
+    result = directory / f"result-{name}"
     rows = rows_per_process * world  # per process the same micro-batch at every process count
     args = [
         "--worker", "--trainer", trainer, "--world", world, "--layout", layout,
         "--model", directory / "policy", "--reward-model", directory / "reward",
-        "--data", directory / data, "--out", directory / f"out-{trainer}-{world}-{layout}",
+        "--data", directory / data, "--out", directory / f"out-{name}",
         "--result", result, "--rows", rows if trainer == "reinforce" else rows_per_process,
-        "--k", opts.k, "--new", opts.new,
+        "--k", opts.k, "--new", opts.new, "--steps", opts.steps,
     ]  # fmt: skip
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     outs = run_script_ranks(Path(__file__), world, *args, env=env, timeout=opts.timeout)
@@ -190,6 +203,7 @@ def run_case(case: str, directory: Path, config, opts, rows_per_process=None) ->
     peak = max(m["peak_bytes"] for m in measured)
     return {
         "case": case,
+        "steps": opts.steps,
         "tokens_per_micro_batch": run.micro_batch_tokens(),
         "predicted_bytes": mem.peak,
         "predicted_phase": mem.peak_phase,
@@ -236,6 +250,7 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=2)
     p.add_argument("--new", type=int, default=32, help="max_new_tokens")
     p.add_argument("--prompt-chars", type=int, default=120)
+    p.add_argument("--steps", type=int, default=3, help="optimizer steps each case trains")
     p.add_argument("--timeout", type=int, default=900)
     p.add_argument("--json", default=None)
     p.add_argument("--search", default=None, metavar="CASE", help="search a micro-batch limit")

@@ -82,6 +82,52 @@ def test_persistent_terms_by_hand():
     assert M.persistent(run, counts(), [counts(), counts()])["reference"] == 2 * WHOLE
 
 
+def test_ddp_buckets_by_hand():
+    """DDP (gradient_as_bucket_view off, as engine/loop.py builds it) keeps one float32 bucket
+    slot per trained parameter beside .grad: the reward model's frozen trunk LM head has none."""
+    reward = M.persistent(Run("reward", gpus=2, device="cpu"), counts(gpus=2, reward_head=9), [])
+    assert reward["ddp_buckets"] == 4 * (WHOLE - 320 * 64 + 9 * 64 + 9)
+    assert M.persistent(Run("sft", gpus=2, tp=2), counts(gpus=2, tp=2), [])["ddp_buckets"] == 0
+
+
+@pytest.mark.parametrize("trainer", ["sft", "reward"])
+def test_ddp_buckets_are_what_ddp_allocates(tmp_path, trainer):
+    """The plan's DDP term against the buckets a real DistributedDataParallel hands its
+    communication hook in one backward (a one-process gloo group)."""
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from nemokern.model import Llama, RewardModel
+
+    torch.manual_seed(0)
+    model = Llama(TINY)
+    ids = torch.tensor([[1, 2, 3]])
+    if trainer == "reward":
+        model = RewardModel(model)
+        model.trunk.lm_head.weight.requires_grad_(False)  # as RewardTrainer does
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        ddp = DistributedDataParallel(model)  # the arguments engine/loop.py passes on the CPU
+        seen = []
+
+        def hook(_, bucket):
+            seen.append(bucket.buffer().numel() * bucket.buffer().element_size())
+            future = torch.futures.Future()
+            future.set_result(bucket.buffer())
+            return future
+
+        ddp.register_comm_hook(None, hook)
+        out = ddp(ids, torch.tensor([2])) if trainer == "reward" else ddp(ids)
+        out.sum().backward()
+    finally:
+        dist.destroy_process_group()
+    c = counts(gpus=2, reward_head=9 if trainer == "reward" else 0)
+    assert sum(seen) == M.persistent(Run(trainer, gpus=2, device="cpu"), c, [])["ddp_buckets"]
+
+
 def test_kv_cache_and_micro_batch_tokens_by_hand():
     run = Run("reinforce", gpus=2, k=4, prompts_per_step=8, max_prompt_tokens=20, max_new_tokens=7)
     # per process 4 prompts x 4 samples; prompt bucket 32 (a power of two >= 20) + 7 slots
@@ -226,7 +272,7 @@ def _plan_check(*args):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(3600)  # 15 two-step trainings on 1 to 4 processes
+@pytest.mark.timeout(3600)  # 15 three-step trainings on 1 to 4 processes
 def test_predicted_peak_within_ten_percent_of_measured(tmp_path):
     """Each trainer on 1, 2 and 4 gloo processes (DDP, tp, FSDP, tp + FSDP): plan_check.py
     measures the peak anonymous memory per process and compares it with the plan."""

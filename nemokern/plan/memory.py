@@ -163,6 +163,8 @@ def persistent(run: Run, counts: Counts, frozen: list[Counts]) -> dict:
     out = {
         "parameters": counts.stored * 4,
         "optimizer": 2 * 4 * (counts.trained // run.dp if run.shard_optimizer else counts.trained),
+        # DDP as engine/loop.py builds it (gradient_as_bucket_view off): flat float32 buckets
+        # holding every trained parameter's gradient beside .grad, allocated at construction
         "ddp_buckets": counts.trained * 4 if run.dp > 1 and not run.sharded else 0,
     }
     for name, c in zip(("reference", "reward_model"), frozen):
