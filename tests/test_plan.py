@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import leave_group
 from nemokern.cli import main
 from nemokern.kernels import linear_logprobs as klp
 from nemokern.kernels import linear_policy_loss as klpl
@@ -123,7 +124,7 @@ def test_ddp_buckets_are_what_ddp_allocates(tmp_path, trainer):
         out = ddp(ids, torch.tensor([2])) if trainer == "reward" else ddp(ids)
         out.sum().backward()
     finally:
-        dist.destroy_process_group()
+        leave_group()
     c = counts(gpus=2, reward_head=9 if trainer == "reward" else 0)
     assert sum(seen) == M.persistent(Run(trainer, gpus=2, device="cpu"), c, [])["ddp_buckets"]
 
