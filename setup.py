@@ -5,10 +5,10 @@ The CPU part is always built. The CUDA part is compiled with nvcc when a CUDA to
 pointers, so it does not need torch headers, and build isolation would not have torch anyway.
 """
 
-import importlib.util
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
@@ -19,11 +19,14 @@ CSRC = ROOT / "csrc"
 
 
 def _load_env():
-    """nemokern/env.py by path: the one reader of NEMOKERN_* variables (imports only os)."""
-    spec = importlib.util.spec_from_file_location("_nemokern_env", ROOT / "nemokern" / "env.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """nemokern.env, the one reader of NEMOKERN_* variables, from this source tree: pip builds in
+    an environment where nemokern is not installed. It imports only nemokern.errors (no torch)."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from nemokern import env
+    finally:
+        sys.path.remove(str(ROOT))
+    return env
 
 
 env = _load_env()

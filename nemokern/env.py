@@ -4,7 +4,8 @@ No other module reads these variables from os.environ; they call `flag`, `choice
 `text`.
 Booleans are spelled 0/1, false/true or off/on (any case) everywhere. An empty value means the
 default. `python -m nemokern.env` prints the README's table; a test keeps the two equal.
-This module imports nothing from nemokern and not torch, so setup.py can load it by path.
+It imports only nemokern.errors (which imports nothing) and not torch, so setup.py can read it
+from the source tree.
 """
 
 import os

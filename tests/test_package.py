@@ -41,6 +41,29 @@ def test_setup_py_never_imports_torch():
     assert "torch" not in names
 
 
+def test_setup_py_reads_env_where_nemokern_is_not_installed(tmp_path):
+    """pip builds in an isolated environment without nemokern: setup.py's _load_env must work
+    there (a fresh clone's install once failed on env.py's import of nemokern.errors)."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    tree = ast.parse((root / "setup.py").read_text())
+    (load,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_load_env"]
+    code = (
+        f"import sys\nfrom pathlib import Path\nROOT = Path({str(root)!r})\n{ast.unparse(load)}\n"
+        "env = _load_env()\nprint(env.flag('NEMOKERN_NO_CUDA'), 'torch' in sys.modules)\n"
+    )
+    # -I -S: no site-packages (the editable install), no current directory on sys.path
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[1] == "False"
+
+
 def test_check_tensors_names_the_argument():
     from nemokern.ops._checks import tensors as check_tensors
 
