@@ -327,12 +327,13 @@ def policy_vs_float64(hidden, weight, targets, coef, temperature, label="", grad
 def policy_small_tiles(monkeypatch):
     """Tiles small enough that the interpreter walks several token/vocabulary/H tiles, vocabulary
     splits and token chunks (the chunk budget rounds up to one 16-token tile)."""
+    import nemokern.kernels._policy_chunks as chunks
     import nemokern.kernels.linear_logprobs as L
     import nemokern.kernels.linear_policy_loss as P
 
     for dt in (torch.float32, torch.bfloat16):
         monkeypatch.setitem(L._CONFIGS, dt, (16, 32, 16, 4, 1))
-    monkeypatch.setattr(P, "_CHUNK_BYTES", 1)
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 1)
     monkeypatch.setattr(P, "_DLOGITS_CONFIG", (8, 32, 4))
     monkeypatch.setattr(L, "_BWD_CHUNK_BYTES", 1)
 

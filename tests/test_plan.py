@@ -11,6 +11,7 @@ import pytest
 
 from helpers import leave_group
 from nemokern.cli import main
+from nemokern.kernels import _policy_chunks as chunks
 from nemokern.kernels import linear_logprobs as klp
 from nemokern.kernels import linear_policy_loss as klpl
 from nemokern.model import LlamaConfig
@@ -140,7 +141,7 @@ def test_kv_cache_and_micro_batch_tokens_by_hand():
 
 
 def test_loss_block_sizes_are_the_kernels():
-    assert M.LOSS_BLOCK == {"cuda": klpl._CHUNK_BYTES, "cpu": klpl._TORCH_CHUNK_ELEMENTS * 4}
+    assert M.LOSS_BLOCK == {"cuda": chunks.CHUNK_BYTES, "cpu": klpl._TORCH_CHUNK_ELEMENTS * 4}
     assert M.LOSS_STATS_BLOCK["cpu"] == klpl._TORCH_STATS_ELEMENTS * 4
     assert M.LOGPROBS_FWD_BLOCK["cpu"] == klp._TORCH_FWD_CHUNK_ELEMENTS * 4
     assert M.LOGPROBS_BWD_BLOCK == {

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+import nemokern.kernels._policy_chunks as chunks
 import nemokern.kernels.linear_policy_loss as P
 import nemokern.kernels.policy_loss_cublas as C
 from helpers import INTERPRETER_NOISE
@@ -90,7 +91,7 @@ def test_without_a_table_the_all_triton_path_runs(triton_backend, monkeypatch, t
         monkeypatch.setattr(
             P, "linear_policy_grads_triton", lambda *a, **k: calls.append(1) or real(*a, **k)
         )
-        monkeypatch.setattr(P, "_CHUNK_BYTES", 1)
+        monkeypatch.setattr(chunks, "CHUNK_BYTES", 1)
         check_against_float64(hidden, weight, targets, coef, 1.0, label="no table")
         assert calls == [1]
     finally:

@@ -20,8 +20,8 @@ Counting the GEMM FLOPs in units of N*H*V (N tokens, H hidden, V vocabulary):
   reading and writing [V, H] (in fp32 for 16-bit inputs, so that it is rounded once: a [V, H]
   fp32 buffer lives during the forward): 2*C*V*H FLOPs per 8*V*H bytes, C / 4 FLOPs per byte,
   so a chunk must be wide enough for that accumulate to stay compute-bound (the GPU chunk is
-  _CHUNK_BYTES of logits: C = 1920 at V = 128256 bf16, 480 FLOPs per byte against an H200's
-  ridge of ~200).
+  _policy_chunks.CHUNK_BYTES of logits: C = 1920 at V = 128256 bf16, 480 FLOPs per byte against
+  an H200's ridge of ~200).
 - vocab-parallel shards (the op's tp_group): a row's normaliser needs every shard, so no
   d(logits) can exist before the exchange of statistics. There the op runs linear_logprobs'
   statistics pass (`stats` below), its exchange, then linear_logprobs' vocabulary-chunk gradient
@@ -52,21 +52,26 @@ Tile configurations: linear_logprobs' `_CONFIGS`. Speed on a GPU is unmeasured.
 
 CPU reference, per token chunk: one GEMM into a reused scratch block, statistics from copies of
 a few of its rows at a time (block_stats_torch overwrites its input), d(logits) in place by
-block_dlogits_torch, then the same GEMM skeleton as the GPU (`_by_token_chunks`). Memory beyond
-the gradients: the block and the small copy.
+block_dlogits_torch, then the same GEMM skeleton as the GPU (`_policy_chunks.by_token_chunks`).
+Memory beyond the gradients: the block and the small copy.
 """
-
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from . import _policy_chunks as chunks
 from . import linear_logprobs as _linear
+from . import policy_loss_cublas
+from ._policy_chunks import (
+    all_rows,
+    by_token_chunks,
+    grad_coef,
+    ratio_terms,  # noqa: F401 (the op's loss and coef gradient)
+)
 from ._rounding import cast_to
 from .linear_logprobs import (
     _CONFIGS,
-    _mm_fp32,
     _scaled_logits,
     check_triton_dtype,
 )
@@ -87,97 +92,8 @@ _TORCH_CHUNK_ELEMENTS = 1 << 23
 # block_stats_torch overwrites its input: it gets copies of a few rows of the chunk at a time
 # (4 MB of fp32), so the chunk's logits survive for d(logits) without a second full block.
 _TORCH_STATS_ELEMENTS = 1 << 20
-_CHUNK_BYTES = 512 << 20  # logits block of the GPU path (input dtype)
 # Elementwise d(logits) kernel: (BLOCK_N, BLOCK_V, num_warps); untuned.
 _DLOGITS_CONFIG = (16, 512, 4)
-
-
-# ----------------------------------------------------------------------------- the objective
-
-
-class RatioTerms(NamedTuple):
-    """ratio_terms' per-token results, float32 [C] (clipped: bool)."""
-
-    ratio: torch.Tensor  # r = exp(logp - old_logp)
-    factor: torch.Tensor  # f: clip(r) where clipped, else r; loss_t = coef_t * f_t
-    clipped: torch.Tensor  # the clip binds: coef < 0 and r > hi, or coef > 0 and r < lo
-    g_lp: torch.Tensor  # d(loss_t)/d(logp_t) = coef_t * r_t, 0 where clipped
-    loss: torch.Tensor  # coef_t * f_t (0 where coef_t = 0)
-
-
-def ratio_terms(logp, old_logp, coef, bounds):
-    """The importance-ratio-clipped policy-gradient loss of each counted token: with
-    r = exp(logp - old_logp) and bounds (lo, hi) = (1 - eps_low, 1 + eps_high),
-    loss_t = max(coef_t * r_t, coef_t * clip(r_t, lo, hi)). With coef_t = -w_t * A_t (w_t >= 0)
-    that is -w_t * min(r_t A_t, clip(r_t) A_t), PPO's clipped surrogate. logp, old_logp, coef
-    float32 [C]. The one home of this formula: the op's loss, its coef gradient (the factor f)
-    and its logits gradient (g_lp, per token chunk) all come from here."""
-    lo, hi = bounds
-    ratio = torch.exp(logp - old_logp)
-    clipped = torch.where(coef < 0, ratio > hi, (coef > 0) & (ratio < lo))
-    factor = torch.where(clipped, ratio.clamp(lo, hi), ratio)
-    # a token with coef 0 contributes nothing, even at r = inf (0 * inf would be nan)
-    idle = clipped | (coef == 0)
-    zero = torch.zeros((), dtype=ratio.dtype, device=ratio.device)
-    g_lp = torch.where(idle, zero, coef * ratio)
-    loss = torch.where(coef == 0, zero, coef * factor)
-    return RatioTerms(ratio, factor, clipped, g_lp, loss)
-
-
-def _grad_coef(coef, old_logp, bounds):
-    """g(logp_c, rows) -> d(loss)/d(logp) [C] of a token chunk: coef itself, or with old_logp,
-    ratio_terms' g_lp from the chunk's log-probs."""
-    if old_logp is None:
-        return lambda logp, sl: coef[sl]
-    return lambda logp, sl: ratio_terms(logp, old_logp[sl], coef[sl], bounds).g_lp
-
-
-# ----------------------------------------------------------------------------- shared skeleton
-
-
-def _accumulate_fp32(acc, a, b):
-    """acc += a @ b with acc float32 and a, b possibly 16-bit: one rounding of dweight at the end
-    instead of one per chunk."""
-    if acc.dtype == a.dtype:
-        acc.addmm_(a, b)
-    elif a.is_cuda:
-        try:  # cuBLAS adds the fp32 product into acc in its epilogue: no [V, H] temporary
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-        except (TypeError, RuntimeError, NotImplementedError):
-            acc += _mm_fp32(a, b)
-    else:
-        acc.addmm_(a.float(), b.float())
-
-
-def _by_token_chunks(hidden, weight, targets, grad_coef, step, chunk_dlogits, need_dh, need_dw):
-    """The forward both paths share: token chunks of `step` rows;
-    chunk_dlogits(h_c, targets_c, g) -> (logp_c, entropy_c, d(logits)_c [C, V] in hidden's
-    dtype), where g(logp_c) is the chunk's d(loss)/d(logp) (grad_coef(logp_c, rows)). dhidden
-    rows are complete after one GEMM per chunk; dweight accumulates (fp32)."""
-    n = hidden.shape[0]
-    logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    entropy = torch.empty_like(logp)
-    dh = torch.empty_like(hidden) if need_dh else None
-    dw = None
-    if need_dw:
-        acc_dtype = torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else None
-        dw = torch.zeros_like(weight, dtype=acc_dtype)
-    for i in range(0, n, step):
-        sl = slice(i, i + step)
-        logp[sl], entropy[sl], dz = chunk_dlogits(
-            hidden[sl], targets[sl], lambda lp, sl=sl: grad_coef(lp, sl)
-        )
-        if need_dh:
-            torch.mm(dz, weight, out=dh[sl])
-        if need_dw:
-            _accumulate_fp32(dw, dz.t(), hidden[sl])
-    if need_dw:
-        dw = dw.to(weight.dtype)
-    return logp, entropy, dh, dw
-
-
-def _all_rows(targets):
-    return torch.ones_like(targets, dtype=torch.bool)
 
 
 # ----------------------------------------------------------------------------- torch reference
@@ -220,12 +136,12 @@ def linear_policy_grads_torch(
                 for r in range(0, z.shape[0], stats_step)
             ]
         )
-        logp, norm, entropy = combine_stats(parts.unsqueeze(0), _all_rows(t_c))
+        logp, norm, entropy = combine_stats(parts.unsqueeze(0), all_rows(t_c))
         dz = block_dlogits_torch(z, t_c, norm, entropy, g(logp), None, inv_t)
         return logp, entropy, dz.to(hidden.dtype)
 
-    g_of = _grad_coef(coef, old_logp, bounds)
-    return _by_token_chunks(hidden, weight, targets, g_of, step, chunk_dlogits, need_dh, need_dw)
+    g_of = grad_coef(coef, old_logp, bounds)
+    return by_token_chunks(hidden, weight, targets, g_of, step, chunk_dlogits, need_dh, need_dw)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -275,11 +191,11 @@ def linear_policy_grads_triton(
 ):
     """The Triton path of linear_policy_grads_torch (same arguments and results; the entropy is
     computed whatever with_entropy says): token chunks whose logits block in hidden's dtype is
-    about _CHUNK_BYTES."""
+    about _policy_chunks.CHUNK_BYTES."""
     n, h = hidden.shape
     v = weight.shape[0]
     bn = _CONFIGS[hidden.dtype][0]
-    step = max(bn, _CHUNK_BYTES // (v * hidden.element_size()) // bn * bn)
+    step = max(bn, chunks.CHUNK_BYTES // (v * hidden.element_size()) // bn * bn)
     z_block = torch.empty(min(n, step), v, dtype=hidden.dtype, device=hidden.device)
     dn, dv, dwarps = _DLOGITS_CONFIG
 
@@ -287,15 +203,15 @@ def linear_policy_grads_triton(
         c = h_c.shape[0]
         z = z_block[:c]
         parts = _linear.stats_parts(h_c, weight, t_c, inv_t, 0, z=z)
-        logp, norm, entropy = combine_stats(parts, _all_rows(t_c))
+        logp, norm, entropy = combine_stats(parts, all_rows(t_c))
         g_c = g(logp).contiguous()
         _policy_dlogits_kernel[(triton.cdiv(c, dn), triton.cdiv(v, dv))](
             z, t_c, norm, g_c, c, v, z.stride(0), inv_t, BLOCK_N=dn, BLOCK_V=dv, num_warps=dwarps
         )
         return logp, entropy, z
 
-    g_of = _grad_coef(coef, old_logp, bounds)
-    return _by_token_chunks(hidden, weight, targets, g_of, step, chunk_dlogits, need_dh, need_dw)
+    g_of = grad_coef(coef, old_logp, bounds)
+    return by_token_chunks(hidden, weight, targets, g_of, step, chunk_dlogits, need_dh, need_dw)
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -323,9 +239,7 @@ def forward(
     forward)."""
     if backend == "triton":
         check_triton_dtype(OP, hidden.dtype)
-        from .policy_loss_cublas import choose  # the measured path table (cyclic import)
-
-        fn = choose(hidden) or linear_policy_grads_triton
+        fn = policy_loss_cublas.choose(hidden) or linear_policy_grads_triton
     else:
         fn = linear_policy_grads_torch
     return fn(

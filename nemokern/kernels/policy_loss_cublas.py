@@ -9,9 +9,9 @@ Per token chunk of C rows (the same 6 N*H*V FLOPs as kernels/linear_policy_loss.
    over the row in place (nemokern.kernels.logprobs' `online_softmax_step` and `dlogits_tile`:
    no formula restated); logp and entropy follow from the statistics by `combine_stats`;
 3. dhidden_c = dz @ weight and dweight += dz.T @ hidden_c (fp32 accumulator) by cuBLAS, in
-   kernels/linear_policy_loss.py's `_by_token_chunks`, the skeleton every path of the op shares.
+   kernels/_policy_chunks.py's `by_token_chunks`, the skeleton every path of the op shares.
 With importance-ratio clipping (the op's old_logprobs and clip) the coefficient of d(logits)
-depends on the token's own logp (kernels/linear_policy_loss.py's `ratio_terms`): the kernel then
+depends on the token's own logp (kernels/_policy_chunks.py's `ratio_terms`): the kernel then
 runs twice, statistics first and d(logits) after the coefficient is formed.
 
 Which path kernels/linear_policy_loss.py runs on a GPU (this one or its all-Triton path, which
@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _policy_chunks as chunks
+from ._policy_chunks import all_rows, by_token_chunks, grad_coef
 from ._rounding import cast_to
 from .logprobs import combine_stats, dlogits_tile, online_softmax_step
 
@@ -133,11 +135,9 @@ def chunk_dlogits(z, targets, norm, coef, inv_t):
 
 
 def default_chunk_rows(v, element_size):
-    """Rows of a chunk whose logits block is kernels/linear_policy_loss.py's _CHUNK_BYTES (the
+    """Rows of a chunk whose logits block is kernels/_policy_chunks.py's CHUNK_BYTES (the
     all-Triton path's block), in multiples of 128 rows where that fits."""
-    from . import linear_policy_loss as P
-
-    rows = P._CHUNK_BYTES // (v * element_size)
+    rows = chunks.CHUNK_BYTES // (v * element_size)
     return max(1, rows // 128 * 128 if rows >= 128 else rows)
 
 
@@ -159,8 +159,6 @@ def linear_policy_grads_cublas(
     tokens per chunk (None: default_chunk_rows). The plain coefficient is known before a chunk's
     logits: one fused pass. The clipped one (old_logp) needs the chunk's log-probs first: the
     statistics pass, combine_stats, the coefficient, then the d(logits) pass."""
-    from .linear_policy_loss import _all_rows, _by_token_chunks, _grad_coef
-
     n, v = hidden.shape[0], weight.shape[0]
     step = chunk_rows or default_chunk_rows(v, hidden.element_size())
     z_block = torch.empty(min(n, step), v, dtype=hidden.dtype, device=hidden.device)
@@ -169,14 +167,14 @@ def linear_policy_grads_cublas(
         z = torch.mm(h_c, weight.t(), out=z_block[: h_c.shape[0]])
         if old_logp is None:  # g does not depend on the log-probs
             parts = chunk_policy(z, t_c, g(None).contiguous(), inv_t)
-            logp, _, entropy = combine_stats(parts, _all_rows(t_c))
+            logp, _, entropy = combine_stats(parts, all_rows(t_c))
         else:
-            logp, norm, entropy = combine_stats(chunk_stats(z, t_c, inv_t), _all_rows(t_c))
+            logp, norm, entropy = combine_stats(chunk_stats(z, t_c, inv_t), all_rows(t_c))
             chunk_dlogits(z, t_c, norm, g(logp).contiguous(), inv_t)
         return logp, entropy, z
 
-    g_of = _grad_coef(coef, old_logp, bounds)
-    return _by_token_chunks(hidden, weight, targets, g_of, step, chunk, need_dh, need_dw)
+    g_of = grad_coef(coef, old_logp, bounds)
+    return by_token_chunks(hidden, weight, targets, g_of, step, chunk, need_dh, need_dw)
 
 
 # ----------------------------------------------------------------------------- dispatch table
