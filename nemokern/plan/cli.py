@@ -12,17 +12,15 @@ from .memory import Run
 from .shapes import BUILTIN, model_shape
 from .steptime import HARDWARE
 
-_REINFORCE_ONLY = (
+_REINFORCE_COUNTS = (  # the integer options of the "reinforce" group
     "k",
     "prompts_per_step",
     "updates_per_rollout",
     "generation_batch_size",
     "max_prompt_tokens",
     "max_new_tokens",
-    "reward_model",
-    "frozen_dtype",
-    "shared_prompt",
 )
+_REINFORCE_ONLY = (*_REINFORCE_COUNTS, "reward_model", "frozen_dtype", "shared_prompt")
 _DEFAULTS = Run("reinforce", gpus=1)
 
 
@@ -94,14 +92,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "step-time bound's attention (default: %(default)s)",
     )
     g = p.add_argument_group("reinforce")
-    for name in (
-        "k",
-        "prompts_per_step",
-        "updates_per_rollout",
-        "generation_batch_size",
-        "max_prompt_tokens",
-        "max_new_tokens",
-    ):
+    for name in _REINFORCE_COUNTS:
         g.add_argument(
             f"--{name.replace('_', '-')}",
             type=int,
@@ -167,7 +158,7 @@ def _run(args) -> Run:
         gpus_per_node=min(args.gpus_per_node, args.gpus),
     )
     if args.trainer == "reinforce":
-        given = {n: getattr(args, n) for n in _REINFORCE_ONLY[:6] if getattr(args, n) is not None}
+        given = {n: getattr(args, n) for n in _REINFORCE_COUNTS if getattr(args, n) is not None}
         for name, value in given.items():
             if value < (0 if name == "generation_batch_size" else 1):
                 raise ConfigError(f"--{name.replace('_', '-')} {value}: must be at least 1")
