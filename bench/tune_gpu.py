@@ -105,12 +105,12 @@ def sweep_linear(device, dry, roof):
     weight = (torch.randn(v, h, device=device, generator=g) / h**0.5).to(torch.bfloat16)
     targets = torch.randint(0, v, (n,), device=device, generator=g)
     ones = torch.ones(n, device=device)
-    saved = L._CONFIGS[torch.bfloat16]
+    saved = L.TILE_CONFIGS[torch.bfloat16]
     rows = []
     configs = [(16, 32, 16, 4, 1)] if dry else LINEAR_CONFIGS
     nhv = n * h * v
     for cfg in configs:
-        L._CONFIGS[torch.bfloat16] = cfg
+        L.TILE_CONFIGS[torch.bfloat16] = cfg
         row = dict(zip(("BLOCK_N", "BLOCK_V", "BLOCK_H", "num_warps", "num_stages"), cfg))
         try:
             fwd = timer(lambda: L.linear_stats_triton(hidden, weight, targets, 1.0), device)
@@ -134,7 +134,7 @@ def sweep_linear(device, dry, roof):
         )
         rows.append(row)
         print("linear", row, flush=True)
-    L._CONFIGS[torch.bfloat16] = saved
+    L.TILE_CONFIGS[torch.bfloat16] = saved
     return rows
 
 

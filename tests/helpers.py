@@ -332,7 +332,7 @@ def policy_small_tiles(monkeypatch):
     import nemokern.kernels.linear_policy_loss as P
 
     for dt in (torch.float32, torch.bfloat16):
-        monkeypatch.setitem(L._CONFIGS, dt, (16, 32, 16, 4, 1))
+        monkeypatch.setitem(L.TILE_CONFIGS, dt, (16, 32, 16, 4, 1))
     monkeypatch.setattr(chunks, "CHUNK_BYTES", 1)
     monkeypatch.setattr(P, "_DLOGITS_CONFIG", (8, 32, 4))
     monkeypatch.setattr(L, "_BWD_CHUNK_BYTES", 1)

@@ -106,7 +106,7 @@ def test_triton_kernels_match_float64(
     # Small tiles, so the interpreter walks several token/vocabulary/H tiles and vocabulary
     # splits, and a 1-byte chunk budget, so the backward walks many 32-column chunks.
     for dt in (torch.float32, torch.bfloat16):
-        monkeypatch.setitem(L._CONFIGS, dt, (16, 32, 16, 4, 1))
+        monkeypatch.setitem(L.TILE_CONFIGS, dt, (16, 32, 16, 4, 1))
     monkeypatch.setattr(L, "_BWD_CHUNK_BYTES", 1)
     inputs = make_inputs(shape, hidden_size, vocab, dtype, scale)
     check_against_float64(
@@ -234,7 +234,7 @@ def test_unchecked_out_of_range_target_gives_minus_logsumexp(request, backend, m
     # an id past V must not match a padding column of the last (partial) vocabulary tile.
     request.getfixturevalue(backend)
     monkeypatch.setenv("NEMOKERN_CHECK_TARGETS", "0")
-    monkeypatch.setitem(L._CONFIGS, torch.float32, (16, 32, 16, 4, 1))
+    monkeypatch.setitem(L.TILE_CONFIGS, torch.float32, (16, 32, 16, 4, 1))
     h, w = torch.randn(3, 8), torch.randn(37, 8)
     logp = linear_logprobs(h, w, torch.tensor([5, 37, 40]))
     lse = torch.logsumexp((h @ w.t()).double(), -1)
@@ -279,7 +279,7 @@ def test_ignored_rows_cost_nothing_and_garbage_there_is_harmless(request, backen
     in ignored rows (padding, prompts) leave every output and gradient exactly as without them;
     the ignored rows get 0 and a zero dhidden."""
     request.getfixturevalue(backend)
-    monkeypatch.setitem(L._CONFIGS, torch.float32, (16, 32, 16, 4, 1))
+    monkeypatch.setitem(L.TILE_CONFIGS, torch.float32, (16, 32, 16, 4, 1))
     g = torch.Generator().manual_seed(11)
     hidden = torch.randn(9, 16, generator=g)
     weight = torch.randn(37, 16, generator=g)

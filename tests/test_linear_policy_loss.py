@@ -259,7 +259,7 @@ COLLECTIVES = (
 def _tp_worker(rank, world, init_file, backend, dtype, clip):
     os.environ["NEMOKERN_BACKEND"] = backend
     for dt in (torch.float32, torch.bfloat16):
-        L._CONFIGS[dt] = (16, 32, 16, 4, 1)
+        L.TILE_CONFIGS[dt] = (16, 32, 16, 4, 1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     group = dist.new_group(list(range(world)))
     shard, hs = 13, 24  # vocabulary 13 * world, odd sizes

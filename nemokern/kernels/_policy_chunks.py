@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import torch
 
-from .linear_logprobs import _mm_fp32
+from .linear_logprobs import mm_fp32
 
 CHUNK_BYTES = 512 << 20  # logits block of the GPU paths (input dtype)
 
@@ -61,7 +61,7 @@ def accumulate_fp32(acc, a, b):
         try:  # cuBLAS adds the fp32 product into acc in its epilogue: no [V, H] temporary
             torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
         except (TypeError, RuntimeError, NotImplementedError):
-            acc += _mm_fp32(a, b)
+            acc += mm_fp32(a, b)
     else:
         acc.addmm_(a.float(), b.float())
 

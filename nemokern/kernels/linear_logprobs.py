@@ -53,7 +53,7 @@ _BWD_CHUNK_BYTES = 256 << 20  # d(logits) chunk of the GPU backward
 # ----------------------------------------------------------------------------- torch reference
 
 
-def _scaled_logits(a, b_t, inv_t, scratch):
+def scaled_logits(a, b_t, inv_t, scratch):
     """(a @ b_t) / T as float32, the GEMM written into the leading elements of `scratch`, a
     buffer reused across chunks (a fresh block per chunk would cost page faults). Valid until the
     next call with the same scratch."""
@@ -69,7 +69,7 @@ def linear_stats_torch(hidden, weight, targets, inv_t, vocab_start=0, with_entro
     step = row_chunk(n, v, _TORCH_FWD_CHUNK_ELEMENTS)
     scratch = hidden.new_empty(min(n, step) * v)
     for i in range(0, n, step):
-        z = _scaled_logits(hidden[i : i + step], weight.t(), inv_t, scratch)
+        z = scaled_logits(hidden[i : i + step], weight.t(), inv_t, scratch)
         out[i : i + step] = block_stats_torch(z, targets[i : i + step], vocab_start, with_entropy)
     return out.unsqueeze(0)
 
@@ -93,11 +93,11 @@ def backward_by_vocab_chunks(hidden, weight, chunk_cols, dlogits_chunk, need_dh=
         if dh.dtype == dz.dtype:
             dh.addmm_(dz, w_c)
         else:
-            dh += _mm_fp32(dz, w_c)
+            dh += mm_fp32(dz, w_c)
     return (dh.to(hidden.dtype) if need_dh else None), dw
 
 
-def _mm_fp32(a, b):
+def mm_fp32(a, b):
     """a @ b [M, N] float32 from bf16/fp16 operands. On CUDA, cuBLAS writes the fp32 accumulator
     directly, so dhidden is rounded to bf16 once (as eager's single GEMM) and not once per chunk."""
     if a.is_cuda:
@@ -129,7 +129,7 @@ def linear_backward_torch(
     scratch = hidden.new_empty(n * min(v, chunk_cols))
 
     def dlogits_chunk(c0, w_c):
-        z = _scaled_logits(hidden, w_c.t(), inv_t, scratch)
+        z = scaled_logits(hidden, w_c.t(), inv_t, scratch)
         return block_dlogits_torch(
             z, targets, norm, entropy, g_lp, g_ent, inv_t, vocab_start + c0
         ).to(hidden.dtype)
@@ -343,13 +343,13 @@ def _linear_dlogits_kernel(
 # 16-bit: the best of bench/results/2026-11-30-h200-tune-run2 (N = 16384, H = 4096, V = 128256 on
 # an H200; 144 KiB of shared memory, within sm_80's 163 KiB). fp32 uses exact (ieee) products
 # like torch's default fp32 matmul, with smaller tiles so that three stages fit on sm_80.
-_CONFIGS = {
+TILE_CONFIGS = {
     torch.bfloat16: (128, 256, 64, 8, 3),
     torch.float16: (128, 256, 64, 8, 3),
     torch.float32: (64, 64, 32, 4, 3),
 }
 _PRECISION = {torch.bfloat16: "tf32", torch.float16: "tf32", torch.float32: "ieee"}
-TRITON_DTYPES = tuple(_CONFIGS)  # what the Triton kernels take; the torch reference takes any
+TRITON_DTYPES = tuple(TILE_CONFIGS)  # what the Triton kernels take; the torch reference takes any
 
 
 def check_triton_dtype(op, dtype):
@@ -378,7 +378,7 @@ def stats_parts(hidden, weight, targets, inv_t, vocab_start=0, z=None):
     """_linear_stats_kernel over every token: parts [S, N, 4]; z [N, V] (hidden's dtype) also
     receives the scaled logits when given (linear_policy_loss)."""
     n, h = hidden.shape
-    bn, bv, bh, warps, stages = _CONFIGS[hidden.dtype]
+    bn, bv, bh, warps, stages = TILE_CONFIGS[hidden.dtype]
     n_tiles, v_tiles = max(1, triton.cdiv(n, bn)), triton.cdiv(weight.shape[0], bv)
     # Enough programs for two waves over the SMs; each split still walks many vocabulary tiles.
     splits = max(1, min(v_tiles, triton.cdiv(2 * _num_sms(hidden.device), n_tiles)))
@@ -432,7 +432,7 @@ def linear_backward_triton(
     g_ent = torch.zeros_like(g_lp) if g_ent is None else g_ent
     n, h = hidden.shape
     v = weight.shape[0]
-    bn, bv, bh, warps, stages = _CONFIGS[hidden.dtype]
+    bn, bv, bh, warps, stages = TILE_CONFIGS[hidden.dtype]
     per_row = max(1, n) * hidden.element_size()
     chunk_cols = max(bv, (_BWD_CHUNK_BYTES // per_row) // bv * bv)
     dz = torch.empty(n, min(chunk_cols, v), dtype=hidden.dtype, device=hidden.device)
@@ -517,7 +517,7 @@ def _specs():
     names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
     specs = []
     for dtype, dt in names.items():
-        bn, bv, bh, warps, stages = _CONFIGS[dtype]
+        bn, bv, bh, warps, stages = TILE_CONFIGS[dtype]
         options = {"num_warps": warps, "num_stages": stages}
         const = {
             "BLOCK_N": bn,

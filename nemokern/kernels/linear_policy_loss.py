@@ -48,7 +48,7 @@ each scaled logits tile, in the input dtype, into the chunk block; after combine
 elementwise kernel turns the block into d(logits) in place; cuBLAS does the two gradient GEMMs.
 16-bit logits are rounded to the input dtype before d(logits) is formed, as eager PyTorch's own
 bf16 logits are; the statistics (logp, entropy, the normaliser) come from the fp32 accumulators.
-Tile configurations: linear_logprobs' `_CONFIGS`. Speed on a GPU is unmeasured.
+Tile configurations: linear_logprobs' `TILE_CONFIGS`. Speed on a GPU is unmeasured.
 
 CPU reference, per token chunk: one GEMM into a reused scratch block, statistics from copies of
 a few of its rows at a time (block_stats_torch overwrites its input), d(logits) in place by
@@ -71,9 +71,9 @@ from ._policy_chunks import (
 )
 from ._rounding import cast_to
 from .linear_logprobs import (
-    _CONFIGS,
-    _scaled_logits,
+    TILE_CONFIGS,
     check_triton_dtype,
+    scaled_logits,
 )
 from .logprobs import (
     block_dlogits_torch,
@@ -122,7 +122,7 @@ def linear_policy_grads_torch(
     stats_scratch = torch.empty(stats_step * v, dtype=torch.float32, device=hidden.device)
 
     def chunk_dlogits(h_c, t_c, g):
-        z = _scaled_logits(h_c, weight.t(), inv_t, scratch)
+        z = scaled_logits(h_c, weight.t(), inv_t, scratch)
         parts = torch.cat(
             [
                 block_stats_torch(
@@ -194,7 +194,7 @@ def linear_policy_grads_triton(
     about _policy_chunks.CHUNK_BYTES."""
     n, h = hidden.shape
     v = weight.shape[0]
-    bn = _CONFIGS[hidden.dtype][0]
+    bn = TILE_CONFIGS[hidden.dtype][0]
     step = max(bn, chunks.CHUNK_BYTES // (v * hidden.element_size()) // bn * bn)
     z_block = torch.empty(min(n, step), v, dtype=hidden.dtype, device=hidden.device)
     dn, dv, dwarps = _DLOGITS_CONFIG
@@ -293,7 +293,7 @@ def _specs():
     specs = []
     dn, dv, dwarps = _DLOGITS_CONFIG
     for dtype, dt in names.items():
-        bn, bv, bh, warps, stages = _CONFIGS[dtype]
+        bn, bv, bh, warps, stages = TILE_CONFIGS[dtype]
         specs.append(
             (
                 _policy_dlogits_kernel,

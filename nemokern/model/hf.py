@@ -47,7 +47,7 @@ SAFETENSORS_FLOATS = {
 
 # RoPE's inv_freq, which older transformers versions wrote into checkpoints (per layer, or once
 # for the model): nemokern derives it from config.json, and transformers skips it when loading.
-_DERIVED_BUFFER = re.compile(r"model\.(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq")
+DERIVED_BUFFER = re.compile(r"model\.(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq")
 
 
 def hf_name(name: str) -> str:
@@ -217,7 +217,7 @@ def _checked_tensors(model, path: Path, assigned):
         for name, stored in _read(file, assigned):
             if name in loaded:
                 raise CheckpointError(f"{file}: tensor {name!r} appears in more than one shard")
-            if _DERIVED_BUFFER.fullmatch(name):
+            if DERIVED_BUFFER.fullmatch(name):
                 continue  # RoPE's inv_freq (older transformers): follows from config.json
             if name == "lm_head.weight" and config.tie_word_embeddings:
                 yield file, name, stored, None, shards.get(name)

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from nemokern.model.hf import (
-    _DERIVED_BUFFER,
+    DERIVED_BUFFER,
     INDEX,
     SAFETENSORS_FLOATS,
     SINGLE,
@@ -232,7 +232,7 @@ def _model_tensors(
             "hold it; re-save the checkpoint"
         )
     for name in list(tensors):
-        if (name == "lm_head.weight" and tied) or _DERIVED_BUFFER.fullmatch(name):
+        if (name == "lm_head.weight" and tied) or DERIVED_BUFFER.fullmatch(name):
             skipped.append(name)
             del tensors[name]
     return tensors

@@ -1,0 +1,89 @@
+"""No module of the package imports another module's private name (style.md: what two siblings
+share belongs in a module both import, under a public name).
+
+A private *module* (`from . import _checks`, `kernels/_policy_chunks.py`) is how a package shares
+code among its own modules; the names it offers are public. The compiled extension `_C` is a
+module too."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "nemokern"
+
+
+def _is_module(dotted: str) -> bool:
+    path = ROOT.joinpath(*dotted.split("."))
+    return (
+        path.with_suffix(".py").is_file()
+        or (path / "__init__.py").is_file()
+        or any(path.parent.glob(path.name + ".*.so"))
+    )
+
+
+def private_imports(module: str, source: str, is_package: bool = False) -> list[str]:
+    """'module (line N) imports name from other' for each private name `source` imports."""
+    package = module if is_package else module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        base = node.module or ""
+        if node.level:
+            anchor = package.split(".")
+            anchor = anchor[: len(anchor) - (node.level - 1)]
+            base = ".".join(anchor + ([base] if base else []))
+        if not base.startswith("nemokern"):
+            continue  # other libraries' private names are their business (and rare here)
+        for alias in node.names:
+            if alias.name.startswith("_") and not _is_module(f"{base}.{alias.name}"):
+                found.append(f"{module} (line {node.lineno}) imports {alias.name} from {base}")
+    return found
+
+
+def package_modules():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(ROOT).with_suffix("")
+        is_package = rel.name == "__init__"
+        yield ".".join(rel.parts[:-1] if is_package else rel.parts), path, is_package
+
+
+# Being renamed on another branch this session; this set empties when it lands.
+PENDING = {"_raw_rows", "_turns"}
+
+
+def test_no_module_imports_a_private_name():
+    found = []
+    for name, path, is_package in package_modules():
+        found += private_imports(name, path.read_text(), is_package)
+    found = [f for f in found if f.split(" imports ")[1].split()[0] not in PENDING]
+    assert not found, "\n".join(found)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "from .linear_logprobs import _mm_fp32\n",
+        "from nemokern.data.readers import DataError, _turns\n",
+        "def f():\n    from ..engine.loop import _helper\n",  # inside a function, two levels up
+    ],
+)
+def test_a_planted_private_import_fails(source):
+    assert private_imports("nemokern.kernels.logprobs", source)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "from . import _checks\n",  # a private module of the package
+        "from . import _policy_chunks as chunks\n",
+        "from nemokern import _C\n",
+        "from .linear_logprobs import mm_fp32\n",
+        "from torch._prims_common import _x\n",
+    ],
+)
+def test_public_names_and_private_modules_pass(source):
+    module = "nemokern.ops.logprobs" if "_checks" in source else "nemokern.kernels.logprobs"
+    assert not private_imports(module, source)
