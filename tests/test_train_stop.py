@@ -56,13 +56,35 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(tmp_
         assert torch.equal(ours, ref), name
 
 
-def test_sigint_twice_interrupts_at_once(tmp_path):
+@pytest.fixture
+def sigint_default():
+    """SIGINT as in an interactive process (a background job of a shell starts with it ignored)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_sigint_twice_interrupts_at_once(tmp_path, sigint_default):
     loop = _loop(tmp_path, _signalling(2, signal.SIGINT, times=2))
-    before = signal.getsignal(signal.SIGINT)  # SIG_IGN in a job a shell started in the background
     with pytest.raises(KeyboardInterrupt):
         loop.fit()
     assert loop.step == 1  # inside step 2: not finished, not saved
-    assert signal.getsignal(signal.SIGINT) is before
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_ignored_signal_stays_ignored(tmp_path):
+    """A run started ignoring SIGINT (nohup-like) is not stopped by one, and leaves it ignored."""
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        loop = _loop(tmp_path, _signalling(2, signal.SIGINT, times=2))
+        try:
+            history = loop.fit()
+        except (KeyboardInterrupt, TrainingStopped) as e:  # not pytest's own Ctrl-C
+            pytest.fail(f"an ignored SIGINT stopped the run: {e!r}")
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert [h["step"] for h in history] == list(range(1, 13))
 
 
 def _two_process_worker(rank, world, init_file, root):

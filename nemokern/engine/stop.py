@@ -5,7 +5,9 @@ The signal only sets a flag. TrainLoop finishes the optimizer step it is in, eve
 whether any process was signalled (one all-reduce of two integers per step), a checkpoint of that
 step is written, and `TrainingStopped` is raised naming it; `--resume auto` continues exactly there.
 A second SIGINT stops at once (KeyboardInterrupt). Handlers are installed only while `fit` runs,
-from the main thread, and the previous ones are restored after it.
+from the main thread, and the previous ones are restored after it. A signal the process ignores
+(SIG_IGN: `nohup`, or a job a non-interactive shell starts in the background, which ignores
+SIGINT) stays ignored, as Python itself leaves SIGINT alone when it starts ignored.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ class StopSignals:
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for signum in SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
