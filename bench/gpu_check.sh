@@ -12,7 +12,9 @@
 #   GPU_CHECK_DRY=1                       CPU dry run: every stage walks with small shapes (no
 #                                         install, GPU tests and benchmarks collected only, a
 #                                         tiny demo, the 2-process CPU all-reduce, two CPU
-#                                         benchmarks run)
+#                                         benchmarks run), every limit and the budget x5
+#                                         (GPU_CHECK_DRY_SCALE): a loaded CI machine's seconds are
+#                                         no GPU's, and the walk, not its speed, is checked
 #
 # Assumes python3 with CUDA torch, triton, pybind11, setuptools, transformers, safetensors, pytest,
 # pytest-benchmark and pytest-timeout; downloads nothing. Files in OUTDIR: log.txt (everything,
@@ -26,7 +28,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-bench/results/gpu_check}"
 DRY="${GPU_CHECK_DRY:-0}"
-BUDGET="${GPU_CHECK_BUDGET:-540}"
+SCALE=1
+[[ "$DRY" == 1 ]] && SCALE="${GPU_CHECK_DRY_SCALE:-5}"
+BUDGET="${GPU_CHECK_BUDGET:-$((540 * SCALE))}"
 TAR="${GPU_CHECK_TAR:-}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
@@ -43,7 +47,7 @@ declare -a SUMMARY=()
 # pytest inside gets a per-test timeout 30 s below that (PYTEST_ADDOPTS: start-up and collection
 # fit in the rest), so a hung test is reported by name before the stage is killed.
 stage() {
-    local name=$1 limit=$2
+    local name=$1 limit=$(($2 * SCALE))
     shift 2
     local left=$((BUDGET - (SECONDS - START)))
     local t=$((limit < left ? limit : left))

@@ -11,6 +11,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = (
     "versions",
@@ -26,6 +28,7 @@ STAGES = (
 )
 
 
+@pytest.mark.timeout(3000)
 def test_gpu_check_dry_run_walks_every_stage(tmp_path):
     out_dir, tar = tmp_path / "out", tmp_path / "check.tgz"
     env = dict(os.environ, GPU_CHECK_DRY="1", GPU_CHECK_TAR=str(tar))
@@ -36,7 +39,7 @@ def test_gpu_check_dry_run_walks_every_stage(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=3000,  # the dry run's budget (540 s x 5) and a margin
     )
     log = (out_dir / "log.txt").read_text() if (out_dir / "log.txt").exists() else ""
     assert out.returncode == 0, out.stdout + out.stderr + log
