@@ -39,7 +39,6 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,15 +103,15 @@ def _phase(frame) -> str:
 
 
 def _frames(frame, keep: int = 8) -> list[str]:
-    """The innermost `keep` frames of `frame`'s stack in nemokern, torch or safetensors."""
-    stack = traceback.extract_stack(frame) if frame is not None else []
-    libs = ("nemokern", "torch", "safetensors")
-    out = [
-        f"{Path(f.filename).name}:{f.lineno} {f.name}"
-        for f in stack
-        if any(x in f.filename for x in libs)
-    ]
-    return out[-keep:]
+    """The innermost `keep` frames of `frame`'s stack in nemokern, torch or safetensors, as
+    "file:line function" (no source lines read: linecache would grow the measured process)."""
+    out = []
+    while frame is not None and len(out) < keep:
+        code = frame.f_code
+        if any(lib in code.co_filename for lib in ("nemokern", "torch", "safetensors")):
+            out.append(f"{Path(code.co_filename).name}:{frame.f_lineno} {code.co_name}")
+        frame = frame.f_back
+    return out[::-1]
 
 
 class PeakAnon:
@@ -186,21 +185,27 @@ def worker(args) -> None:
     # ~16 MB of Python state, imported here so that it is not counted as the run's either
     import transformers  # noqa: F401
 
+    # and the trainers' modules (nemokern.train imports all three: ~3.5 MB of Python state)
+    from nemokern.train import (
+        ReinforceConfig,
+        ReinforceTrainer,
+        RewardConfig,
+        RewardTrainer,
+        SFTConfig,
+        SFTTrainer,
+    )
+
     common = dict(
         out=args.out, device="cpu", max_steps=args.steps, progress=False, tensorboard=False,
         save_every=0, shuffle=False, **layout,
     )  # fmt: skip
     with PeakAnon() as peak:
         if args.trainer == "sft":
-            from nemokern.train import SFTConfig, SFTTrainer
-
             cfg = SFTConfig(model=args.model, data=args.data, rows_per_batch=args.rows, **common)
             trainer = SFTTrainer(cfg)
             big = max(trainer.micro_batches, key=lambda b: b["input_ids"].numel())
             tokens, targets = big["input_ids"].numel(), big["n_tokens"]
         elif args.trainer == "reward":
-            from nemokern.train import RewardConfig, RewardTrainer
-
             cfg = RewardConfig(
                 model=args.model, data=args.data, loss="bt", rows_per_batch=args.rows,
                 shared_prompt=False, **common,
@@ -208,8 +213,6 @@ def worker(args) -> None:
             trainer = RewardTrainer(cfg)
             tokens = targets = max(int(b.num_tokens) for b in trainer.micro_batches)
         else:
-            from nemokern.train import ReinforceConfig, ReinforceTrainer
-
             cfg = ReinforceConfig(
                 policy=args.model, prompts=args.data, reward_model=args.reward_model,
                 k=args.k, max_new_tokens=args.new, prompts_per_step=args.rows,
