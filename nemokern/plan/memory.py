@@ -11,8 +11,9 @@ float32 on the CPU.
 
 A phase's peak is the persistent state plus what the phase holds at its fullest:
   forward     the end of a micro-batch's forward, where the fused loss runs: the activations
-              (activations.py: measured, scaled by shape), the loss's buffers, the gradients of
-              earlier micro-batches (grad_accum > 1); under bf16 autocast each matrix's bf16 copy
+              (activations.py: measured, scaled by shape), the loss's input and buffers, the
+              gradients of earlier micro-batches (grad_accum > 1); under bf16 autocast each
+              matrix's bf16 copy
   backward    its end: all gradients (the layers' gradients fill in as their activations are
               freed, so the larger end of the backward bounds it) and a layer's working set
   optimizer   all gradients (AdamW fused: no temporaries)
@@ -20,6 +21,8 @@ A phase's peak is the persistent state plus what the phase holds at its fullest:
               the sampled rows' logits, under --fsdp the whole policy gathered
   score       a frozen forward without gradients: one layer's working set and the chunked
               log-prob buffers, under --fsdp the frozen model's gathered layers
+  checkpoint  (CPU only) writing a checkpoint after a step: the clones of the state written
+  export      (CPU only) OUT/final under tp or --fsdp: the model gathered on the writer
 Each number is a lower bound on what the allocator needs: fragmentation and the CUDA context
 (about 0.5 to 1 GB) come on top.
 """
