@@ -120,8 +120,6 @@ class PeakAnon:
     (PHASE_FRAMES) above the start; .malloc, glibc's mallinfo2 at the peak."""
 
     def __init__(self):
-        import ctypes
-
         self._libc = ctypes.CDLL(None)
         self._libc.mallinfo2.restype = _Mallinfo2
 
