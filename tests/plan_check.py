@@ -6,8 +6,12 @@ millisecond by a thread) of each process while it builds the trainer and trains,
 before (the process group already joined, the checkpoint read once: the first read sets up
 about 24 MB of process state that later reads do not add; transformers imported, as the run
 record does: 16 MB); glibc's MALLOC_MMAP_THRESHOLD_ is set to 64 KiB so that a freed tensor's
-memory goes back to the OS at once. File pages (libtorch's code, the memory-mapped checkpoint)
-are not anonymous memory and not counted.
+memory goes back to the OS at once, and MKL_DISABLE_FAST_MM=1 so that MKL does not keep its GEMM
+buffers (4 to 7 MiB on the small model; cuBLAS's workspace is not tensor memory either). File
+pages (libtorch's code, the memory-mapped checkpoint) are not anonymous memory and not counted.
+Each process also reports the peak of each phase of the plan (PHASE_FRAMES: which function the
+training thread is in), its stack at the peak, and glibc's mallinfo2 there (hblkhd: the blocks
+of 64 KiB and more, the tensors; arena: the heap of smaller blocks).
 Predicted: nemokern.plan for the same run (device cpu: float32), with the tokens per micro-batch
 the trainer's batches actually have.
 
@@ -28,6 +32,7 @@ docs/plan.md.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import sys
@@ -51,6 +56,16 @@ DEFAULT_CASES = [
 ]
 
 
+class _Mallinfo2(ctypes.Structure):
+    """glibc's struct mallinfo2 (mallinfo2(3))."""
+
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                     "uordblks", "fordblks", "keepcost")
+    ]  # fmt: skip
+
+
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -59,19 +74,80 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+# the plan's phase that a sample of the training thread's stack is in: the innermost frame that
+# one of these (file name, function) pairs names; "forward" when none does (the trainer's
+# construction counts as "build")
+PHASE_FRAMES = (
+    ("generate.py", "generate", "generate"),
+    ("reinforce.py", "_score", "score"),
+    ("reinforce.py", "_logprobs", "score"),
+    ("checkpoint.py", "save", "checkpoint"),
+    ("policy.py", "export_policy", "export"),
+    ("reward.py", "save_pretrained", "export"),
+    ("__init__.py", "backward", "backward"),
+    ("optimizer.py", "wrapper", "optimizer"),
+    ("sft.py", "__init__", "build"),
+    ("reward.py", "__init__", "build"),
+    ("reinforce.py", "__init__", "build"),
+)
+
+
+def _phase(frame) -> str:
+    while frame is not None:
+        code = frame.f_code
+        for file, name, phase in PHASE_FRAMES:
+            if code.co_name == name and code.co_filename.endswith(file):
+                return phase
+        frame = frame.f_back
+    return "forward"
+
+
+def _frames(frame, keep: int = 8) -> list[str]:
+    """The innermost `keep` frames of `frame`'s stack in nemokern, torch or safetensors, as
+    "file:line function" (no source lines read: linecache would grow the measured process)."""
+    out = []
+    while frame is not None and len(out) < keep:
+        code = frame.f_code
+        if any(lib in code.co_filename for lib in ("nemokern", "torch", "safetensors")):
+            out.append(f"{Path(code.co_filename).name}:{frame.f_lineno} {code.co_name}")
+        frame = frame.f_back
+    return out[::-1]
+
+
 class PeakAnon:
-    """Sample RssAnon every millisecond in a thread; .peak_bytes above the value at start."""
+    """Sample RssAnon every millisecond in a thread: .peak_bytes above the value at start;
+    .where, the training thread's innermost frames at the peak; .phases, the peak of each phase
+    (PHASE_FRAMES) above the start; .malloc, glibc's mallinfo2 at the peak."""
+
+    def __init__(self):
+        self._libc = ctypes.CDLL(None)
+        self._libc.mallinfo2.restype = _Mallinfo2
 
     def __enter__(self):
         self.base = self.peak = _status_kib("RssAnon")
+        self.where, self.phases = [], {}
+        self.malloc_base = self.malloc = self._mallinfo()
+        self._main = threading.get_ident()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
 
+    def _mallinfo(self) -> dict:
+        m = self._libc.mallinfo2()
+        return {k: getattr(m, k) for k in ("arena", "hblkhd", "uordblks", "fordblks")}
+
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, _status_kib("RssAnon"))
+            now = _status_kib("RssAnon")
+            frame = sys._current_frames().get(self._main)
+            phase = _phase(frame)
+            self.phases[phase] = max(self.phases.get(phase, 0), (now - self.base) * 1024)
+            if now > self.peak:
+                self.peak = now
+                self.where = _frames(frame)
+                self.malloc = self._mallinfo()
+            del frame
             time.sleep(0.001)
 
     def __exit__(self, *exc):
@@ -107,21 +183,27 @@ def worker(args) -> None:
     # ~16 MB of Python state, imported here so that it is not counted as the run's either
     import transformers  # noqa: F401
 
+    # and the trainers' modules (nemokern.train imports all three: ~3.5 MB of Python state)
+    from nemokern.train import (
+        ReinforceConfig,
+        ReinforceTrainer,
+        RewardConfig,
+        RewardTrainer,
+        SFTConfig,
+        SFTTrainer,
+    )
+
     common = dict(
         out=args.out, device="cpu", max_steps=args.steps, progress=False, tensorboard=False,
         save_every=0, shuffle=False, **layout,
     )  # fmt: skip
     with PeakAnon() as peak:
         if args.trainer == "sft":
-            from nemokern.train import SFTConfig, SFTTrainer
-
             cfg = SFTConfig(model=args.model, data=args.data, rows_per_batch=args.rows, **common)
             trainer = SFTTrainer(cfg)
             big = max(trainer.micro_batches, key=lambda b: b["input_ids"].numel())
             tokens, targets = big["input_ids"].numel(), big["n_tokens"]
         elif args.trainer == "reward":
-            from nemokern.train import RewardConfig, RewardTrainer
-
             cfg = RewardConfig(
                 model=args.model, data=args.data, loss="bt", rows_per_batch=args.rows,
                 shared_prompt=False, **common,
@@ -129,8 +211,6 @@ def worker(args) -> None:
             trainer = RewardTrainer(cfg)
             tokens = targets = max(int(b.num_tokens) for b in trainer.micro_batches)
         else:
-            from nemokern.train import ReinforceConfig, ReinforceTrainer
-
             cfg = ReinforceConfig(
                 policy=args.model, prompts=args.data, reward_model=args.reward_model,
                 k=args.k, max_new_tokens=args.new, prompts_per_step=args.rows,
@@ -139,7 +219,14 @@ def worker(args) -> None:
             trainer = ReinforceTrainer(cfg)
             tokens = targets = 0
         trainer.fit()
-    result = {"peak_bytes": peak.peak_bytes, "tokens": tokens, "targets": targets}
+    result = {
+        "peak_bytes": peak.peak_bytes,
+        "tokens": tokens,
+        "targets": targets,
+        "where": peak.where,
+        "phases": peak.phases,
+        "malloc": {k: peak.malloc[k] - peak.malloc_base[k] for k in peak.malloc},
+    }
     Path(f"{args.result}.{os.environ.get('RANK', '0')}").write_text(json.dumps(result))
     leave_group()
 
@@ -185,7 +272,7 @@ def run_case(case: str, directory: Path, config, opts, rows_per_process=None) ->
         "--result", result, "--rows", rows if trainer == "reinforce" else rows_per_process,
         "--k", opts.k, "--new", opts.new, "--steps", opts.steps,
     ]  # fmt: skip
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MKL_DISABLE_FAST_MM="1")
     outs = run_script_ranks(Path(__file__), world, *args, env=env, timeout=opts.timeout)
     if any(rc for rc, _ in outs):
         raise RuntimeError(f"{case} failed:\n" + "\n".join(out[-3000:] for _, out in outs))
@@ -201,6 +288,7 @@ def run_case(case: str, directory: Path, config, opts, rows_per_process=None) ->
     counts, frozen = model_counts(config, run, config if trainer == "reinforce" else None)
     mem = memory(config, run, counts, frozen)
     peak = max(m["peak_bytes"] for m in measured)
+    top = max(measured, key=lambda m: m["peak_bytes"])["phases"]
     return {
         "case": case,
         "steps": opts.steps,
@@ -209,6 +297,11 @@ def run_case(case: str, directory: Path, config, opts, rows_per_process=None) ->
         "predicted_phase": mem.peak_phase,
         "measured_bytes": peak,
         "measured_by_rank": [m["peak_bytes"] for m in measured],
+        "measured_phase": max(top, key=top.get),
+        "peak_where_by_rank": [m["where"] for m in measured],
+        "phases_by_rank": [m["phases"] for m in measured],
+        "malloc_by_rank": [m["malloc"] for m in measured],
+        "predicted_phases": mem.phase_totals,
         "error": mem.peak / peak - 1,
         "plan": (run, counts, frozen),
     }
@@ -282,7 +375,8 @@ def main(argv=None) -> int:
             print(
                 f"{r['case']:<22} tokens/micro-batch {r['tokens_per_micro_batch']:>6}  "
                 f"predicted {r['predicted_bytes'] / 2**20:8.1f} MiB ({r['predicted_phase']})  "
-                f"measured {r['measured_bytes'] / 2**20:8.1f} MiB  error {r['error']:+.1%}",
+                f"measured {r['measured_bytes'] / 2**20:8.1f} MiB ({r['measured_phase']})  "
+                f"error {r['error']:+.1%}",
                 flush=True,
             )
     if opts.json:

@@ -150,6 +150,91 @@ def test_loss_block_sizes_are_the_kernels():
     }
 
 
+def test_loss_input_is_what_the_fused_loss_holds(monkeypatch):
+    """The forward's loss_input term against the tensors a real SFT micro-batch hands the fused
+    loss: the final hidden states [N, H] and the copy of the rows with a target (the prompts'
+    rows have none)."""
+    import torch
+
+    from nemokern.kernels import linear_policy_loss as kernel
+    from nemokern.model import Llama
+    from nemokern.trainers import policy
+
+    seen = []
+    loss, fused = policy.policy_gradient_loss, kernel.forward
+    monkeypatch.setattr(
+        policy, "policy_gradient_loss", lambda h, *a, **kw: seen.append(h) or loss(h, *a, **kw)
+    )
+    monkeypatch.setattr(
+        kernel, "forward", lambda b, h, *a, **kw: seen.append(h) or fused(b, h, *a, **kw)
+    )
+    torch.manual_seed(0)
+    batch = policy.pack([[1, 2, 3, 4, 5], list(range(6, 15))], [torch.arange(20, 24)] * 2)
+    counted = batch["targets"] != -100
+    coef = torch.where(counted, -1.0 / int(counted.sum()), 0.0)
+    policy.PolicyLoss(Llama(TINY))(batch["input_ids"], batch["cu_seqlens"], batch["targets"], coef)
+    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in seen}
+    n = batch["input_ids"].numel()
+    run = Run("sft", gpus=1, device="cpu", tokens_per_micro_batch=n,
+              response_share=int(counted.sum()) / n)  # fmt: skip
+    assert len(held) == 2
+    assert M.phases(TINY, run, counts(), [])["forward"]["loss_input"] == sum(held.values())
+
+
+def test_checkpoint_copy_is_what_the_checkpointer_clones(tmp_path):
+    """On the CPU a checkpoint (at the end of every run) clones the AdamW state it writes while
+    the parameters and the state stay: the plan's checkpoint phase against the most clone bytes
+    alive at once in a real Checkpointer.save after an AdamW step (one process)."""
+    import weakref
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from nemokern.engine.checkpoint import Checkpointer
+    from nemokern.model import Llama
+
+    torch.manual_seed(0)
+    model = Llama(TINY)
+    optimizer = torch.optim.AdamW(model.parameters(), fused=True)
+    model(torch.tensor([[1, 2, 3]])).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    live, peak = {}, []
+
+    class Clones(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.clone.default:
+                live[id(out)] = out.untyped_storage().nbytes()
+                weakref.finalize(out, live.pop, id(out))
+                peak.append(sum(live.values()))
+            return out
+
+    with Clones():
+        Checkpointer(tmp_path).save(1, model=model, optimizer=optimizer)
+    steps = 4 * len(optimizer.state)  # AdamW's step count, a float32 scalar per parameter
+    run = Run("sft", gpus=1, device="cpu")
+    assert max(peak) - steps == M.phases(TINY, run, counts(), [])["checkpoint"]["copy"]
+    assert "checkpoint" not in M.phases(TINY, Run("sft", gpus=1), counts(), [])  # CUDA: host
+
+
+def test_save_terms_by_hand():
+    """What save_pretrained writes (the unsplit model) and its largest tensor, at every layout;
+    under tp or FSDP the checkpoint clones a rank's slice and OUT/final gathers the model."""
+    for kw in ({}, {"gpus": 2, "tp": 2}, {"gpus": 4, "tp": 4}, {"gpus": 4, "tp": 2, "fsdp": True}):
+        c = counts(**kw)
+        assert (c.saved, c.largest_saved) == (WHOLE, 320 * 64)
+    cpu = dict(device="cpu")
+    assert "export" not in M.phases(TINY, Run("sft", gpus=1, **cpu), counts(), [])
+    tp = counts(gpus=2, tp=2)
+    phases = M.phases(TINY, Run("sft", gpus=2, tp=2, **cpu), tp, [])
+    assert phases["export"] == {"gathered_model": 4 * (WHOLE + 320 * 64)}
+    assert phases["checkpoint"] == {"copy": 8 * tp.trained}
+    fsdp = counts(gpus=2, fsdp=True)
+    phases = M.phases(TINY, Run("sft", gpus=2, fsdp=True, **cpu), fsdp, [])
+    assert phases["checkpoint"] == {"copy": 4 * (WHOLE + 320 * 64)}
+
+
 @pytest.mark.parametrize("compute", ["float32", "bfloat16"])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_activation_model_predicts_an_unseen_shape(compute, checkpointing):

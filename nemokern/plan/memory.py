@@ -11,8 +11,9 @@ float32 on the CPU.
 
 A phase's peak is the persistent state plus what the phase holds at its fullest:
   forward     the end of a micro-batch's forward, where the fused loss runs: the activations
-              (activations.py: measured, scaled by shape), the loss's buffers, the gradients of
-              earlier micro-batches (grad_accum > 1); under bf16 autocast each matrix's bf16 copy
+              (activations.py: measured, scaled by shape), the loss's input and buffers, the
+              gradients of earlier micro-batches (grad_accum > 1); under bf16 autocast each
+              matrix's bf16 copy
   backward    its end: all gradients (the layers' gradients fill in as their activations are
               freed, so the larger end of the backward bounds it) and a layer's working set
   optimizer   all gradients (AdamW fused: no temporaries)
@@ -20,6 +21,8 @@ A phase's peak is the persistent state plus what the phase holds at its fullest:
               the sampled rows' logits, under --fsdp the whole policy gathered
   score       a frozen forward without gradients: one layer's working set and the chunked
               log-prob buffers, under --fsdp the frozen model's gathered layers
+  checkpoint  (CPU only) writing a checkpoint after a step: the clones of the state written
+  export      (CPU only) OUT/final under tp or --fsdp: the model gathered on the writer
 Each number is a lower bound on what the allocator needs: fragmentation and the CUDA context
 (about 0.5 to 1 GB) come on top.
 """
@@ -45,6 +48,7 @@ LOGPROBS_BWD_BLOCK = {"cuda": 256 << 20, "cpu": (1 << 23) * 4}
 LOGPROBS_BLOCKS = {"cuda": 1, "cpu": 2}
 PROMPT_BUCKET_MIN = 16  # model/generate.py's _MIN_BUCKET
 FSDP_UNITS_IN_FLIGHT = 2  # the unit computing and the one prefetched
+SAVE_SHARD_BYTES = 5 * 10**9  # save_pretrained's default max_shard_size, "5GB"
 
 
 @dataclass(frozen=True)
@@ -158,6 +162,47 @@ def _loss_buffers(shape: LlamaConfig, run: Run, counts: Counts, tokens: int) -> 
     return v * h * 4, min(tokens * v * 4, block) * LOGPROBS_BLOCKS[dev]
 
 
+def _loss_input(shape: LlamaConfig, run: Run, tokens: int) -> int:
+    """The policy trainers' fused loss's input while it runs: the final hidden states [tokens, H]
+    float32 (the final norm's output, which no backward saves) and, when some rows have no
+    target, the copy of the rows that do (linear_policy_loss runs its GEMMs on those only)."""
+    if run.trainer == "reward":
+        return 0
+    kept = math.ceil(tokens * run.loss_share())
+    return (tokens + (kept if kept < tokens else 0)) * shape.hidden_size * 4
+
+
+def _checkpoint(run: Run, counts: Counts) -> dict:
+    """What writing a checkpoint (engine/checkpoint.py: every --save-every steps and at the end)
+    adds on the process that writes the most, after the step (gradients freed), on the CPU:
+    encode_state clones each tensor of the AdamW state a process writes (rank 0 all of it; under
+    --shard-optimizer or --fsdp each process its share; under tp each tp rank its slice's); then
+    under tp save_shard clones a rank's parameters (under --fsdp gathered), and under --fsdp
+    alone save_pretrained gathers the model on the writing process. On CUDA the copies are host
+    memory (`.to("cpu")` first) and the GPU holds one gathered tensor at a time: nothing
+    counted."""
+    if run.device != "cpu":
+        return {}
+    optimizer = persistent(run, counts, [])["optimizer"]
+    if run.sharded:  # gathered tensor by tensor: the kept ones, and one being gathered
+        model = 4 * (counts.whole + counts.largest_saved)
+    else:
+        model = 4 * counts.stored if run.tp > 1 else 0
+    return {"copy": max(optimizer, model)}
+
+
+def _export(run: Run, counts: Counts) -> dict:
+    """OUT/final (save_pretrained, on the writing process; the CPU): under tp or --fsdp each
+    tensor gathered whole (all_gather's stacked slices, then their concatenation) and kept until
+    its safetensors file (at most SAVE_SHARD_BYTES) is written; on one process the parameters
+    are written as they are. On CUDA the gathered tensors go to host memory one at a time:
+    nothing counted."""
+    if run.device != "cpu" or not (run.tp > 1 or run.sharded):
+        return {}
+    kept = min(counts.saved, SAVE_SHARD_BYTES // 4)
+    return {"gathered_model": 4 * (kept + counts.largest_saved)}
+
+
 def persistent(run: Run, counts: Counts, frozen: list[Counts]) -> dict:
     """Bytes kept for the whole run: parameters, AdamW state, DDP's buckets, frozen models."""
     out = {
@@ -188,6 +233,7 @@ def phases(
         fsdp["fsdp_unsharded_grads"] = FSDP_UNITS_IN_FLIGHT * counts.layer * 4
     forward = {
         "activations": act["activations"],
+        "loss_input": _loss_input(shape, run, tokens),
         "loss_buffers": held,
         # the fused loss's blocks at the end of the forward, then the backward's first layer
         "scratch": max(scratch, act["backward_working_set"]),
@@ -200,6 +246,9 @@ def phases(
         forward["gradients"] = grads
     backward = {"gradients": grads, "working_set": act["backward_working_set"], **fsdp}
     out = {"forward": forward, "backward": backward, "optimizer": {"gradients": grads}}
+    for name, terms in (("checkpoint", _checkpoint(run, counts)), ("export", _export(run, counts))):
+        if terms:  # on CUDA neither adds to the GPU's memory
+            out[name] = terms
     if run.trainer == "reinforce":
         out["generate"] = _generate(shape, run, counts, gather, rows or run.rollout_rows())
         out["score"] = _score(shape, run, frozen, tokens)

@@ -29,7 +29,9 @@ class Counts:
         decoder layer of it; root: the parameters outside the layers (embedding, final norm,
         LM head, a reward head); matrices: the elements of the linear layers' weights (what
         bf16 autocast casts), lm_head included; vocab: this rank's LM-head rows; kv_heads:
-        this rank's key/value heads."""
+        this rank's key/value heads; saved: what save_pretrained writes, the whole model
+        unsplit (every tensor-parallel slice gathered); largest_saved: the largest tensor of
+        it."""
 
     stored: int
     trained: int
@@ -39,6 +41,8 @@ class Counts:
     matrices: int
     vocab: int
     kv_heads: int
+    saved: int
+    largest_saved: int
 
 
 def _fsdp_rows(p: torch.Tensor) -> int:
@@ -79,6 +83,13 @@ def _counts(model: torch.nn.Module, trunk: Llama, trained: set[int] | None) -> C
     )
     train = sum(_fsdp_rows(p) for p in params if trained is None or id(p) in trained)
     attn = trunk.layers[0].self_attn
+    slices = {
+        id(p): shard for name, p in trunk.named_parameters() if (shard := _slice(trunk, name))
+    }
+    unsplit = [
+        p.shape.numel() * (slices[id(p)].full // slices[id(p)].size if id(p) in slices else 1)
+        for p in params
+    ]
     return Counts(
         stored=stored,
         trained=train,
@@ -88,7 +99,15 @@ def _counts(model: torch.nn.Module, trunk: Llama, trained: set[int] | None) -> C
         matrices=matrices,
         vocab=trunk.lm_head.weight.shape[0],
         kv_heads=attn.k_proj.weight.shape[0] // attn.head_dim,
+        saved=sum(unsplit),
+        largest_saved=max(unsplit),
     )
+
+
+def _slice(trunk: Llama, name: str):
+    """The tensor-parallel Shard of parameter `name` of `trunk` (None: not split)."""
+    module = trunk.get_submodule(name.rpartition(".")[0])
+    return getattr(module, "shard", None) if getattr(module, "tp_group", None) else None
 
 
 def rank_counts(
