@@ -12,8 +12,9 @@ from train_tiny import TinyReward, batches, config, step_fn
 
 from helpers import launch_script
 from nemokern.engine.checkpoint import Checkpointer
-from nemokern.engine.loop import NonFiniteError, TrainLoop, lr_factor, move_to
+from nemokern.engine.loop import NonFiniteError, TrainLoop, move_to
 from nemokern.engine.metrics import read_metrics
+from nemokern.engine.optimizer import lr_factor
 
 
 @pytest.fixture(autouse=True)

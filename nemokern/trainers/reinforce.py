@@ -38,7 +38,8 @@ import torch
 from nemokern.data.prompts import read_prompts
 from nemokern.data.tokenizer import load_tokenizer
 from nemokern.engine.config import SCHEDULES, ConfigError, TrainConfig, option, option_error
-from nemokern.engine.loop import StepOutput, dp_size_of, reads_deferred
+from nemokern.engine.distributed import dp_size_of, reads_deferred
+from nemokern.engine.loop import StepOutput
 from nemokern.model import Llama, generate
 from nemokern.model.generate import position_fix
 from nemokern.parallel.fsdp import full_weights
