@@ -177,7 +177,7 @@ class TrainLoop:
         )
         self.per_step = config.grad_accum * self.dist.dp_size  # micro-batches per optimizer step
         if len(data) < self.per_step:
-            raise ValueError(
+            raise ConfigError(
                 f"{len(data)} micro-batches cannot fill one optimizer step of grad_accum="
                 f"{config.grad_accum} x {self.dist.dp_size} data-parallel process(es); use "
                 "smaller batches "

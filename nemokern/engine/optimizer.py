@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 
 
 def lr_factor(
@@ -53,7 +53,7 @@ def build_optimizer(model: nn.Module, config: TrainConfig, dp_group=None) -> tor
     others; the result is the same AdamW step."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("the model has no parameter with requires_grad=True; nothing to train")
+        raise ConfigError("the model has no parameter with requires_grad=True; nothing to train")
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},

@@ -37,6 +37,7 @@ from nemokern.data.tokenizer import load_tokenizer
 from nemokern.engine.config import option_error
 from nemokern.engine.distributed import dp_size_of, reads_deferred
 from nemokern.engine.loop import StepOutput
+from nemokern.errors import DataError
 from nemokern.model import Llama, generate
 from nemokern.model.generate import position_fix
 from nemokern.parallel.fsdp import full_weights
@@ -152,10 +153,13 @@ class ReinforceTrainer:
         limit, new = model.config.max_position_embeddings, self.config.max_new_tokens
         longest = max(self.prompts, key=lambda p: len(p.ids))
         if len(longest.ids) + new > limit:
-            raise ValueError(
-                f"{longest.where}: field 'prompt': {len(longest.ids)} tokens plus "
-                f"--max-new-tokens {new} exceed {what}'s max_position_embeddings ({limit}); "
-                + position_fix(len(longest.ids), new, limit, "--max-new-tokens")
+            raise DataError(
+                longest.where,
+                "prompt",
+                f"{len(longest.ids)} tokens plus --max-new-tokens {new} exceed {what}'s "
+                f"max_position_embeddings ({limit}); "
+                + position_fix(len(longest.ids), new, limit, "--max-new-tokens"),
+                hint=None,
             )
 
     # ---- one rollout ----------------------------------------------------------------------------
