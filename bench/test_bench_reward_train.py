@@ -14,7 +14,7 @@ averaged over the 16 pairs, AdamW at lr 1e-5, no gradient clipping:
             packed once and its two responses continue it; test_nemokern[whole-pairs] packs the
             32 sequences whole, back to back (data.shared_prefix = False); the fused reward_head
             (final norm and head on the 32 last tokens only), nemokern.trainers.reward.reward_loss
-            ("bt"), the AdamW of nemokern.engine.loop.build_optimizer (fused where available).
+            ("bt"), the AdamW of nemokern.engine.optimizer.build_optimizer (fused where available).
   plain     transformers LlamaForSequenceClassification(num_labels=1, pad_token_id set) on the
             same 32 sequences right-padded to the longest ([32, T], chosen first, then rejected),
             attn_implementation "eager" (and "sdpa"), score on every position, the reward read at
@@ -70,7 +70,7 @@ from common import (
 from nemokern.data import load_reward_data
 from nemokern.data.synthetic import write_synthetic
 from nemokern.data.tokenizer import ByteTokenizer
-from nemokern.engine.loop import build_optimizer
+from nemokern.engine.optimizer import build_optimizer
 from nemokern.model import Llama, LlamaConfig, RewardModel
 from nemokern.model.reward import HELPFULNESS
 from nemokern.trainers.reward import RewardConfig, reward_loss

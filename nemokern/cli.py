@@ -340,7 +340,7 @@ def _leave_process_group():
 def _train(kind, args):
     import nemokern.trainers as train
     from nemokern.engine.config import build_config
-    from nemokern.engine.loop import check_resume
+    from nemokern.engine.resume import check_resume
     from nemokern.engine.run_dir import RunLock, prepare_out
 
     trainer_cls, config_cls = {

@@ -170,7 +170,7 @@ def worker(args) -> None:
     import torch
 
     from helpers import leave_group
-    from nemokern.engine.loop import setup_distributed
+    from nemokern.engine.distributed import setup_distributed
     from nemokern.model import Llama
 
     torch.set_num_threads(1)

@@ -337,7 +337,7 @@ def hf_linear(step, lr, warmup, total):
     "warmup, constant, total", [(10, 1000, 1500), (10, 1000, 600), (3, 5, 20), (4, 0, 30)]
 )
 def test_schedule_matches_nemo_cosine_annealing(warmup, constant, total):
-    from nemokern.engine.loop import lr_factor
+    from nemokern.engine.optimizer import lr_factor
 
     formula = "s/w" if constant else "(s+1)/(w+1)"
     for s in range(total):
@@ -357,7 +357,7 @@ def test_schedule_matches_nemo_cosine_annealing(warmup, constant, total):
 
 @pytest.mark.parametrize("warmup, total", [(0, 7), (3, 11)])
 def test_linear_schedule_matches_transformers(warmup, total):
-    from nemokern.engine.loop import lr_factor
+    from nemokern.engine.optimizer import lr_factor
 
     for s in range(total):
         ours = lr_factor(

@@ -19,7 +19,7 @@ from helpers import join_gloo, run_ranks
 from nemokern.data.synthetic import write_synthetic
 from nemokern.data.tokenizer import load_tokenizer
 from nemokern.engine.checkpoint import Checkpointer, CheckpointError
-from nemokern.engine.loop import tp_group_for
+from nemokern.engine.distributed import tp_group_for
 from nemokern.model import Llama, LlamaConfig, RewardModel
 from nemokern.trainers.reinforce import ReinforceConfig, ReinforceTrainer, build_policy
 from nemokern.trainers.reward import RewardConfig, RewardTrainer

@@ -18,7 +18,8 @@ from helpers import join_gloo, run_ranks
 from nemokern.data.synthetic import write_synthetic
 from nemokern.data.tokenizer import ByteTokenizer
 from nemokern.engine.config import ConfigError
-from nemokern.engine.loop import TrainLoop, setup_distributed, tp_group_for
+from nemokern.engine.distributed import setup_distributed, tp_group_for
+from nemokern.engine.loop import TrainLoop
 from nemokern.model import Llama, LlamaConfig, RewardModel
 from nemokern.parallel import init_parallel
 from nemokern.trainers.policy import PolicyLoss, build_policy, pack

@@ -12,6 +12,7 @@ from train_tiny import TinyReward
 import nemokern.engine.checkpoint as ck
 from nemokern.engine.checkpoint import Checkpointer, CheckpointError
 from nemokern.engine.state_format import decode_state, encode_state, load_state
+from nemokern.errors import ConfigError
 from nemokern.model import Llama
 
 
@@ -118,6 +119,12 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), other.parameters()))
     ckpt.save(3, model=model)
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))  # the leftover is cleaned up
+
+
+def test_keep_last_below_one_is_refused_naming_it(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        Checkpointer(tmp_path, keep_last=0)
+    assert (e.value.option, e.value.message) == ("keep_last", "0 must be at least 1")
 
 
 def test_keep_last_and_resave_same_step(tmp_path):

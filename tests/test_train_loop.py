@@ -12,8 +12,10 @@ from train_tiny import TinyReward, batches, config, step_fn
 
 from helpers import launch_script
 from nemokern.engine.checkpoint import Checkpointer
-from nemokern.engine.loop import NonFiniteError, TrainLoop, lr_factor, move_to
+from nemokern.engine.loop import NonFiniteError, TrainLoop, move_to
 from nemokern.engine.metrics import read_metrics
+from nemokern.engine.optimizer import lr_factor
+from nemokern.errors import ConfigError
 
 
 @pytest.fixture(autouse=True)
@@ -224,8 +226,13 @@ def test_eval_hook_and_metrics_file(tmp_path):
 
 
 def test_too_little_data_for_one_step(tmp_path):
-    with pytest.raises(ValueError, match="grad_accum=4"):
+    with pytest.raises(ConfigError, match="grad_accum=4"):
         TrainLoop(config(tmp_path, grad_accum=4), TinyReward(), batches(3), step_fn)
+
+
+def test_a_model_with_nothing_to_train_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="no parameter with requires_grad=True"):
+        TrainLoop(config(tmp_path), TinyReward().requires_grad_(False), batches(4), step_fn)
 
 
 def test_ddp_two_processes_match_one_on_the_same_global_batch(tmp_path):

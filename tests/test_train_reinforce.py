@@ -428,8 +428,9 @@ def test_a_prompt_too_long_for_the_policy_is_refused_before_any_step(tmp_path, p
     """Found at generation time it stopped the run after the steps before it, unsaved."""
     long = tmp_path / "long.jsonl"
     long.write_text('{"prompt": "short"}\n' + json.dumps({"prompt": "x" * 700}) + "\n")
-    with pytest.raises(ValueError, match=r"long.jsonl:2: field 'prompt': \d+ tokens plus"):
+    with pytest.raises(DataError, match=r"long.jsonl:2: field 'prompt': \d+ tokens plus") as e:
         ReinforceTrainer(config(tmp_path, long), reward_fn=count_a)
+    assert (e.value.field, e.value.hint) == ("prompt", None)
     with pytest.raises(ValueError, match=r"--max-new-tokens 500 exceed the policy's .*at most \d+"):
         ReinforceTrainer(config(tmp_path, prompts, max_new_tokens=500), reward_fn=count_a)
 

@@ -1,8 +1,9 @@
 """The engine every trainer shares and none of them is: the loop with its extension points
-(loop.py), checkpoints and their resharding (checkpoint.py, reshard.py; the formats both read in
-state_format.py), the dataclass + TOML config (config.py), the run directory's identity and lock
-(run_dir.py), metrics (metrics.py), signal handling (stop.py) and the checks of run options
-(options.py)."""
+(loop.py) and what it is built from: the run's processes and device (distributed.py), AdamW and
+the lr schedule (optimizer.py), the checks that make a resume exact (resume.py); checkpoints and
+their resharding (checkpoint.py, reshard.py; the formats both read in state_format.py), the
+dataclass + TOML config (config.py), the run directory's identity and lock (run_dir.py), metrics
+(metrics.py), signal handling (stop.py) and the checks of run options (options.py)."""
 
 from .checkpoint import Checkpointer, load_modules, save_modules
 from .config import ConfigError, TrainConfig, build_config, option, parse_config

@@ -52,6 +52,7 @@ from nemokern.engine.state_format import (
     read_tensors,
     save_state,
 )
+from nemokern.errors import ConfigError
 from nemokern.model.hf import CheckpointError, hf_name, save_safetensors, weight_files
 from nemokern.parallel import rank_and_size
 from nemokern.parallel.fsdp import (
@@ -298,7 +299,7 @@ class Checkpointer:
 
     def __init__(self, out_dir, *, keep_last: int = 2, tp_group=None):
         if keep_last < 1:
-            raise ValueError(f"keep_last={keep_last} must be at least 1")
+            raise ConfigError(f"{keep_last} must be at least 1", option="keep_last")
         self.root = Path(out_dir) / "checkpoints"
         self.keep_last = keep_last
         dist = torch.distributed

@@ -18,10 +18,7 @@ taken from this run and any other changed option refused.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
-import os
-import random
 import sys
 import time
 import warnings
@@ -31,21 +28,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
 from ..model.deferred import materialize
 from ..model.llama import DecoderLayer
 from ..parallel import all_reduce, grad_norm_tp, init_parallel
 from ..parallel.fsdp import full_tensor, full_weights, init_root, shard
-from . import options
 from .checkpoint import Checkpointer, CheckpointError, get_rng_state, save_modules
 from .config import ConfigError, TrainConfig, dump_toml, option_error
+from .distributed import seed_everything, setup_distributed
 from .metrics import MetricsLogger, peak_memory_mb
+from .optimizer import build_optimizer, build_scheduler
+from .resume import check_resume_options, content_digest
 from .run_dir import RunLock, prepare_out, run_record, write_run_record
 from .stop import StopSignals, TrainingStopped
 
@@ -53,42 +50,6 @@ from .stop import StopSignals, TrainingStopped
 class NonFiniteError(RuntimeError):
     """A loss or gradient became NaN/inf; the message names the step, the rows and the
     checkpoint."""
-
-
-def content_digest(obj) -> str:
-    """A short hash of the content of nested micro-batches: tensors and arrays by value, lists,
-    tuples, dicts and dataclasses by their items, numbers and strings; of any other object only
-    its type (never its address)."""
-    digest = hashlib.sha256()
-
-    def walk(x):
-        if isinstance(x, torch.Tensor):
-            x = x.detach().cpu().contiguous()
-            digest.update(f"T{x.dtype}{tuple(x.shape)}".encode())
-            digest.update(x.view(torch.uint8).numpy().tobytes() if x.numel() else b"")
-        elif isinstance(x, np.ndarray):
-            digest.update(f"A{x.dtype}{x.shape}".encode() + np.ascontiguousarray(x).tobytes())
-        elif dataclasses.is_dataclass(x) and not isinstance(x, type):
-            digest.update(type(x).__name__.encode())
-            for f in dataclasses.fields(x):
-                digest.update(f.name.encode())
-                walk(getattr(x, f.name))
-        elif isinstance(x, dict):
-            digest.update(b"{")
-            for k in sorted(x, key=str):
-                digest.update(str(k).encode())
-                walk(x[k])
-        elif isinstance(x, list | tuple):
-            digest.update(b"[" + str(len(x)).encode())
-            for v in x:
-                walk(v)
-        elif x is None or isinstance(x, bool | int | float | str):
-            digest.update(repr(x).encode())
-        else:
-            digest.update(type(x).__name__.encode())
-
-    walk(obj)
-    return digest.hexdigest()[:16]
 
 
 @dataclass
@@ -101,187 +62,6 @@ class StepOutput:
     metrics: dict[str, Any] = field(default_factory=dict)
     tokens: int | torch.Tensor = 0  # tokens processed (for tokens/s)
     rows: Sequence | None = None  # the batch's row ids, named if its loss is not finite
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-    # the (dp, tp) layout: tp_group None without tensor parallelism, dp_group None = every rank
-    tp_group: Any = None
-    dp_group: Any = None
-    dp_rank: int = 0
-    dp_size: int = 1
-
-    @property
-    def active(self) -> bool:
-        return self.world_size > 1
-
-
-def setup_distributed(device: str = "auto", tp: int = 1) -> Dist:
-    """Join the torchrun process group (NCCL on GPUs, gloo on CPUs) when WORLD_SIZE > 1; pick the
-    device; with tp > 1 lay the ranks out as init_parallel's (dp, tp) mesh (the same groups on
-    every call).
-
-    device: "auto" (this process's GPU, else the CPU), "cpu", "cuda" or "cuda:N".
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda":
-        device = f"cuda:{local_rank}"
-    try:  # the one device check (engine/options.py), as the CLI makes it before any work
-        dev = options.device("device", device)
-    except ConfigError as e:
-        raise option_error("device", e.message) from None
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    if tp > 1:
-        if world % tp:
-            raise option_error(
-                "tp",
-                f"{tp} needs a multiple of {tp} processes (torchrun --nproc-per-node); this run "
-                f"has WORLD_SIZE={world}",
-            )
-        mesh = init_parallel(tp, dev.type)
-        dp = mesh.get_group("dp")
-        return Dist(
-            dist.get_rank(),
-            dist.get_world_size(),
-            local_rank,
-            dev,
-            tp_group=mesh.get_group("tp"),
-            dp_group=dp,
-            dp_rank=dist.get_rank(dp),
-            dp_size=dist.get_world_size(dp),
-        )
-    if dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-        return Dist(rank, world, local_rank, dev, dp_rank=rank, dp_size=world)
-    return Dist(0, 1, 0, dev)
-
-
-def tp_group_for(config: TrainConfig):
-    """The tensor-parallel group a run's models are split over (None when config.tp is 1). Joins
-    the torchrun process group; the TrainLoop built later gets the same groups."""
-    return setup_distributed(config.device, config.tp).tp_group if config.tp > 1 else None
-
-
-def dp_size_of(config: TrainConfig) -> int:
-    """The run's data-parallel size before its TrainLoop exists: the joined process group's
-    size (torchrun's WORLD_SIZE before joining) over --tp."""
-    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
-    return world // config.tp
-
-
-def reads_deferred(config: TrainConfig) -> bool:
-    """Whether a run's models are loaded deferred (from_pretrained(deferred=True)): under fsdp
-    over more than one data-parallel process, where each process then reads its rows only
-    (TrainLoop and place_frozen materialize them once sharded; a deferred model in a run that
-    does not shard is read whole there)."""
-    return config.fsdp and dp_size_of(config) > 1
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def lr_factor(
-    step: int,
-    *,
-    total_steps: int,
-    warmup_steps: int,
-    schedule: str,
-    lr: float,
-    min_lr: float,
-    constant_steps: int = 0,
-    warmup_formula: str = "(s+1)/w",
-) -> float:
-    """Multiplier of the peak lr for optimizer step `step` (0-based). Warmup over w =
-    warmup_steps by warmup_formula: "(s+1)/w" for s < w (the first step already moves), "s/w"
-    for s <= w (the first step at lr 0) or "(s+1)/(w+1)" for s <= w. Then constant, or cosine /
-    linear from lr at step w down to min_lr over D = total_steps - w - constant_steps steps,
-    progress (s - w) / D, and min_lr from there on (the last constant_steps steps)."""
-    if step < warmup_steps or (step == warmup_steps > 0 and warmup_formula != "(s+1)/w"):
-        if warmup_formula == "s/w":
-            return step / warmup_steps
-        if warmup_formula == "(s+1)/(w+1)":
-            return (step + 1) / (warmup_steps + 1)
-        return (step + 1) / warmup_steps
-    if schedule == "constant" or lr == 0:
-        return 1.0
-    decay = total_steps - warmup_steps - constant_steps
-    progress = min((step - warmup_steps) / max(decay, 1), 1.0)
-    if schedule == "linear":
-        return (min_lr + (lr - min_lr) * (1 - progress)) / lr
-    return (min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))) / lr
-
-
-def build_optimizer(model: nn.Module, config: TrainConfig, dp_group=None) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; matrices decay, vectors (norms, biases) do not.
-
-    With config.shard_optimizer and a data-parallel group of more than one process, a
-    ZeroRedundancyOptimizer over that group: each process keeps the AdamW state of its share of
-    the parameters (whole tensors, balanced by size), steps them, and broadcasts them to the
-    others; the result is the same AdamW step."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no parameter with requires_grad=True; nothing to train")
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
-    kw = dict(lr=config.lr, betas=tuple(config.betas), eps=config.eps)
-    shard = config.shard_optimizer and dist.is_initialized() and dist.get_world_size(dp_group) > 1
-
-    def adamw(**impl_kw):
-        if shard:
-            return ZeroRedundancyOptimizer(
-                groups,
-                optimizer_class=torch.optim.AdamW,
-                process_group=dp_group,
-                **kw,
-                **impl_kw,
-            )
-        return torch.optim.AdamW(groups, **kw, **impl_kw)
-
-    impl = config.optimizer_impl
-    if impl == "auto":
-        try:
-            return adamw(fused=True)
-        except (RuntimeError, ValueError, TypeError):  # a device/dtype without the fused kernel
-            impl = "foreach"
-    return adamw(fused=impl == "fused" or None, foreach=impl == "foreach")
-
-
-def build_scheduler(optimizer, config: TrainConfig, total_steps: int, *, step: int = 0):
-    """The lr schedule of `config` (lr, warmup, schedule, min_lr over total_steps), at optimizer
-    step `step`: a resume sets every param group's lr from this run's options, not the saved
-    run's."""
-    for group in optimizer.param_groups:
-        group["initial_lr"] = config.lr
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: lr_factor(
-            s,
-            total_steps=total_steps,
-            warmup_steps=config.warmup_steps,
-            schedule=config.schedule,
-            lr=config.lr,
-            min_lr=config.min_lr,
-            constant_steps=config.constant_steps,
-            warmup_formula=config.warmup_formula,
-        ),
-        last_epoch=step - 1,
-    )
 
 
 def move_to(batch, device: torch.device):
@@ -318,29 +98,6 @@ def enable_activation_checkpointing(model: nn.Module) -> int:
 
 
 StepFn = Callable[[nn.Module, Any], StepOutput]
-
-
-def check_resume_options(config: TrainConfig, path, saved: dict) -> None:
-    """CheckpointError naming the first option a resume may not change (not in
-    config.RESUME_CHANGEABLE) whose value differs from `saved`, the checkpoint's record of them."""
-    for key, value in config.resume_identity().items():
-        if key in saved and saved[key] != value:
-            raise CheckpointError(
-                f"{path}: saved by a run with --{key.replace('_', '-')} {saved[key]!r}, this run "
-                f"has {value!r}; it cannot change on resume (docs/training.md lists what can). "
-                "Resume with the saved value, or start a new run in another --out"
-            )
-
-
-def check_resume(config: TrainConfig) -> None:
-    """Before any work: the checkpoint config.resume names, if any, is complete and was saved
-    with this run's values of the options a resume may not change (TrainLoop checks the rest:
-    the data, the batching)."""
-    checkpointer = Checkpointer(config.out)
-    path = checkpointer.resolve(config.resume)
-    if path is not None:
-        saved = checkpointer.trainer_state(path)["data"]
-        check_resume_options(config, path, saved["identity"])
 
 
 class TrainLoop:
@@ -420,7 +177,7 @@ class TrainLoop:
         )
         self.per_step = config.grad_accum * self.dist.dp_size  # micro-batches per optimizer step
         if len(data) < self.per_step:
-            raise ValueError(
+            raise ConfigError(
                 f"{len(data)} micro-batches cannot fill one optimizer step of grad_accum="
                 f"{config.grad_accum} x {self.dist.dp_size} data-parallel process(es); use "
                 "smaller batches "

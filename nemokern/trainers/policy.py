@@ -19,7 +19,8 @@ from torch import nn
 
 from nemokern.data.tokenizer import HFTokenizer
 from nemokern.engine.config import TrainConfig, option_error
-from nemokern.engine.loop import TrainLoop, reads_deferred, tp_group_for
+from nemokern.engine.distributed import reads_deferred, tp_group_for
+from nemokern.engine.loop import TrainLoop
 from nemokern.model import Llama, LlamaConfig
 from nemokern.model.deferred import is_deferred
 from nemokern.ops import linear_logprobs, linear_policy_loss, sequence_kl

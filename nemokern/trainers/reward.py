@@ -21,14 +21,8 @@ import torch
 from nemokern.data import load_reward_data
 from nemokern.data.tokenizer import load_tokenizer
 from nemokern.engine.config import TrainConfig, check_data_and_batching, option, option_error
-from nemokern.engine.loop import (
-    StepOutput,
-    TrainLoop,
-    move_to,
-    reads_deferred,
-    setup_distributed,
-    tp_group_for,
-)
+from nemokern.engine.distributed import reads_deferred, setup_distributed, tp_group_for
+from nemokern.engine.loop import StepOutput, TrainLoop, move_to
 from nemokern.model import Llama, LlamaConfig, RewardModel
 from nemokern.model.reward import (
     ATTRIBUTES,
