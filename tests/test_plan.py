@@ -182,8 +182,8 @@ def test_loss_input_is_what_the_fused_loss_holds(monkeypatch):
 
 
 def test_checkpoint_copy_is_what_the_checkpointer_clones(tmp_path):
-    """On the CPU a checkpoint (at the end of every run) clones the AdamW state it writes while
-    the parameters and the state stay: the plan's checkpoint phase against the most clone bytes
+    """On the CPU a checkpoint (at the end of every run) copies the AdamW state it writes while
+    the parameters and the state stay: the plan's checkpoint phase against the most copied bytes
     alive at once in a real Checkpointer.save after an AdamW step (one process)."""
     import weakref
 
@@ -204,8 +204,8 @@ def test_checkpoint_copy_is_what_the_checkpointer_clones(tmp_path):
     class Clones(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            if func is torch.ops.aten.clone.default:
-                live[id(out)] = out.untyped_storage().nbytes()
+            if func in (torch.ops.aten.clone.default, torch.ops.aten.copy_.default):
+                live[id(out)] = out.untyped_storage().nbytes()  # host_copy: empty + copy_
                 weakref.finalize(out, live.pop, id(out))
                 peak.append(sum(live.values()))
             return out

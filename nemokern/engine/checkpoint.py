@@ -46,6 +46,7 @@ from nemokern.engine.reshard import load_fsdp_regrouped, load_resharded
 from nemokern.engine.state_format import (
     REST_FILE,
     hf_parts,
+    host_copy,
     load_state,
     open_tensors,
     part_dir,
@@ -126,10 +127,7 @@ def save_modules(model: torch.nn.Module, directory) -> None:
     parts = hf_parts(model)
     for name, part in parts.items():
         part.save_pretrained(part_dir(directory, name))
-    rest = {
-        k: full_tensor(v.detach()).to("cpu").contiguous().clone()
-        for k, v in _rest_state(model, parts).items()
-    }
+    rest = {k: host_copy(full_tensor(v.detach())) for k, v in _rest_state(model, parts).items()}
     writer = all(rank_and_size(part.tp_group)[0] == 0 for part in parts.values())
     writer = writer and first_holder(model.parameters())  # under fsdp: a collective
     if (rest or not parts) and writer:
@@ -203,10 +201,7 @@ def save_shard(model: torch.nn.Module, path, write: bool = True) -> None:
     its slices) to the safetensors file `path`, by state_dict name. Under FSDP those slices are
     gathered from the data-parallel processes first, a collective: each calls it, and those
     with write=False only join the gathers."""
-    tensors = {
-        k: full_tensor(v.detach()).to("cpu").contiguous().clone()
-        for k, v in _unique_state(model).items()
-    }
+    tensors = {k: host_copy(full_tensor(v.detach())) for k, v in _unique_state(model).items()}
     if write:
         save_safetensors(tensors, path)
 

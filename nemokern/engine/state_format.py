@@ -24,6 +24,14 @@ REST_FILE = "modules.safetensors"
 DAMAGED = "the checkpoint is incomplete or corrupt"
 
 
+def host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU copy of `tensor` that shares no memory with it, made in one copy: from a
+    GPU, `.to("cpu").contiguous().clone()` would make a second host copy of every tensor (of the
+    whole AdamW state, at a checkpoint)."""
+    tensor = tensor.detach()
+    return torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu").copy_(tensor)
+
+
 def encode_state(obj, tensors: dict, key: str = "s"):
     """A JSON-able copy of `obj` in which every tensor is replaced by a reference into `tensors`.
 
@@ -33,7 +41,7 @@ def encode_state(obj, tensors: dict, key: str = "s"):
     if isinstance(obj, torch.Tensor):
         if key in tensors:  # a dict key with a dot in it can spell another entry's path
             key = f"{key}#{len(tensors)}"
-        tensors[key] = obj.detach().to("cpu").contiguous().clone()
+        tensors[key] = host_copy(obj)
         return {"__tensor__": key}
     if isinstance(obj, np.ndarray):
         return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}

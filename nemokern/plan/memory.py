@@ -21,7 +21,7 @@ A phase's peak is the persistent state plus what the phase holds at its fullest:
               the sampled rows' logits, under --fsdp the whole policy gathered
   score       a frozen forward without gradients: one layer's working set and the chunked
               log-prob buffers, under --fsdp the frozen model's gathered layers
-  checkpoint  (CPU only) writing a checkpoint after a step: the clones of the state written
+  checkpoint  (CPU only) writing a checkpoint after a step: the host copies of the state written
   export      (CPU only) OUT/final under tp or --fsdp: the model gathered on the writer
 Each number is a lower bound on what the allocator needs: fragmentation and the CUDA context
 (about 0.5 to 1 GB) come on top.
@@ -175,9 +175,9 @@ def _loss_input(shape: LlamaConfig, run: Run, tokens: int) -> int:
 def _checkpoint(run: Run, counts: Counts) -> dict:
     """What writing a checkpoint (engine/checkpoint.py: every --save-every steps and at the end)
     adds on the process that writes the most, after the step (gradients freed), on the CPU:
-    encode_state clones each tensor of the AdamW state a process writes (rank 0 all of it; under
+    encode_state copies each tensor of the AdamW state a process writes (rank 0 all of it; under
     --shard-optimizer or --fsdp each process its share; under tp each tp rank its slice's); then
-    under tp save_shard clones a rank's parameters (under --fsdp gathered), and under --fsdp
+    under tp save_shard copies a rank's parameters (under --fsdp gathered), and under --fsdp
     alone save_pretrained gathers the model on the writing process. On CUDA the copies are host
     memory (`.to("cpu")` first) and the GPU holds one gathered tensor at a time: nothing
     counted."""
