@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
 import nemokern.tools.expo as expo_module
+from nemokern.errors import ConfigError
 from nemokern.model import CheckpointError, Llama, LlamaConfig, RewardModel
 from nemokern.tools.expo import expo
 
@@ -351,8 +352,9 @@ def test_mismatches_name_the_tensor_and_both_files(tmp_path, case):
 @pytest.mark.parametrize("alpha", [-0.1, float("nan"), float("inf"), True, "0.3"])
 def test_bad_alpha_is_refused(tmp_path, alpha):
     init, aligned = reward_pair(tmp_path)
-    with pytest.raises(ValueError, match="alpha=.*finite number >= 0"):
+    with pytest.raises(ConfigError, match="^alpha: .*finite number >= 0") as err:
         expo(init, aligned, alpha, tmp_path / "out")
+    assert err.value.option == "alpha"
     assert not (tmp_path / "out").exists()
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from nemokern.errors import ConfigError
 from nemokern.model.hf import (
     _DERIVED_BUFFER,
     INDEX,
@@ -88,7 +89,9 @@ def expo(
     alpha = _check_alpha(alpha)
     limit = parse_size(max_shard_size)
     if limit <= 0:
-        raise ValueError(f"max_shard_size={max_shard_size!r} must be positive, e.g. '5GB'")
+        raise ConfigError(
+            f"{max_shard_size!r} must be positive, e.g. '5GB'", option="max_shard_size"
+        )
     init, aligned, out = Path(init_dir), Path(aligned_dir), Path(out_dir)
     for what, path in (("init_dir", init), ("aligned_dir", aligned)):
         if not path.is_dir():
@@ -172,9 +175,10 @@ def _check_alpha(alpha) -> float:
         or not math.isfinite(alpha)
         or alpha < 0
     ):
-        raise ValueError(
-            f"alpha={alpha!r}: ExPO's extrapolation strength must be a finite number >= 0 "
-            "(a few tenths is typical; 0 gives the aligned model unchanged)"
+        raise ConfigError(
+            f"{alpha!r}: ExPO's extrapolation strength must be a finite number >= 0 "
+            "(a few tenths is typical; 0 gives the aligned model unchanged)",
+            option="alpha",
         )
     return float(alpha)
 

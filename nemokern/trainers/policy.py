@@ -20,6 +20,7 @@ from torch import nn
 from nemokern.data.tokenizer import HFTokenizer
 from nemokern.engine.config import TrainConfig, option_error
 from nemokern.engine.loop import TrainLoop, reads_deferred, tp_group_for
+from nemokern.errors import ConfigError
 from nemokern.model import Llama, LlamaConfig
 from nemokern.model.deferred import is_deferred
 from nemokern.ops import linear_logprobs, linear_policy_loss, sequence_kl
@@ -233,7 +234,7 @@ def kl_regularised_advantages(
     (losses.rloo_advantages).
     """
     if truncated not in TRUNCATED:
-        raise ValueError(f"truncated={truncated!r}; choose one of {TRUNCATED}")
+        raise ConfigError(f"{truncated!r}; choose one of {TRUNCATED}", option="truncated")
     scores = rewards.double() - beta * kl.double()
     valid = ended.bool()
     if truncated == "kept" or truncation_penalty is not None:  # a penalty implies kept

@@ -29,6 +29,7 @@ from nemokern.engine.loop import (
     setup_distributed,
     tp_group_for,
 )
+from nemokern.errors import ConfigError
 from nemokern.model import Llama, LlamaConfig, RewardModel
 from nemokern.model.reward import (
     ATTRIBUTES,
@@ -273,7 +274,7 @@ def score_file(
         data, tok, layout=data_format, max_length=max_length, skip_bad_rows=skip_bad_rows
     )
     if dataset.kind != "pairs":
-        raise ValueError(
+        raise ConfigError(
             f"{data}: score compares chosen/rejected pairs; this file holds {dataset.layout} rows"
         )
     model = RewardModel.load_any(
@@ -316,7 +317,7 @@ class RewardTrainer:
         # with --ties count, regular and margin BT learn from ties (response_2 as the chosen)
         ties_train = config.ties == "count" and config.loss in ("bt", "margin-bt")
         if data.kind == "pairs" and (data.identical if ties_train else data.useless) == len(data):
-            raise ValueError(
+            raise ConfigError(
                 f"{config.data}: none of its {len(data)} pairs can train {config.loss}: "
                 f"{data.ties} are ties (preference strength 0, left out of BT losses unless "
                 f"--ties count with bt or margin-bt) and {data.identical} have chosen and "
