@@ -63,10 +63,16 @@ def model_kind(path) -> str:
     """What a model directory holds: "reward model" (a head in reward_head.safetensors),
     "reward export" (the Nemotron-Reward-HF layout, config.json marked with EXPORT_MARKER),
     "policy" (any other HF Llama directory: its logits are token scores, not a reward), or
-    "no model" (no readable config.json: whoever loads it names what is wrong)."""
+    "no model" (no readable config.json: whoever loads it names what is wrong); CheckpointError
+    for a reward model's directory that lost its head's weights."""
     path = Path(path)
     if (path / HEAD_WEIGHTS).exists():
         return "reward model"
+    if (path / HEAD_CONFIG).exists():  # a reward model without its head's weights: not a policy
+        raise CheckpointError(
+            f"{path} has {HEAD_CONFIG} but no {HEAD_WEIGHTS}: the reward model's head weights are "
+            "missing (an incomplete copy?); copy the whole directory train-reward wrote"
+        )
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
@@ -126,7 +132,7 @@ class RewardModel(nn.Module):
     def attribute_index(self, name: str) -> int:
         if name not in self.attributes:
             raise ConfigError(
-                f"attribute {name!r} is not one of the head's {list(self.attributes)}"
+                f"{name!r} is not one of the head's {list(self.attributes)}", option="attribute"
             )
         return self.attributes.index(name)
 
@@ -346,7 +352,9 @@ def export_reward_hf(
         raise FileExistsError(f"{out} exists and is not a directory")
     attributes = _saved_attributes(model_dir)
     if attribute not in attributes:
-        raise ConfigError(f"attribute {attribute!r} is not one of the head's {list(attributes)}")
+        raise ConfigError(
+            f"{attribute!r} is not one of the head's {list(attributes)}", option="attribute"
+        )
     check_trained(_saved_trained(model_dir), attribute, "attribute")
     i = attributes.index(attribute)
     hidden_size = check_checkpoint(Llama, model_dir).hidden_size  # config.json and trunk shapes

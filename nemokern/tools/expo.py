@@ -99,6 +99,12 @@ def expo(
                 f"{what}={str(path)!r} is not a directory; ExPO reads two local HF model "
                 "directories"
             )
+    if init.resolve() == aligned.resolve():
+        raise ConfigError(
+            f"init_dir and aligned_dir are the same directory {str(aligned)!r}: ExPO of a model "
+            "with itself is that model unchanged; give the model before alignment as init_dir "
+            "(--init)"
+        )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(
             f"out_dir={str(out)!r} exists and is not empty; ExPO writes a new directory: "
