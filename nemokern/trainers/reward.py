@@ -155,7 +155,7 @@ def check_loss_fits_data(loss: str, kind: str, layout: str, where: str) -> None:
         raise option_error(
             "loss",
             f"{loss} needs attribute labels (HelpSteer2 rows); {where} holds "
-            f"{layout} pairs: use bt, margin-bt or scaled-bt",
+            f"{layout} rows (preference pairs): use bt, margin-bt or scaled-bt",
         )
     if loss in _BT_KIND and kind != "pairs":
         raise option_error(
