@@ -295,15 +295,16 @@ def _user_error(parser, e: Exception) -> str:
 
 @contextmanager
 def _warnings_as_lines(cmd: str):
-    """A UserWarning (a run that may learn nothing, an option that has no effect) as one line
-    "nemokern CMD: warning: ...", without the file, line number and source line of Python's
-    default format."""
+    """nemokern's UserWarnings (a run that may learn nothing, an option that has no effect) as one
+    line "nemokern CMD: warning: ...", without the file, line number and source line of Python's
+    default format; other libraries' warnings keep that format (it names their source)."""
     import warnings
 
     default = warnings.formatwarning
+    ours = os.path.dirname(nemokern.__file__) + os.sep
 
     def one_line(message, category, filename, lineno, line=None):
-        if issubclass(category, UserWarning) and not issubclass(category, DeprecationWarning):
+        if issubclass(category, UserWarning) and str(filename).startswith(ours):
             return f"nemokern {cmd}: warning: {message}\n"
         return default(message, category, filename, lineno, line)
 

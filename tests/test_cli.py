@@ -205,3 +205,17 @@ def test_a_warning_is_one_line_naming_the_command(tmp_path):
     assert out.returncode == 2 and len(lines) == 2, out.stderr
     assert lines[0].startswith("nemokern train-reinforce: warning: k = 1: with one sample")
     assert lines[1].startswith("nemokern train-reinforce: error: --reward-fn: cannot import")
+
+
+def test_only_nemokerns_own_warnings_lose_pythons_format():
+    import warnings
+
+    from nemokern.cli import _warnings_as_lines
+
+    ours = str(Path(nemokern.__file__).parent / "trainers" / "reinforce.py")
+    with _warnings_as_lines("train-sft"):
+        mine = warnings.formatwarning("k = 1 ...", UserWarning, ours, 3)
+        torch_s = warnings.formatwarning("TypedStorage ...", UserWarning, "/x/torch/a.py", 7)
+    assert mine == "nemokern train-sft: warning: k = 1 ...\n"
+    assert torch_s.startswith("/x/torch/a.py:7: UserWarning: TypedStorage")
+    assert warnings.formatwarning("m", UserWarning, ours, 1).startswith(f"{ours}:1:")  # restored
