@@ -344,6 +344,8 @@ def export_reward_hf(
     while copying leaves `out` as it was."""
     model_dir, out = Path(model_dir), Path(out)
     limit = parse_size(max_shard_size)  # a bad size fails before anything is written
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir} is not a directory; give train-reward's OUT/final")
     if not (model_dir / HEAD_WEIGHTS).is_file():
         raise CheckpointError(
             f"{model_dir} has no {HEAD_WEIGHTS}: not a reward model saved by train-reward"
