@@ -67,7 +67,6 @@ def _parser():
         demo.DEFAULT_DEVICE,
         "keep the data, checkpoints (HF layout), metrics.jsonl per stage, summary.json and plots",
     )
-    commands = {"demo": p}
     p = sub.add_parser(
         "selfcheck",
         help="one rollout-and-score pass of a tiny built-in Llama, each fused path checked "
@@ -95,9 +94,8 @@ def _parser():
         help="longest response in tokens, >= 1 (default: %(default)s)",
     )
     _device_and_out(p, selfcheck.DEFAULT_DEVICE, "keep the tiny model's HF checkpoint")
-    commands["selfcheck"] = p
     _training_parsers(sub)
-    return parser, commands
+    return parser, sub.choices  # {command: its parser}
 
 
 COMMANDS = (
@@ -282,10 +280,44 @@ def _info():
     )
 
 
+def _flag(parser, option: str | None) -> str | None:
+    """The command-line flag of `parser` whose keyword (dest) is `option`, or None."""
+    return next((a.option_strings[0] for a in parser._actions if a.dest == option), None)
+
+
+def _user_error(parser, e: Exception) -> str:
+    """The one line of a user error: a ConfigError about one keyword (max_length=, alpha=) names
+    the command's flag for it (--max-length, --alpha) where the command has one."""
+    if isinstance(e, ConfigError) and e.option and (flag := _flag(parser, e.option)):
+        return f"{flag}: {e.message}"
+    return str(e)
+
+
+@contextmanager
+def _warnings_as_lines(cmd: str):
+    """nemokern's UserWarnings (a run that may learn nothing, an option that has no effect) as one
+    line "nemokern CMD: warning: ...", without the file, line number and source line of Python's
+    default format; other libraries' warnings keep that format (it names their source)."""
+    import warnings
+
+    default = warnings.formatwarning
+    ours = os.path.dirname(nemokern.__file__) + os.sep
+
+    def one_line(message, category, filename, lineno, line=None):
+        if issubclass(category, UserWarning) and str(filename).startswith(ours):
+            return f"nemokern {cmd}: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = one_line
+    try:
+        yield
+    finally:
+        warnings.formatwarning = default
+
+
 def _option_error(parser, e: ConfigError):
     """Exit with one line naming the command-line flag of a ConfigError about one keyword."""
-    flag = next(a.option_strings[0] for a in parser._actions if a.dest == e.option)
-    parser.error(f"{flag} {e.message}")
+    parser.error(f"{_flag(parser, e.option)} {e.message}")
 
 
 def _demo(args, parser):
@@ -625,7 +657,8 @@ def _main(argv):
         "plan": lambda: _plan(args),
     }[args.cmd]
     try:
-        return run()
+        with _warnings_as_lines(args.cmd):
+            return run()
     except USER_ERRORS as e:
         if args.cmd in (
             "info",
@@ -633,7 +666,7 @@ def _main(argv):
             "selfcheck",
         ):  # their options are checked before any work: a bug
             raise
-        parser.exit(2, f"nemokern {args.cmd}: error: {e}\n")
+        parser.exit(2, f"nemokern {args.cmd}: error: {_user_error(commands[args.cmd], e)}\n")
     except BrokenPipeError:  # the reader went away (`nemokern demo | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

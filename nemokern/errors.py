@@ -9,6 +9,11 @@
 All four are ValueErrors: the `nemokern` command answers each with one line and exit status 2.
 What happens to a run rather than what a user gave (a non-finite loss, a stop by a signal, a
 reward function that raised) is raised by the module it happens in.
+
+A plain ValueError (or TypeError) is a programmer's misuse of an API, as torch raises for its
+own arguments: the tensor shape and dtype checks of ops/, model/ and the loss functions, and a
+trainer's own internal layout. tests/test_errors.py scans data/, trainers/, tools/ and cli.py
+for plain ValueError/RuntimeError raises and lists the few that are such checks.
 """
 
 from __future__ import annotations

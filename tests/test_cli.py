@@ -177,3 +177,45 @@ def test_every_option_has_help_and_the_python_defaults(command, fn):
             continue
         assert "default" in (action.help or ""), action.dest
         assert action.default == defaults[action.dest], action.dest
+
+
+def test_a_keyword_error_names_the_commands_flag(capsys):
+    """A ConfigError about one keyword of the Python API (expo's alpha=, read_sft's max_length=)
+    is named as the command's flag for it (--alpha, --max-length)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["expo", "--init", "a", "--aligned", "b", "--alpha", "-1", "--out", "c"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert err.startswith("nemokern expo: error: --alpha: -1.0: ExPO's extrapolation"), err
+
+
+def test_a_warning_is_one_line_naming_the_command(tmp_path):
+    """A UserWarning before a user error: two lines, neither Python's file:line nor its source
+    line."""
+    out = subprocess.run(
+        [sys.executable, "-m", "nemokern.cli", "train-reinforce", "--prompts", "p.jsonl"]
+        + ["--reward-fn", "no_such_module_xyz:f", "--k", "1", "--device", "cpu"],
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 2, out.stderr
+    assert lines[0].startswith("nemokern train-reinforce: warning: k = 1: with one sample")
+    assert lines[1].startswith("nemokern train-reinforce: error: --reward-fn: cannot import")
+
+
+def test_only_nemokerns_own_warnings_lose_pythons_format():
+    import warnings
+
+    from nemokern.cli import _warnings_as_lines
+
+    ours = str(Path(nemokern.__file__).parent / "trainers" / "reinforce.py")
+    with _warnings_as_lines("train-sft"):
+        mine = warnings.formatwarning("k = 1 ...", UserWarning, ours, 3)
+        torch_s = warnings.formatwarning("TypedStorage ...", UserWarning, "/x/torch/a.py", 7)
+    assert mine == "nemokern train-sft: warning: k = 1 ...\n"
+    assert torch_s.startswith("/x/torch/a.py:7: UserWarning: TypedStorage")
+    assert warnings.formatwarning("m", UserWarning, ours, 1).startswith(f"{ours}:1:")  # restored

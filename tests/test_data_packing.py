@@ -7,6 +7,7 @@ from nemokern.data.packing import RewardDataset, encode_conversation, load_rewar
 from nemokern.data.readers import ATTRIBUTES, HELPFULNESS_INDEX
 from nemokern.data.synthetic import synthetic_rows
 from nemokern.data.tokenizer import ByteTokenizer, HFTokenizer
+from nemokern.errors import ConfigError
 
 TOK = ByteTokenizer()
 
@@ -93,9 +94,9 @@ def test_batching_option_errors(pairs):
         pairs.batches()
     with pytest.raises(ValueError, match="exactly one"):
         pairs.batches(max_tokens_per_batch=10_000, rows_per_batch=4)
-    with pytest.raises(ValueError, match="rows_per_batch must be a positive integer"):
+    with pytest.raises(ConfigError, match="^rows_per_batch: must be a positive integer"):
         pairs.batches(rows_per_batch=0)
-    with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+    with pytest.raises(ConfigError, match="^seed: must be a non-negative integer"):
         pairs.batches(rows_per_batch=2, seed=-1)
     with pytest.raises(ValueError, match="drop_last applies to rows_per_batch"):
         pairs.batches(max_tokens_per_batch=10_000, drop_last=True)
@@ -204,7 +205,7 @@ def test_truncation_from_the_left_of_the_prompt_is_counted():
     seq = deep.examples[0].sequences[0]
     assert len(seq) == 40 and seq[0] == TOK.bos_id and seq[-1] == TOK.eot_id
     assert "(1 of them into the response)" in deep.summary()
-    with pytest.raises(ValueError, match="max_length must be at least 2"):
+    with pytest.raises(ConfigError, match="^max_length: must be at least 2"):
         load_reward_data(rows, TOK, max_length=1)
 
 
@@ -270,9 +271,9 @@ def test_packed_batch_drives_the_model_like_separate_sequences(pairs):
 
 
 def test_dataset_errors():
-    with pytest.raises(ValueError, match="no usable rows in the rows$"):
+    with pytest.raises(ConfigError, match="no usable rows in the rows$"):
         RewardDataset([], "pairs")
-    with pytest.raises(ValueError, match="kind must be"):
+    with pytest.raises(ConfigError, match="^kind: must be"):
         RewardDataset([], "sft")
 
 

@@ -50,7 +50,8 @@ def test_corrupt_gz_is_a_clean_error_naming_the_file(tmp_path):
     data[len(data) // 2] ^= 0xFF  # a flipped byte mid-stream: zlib.error, not OSError
     path = tmp_path / "corrupt.jsonl.gz"
     path.write_bytes(bytes(data))
-    pattern = rf"^{re.escape(str(path))}: cannot read past line \d+ \(a corrupt or truncated file\)"
+    where = r"(it|past line \d+)"  # "it": the error came before the first line was read
+    pattern = rf"^{re.escape(str(path))}: cannot read {where} \(a corrupt or truncated file\)"
     with pytest.raises(ValueError, match=pattern):
         read_examples(path)
     with pytest.raises(ValueError, match=pattern):
@@ -164,7 +165,7 @@ def test_an_unreadable_parquet_file_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(readers, "_import_pyarrow_parquet", lambda: Broken())
     (tmp_path / "x.parquet").write_bytes(b"PAR1")
     with pytest.raises(ValueError) as err:
-        list(readers._raw_rows(str(tmp_path / "x.parquet")))
+        list(readers.raw_rows(str(tmp_path / "x.parquet")))
     assert "\n" not in str(err.value) and "not a readable parquet file: Couldn't" in str(err.value)
 
 
@@ -348,3 +349,39 @@ def test_reward_data_with_a_lone_surrogate_is_a_bad_row(tmp_path, field):
     assert len(data) == 2 and data.read.bad_rows == {BAD_VALUE: 1}
     with pytest.raises(DataError, match=rf"^{path}:2: field '{field}': {BAD_VALUE}"):
         read_sft(path, tok)
+
+
+@pytest.mark.parametrize(
+    "name, content, reader, message",
+    [
+        ("d.jsonl", None, "examples", r"data file '.*d\.jsonl' is a directory, not a file"),
+        ("x.csv", "a,b\n", "sft", r"data file '.*x\.csv': unknown format; expected one of"),
+        ("x.jsonl.gz", '{"prompt": "q"}\n', "prompts", r"x\.jsonl\.gz: cannot read it \(a corrupt"),
+        ("e.jsonl", "", "examples", r"data source .*e\.jsonl has no rows$"),
+        ("e.jsonl", "\n \n", "sft", r"e\.jsonl: no prompt/response rows$"),
+        ("e.jsonl", "", "prompts", r"e\.jsonl: no prompt rows$"),
+    ],
+)
+def test_a_file_that_holds_no_rows_is_a_config_error(tmp_path, name, content, reader, message):
+    """A data file that is not one (a directory, another format, not gzip, no rows) is the
+    option's mistake, not a row's: ConfigError, with no "past line 0" for a file that fails
+    before its first line."""
+    from nemokern.errors import ConfigError
+
+    path = tmp_path / name
+    path.mkdir() if content is None else path.write_text(content)
+    read = {
+        "examples": lambda: read_examples(path),
+        "sft": lambda: read_sft(path, load_tokenizer(None)),
+        "prompts": lambda: read_prompts(path, load_tokenizer(None)),
+    }[reader]
+    with pytest.raises(ConfigError, match=message):
+        read()
+
+
+def test_sft_max_length_names_the_option():
+    from nemokern.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="^max_length: must be at least 2, got 1$") as err:
+        read_sft([{"prompt": "q", "response": "a"}], load_tokenizer(None), max_length=1)
+    assert err.value.option == "max_length"

@@ -3,6 +3,7 @@ an AST scan of every module of the package, and the old import paths kept as the
 
 import ast
 import builtins
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,120 @@ def test_config_error_about_one_option():
     plain = errors.ConfigError("a.toml: not valid TOML")
     assert (str(plain), plain.option, plain.message) == (plain.message, None, plain.message)
     assert isinstance(e, ValueError)
+
+
+# ----------------------------------------------------------------------------- plain raises
+# Where a user's mistake can come from (options, config keys, data files, model directories):
+# these raise the classes of nemokern/errors.py. ops/ and model/ are left out: their tensor shape
+# and dtype checks are a programmer's API misuse, ValueError as torch's own.
+USER_FACING = ("nemokern/data/", "nemokern/trainers/", "nemokern/tools/", "nemokern/cli.py")
+PLAIN = {"ValueError", "RuntimeError"}
+# The plain raises there that are not a user's mistake: {(module, function): how many}.
+NOT_USER_MISTAKES = {
+    # a conversation passed by a caller, checked as torch checks its arguments; rows read from a
+    # file reach it through readers.parse_turns, whose DataError names the file, line and field
+    ("nemokern/data/tokenizer.py", "_check_messages"): 4,
+    # tensor shapes of the loss functions' arguments
+    ("nemokern/trainers/losses.py", "regression_loss"): 2,
+    ("nemokern/trainers/losses.py", "bradley_terry_loss"): 2,
+    ("nemokern/trainers/losses.py", "pair_accuracy"): 1,
+    ("nemokern/trainers/losses.py", "rloo_advantages"): 1,
+    # the trainer's own sample layout (k samples per prompt, in order), not a user's input
+    ("nemokern/trainers/policy.py", "SampleGroups.of"): 1,
+    ("nemokern/trainers/policy.py", "pack"): 1,
+    # a user's mistake (a prompt longer than the model's positions) raised as ValueError in the
+    # module the split of trainers/reinforce.py owns; the command line answers it in one line
+    ("nemokern/trainers/reinforce.py", "ReinforceTrainer._check_lengths"): 1,
+}
+
+
+def plain_raises(sources: dict[str, str]) -> Counter:
+    """{(module, qualified function): n} of `raise ValueError(...)` / `raise RuntimeError(...)`
+    (or the bare class) in `sources` ({module: source text})."""
+    found = Counter()
+
+    def visit(module, node, scope):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                visit(module, child, (*scope, child.name))
+                continue
+            if isinstance(child, ast.Raise) and child.exc is not None:
+                exc = child.exc.func if isinstance(child.exc, ast.Call) else child.exc
+                if isinstance(exc, ast.Name) and exc.id in PLAIN:
+                    found[module, ".".join(scope) or "<module>"] += 1
+            visit(module, child, scope)
+
+    for module, text in sources.items():
+        visit(module, ast.parse(text), ())
+    return found
+
+
+def test_user_mistakes_are_not_plain_value_or_runtime_errors():
+    """A plain ValueError/RuntimeError where a user's mistake is raised: use ConfigError,
+    DataError, CheckpointError or EnvError (nemokern/errors.py), or, for a check that is not a
+    user's mistake, list it in NOT_USER_MISTAKES with the reason."""
+    sources = {m: t for m, t in package_sources().items() if m.startswith(USER_FACING)}
+    assert "nemokern/cli.py" in sources and len(sources) > 20
+    unlisted = plain_raises(sources) - Counter(NOT_USER_MISTAKES)
+    assert dict(unlisted) == {}
+
+
+def test_the_raise_scan_finds_a_planted_one():
+    planted = {
+        "nemokern/data/x.py": (
+            "class A:\n    def f(self):\n        raise ValueError('bad')\n"
+            "def g():\n    if 1:\n        raise RuntimeError\n    raise ConfigError('ok')\n"
+            "raise ValueError('top')\n"
+        )
+    }
+    assert plain_raises(planted) == Counter(
+        {
+            ("nemokern/data/x.py", "A.f"): 1,
+            ("nemokern/data/x.py", "g"): 1,
+            ("nemokern/data/x.py", "<module>"): 1,
+        }
+    )
+
+
+def _keyword_mistakes():
+    import torch
+
+    from nemokern.trainers.losses import bradley_terry_loss, policy_gradient_coefficients
+    from nemokern.trainers.policy import kl_regularised_advantages
+    from nemokern.trainers.rewardbench import accuracy_report
+
+    one = torch.zeros(2)
+    return {
+        "kind": lambda: bradley_terry_loss(one, one, one, kind="hinge"),
+        "ties": lambda: bradley_terry_loss(one, one, one, ties="half"),
+        "normalisation": lambda: policy_gradient_coefficients(
+            one, torch.zeros(2, dtype=torch.long), one.bool(), "token-sum"
+        ),
+        "truncated": lambda: kl_regularised_advantages(
+            one, one, one.bool(), 2, beta=0.0, truncated="dropped"
+        ),
+        "rejected": lambda: accuracy_report([1.0, 2.0], [1.0]),
+        "subsets": lambda: accuracy_report([1.0], [0.0], ["a", "b"]),
+        "strengths": lambda: accuracy_report([1.0], [0.0], strengths=[1.0, 2.0]),
+    }
+
+
+@pytest.mark.parametrize("option", sorted(_keyword_mistakes()))
+def test_a_bad_keyword_value_is_a_config_error_naming_it(option):
+    with pytest.raises(errors.ConfigError) as err:
+        _keyword_mistakes()[option]()
+    assert err.value.option == option and str(err.value).startswith(f"{option}: ")
+
+
+def test_a_forced_back_end_this_machine_cannot_run_is_an_env_error(monkeypatch):
+    import torch
+
+    from nemokern.ops import _dispatch
+
+    monkeypatch.setenv("NEMOKERN_BACKEND", "triton")
+    monkeypatch.setattr(_dispatch, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(errors.EnvError, match="NEMOKERN_BACKEND=triton needs a CUDA GPU"):
+        _dispatch.check_forced_backend()
+    with pytest.raises(errors.EnvError, match="NEMOKERN_BACKEND=triton with CPU tensors"):
+        _dispatch.backend_for(torch.zeros(1))

@@ -4,6 +4,7 @@ and host memory of about one tensor."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import weakref
@@ -15,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
 import nemokern.tools.expo as expo_module
+from nemokern.errors import ConfigError
 from nemokern.model import CheckpointError, Llama, LlamaConfig, RewardModel
 from nemokern.tools.expo import expo
 
@@ -305,6 +307,7 @@ def _mismatch(case, tmp_path):
     if case == "head":  # init is the instruct model, without the head the reward model started from
         init, aligned = reward_pair(tmp_path)
         (init / "reward_head.safetensors").unlink()
+        (init / "reward_head.json").unlink()
         return init, aligned, [str(aligned / "reward_head.safetensors"), str(init), "head included"]
     if case == "head_shape":
         init, _ = reward_pair(tmp_path / "a")
@@ -351,8 +354,9 @@ def test_mismatches_name_the_tensor_and_both_files(tmp_path, case):
 @pytest.mark.parametrize("alpha", [-0.1, float("nan"), float("inf"), True, "0.3"])
 def test_bad_alpha_is_refused(tmp_path, alpha):
     init, aligned = reward_pair(tmp_path)
-    with pytest.raises(ValueError, match="alpha=.*finite number >= 0"):
+    with pytest.raises(ConfigError, match="^alpha: .*finite number >= 0") as err:
         expo(init, aligned, alpha, tmp_path / "out")
+    assert err.value.option == "alpha"
     assert not (tmp_path / "out").exists()
 
 
@@ -376,7 +380,8 @@ def test_bad_paths_and_sizes_are_refused(tmp_path):
     ):
         expo(init, aligned, 0.3, tmp_path / "out")
     (tmp_path / "empty").mkdir()  # an existing empty directory is fine: it is replaced
-    assert expo(aligned, aligned, 0.3, tmp_path / "empty")["tensors"] > 0
+    shutil.copytree(aligned, tmp_path / "copy")
+    assert expo(tmp_path / "copy", aligned, 0.3, tmp_path / "empty")["tensors"] > 0
 
 
 def test_a_failure_leaves_no_out_dir(tmp_path, monkeypatch):

@@ -186,3 +186,10 @@ def test_export_into_an_empty_or_earlier_export_directory(saved, tmp_path):
     again = RewardModel.load_any(tmp_path / "sharded")
     assert again.attributes == ("correctness",)
     assert not list(tmp_path.glob(".*.partial"))
+
+
+def test_a_missing_model_directory_is_named_as_missing(tmp_path):
+    """It was "has no reward_head.safetensors: not a reward model", as for a policy."""
+    with pytest.raises(CheckpointError, match=r"nope is not a directory; give train-reward's"):
+        export_reward_hf(tmp_path / "nope", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -141,9 +141,12 @@ def test_expo_and_export_into_an_unwritable_directory(dirs, capsys, tmp_path, mo
             raise PermissionError(13, "Permission denied", str(self))
         return mkdir(self, *args, **kwargs)
 
+    import shutil
+
+    shutil.copytree(dirs / "rm", tmp_path / "rm")
     monkeypatch.setattr(pathlib.Path, "mkdir", denied)
     out = tmp_path / "out"
-    expo = ["expo", "--init", dirs / "rm", "--aligned", dirs / "rm", "--alpha", "0.3"]
+    expo = ["expo", "--init", tmp_path / "rm", "--aligned", dirs / "rm", "--alpha", "0.3"]
     one_line(*run(capsys, *expo, "--out", out), "Permission denied", f"--out {out} must be")
     export = ["export-reward", "--model", dirs / "rm", "--out", out]
     one_line(*run(capsys, *export), "Permission denied", f"--out {out} must be writable")
@@ -175,3 +178,92 @@ def test_a_policy_whose_vocabulary_is_smaller_than_the_tokenizer_is_named(dirs, 
         f"--policy: {tmp_path / 'small'} has a vocabulary of 200 tokens, fewer than the 262 of "
         "the tokenizer 'byte'",
     )
+
+
+def test_a_reward_model_is_refused_as_a_policy(dirs, capsys, tmp_path):
+    """train-sft --model and train-reinforce --policy read a policy: a reward model's lm_head is
+    the policy it started from (or, exported, the head's row 0), never a trained policy."""
+    (tmp_path / "p.jsonl").write_text('{"prompt": "1+1=", "response": "2"}\n' * 4)
+    (tmp_path / "q.jsonl").write_text('{"prompt": "1+1="}\n' * 4)
+    for model in ("rm", "rm-hf"):
+        one_line(
+            *run(
+                capsys,
+                "train-sft",
+                "--data",
+                tmp_path / "p.jsonl",
+                "--model",
+                dirs / model,
+                "--out",
+                tmp_path / "sft",
+                "--device",
+                "cpu",
+            ),
+            f"--model: {dirs / model} is a reward ",
+            "not a policy",
+        )
+        one_line(
+            *run(
+                capsys,
+                "train-reinforce",
+                "--prompts",
+                tmp_path / "q.jsonl",
+                "--policy",
+                dirs / model,
+                "--reward-fn",
+                "nemokern.data.synthetic:sum_reward",
+                "--out",
+                tmp_path / "rl",
+                "--device",
+                "cpu",
+            ),
+            f"--policy: {dirs / model} is a reward ",
+        )
+
+
+def test_a_reward_model_without_its_head_weights_is_named(dirs, capsys, tmp_path):
+    """A copy of a reward model that lost reward_head.safetensors is neither read as a policy
+    (score) nor continued as one with a fresh head (--init)."""
+    import shutil
+
+    broken = tmp_path / "rm"
+    shutil.copytree(dirs / "rm", broken)
+    (broken / "reward_head.safetensors").unlink()
+    want = f"{broken} has reward_head.json but no reward_head.safetensors"
+    one_line(*run(capsys, "score", "--model", broken, "--data", dirs / "rb.jsonl"), want)
+    one_line(
+        *run(
+            capsys,
+            "train-reward",
+            "--data",
+            dirs / "rb.jsonl",
+            "--loss",
+            "bt",
+            "--init",
+            broken,
+            "--out",
+            tmp_path / "o",
+            "--device",
+            "cpu",
+        ),
+        want,
+    )
+
+
+def test_expo_of_a_model_with_itself_is_refused(dirs, capsys, tmp_path):
+    one_line(
+        *run(
+            capsys,
+            "expo",
+            "--init",
+            dirs / "policy",
+            "--aligned",
+            dirs / "policy",
+            "--alpha",
+            "0.5",
+            "--out",
+            tmp_path / "x",
+        ),
+        "are the same directory",
+    )
+    assert not (tmp_path / "x").exists()

@@ -196,3 +196,16 @@ def test_shared_prompt_pairs_train_like_whole_pairs(tmp_path, files):
     assert evals[0] and evals[0] == evals[1]
     for k in evals[0]:
         assert shared[-1][k] == pytest.approx(whole[-1][k], rel=1e-5, abs=1e-6), k
+
+
+def test_a_loss_that_does_not_fit_the_data_names_the_layout_once():
+    """It read "holds pairs pairs" for a RewardBench file."""
+    from nemokern.trainers.reward import check_loss_fits_data
+
+    for layout in ("pairs", "hs2-preference"):
+        with pytest.raises(ConfigError) as err:
+            check_loss_fits_data("regression", "pairs", layout, "x.jsonl")
+        assert str(err.value) == (
+            f"--loss: regression needs attribute labels (HelpSteer2 rows); x.jsonl holds {layout} "
+            "rows (preference pairs): use bt, margin-bt or scaled-bt"
+        )

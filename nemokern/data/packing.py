@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from nemokern.errors import ConfigError
+
 from .readers import ATTRIBUTES, PreferencePair, ReadResult, read_examples
 
 
@@ -216,7 +218,7 @@ def check_positions(rows, limit: int) -> None:
     the positions."""
     n, where = max(rows, key=lambda row: row[0])
     if n > limit:
-        raise ValueError(
+        raise ConfigError(
             f"{where}: {n} tokens exceed the model's max_position_embeddings ({limit}); set "
             f"--max-length {limit} or less (longer rows are then cut, and counted)"
         )
@@ -294,14 +296,14 @@ class RewardDataset:
         max_length: int | None = None,
     ):
         if kind not in ("regression", "pairs"):
-            raise ValueError(f"kind must be 'regression' or 'pairs', got {kind!r}")
+            raise ConfigError(f"must be 'regression' or 'pairs', got {kind!r}", option="kind")
         if not examples:
             why = []
             if read is not None and read.other_split:
                 why.append(f"{read.other_split} rows of another split left out")
             if read is not None and read.bad_rows:
                 why.append(f"{sum(read.bad_rows.values())} bad rows skipped")
-            raise ValueError(
+            raise ConfigError(
                 f"no usable rows in {read.source if read else 'the rows'}"
                 + (f" ({', '.join(why)})" if why else "")
             )
@@ -357,7 +359,7 @@ class RewardDataset:
     def check_vocab(self, vocab_size: int) -> None:
         """Raise when a token id does not fit a model's vocabulary (a larger one is fine)."""
         if self.max_token_id >= vocab_size:
-            raise ValueError(
+            raise ConfigError(
                 f"the data has token id {self.max_token_id} but the model's vocabulary "
                 f"has {vocab_size} rows; use the model's own tokenizer"
             )
@@ -417,7 +419,7 @@ def load_reward_data(
     optionally bos_id), e.g. nemokern.data.tokenizer.ByteTokenizer or HFTokenizer.
     """
     if max_length < 2:
-        raise ValueError(f"max_length must be at least 2, got {max_length}")
+        raise ConfigError(f"must be at least 2, got {max_length}", option="max_length")
     read = read_examples(source, layout, skip_bad_rows=skip_bad_rows, split=split)
     examples = [tokenize_example(e, tokenizer, max_length) for e in read.examples]
     kind = "regression" if read.layout == "helpsteer2" else "pairs"
@@ -444,24 +446,24 @@ class RewardBatches:
         drop_last: bool = False,
     ):
         if (max_tokens_per_batch is None) == (rows_per_batch is None):
-            raise ValueError("give exactly one of max_tokens_per_batch and rows_per_batch")
+            raise ConfigError("give exactly one of max_tokens_per_batch and rows_per_batch")
         budget = max_tokens_per_batch if rows_per_batch is None else rows_per_batch
         if drop_last and rows_per_batch is None:
-            raise ValueError(
+            raise ConfigError(
                 "drop_last applies to rows_per_batch only; a token budget has no "
                 "'full' batch to keep"
             )
         if not isinstance(budget, int) or budget < 1:
             name = "max_tokens_per_batch" if rows_per_batch is None else "rows_per_batch"
-            raise ValueError(f"{name} must be a positive integer, got {budget!r}")
+            raise ConfigError(f"must be a positive integer, got {budget!r}", option=name)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+            raise ConfigError(f"must be a non-negative integer, got {seed!r}", option="seed")
         self.dataset, self.shuffle, self.seed, self.drop_last = dataset, shuffle, seed, drop_last
         self.max_tokens_per_batch, self.rows_per_batch = max_tokens_per_batch, rows_per_batch
         self._sizes = np.array([e.num_tokens for e in dataset.examples], dtype=np.int64)
         if max_tokens_per_batch is not None and self._sizes.max() > max_tokens_per_batch:
             i = int(self._sizes.argmax())
-            raise ValueError(
+            raise ConfigError(
                 f"{dataset.examples[i].where}: a row of {self._sizes[i]} tokens does not fit "
                 f"max_tokens_per_batch={max_tokens_per_batch}; raise it to at least "
                 f"{self._sizes.max()} or lower max_length"
@@ -526,7 +528,7 @@ class RewardBatches:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("fingerprint") != self.fingerprint:
-            raise ValueError(
+            raise ConfigError(
                 "the saved data position belongs to other data or batching options (fingerprint "
                 f"{state.get('fingerprint')!r}, these batches {self.fingerprint!r}); resume with "
                 "the same data, max_length, batch size and seed"

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .readers import BAD_VALUE, MISSING_COLUMN, DataError, _raw_rows, _turns
+from nemokern.errors import ConfigError
+
+from .readers import BAD_VALUE, MISSING_COLUMN, DataError, parse_turns, raw_rows, source_name
 
 PROMPT_HINT = "fix or remove the row"
 
@@ -31,13 +33,13 @@ class Prompt:
 def read_prompts(source, tokenizer) -> list[Prompt]:
     """Every row of `source` as a Prompt; DataError for a row without a usable `prompt`."""
     out = []
-    for where, row in _raw_rows(source):
+    for where, row in raw_rows(source):
         try:
             out.append(_prompt(where, row, tokenizer))
         except DataError as exc:
             raise exc.with_hint(PROMPT_HINT) from None
     if not out:
-        raise ValueError(f"{source}: no prompt rows")
+        raise ConfigError(f"{source_name(source)}: no prompt rows")
     return out
 
 
@@ -53,7 +55,7 @@ def _prompt(where: str, row, tokenizer) -> Prompt:
             MISSING_COLUMN,
             "a prompt row needs `prompt`: a string or a list of chat turns",
         )
-    turns = _turns(row["prompt"], where, "prompt", "user")  # lone surrogates are DataErrors
+    turns = parse_turns(row["prompt"], where, "prompt", "user")  # lone surrogates are DataErrors
     try:
         ids = tokenizer.apply_chat_template(list(turns), add_generation_prompt=True)
     except UnicodeError as exc:  # text the tokenizer cannot encode

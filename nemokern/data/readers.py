@@ -45,7 +45,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from nemokern.errors import DataError
+from nemokern.errors import ConfigError, DataError
 from nemokern.model.reward import ATTRIBUTES, HELPFULNESS, IGNORE_LABEL
 
 from .tokenizer import CHAT_ROLES
@@ -156,8 +156,11 @@ def source_name(source) -> str:
     return f"<{type(source).__name__}>"
 
 
-def _raw_rows(source) -> Iterator[tuple[str, Any]]:
-    """(where, row) for every row; row is a DataError for an unparsable jsonl line."""
+def raw_rows(source) -> Iterator[tuple[str, Any]]:
+    """(where, row) for every row of a path or an iterable of dict rows (the sources of
+    read_examples, prompts.read_prompts and sft.read_sft); where is "file:line" or "... row N",
+    row the parsed value, or a DataError for an unparsable jsonl line (the caller raises or skips
+    it). A path that is no data file raises FileNotFoundError or ConfigError."""
     if not isinstance(source, (str, os.PathLike)):
         if isinstance(source, (dict, bytes)) or not isinstance(source, Iterable):
             raise TypeError(
@@ -172,15 +175,15 @@ def _raw_rows(source) -> Iterator[tuple[str, Any]]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"data file {path!r} does not exist")
     if os.path.isdir(path):
-        raise ValueError(f"data file {path!r} is a directory, not a file")
+        raise ConfigError(f"data file {path!r} is a directory, not a file")
     if not os.path.isfile(path):
-        raise ValueError(f"data file {path!r} is not a regular file")
+        raise ConfigError(f"data file {path!r} is not a regular file")
     if path.endswith(".parquet"):
         for i, row in enumerate(_parquet_rows(path)):
             yield f"{path} row {i}", row
         return
     if not path.endswith((".jsonl", ".jsonl.gz")):
-        raise ValueError(
+        raise ConfigError(
             f"data file {path!r}: unknown format; expected one of {', '.join(_SUFFIXES)}"
         )
     opener = gzip.open if path.endswith(".gz") else open
@@ -202,7 +205,8 @@ def _raw_rows(source) -> Iterator[tuple[str, Any]]:
     except (OSError, EOFError, zlib.error) as exc:  # a corrupt or truncated .gz
         broken = isinstance(exc, (EOFError, zlib.error, gzip.BadGzipFile))
         why = " (a corrupt or truncated file)" if broken else ""
-        raise ValueError(f"{path}: cannot read past line {n}{why}: {exc}") from exc
+        where = f"past line {n}" if n else "it"
+        raise ConfigError(f"{path}: cannot read {where}{why}: {exc}") from exc
 
 
 def _import_pyarrow_parquet():
@@ -225,7 +229,7 @@ def _parquet_rows(path: str) -> Iterator[dict]:
             yield from batch.to_pylist()
     except (pa.ArrowException, OSError) as exc:
         reason = " ".join(str(exc).split())  # Arrow's messages can span lines: one line
-        raise ValueError(f"{path}: not a readable parquet file: {reason}") from exc
+        raise ConfigError(f"{path}: not a readable parquet file: {reason}") from exc
 
 
 def _columns(source, first_row) -> tuple[str, ...]:
@@ -238,7 +242,7 @@ def _columns(source, first_row) -> tuple[str, ...]:
 
 
 def detect_layout(columns: Iterable[str]) -> str:
-    """The layout whose characteristic columns are present; ValueError when none or several fit."""
+    """The layout whose characteristic columns are present; ConfigError when none or several fit."""
     cols = set(columns)
     fits = []
     if {"response_1", "response_2", "preference_strength"} <= cols:
@@ -249,7 +253,7 @@ def detect_layout(columns: Iterable[str]) -> str:
         fits.append("helpsteer2")
     if len(fits) != 1:
         why = "none" if not fits else f"several ({', '.join(fits)})"
-        raise ValueError(
+        raise ConfigError(
             f"cannot detect the data layout from the columns {sorted(cols)}: {why} of "
             f"{', '.join(LAYOUTS)} fit; expected {_REQUIRED}; pass the layout explicitly "
             "(--data-format)"
@@ -299,8 +303,9 @@ def _check_text(turns, where: str, name: str) -> None:
             ) from None
 
 
-def _turns(value, where: str, name: str, default_role: str) -> tuple[dict, ...]:
-    """A string (one turn of `default_role`) or a list of {role, content} -> validated turns."""
+def parse_turns(value, where: str, name: str, default_role: str) -> tuple[dict, ...]:
+    """A string (one turn of `default_role`) or a list of {role, content} -> validated turns;
+    DataError naming `where` and the field `name` otherwise."""
     empty = EMPTY_PROMPT if default_role == "user" else EMPTY_RESPONSE
     if isinstance(value, str):
         if not value.strip():
@@ -359,7 +364,7 @@ def _turns(value, where: str, name: str, default_role: str) -> tuple[dict, ...]:
 
 def _response(value, where: str, name: str) -> tuple[dict, ...]:
     """A response: a string (one assistant turn) or turns starting with an assistant turn."""
-    turns = _turns(value, where, name, "assistant")
+    turns = parse_turns(value, where, name, "assistant")
     if turns[0]["role"] != "assistant":
         raise DataError(
             where,
@@ -378,7 +383,7 @@ def _pair_turns(row: dict, where: str) -> tuple[tuple, tuple, tuple, str | None]
     least its last turn); REPEATED_PROMPT where chosen and rejected both repeat the prompt column's
     turns (read once)."""
     if row.get("prompt") is None and all(isinstance(row.get(n), list) for n in PAIR_COLUMNS):
-        chosen, rejected = (_turns(row[n], where, n, "assistant") for n in PAIR_COLUMNS)
+        chosen, rejected = (parse_turns(row[n], where, n, "assistant") for n in PAIR_COLUMNS)
         n = 0
         while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
             n += 1
@@ -389,13 +394,13 @@ def _pair_turns(row: dict, where: str) -> tuple[tuple, tuple, tuple, str | None]
                 MISSING_COLUMN,
                 "no prompt column, and chosen and rejected do not start with the same turns",
             )
-        prompt = _turns(list(chosen[:n]), where, "chosen/rejected shared turns", "user")
+        prompt = parse_turns(list(chosen[:n]), where, "chosen/rejected shared turns", "user")
         for name, turns in zip(PAIR_COLUMNS, (chosen[n:], rejected[n:])):
             _response(list(turns), where, name)
         return prompt, chosen[n:], rejected[n:], IMPLICIT_PROMPT
     _require(row, "pairs", where)
-    prompt = _turns(row["prompt"], where, "prompt", "user")
-    both = [_turns(row[n], where, n, "assistant") for n in PAIR_COLUMNS]
+    prompt = parse_turns(row["prompt"], where, "prompt", "user")
+    both = [parse_turns(row[n], where, n, "assistant") for n in PAIR_COLUMNS]
     k = len(prompt)
     repeats = [len(t) > k and t[:k] == prompt for t in both]
     how = None
@@ -467,7 +472,7 @@ def row_to_example(row, layout: str, where: str):
             prompt_from=how,
         )
     _require(row, layout, where)
-    prompt = _turns(row["prompt"], where, "prompt", "user")
+    prompt = parse_turns(row["prompt"], where, "prompt", "user")
     if layout == "helpsteer2":
         response = _response(row["response"], where, "response")
         labels = []
@@ -492,8 +497,9 @@ def row_to_example(row, layout: str, where: str):
             id=_optional_str(row, "id"),
             split=_optional_str(row, "split"),
         )
-    raise ValueError(
-        f"unknown data layout {layout!r}; expected auto or one of {', '.join(LAYOUTS)}"
+    raise ConfigError(
+        f"unknown data layout {layout!r}; expected auto or one of {', '.join(LAYOUTS)}",
+        option="layout",
     )
 
 
@@ -513,12 +519,13 @@ def read_examples(
     messages are kept for the summary.
     """
     if layout != "auto" and layout not in LAYOUTS:
-        raise ValueError(
-            f"unknown data layout {layout!r}; expected auto or one of {', '.join(LAYOUTS)}"
+        raise ConfigError(
+            f"unknown data layout {layout!r}; expected auto or one of {', '.join(LAYOUTS)}",
+            option="layout",
         )
     result = ReadResult(source_name(source), layout, layout == "auto", ())
     split_column = False  # some row has a split value
-    for where, row in _raw_rows(source):
+    for where, row in raw_rows(source):
         result.rows_read += 1
         split_column |= isinstance(row, dict) and row.get("split") is not None
         try:
@@ -531,9 +538,9 @@ def read_examples(
                 columns = _columns(source, row)
                 try:
                     result.layout = detect_layout(columns)
-                except ValueError as exc:
+                except ConfigError as exc:
                     if schema:  # every row has these columns: not a row's fault
-                        raise ValueError(f"{result.source}: {exc}") from None
+                        raise ConfigError(f"{result.source}: {exc}") from None
                     raise DataError(where, None, NO_LAYOUT, str(exc)) from None
                 result.columns = columns
             elif not result.columns:
@@ -551,16 +558,16 @@ def read_examples(
             continue
         result.examples.append(example)
     if not result.rows_read:
-        raise ValueError(f"data source {result.source} has no rows")
+        raise ConfigError(f"data source {result.source} has no rows")
     if split is not None and not split_column:
-        raise ValueError(
+        raise ConfigError(
             f"split={split!r} (--split) keeps the rows whose 'split' column has that value, but "
             f"no row of {result.source} has a 'split' value; drop --split, or use a file with "
             "the column"
         )
     if result.layout == "auto":
         first = f"; the first: {result.bad_examples[0]}" if result.bad_examples else ""
-        raise ValueError(
+        raise ConfigError(
             f"{result.source}: no row could be read to detect the layout "
             f"({sum(result.bad_rows.values())} bad rows){first}"
         )
@@ -582,7 +589,7 @@ def write_rows(rows: Iterable[dict], path: str | os.PathLike) -> None:
         _import_pyarrow_parquet().write_table(table, path)
         return
     if not path.endswith((".jsonl", ".jsonl.gz")):
-        raise ValueError(f"cannot write {path!r}: expected one of {', '.join(_SUFFIXES)}")
+        raise ConfigError(f"cannot write {path!r}: expected one of {', '.join(_SUFFIXES)}")
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     if path.endswith(".gz"):
         with gzip.open(path, "wb") as f:

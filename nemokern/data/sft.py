@@ -15,8 +15,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from nemokern.errors import ConfigError
+
 from .packing import check_positions
-from .readers import BAD_VALUE, MISSING_COLUMN, DataError, _raw_rows, _turns, source_name
+from .readers import BAD_VALUE, MISSING_COLUMN, DataError, parse_turns, raw_rows, source_name
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ class SFTDataset:
 
     def check_vocab(self, vocab_size: int) -> None:
         if self.max_token_id >= vocab_size:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.source}: token id {self.max_token_id} does not fit the model's vocabulary "
                 f"({vocab_size} rows); use the model's own tokenizer"
             )
@@ -115,9 +117,9 @@ def read_sft(source, tokenizer, *, max_length: int = 4096, skip_bad_rows: bool =
     """Every row of `source` as an SFTExample; a bad row raises DataError naming it (or, with
     skip_bad_rows, is skipped and counted)."""
     if max_length < 2:
-        raise ValueError(f"max_length must be at least 2, got {max_length}")
+        raise ConfigError(f"must be at least 2, got {max_length}", option="max_length")
     examples, bad = [], Counter()
-    for where, row in _raw_rows(source):
+    for where, row in raw_rows(source):
         try:
             if isinstance(row, DataError):
                 raise row
@@ -133,13 +135,13 @@ def read_sft(source, tokenizer, *, max_length: int = 4096, skip_bad_rows: bool =
                         MISSING_COLUMN,
                         "an SFT row needs `prompt` and `response` (strings or chat turns)",
                     )
-            prompt = _turns(row["prompt"], where, "prompt", "user")
-            response = _turns(row["response"], where, "response", "assistant")
+            prompt = parse_turns(row["prompt"], where, "prompt", "user")
+            response = parse_turns(row["response"], where, "response", "assistant")
             examples.append(encode_sft(tokenizer, prompt, response, max_length, where))
         except DataError as e:
             if not skip_bad_rows:
                 raise
             bad[e.reason] += 1
     if not examples:
-        raise ValueError(f"{source_name(source)}: no prompt/response rows")
+        raise ConfigError(f"{source_name(source)}: no prompt/response rows")
     return SFTDataset(examples, source_name(source), max_length, bad)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 import random
 
+from nemokern.errors import ConfigError
+
 from .readers import LAYOUTS, write_rows
 
 GOOD_WORDS = ("correct", "helpful", "clear", "precise")
@@ -93,7 +95,9 @@ def synthetic_rows(
     "synthetic-hard" (by 1), and an id.
     """
     if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+        raise ConfigError(
+            f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}", option="layout"
+        )
     rng = random.Random(seed)
     rows = []
     for i in range(n):
@@ -204,8 +208,9 @@ def sum_rows(
     difference (capped at 3); "pairs": chosen = the right answer, rejected = a wrong one.
     """
     if layout not in ("sft", "helpsteer2", "hs2-preference", "pairs"):
-        raise ValueError(
-            f"unknown layout {layout!r}; expected sft, helpsteer2, hs2-preference or pairs"
+        raise ConfigError(
+            f"unknown layout {layout!r}; expected sft, helpsteer2, hs2-preference or pairs",
+            option="layout",
         )
     rng = random.Random(seed)
     rows = []

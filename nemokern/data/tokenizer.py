@@ -19,6 +19,8 @@ import os
 import re
 from collections.abc import Sequence
 
+from nemokern.errors import ConfigError
+
 BEGIN_OF_TEXT = "<|begin_of_text|>"
 END_OF_TEXT = "<|end_of_text|>"
 START_HEADER = "<|start_header_id|>"
@@ -106,9 +108,10 @@ class ByteTokenizer:
                 buf.append(i)
                 continue
             if i not in self._special_by_id:
-                raise ValueError(
+                raise ConfigError(
                     f"token id {i} is outside the byte tokenizer's vocabulary "
-                    f"(0..{self.vocab_size - 1})"
+                    f"(0..{self.vocab_size - 1}); a model whose vocabulary is larger needs its "
+                    "own tokenizer (--tokenizer DIR)"
                 )
             out.append(buf.decode("utf-8", errors="replace"))
             buf = bytearray()
@@ -135,7 +138,7 @@ class HFTokenizer:
         try:
             self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except Exception as exc:
-            raise ValueError(f"could not load a tokenizer from {path!r}: {exc}") from exc
+            raise ConfigError(f"could not load a tokenizer from {path!r}: {exc}") from exc
         self.path = path
         missing = [
             t
@@ -143,7 +146,7 @@ class HFTokenizer:
             if self.tok.convert_tokens_to_ids(t) in (None, self.tok.unk_token_id)
         ]
         if missing:
-            raise ValueError(f"tokenizer {path!r} lacks the Llama-3.1 special tokens {missing}")
+            raise ConfigError(f"tokenizer {path!r} lacks the Llama-3.1 special tokens {missing}")
         self.vocab_size = len(self.tok)
 
     def _id(self, token: str) -> int:

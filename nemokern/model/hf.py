@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..parallel import rank_and_size
 from ..parallel.fsdp import copy_into, first_holder, full_tensor
 from .config import LlamaConfig
@@ -61,10 +61,10 @@ def resolve_dtype(dtype, config: LlamaConfig) -> torch.dtype:
         return torch.float32
     if isinstance(dtype, str):
         if dtype.removeprefix("torch.") not in _DTYPES:
-            raise ValueError(f"dtype={dtype!r} is not supported; use one of {sorted(_DTYPES)}")
+            raise ConfigError(f"dtype={dtype!r} is not supported; use one of {sorted(_DTYPES)}")
         return _DTYPES[dtype.removeprefix("torch.")]
     if dtype not in _DTYPES.values():
-        raise ValueError(
+        raise ConfigError(
             f"dtype={dtype} is not supported; use torch.float32, torch.bfloat16 or torch.float16"
         )
     return dtype
@@ -345,11 +345,13 @@ def parse_size(size: int | str) -> int:
     """Bytes from an int or a string like "5GB", "200MB", "50KB" (decimal, as transformers)."""
     if isinstance(size, int):
         if size < 1:
-            raise ValueError(f"max_shard_size={size!r} must be at least 1 byte")
+            raise ConfigError(f"max_shard_size={size!r} must be at least 1 byte")
         return size
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", str(size), flags=re.IGNORECASE)
     if not m:
-        raise ValueError(f"max_shard_size={size!r} is not a size; use bytes or a string like '5GB'")
+        raise ConfigError(
+            f"max_shard_size={size!r} is not a size; use bytes or a string like '5GB'"
+        )
     unit = (m.group(2) or "B").upper()
     scale = {
         "B": 1,
@@ -362,7 +364,7 @@ def parse_size(size: int | str) -> int:
     }[unit]
     size_bytes = int(float(m.group(1)) * scale)
     if size_bytes < 1:
-        raise ValueError(f"max_shard_size={size!r} must be at least 1 byte")
+        raise ConfigError(f"max_shard_size={size!r} must be at least 1 byte")
     return size_bytes
 
 

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from nemokern.errors import ConfigError
 from nemokern.model.deferred import defer, is_deferred
 from nemokern.model.hf import (
     SAFETENSORS_FLOATS,
@@ -62,10 +63,16 @@ def model_kind(path) -> str:
     """What a model directory holds: "reward model" (a head in reward_head.safetensors),
     "reward export" (the Nemotron-Reward-HF layout, config.json marked with EXPORT_MARKER),
     "policy" (any other HF Llama directory: its logits are token scores, not a reward), or
-    "no model" (no readable config.json: whoever loads it names what is wrong)."""
+    "no model" (no readable config.json: whoever loads it names what is wrong); CheckpointError
+    for a reward model's directory that lost its head's weights."""
     path = Path(path)
     if (path / HEAD_WEIGHTS).exists():
         return "reward model"
+    if (path / HEAD_CONFIG).exists():  # a reward model without its head's weights: not a policy
+        raise CheckpointError(
+            f"{path} has {HEAD_CONFIG} but no {HEAD_WEIGHTS}: the reward model's head weights are "
+            "missing (an incomplete copy?); copy the whole directory train-reward wrote"
+        )
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
@@ -74,12 +81,12 @@ def model_kind(path) -> str:
 
 
 def check_reward_directory(path, option: str) -> None:
-    """ValueError naming `option` when the directory holds a policy: a policy's token-0 logit
+    """ConfigError naming `option` when the directory holds a policy: a policy's token-0 logit
     would be read as a reward."""
     if not Path(path).is_dir():
-        raise ValueError(f"{option} {path} is not a directory")
+        raise ConfigError(f"{option} {path} is not a directory")
     if model_kind(path) == "policy":
-        raise ValueError(
+        raise ConfigError(
             f"{option} {path}: a policy (an HF Llama without {HEAD_WEIGHTS} and without "
             f"{EXPORT_MARKER} in config.json), not a reward model; give train-reward's OUT/final "
             f"or export-reward's output (a Nemotron-Reward-HF download: add "
@@ -124,7 +131,9 @@ class RewardModel(nn.Module):
 
     def attribute_index(self, name: str) -> int:
         if name not in self.attributes:
-            raise ValueError(f"attribute {name!r} is not one of the head's {list(self.attributes)}")
+            raise ConfigError(
+                f"{name!r} is not one of the head's {list(self.attributes)}", option="attribute"
+            )
         return self.attributes.index(name)
 
     def forward(self, input_ids, last_index, *, cu_seqlens=None, parents=None, position_ids=None):
@@ -237,7 +246,7 @@ class RewardModel(nn.Module):
         model saved to a temporary directory beside `path`); return the head's bias for it."""
         tp_size = rank_and_size(self.trunk.tp_group)[1]
         if tp_size > 1:
-            raise ValueError(
+            raise ConfigError(
                 f"export_hf on a reward model split over {tp_size} tensor-parallel ranks: "
                 "save_pretrained it, then export that directory (export_reward_hf, or nemokern "
                 "export-reward)"
@@ -262,7 +271,7 @@ def _attribute_names(attributes) -> tuple[str, ...]:
         or not all(isinstance(a, str) and a for a in names)
         or len(set(names)) < len(names)
     ):
-        raise ValueError(
+        raise ConfigError(
             f"attributes={list(names)!r} must be a non-empty list of distinct names (one per "
             "head output)"
         )
@@ -282,10 +291,10 @@ def _saved_trained(path: Path) -> tuple[str, ...] | None:
 
 
 def check_trained(trained: tuple[str, ...] | None, attribute: str, option: str) -> None:
-    """ValueError naming `option` when a head's `attribute` output is not among the `trained`
+    """ConfigError naming `option` when a head's `attribute` output is not among the `trained`
     ones (RewardModel.trained_attributes; None: not known): its values are a random init's."""
     if trained is not None and attribute not in trained:
-        raise ValueError(
+        raise ConfigError(
             f"{option} {attribute!r}: the reward model's head was trained on "
             f"{', '.join(trained)} only; its {attribute!r} output is untrained (random); "
             f"choose one of {', '.join(trained)}"
@@ -335,6 +344,8 @@ def export_reward_hf(
     while copying leaves `out` as it was."""
     model_dir, out = Path(model_dir), Path(out)
     limit = parse_size(max_shard_size)  # a bad size fails before anything is written
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir} is not a directory; give train-reward's OUT/final")
     if not (model_dir / HEAD_WEIGHTS).is_file():
         raise CheckpointError(
             f"{model_dir} has no {HEAD_WEIGHTS}: not a reward model saved by train-reward"
@@ -343,7 +354,9 @@ def export_reward_hf(
         raise FileExistsError(f"{out} exists and is not a directory")
     attributes = _saved_attributes(model_dir)
     if attribute not in attributes:
-        raise ValueError(f"attribute {attribute!r} is not one of the head's {list(attributes)}")
+        raise ConfigError(
+            f"{attribute!r} is not one of the head's {list(attributes)}", option="attribute"
+        )
     check_trained(_saved_trained(model_dir), attribute, "attribute")
     i = attributes.index(attribute)
     hidden_size = check_checkpoint(Llama, model_dir).hidden_size  # config.json and trunk shapes

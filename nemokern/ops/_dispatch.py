@@ -9,6 +9,7 @@ import contextlib
 import torch
 
 from nemokern import env
+from nemokern.errors import EnvError
 from nemokern.kernels import interpreting as triton_interpreting
 
 
@@ -21,14 +22,14 @@ def default_backend(device) -> str:
 
 
 def check_forced_backend() -> None:
-    """ValueError when NEMOKERN_BACKEND=triton cannot run on this machine: no CUDA and no
+    """EnvError when NEMOKERN_BACKEND=triton cannot run on this machine: no CUDA and no
     TRITON_INTERPRET=1."""
     if (
         env.choice("NEMOKERN_BACKEND") == "triton"
         and not torch.cuda.is_available()
         and not triton_interpreting()
     ):
-        raise ValueError(
+        raise EnvError(
             "NEMOKERN_BACKEND=triton needs a CUDA GPU, or TRITON_INTERPRET=1 set before "
             "nemokern is imported (the interpreter); unset it (auto) to run the torch reference"
         )
@@ -39,7 +40,7 @@ def backend_for(*tensors: torch.Tensor) -> str:
     forced = env.choice("NEMOKERN_BACKEND")
     on_cuda = all(t.is_cuda for t in tensors)
     if forced == "triton" and not on_cuda and not triton_interpreting():
-        raise ValueError(
+        raise EnvError(
             "NEMOKERN_BACKEND=triton with CPU tensors needs TRITON_INTERPRET=1 set before "
             "nemokern is imported (Triton kernels only run on CUDA tensors otherwise)"
         )

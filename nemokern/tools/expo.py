@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from nemokern.errors import ConfigError
 from nemokern.model.hf import (
     DERIVED_BUFFER,
     INDEX,
@@ -88,7 +89,9 @@ def expo(
     alpha = _check_alpha(alpha)
     limit = parse_size(max_shard_size)
     if limit <= 0:
-        raise ValueError(f"max_shard_size={max_shard_size!r} must be positive, e.g. '5GB'")
+        raise ConfigError(
+            f"{max_shard_size!r} must be positive, e.g. '5GB'", option="max_shard_size"
+        )
     init, aligned, out = Path(init_dir), Path(aligned_dir), Path(out_dir)
     for what, path in (("init_dir", init), ("aligned_dir", aligned)):
         if not path.is_dir():
@@ -96,6 +99,12 @@ def expo(
                 f"{what}={str(path)!r} is not a directory; ExPO reads two local HF model "
                 "directories"
             )
+    if init.resolve() == aligned.resolve():
+        raise ConfigError(
+            f"init_dir and aligned_dir are the same directory {str(aligned)!r}: ExPO of a model "
+            "with itself is that model unchanged; give the model before alignment as init_dir "
+            "(--init)"
+        )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(
             f"out_dir={str(out)!r} exists and is not empty; ExPO writes a new directory: "
@@ -172,9 +181,10 @@ def _check_alpha(alpha) -> float:
         or not math.isfinite(alpha)
         or alpha < 0
     ):
-        raise ValueError(
-            f"alpha={alpha!r}: ExPO's extrapolation strength must be a finite number >= 0 "
-            "(a few tenths is typical; 0 gives the aligned model unchanged)"
+        raise ConfigError(
+            f"{alpha!r}: ExPO's extrapolation strength must be a finite number >= 0 "
+            "(a few tenths is typical; 0 gives the aligned model unchanged)",
+            option="alpha",
         )
     return float(alpha)
 

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from nemokern.errors import ConfigError
 from nemokern.model.reward import ATTRIBUTES, HELPFULNESS, IGNORE_LABEL  # noqa: F401 (re-exported)
 
 BT_KINDS = ("regular", "margin", "scaled")
@@ -86,9 +87,9 @@ def bradley_terry_loss(
     adds a loss of 0 that still counts in the mean.
     """
     if kind not in BT_KINDS:
-        raise ValueError(f"kind={kind!r}; choose one of {BT_KINDS}")
+        raise ConfigError(f"{kind!r}; choose one of {BT_KINDS}", option="kind")
     if ties not in TIES:
-        raise ValueError(f"ties={ties!r}; choose one of {TIES}")
+        raise ConfigError(f"{ties!r}; choose one of {TIES}", option="ties")
     if r_chosen.dim() != 1 or r_rejected.shape != r_chosen.shape:
         raise ValueError(
             f"r_chosen and r_rejected must both be [P]; got {tuple(r_chosen.shape)} and "
@@ -98,7 +99,7 @@ def bradley_terry_loss(
     diff = diff.float() if diff.dtype != torch.float64 else diff
     if strength is None:
         if kind != "regular":
-            raise ValueError(
+            raise ConfigError(
                 f"kind={kind!r} needs the pairs' preference strengths; got strength=None"
             )
         per_pair = -F.logsigmoid(diff)
@@ -184,7 +185,9 @@ def policy_gradient_coefficients(
       sequence-sum   mean_s (sum_t -A_s logp_t)                    (weight: samples)
     advantages [S]; sample_of [N] int64 (each row's sample); mask [N] bool (response rows)."""
     if normalisation not in PG_NORMALISATIONS:
-        raise ValueError(f"normalisation={normalisation!r}; choose one of {PG_NORMALISATIONS}")
+        raise ConfigError(
+            f"{normalisation!r}; choose one of {PG_NORMALISATIONS}", option="normalisation"
+        )
     n_samples = advantages.numel()
     per_row = -advantages.double()[sample_of]
     if normalisation == "token-mean":

@@ -21,8 +21,10 @@ from nemokern.data.tokenizer import HFTokenizer
 from nemokern.engine.config import TrainConfig, option_error
 from nemokern.engine.distributed import reads_deferred, tp_group_for
 from nemokern.engine.loop import TrainLoop
+from nemokern.errors import ConfigError
 from nemokern.model import Llama, LlamaConfig
 from nemokern.model.deferred import is_deferred
+from nemokern.model.reward import EXPORT_MARKER, HEAD_WEIGHTS, model_kind
 from nemokern.ops import linear_logprobs, linear_policy_loss, sequence_kl
 from nemokern.trainers.losses import (
     TRUNCATED,
@@ -52,6 +54,13 @@ def build_policy(config: TrainConfig, tokenizer, field: str = "policy") -> Llama
     name = getattr(config, field)
     if name != "tiny" and not Path(name).is_dir():
         raise option_error(field, f"{name} is not a directory (nor 'tiny')")
+    if name != "tiny" and (kind := model_kind(name)) in ("reward model", "reward export"):
+        # its lm_head is the policy it started from, or the head's row 0: not a trained policy
+        raise option_error(
+            field,
+            f"{name} is a {kind} ({HEAD_WEIGHTS} or {EXPORT_MARKER} in config.json), not a "
+            "policy; give an HF Llama policy (train-sft's OUT/final, a base or instruct model)",
+        )
     tp_group = tp_group_for(config)
     if name == "tiny":
         torch.manual_seed(config.seed)
@@ -234,7 +243,7 @@ def kl_regularised_advantages(
     (losses.rloo_advantages).
     """
     if truncated not in TRUNCATED:
-        raise ValueError(f"truncated={truncated!r}; choose one of {TRUNCATED}")
+        raise ConfigError(f"{truncated!r}; choose one of {TRUNCATED}", option="truncated")
     scores = rewards.double() - beta * kl.double()
     valid = ended.bool()
     if truncated == "kept" or truncation_penalty is not None:  # a penalty implies kept

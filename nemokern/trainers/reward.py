@@ -23,6 +23,7 @@ from nemokern.data.tokenizer import load_tokenizer
 from nemokern.engine.config import TrainConfig, check_data_and_batching, option, option_error
 from nemokern.engine.distributed import reads_deferred, setup_distributed, tp_group_for
 from nemokern.engine.loop import StepOutput, TrainLoop, move_to
+from nemokern.errors import ConfigError
 from nemokern.model import Llama, LlamaConfig, RewardModel
 from nemokern.model.reward import (
     ATTRIBUTES,
@@ -148,7 +149,7 @@ def check_loss_fits_data(loss: str, kind: str, layout: str, where: str) -> None:
         raise option_error(
             "loss",
             f"{loss} needs attribute labels (HelpSteer2 rows); {where} holds "
-            f"{layout} pairs: use bt, margin-bt or scaled-bt",
+            f"{layout} rows (preference pairs): use bt, margin-bt or scaled-bt",
         )
     if loss in _BT_KIND and kind != "pairs":
         raise option_error(
@@ -267,7 +268,7 @@ def score_file(
         data, tok, layout=data_format, max_length=max_length, skip_bad_rows=skip_bad_rows
     )
     if dataset.kind != "pairs":
-        raise ValueError(
+        raise ConfigError(
             f"{data}: score compares chosen/rejected pairs; this file holds {dataset.layout} rows"
         )
     model = RewardModel.load_any(
@@ -310,7 +311,7 @@ class RewardTrainer:
         # with --ties count, regular and margin BT learn from ties (response_2 as the chosen)
         ties_train = config.ties == "count" and config.loss in ("bt", "margin-bt")
         if data.kind == "pairs" and (data.identical if ties_train else data.useless) == len(data):
-            raise ValueError(
+            raise ConfigError(
                 f"{config.data}: none of its {len(data)} pairs can train {config.loss}: "
                 f"{data.ties} are ties (preference strength 0, left out of BT losses unless "
                 f"--ties count with bt or margin-bt) and {data.identical} have chosen and "

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from nemokern.errors import ConfigError
+
 SECTIONS = {
     "Chat": (
         "alpacaeval-easy",
@@ -82,15 +84,19 @@ def accuracy_report(chosen, rejected, subsets=None, *, strengths=None) -> dict:
     """
     chosen, rejected = list(map(float, chosen)), list(map(float, rejected))
     if len(chosen) != len(rejected):
-        raise ValueError(f"{len(chosen)} chosen scores but {len(rejected)} rejected ones")
+        raise ConfigError(
+            f"{len(chosen)} chosen scores but {len(rejected)} rejected ones", option="rejected"
+        )
     subsets = list(subsets) if subsets is not None else [None] * len(chosen)
     if len(subsets) != len(chosen):
-        raise ValueError(f"{len(subsets)} subset names for {len(chosen)} pairs")
+        raise ConfigError(f"{len(subsets)} subset names for {len(chosen)} pairs", option="subsets")
     ties = 0
     if strengths is not None:
         strengths = list(map(float, strengths))
         if len(strengths) != len(chosen):
-            raise ValueError(f"{len(strengths)} strengths for {len(chosen)} pairs")
+            raise ConfigError(
+                f"{len(strengths)} strengths for {len(chosen)} pairs", option="strengths"
+            )
         kept = [i for i, s in enumerate(strengths) if s != 0]
         ties = len(chosen) - len(kept)
         chosen, rejected = [chosen[i] for i in kept], [rejected[i] for i in kept]

@@ -20,6 +20,7 @@ import torch
 
 from nemokern.engine.config import option_error
 from nemokern.engine.loop import TrainLoop
+from nemokern.errors import ConfigError
 from nemokern.model import RewardModel
 from nemokern.model.reward import HEAD_WEIGHTS, check_reward_directory, check_trained
 from nemokern.trainers.policy import SampleGroups
@@ -106,7 +107,7 @@ def check_reward_fn(fn: Callable, columns: list[str], where: str) -> None:
     step, so that a mismatch does not surface at the first rollout."""
     clash = sorted({"prompts", "completions"} & set(columns))
     if clash:
-        raise ValueError(
+        raise ConfigError(
             f"{where}: column {clash[0]!r} would be passed to the reward function as a keyword "
             "it already receives (prompts=, completions=); rename the column"
         )
@@ -160,21 +161,24 @@ def call_reward_fn(fn: Callable, prompts: list, completions: list, columns: dict
     values = _reward_values(out)
     if values is None:
         shown = " ".join(repr(out).split())[:80]
-        raise ValueError(
+        raise option_error(
+            "reward_fn",
             f"reward function {name} must return a list (or 1-D array) of numbers, one per "
-            f"completion; got {type(out).__name__} {shown}"
+            f"completion; got {type(out).__name__} {shown}",
         )
     values = [float(v) for v in values]
     if len(values) != len(completions):
-        raise ValueError(
+        raise option_error(
+            "reward_fn",
             f"reward function {name} returned {len(values)} rewards for {len(completions)} "
-            "completions"
+            "completions",
         )
     bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
     if bad:
-        raise ValueError(
+        raise option_error(
+            "reward_fn",
             f"reward function {name} returned a non-finite reward for completion {bad[0]} "
-            f"({values[bad[0]]}): {_text(completions[bad[0]])[:80]!r}"
+            f"({values[bad[0]]}): {_text(completions[bad[0]])[:80]!r}",
         )
     return torch.tensor(values, dtype=torch.float64)
 
@@ -321,7 +325,7 @@ class RolloutLoop(TrainLoop):
             "(truncated samples then count, penalised)"
         )
         if 0 <= cfg.allow_no_eos_steps < self.no_eos_steps:
-            raise ValueError(
+            raise ConfigError(
                 f"step {step}: no sample has ended with EOS for {self.no_eos_steps} steps in a "
                 f"row (0 of {samples} in this one), so every advantage is 0 and nothing is "
                 f"learned; {fix}; --allow-no-eos-steps N allows more such steps"
