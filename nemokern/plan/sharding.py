@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
+from ..errors import ConfigError
 from ..model import Llama, LlamaConfig, RewardModel
 from ..model.llama import DecoderLayer
 from ..parallel.fsdp import shard
@@ -122,11 +123,11 @@ def rank_counts(
     """Counts of `config`'s model on rank 0 of `gpus` processes at tensor-parallel size `tp`,
     FSDP-sharded over the data-parallel processes when `fsdp` (and more than one). reward_head:
     the outputs of a RewardModel's head (0: a plain Llama); a reward model's trunk LM head gets
-    no gradient, as the reward trainer freezes it. ValueError naming the field when `tp` cannot
+    no gradient, as the reward trainer freezes it. ConfigError naming the field when `tp` cannot
     split the model (heads, vocabulary, intermediate size)."""
     per_node = gpus_per_node or gpus
     if gpus % tp or per_node % tp:
-        raise ValueError(
+        raise ConfigError(
             f"--tp {tp} must divide --gpus {gpus} and the GPUs per node ({per_node}): "
             "tensor-parallel groups stay inside a node"
         )
