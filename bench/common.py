@@ -68,7 +68,10 @@ def run_benchmark(benchmark, fn, device, rounds, **info):
 def use_times(benchmark, times):
     """Make `times` (seconds per step, measured by a callback or in turn with the others) the
     rounds of a benchmark already run once: pytest-benchmark computes median etc. lazily from
-    them. Returns the seconds of that one run."""
+    them. Returns the seconds of that one run; None under --benchmark-disable (the project's
+    default addopts), where the call ran once and no statistics exist."""
+    if benchmark.stats is None:
+        return None
     run = benchmark.stats.stats.data[0]
     benchmark.stats.stats.data[:] = times
     return run

@@ -69,6 +69,8 @@ extra_info: per-phase medians (s), completions, response_tokens (median per step
 peak_extra_bytes (around the whole measured run), device.
 """
 
+import itertools
+
 import pytest
 import torch
 
@@ -231,10 +233,13 @@ def interleaved(setup):
     times, so that the load of a shared machine weighs on all of them alike."""
     steps = {}
     for shared, name in ((True, "nemokern"), (False, "nemokern[full-copies]")):
-        trainer = nemokern_rloo_trainer(setup, 1, f"i-{name}", shared)
+        runs = itertools.count()
 
-        def nemokern_step(trainer=trainer):
-            record = trainer.fit()[-1]  # a fresh loop and AdamW each time (3M parameters)
+        def nemokern_step(shared=shared, name=name, runs=runs):
+            # a fresh trainer, loop and AdamW each time (3M parameters), in a fresh --out: a
+            # trainer refuses an --out that holds another run
+            trainer = nemokern_rloo_trainer(setup, 1, f"i-{name}-{next(runs)}", shared)
+            record = trainer.fit()[-1]
             return record["step_s"], {p: record[p] for p in PHASES}
 
         steps[name] = nemokern_step
