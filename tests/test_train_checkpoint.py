@@ -225,3 +225,9 @@ def test_reshard_rebuilds_replicated_and_split_pieces():
     assert reshard([torch.tensor(5.0), torch.tensor(5.0)], Shard(0, 4, 2), "step") == 5.0
     with pytest.raises(CheckpointError, match="w: 2 saved piece"):
         reshard([full[:1], full[1:2]], Shard(0, 4, 4), "w")
+
+
+def test_resume_from_a_path_that_does_not_exist_names_the_option(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist; give auto") as e:
+        Checkpointer(tmp_path / "out").resolve(str(tmp_path / "nope"))
+    assert e.value.option == "--resume"

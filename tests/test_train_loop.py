@@ -106,6 +106,30 @@ def test_resume_refuses_other_data_of_the_same_shape(tmp_path):
     ).fit()
 
 
+@pytest.mark.parametrize(
+    "kw, still",
+    [
+        (dict(lr=0.0, schedule="constant"), True),
+        (dict(max_steps=1, warmup_steps=5, warmup_formula="s/w"), True),  # step 0 at 0/5
+        (dict(max_steps=2, warmup_steps=5, warmup_formula="s/w"), False),  # step 1 moves
+        (dict(max_steps=1, warmup_steps=5), False),  # (s+1)/w: the first step moves
+    ],
+)
+def test_a_run_whose_every_step_has_lr_0_says_so(tmp_path, kw, still):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loop = TrainLoop(config(tmp_path, **kw), TinyReward(), batches(8), step_fn)
+    said = [str(w.message) for w in caught if "learns nothing" in str(w.message)]
+    assert len(said) == still, said
+    if still:
+        assert "optimizer step(s) has lr 0 (--lr" in said[0]
+        before = [p.clone() for p in loop.model.parameters()]
+        loop.fit()
+        assert all(torch.equal(a, b) for a, b in zip(before, loop.model.parameters()))
+
+
 def test_losses_are_weighted_means_over_the_global_batch(tmp_path):
     data = batches(4)
     loop = TrainLoop(

@@ -127,6 +127,18 @@ def test_bad_clip_option_names_the_option(name):
         ReinforceConfig(prompts="p.jsonl", **{name: -0.1})
 
 
+@pytest.mark.parametrize(
+    "kw, taken",
+    [(dict(clip_eps_low=1.5), ""), (dict(clip_eps_low=1.0), ""), (dict(clip_eps_high=2.0), True)],
+)
+def test_a_lower_clip_at_or_below_0_is_refused(kw, taken):
+    """1 - eps_low <= 0: the ratio exp(logp - old_logp) is always above it, so it never clips."""
+    with pytest.raises(ConfigError, match=r"^--clip-eps-low: .* at or below 0") as e:
+        ReinforceConfig(prompts="p.jsonl", **kw)
+    assert ("taken from --clip-eps-high" in str(e.value)) == bool(taken)
+    ReinforceConfig(prompts="p.jsonl", clip_eps_low=0.99, clip_eps_high=5.0)  # high may exceed 1
+
+
 def test_loss_spec_takes_the_options_of_its_names():
     """ReinforceConfig.loss_spec(): each field from the option of its name, the temperature
     that every log-prob uses and the clip range with an unset side taking the other's value."""

@@ -337,6 +337,12 @@ class Checkpointer:
         if resume == "auto":
             return self.latest()
         path = Path(resume)
+        if not path.exists():
+            raise ConfigError(
+                f"{path} does not exist; give auto (the newest checkpoint in --out), a "
+                "checkpoint directory (OUT/checkpoints/step-N) or a run's OUT",
+                option="--resume",
+            )
         if (path / "checkpoints").is_dir() and not (path / MANIFEST).exists():
             latest = Checkpointer(path).latest()
             if latest is None:

@@ -41,7 +41,7 @@ from .checkpoint import Checkpointer, CheckpointError, get_rng_state, save_modul
 from .config import ConfigError, TrainConfig, dump_toml, option_error
 from .distributed import seed_everything, setup_distributed
 from .metrics import MetricsLogger, peak_memory_mb
-from .optimizer import build_optimizer, build_scheduler
+from .optimizer import build_optimizer, build_scheduler, warn_if_no_step_moves
 from .resume import check_resume_options, content_digest
 from .run_dir import RunLock, prepare_out, run_record, write_run_record
 from .stop import StopSignals, TrainingStopped
@@ -187,6 +187,7 @@ class TrainLoop:
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
         self.optimizer = build_optimizer(self.model, config, self.dist.dp_group)
         self.scheduler = build_scheduler(self.optimizer, config, self.total_steps)
+        warn_if_no_step_moves(config, self.total_steps)
         self.checkpointer = Checkpointer(
             self.out, keep_last=config.keep_last, tp_group=self.dist.tp_group
         )

@@ -4,6 +4,7 @@ data-parallel processes) and the warmup + constant/cosine/linear schedule."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -82,6 +83,20 @@ def build_optimizer(model: nn.Module, config: TrainConfig, dp_group=None) -> tor
     return adamw(fused=impl == "fused" or None, foreach=impl == "foreach")
 
 
+def lr_schedule(config: TrainConfig, total_steps: int):
+    """step -> lr_factor of `config`'s schedule over total_steps."""
+    return lambda s: lr_factor(
+        s,
+        total_steps=total_steps,
+        warmup_steps=config.warmup_steps,
+        schedule=config.schedule,
+        lr=config.lr,
+        min_lr=config.min_lr,
+        constant_steps=config.constant_steps,
+        warmup_formula=config.warmup_formula,
+    )
+
+
 def build_scheduler(optimizer, config: TrainConfig, total_steps: int, *, step: int = 0):
     """The lr schedule of `config` (lr, warmup, schedule, min_lr over total_steps), at optimizer
     step `step`: a resume sets every param group's lr from this run's options, not the saved
@@ -89,16 +104,20 @@ def build_scheduler(optimizer, config: TrainConfig, total_steps: int, *, step: i
     for group in optimizer.param_groups:
         group["initial_lr"] = config.lr
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: lr_factor(
-            s,
-            total_steps=total_steps,
-            warmup_steps=config.warmup_steps,
-            schedule=config.schedule,
-            lr=config.lr,
-            min_lr=config.min_lr,
-            constant_steps=config.constant_steps,
-            warmup_formula=config.warmup_formula,
-        ),
-        last_epoch=step - 1,
+        optimizer, lr_schedule(config, total_steps), last_epoch=step - 1
     )
+
+
+def warn_if_no_step_moves(config: TrainConfig, total_steps: int) -> None:
+    """A UserWarning (the command line prints it in one line) when every optimizer step has lr 0
+    (--lr 0, or one step at the first warmup step of --warmup-formula s/w): the run would end
+    with the weights it started from."""
+    factor = lr_schedule(config, total_steps)
+    if total_steps and not any(config.lr * factor(s) > 0 for s in range(total_steps)):
+        warnings.warn(
+            f"every one of the {total_steps} optimizer step(s) has lr 0 (--lr {config.lr}, "
+            f"--warmup-steps {config.warmup_steps}, --warmup-formula {config.warmup_formula}): "
+            "the weights never change and this run learns nothing",
+            UserWarning,
+            stacklevel=3,
+        )

@@ -129,8 +129,9 @@ class ReinforceConfig(TrainConfig):
     clip_eps_low: float | None = option(
         None,
         "importance-ratio clipping of the update: the ratio r to the log-probs of the policy "
-        "that sampled is clipped below at 1 - this, loss -min(r A, clip(r) A); unset (and "
-        "--clip-eps-high unset): no ratio, loss -logp A; unset alone: --clip-eps-high's value",
+        "that sampled is clipped below at 1 - this (in [0, 1)), loss -min(r A, clip(r) A); "
+        "unset (and --clip-eps-high unset): no ratio, loss -logp A; unset alone: "
+        "--clip-eps-high's value",
     )
     clip_eps_high: float | None = option(
         None, "importance-ratio clipping: r clipped above at 1 + this; unset: --clip-eps-low's"
@@ -184,6 +185,14 @@ class ReinforceConfig(TrainConfig):
                 raise option_error(
                     name, f"{eps} must be >= 0 (r is clipped to [1 - low, 1 + high])"
                 )
+        low = self.clip_eps_high if self.clip_eps_low is None else self.clip_eps_low
+        if low is not None and low >= 1:  # a ratio exp(logp - old) is > 0: that clip never binds
+            taken = " (taken from --clip-eps-high)" if self.clip_eps_low is None else ""
+            raise option_error(
+                "clip_eps_low",
+                f"{low}{taken} puts the lower clip 1 - {low} at or below 0, which no ratio "
+                "reaches: it would never clip; give a value in [0, 1)",
+            )
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ConfigError(
                 f"temperature = {self.temperature} must be > 0 (the log-probs divide by it)"
