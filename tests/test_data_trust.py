@@ -128,11 +128,11 @@ def test_rows_longer_than_the_model_positions_are_refused(tmp_path):
     cfg = dict(out=str(tmp_path / "o"), **COMMON)
     match = r"sft.jsonl:2: \d+ tokens exceed the model's max_position_embeddings \(512\); set "
     match += "--max-length 512"
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(DataError, match=match):
         SFTTrainer(SFTConfig(data=sft, **cfg))
     assert SFTTrainer(SFTConfig(data=sft, max_length=512, **cfg)).train_data.truncated == 1
     pairs = jsonl(tmp_path / "rb.jsonl", [{"prompt": long, "chosen": "a", "rejected": "b"}] * 2)
-    with pytest.raises(ValueError, match=r"rb.jsonl:1: \d+ tokens exceed .*\(512\)"):
+    with pytest.raises(DataError, match=r"rb.jsonl:1: \d+ tokens exceed .*\(512\)"):
         RewardTrainer(RewardConfig(data=pairs, loss="bt", **cfg))
 
 

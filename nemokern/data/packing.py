@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from nemokern.errors import ConfigError
+from nemokern.errors import ConfigError, DataError
 
 from .readers import ATTRIBUTES, PreferencePair, ReadResult, read_examples
 
@@ -213,14 +213,17 @@ _TENSORS = (
 
 
 def check_positions(rows, limit: int) -> None:
-    """ValueError naming the first longest of `rows`, (tokens, "file:line") pairs, when it is
+    """DataError naming the first longest of `rows`, (tokens, "file:line") pairs, when it is
     longer than a model's `limit` positions (max_position_embeddings): refused, not trained past
-    the positions."""
+    the positions (as REINFORCE refuses a prompt too long for its policy)."""
     n, where = max(rows, key=lambda row: row[0])
     if n > limit:
-        raise ConfigError(
-            f"{where}: {n} tokens exceed the model's max_position_embeddings ({limit}); set "
-            f"--max-length {limit} or less (longer rows are then cut, and counted)"
+        raise DataError(
+            where,
+            None,
+            f"{n} tokens exceed the model's max_position_embeddings ({limit}); set "
+            f"--max-length {limit} or less (longer rows are then cut, and counted)",
+            hint=None,
         )
 
 
