@@ -179,7 +179,7 @@ def _checkpoint(run: Run, counts: Counts) -> dict:
     --shard-optimizer or --fsdp each process its share; under tp each tp rank its slice's); then
     under tp save_shard copies a rank's parameters (under --fsdp gathered), and under --fsdp
     alone save_pretrained gathers the model on the writing process. On CUDA the copies are host
-    memory (`.to("cpu")` first) and the GPU holds one gathered tensor at a time: nothing
+    memory (state_format.host_copy) and the GPU holds one gathered tensor at a time: nothing
     counted."""
     if run.device != "cpu":
         return {}

@@ -16,6 +16,7 @@ from torch.distributed.tensor import DTensor
 
 from ..errors import ConfigError
 from ..model import Llama, LlamaConfig, RewardModel
+from ..model.hf import hf_name, shards_by_name
 from ..model.llama import DecoderLayer
 from ..parallel.fsdp import shard
 
@@ -84,8 +85,11 @@ def _counts(model: torch.nn.Module, trunk: Llama, trained: set[int] | None) -> C
     )
     train = sum(_fsdp_rows(p) for p in params if trained is None or id(p) in trained)
     attn = trunk.layers[0].self_attn
+    by_name = shards_by_name(trunk)  # what save_pretrained gathers whole
     slices = {
-        id(p): shard for name, p in trunk.named_parameters() if (shard := _slice(trunk, name))
+        id(p): by_name[hf_name(name)]
+        for name, p in trunk.named_parameters()
+        if hf_name(name) in by_name
     }
     unsplit = [
         p.shape.numel() * (slices[id(p)].full // slices[id(p)].size if id(p) in slices else 1)
@@ -103,12 +107,6 @@ def _counts(model: torch.nn.Module, trunk: Llama, trained: set[int] | None) -> C
         saved=sum(unsplit),
         largest_saved=max(unsplit),
     )
-
-
-def _slice(trunk: Llama, name: str):
-    """The tensor-parallel Shard of parameter `name` of `trunk` (None: not split)."""
-    module = trunk.get_submodule(name.rpartition(".")[0])
-    return getattr(module, "shard", None) if getattr(module, "tp_group", None) else None
 
 
 def rank_counts(
