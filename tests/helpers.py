@@ -10,6 +10,7 @@ import ctypes.util
 import gc
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -648,3 +649,27 @@ def reinforce_config(tmp_path, prompts, **kw):
     }
     base.update(kw)
     return ReinforceConfig(**base)
+
+
+# ----------------------------------------------------------------------------- the package's source
+# What the static checks of the package (test_layering, test_private_imports) walk.
+PACKAGE = Path(__file__).resolve().parents[1] / "nemokern"
+
+
+def package_modules():
+    """(dotted module name, path, is_package) for every .py file of nemokern, sorted."""
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE.parent).with_suffix("")
+        is_package = rel.name == "__init__"
+        yield ".".join(rel.parts[:-1] if is_package else rel.parts), path, is_package
+
+
+def import_from_base(module: str, node, is_package: bool = False) -> str:
+    """The absolute module an `ast.ImportFrom` in `module` imports from (relative levels
+    resolved against `module`'s package)."""
+    base = node.module or ""
+    if not node.level:
+        return base
+    anchor = (module if is_package else module.rpartition(".")[0]).split(".")
+    anchor = anchor[: len(anchor) - (node.level - 1)]
+    return ".".join(anchor + ([base] if base else []))

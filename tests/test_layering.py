@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import import_from_base, package_modules
+
 ROOT = Path(__file__).parents[1]
 PACKAGE = ROOT / "nemokern"
 
@@ -29,17 +31,12 @@ def layer_of(module: str, table: dict[str, int]) -> int | None:
 
 def imported_modules(module: str, source: str, is_package: bool = False):
     """(line, absolute module name) of every nemokern import in `source`, in functions too."""
-    package = module if is_package else module.rpartition(".")[0]
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 yield node.lineno, alias.name
         elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")
-                anchor = anchor[: len(anchor) - (node.level - 1)]
-                base = ".".join(anchor + ([base] if base else []))
+            base = import_from_base(module, node, is_package)
             for alias in node.names:  # `from nemokern import env` imports nemokern.env
                 yield (
                     node.lineno,
@@ -67,14 +64,6 @@ def upward_imports(module: str, source: str, table: dict[str, int], is_package=F
                 f"layer {own} in docs/architecture.md"
             )
     return found
-
-
-def package_modules():
-    for path in sorted(PACKAGE.rglob("*.py")):
-        rel = path.relative_to(ROOT).with_suffix("")
-        is_package = rel.name == "__init__"
-        name = ".".join(rel.parts[:-1] if is_package else rel.parts)
-        yield name, path, is_package
 
 
 def test_no_module_imports_upward():

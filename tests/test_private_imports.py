@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from helpers import import_from_base, package_modules
+
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGE = ROOT / "nemokern"
 
 
 def _is_module(dotted: str) -> bool:
@@ -25,29 +26,17 @@ def _is_module(dotted: str) -> bool:
 
 def private_imports(module: str, source: str, is_package: bool = False) -> list[str]:
     """'module (line N) imports name from other' for each private name `source` imports."""
-    package = module if is_package else module.rpartition(".")[0]
     found = []
     for node in ast.walk(ast.parse(source)):
         if not isinstance(node, ast.ImportFrom):
             continue
-        base = node.module or ""
-        if node.level:
-            anchor = package.split(".")
-            anchor = anchor[: len(anchor) - (node.level - 1)]
-            base = ".".join(anchor + ([base] if base else []))
+        base = import_from_base(module, node, is_package)
         if not base.startswith("nemokern"):
             continue  # other libraries' private names are their business (and rare here)
         for alias in node.names:
             if alias.name.startswith("_") and not _is_module(f"{base}.{alias.name}"):
                 found.append(f"{module} (line {node.lineno}) imports {alias.name} from {base}")
     return found
-
-
-def package_modules():
-    for path in sorted(PACKAGE.rglob("*.py")):
-        rel = path.relative_to(ROOT).with_suffix("")
-        is_package = rel.name == "__init__"
-        yield ".".join(rel.parts[:-1] if is_package else rel.parts), path, is_package
 
 
 def test_no_module_imports_a_private_name():
