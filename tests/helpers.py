@@ -664,6 +664,17 @@ def package_modules():
         yield ".".join(rel.parts[:-1] if is_package else rel.parts), path, is_package
 
 
+def is_module(dotted: str) -> bool:
+    """Whether `dotted` (nemokern.x.y) names a module of the package: a .py file, a package, or a
+    compiled extension such as nemokern._C."""
+    path = PACKAGE.parent.joinpath(*dotted.split("."))
+    return (
+        path.with_suffix(".py").is_file()
+        or (path / "__init__.py").is_file()
+        or any(path.parent.glob(path.name + ".*.so"))
+    )
+
+
 def import_from_base(module: str, node, is_package: bool = False) -> str:
     """The absolute module an `ast.ImportFrom` in `module` imports from (relative levels
     resolved against `module`'s package)."""

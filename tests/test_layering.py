@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import import_from_base, package_modules
+from helpers import import_from_base, is_module, package_modules
 
 ROOT = Path(__file__).parents[1]
 PACKAGE = ROOT / "nemokern"
@@ -40,13 +40,8 @@ def imported_modules(module: str, source: str, is_package: bool = False):
             for alias in node.names:  # `from nemokern import env` imports nemokern.env
                 yield (
                     node.lineno,
-                    f"{base}.{alias.name}" if _is_module(f"{base}.{alias.name}") else base,
+                    f"{base}.{alias.name}" if is_module(f"{base}.{alias.name}") else base,
                 )
-
-
-def _is_module(name: str) -> bool:
-    path = ROOT.joinpath(*name.split("."))
-    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
 
 
 def upward_imports(module: str, source: str, table: dict[str, int], is_package=False):

@@ -6,22 +6,10 @@ code among its own modules; the names it offers are public. The compiled extensi
 module too."""
 
 import ast
-from pathlib import Path
 
 import pytest
 
-from helpers import import_from_base, package_modules
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _is_module(dotted: str) -> bool:
-    path = ROOT.joinpath(*dotted.split("."))
-    return (
-        path.with_suffix(".py").is_file()
-        or (path / "__init__.py").is_file()
-        or any(path.parent.glob(path.name + ".*.so"))
-    )
+from helpers import import_from_base, is_module, package_modules
 
 
 def private_imports(module: str, source: str, is_package: bool = False) -> list[str]:
@@ -34,7 +22,7 @@ def private_imports(module: str, source: str, is_package: bool = False) -> list[
         if not base.startswith("nemokern"):
             continue  # other libraries' private names are their business (and rare here)
         for alias in node.names:
-            if alias.name.startswith("_") and not _is_module(f"{base}.{alias.name}"):
+            if alias.name.startswith("_") and not is_module(f"{base}.{alias.name}"):
                 found.append(f"{module} (line {node.lineno}) imports {alias.name} from {base}")
     return found
 
